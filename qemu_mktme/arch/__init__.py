@@ -1,0 +1,1 @@
+"""arch layer (see the package docstring)."""

@@ -1,0 +1,1 @@
+"""engine layer (see the package docstring)."""

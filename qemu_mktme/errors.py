@@ -1,0 +1,185 @@
+"""The one exception tree of qemu-mktme.
+
+Users catch by meaning, not by cause::
+
+    MktmeError                      root of everything this package raises on purpose
+    ├── ArchitecturalFault          the modelled CPU faulted, as hardware would (not our bug)
+    │   ├── GeneralProtection       #GP(0)
+    │   └── InvalidOpcode           #UD
+    ├── ImageError                  a guest image is missing, corrupt or cannot be built
+    ├── QemuError                   the live side: launching and driving QEMU
+    │   ├── QemuNotFound            no usable qemu-system-x86_64
+    │   ├── LaunchError             QEMU did not come up (carries stderr_tail)
+    │   ├── QemuExited              QEMU went away while we needed it
+    │   ├── ConsoleTimeout          a console pattern did not appear in time
+    │   ├── AttachError             no QEMU to attach to at the given socket / backend
+    │   ├── QmpCommandError         QEMU refused a QMP command
+    │   └── ShimError               the TCG plugin shim cannot be built, loaded or read
+    ├── AddressError                an address outside the memory it was used on (carries gpa/hpa)
+    ├── HostError                   the host software model
+    │   └── KeyServiceError         the mktme key service, with the kernel's errno (EINVAL, ...)
+    └── SnapshotError               dumps and snapshots
+        └── IntegrityError          a dump or snapshot failed authentication or is malformed
+
+Misuse of the Python API (a wrong type, a negative size) is ``ValueError`` / ``TypeError``
+naming the parameter, not part of this tree. ``OSError`` and asyncio failures that cross a
+public boundary are re-raised as one of these with ``raise ... from err``; cancellation passes
+through untouched.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class MktmeError(Exception):
+    """Root of every error qemu-mktme raises on purpose."""
+
+
+# --- architectural outcomes -------------------------------------------------------------------
+
+
+class ArchitecturalFault(MktmeError):
+    """The modelled processor raised an exception, exactly as the hardware would.
+
+    Tests tell "the model raised #GP" from "our code broke" by catching this branch.
+    """
+
+    vector: str = "?"
+
+    def __init__(self, reason: str, code: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.vector}: {self.reason}"
+
+
+class GeneralProtection(ArchitecturalFault):
+    """#GP(code): e.g. WRMSR of a reserved bit, PCONFIG with a misaligned struct."""
+
+    vector = "#GP(0)"
+
+
+class InvalidOpcode(ArchitecturalFault):
+    """#UD: e.g. PCONFIG when CPUID does not enumerate it, or at CPL > 0."""
+
+    vector = "#UD"
+
+
+# --- guest images -----------------------------------------------------------------------------
+
+
+class ImageError(MktmeError):
+    """A guest image is missing, corrupt (hash mismatch) or failed to build."""
+
+    def __init__(self, message: str, *, image: str | None = None) -> None:
+        super().__init__(message)
+        self.image = image
+
+
+# --- the live side ----------------------------------------------------------------------------
+
+
+class QemuError(MktmeError):
+    """Launching or driving a QEMU process failed."""
+
+
+class QemuNotFound(QemuError):
+    """No usable ``qemu-system-x86_64`` binary."""
+
+
+class LaunchError(QemuError):
+    """QEMU did not come up; ``stderr_tail`` holds the last lines it printed."""
+
+    def __init__(self, message: str, *, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.stderr_tail = stderr_tail
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        if self.stderr_tail.strip():
+            msg += "\nQEMU said:\n" + self.stderr_tail.rstrip()
+        return msg
+
+
+class QemuExited(LaunchError):
+    """QEMU exited while we were waiting on it (``returncode``, ``stderr_tail``)."""
+
+    def __init__(self, message: str, *, returncode: int | None = None, stderr_tail: str = "") -> None:
+        super().__init__(message, stderr_tail=stderr_tail)
+        self.returncode = returncode
+
+
+class ConsoleTimeout(QemuError):
+    """``pattern`` did not appear on the console within ``timeout`` seconds."""
+
+    def __init__(self, pattern: str, timeout: float, transcript_tail: str) -> None:
+        super().__init__(f"console pattern {pattern!r} did not appear within {timeout:g} s")
+        self.pattern = pattern
+        self.timeout = timeout
+        self.transcript_tail = transcript_tail
+
+    def __str__(self) -> str:
+        tail = self.transcript_tail.rstrip()
+        return super().__str__() + ("\nlast console output:\n" + tail if tail else " (console silent)")
+
+
+class AttachError(QemuError):
+    """Nothing usable to attach to: dead QMP socket, unknown or unmappable RAM backend."""
+
+
+class QmpCommandError(QemuError):
+    """QEMU answered a QMP command with an error (``command``, ``error_class``)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP {command}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class ShimError(QemuError):
+    """The TCG plugin shim cannot be built for this QEMU, loaded, or its shared region read."""
+
+
+# --- addresses --------------------------------------------------------------------------------
+
+
+class AddressError(MktmeError, ValueError):
+    """An address range outside the memory it was used on.
+
+    Also a ``ValueError``, since passing such an address is usually a caller's mistake.
+    """
+
+    def __init__(self, message: str, *, address: int | None = None, nbytes: int | None = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.nbytes = nbytes
+
+
+# --- host software model ----------------------------------------------------------------------
+
+
+class HostError(MktmeError):
+    """The host software model (key service, KeyIDs, translation structures, VMs) refused."""
+
+
+class KeyServiceError(HostError):
+    """A ``mktme`` key operation failed with the errno the kernel would return."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(f"{_errno.errorcode.get(err, str(err))}: {message}")
+        self.errno = err
+
+
+# --- dumps and snapshots ----------------------------------------------------------------------
+
+
+class SnapshotError(MktmeError):
+    """A dump or snapshot cannot be written, read or restored."""
+
+
+class IntegrityError(SnapshotError):
+    """Authentication or format check failed: tampered, truncated, reordered or wrong key."""

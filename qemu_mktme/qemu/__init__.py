@@ -1,0 +1,1 @@
+"""qemu layer (see the package docstring)."""
