@@ -39,7 +39,7 @@ static void serial_init(void)
     outb(COM1 + 0, 0x01);      /* 115200 baud */
     outb(COM1 + 1, 0x00);
     outb(COM1 + 3, 0x03);      /* 8N1 */
-    outb(COM1 + 2, 0xC7);      /* FIFO on, cleared */
+    outb(COM1 + 2, 0x00);      /* no FIFO: enabling it would drop input that arrived before us */
     outb(COM1 + 4, 0x0B);      /* DTR, RTS, OUT2 (routes the IRQ) */
     outb(COM1 + 1, 0x01);      /* interrupt on received data */
 }
@@ -419,6 +419,7 @@ static void run_command(const char *s)
     } else if (streq_word(s, "poweroff")) {
         puts("ok poweroff\n");
         poweroff();
+        busy(500000000);       /* QEMU acts on the request asynchronously */
         err("poweroff did not happen");
     } else {
         err("unknown command (try help)");

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ..errors import ConsoleTimeout, QemuExited
 
@@ -29,13 +29,13 @@ class Console:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._closed_reason: str | None = None
-        self._exit_info: Callable[[], QemuExited] | None = None
+        self._exit_info: Callable[[], Awaitable[QemuExited]] | None = None
         self._pending_cr = False
 
     # ------------------------------------------------------------------ plumbing
 
     def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-               exit_info: Callable[[], QemuExited] | None = None) -> None:
+               exit_info: Callable[[], Awaitable[QemuExited]] | None = None) -> None:
         """Start reading from a connected stream (done by the machine)."""
         self._writer = writer
         self._exit_info = exit_info
@@ -103,7 +103,8 @@ class Console:
                        since: int | None = None) -> re.Match[str]:
         """Wait until ``pattern`` (a regex, multiline mode) appears in the transcript.
 
-        The search starts at ``since`` if given, else where the previous successful wait ended,
+        Output arrives in chunks: end a pattern where the line ends (``\n`` or a fixed-width
+        group), or it may match a line that is still arriving. The search starts at ``since`` if given, else where the previous successful wait ended,
         so consecutive waits consume output in order. Returns the match (positions are offsets
         into :attr:`transcript`). Raises ``ConsoleTimeout`` with the transcript tail after
         ``timeout`` seconds, or ``QemuExited`` if QEMU goes away first.
@@ -119,7 +120,7 @@ class Console:
                     self._cursor = match.end()
                     return match
                 if self._reader_task is None or self._reader_task.done():
-                    raise self._gone(f"while waiting for {regex.pattern!r} on the console")
+                    raise await self._gone(f"while waiting for {regex.pattern!r} on the console")
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ConsoleTimeout(regex.pattern, timeout, self.tail())
@@ -128,16 +129,16 @@ class Console:
                 except asyncio.TimeoutError:
                     pass
 
-    def _gone(self, doing: str) -> QemuExited:
+    async def _gone(self, doing: str) -> QemuExited:
         if self._exit_info is not None:
-            exc = self._exit_info()
+            exc = await self._exit_info()
             return QemuExited(f"{exc.args[0]} {doing}", returncode=exc.returncode, stderr_tail=exc.stderr_tail)
         return QemuExited(f"{self._closed_reason or 'console not connected'} {doing}")
 
     async def write(self, text: str | bytes) -> None:
         """Send input to the guest (as if typed on the serial line)."""
         if self._writer is None or self._writer.is_closing():
-            raise self._gone("(cannot write to the console)")
+            raise await self._gone("(cannot write to the console)")
         self._writer.write(text.encode() if isinstance(text, str) else text)
         try:
             await self._writer.drain()

@@ -264,7 +264,7 @@ class Machine:
                 await self._drain_stderr()
                 raise self._exit_error() from err
             raise LaunchError(f"{self.name}: {err}", stderr_tail=self.stderr_tail()) from err
-        self.console.attach(reader, writer, self._exit_error)
+        self.console.attach(reader, writer, self._exit_error_when_reaped)
         self._tasks.append(asyncio.create_task(self._watch_events(), name=f"{self.name}-events"))
         self._ram = await self._map_ram(self._ram_path(), int(cfg.memory))
         self.state = VmState.PAUSED
@@ -322,6 +322,14 @@ class Machine:
         rc = self.returncode
         status = "is gone" if rc is None else (f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}")
         return QemuExited(f"{self.name}: QEMU {status}", returncode=rc, stderr_tail=self.stderr_tail())
+
+    async def _exit_error_when_reaped(self) -> QemuExited:
+        """The exit error once QEMU is reaped (its console closes a moment before)."""
+        if self._proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), 2.0)
+            await self._drain_stderr()
+        return self._exit_error()
 
     async def _wait_for_sockets(self, deadline: float) -> None:
         assert self._proc is not None

@@ -1,0 +1,256 @@
+"""``qemu-mktme``: the command line. Thin: parse, call the library, print, map errors to exit codes.
+
+Exit status: 0 success, 1 a domain error (one line ``qemu-mktme: error: ...``; ``--traceback``
+for the rest), 2 a usage error (argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import termios
+import tty
+from typing import Any, Callable, Sequence
+
+from .errors import MktmeError
+from .qemu import images
+from .qemu.machine import Machine, MachineConfig, parse_size
+
+PROG = "qemu-mktme"
+ESCAPE = b"\x1d"  # Ctrl-]
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key, value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def add_guest_options(p: argparse.ArgumentParser) -> None:
+    """Options that choose and boot a guest (shared by run and the commands that boot one)."""
+    g = p.add_argument_group("guest")
+    g.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH",
+                   help="image to boot, or a kernel file (default: baremetal)")
+    g.add_argument("--memory", "-m", type=_size, default=None, metavar="SIZE",
+                   help="guest RAM, e.g. 512M or 5G (default: 512M; 1G for linux)")
+    g.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default: 1)")
+    g.add_argument("--workload", metavar="NAME", help="Linux guest: workload to run (default: hello)")
+    g.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="Linux guest: workload parameter (repeatable), e.g. --param secret=abc")
+    g.add_argument("--command", "-c", action="append", default=[], metavar="CMD",
+                   help="bare-metal guest: command to run at boot (repeatable), e.g. -c 'crc 0x200000 4096'")
+    g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
+    g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
+    g.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
+                   help="accelerator (default: tcg; auto uses KVM only when it works)")
+
+
+def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
+    """The machine configuration the guest options describe."""
+    boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
+                             params=dict(args.param), append=args.append, initrd=args.initrd)
+    memory = args.memory or (1 << 30 if args.guest == "linux" else 512 << 20)
+    fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel)
+    fields.update(overrides)
+    return MachineConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+async def _forward_stdin(vm: Machine, raw: bool, stop: asyncio.Event) -> None:
+    """Copy standard input to the guest console; Ctrl-] in raw (terminal) mode quits."""
+    loop = asyncio.get_running_loop()
+    mode = os.fstat(sys.stdin.fileno()).st_mode
+    if raw or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        read = lambda: reader.read(1024)  # noqa: E731
+    else:  # a regular file or /dev/null cannot be polled: read it in a thread
+        read = lambda: loop.run_in_executor(None, os.read, sys.stdin.fileno(), 1024)  # noqa: E731
+    while data := await read():
+        if raw and ESCAPE in data:
+            data = data.split(ESCAPE, 1)[0]
+            if data:
+                await vm.console.write(data)
+            stop.set()
+            return
+        await vm.console.write(data if raw else data.replace(b"\n", b"\r"))
+
+
+async def _stream_console(vm: Machine, out: Callable[[str], None]) -> None:
+    """Print console output as it arrives, until the console closes."""
+    pos = 0
+    while True:
+        try:
+            await vm.console.wait_for(r"[\s\S]", timeout=3600, since=pos)
+        except MktmeError:
+            out(vm.console.transcript[pos:])
+            return
+        text = vm.console.transcript
+        out(text[pos:])
+        pos = len(text)
+
+
+async def run_guest(args: argparse.Namespace) -> int:
+    config = guest_config(args, start_paused=args.paused)
+    interactive = sys.stdin.isatty() and not args.no_input
+    def write(text: str) -> None:
+        sys.stdout.write(text.replace("\n", "\r\n") if interactive else text)
+        sys.stdout.flush()
+    async with Machine(config) as vm:
+        what = config.boot.image or config.boot.kernel if config.boot else "guest"
+        print(f"{PROG}: {what} running in QEMU pid {vm.pid}" + (" (Ctrl-] quits)" if interactive else ""),
+              file=sys.stderr)
+        stop = asyncio.Event()
+        background = [asyncio.create_task(_stream_console(vm, write))]
+        if not args.no_input:
+            background.append(asyncio.create_task(_forward_stdin(vm, interactive, stop)))
+        ended = [asyncio.create_task(vm.wait()), asyncio.create_task(stop.wait())]
+        saved = termios.tcgetattr(sys.stdin) if interactive else None
+        try:
+            if interactive:
+                tty.setraw(sys.stdin)
+            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0.05)  # let the last console output arrive
+        finally:
+            if saved is not None:
+                termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+            for task in background + ended:
+                task.cancel()
+            await asyncio.gather(*background, *ended, return_exceptions=True)
+        rc = vm.returncode
+    if rc is None:
+        print(f"\n{PROG}: stopped the guest", file=sys.stderr)
+        return 0
+    print(f"{PROG}: guest powered off (QEMU exit status {rc})", file=sys.stderr)
+    return 0 if rc == 0 else 1
+
+
+# ---------------------------------------------------------------------------------- images
+
+
+def images_build(args: argparse.Namespace) -> int:
+    unknown = [n for n in args.names if n not in images.RECIPES]
+    if unknown:
+        raise ValueError(f"unknown image {unknown[0]!r} (known: {', '.join(images.RECIPES)})")
+    for name in args.names or list(images.RECIPES):
+        image = images.build(name, force=args.force, progress=lambda m: print(f"  {m}", file=sys.stderr))
+        print(f"{name}: {image.directory}")
+    return 0
+
+
+def images_list(args: argparse.Namespace) -> int:
+    rows = images.status()
+    if args.json:
+        _print_json([{"name": r.name, "state": r.state, "directory": str(r.directory), "detail": r.detail,
+                      "manifest": r.manifest} for r in rows])
+        return 0
+    for r in rows:
+        print(f"{r.name:10} {r.state:8} {r.directory}")
+        print(f"{'':10} {r.description}")
+        if r.detail:
+            print(f"{'':10} {r.detail if r.state in ('ok', 'stale') else r.detail.splitlines()[0]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Intel MKTME emulation around unmodified QEMU.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="boot a guest in the foreground with its console",
+                         description="Boot a guest under QEMU and attach this terminal to its serial "
+                                     "console. Ctrl-] quits.")
+    add_guest_options(run)
+    run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
+    run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    run.set_defaults(func=lambda a: run_async(run_guest(a)))
+
+    img = sub.add_parser("images", help="build and list guest images")
+    img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)
+    b = img_sub.add_parser("build", help="build guest images into the cache (skips current ones)")
+    b.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"images to build (default: all of {', '.join(images.RECIPES)})")
+    b.add_argument("--force", action="store_true", help="rebuild even when current")
+    b.set_defaults(func=images_build)
+    ls = img_sub.add_parser("list", help="show the images and their state")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=images_list)
+    return parser
+
+
+def run_async(coro: Any) -> Any:
+    """``asyncio.run`` where SIGTERM, like Ctrl-C, cancels the work so that teardown runs."""
+    async def guarded() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+    return asyncio.run(guarded())
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format=f"{PROG}: %(name)s: %(message)s")
+    # qemu.qmp reports expected disconnects at ERROR level; they are ours to report.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL if verbose < 2 else logging.DEBUG)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (MktmeError, ValueError, OSError) as err:
+        if args.traceback:
+            raise
+        first, *rest = str(err).splitlines() or [type(err).__name__]
+        print(f"{PROG}: error: {first}", file=sys.stderr)
+        for line in rest:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The command line as users meet it: real subprocesses, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qemu_mktme import cli
+
+
+def qm(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 120):
+    return subprocess.run([sys.executable, "-m", "qemu_mktme.cli", *args], input=input, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_help_everywhere():
+    for args in ([], ["run"], ["images"], ["images", "build"], ["images", "list"]):
+        out = qm(*args, "--help")
+        assert out.returncode == 0 and "usage: qemu-mktme" in out.stdout, args
+
+
+def test_run_baremetal_with_commands_and_stdin(baremetal_image):
+    out = qm("run", "-c", "write 0x200000 hello", "-c", "crc 0x200000 5", input="echo typed\npoweroff\n")
+    assert out.returncode == 0, out.stderr
+    assert "ok crc32 0x200000 5 0x3610a686" in out.stdout        # zlib.crc32(b"hello")
+    assert "ok echo typed" in out.stdout and "powered off" in out.stderr
+
+
+def test_images_list_json(baremetal_image, linux_image):
+    out = qm("images", "list", "--json")
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["baremetal"]["state"] == "ok" and rows["linux"]["state"] == "ok"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["run", "--guest", "nope"], {}, "guest 'nope' is neither an image"),
+    (["run", "-c", "poweroff"], {"QEMU_MKTME_QEMU": "/nonexistent/qemu"}, "not found"),
+    (["run", "--guest", "linux", "--memory", "128M"], {}, "needs at least 512 MiB"),
+    (["run", "--guest", "linux", "-c", "halt"], {}, "takes a workload"),
+    (["images", "build", "windows"], {}, "unknown image 'windows'"),
+])
+def test_domain_errors_are_one_line(args, env, message):
+    out = qm(*args, env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("qemu-mktme: error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_usage_errors_exit_2():
+    assert qm("run", "--memory", "lots").returncode == 2
+    assert qm("frobnicate").returncode == 2
+
+
+def test_main_is_callable_in_process(capsys, baremetal_image):
+    assert cli.main(["images", "list"]) == 0
+    assert "baremetal" in capsys.readouterr().out

@@ -1,0 +1,51 @@
+"""Shared fixtures: real images from the cache, and a check that nothing outlives the suite."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from qemu_mktme.qemu import images
+
+
+@pytest.fixture(scope="session")
+def baremetal_image() -> images.Image:
+    return images.build("baremetal")
+
+
+@pytest.fixture(scope="session")
+def linux_image() -> images.Image:
+    return images.build("linux")
+
+
+def _our_qemus() -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if cmdline.startswith(("qemu-system", "/usr/bin/qemu-system")) and "qemu-mktme-" in cmdline:
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+def _leftover_files() -> list[str]:
+    dirs = [Path("/dev/shm"), Path(tempfile.gettempdir())]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        dirs.append(Path(os.environ["XDG_RUNTIME_DIR"]))
+    return [str(p) for d in dirs if d.is_dir() for p in d.glob("qemu-mktme-*")]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the whole suite: no QEMU of ours running, no guest RAM file, no runtime directory."""
+    before = set(_leftover_files())
+    yield
+    procs = _our_qemus()
+    files = sorted(set(_leftover_files()) - before)
+    assert not procs, f"QEMU processes left running: {procs}"
+    assert not files, f"files left behind: {files}"
