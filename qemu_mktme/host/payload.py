@@ -1,0 +1,115 @@
+"""The payload grammar of the proposed Linux ``mktme`` key type (RFC 2018/2019; mktme.md §6).
+
+    type=cpu|user|clear|no-encrypt [algorithm=aes-xts-128|aes-xts-256] [key=HEX] [tweak=HEX]
+
+``algorithm`` only for ``cpu``/``user`` (default aes-xts-128); for ``user`` ``key`` and
+``tweak`` are the data and tweak keys (both required, each as long as the algorithm's key);
+for ``cpu`` they are optional entropy mixed into the CPU-generated key. Anything else is EINVAL,
+as ``add_key(2)`` would return. The parsed object never shows key bytes in ``repr``.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from dataclasses import dataclass, field
+
+from ..errors import KeyServiceError
+
+MAX_PAYLOAD_BYTES = 1024
+
+
+class KeyType(enum.Enum):
+    CPU = "cpu"
+    USER = "user"
+    CLEAR = "clear"
+    NO_ENCRYPT = "no-encrypt"
+
+
+class Algorithm(enum.Enum):
+    AES_XTS_128 = "aes-xts-128"
+    AES_XTS_256 = "aes-xts-256"
+
+    @property
+    def key_nbytes(self) -> int:
+        """Length of each of the two XTS keys (data key, tweak key)."""
+        return 16 if self is Algorithm.AES_XTS_128 else 32
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A validated ``mktme`` payload. ``key``/``tweak`` are secret: excluded from repr."""
+
+    type: KeyType
+    algorithm: Algorithm | None
+    key: bytes | None = field(default=None, repr=False)
+    tweak: bytes | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        alg = f" algorithm={self.algorithm.value}" if self.algorithm else ""
+        return f"type={self.type.value}{alg}" + (" key=<set>" if self.key else "")
+
+
+def _einval(msg: str) -> KeyServiceError:
+    return KeyServiceError(errno.EINVAL, f"bad mktme payload: {msg}")
+
+
+def _hex(name: str, text: str, nbytes: int | None) -> bytes:
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise _einval(f"{name}= is not hex") from None
+    if nbytes is not None and len(value) != nbytes:
+        raise _einval(f"{name}= must be {nbytes} bytes ({2 * nbytes} hex digits), got {len(value)}")
+    return value
+
+
+def parse(payload: str | bytes) -> Payload:
+    """Parse and validate a payload; ``KeyServiceError(EINVAL)`` saying what is wrong."""
+    if isinstance(payload, bytes):
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise _einval(f"longer than {MAX_PAYLOAD_BYTES} bytes")
+        try:
+            payload = payload.decode("ascii")
+        except UnicodeDecodeError:
+            raise _einval("not ASCII") from None
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise _einval(f"longer than {MAX_PAYLOAD_BYTES} bytes")
+    options: dict[str, str] = {}
+    for word in payload.split():
+        name, sep, value = word.partition("=")
+        if not sep or not value:
+            raise _einval(f"{word!r} is not NAME=VALUE")
+        if name not in ("type", "algorithm", "key", "tweak"):
+            raise _einval(f"unknown option {name!r}")
+        if name in options:
+            raise _einval(f"{name}= given twice")
+        options[name] = value
+    if "type" not in options:
+        raise _einval("type= is required")
+    try:
+        kind = KeyType(options["type"])
+    except ValueError:
+        raise _einval(f"type={options['type']} (expected cpu, user, clear or no-encrypt)") from None
+    if kind in (KeyType.CLEAR, KeyType.NO_ENCRYPT):
+        extra = set(options) - {"type"}
+        if extra:
+            raise _einval(f"type={kind.value} takes no {', '.join(sorted(extra))}")
+        return Payload(kind, None)
+    try:
+        algorithm = Algorithm(options.get("algorithm", Algorithm.AES_XTS_128.value))
+    except ValueError:
+        raise _einval(f"algorithm={options['algorithm']} (expected aes-xts-128 or aes-xts-256)") from None
+    n = algorithm.key_nbytes
+    if kind is KeyType.USER:
+        if "key" not in options or "tweak" not in options:
+            raise _einval("type=user needs key= and tweak=")
+        key, tweak = _hex("key", options["key"], n), _hex("tweak", options["tweak"], n)
+        return Payload(kind, algorithm, key, tweak)
+    # cpu: optional entropy, at most the key length
+    key = _hex("key", options["key"], None) if "key" in options else None
+    tweak = _hex("tweak", options["tweak"], None) if "tweak" in options else None
+    for name, value in (("key", key), ("tweak", tweak)):
+        if value is not None and len(value) > n:
+            raise _einval(f"{name}= entropy is at most {n} bytes for {algorithm.value}")
+    return Payload(kind, algorithm, key, tweak)
