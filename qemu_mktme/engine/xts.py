@@ -160,6 +160,8 @@ def _as_u8(data: BytesLike, name: str) -> npt.NDArray[np.uint8]:
     """A flat uint8 view of ``data`` without copying when it is contiguous."""
     if isinstance(data, np.ndarray):
         arr = data if data.flags.c_contiguous else np.ascontiguousarray(data)
+        if arr.ndim == 1 and arr.dtype == np.uint8:
+            return arr
         return arr.reshape(-1).view(np.uint8)
     try:
         return np.frombuffer(data, dtype=np.uint8)
