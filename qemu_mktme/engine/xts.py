@@ -15,6 +15,11 @@ E_K'(IV) = 0, every XTS whitening value is 0 and XTS(x) = AES_K(x) exactly; Open
 is vectorised (VAES) where its ECB is not. A self-test at import checks that equality and falls
 back to ECB if it ever fails.
 
+Measured (``scripts/bench_engine.py``, 2-core EPYC): about 2.5 GB/s, 0.23x raw AES-128-ECB, short
+of the 0.5 target. The AES work is ~1.0x raw; the rest is numpy, where only long contiguous
+passes are cheap: the alpha sequence is computed on contiguous word planes and one transposing
+copy interleaves it into line order, which together cost more than the AES.
+
 Equal data and tweak keys are accepted: the MKTME PCONFIG rules do not forbid them and neither
 does IEEE 1619-2007 (``cryptography``'s XTS refuses them, which is why tests compare against a
 reference built from single AES blocks for that case).
@@ -40,7 +45,8 @@ __all__ = [
 
 BLOCK_NBYTES = 16
 CHUNK_NBYTES = 512 * 1024
-"""Data processed per numpy/OpenSSL pass; small enough that the working set stays in L2."""
+"""Data per numpy/OpenSSL pass: large enough to amortise numpy's per-call cost, small enough
+that the chunk, its whitening and the scratch stay in L2."""
 
 BytesLike = bytes | bytearray | memoryview | npt.NDArray[Any]
 
@@ -188,10 +194,8 @@ class _Scratch:
     def __init__(self, units: int, blocks: int) -> None:
         self.tweak_in = np.zeros((units + 1, 2), _U64)  # +1 block: update_into wants slack
         self.tweak_out = np.empty((units + 1, 2), _U64)
-        self.lo = np.empty((blocks, units), _U64)
-        self.hi = np.empty((blocks, units), _U64)
-        self.carry = np.empty(units, _U64)
-        self.pairs = np.empty((blocks, units, 2), _U64)
+        self.planes = np.empty((blocks, 2, units), _U64)  # [j][0] = low words, [j][1] = high words
+        self.carries = np.empty((2, units), _U64)
         self.whitening = np.empty((units, blocks, 2), _U64)
         self.work = np.empty(units * blocks * 2 + 2, _U64)
         self.offsets = np.arange(units, dtype=_U64) * _U64(CACHE_LINE_SIZE)
@@ -216,22 +220,21 @@ def _scratch(units: int, blocks: int) -> _Scratch:
 
 def _expand(s: _Scratch, n: int, blocks: int) -> npt.NDArray[np.uint64]:
     """Whitening values T0 * alpha^j for j < blocks, from the encrypted tweaks in s.tweak_out."""
-    lo, hi, carry = s.lo[:, :n], s.hi[:, :n], s.carry[:n]
-    np.copyto(lo[0], s.tweak_out[:n, 0])
-    np.copyto(hi[0], s.tweak_out[:n, 1])
+    planes = s.planes[:, :, :n]
+    lo, hi = planes[:, 0], planes[:, 1]
+    np.copyto(planes[0], s.tweak_out[:n].T)
+    carries = s.carries[:, :n]
     for j in range(1, blocks):
-        # (hi:lo) * alpha: shift left one bit; the bit leaving hi folds back as 0x87
-        np.right_shift(lo[j - 1], _SIXTY_THREE, out=carry)
-        np.left_shift(hi[j - 1], _ONE, out=hi[j])
-        np.bitwise_or(hi[j], carry, out=hi[j])
-        np.right_shift(hi[j - 1], _SIXTY_THREE, out=carry)
-        np.multiply(carry, _GF128_REDUCTION, out=carry)
-        np.left_shift(lo[j - 1], _ONE, out=lo[j])
-        np.bitwise_xor(lo[j], carry, out=lo[j])
-    pairs = s.pairs[:, :n]
-    np.stack((lo, hi), axis=-1, out=pairs)
+        # (hi:lo) * alpha: both words shift left one bit; lo's top bit moves into hi, hi's top
+        # bit folds back into lo as 0x87 (x^128 = x^7 + x^2 + x + 1)
+        np.left_shift(planes[j - 1], _ONE, out=planes[j])
+        np.right_shift(planes[j - 1], _SIXTY_THREE, out=carries)
+        np.bitwise_or(hi[j], carries[0], out=hi[j])
+        np.multiply(carries[1], _GF128_REDUCTION, out=carries[1])
+        np.bitwise_xor(lo[j], carries[1], out=lo[j])
     white = s.whitening[:n]
-    np.copyto(white.view("V16").reshape(n, blocks), pairs.view("V16").reshape(blocks, n).T)
+    # one transposing copy: plane (j, w) becomes word w of block j in every unit
+    np.copyto(white.reshape(n, 2 * blocks), planes.reshape(2 * blocks, n).T)
     return white
 
 
