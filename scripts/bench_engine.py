@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if not np.array_equal(dec_out, data):
         raise SystemExit("bench_engine: decrypt(encrypt(x)) != x")
 
-    gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+    gbs = lambda t: nbytes / t / 1e9
     print(f"buffer            {args.mib} MiB, AES-XTS-128, 64-byte data units")
     print(f"raw AES-128-ECB   {gbs(t_raw):6.2f} GB/s")
     print(f"engine encrypt    {gbs(t_enc):6.2f} GB/s  ratio {t_raw / t_enc:.3f}")

@@ -13,15 +13,26 @@ from enum import IntEnum
 from functools import cache
 
 from .addresses import KeyIdLayout
-from .bitfield import Bits, BitLayout
+from .bitfield import BitLayout, Bits
 from .entry import address_rows, entry_address, entry_keyid, make_entry
 from .paging import PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K
 from .walk import FaultKind, Level, ReadQword, Translation, WalkFault, walk
 
 __all__ = [
-    "MemoryType", "eptp_layout", "make_eptp", "ept_pml5e_layout", "ept_pml4e_layout",
-    "ept_pdpte_layout", "ept_pdpte_1g_layout", "ept_pde_layout", "ept_pde_2m_layout",
-    "ept_pte_layout", "make_entry", "entry_address", "entry_keyid", "walk_ept",
+    "MemoryType",
+    "entry_address",
+    "entry_keyid",
+    "ept_pde_2m_layout",
+    "ept_pde_layout",
+    "ept_pdpte_1g_layout",
+    "ept_pdpte_layout",
+    "ept_pml4e_layout",
+    "ept_pml5e_layout",
+    "ept_pte_layout",
+    "eptp_layout",
+    "make_entry",
+    "make_eptp",
+    "walk_ept",
 ]
 
 

@@ -39,7 +39,7 @@ class Algorithm(IntEnum):
         return self.name.replace("_", "-")
 
 
-def algorithm_bitmap(algorithms: "tuple[Algorithm, ...] | list[Algorithm]") -> int:
+def algorithm_bitmap(algorithms: tuple[Algorithm, ...] | list[Algorithm]) -> int:
     """The algorithms as a bitmap by bit number (0x5 for both AES-XTS variants)."""
     return sum(1 << a for a in set(algorithms))
 

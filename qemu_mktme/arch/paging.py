@@ -20,12 +20,32 @@ from functools import cache
 from .addresses import KeyIdLayout
 from .bitfield import BitLayout
 from .entry import address_rows, entry_address, entry_keyid, make_entry
-from .walk import FaultKind, Level, ReadQword, Translation, WalkFault, reserved_check, walk
+from .walk import (
+    FaultKind,
+    Level,
+    ReadQword,
+    Translation,
+    WalkFault,
+    reserved_check,
+    walk,
+)
 
 __all__ = [
-    "cr3_layout", "pml5e_layout", "pml4e_layout", "pdpte_layout", "pdpte_1g_layout",
-    "pde_layout", "pde_2m_layout", "pte_layout", "make_entry", "entry_address",
-    "entry_keyid", "walk_ia32e", "PAGE_SIZE_4K", "PAGE_SIZE_2M", "PAGE_SIZE_1G",
+    "PAGE_SIZE_1G",
+    "PAGE_SIZE_2M",
+    "PAGE_SIZE_4K",
+    "cr3_layout",
+    "entry_address",
+    "entry_keyid",
+    "make_entry",
+    "pde_2m_layout",
+    "pde_layout",
+    "pdpte_1g_layout",
+    "pdpte_layout",
+    "pml4e_layout",
+    "pml5e_layout",
+    "pte_layout",
+    "walk_ia32e",
 ]
 
 PAGE_SIZE_4K = 1 << 12

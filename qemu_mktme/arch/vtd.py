@@ -12,15 +12,31 @@ from __future__ import annotations
 from functools import cache
 
 from .addresses import KeyIdLayout
-from .bitfield import Bits, BitLayout
+from .bitfield import BitLayout, Bits
 from .entry import address_rows, entry_address, entry_keyid, make_entry
 from .paging import PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K
-from .walk import FaultKind, Level, ReadQword, Translation, WalkFault, reserved_check, walk
+from .walk import (
+    FaultKind,
+    Level,
+    ReadQword,
+    Translation,
+    WalkFault,
+    reserved_check,
+    walk,
+)
 
 __all__ = [
-    "sl_pml5e_layout", "sl_pml4e_layout", "sl_pdpe_layout", "sl_pdpe_1g_layout",
-    "sl_pde_layout", "sl_pde_2m_layout", "sl_pte_layout", "make_entry", "entry_address",
-    "entry_keyid", "walk_vtd_second_level",
+    "entry_address",
+    "entry_keyid",
+    "make_entry",
+    "sl_pde_2m_layout",
+    "sl_pde_layout",
+    "sl_pdpe_1g_layout",
+    "sl_pdpe_layout",
+    "sl_pml4e_layout",
+    "sl_pml5e_layout",
+    "sl_pte_layout",
+    "walk_vtd_second_level",
 ]
 
 

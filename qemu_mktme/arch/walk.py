@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .addresses import HPA, KeyID, KeyIdLayout, PhysAddr
-from .bitfield import Bits, BitLayout
+from .bitfield import BitLayout, Bits
 from .entry import entry_address, entry_keyid
 
 ReadQword = Callable[[int], int]

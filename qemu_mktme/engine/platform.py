@@ -45,7 +45,7 @@ from .keytable import PLAINTEXT, KeyEntry, KeyMode, KeyTable, LineCipher, XtsLin
 from .memory import PhysicalMemory, Segments
 from .xts import XtsKey
 
-__all__ = ["Platform", "PconfigResult", "KeyIdInconsistency", "AES_XTS_128", "AES_XTS_256"]
+__all__ = ["AES_XTS_128", "AES_XTS_256", "KeyIdInconsistency", "PconfigResult", "Platform"]
 
 AES_XTS_128 = Algorithm.AES_XTS_128
 AES_XTS_256 = Algorithm.AES_XTS_256

@@ -39,8 +39,14 @@ from ..arch.addresses import CACHE_LINE_SIZE
 from ..arch.msr import Algorithm
 
 __all__ = [
-    "XtsKey", "encrypt_lines", "decrypt_lines", "encrypt_units", "decrypt_units",
-    "BLOCK_NBYTES", "CHUNK_NBYTES", "BytesLike",
+    "BLOCK_NBYTES",
+    "CHUNK_NBYTES",
+    "BytesLike",
+    "XtsKey",
+    "decrypt_lines",
+    "decrypt_units",
+    "encrypt_lines",
+    "encrypt_units",
 ]
 
 BLOCK_NBYTES = 16
@@ -67,7 +73,7 @@ class XtsKey:
     XtsKey(AES-XTS-128)
     """
 
-    __slots__ = ("_data_key", "_tweak_key", "algorithm", "_local")
+    __slots__ = ("_data_key", "_local", "_tweak_key", "algorithm")
 
     def __init__(self, data_key: bytes, tweak_key: bytes) -> None:
         for name, value in (("data_key", data_key), ("tweak_key", tweak_key)):

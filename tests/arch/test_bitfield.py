@@ -1,5 +1,6 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_mktme.arch import msr
 from qemu_mktme.arch.bitfield import BitLayout

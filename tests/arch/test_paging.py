@@ -2,15 +2,16 @@
 an encrypted platform memory (so a table read through the wrong KeyID would show up)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_mktme.arch import ept, paging, vtd
+from qemu_mktme.arch import pconfig as pc
 from qemu_mktme.arch.addresses import KeyIdLayout
 from qemu_mktme.arch.entry import entry_address, entry_keyid, make_entry
+from qemu_mktme.arch.msr import Algorithm
 from qemu_mktme.arch.walk import FaultKind, Translation, WalkFault
 from qemu_mktme.engine.platform import Platform
-from qemu_mktme.arch import pconfig as pc
-from qemu_mktme.arch.msr import Algorithm
 
 LAYOUT_FUNCS = [
     (paging.cr3_layout, 12), (paging.pml5e_layout, 12), (paging.pml4e_layout, 12),

@@ -1,7 +1,9 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from qemu_mktme.arch import cpuid, pconfig as pc
+from qemu_mktme.arch import cpuid
+from qemu_mktme.arch import pconfig as pc
 from qemu_mktme.arch.msr import Algorithm
 
 

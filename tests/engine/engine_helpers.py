@@ -2,7 +2,7 @@
 
 from qemu_mktme.arch import pconfig as pc
 from qemu_mktme.arch.msr import Algorithm
-from qemu_mktme.engine.platform import Platform, PconfigResult
+from qemu_mktme.engine.platform import PconfigResult, Platform
 
 STRUCT_PA = 0x10000
 

@@ -5,14 +5,13 @@ import os
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, strategies as st
+from engine_helpers import direct, program
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_mktme.arch import pconfig as pc
-from qemu_mktme.arch.msr import Algorithm
 from qemu_mktme.engine.platform import Platform
 from qemu_mktme.errors import AddressError
-
-from engine_helpers import direct, program
 
 K1, K2 = bytes(range(16)), bytes(range(100, 116))
 

@@ -1,12 +1,13 @@
 """CPUID and every WRMSR rule of IA32_TME_ACTIVATE / EXCLUDE_MASK / EXCLUDE_BASE."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_mktme.arch import cpuid, msr
 from qemu_mktme.arch.msr import Algorithm
-from qemu_mktme.errors import ArchitecturalFault, GeneralProtection
 from qemu_mktme.engine.platform import Platform
+from qemu_mktme.errors import ArchitecturalFault, GeneralProtection
 
 A = msr.TME_ACTIVATE
 

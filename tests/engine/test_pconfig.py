@@ -4,15 +4,15 @@ all-or-nothing updates (hypothesis over random structs)."""
 import os
 
 import pytest
-from hypothesis import given, strategies as st
+from engine_helpers import STRUCT_PA, direct, program
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_mktme.arch import pconfig as pc
 from qemu_mktme.arch.msr import Algorithm
 from qemu_mktme.engine.keytable import KeyMode
 from qemu_mktme.engine.platform import Platform
 from qemu_mktme.errors import GeneralProtection, InvalidOpcode
-
-from engine_helpers import STRUCT_PA, direct, program
 
 S = pc.Status
 

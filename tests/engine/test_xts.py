@@ -8,10 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from qemu_mktme.engine import xts
-from qemu_mktme.engine.xts import XtsKey, decrypt_lines, decrypt_units, encrypt_lines, encrypt_units
+from qemu_mktme.engine.xts import (
+    XtsKey,
+    decrypt_lines,
+    decrypt_units,
+    encrypt_lines,
+    encrypt_units,
+)
 
 
 def _vectors(name: str) -> list[dict[str, str]]:
