@@ -1,4 +1,5 @@
-"""Shared fixtures: real images from the cache, and a check that nothing outlives the suite."""
+"""Shared fixtures: real images from the cache, a check that nothing outlives the suite, and
+modest hypothesis budgets so the suite stays fast on 2 cores."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from qemu_mktme.qemu import images
+
+settings.register_profile("mktme", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mktme")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,335 @@
+"""Physical memory with two views: the CPU's (through a KeyID) and DRAM's (what a bus probe sees).
+
+Model decisions, all documented here once:
+
+* **Storage** is sparse: a dict of 4 KiB DRAM pages holding what DRAM holds (ciphertext, or
+  plaintext for NO_ENCRYPT / bypass / excluded lines). Untouched DRAM reads as zeros on the DRAM
+  side, so a CPU read of an untouched line returns ``decrypt_k(zeros)``: garbage unless k is a
+  plaintext KeyID. A 46-bit space costs nothing until touched.
+* **CPU accesses** carry the KeyID in the upper bits of the physical address. The engine works on
+  whole 64-byte lines: a partial-line write reads the line through the same KeyID, patches it and
+  writes it back, as the cache would.
+* **Which key**: memory is homed on packages (HPA ranges, default all on package 0); a line is
+  encrypted with the key table of its home package. The platform supplies, for a KeyID and an
+  HPA range, the segments with their :class:`~.keytable.LineCipher` (``segments``).
+* **Attached CPU views** (``attach_cpu_view``): an HPA range backed by an external buffer that
+  holds the plaintext *as one KeyID sees it* (a live guest's RAM). Every operation behaves
+  exactly as if DRAM held ``encrypt_keyid(buffer)``: DRAM reads encrypt on demand, reads through
+  the same KeyID return the buffer's bytes, reads and writes through another KeyID transcode,
+  DRAM writes store ``decrypt_keyid(data)``. When the attachment KeyID's cipher changes (PCONFIG,
+  activation) the platform calls :meth:`PhysicalMemory.transcode` so the DRAM content is
+  unchanged, as on hardware where PCONFIG never touches DRAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..arch.addresses import CACHE_LINE_SIZE, HPA, PAGE_SHIFT, PAGE_SIZE, KeyIdLayout
+from ..errors import AddressError
+from .keytable import LineCipher
+from .xts import BytesLike
+
+U8Array = npt.NDArray[np.uint8]
+Segments = Callable[[int, int, int], list[tuple[int, int, LineCipher]]]
+"""segments(keyid, start_hpa, end_hpa) -> [(start, end, cipher)] covering the range."""
+
+_LINE = CACHE_LINE_SIZE
+_TRANSCODE_NBYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """An HPA range backed by an external plaintext buffer seen through ``keyid``."""
+
+    hpa: int
+    buffer: U8Array
+    keyid: int
+
+    @property
+    def end(self) -> int:
+        return self.hpa + self.buffer.size
+
+    def __repr__(self) -> str:
+        return f"Attachment(hpa={self.hpa:#x}, nbytes={self.buffer.size:#x}, keyid={self.keyid})"
+
+
+def _u8(data: BytesLike, name: str) -> U8Array:
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError, BufferError) as err:
+        raise TypeError(f"{name} must be bytes-like or a numpy array") from err
+
+
+class PhysicalMemory:
+    """The platform's physical memory; see the module docstring for the model."""
+
+    def __init__(self, layout: Callable[[], KeyIdLayout], segments: Segments) -> None:
+        self._layout = layout
+        self._segments = segments
+        self._pages: dict[int, U8Array] = {}
+        self._attachments: list[Attachment] = []
+
+    def __repr__(self) -> str:
+        return f"PhysicalMemory({len(self._pages)} pages touched, {len(self._attachments)} attachments)"
+
+    @property
+    def touched_pages(self) -> int:
+        """How many 4 KiB DRAM pages hold storage (attachments not counted)."""
+        return len(self._pages)
+
+    # --- addresses ----------------------------------------------------------------------------
+
+    def _split(self, pa: int, nbytes: int) -> tuple[int, int]:
+        layout = self._layout()
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        if pa < 0 or pa >> layout.maxphyaddr:
+            raise AddressError(f"physical address {pa:#x} exceeds MAXPHYADDR {layout.maxphyaddr}", address=pa, nbytes=nbytes)
+        hpa, keyid = layout.split(pa)
+        self._check_hpa(hpa, nbytes)
+        return hpa, keyid
+
+    def _check_hpa(self, hpa: int, nbytes: int) -> None:
+        limit = 1 << self._layout().keyid_shift
+        if hpa < 0 or hpa + nbytes > limit:
+            raise AddressError(f"range {hpa:#x}+{nbytes:#x} leaves the {limit:#x}-byte physical space", address=hpa, nbytes=nbytes)
+
+    # --- raw DRAM storage -----------------------------------------------------------------------
+
+    def _gather(self, start: int, end: int, out: U8Array) -> None:
+        pos = start
+        while pos < end:
+            page, off = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - off, end - pos)
+            stored = self._pages.get(page)
+            dst = out[pos - start : pos - start + n]
+            if stored is None:
+                dst.fill(0)
+            else:
+                np.copyto(dst, stored[off : off + n])
+            pos += n
+
+    def _scatter(self, start: int, data: U8Array) -> None:
+        pos, end = start, start + data.size
+        while pos < end:
+            page, off = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - off, end - pos)
+            stored = self._pages.get(page)
+            if stored is None:
+                stored = self._pages[page] = np.zeros(PAGE_SIZE, np.uint8)
+            np.copyto(stored[off : off + n], data[pos - start : pos - start + n])
+            pos += n
+
+    def _pieces(self, start: int, end: int) -> Iterator[tuple[int, int, Attachment | None]]:
+        pos = start
+        for att in self._attachments:
+            if att.end <= pos or att.hpa >= end:
+                continue
+            if att.hpa > pos:
+                yield pos, att.hpa, None
+            yield max(pos, att.hpa), min(end, att.end), att
+            pos = min(end, att.end)
+        if pos < end:
+            yield pos, end, None
+
+    # --- the engine -----------------------------------------------------------------------------
+
+    def _transform(self, segs: list[tuple[int, int, LineCipher]], base: int, src: U8Array, out: U8Array, encrypt: bool) -> None:
+        for s, e, cipher in segs:
+            a, b = s - base, e - base
+            (cipher.encrypt if encrypt else cipher.decrypt)(src[a:b], s, out[a:b])
+
+    def _same(self, keyid: int, att: Attachment, start: int, end: int) -> bool:
+        if keyid == att.keyid:
+            return True
+        mine, theirs = self._segments(keyid, start, end), self._segments(att.keyid, start, end)
+        return len(mine) == len(theirs) and all(
+            x[0] == y[0] and x[1] == y[1] and x[2] is y[2] for x, y in zip(mine, theirs)
+        )
+
+    def _dram_lines(self, start: int, end: int, out: U8Array) -> None:
+        """DRAM content of whole lines [start, end)."""
+        for s, e, att in self._pieces(start, end):
+            dst = out[s - start : e - start]
+            if att is None:
+                self._gather(s, e, dst)
+            else:
+                src = att.buffer[s - att.hpa : e - att.hpa]
+                self._transform(self._segments(att.keyid, s, e), s, src, dst, True)
+
+    def _store_dram_lines(self, start: int, data: U8Array) -> None:
+        end = start + data.size
+        for s, e, att in self._pieces(start, end):
+            src = data[s - start : e - start]
+            if att is None:
+                self._scatter(s, src)
+            else:
+                dst = att.buffer[s - att.hpa : e - att.hpa]
+                self._transform(self._segments(att.keyid, s, e), s, src, dst, False)
+
+    def _cpu_read_lines(self, keyid: int, start: int, end: int, out: U8Array) -> None:
+        for s, e, att in self._pieces(start, end):
+            dst = out[s - start : e - start]
+            if att is not None and self._same(keyid, att, s, e):
+                np.copyto(dst, att.buffer[s - att.hpa : e - att.hpa])
+                continue
+            self._dram_lines(s, e, dst)
+            self._transform(self._segments(keyid, s, e), s, dst, dst, False)
+
+    def _cpu_write_lines(self, keyid: int, start: int, data: U8Array) -> None:
+        end = start + data.size
+        for s, e, att in self._pieces(start, end):
+            src = data[s - start : e - start]
+            if att is not None and self._same(keyid, att, s, e):
+                np.copyto(att.buffer[s - att.hpa : e - att.hpa], src)
+                continue
+            cipher_text = np.empty(e - s, np.uint8)
+            self._transform(self._segments(keyid, s, e), s, src, cipher_text, True)
+            self._store_dram_lines(s, cipher_text)
+
+    @staticmethod
+    def _line_bounds(hpa: int, nbytes: int) -> tuple[int, int]:
+        return hpa - hpa % _LINE, -(-(hpa + nbytes) // _LINE) * _LINE
+
+    def _patched(self, hpa: int, data: U8Array, read_lines: Callable[[int, int, U8Array], None]) -> tuple[int, U8Array]:
+        """Whole lines covering [hpa, hpa+len(data)) with data written over them (read-modify-write)."""
+        a0, a1 = self._line_bounds(hpa, data.size)
+        if a0 == hpa and a1 == hpa + data.size:
+            return a0, data
+        buf = np.empty(a1 - a0, np.uint8)
+        read_lines(a0, a0 + _LINE, buf[:_LINE])
+        if a1 - _LINE > a0:
+            read_lines(a1 - _LINE, a1, buf[-_LINE:])
+        buf[hpa - a0 : hpa - a0 + data.size] = data
+        return a0, buf
+
+    # --- public CPU side ------------------------------------------------------------------------
+
+    def read_array(self, pa: int, nbytes: int) -> U8Array:
+        """CPU read of ``nbytes`` at physical address ``pa`` (KeyID in its upper bits).
+
+        Returns a read-only array; when the whole range lies in an attachment of the same KeyID
+        it is a zero-copy view of the attached buffer (it changes when the buffer does).
+        """
+        hpa, keyid = self._split(pa, nbytes)
+        for att in self._attachments:
+            if att.keyid == keyid and att.hpa <= hpa and hpa + nbytes <= att.end:
+                view = att.buffer[hpa - att.hpa : hpa - att.hpa + nbytes].view()
+                view.flags.writeable = False
+                return view
+        a0, a1 = self._line_bounds(hpa, nbytes)
+        buf = np.empty(a1 - a0, np.uint8)
+        self._cpu_read_lines(keyid, a0, a1, buf)
+        out = buf[hpa - a0 : hpa - a0 + nbytes]
+        out.flags.writeable = False
+        return out
+
+    def read(self, pa: int, nbytes: int) -> bytes:
+        """CPU read, as bytes."""
+        return self.read_array(pa, nbytes).tobytes()
+
+    def write(self, pa: int, data: BytesLike) -> None:
+        """CPU write through the KeyID in ``pa``: DRAM gets ``encrypt_keyid(lines)``."""
+        src = _u8(data, "data")
+        hpa, keyid = self._split(pa, src.size)
+        if src.size == 0:
+            return
+        start, lines = self._patched(hpa, src, lambda s, e, o: self._cpu_read_lines(keyid, s, e, o))
+        self._cpu_write_lines(keyid, start, lines)
+
+    def read_qword(self, pa: int) -> int:
+        """An 8-byte little-endian CPU read (what page walks use)."""
+        return int.from_bytes(self.read_array(pa, 8).tobytes(), "little")
+
+    def write_qword(self, pa: int, value: int) -> None:
+        if not 0 <= value < 1 << 64:
+            raise ValueError(f"value {value:#x} is not a 64-bit unsigned integer")
+        self.write(pa, value.to_bytes(8, "little"))
+
+    # --- public DRAM side -----------------------------------------------------------------------
+
+    def read_dram_array(self, hpa: HPA | int, nbytes: int) -> U8Array:
+        """What DRAM holds at ``hpa`` (no KeyID bits): what a bus probe sees."""
+        self._check_hpa(hpa, nbytes)
+        a0, a1 = self._line_bounds(hpa, nbytes)
+        buf = np.empty(a1 - a0, np.uint8)
+        self._dram_lines(a0, a1, buf)
+        return buf[hpa - a0 : hpa - a0 + nbytes]
+
+    def read_dram(self, hpa: HPA | int, nbytes: int) -> bytes:
+        return self.read_dram_array(hpa, nbytes).tobytes()
+
+    def write_dram(self, hpa: HPA | int, data: BytesLike) -> None:
+        """Store raw bytes in DRAM (a physical attacker writing, or replaying, ciphertext)."""
+        src = _u8(data, "data")
+        self._check_hpa(hpa, src.size)
+        if src.size == 0:
+            return
+        start, lines = self._patched(hpa, src, self._dram_lines)
+        self._store_dram_lines(start, lines)
+
+    # --- attachments ----------------------------------------------------------------------------
+
+    def attach_cpu_view(self, hpa: HPA | int, buffer: Any, keyid: int) -> Attachment:
+        """Back [hpa, hpa+len(buffer)) with ``buffer``, the plaintext as ``keyid`` sees it.
+
+        ``buffer`` is a writable, C-contiguous numpy array or writable buffer (e.g. a memoryview
+        over an mmap of guest RAM). ``hpa`` and the length must be 4 KiB aligned. Whatever DRAM
+        held in the range before is replaced by ``encrypt_keyid(buffer)``. Raises ``AddressError``
+        for a range outside physical memory or overlapping another attachment, ``ValueError`` for
+        a bad buffer, alignment or KeyID.
+        """
+        arr = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
+        if not arr.flags.c_contiguous or not arr.flags.writeable:
+            raise ValueError("buffer must be C-contiguous and writable")
+        arr = arr.reshape(-1).view(np.uint8)
+        if hpa % PAGE_SIZE or arr.size % PAGE_SIZE or arr.size == 0:
+            raise ValueError(f"attachment must be whole 4 KiB pages at a 4 KiB-aligned hpa, got {hpa:#x}+{arr.size:#x}")
+        layout = self._layout()
+        if not 0 <= keyid <= layout.max_keyid:
+            raise ValueError(f"keyid {keyid} outside 0..{layout.max_keyid} for the current activation")
+        self._check_hpa(hpa, arr.size)
+        for other in self._attachments:
+            if other.hpa < hpa + arr.size and hpa < other.end:
+                raise AddressError(f"attachment at {hpa:#x}+{arr.size:#x} overlaps {other!r}", address=hpa, nbytes=arr.size)
+        for page in range(hpa >> PAGE_SHIFT, (hpa + arr.size) >> PAGE_SHIFT):
+            self._pages.pop(page, None)
+        att = Attachment(int(hpa), arr, keyid)
+        self._attachments.append(att)
+        self._attachments.sort(key=lambda a: a.hpa)
+        return att
+
+    def detach_cpu_view(self, hpa: HPA | int) -> Attachment:
+        """Remove the attachment starting at ``hpa``. The range then reads as untouched DRAM
+        (zeros); the buffer keeps its content. Raises ``AddressError`` if none starts there."""
+        for i, att in enumerate(self._attachments):
+            if att.hpa == hpa:
+                return self._attachments.pop(i)
+        raise AddressError(f"no CPU view attached at {hpa:#x}", address=int(hpa))
+
+    @property
+    def attachments(self) -> tuple[Attachment, ...]:
+        return tuple(self._attachments)
+
+    def transcode(self, old: Segments, new: Segments) -> None:
+        """Keep DRAM content unchanged across a cipher change: re-express every attached buffer
+        whose KeyID's ciphers differ between ``old`` and ``new``."""
+        for att in self._attachments:
+            for s in range(att.hpa, att.end, _TRANSCODE_NBYTES):
+                e = min(att.end, s + _TRANSCODE_NBYTES)
+                before, after = old(att.keyid, s, e), new(att.keyid, s, e)
+                if len(before) == len(after) and all(
+                    x[0] == y[0] and x[1] == y[1] and x[2] is y[2] for x, y in zip(before, after)
+                ):
+                    continue
+                chunk = att.buffer[s - att.hpa : e - att.hpa]
+                self._transform(before, s, chunk, chunk, True)
+                self._transform(after, s, chunk, chunk, False)
