@@ -76,9 +76,15 @@ class KeyEntry:
         return self.cipher.key if isinstance(self.cipher, XtsLineCipher) else None
 
     def same_programming(self, other: KeyEntry) -> bool:
-        """Same mode, algorithm and key bytes (compared in constant time)."""
-        if (self.mode, self.algorithm) != (other.mode, other.algorithm):
+        """Same mode, algorithm and key bytes (compared in constant time).
+
+        Two RANDOM keys count as the same programming: every package draws its own key by
+        design, and a line is only ever handled by its home package's engine.
+        """
+        if (self.mode, self.algorithm, self.random) != (other.mode, other.algorithm, other.random):
             return False
+        if self.random:
+            return True
         return self.key is None and other.key is None or (
             self.key is not None and other.key is not None and self.key == other.key
         )

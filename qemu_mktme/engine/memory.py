@@ -256,13 +256,39 @@ class PhysicalMemory:
 
     # --- public DRAM side -----------------------------------------------------------------------
 
-    def read_dram_array(self, hpa: HPA | int, nbytes: int) -> U8Array:
-        """What DRAM holds at ``hpa`` (no KeyID bits): what a bus probe sees."""
+    def read_dram_array(self, hpa: HPA | int, nbytes: int, *, out: U8Array | None = None) -> U8Array:
+        """What DRAM holds at ``hpa`` (no KeyID bits): what a bus probe sees.
+
+        ``out`` (line-aligned ranges only) receives the bytes without allocating: reuse one
+        buffer when streaming a large range, since first-touch page faults of a fresh buffer
+        cost more than the encryption on some hosts.
+        """
         self._check_hpa(hpa, nbytes)
         a0, a1 = self._line_bounds(hpa, nbytes)
+        if out is not None:
+            if (a0, a1) != (hpa, hpa + nbytes) or out.dtype != np.uint8 or out.size != nbytes:
+                raise ValueError("out= needs a line-aligned range and a uint8 array of exactly nbytes")
+            self._dram_lines(a0, a1, out)
+            return out
         buf = np.empty(a1 - a0, np.uint8)
         self._dram_lines(a0, a1, buf)
         return buf[hpa - a0 : hpa - a0 + nbytes]
+
+    def dram_image(self, keyid: int, hpa: HPA | int, plaintext: BytesLike, *, out: U8Array | None = None) -> U8Array:
+        """What DRAM would hold if the CPU wrote ``plaintext`` (whole lines) at ``hpa`` through
+        ``keyid``. Stores nothing: for ranges known to be zero (never-written guest RAM) a dump
+        can compute their ciphertext without touching, and so allocating, the guest's memory."""
+        src = _u8(plaintext, "plaintext")
+        self._check_hpa(hpa, src.size)
+        if hpa % _LINE or src.size % _LINE:
+            raise ValueError("dram_image works on whole 64-byte lines")
+        if not 0 <= keyid <= self._layout().max_keyid:
+            raise ValueError(f"keyid {keyid} outside 0..{self._layout().max_keyid}")
+        dst = np.empty(src.size, np.uint8) if out is None else out
+        if dst.size != src.size:
+            raise ValueError("out must be as long as plaintext")
+        self._transform(self._segments(keyid, int(hpa), int(hpa) + src.size), int(hpa), src, dst, True)
+        return dst
 
     def read_dram(self, hpa: HPA | int, nbytes: int) -> bytes:
         return self.read_dram_array(hpa, nbytes).tobytes()

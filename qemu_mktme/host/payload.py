@@ -14,6 +14,7 @@ import enum
 import errno
 from dataclasses import dataclass, field
 
+from ..arch.msr import Algorithm
 from ..errors import KeyServiceError
 
 MAX_PAYLOAD_BYTES = 1024
@@ -26,14 +27,12 @@ class KeyType(enum.Enum):
     NO_ENCRYPT = "no-encrypt"
 
 
-class Algorithm(enum.Enum):
-    AES_XTS_128 = "aes-xts-128"
-    AES_XTS_256 = "aes-xts-256"
+ALGORITHMS = {a.label.lower(): a for a in Algorithm}
+"""Payload names (``aes-xts-128``) of the architectural algorithms."""
 
-    @property
-    def key_nbytes(self) -> int:
-        """Length of each of the two XTS keys (data key, tweak key)."""
-        return 16 if self is Algorithm.AES_XTS_128 else 32
+
+def algorithm_name(algorithm: Algorithm) -> str:
+    return algorithm.label.lower()
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Payload:
     tweak: bytes | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
-        alg = f" algorithm={self.algorithm.value}" if self.algorithm else ""
+        alg = f" algorithm={algorithm_name(self.algorithm)}" if self.algorithm is not None else ""
         return f"type={self.type.value}{alg}" + (" key=<set>" if self.key else "")
 
 
@@ -96,10 +95,9 @@ def parse(payload: str | bytes) -> Payload:
         if extra:
             raise _einval(f"type={kind.value} takes no {', '.join(sorted(extra))}")
         return Payload(kind, None)
-    try:
-        algorithm = Algorithm(options.get("algorithm", Algorithm.AES_XTS_128.value))
-    except ValueError:
-        raise _einval(f"algorithm={options['algorithm']} (expected aes-xts-128 or aes-xts-256)") from None
+    algorithm = ALGORITHMS.get(options.get("algorithm", "aes-xts-128"))
+    if algorithm is None:
+        raise _einval(f"algorithm={options['algorithm']} (expected aes-xts-128 or aes-xts-256)")
     n = algorithm.key_nbytes
     if kind is KeyType.USER:
         if "key" not in options or "tweak" not in options:
@@ -111,5 +109,5 @@ def parse(payload: str | bytes) -> Payload:
     tweak = _hex("tweak", options["tweak"], None) if "tweak" in options else None
     for name, value in (("key", key), ("tweak", tweak)):
         if value is not None and len(value) > n:
-            raise _einval(f"{name}= entropy is at most {n} bytes for {algorithm.value}")
+            raise _einval(f"{name}= entropy is at most {n} bytes for {algorithm_name(algorithm)}")
     return Payload(kind, algorithm, key, tweak)

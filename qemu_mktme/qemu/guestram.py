@@ -10,6 +10,7 @@ below 4 GiB and continues at 4 GiB. The real layout is read from QEMU's own flat
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import os
 import re
@@ -84,8 +85,10 @@ class GuestRAM:
             if actual < size:
                 raise AttachError(f"guest RAM backend {backend_path} holds {actual} bytes, QEMU says {size}")
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd  # kept for SEEK_DATA / SEEK_HOLE
         for r in ranges:
             if r.offset + r.size > size:
                 raise AttachError(f"RAM range at GPA {r.gpa:#x} lies beyond the backend ({size} bytes)")
@@ -149,6 +152,25 @@ class GuestRAM:
         """Like :meth:`view`, as a ``uint8`` numpy array."""
         return np.frombuffer(self.view(gpa, nbytes), dtype=np.uint8)
 
+    def data_extents(self, offset: int, nbytes: int) -> list[tuple[int, int]]:
+        """Backend ranges in [offset, offset + nbytes) that may hold data (``SEEK_DATA``/
+        ``SEEK_HOLE``); the rest was never written and reads as zeros. Lets dumps skip holes
+        without reading them, which on shared memory would allocate them."""
+        end, out, pos = offset + nbytes, [], offset
+        try:
+            while pos < end:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                if start >= end:
+                    break
+                stop = min(os.lseek(self._fd, start, os.SEEK_HOLE), end)
+                out.append((start, stop))
+                pos = stop
+        except OSError as err:
+            if err.errno == errno.ENXIO:      # no data after pos
+                return out
+            return [(offset, end)]            # the backend cannot tell: assume data everywhere
+        return out
+
     @property
     def backend(self) -> memoryview:
         """The whole backend, by backend offset (what the host maps as the guest's RAM)."""
@@ -161,6 +183,9 @@ class GuestRAM:
             self._mmap.close()
         except BufferError:
             pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     @property
     def closed(self) -> bool:

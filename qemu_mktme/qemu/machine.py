@@ -218,9 +218,15 @@ class Machine:
         _live.add(self)
         try:
             await self._launch()
+            await self._bind()
+            if not (self.config.start_paused or self.config.incoming):
+                await self.resume()
         except BaseException:
             await self._teardown()
             raise
+
+    async def _bind(self) -> None:
+        """Hook for subclasses: runs after RAM is mapped, while the vCPUs are still held."""
 
     async def _launch(self) -> None:
         cfg = self.config
@@ -269,8 +275,6 @@ class Machine:
         self._tasks.append(asyncio.create_task(self._watch_events(), name=f"{self.name}-events"))
         self._ram = await self._map_ram(self._ram_path(), int(cfg.memory))
         self.state = VmState.PAUSED
-        if not (cfg.start_paused or cfg.incoming):
-            await self.resume()
 
     def _create_ram_file(self) -> Path:
         path = self.config.ram_dir / f"qemu-mktme-{self.name}-{os.getpid()}-{os.urandom(4).hex()}.ram"

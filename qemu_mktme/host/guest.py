@@ -1,0 +1,257 @@
+"""A VM's memory as the MKTME host sees it: HPA range, KeyID, tagged tables, and the DRAM view.
+
+The QEMU RAM backend of a running guest is the **CPU view** of the VM's HPA range through the
+VM's KeyID: plaintext, as the caches hold it. It is attached to the platform's physical memory
+(:meth:`~qemu_mktme.engine.memory.PhysicalMemory.attach_cpu_view`), so that
+
+- the **DRAM view** (what a bus probe reads) is the RAM encrypted per 64-byte line under the
+  VM's key with tweak = HPA, computed on demand by the engine for any range. Nothing is cached:
+  the guest changes its RAM all the time and a stale ciphertext would be a wrong answer;
+- a host access through another KeyID sees garbage, and a host write through another KeyID
+  leaves ``decrypt_vm(encrypt_other(data))`` in the guest's RAM, exactly as hardware would.
+
+Backend offset ``o`` lives at HPA ``hpa_base + o`` (the VMM maps the backend linearly), and at
+the guest-physical addresses QEMU's layout gives it (q35 splits RAM at 2 GiB / 4 GiB).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..arch.addresses import GPA, HPA, KeyID, KeyIdLayout
+from ..arch.walk import WalkFault
+from ..engine.platform import Platform
+from ..errors import AddressError
+from .physmap import HpaRange
+from .tables import TranslationTable
+
+log = logging.getLogger(__name__)
+
+ForeignWriteHook = Callable[[int, int, int], None]
+"""hook(gpa, nbytes, keyid): a write through ``keyid`` (not the VM's) landed in guest RAM."""
+
+
+@dataclass(frozen=True)
+class GuestRange:
+    """Guest-physical [gpa, gpa + size) is backend [offset, offset + size)."""
+
+    gpa: int
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A range whose KeyID differs between the VM's structures (the bug the talk warns about)."""
+
+    gpa: int
+    nbytes: int
+    hpa: int
+    ept_keyid: int | None
+    vmm_keyid: int | None
+    iommu_keyid: int | None
+
+    def __str__(self) -> str:
+        return (f"GPA {self.gpa:#x}+{self.nbytes:#x} (HPA {self.hpa:#x}): EPT KeyID {self.ept_keyid}, "
+                f"VMM KeyID {self.vmm_keyid}, IOMMU KeyID {self.iommu_keyid}")
+
+
+class EncryptedGuest:
+    """One VM bound to the host model. Built by :meth:`qemu_mktme.host.host.Host.add_guest`."""
+
+    def __init__(self, *, name: str, tenant: str, key_serial: int, keyid: int, platform: Platform,
+                 ram: np.ndarray, ranges: list[GuestRange], hpa: HpaRange, hva: int,
+                 ept: TranslationTable, vmm: TranslationTable, iommu: TranslationTable,
+                 describe_key: Callable[[], dict[str, Any]],
+                 extents: Callable[[int, int], list[tuple[int, int]]] | None = None) -> None:
+        self.name = name
+        self.tenant = tenant
+        self.key_serial = key_serial
+        self.keyid = KeyID(keyid)
+        self.platform = platform
+        self.ram = ram
+        self.ranges = tuple(sorted(ranges, key=lambda r: r.gpa))
+        self.hpa_range = hpa
+        self.hva = hva
+        self.ept, self.vmm, self.iommu = ept, vmm, iommu
+        self.foreign_write_hooks: list[ForeignWriteHook] = []
+        self._describe_key = describe_key
+        self._extents = extents
+        self._starts = [r.gpa for r in self.ranges]
+
+    def __repr__(self) -> str:
+        return f"<EncryptedGuest {self.name} KeyID {self.keyid} HPA {self.hpa_base:#x}+{self.ram.size:#x}>"
+
+    @property
+    def layout(self) -> KeyIdLayout:
+        return self.platform.layout
+
+    @property
+    def hpa_base(self) -> HPA:
+        return HPA(self.hpa_range.hpa)
+
+    # ------------------------------------------------------------------ addresses
+
+    def _range_of(self, gpa: int, nbytes: int) -> GuestRange:
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0 and gpa + max(nbytes, 1) <= self.ranges[i].end:
+            return self.ranges[i]
+        raise AddressError(f"{self.name}: GPA {gpa:#x}+{nbytes:#x} is not (all) guest RAM", address=gpa, nbytes=nbytes)
+
+    def hpa_of(self, gpa: GPA | int, nbytes: int = 1) -> HPA:
+        """The HPA of ``gpa``, by the VM's memory layout (``AddressError`` outside RAM)."""
+        r = self._range_of(gpa, nbytes)
+        return HPA(self.hpa_base + r.offset + (gpa - r.gpa))
+
+    def gpa_of(self, hpa: HPA | int) -> GPA:
+        """The guest-physical address of an HPA of this VM (``AddressError`` if none)."""
+        off = hpa - self.hpa_base
+        for r in self.ranges:
+            if r.offset <= off < r.offset + r.size:
+                return GPA(r.gpa + off - r.offset)
+        raise AddressError(f"{self.name}: HPA {hpa:#x} is not mapped into the guest", address=int(hpa))
+
+    def translate(self, gpa: GPA | int) -> tuple[HPA, KeyID]:
+        """GPA -> (HPA, KeyID) by walking the EPT in platform memory, as the CPU would."""
+        t = self.ept.walk(gpa)
+        if isinstance(t, WalkFault):
+            raise AddressError(f"{self.name}: EPT walk of GPA {gpa:#x}: {t}", address=int(gpa))
+        return t.hpa, t.keyid
+
+    # ------------------------------------------------------------------ views
+
+    def dram(self, gpa: GPA | int, nbytes: int) -> bytes:
+        """What DRAM holds for guest-physical ``[gpa, gpa + nbytes)``: the bus view (ciphertext)."""
+        return self.platform.memory.read_dram(self.hpa_of(gpa, nbytes), nbytes)
+
+    def dram_array(self, offset: int, nbytes: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """The DRAM view by backend offset (whole-RAM dumps walk the backend linearly)."""
+        if offset < 0 or offset + nbytes > self.ram.size:
+            raise AddressError(f"{self.name}: backend range {offset:#x}+{nbytes:#x} outside RAM", address=offset)
+        return self.platform.memory.read_dram_array(self.hpa_base + offset, nbytes, out=out)
+
+    def iter_dram(self, offset: int = 0, nbytes: int | None = None,
+                  chunk_nbytes: int = 4 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(backend offset, DRAM bytes) chunks of [offset, offset + nbytes), in one reused buffer:
+        consume each chunk before asking for the next.
+
+        Never-written ranges of the backend (``extents`` says where data is) are not read: their
+        DRAM content is the encryption of zeros, computed without faulting the guest's memory in
+        (reading a shared-memory hole through a mapping would allocate it).
+        """
+        end = self.ram.size if nbytes is None else offset + nbytes
+        if chunk_nbytes <= 0 or chunk_nbytes % 64 or offset % 64 or end % 64:
+            raise ValueError("offset, nbytes and chunk_nbytes must be multiples of 64")
+        size = min(chunk_nbytes, max(end - offset, 0))
+        buf, zeros = np.empty(size, np.uint8), np.zeros(size, np.uint8)
+        memory = self.platform.memory
+        for pos in range(offset, end, chunk_nbytes):
+            n = min(chunk_nbytes, end - pos)
+            cur = pos
+            for s, e in self.data_extents(pos, n):
+                if s > cur:
+                    memory.dram_image(self.keyid, self.hpa_base + cur, zeros[:s - cur], out=buf[cur - pos:s - pos])
+                self.dram_array(s, e - s, out=buf[s - pos:e - pos])
+                cur = e
+            if cur < pos + n:
+                memory.dram_image(self.keyid, self.hpa_base + cur, zeros[:pos + n - cur], out=buf[cur - pos:n])
+            yield pos, buf[:n]
+
+    def data_extents(self, offset: int, nbytes: int) -> list[tuple[int, int]]:
+        """Line-aligned [start, end) backend ranges within [offset, offset + nbytes) that may hold
+        data; the rest has never been written (all of it, when the backend cannot tell)."""
+        if self._extents is None:
+            return [(offset, offset + nbytes)]
+        out = []
+        for s, e in self._extents(offset, nbytes):
+            s, e = max(offset, s - s % 64), min(offset + nbytes, -(-e // 64) * 64)
+            if s < e:
+                out.append((s, e))
+        return out
+
+    def read(self, gpa: GPA | int, nbytes: int, *, keyid: int | None = None) -> bytes:
+        """A host read of guest memory through ``keyid`` (default: the VM's, i.e. plaintext)."""
+        k = self.keyid if keyid is None else keyid
+        return self.platform.memory.read(self.layout.compose(self.hpa_of(gpa, nbytes), KeyID(k)), nbytes)
+
+    def write(self, gpa: GPA | int, data: bytes | bytearray | memoryview, *, keyid: int | None = None) -> None:
+        """A host write into guest memory through ``keyid``; another KeyID leaves garbage."""
+        n = len(memoryview(data).cast("B"))
+        k = self.keyid if keyid is None else keyid
+        self.platform.memory.write(self.layout.compose(self.hpa_of(gpa, n), KeyID(k)), data)
+        if k != self.keyid:
+            log.info("%s: %d bytes written at GPA %#x through foreign KeyID %d", self.name, n, gpa, k)
+            for hook in list(self.foreign_write_hooks):
+                hook(int(gpa), n, k)
+
+    # ------------------------------------------------------------------ checks and queries
+
+    def check_consistency(self) -> list[Mismatch]:
+        """Ranges of guest RAM whose EPT, VMM and IOMMU KeyIDs are not all the VM's KeyID.
+
+        Read back from the entries in platform memory, so a VMM page table tagged with another
+        KeyID (QEMU's devices would read garbage) or an untagged IOMMU domain are reported.
+        """
+        def by_hpa(table: TranslationTable) -> tuple[list[int], list[tuple[int, int, int]]]:
+            spans = sorted((leaf.hpa, leaf.hpa + leaf.size, leaf.keyid) for leaf in table.leaves())
+            return [s[0] for s in spans], spans
+
+        maps = {"ept": by_hpa(self.ept), "vmm": by_hpa(self.vmm), "iommu": by_hpa(self.iommu)}
+
+        def keyid_at(kind: str, hpa: int) -> tuple[int | None, int]:
+            starts, spans = maps[kind]
+            i = bisect.bisect_right(starts, hpa) - 1
+            if i >= 0 and hpa < spans[i][1]:
+                return spans[i][2], spans[i][1]
+            nxt = spans[i + 1][0] if i + 1 < len(spans) else 1 << 64
+            return None, nxt
+
+        out: list[Mismatch] = []
+        for r in self.ranges:
+            pos, end = self.hpa_base + r.offset, self.hpa_base + r.offset + r.size
+            while pos < end:
+                found = [keyid_at(kind, pos) for kind in ("ept", "vmm", "iommu")]
+                step_end = min([end] + [e for _, e in found])
+                keyids = [k for k, _ in found]
+                if any(k != self.keyid for k in keyids):
+                    gpa = r.gpa + (pos - self.hpa_base - r.offset)
+                    prev = out[-1] if out else None
+                    if prev and prev.hpa + prev.nbytes == pos and (prev.ept_keyid, prev.vmm_keyid, prev.iommu_keyid) == tuple(keyids):
+                        out[-1] = Mismatch(prev.gpa, prev.nbytes + step_end - pos, prev.hpa, *keyids)
+                    else:
+                        out.append(Mismatch(gpa, step_end - pos, pos, *keyids))
+                pos = step_end
+        return out
+
+    def query(self) -> dict[str, Any]:
+        """The VM's encryption state, shaped like QEMU's ``query-sev``."""
+        key = self._describe_key()
+        return {
+            "name": self.name,
+            "enabled": key["type"] not in ("clear", "no-encrypt"),
+            "tenant": self.tenant,
+            "handle": f"{self.key_serial:#x}",
+            "keyid": int(self.keyid),
+            "key-type": key["type"],
+            "algorithm": key["algorithm"],
+            "key-state": key["state"],
+            "keyid-bits": self.layout.keyid_bits,
+            "hpa": {"base": f"{self.hpa_base:#x}", "size": self.ram.size},
+            "ram": [{"gpa": f"{r.gpa:#x}", "size": r.size, "hpa": f"{self.hpa_base + r.offset:#x}"} for r in self.ranges],
+            "eptp": f"{self.ept.pointer:#x}",
+            "vmm-cr3": f"{self.vmm.pointer:#x}",
+            "vmm-hva": f"{self.hva:#x}",
+            "iommu-slptptr": f"{self.iommu.pointer:#x}",
+            "consistent": not self.check_consistency(),
+        }
+

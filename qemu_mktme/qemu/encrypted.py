@@ -1,0 +1,87 @@
+"""A QEMU guest under MKTME: a :class:`Machine` whose RAM is bound to a :class:`Host`.
+
+The guest runs unmodified; its RAM backend is the CPU view of an HPA range tagged with the
+VM's KeyID in the EPT, in QEMU's own page table (at the address where QEMU really maps the
+backend, read from ``/proc/PID/maps``) and in an IOMMU domain. What DRAM would hold is
+``vm.guest.dram(gpa, n)``.
+
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("vm1", "type=cpu", tenant="acme")
+    async with EncryptedMachine(host, config, key_serial=serial, tenant="acme") as vm:
+        await vm.console.wait_for("ready")
+        vm.guest.dram(0x200000, 64)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from ..errors import QemuError
+from ..host.guest import EncryptedGuest, GuestRange
+from ..host.host import DEFAULT_VMM_HVA, Host
+from .machine import Machine, MachineConfig
+
+log = logging.getLogger(__name__)
+
+
+def backend_hva(pid: int, backend_size: int) -> int | None:
+    """Where QEMU process ``pid`` maps its guest-RAM memfd/file (``None`` if not found)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) rw.s \S+ \S+ \d+\s+(.*)$", maps, re.M):
+        start, end, path = int(m[1], 16), int(m[2], 16), m[3]
+        if end - start == backend_size and ("memfd:memory-backend" in path or path.endswith(".ram")):
+            return start
+    return None
+
+
+class EncryptedMachine(Machine):
+    """A machine bound to ``host`` with key handle ``key_serial`` of ``tenant``.
+
+    Launch fails cleanly (``KeyServiceError``, ``AddressError``...) with QEMU torn down and
+    nothing left taken in the host; close unbinds first, so the KeyID is released.
+    """
+
+    def __init__(self, host: Host, config: MachineConfig, *, key_serial: int, tenant: str,
+                 hpa: int | None = None) -> None:
+        super().__init__(config)
+        self.host = host
+        self.key_serial = key_serial
+        self.tenant = tenant
+        self._hpa = hpa
+        self._guest: EncryptedGuest | None = None
+
+    @property
+    def guest(self) -> EncryptedGuest:
+        """The host model's view of this VM (``QemuError`` when not bound)."""
+        if self._guest is None:
+            raise QemuError(f"{self.name}: not bound to the MKTME host ({self.state.value})")
+        return self._guest
+
+    @property
+    def keyid(self) -> int:
+        return int(self.guest.keyid)
+
+    async def _bind(self) -> None:
+        if self.name in self.host.guests:
+            raise QemuError(f"the host already has a guest named {self.name!r}")
+        ram = self.ram
+        ranges = [GuestRange(r.gpa, r.size, r.offset) for r in ram.ranges]
+        hva = backend_hva(self.pid, ram.size) if self.pid else None
+        self._guest = self.host.add_guest(self.name, ram.backend, ranges, key_serial=self.key_serial,
+                                          tenant=self.tenant, hva=hva or DEFAULT_VMM_HVA, hpa=self._hpa,
+                                          extents=ram.data_extents)
+
+    def _release_files(self) -> None:
+        if self._guest is not None:
+            self.host.remove_guest(self.name)
+            self._guest = None
+        super()._release_files()
+
+    def query(self) -> dict[str, object]:
+        """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
+        return {**self.guest.query(), "pid": self.pid, "state": self.state.value}

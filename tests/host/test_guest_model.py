@@ -1,0 +1,148 @@
+"""Tagged EPT / VMM / IOMMU structures, the guest binding and DMA, over an in-memory RAM buffer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from qemu_mktme.arch.walk import FaultKind, WalkFault
+from qemu_mktme.errors import AddressError, KeyServiceError
+from qemu_mktme.host.dma import AssignedDevice, DmaFault
+from qemu_mktme.host.guest import GuestRange
+from qemu_mktme.host.host import Host
+
+from reference import user_payload, xts_lines
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def setup():
+    host = Host(keyid_bits=6)
+    key, tweak = os.urandom(16), os.urandom(16)
+    serial = host.keys.add("vm", user_payload(key, tweak), tenant="acme")
+    ram = np.zeros(64 * MIB, np.uint8)
+    ranges = [GuestRange(0, 0xA0000, 0), GuestRange(0x100000, 61 * MIB, 0x100000),
+              GuestRange(1 << 32, 2 * MIB, 62 * MIB)]
+    guest = host.add_guest("vm", ram, ranges, key_serial=serial, tenant="acme")
+    return host, guest, ram, key, tweak
+
+
+def test_walks_agree_with_the_layout_and_carry_the_keyid(setup):
+    host, guest, ram, *_ = setup
+    for gpa in (0x0, 0x9F000, 0x100000, 0x2345678, (1 << 32) + 0x1234):
+        t = guest.ept.walk(gpa)
+        assert not isinstance(t, WalkFault)
+        assert t.hpa == guest.hpa_of(gpa) and t.keyid == guest.keyid
+        io = guest.iommu.walk(gpa)
+        assert io.hpa == t.hpa and io.keyid == guest.keyid
+        off = t.hpa - guest.hpa_base
+        vmm = guest.vmm.walk(guest.hva + off)
+        assert vmm.hpa == t.hpa and vmm.keyid == guest.keyid
+    hole = guest.ept.walk(0xA0000)
+    assert isinstance(hole, WalkFault) and hole.kind is FaultKind.NOT_PRESENT
+    sizes = {leaf.size for leaf in guest.ept.leaves()}
+    assert sizes == {4096, 2 * MIB}                     # 4 KiB below 1 MiB, 2 MiB leaves elsewhere
+    assert guest.check_consistency() == []
+
+
+def test_dram_view_is_xts_under_the_programmed_key(setup):
+    host, guest, ram, key, tweak = setup
+    secret = b"TOP-SECRET-" * 6
+    ram[0x200000:0x200000 + len(secret)] = np.frombuffer(secret, np.uint8)
+    line = bytes(ram[0x200000:0x200040])
+    assert guest.dram(0x200000, 64) == xts_lines(key, tweak, guest.hpa_of(0x200000), line)
+    high = (1 << 32) + 0x40
+    ram[62 * MIB + 0x40:62 * MIB + 0x80] = 7
+    assert guest.dram(high, 64) == xts_lines(key, tweak, guest.hpa_of(high), bytes([7]) * 64)
+    assert guest.hpa_of(high) == guest.hpa_base + 62 * MIB + 0x40
+    assert guest.read(0x200000, len(secret)) == secret                  # through the VM's KeyID
+
+
+def test_wrong_keyid_reads_garbage_and_writes_garbage(setup):
+    host, guest, ram, *_ = setup
+    other = host.keys.add("other", "type=cpu", tenant="globex")
+    other_keyid = host.keys.describe(other)["keyid"]
+    ram[0x300000:0x300040] = np.frombuffer(b"A" * 64, np.uint8)
+    assert guest.read(0x300000, 64, keyid=other_keyid) != b"A" * 64
+    seen = []
+    guest.foreign_write_hooks.append(lambda gpa, n, k: seen.append((gpa, n, k)))
+    guest.write(0x300000, b"B" * 64, keyid=other_keyid)
+    assert bytes(ram[0x300000:0x300040]) != b"B" * 64                  # the guest would read garbage
+    assert guest.read(0x300000, 64, keyid=other_keyid) == b"B" * 64    # the writer's KeyID reads it back
+    assert seen == [(0x300000, 64, other_keyid)]
+    guest.write(0x300000, b"C" * 64)
+    assert bytes(ram[0x300000:0x300040]) == b"C" * 64
+
+
+def test_vmm_mapping_with_another_keyid_is_reported(setup):
+    host, guest, *_ = setup
+    guest.vmm.retag(guest.hva + 0x200000, 5)
+    [m] = guest.check_consistency()
+    assert (m.gpa, m.nbytes, m.ept_keyid, m.vmm_keyid, m.iommu_keyid) == (0x200000, 2 * MIB, guest.keyid, 5, guest.keyid)
+    assert "VMM KeyID 5" in str(m)
+    assert guest.query()["consistent"] is False
+
+
+def test_dma_through_the_iommu(setup):
+    host, guest, ram, *_ = setup
+    dev = AssignedDevice(guest)
+    payload = os.urandom(6000)                                          # crosses page boundaries
+    dev.dma_write(0x400F00, payload)
+    assert bytes(ram[0x400F00:0x400F00 + 6000]) == payload
+    assert dev.dma_read(0x400F00, 6000) == payload
+    with pytest.raises(DmaFault, match="remapping fault"):
+        dev.dma_write(0xA0000, b"x")                                    # the hole is not mapped
+    guest.iommu.retag(0x500000, 9)                                      # an untagged/mis-tagged domain
+    dev.dma_write(0x500000, b"D" * 64)
+    assert bytes(ram[0x500000:0x500040]) != b"D" * 64
+
+
+def test_failed_add_guest_leaves_nothing(setup):
+    host, guest, *_ = setup
+    serial = host.keys.add("vm2", "type=cpu", tenant="acme")
+    frames, free = host.frames.in_use, host.keyids.free_count
+    ram2 = np.zeros(8 * MIB, np.uint8)
+    with pytest.raises(AddressError, match="overlaps vm's RAM"):
+        host.add_guest("vm2", ram2, [GuestRange(0, 8 * MIB, 0)], key_serial=serial, tenant="acme",
+                       hpa=guest.hpa_base + MIB)
+    with pytest.raises(KeyServiceError):
+        host.add_guest("vm2", ram2, [GuestRange(0, 8 * MIB, 0)], key_serial=serial, tenant="globex")
+    assert host.frames.in_use == frames and host.keyids.free_count == free
+    assert host.keys.describe(serial)["users"] == [] and list(host.guests) == ["vm"]
+    assert len(host.platform.memory.attachments) == 1
+    g2 = host.add_guest("vm2", ram2, [GuestRange(0, 8 * MIB, 0)], key_serial=serial, tenant="acme")
+    host.remove_guest("vm2")
+    assert host.frames.in_use == frames and g2.name not in host.guests
+
+
+def test_iter_dram_skips_holes_without_changing_the_answer():
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("vm", "type=cpu", tenant="acme")
+    ram = np.zeros(8 * MIB, np.uint8)
+    ram[0x1000:0x3000] = 0xAB
+    ram[5 * MIB + 0x40:5 * MIB + 0x80] = 1
+    data = [(0x1000, 0x3000), (5 * MIB, 5 * MIB + 4096)]
+    def extents(off, n):
+        return [(max(s, off), min(e, off + n)) for s, e in data if s < off + n and e > off]
+    guest = host.add_guest("vm", ram, [GuestRange(0, 8 * MIB, 0)], key_serial=serial, tenant="acme",
+                           extents=extents)
+    expected = guest.dram_array(0, 8 * MIB).tobytes()
+    got = b"".join(chunk.tobytes() for _, chunk in guest.iter_dram(chunk_nbytes=3 * MIB - 64 * 7))
+    assert got == expected
+
+
+def test_vmm_table_at_an_unaligned_hva_uses_4k_leaves_and_walks_right():
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("vm", "type=cpu", tenant="acme")
+    ram = np.zeros(6 * MIB, np.uint8)
+    hva = 0x7F12_3456_7000                                   # where QEMU mapped it: 4 KiB aligned only
+    guest = host.add_guest("vm", ram, [GuestRange(0, 6 * MIB, 0)], key_serial=serial, tenant="acme", hva=hva)
+    leaves = list(guest.vmm.leaves())
+    assert {leaf.size for leaf in leaves} == {4096} and len(leaves) == 6 * MIB // 4096
+    for off in (0, 4096, 0x1FF000, 0x200000, 6 * MIB - 4096):
+        t = guest.vmm.walk(hva + off + 0x123)
+        assert t.hpa == guest.hpa_base + off + 0x123 and t.keyid == guest.keyid
+    assert guest.check_consistency() == []
