@@ -20,8 +20,10 @@ import tty
 from typing import Any, Callable, Sequence
 
 from .errors import MktmeError
-from .qemu import images
+from .host.payload import payload_from_spec
+from .qemu import control, images
 from .qemu.machine import Machine, MachineConfig, parse_size
+from .qemu.session import HostSession, VmSpec
 
 PROG = "qemu-mktme"
 ESCAPE = b"\x1d"  # Ctrl-]
@@ -67,6 +69,29 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="accelerator (default: tcg; auto uses KVM only when it works)")
 
 
+def add_mktme_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MKTME")
+    g.add_argument("--key", default="cpu", metavar="SPEC",
+                   help="the VM's key: cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG] (keeps the "
+                        "key out of ps), clear, no-encrypt, or none for plain QEMU (default: cpu)")
+    g.add_argument("--tenant", default="default", help="tenant owning the key (default: default)")
+    g.add_argument("--keyid-bits", type=int, default=6, metavar="N",
+                   help="MK_TME_KEYID_BITS the BIOS activates (default 6: 63 KeyIDs)")
+    g.add_argument("--packages", type=int, default=1, metavar="N", help="CPU packages (key tables), default 1")
+
+
+def _vm_entry(text: str) -> dict[str, str]:
+    entry = {}
+    for part in text.split(","):
+        k, sep, v = part.partition("=")
+        if not sep or k not in ("name", "tenant", "key") or not v:
+            raise argparse.ArgumentTypeError(f"expected name=N[,tenant=T][,key=SPEC], got {text!r}")
+        entry[k] = v
+    if "name" not in entry:
+        raise argparse.ArgumentTypeError(f"--vm needs name=, got {text!r}")
+    return entry
+
+
 def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
     """The machine configuration the guest options describe."""
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
@@ -100,35 +125,66 @@ async def _forward_stdin(vm: Machine, raw: bool, stop: asyncio.Event) -> None:
         await vm.console.write(data if raw else data.replace(b"\n", b"\r"))
 
 
-async def _stream_console(vm: Machine, out: Callable[[str], None]) -> None:
-    """Print console output as it arrives, until the console closes."""
-    pos = 0
+async def _stream_console(vm: Machine, out: Callable[[str], None], prefix: str = "") -> None:
+    """Print console output as it arrives (each line prefixed), until the console closes."""
+    pos, at_line_start = 0, True
     while True:
         try:
             await vm.console.wait_for(r"[\s\S]", timeout=3600, since=pos)
+            closed = False
         except MktmeError:
-            out(vm.console.transcript[pos:])
-            return
+            closed = True
         text = vm.console.transcript
-        out(text[pos:])
-        pos = len(text)
+        chunk, pos = text[pos:], len(text)
+        if prefix and chunk:
+            lines = chunk.split("\n")
+            chunk = "\n".join((prefix if (k or at_line_start) and line else "") + line for k, line in enumerate(lines))
+            at_line_start = text.endswith("\n")
+        if chunk:
+            out(chunk)
+        if closed:
+            return
+
+
+def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
+    """The VMs ``run`` starts: the guest options once, or once per ``--vm``."""
+    base_name = args.name or (args.guest if args.guest in images.RECIPES else "guest")
+    entries = args.vm or [{}]
+    specs = []
+    for n, entry in enumerate(entries):
+        name = entry.get("name") or (base_name if len(entries) == 1 else f"{base_name}{n}")
+        payload = payload_from_spec(entry.get("key", args.key))
+        specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused), entry.get("tenant", args.tenant),
+                            payload))
+    return specs
 
 
 async def run_guest(args: argparse.Namespace) -> int:
-    config = guest_config(args, start_paused=args.paused)
-    interactive = sys.stdin.isatty() and not args.no_input
+    specs = _vm_specs(args)
+    interactive = sys.stdin.isatty() and not args.no_input and len(specs) == 1
     def write(text: str) -> None:
         sys.stdout.write(text.replace("\n", "\r\n") if interactive else text)
         sys.stdout.flush()
-    async with Machine(config) as vm:
-        what = config.boot.image or config.boot.kernel if config.boot else "guest"
-        print(f"{PROG}: {what} running in QEMU pid {vm.pid}" + (" (Ctrl-] quits)" if interactive else ""),
+    async with HostSession(specs, keyid_bits=args.keyid_bits, packages=args.packages) as session:
+        for line in session.host.boot_log:
+            print(f"{PROG}: host: {line}", file=sys.stderr)
+        for name, vm in session.machines.items():
+            q = session.query(name)
+            tag = f"KeyID {q['keyid']} ({q['key-type']}, tenant {q['tenant']})" if q["enabled"] or "keyid" in q else "no MKTME"
+            print(f"{PROG}: {name}: QEMU pid {vm.pid}, {tag}", file=sys.stderr)
+        print(f"{PROG}: 'qemu-mktme query' reaches this host" + ("; Ctrl-] quits" if interactive else ""),
               file=sys.stderr)
         stop = asyncio.Event()
-        background = [asyncio.create_task(_stream_console(vm, write))]
-        if not args.no_input:
-            background.append(asyncio.create_task(_forward_stdin(vm, interactive, stop)))
-        ended = [asyncio.create_task(vm.wait()), asyncio.create_task(stop.wait())]
+        machines = list(session.machines.values())
+        prefix = len(machines) > 1
+        background = [asyncio.create_task(_stream_console(vm, write, f"[{vm.name}] " if prefix else ""))
+                      for vm in machines]
+        if args.trace:
+            background.append(asyncio.create_task(_trace_summary(session, args.trace_interval)))
+        if not args.no_input and len(machines) == 1:
+            background.append(asyncio.create_task(_forward_stdin(machines[0], interactive, stop)))
+        ended = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
+                 asyncio.create_task(stop.wait())]
         saved = termios.tcgetattr(sys.stdin) if interactive else None
         try:
             if interactive:
@@ -141,12 +197,23 @@ async def run_guest(args: argparse.Namespace) -> int:
             for task in background + ended:
                 task.cancel()
             await asyncio.gather(*background, *ended, return_exceptions=True)
-        rc = vm.returncode
-    if rc is None:
-        print(f"\n{PROG}: stopped the guest", file=sys.stderr)
+        codes = {vm.name: vm.returncode for vm in machines}
+    if any(rc is None for rc in codes.values()):
+        print(f"\n{PROG}: stopped the guest" + ("s" if len(codes) > 1 else ""), file=sys.stderr)
         return 0
-    print(f"{PROG}: guest powered off (QEMU exit status {rc})", file=sys.stderr)
-    return 0 if rc == 0 else 1
+    for name, rc in codes.items():
+        print(f"{PROG}: {name} powered off (QEMU exit status {rc})", file=sys.stderr)
+    return 0 if all(rc == 0 for rc in codes.values()) else 1
+
+
+async def _trace_summary(session: HostSession, interval: float) -> None:
+    raise MktmeError("--trace needs the TCG plugin shim, which this build does not have yet")
+
+
+def query(args: argparse.Namespace) -> int:
+    result = run_async(control.request("query", pid=args.pid, **({"name": args.vm_name} if args.vm_name else {})))
+    _print_json(result)
+    return 0
 
 
 # ---------------------------------------------------------------------------------- images
@@ -189,9 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Boot a guest under QEMU and attach this terminal to its serial "
                                      "console. Ctrl-] quits.")
     add_guest_options(run)
+    add_mktme_options(run)
+    run.add_argument("--name", help="VM name (default: the image name)")
+    run.add_argument("--vm", type=_vm_entry, action="append", metavar="name=N[,tenant=T][,key=SPEC]",
+                     help="run several VMs of this guest in one host (repeatable); VMs of one tenant "
+                          "with the same user key share a KeyID")
+    run.add_argument("--trace", action="store_true", help="print per-KeyID memory traffic every few seconds")
+    run.add_argument("--trace-interval", type=float, default=3.0, metavar="S", help=argparse.SUPPRESS)
     run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     run.set_defaults(func=lambda a: run_async(run_guest(a)))
+
+    q = sub.add_parser("query", help="the encryption state of a running host and its VMs (JSON)",
+                       description="Ask a running 'qemu-mktme run' for its host's KeyID table and every "
+                                   "VM's encryption state (like QEMU's query-sev).")
+    q.add_argument("vm_name", nargs="?", metavar="VM", help="only this VM")
+    q.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    q.set_defaults(func=query)
 
     img = sub.add_parser("images", help="build and list guest images")
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)

@@ -111,3 +111,41 @@ def parse(payload: str | bytes) -> Payload:
         if value is not None and len(value) > n:
             raise _einval(f"{name}= entropy is at most {n} bytes for {algorithm_name(algorithm)}")
     return Payload(kind, algorithm, key, tweak)
+
+
+def payload_from_spec(spec: str) -> str | None:
+    """The command line's key spec as an ``mktme`` payload; None for ``none`` (no MKTME).
+
+        cpu[:ALG]                      CPU-generated random key (KEYID_SET_KEY_RANDOM)
+        user:KEYHEX:TWEAKHEX[:ALG]     tenant key (visible in ps: prefer the @FILE form)
+        user:@FILE[:ALG]               tenant key read from FILE ("KEYHEX TWEAKHEX" or "KEYHEX:TWEAKHEX")
+        clear | no-encrypt | none
+
+    ``ValueError`` names what is wrong without repeating key material.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind in ("none", "clear", "no-encrypt") and not rest:
+        return None if kind == "none" else f"type={kind}"
+    parts = rest.split(":") if rest else []
+    alg = parts.pop() if parts and parts[-1] in ALGORITHMS else "aes-xts-128"
+    if kind == "cpu" and not parts:
+        return f"type=cpu algorithm={alg}"
+    if kind == "user":
+        if len(parts) == 1 and parts[0].startswith("@"):
+            path = parts[0][1:]
+            try:
+                with open(path) as f:
+                    parts = f.read().replace(":", " ").split()
+            except OSError as err:
+                raise ValueError(f"key file {path}: {err.strerror}") from None
+            if len(parts) != 2:
+                raise ValueError(f"key file {path} must hold KEYHEX and TWEAKHEX")
+        if len(parts) == 2:
+            payload = f"type=user algorithm={alg} key={parts[0]} tweak={parts[1]}"
+            try:
+                parse(payload)
+            except KeyServiceError as err:
+                raise ValueError(f"key spec 'user:...': {err}") from None
+            return payload
+    raise ValueError(f"key spec must be cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG], clear, "
+                     f"no-encrypt or none (got {kind!r}{' with arguments' if rest else ''})")

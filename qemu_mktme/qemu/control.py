@@ -1,0 +1,126 @@
+"""The control socket of a running ``qemu-mktme run``: how other commands reach its host model.
+
+The emulated host (key service, KeyID table, DRAM views) lives in the process that runs the
+VMs, so ``qemu-mktme query`` (and ``dump``, ``snapshot``) talk to it over a unix socket in a
+private directory (0700, per user): one JSON request per line, one JSON answer per line.
+
+    {"cmd": "query"}                 -> {"ok": true, "result": {...}}
+    {"cmd": "nope"}                  -> {"ok": false, "error": "unknown command 'nope' (...)"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttachError, MktmeError
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+MAX_REQUEST = 1 << 20
+
+
+def control_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/qemu-mktme`` or ``/tmp/qemu-mktme-ctl-<uid>``, created 0700."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "qemu-mktme" if base and os.access(base, os.W_OK) else \
+        Path(tempfile.gettempdir()) / f"qemu-mktme-ctl-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise AttachError(f"control directory {path} is not private to this user")
+    return path
+
+
+class ControlServer:
+    """Serves ``handlers`` (name -> async callable taking the request) on ``<dir>/<pid>.sock``."""
+
+    def __init__(self, handlers: dict[str, Handler], path: Path | None = None) -> None:
+        self.handlers = handlers
+        self.path = path or control_dir() / f"{os.getpid()}.sock"
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "ControlServer":
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST)
+        os.chmod(self.path, 0o600)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(json.dumps(await self._answer(line), default=str).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+                raise ValueError("a request is a JSON object with a string 'cmd'")
+            handler = self.handlers.get(request["cmd"])
+            if handler is None:
+                raise ValueError(f"unknown command {request['cmd']!r} (known: {', '.join(sorted(self.handlers))})")
+            return {"ok": True, "result": await handler(request)}
+        except (MktmeError, ValueError, OSError) as err:
+            return {"ok": False, "error": str(err), "type": type(err).__name__}
+
+
+def running_hosts() -> list[Path]:
+    """Control sockets of live ``qemu-mktme run`` processes of this user (stale ones removed)."""
+    out = []
+    for sock in sorted(control_dir().glob("*.sock")):
+        pid = sock.stem
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            out.append(sock)
+        else:
+            with contextlib.suppress(OSError):
+                sock.unlink()
+    return out
+
+
+async def request(cmd: str, *, pid: int | None = None, timeout: float = 600.0, **args: Any) -> Any:
+    """Send one command to a running host (the only one, or ``pid``'s); its result.
+
+    ``AttachError`` when there is no such host or it answers with an error.
+    """
+    socks = running_hosts()
+    if pid is not None:
+        socks = [s for s in socks if s.stem == str(pid)]
+    if not socks:
+        raise AttachError("no running 'qemu-mktme run' found" + (f" with pid {pid}" if pid else ""))
+    if len(socks) > 1:
+        raise AttachError(f"{len(socks)} hosts are running (pids {', '.join(s.stem for s in socks)}); choose one with --pid")
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(socks[0]), limit=64 << 20)
+    except OSError as err:
+        raise AttachError(f"cannot reach {socks[0]}: {err.strerror}") from err
+    try:
+        writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise AttachError(f"host {socks[0].stem} closed the connection")
+    answer = json.loads(line)
+    if not answer.get("ok"):
+        raise AttachError(f"host {socks[0].stem}: {answer.get('error')}")
+    return answer["result"]

@@ -1,0 +1,100 @@
+"""A running emulated host: one MKTME platform, several VMs with their key handles, and the
+control socket through which ``qemu-mktme query`` (and dump, snapshot) reach it.
+
+VMs of one tenant given the same key share a KeyID, as the cloud table says; a VM whose key
+spec is ``none`` runs as plain QEMU next to the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..host.host import Host
+from .control import ControlServer, Handler
+from .encrypted import EncryptedMachine
+from .machine import Machine, MachineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One VM to run: its machine, its tenant and its ``mktme`` payload (None: no MKTME)."""
+
+    config: MachineConfig
+    tenant: str = "default"
+    payload: str | None = "type=cpu"
+
+
+class HostSession:
+    """``async with HostSession(specs, keyid_bits=6) as s:`` runs every VM, serves control requests."""
+
+    def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
+                 control: bool = True) -> None:
+        names = [s.config.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"VM names must be unique, got {names}")
+        self.specs = specs
+        self.host = Host(keyid_bits=keyid_bits, packages=packages)
+        self.machines: dict[str, Machine] = {}
+        self.handlers: dict[str, Handler] = {"query": self._query}
+        self._serials: list[tuple[int, str]] = []
+        self._control = ControlServer(self.handlers) if control else None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> "HostSession":
+        try:
+            for spec in self.specs:
+                await self._start(spec)
+            if self._control is not None:
+                await self._stack.enter_async_context(self._control)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self, spec: VmSpec) -> None:
+        name = spec.config.name
+        if spec.payload is None:
+            vm: Machine = Machine(spec.config)
+        else:
+            serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
+            self._serials.append((serial, spec.tenant))
+            vm = EncryptedMachine(self.host, spec.config, key_serial=serial, tenant=spec.tenant)
+        await self._stack.enter_async_context(vm)
+        self.machines[name] = vm
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._stack.aclose()
+        finally:
+            for serial, tenant in self._serials:
+                with contextlib.suppress(Exception):
+                    self.host.keys.revoke(serial, tenant=tenant)
+            self._serials.clear()
+
+    @property
+    def control_path(self) -> str | None:
+        return str(self._control.path) if self._control else None
+
+    def query(self, name: str | None = None) -> dict[str, Any]:
+        """The host and its VMs (or one VM) as JSON-ready data."""
+        if name is not None:
+            vm = self.machines.get(name)
+            if vm is None:
+                raise ValueError(f"no VM named {name!r} (have: {', '.join(self.machines)})")
+            return self._vm(vm)
+        state = self.host.query()
+        state["guests"] = {n: self._vm(vm) for n, vm in self.machines.items()}
+        return state
+
+    def _vm(self, vm: Machine) -> dict[str, Any]:
+        if isinstance(vm, EncryptedMachine):
+            return vm.query()
+        return {"name": vm.name, "enabled": False, "pid": vm.pid, "state": vm.state.value}
+
+    async def _query(self, request: dict[str, Any]) -> dict[str, Any]:
+        return self.query(request.get("name"))
