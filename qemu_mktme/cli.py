@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from .errors import MktmeError
 from .host.payload import payload_from_spec
+from .inspect.capture import capture
 from .qemu import control, images
 from .qemu.machine import Machine, MachineConfig, parse_size
 from .qemu.session import HostSession, VmSpec
@@ -166,6 +167,7 @@ async def run_guest(args: argparse.Namespace) -> int:
         sys.stdout.write(text.replace("\n", "\r\n") if interactive else text)
         sys.stdout.flush()
     async with HostSession(specs, keyid_bits=args.keyid_bits, packages=args.packages) as session:
+        register_tools(session)
         for line in session.host.boot_log:
             print(f"{PROG}: host: {line}", file=sys.stderr)
         for name, vm in session.machines.items():
@@ -208,6 +210,46 @@ async def run_guest(args: argparse.Namespace) -> int:
 
 async def _trace_summary(session: HostSession, interval: float) -> None:
     raise MktmeError("--trace needs the TCG plugin shim, which this build does not have yet")
+
+
+def register_tools(session: HostSession) -> None:
+    """Control-socket commands that the tools above the live layer provide."""
+    async def dump(req: dict, progress: Callable[[int, int], None]) -> dict:
+        d = await capture(session, req["path"], req.get("vms") or (), progress)
+        return {"path": str(d.path), "regions": [r.to_json() for r in d.regions]}
+    session.handlers["dump"] = dump
+
+
+class ProgressBar:
+    """``[#####     ] 52%  530/1024 MiB`` on a terminal's stderr; silent otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.enabled, self.last = label, sys.stderr.isatty(), -1
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = 100 * done // max(total, 1)
+        if self.enabled and pct != self.last:
+            self.last = pct
+            bar = "#" * (pct // 4)
+            sys.stderr.write(f"\r{self.label} [{bar:<25}] {pct:3d}%  {done >> 20}/{total >> 20} MiB")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.last >= 0:
+            sys.stderr.write("\n")
+
+
+def dump(args: argparse.Namespace) -> int:
+    bar = ProgressBar("dumping DRAM")
+    try:
+        result = run_async(control.request("dump", pid=args.pid, progress=bar, path=os.path.abspath(args.path),
+                                           vms=args.vm_names))
+    finally:
+        bar.close()
+    for r in result["regions"]:
+        print(f"{r['vm']}: KeyID {r['keyid']} ({r['key_type']}), HPA {r['hpa']}+{r['nbytes'] >> 20} MiB")
+    print(f"dump written to {result['path']}")
+    return 0
 
 
 def query(args: argparse.Namespace) -> int:
@@ -273,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("vm_name", nargs="?", metavar="VM", help="only this VM")
     q.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
     q.set_defaults(func=query)
+
+    d = sub.add_parser("dump", help="write the DRAM image of a running host's VMs (what a bus probe reads)",
+                       description="Capture the host-physical DRAM image (ciphertext per KeyID) of the VMs "
+                                   "of a running 'qemu-mktme run', with a manifest. The VMs are paused for "
+                                   "the capture and resumed. Never writes key material.")
+    d.add_argument("path", help="dump directory to create")
+    d.add_argument("--vm", dest="vm_names", action="append", default=[], metavar="NAME",
+                   help="only this VM (repeatable; default: all)")
+    d.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    d.set_defaults(func=dump)
 
     img = sub.add_parser("images", help="build and list guest images")
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)

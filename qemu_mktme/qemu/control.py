@@ -6,6 +6,8 @@ private directory (0700, per user): one JSON request per line, one JSON answer p
 
     {"cmd": "query"}                 -> {"ok": true, "result": {...}}
     {"cmd": "nope"}                  -> {"ok": false, "error": "unknown command 'nope' (...)"}
+
+Long commands may first send ``{"progress": [done, total]}`` lines.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any
 
 from ..errors import AttachError, MktmeError
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[dict[str, Any], "Callable[[int, int], None]"], Awaitable[Any]]
+"""handler(request, progress) -> result; progress(done, total) streams progress lines."""
 MAX_REQUEST = 1 << 20
 
 
@@ -63,14 +66,17 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(json.dumps(await self._answer(line), default=str).encode() + b"\n")
+                def progress(done: int, total: int) -> None:
+                    writer.write(json.dumps({"progress": [done, total]}).encode() + b"\n")
+                answer = await self._answer(line, progress)
+                writer.write(json.dumps(answer, default=str).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, progress: Callable[[int, int], None]) -> dict[str, Any]:
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
@@ -78,7 +84,7 @@ class ControlServer:
             handler = self.handlers.get(request["cmd"])
             if handler is None:
                 raise ValueError(f"unknown command {request['cmd']!r} (known: {', '.join(sorted(self.handlers))})")
-            return {"ok": True, "result": await handler(request)}
+            return {"ok": True, "result": await handler(request, progress)}
         except (MktmeError, ValueError, OSError) as err:
             return {"ok": False, "error": str(err), "type": type(err).__name__}
 
@@ -96,7 +102,8 @@ def running_hosts() -> list[Path]:
     return out
 
 
-async def request(cmd: str, *, pid: int | None = None, timeout: float = 600.0, **args: Any) -> Any:
+async def request(cmd: str, *, pid: int | None = None, timeout: float = 600.0,
+                  progress: Callable[[int, int], None] | None = None, **args: Any) -> Any:
     """Send one command to a running host (the only one, or ``pid``'s); its result.
 
     ``AttachError`` when there is no such host or it answers with an error.
@@ -115,12 +122,17 @@ async def request(cmd: str, *, pid: int | None = None, timeout: float = 600.0, *
     try:
         writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                raise AttachError(f"host {socks[0].stem} closed the connection")
+            answer = json.loads(line)
+            if "progress" not in answer:
+                break
+            if progress is not None:
+                progress(*answer["progress"])
     finally:
         writer.close()
-    if not line:
-        raise AttachError(f"host {socks[0].stem} closed the connection")
-    answer = json.loads(line)
     if not answer.get("ok"):
         raise AttachError(f"host {socks[0].stem}: {answer.get('error')}")
     return answer["result"]

@@ -96,5 +96,5 @@ class HostSession:
             return vm.query()
         return {"name": vm.name, "enabled": False, "pid": vm.pid, "state": vm.state.value}
 
-    async def _query(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _query(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         return self.query(request.get("name"))
