@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,9 +23,10 @@ from typing import Any, Callable, Sequence
 from .errors import MktmeError
 from .host.payload import payload_from_spec
 from .inspect.capture import capture
-from .qemu import control, images
+from .qemu import control, images, snapfile
 from .qemu.machine import Machine, MachineConfig, parse_size
 from .qemu.session import HostSession, VmSpec
+from .qemu.snapshot import snapshot_summary
 
 PROG = "qemu-mktme"
 ESCAPE = b"\x1d"  # Ctrl-]
@@ -161,45 +163,49 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
 
 
 async def run_guest(args: argparse.Namespace) -> int:
-    specs = _vm_specs(args)
-    interactive = sys.stdin.isatty() and not args.no_input and len(specs) == 1
+    async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages) as session:
+        return await attend(session, args)
+
+
+async def attend(session: HostSession, args: argparse.Namespace) -> int:
+    """Show the host's VMs, stream their consoles, forward input, until they stop or Ctrl-]."""
+    register_tools(session)
+    machines = list(session.machines.values())
+    interactive = sys.stdin.isatty() and not args.no_input and len(machines) == 1
     def write(text: str) -> None:
         sys.stdout.write(text.replace("\n", "\r\n") if interactive else text)
         sys.stdout.flush()
-    async with HostSession(specs, keyid_bits=args.keyid_bits, packages=args.packages) as session:
-        register_tools(session)
-        for line in session.host.boot_log:
-            print(f"{PROG}: host: {line}", file=sys.stderr)
-        for name, vm in session.machines.items():
-            q = session.query(name)
-            tag = f"KeyID {q['keyid']} ({q['key-type']}, tenant {q['tenant']})" if q["enabled"] or "keyid" in q else "no MKTME"
-            print(f"{PROG}: {name}: QEMU pid {vm.pid}, {tag}", file=sys.stderr)
-        print(f"{PROG}: 'qemu-mktme query' reaches this host" + ("; Ctrl-] quits" if interactive else ""),
-              file=sys.stderr)
-        stop = asyncio.Event()
-        machines = list(session.machines.values())
-        prefix = len(machines) > 1
-        background = [asyncio.create_task(_stream_console(vm, write, f"[{vm.name}] " if prefix else ""))
-                      for vm in machines]
-        if args.trace:
-            background.append(asyncio.create_task(_trace_summary(session, args.trace_interval)))
-        if not args.no_input and len(machines) == 1:
-            background.append(asyncio.create_task(_forward_stdin(machines[0], interactive, stop)))
-        ended = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
-                 asyncio.create_task(stop.wait())]
-        saved = termios.tcgetattr(sys.stdin) if interactive else None
-        try:
-            if interactive:
-                tty.setraw(sys.stdin)
-            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.sleep(0.05)  # let the last console output arrive
-        finally:
-            if saved is not None:
-                termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
-            for task in background + ended:
-                task.cancel()
-            await asyncio.gather(*background, *ended, return_exceptions=True)
-        codes = {vm.name: vm.returncode for vm in machines}
+    for line in session.host.boot_log:
+        print(f"{PROG}: host: {line}", file=sys.stderr)
+    for name, vm in session.machines.items():
+        q = session.query(name)
+        tag = f"KeyID {q['keyid']} ({q['key-type']}, tenant {q['tenant']})" if "keyid" in q else "no MKTME"
+        print(f"{PROG}: {name}: QEMU pid {vm.pid}, {tag}", file=sys.stderr)
+    print(f"{PROG}: 'qemu-mktme query' reaches this host" + ("; Ctrl-] quits" if interactive else ""),
+          file=sys.stderr)
+    stop = asyncio.Event()
+    prefix = len(machines) > 1
+    background = [asyncio.create_task(_stream_console(vm, write, f"[{vm.name}] " if prefix else ""))
+                  for vm in machines]
+    if getattr(args, "trace", False):
+        background.append(asyncio.create_task(_trace_summary(session, args.trace_interval)))
+    if not args.no_input and len(machines) == 1:
+        background.append(asyncio.create_task(_forward_stdin(machines[0], interactive, stop)))
+    ended = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
+             asyncio.create_task(stop.wait())]
+    saved = termios.tcgetattr(sys.stdin) if interactive else None
+    try:
+        if interactive:
+            tty.setraw(sys.stdin)
+        await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.05)  # let the last console output arrive
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+        for task in background + ended:
+            task.cancel()
+        await asyncio.gather(*background, *ended, return_exceptions=True)
+    codes = {vm.name: vm.returncode for vm in machines}
     if any(rc is None for rc in codes.values()):
         print(f"\n{PROG}: stopped the guest" + ("s" if len(codes) > 1 else ""), file=sys.stderr)
         return 0
@@ -218,6 +224,45 @@ def register_tools(session: HostSession) -> None:
         d = await capture(session, req["path"], req.get("vms") or (), progress)
         return {"path": str(d.path), "regions": [r.to_json() for r in d.regions]}
     session.handlers["dump"] = dump
+
+    async def save(req: dict, progress: Callable[[int, int], None]) -> dict:
+        result = await session.save(req.get("vm"), req["path"], _read_kek(req["kek_file"]), progress)
+        return dataclasses.asdict(result)
+    session.handlers["snapshot-save"] = save
+
+
+def _read_kek(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return snapfile.load_kek(f.read())
+    except OSError as err:
+        raise ValueError(f"key-encryption key file {path}: {err.strerror}") from None
+
+
+def snapshot_save(args: argparse.Namespace) -> int:
+    bar = ProgressBar("saving")
+    try:
+        r = run_async(control.request("snapshot-save", pid=args.pid, progress=bar, path=os.path.abspath(args.path),
+                                      vm=args.vm_name, kek_file=os.path.abspath(args.kek_file)))
+    finally:
+        bar.close()
+    print(f"saved {r['path']}: {r['stored_nbytes'] >> 20} MiB of RAM in {r['chunks']} chunks "
+          f"({r['skipped_nbytes'] >> 20} MiB zero, not stored), device state {r['device_state_nbytes'] >> 10} KiB, "
+          f"{r['seconds']:.2f} s")
+    return 0
+
+
+async def _restore(args: argparse.Namespace) -> int:
+    kek = _read_kek(args.kek_file)
+    async with HostSession([], keyid_bits=args.keyid_bits) as session:
+        vm = await session.restore(args.path, kek, name=args.name)
+        print(f"{PROG}: restored {vm.name} from {args.path}", file=sys.stderr)
+        return await attend(session, args)
+
+
+def snapshot_verify(args: argparse.Namespace) -> int:
+    _print_json(snapshot_summary(args.path, _read_kek(args.kek_file)))
+    return 0
 
 
 class ProgressBar:
@@ -325,6 +370,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only this VM (repeatable; default: all)")
     d.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
     d.set_defaults(func=dump)
+
+    sn = sub.add_parser("snapshot", help="save, restore and verify encrypted snapshots")
+    sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
+    kek_help = "file holding the 32-byte key-encryption key (64 hex digits); never stored"
+    sv = sn_sub.add_parser("save", help="save a VM of a running host (atomically replaces PATH)",
+                           description="Save a VM of a running 'qemu-mktme run': device state through QEMU "
+                                       "migration (x-ignore-shared), RAM as its DRAM image under the VM key, "
+                                       "everything authenticated under the key-encryption key.")
+    sv.add_argument("path")
+    sv.add_argument("--kek-file", required=True, help=kek_help)
+    sv.add_argument("--vm", dest="vm_name", metavar="NAME", help="the VM (needed when the host runs several)")
+    sv.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    sv.set_defaults(func=snapshot_save)
+    rs = sn_sub.add_parser("restore", help="restore a snapshot and run it in the foreground",
+                           description="Verify every byte of a snapshot, start a fresh QEMU with -incoming "
+                                       "defer, rebuild RAM, load the device state and continue the guest.")
+    rs.add_argument("path")
+    rs.add_argument("--kek-file", required=True, help=kek_help)
+    rs.add_argument("--name", help="name of the restored VM (default: as saved)")
+    rs.add_argument("--keyid-bits", type=int, default=6, metavar="N", help="MK_TME_KEYID_BITS (default 6)")
+    rs.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    rs.set_defaults(func=lambda a: run_async(_restore(a)))
+    vf = sn_sub.add_parser("verify", help="authenticate a snapshot completely, print its summary (JSON)")
+    vf.add_argument("path")
+    vf.add_argument("--kek-file", required=True, help=kek_help)
+    vf.set_defaults(func=snapshot_verify)
 
     img = sub.add_parser("images", help="build and list guest images")
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)

@@ -18,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from ..errors import QemuError
+from ..errors import MktmeError, QemuError
 from ..host.guest import EncryptedGuest, GuestRange
 from ..host.host import DEFAULT_VMM_HVA, Host
 from .machine import Machine, MachineConfig
@@ -47,12 +47,13 @@ class EncryptedMachine(Machine):
     """
 
     def __init__(self, host: Host, config: MachineConfig, *, key_serial: int, tenant: str,
-                 hpa: int | None = None) -> None:
+                 hpa: int | None = None, revoke_key_on_close: bool = False) -> None:
         super().__init__(config)
         self.host = host
         self.key_serial = key_serial
         self.tenant = tenant
         self._hpa = hpa
+        self._revoke_key = revoke_key_on_close
         self._guest: EncryptedGuest | None = None
 
     @property
@@ -80,6 +81,12 @@ class EncryptedMachine(Machine):
         if self._guest is not None:
             self.host.remove_guest(self.name)
             self._guest = None
+        if self._revoke_key:
+            self._revoke_key = False
+            try:
+                self.host.keys.revoke(self.key_serial, tenant=self.tenant)
+            except MktmeError as err:
+                log.warning("%s: revoking key %#x: %s", self.name, self.key_serial, err)
         super()._release_files()
 
     def query(self) -> dict[str, object]:

@@ -46,6 +46,15 @@ class Monitor:
         except (QMPError, EOFError, ConnectionError) as err:
             raise QemuExited(f"QMP {command}: connection lost ({err or type(err).__name__})") from err
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a file descriptor (SCM_RIGHTS + ``getfd``) under ``name``, e.g. for an
+        ``fd:NAME`` migration URI. The caller keeps (and closes) its own copy."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as err:
+            raise QemuExited(f"passing a file descriptor to QEMU failed: {err}") from err
+        await self.execute("getfd", {"fdname": name})
+
     async def hmp(self, command_line: str) -> str:
         """An HMP command through QMP (``info mtree -f``, ``info registers``, ...)."""
         return str(await self.execute("human-monitor-command", {"command-line": command_line}))

@@ -67,6 +67,24 @@ class HostSession:
         await self._stack.enter_async_context(vm)
         self.machines[name] = vm
 
+    async def restore(self, path: str, kek: bytes, *, name: str | None = None,
+                      progress: Any = None) -> EncryptedMachine:
+        """Restore a snapshot into this host; the VM runs until the session ends."""
+        from .snapshot import restore_snapshot  # snapshot builds on this module's siblings only
+        vm = await restore_snapshot(self.host, path, kek, name=name, progress=progress)
+        await self._stack.enter_async_context(vm)
+        self.machines[vm.name] = vm
+        return vm
+
+    async def save(self, name: str, path: str, kek: bytes, progress: Any = None) -> Any:
+        from .snapshot import save_snapshot
+        vm = self.machines.get(name) if name else (next(iter(self.machines.values())) if len(self.machines) == 1 else None)
+        if vm is None:
+            raise ValueError(f"name the VM to save (have: {', '.join(self.machines)})")
+        if not isinstance(vm, EncryptedMachine):
+            raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
+        return await save_snapshot(vm, path, kek, progress=progress)
+
     async def __aexit__(self, *exc: object) -> None:
         try:
             await self._stack.aclose()
