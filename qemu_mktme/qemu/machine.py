@@ -132,6 +132,26 @@ def _runtime_base() -> str:
     return xdg if xdg and os.access(xdg, os.W_OK) else tempfile.gettempdir()
 
 
+_STALE = re.compile(r"^qemu-mktme-.+-(\d+)-[^-]+$")
+
+
+def sweep_stale_runtime_dirs() -> int:
+    """Remove runtime directories left by processes of ours that died without cleaning up
+    (kill -9): the PID in their name is gone. They hold only sockets; returns how many."""
+    base, removed = Path(_runtime_base()), 0
+    for entry in base.glob("qemu-mktme-*"):
+        m = _STALE.match(entry.name)
+        if not m or Path(f"/proc/{m[1]}").exists():
+            continue
+        try:
+            if entry.is_dir() and entry.stat().st_uid == os.getuid():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -241,6 +261,7 @@ class Machine:
             self.accel = "kvm" if kvm_works(str(self.qemu.path)) else "tcg"
         elif cfg.accel == "kvm" and not kvm_works(str(self.qemu.path)):
             raise LaunchError(f"{self.name}: KVM was asked for but does not work here (try accel='tcg')")
+        sweep_stale_runtime_dirs()
         self._res.runtime_dir = Path(tempfile.mkdtemp(prefix=f"qemu-mktme-{self.name}-{os.getpid()}-",
                                                       dir=_runtime_base()))
         os.chmod(self._res.runtime_dir, 0o700)

@@ -265,3 +265,16 @@ async def test_exception_inside_context_tears_down(baremetal_image):
             rundir = vm.runtime_dir
             raise RuntimeError("user code failed")
     assert not rundir.exists() and vm.returncode is not None
+
+
+def test_stale_runtime_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
+    from qemu_mktme.qemu import machine
+    monkeypatch.setattr(machine, "_runtime_base", lambda: str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"qemu-mktme-vm-{dead.pid}-abcd1234").mkdir()
+    (tmp_path / f"qemu-mktme-vm-{os.getpid()}-live5678").mkdir()
+    (tmp_path / "qemu-mktme-unrelated").mkdir()
+    assert machine.sweep_stale_runtime_dirs() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"qemu-mktme-vm-{os.getpid()}-live5678", "qemu-mktme-unrelated"]

@@ -239,6 +239,7 @@ async def test_kill_9_during_save_leaves_a_restorable_snapshot(saved, kek, barem
         finally:
             proc.kill()
             proc.wait()
+            proc.stdout.close()
         verify_snapshot(path, kek)              # old or new, always complete
     host = Host()
     async with await restore_snapshot(host, path, kek) as vm:
