@@ -276,5 +276,5 @@ def test_stale_runtime_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
     (tmp_path / f"qemu-mktme-vm-{os.getpid()}-live5678").mkdir()
     (tmp_path / "qemu-mktme-unrelated").mkdir()
     assert machine.sweep_stale_runtime_dirs() == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"qemu-mktme-vm-{os.getpid()}-live5678", "qemu-mktme-unrelated"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        f"qemu-mktme-vm-{os.getpid()}-live5678", "qemu-mktme-unrelated"])
