@@ -155,10 +155,11 @@ class EncryptedGuest:
         size = min(chunk_nbytes, max(end - offset, 0))
         buf, zeros = np.empty(size, np.uint8), np.zeros(size, np.uint8)
         memory = self.platform.memory
+        extents = self.data_extents(offset, end - offset)   # one pass: SEEK_DATA is O(data) per call
         for pos in range(offset, end, chunk_nbytes):
             n = min(chunk_nbytes, end - pos)
             cur = pos
-            for s, e in self.data_extents(pos, n):
+            for s, e in _clip(extents, pos, pos + n):
                 if s > cur:
                     memory.dram_image(self.keyid, self.hpa_base + cur, zeros[:s - cur], out=buf[cur - pos:s - pos])
                 self.dram_array(s, e - s, out=buf[s - pos:e - pos])
@@ -203,7 +204,7 @@ class EncryptedGuest:
         KeyID (QEMU's devices would read garbage) or an untagged IOMMU domain are reported.
         """
         def by_hpa(table: TranslationTable) -> tuple[list[int], list[tuple[int, int, int]]]:
-            spans = sorted((leaf.hpa, leaf.hpa + leaf.size, leaf.keyid) for leaf in table.leaves())
+            spans = sorted((leaf.hpa, leaf.hpa + leaf.size, leaf.keyid) for leaf in table.spans())
             return [s[0] for s in spans], spans
 
         maps = {"ept": by_hpa(self.ept), "vmm": by_hpa(self.vmm), "iommu": by_hpa(self.iommu)}
@@ -255,3 +256,15 @@ class EncryptedGuest:
             "consistent": not self.check_consistency(),
         }
 
+
+
+def _clip(extents: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """``extents`` (sorted, disjoint) cut to [start, end)."""
+    i = max(bisect.bisect_right(extents, (start, 1 << 62)) - 1, 0)
+    out = []
+    for s, e in extents[i:]:
+        if s >= end:
+            break
+        if e > start:
+            out.append((max(s, start), min(e, end)))
+    return out

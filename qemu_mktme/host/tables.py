@@ -19,6 +19,8 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..arch import ept, paging, vtd
 from ..arch.addresses import HPA, PAGE_SIZE, KeyIdLayout
 from ..arch.bitfield import BitLayout
@@ -190,6 +192,49 @@ class TranslationTable:
         """What the hardware is given: the EPTP, CR3, or slptptr value."""
         return ept.make_eptp(self.layout, self.root) if self.format is EPT else int(self.root)
 
+    def spans(self) -> list[Leaf]:
+        """The mappings coalesced: runs contiguous in address and HPA with one KeyID, in order.
+
+        Page tables of 4 KiB leaves are decoded a whole table at a time with numpy, so a VMM
+        table over GiBs of RAM (262144 leaves per GiB) costs milliseconds, not seconds.
+        """
+        runs: list[list[int]] = []
+        for address, size, hpa, keyid in self._spans(self.root, 0, 0):
+            last = runs[-1] if runs else None
+            if last and last[0] + last[1] == address and last[2] + last[1] == hpa and last[3] == keyid:
+                last[1] += size
+            else:
+                runs.append([address, size, hpa, keyid])
+        return [Leaf(*r) for r in runs]
+
+    def _spans(self, table: int, level: int, base: int) -> Iterator[tuple[int, int, int, int]]:
+        fmt, lay = self.format, self.layout
+        raw = np.frombuffer(self.memory.read(table, PAGE_SIZE), dtype="<u8")
+        if level == 3:
+            leaf = fmt.leaf_4k(lay)
+            present = np.flatnonzero(_present_mask(fmt, raw))
+            if present.size == 0:
+                return
+            addr_mask = np.uint64(leaf.field("address").mask)
+            kf = leaf.field("keyid") if "keyid" in leaf else None
+            hpas = raw[present] & addr_mask
+            keyids = (raw[present] >> np.uint64(kf.low)) & np.uint64((1 << kf.width) - 1) if kf else np.zeros_like(hpas)
+            # break the page into runs where index, HPA and KeyID all continue
+            brk = np.flatnonzero((np.diff(present) != 1) | (np.diff(hpas.astype(np.int64)) != PAGE_SIZE)
+                                 | (np.diff(keyids) != 0)) + 1
+            for a, b in zip(np.r_[0, brk], np.r_[brk, present.size]):
+                yield (base | int(present[a]) << 12, int(b - a) * PAGE_SIZE, int(hpas[a]), int(keyids[a]))
+            return
+        shift = 39 - 9 * level
+        for index in np.flatnonzero(_present_mask(fmt, raw)):
+            entry = int(raw[index])
+            address = base | int(index) << shift
+            if level == 2 and entry & _PS:
+                leaf = fmt.leaf_2m(lay)
+                yield address, SIZE_2M, entry_address(leaf, entry), entry_keyid(leaf, entry)
+            else:
+                yield from self._spans(entry_address(fmt.upper(lay)[level], entry), level + 1, address)
+
     def leaves(self) -> Iterator[Leaf]:
         """Every leaf mapping, read back from memory (not from the builder's shadow), in order."""
         yield from self._leaves(self.root, 0, 0)
@@ -212,3 +257,9 @@ class TranslationTable:
                 upper = fmt.upper(lay)[level]
                 yield from self._leaves(entry_address(upper, raw), level + 1, address)
 
+
+
+def _present_mask(fmt: Format, raw: np.ndarray) -> np.ndarray:
+    """The present entries of a table page (EPT: any of R/W/X; IA-32e: P; VT-d: R or W)."""
+    bits = {"EPT": 7, "VMM page table": 1, "IOMMU second-level": 3}[fmt.name]
+    return (raw & np.uint64(bits)) != 0

@@ -89,7 +89,7 @@ class Region:
 
 def _keyid_runs(guest: EncryptedGuest) -> tuple[tuple[int, int, int], ...]:
     runs: list[list[int]] = []
-    for leaf in sorted(guest.ept.leaves(), key=lambda l: l.hpa):
+    for leaf in sorted(guest.ept.spans(), key=lambda l: l.hpa):
         npages = leaf.size // PAGE_SIZE
         if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == leaf.hpa and runs[-1][2] == leaf.keyid:
             runs[-1][1] += npages

@@ -19,6 +19,7 @@ so nothing could ever decrypt the image.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -33,6 +34,7 @@ import numpy as np
 from ..engine.xts import XtsKey, decrypt_lines
 from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
+from ..host.payload import algorithm_name
 from .encrypted import EncryptedMachine
 from .images import BootSpec, sha256_file
 from .machine import MachineConfig, VmState
@@ -171,16 +173,16 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
             writer = Writer(f, kek)
             buf = np.empty(CHUNK_NBYTES, np.uint8)
             backend = np.frombuffer(ram.backend, np.uint8)
+            extents = ram.data_extents(0, ram.size)          # one pass: SEEK_DATA is O(data) per call
             for off in range(0, ram.size, CHUNK_NBYTES):
                 n = min(CHUNK_NBYTES, ram.size - off)
-                if not ram.data_extents(off, n) or not backend[off:off + n].any():
+                if not _overlaps(extents, off, off + n) or not backend[off:off + n].any():
                     skipped += n                                  # hole or all zero: not stored
                 else:
                     writer.add_chunk(off, memoryview(guest.dram_array(off, n, out=buf[:n])))
                     stored += n
                 if progress:
                     progress(off + n, ram.size)
-            info = guest.query()
             manifest = {
                 "format": "qemu-mktme-snapshot",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -190,7 +192,7 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
                        "was_running": was_running},
                 "ram": {"hpa": hex(guest.hpa_base), "chunk_nbytes": CHUNK_NBYTES,
                         "ranges": [[r.gpa, r.size, r.offset] for r in guest.ranges]},
-                "key": {"type": "user", "algorithm": info["algorithm"]},
+                "key": {"type": "user", "algorithm": algorithm_name(key.payload.algorithm)},
             }
             writer.finish(manifest, device_state, key.payload.key + key.payload.tweak,
                           private={"boot": _boot_record(vm.config.boot)})
@@ -211,6 +213,11 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
             with contextlib.suppress(QemuError):
                 await vm.resume()
     return SaveResult(str(target), len(writer.chunks), stored, skipped, len(device_state), time.monotonic() - started)
+
+
+def _overlaps(extents: list[tuple[int, int]], start: int, end: int) -> bool:
+    i = bisect.bisect_right(extents, (start, 1 << 62)) - 1
+    return any(s < end and e > start for s, e in extents[max(i, 0):i + 2])
 
 
 def verify_snapshot(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]:

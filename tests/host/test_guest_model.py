@@ -146,3 +146,21 @@ def test_vmm_table_at_an_unaligned_hva_uses_4k_leaves_and_walks_right():
         t = guest.vmm.walk(hva + off + 0x123)
         assert t.hpa == guest.hpa_base + off + 0x123 and t.keyid == guest.keyid
     assert guest.check_consistency() == []
+
+
+def test_spans_equal_the_coalesced_leaves():
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("vm", "type=cpu", tenant="acme")
+    ram = np.zeros(12 * MIB, np.uint8)
+    guest = host.add_guest("vm", ram, [GuestRange(0, 0xA0000, 0), GuestRange(0x100000, 11 * MIB, MIB)],
+                           key_serial=serial, tenant="acme", hva=0x7F00_0012_3000)
+    guest.vmm.retag(guest.hva + 0x5000, 7)                  # a hole in the run, in a 4 KiB table
+    for table in (guest.ept, guest.vmm, guest.iommu):
+        runs: list[list[int]] = []
+        for leaf in table.leaves():
+            last = runs[-1] if runs else None
+            if last and last[0] + last[1] == leaf.address and last[2] + last[1] == leaf.hpa and last[3] == leaf.keyid:
+                last[1] += leaf.size
+            else:
+                runs.append([leaf.address, leaf.size, leaf.hpa, leaf.keyid])
+        assert [(s.address, s.size, s.hpa, s.keyid) for s in table.spans()] == [tuple(r) for r in runs]
