@@ -1,0 +1,314 @@
+"""The transparency verifier: a stock guest behaves identically with the whole emulation attached.
+
+Each workload runs twice on the same unmodified QEMU: **plain** (no MKTME, nothing attached) and
+**emulated** (a tenant key programmed through PCONFIG, the KeyID in the VM's EPT / VMM page
+table / IOMMU, the TCG plugin shim attributing every access when available, the DRAM view of the
+whole guest computed while it runs, and an encrypted snapshot saved — or saved and restored —
+in the middle). What the guest produced is compared: its console transcript, normalised only
+for documented nondeterminism (:data:`NORMALISE`), the checksums it printed, and its exit status.
+Before anything runs, the guest binaries are checked to be the stock ones named in the image
+manifest.
+
+``inject="foreign-write"`` makes the emulated run write through another KeyID into the guest's
+data, as a buggy VMM or device would: the verifier must then report a difference, which proves
+it can fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ImageError
+from .host.host import Host
+from .qemu import images
+from .qemu.encrypted import EncryptedMachine
+from .qemu.machine import Machine, MachineConfig
+from .qemu.snapshot import restore_snapshot, save_snapshot
+
+NORMALISE: list[tuple[str, str, str]] = [
+    # (pattern, replacement, why)
+    (r"^\[\s*\d+\.\d+\] ", "", "kernel printk timestamps"),
+    (r"(MemFree:\s+)\d+ kB", r"\1<n> kB", "free memory depends on timing of the kernel's caches"),
+    (r"(free-after-fill=)\d+kB", r"\1<n>kB", "same"),
+    (r"\r", "", "serial line endings"),
+]
+INJECT = ("foreign-write",)
+
+
+@dataclass
+class Run:
+    transcript: str = ""
+    exit_status: int | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    workload: str
+    identical: bool
+    plain: Run
+    emulated: Run
+    first_difference: str | None = None
+
+    @property
+    def time_ratio(self) -> float:
+        return self.emulated.seconds / self.plain.seconds if self.plain.seconds else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"workload": self.workload, "identical": self.identical, "first_difference": self.first_difference,
+                "plain_seconds": round(self.plain.seconds, 3), "emulated_seconds": round(self.emulated.seconds, 3),
+                "time_ratio": round(self.time_ratio, 3), "exit_status": [self.plain.exit_status, self.emulated.exit_status],
+                "emulation": self.emulated.notes}
+
+
+def normalise(text: str) -> list[str]:
+    lines = []
+    for line in text.split("\n"):
+        for pattern, repl, _why in NORMALISE:
+            line = re.sub(pattern, repl, line)
+        lines.append(line)
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def first_difference(a: list[str], b: list[str]) -> str | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"line {i + 1}: plain {x!r} vs emulated {y!r}"
+    if len(a) != len(b):
+        longer, which = (a, "plain") if len(a) > len(b) else (b, "emulated")
+        return f"line {min(len(a), len(b)) + 1}: only {which} has {longer[min(len(a), len(b))]!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------- emulation
+
+
+class Emulation:
+    """What the emulated run attaches: host, tenant key, shim; one per run."""
+
+    def __init__(self, inject: str | None = None, shim: bool = True) -> None:
+        if inject is not None and inject not in INJECT:
+            raise ValueError(f"inject must be one of {', '.join(INJECT)}, got {inject!r}")
+        self.inject = inject
+        self.shim = shim
+        self.host = Host(keyid_bits=6)
+        key, tweak = os.urandom(16), os.urandom(16)
+        self.payload = f"type=user key={key.hex()} tweak={tweak.hex()}"
+        self.serial = self.host.keys.add("verify", self.payload, tenant="verify")
+        self.kek = os.urandom(32)
+        self.notes: list[str] = []
+
+    def machine(self, config: MachineConfig) -> Machine:
+        return EncryptedMachine(self.host, self._with_shim(config), key_serial=self.serial, tenant="verify")
+
+    def _with_shim(self, config: MachineConfig) -> MachineConfig:
+        if not self.shim:
+            return config
+        hook = shim_hook()
+        if hook is None:
+            self.notes.append("shim: not available in this build")
+            return config
+        return hook(config, self.notes)
+
+    async def touch(self, vm: Machine) -> None:
+        """Exercise the emulation on a running VM: a full DRAM view and its KeyID state."""
+        if isinstance(vm, EncryptedMachine):
+            nbytes = await asyncio.to_thread(lambda: sum(c.size for _, c in vm.guest.iter_dram(chunk_nbytes=16 << 20)))
+            self.notes.append(f"DRAM view of {nbytes >> 20} MiB computed while running")
+            if vm.guest.check_consistency():
+                self.notes.append("KeyID tagging INCONSISTENT")
+
+    async def foreign_write(self, vm: Machine, gpa: int, nbytes: int) -> None:
+        if self.inject == "foreign-write" and isinstance(vm, EncryptedMachine):
+            other = self.host.keys.add("intruder", "type=cpu", tenant="intruder")
+            keyid = int(self.host.keys.describe(other)["keyid"])
+            vm.guest.write(gpa, os.urandom(nbytes), keyid=keyid)
+            self.notes.append(f"injected: {nbytes} bytes written at GPA {gpa:#x} through KeyID {keyid}")
+
+
+ShimHook = Callable[[MachineConfig, list[str]], MachineConfig]
+_shim_hook: ShimHook | None = None
+
+
+def shim_hook() -> ShimHook | None:
+    return _shim_hook
+
+
+def set_shim_hook(hook: ShimHook | None) -> None:
+    """Install how the emulated run attaches the TCG plugin shim (set by the shim's module)."""
+    global _shim_hook
+    _shim_hook = hook
+
+
+# ---------------------------------------------------------------------------------- workloads
+
+Driver = Callable[[Machine, "Emulation | None", Run], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    image: str
+    memory: str
+    boot: Callable[[images.Image], images.BootSpec]
+    drive: Driver
+    timeout: float = 600.0
+
+
+PATTERN_GPA, PATTERN_LEN = 0x300000, 1 << 20
+
+
+async def _drive_baremetal(vm: Machine, emu: Emulation | None, run: Run) -> None:
+    con = vm.console
+    await con.wait_for(r"mktme> ", 30)
+    await con.command(f"fill {PATTERN_GPA:#x} {PATTERN_LEN} 0xa5 8", r"ok fill .*\n", 60)
+    await con.command(f"writehex {PATTERN_GPA + 4096:#x} 00112233445566778899aabbccddeeff", r"ok writehex .*\n")
+    if emu is not None:
+        await emu.touch(vm)
+        await emu.foreign_write(vm, PATTERN_GPA + 8192, 64)
+    await con.command(f"crc {PATTERN_GPA:#x} {PATTERN_LEN}", r"ok crc32 .*\n", 120)
+    await con.command("loop 3000000", r"ok loop .*\n", 120)
+    await con.command("ticks 3 100000", r"ok ticks .*\n", 60)
+    await con.command("poweroff", r"ok poweroff\n", 30)
+    run.exit_status = await vm.wait(60)
+
+
+def _linux_driver(marker: str, save: bool = True) -> Driver:
+    async def drive(vm: Machine, emu: Emulation | None, run: Run) -> None:
+        await vm.console.wait_for(r"mktme-linux: holding\n", 120)
+        if emu is not None:
+            await emu.touch(vm)
+            if save and isinstance(vm, EncryptedMachine):
+                path = _tmp_snapshot(vm.name)
+                try:
+                    r = await save_snapshot(vm, path, emu.kek)
+                    emu.notes.append(f"encrypted snapshot saved mid-run ({r.stored_nbytes >> 20} MiB RAM, {r.seconds:.2f} s)")
+                finally:
+                    _unlink(path)
+        await vm.console.write("\n")
+        await vm.console.wait_for(marker, 3600)
+        run.exit_status = await vm.wait(120)
+    return drive
+
+
+async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) -> None:
+    """Counter to 30; the emulated run is saved at count 8, killed, restored, and finishes."""
+    await vm.console.wait_for(r"^count 8\n", 120)
+    if emu is None or not isinstance(vm, EncryptedMachine):
+        await vm.console.wait_for(r"workload counter exit=", 600)
+        run.exit_status = await vm.wait(120)
+        return
+    await emu.touch(vm)
+    path = _tmp_snapshot(vm.name)
+    try:
+        await save_snapshot(vm, path, emu.kek)
+        await vm.pause()
+        before = vm.console.transcript
+        await vm.close()                                       # the original is gone for good
+        restored = await restore_snapshot(emu.host, path, emu.kek, name=f"{vm.name}-restored")
+        async with restored:
+            await restored.console.wait_for(r"workload counter exit=", 600)
+            run.exit_status = await restored.wait(120)
+            run.transcript = before + restored.console.transcript
+        emu.notes.append("saved at count 8, original closed, restored into a fresh QEMU")
+    finally:
+        _unlink(path)
+
+
+def _tmp_snapshot(name: str) -> str:
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return os.path.join(base or os.environ.get("TMPDIR", "/tmp"), f"qemu-mktme-verify-{name}-{os.getpid()}.snap")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in [
+    Workload("baremetal", "bare-metal guest: 1 MiB pattern, CRC-32, compute loop, ticks", "baremetal", "512M",
+             lambda im: im.boot(), _drive_baremetal),
+    Workload("linux-boot", "stock Debian kernel + busybox boot, hello workload", "linux", "1G",
+             lambda im: im.boot(workload="hello", params={"hold": 1}), _linux_driver(r"workload hello exit=")),
+    Workload("linux-compress", "gzip/gunzip of 16 MiB with checksums", "linux", "1G",
+             lambda im: im.boot(workload="compress", params={"hold": 1}), _linux_driver(r"workload compress exit=")),
+    Workload("linux-memstress", "256 MiB of guest RAM filled and checksummed", "linux", "1G",
+             lambda im: im.boot(workload="memstress", params={"size_mb": 256, "hold": 1}), _linux_driver(r"workload memstress exit=")),
+    Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux", "1G",
+             lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_snapshot_restore),
+]}
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+def check_stock(image: images.Image) -> list[str]:
+    """The guest's binaries are the stock ones of the manifest; what was checked, or ImageError."""
+    checked = []
+    for name, rec in dict(image.manifest.get("stock_files", {})).items():
+        digest = hashlib.sha256(images.read_stock_file(image, name)).hexdigest()
+        if digest != rec["sha256"]:
+            raise ImageError(f"{image.name}: {name} is not the stock file of {rec['package']} "
+                             f"(sha256 {digest} != {rec['sha256']})", image=image.name)
+        pkg = next((p for p in image.manifest.get("packages", []) if p["name"] == rec["package"]), None)
+        checked.append(f"{name}: stock {rec['package']} {pkg['version'] if pkg else ''} sha256 {digest[:16]}...")
+    return checked
+
+
+async def run_once(work: Workload, emu: Emulation | None) -> Run:
+    image = images.load(work.image)
+    config = MachineConfig(boot=work.boot(image), memory=work.memory,
+                           name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
+    run = Run()
+    start = time.perf_counter()
+    vm = emu.machine(config) if emu else Machine(config)
+    async with vm:
+        await asyncio.wait_for(work.drive(vm, emu, run), work.timeout)
+        if not run.transcript:
+            run.transcript = vm.console.transcript
+    run.seconds = time.perf_counter() - start
+    if emu is not None:
+        run.notes = list(emu.notes)
+    return run
+
+
+async def verify(names: list[str] | None = None, *, inject: str | None = None, shim: bool = True,
+                 progress: Callable[[str], None] | None = None) -> tuple[list[Outcome], list[str]]:
+    """Run the workloads plain and emulated; (outcomes, stock-file checks)."""
+    say = progress or (lambda _m: None)
+    chosen = names or list(WORKLOADS)
+    unknown = [n for n in chosen if n not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload {unknown[0]!r} (known: {', '.join(WORKLOADS)})")
+    stock: list[str] = []
+    for image_name in sorted({WORKLOADS[n].image for n in chosen}):
+        stock += check_stock(images.build(image_name))
+    outcomes = []
+    for name in chosen:
+        work = WORKLOADS[name]
+        say(f"{name}: plain run")
+        plain = await run_once(work, None)
+        say(f"{name}: emulated run")
+        emulated = await run_once(work, Emulation(inject=inject, shim=shim))
+        diff = first_difference(normalise(plain.transcript), normalise(emulated.transcript))
+        if diff is None and plain.exit_status != emulated.exit_status:
+            diff = f"exit status: plain {plain.exit_status} vs emulated {emulated.exit_status}"
+        outcomes.append(Outcome(name, diff is None, plain, emulated, diff))
+    return outcomes, stock
+
+
+__all__ = ["INJECT", "NORMALISE", "WORKLOADS", "Emulation", "Outcome", "check_stock", "first_difference",
+           "normalise", "set_shim_hook", "verify"]
