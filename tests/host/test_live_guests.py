@@ -11,22 +11,11 @@ import pytest
 from qemu_mktme.host.host import Host
 from qemu_mktme.qemu.encrypted import EncryptedMachine
 from qemu_mktme.qemu.machine import MachineConfig
+from qemu_mktme.pytest_plugin import assert_not_in_dram, find_in_dram
 
 from reference import user_payload, xts_lines
 
 CRC = re.compile(r"ok crc32 \S+ \d+ 0x([0-9a-f]{8})\n")
-
-
-def find_in_dram(guest, needle: bytes) -> int | None:
-    """Backend offset of ``needle`` anywhere in the guest's DRAM view, or None."""
-    tail = b""
-    for offset, chunk in guest.iter_dram(chunk_nbytes=16 << 20):
-        data = tail + chunk.tobytes()
-        pos = data.find(needle)
-        if pos >= 0:
-            return offset - len(tail) + pos
-        tail = data[-(len(needle) - 1):]
-    return None
 
 
 def bm(image, name, *commands, memory="512M"):
@@ -48,8 +37,8 @@ async def test_secret_is_plaintext_in_ram_and_ciphertext_in_dram(baremetal_image
         assert vm.guest.dram(0x200000, 64) == xts_lines(key, tweak, hpa, line)
         await vm.pause()
         allocated = os.stat(vm.ram.backend_path).st_blocks
-        assert find_in_dram(vm.guest, secret.encode()) is None
-        assert find_in_dram(vm.guest, secret.encode()[:12]) is None
+        assert_not_in_dram(vm, secret)
+        assert find_in_dram(vm, secret.encode()[:12]) is None
         assert os.stat(vm.ram.backend_path).st_blocks == allocated, "a DRAM scan must not allocate guest RAM"
         q = vm.query()
         assert q["keyid"] == vm.keyid and q["key-type"] == "user" and q["consistent"]
@@ -69,7 +58,7 @@ async def test_linux_guest_secret_not_in_dram(linux_image):
         assert vm.ram.read(int(m[1], 16), len(secret)) == secret.encode()
         await vm.pause()
         assert vm.guest.read(int(m[1], 16), len(secret)) == secret.encode()
-        assert find_in_dram(vm.guest, secret.encode()) is None
+        assert_not_in_dram(vm, secret)
         await vm.resume()
         await vm.console.write("go\n")
         await vm.console.wait_for(r"secret-region sha256=\w{64}\n", 30)

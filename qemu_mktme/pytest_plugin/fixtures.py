@@ -1,0 +1,98 @@
+"""Fixtures: an emulated host, and guests booted under it (configured by options and a marker).
+
+    @pytest.mark.mktme_vm(guest="linux", workload="secret", params={"secret": "s3cr3t"})
+    async def test_secret(mktme_vm):
+        await expect_console(mktme_vm, r"secret at 0x")
+        assert_not_in_dram(mktme_vm, "s3cr3t")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ..host.host import Host
+from ..host.payload import payload_from_spec
+from ..qemu import images
+from ..qemu.encrypted import EncryptedMachine
+from ..qemu.machine import MachineConfig, parse_size
+from .options import DEFAULT_MEMORY, Settings, settings
+
+try:
+    import pytest_asyncio
+    async_fixture: Any = pytest_asyncio.fixture
+except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio
+    async_fixture = None
+
+BOOT_MARKERS = {"baremetal": r"mktme-baremetal \d+ ready", "linux": r"mktme-linux: boot kernel="}
+MARKER_KEYS = {"guest", "memory", "key", "tenant", "workload", "params", "commands", "name", "wait"}
+
+
+@pytest.fixture(scope="session")
+def mktme_settings(pytestconfig: pytest.Config) -> Settings:
+    """The effective ``--mktme-*`` settings."""
+    return settings(pytestconfig)
+
+
+@pytest.fixture
+def mktme_host(mktme_settings: Settings) -> Host:
+    """A freshly booted emulated MKTME host (BIOS-activated, 2^bits - 1 KeyIDs)."""
+    return Host(keyid_bits=mktme_settings.keyid_bits)
+
+
+@pytest.fixture(scope="session")
+def mktme_images() -> dict[str, images.Image]:
+    """Both guest images, built into the cache if needed."""
+    return {name: images.build(name) for name in images.RECIPES}
+
+
+def _payload(spec: str) -> str:
+    if spec == "user":
+        return f"type=user key={os.urandom(16).hex()} tweak={os.urandom(16).hex()}"
+    payload = payload_from_spec(spec)
+    if payload is None:
+        raise pytest.UsageError("mktme_vm needs a key; use a plain Machine for key=none")
+    return payload
+
+
+def _vm_config(request: pytest.FixtureRequest, s: Settings, mktme_images: dict[str, images.Image]) -> dict[str, Any]:
+    marker = request.node.get_closest_marker("mktme_vm")
+    opts = dict(marker.kwargs) if marker else {}
+    unknown = set(opts) - MARKER_KEYS
+    if unknown:
+        raise pytest.UsageError(f"mktme_vm marker: unknown {', '.join(sorted(unknown))} (known: {', '.join(sorted(MARKER_KEYS))})")
+    guest = opts.get("guest", s.guest)
+    if guest not in mktme_images:
+        raise pytest.UsageError(f"mktme_vm marker: guest {guest!r} is not one of {', '.join(mktme_images)}")
+    image = mktme_images[guest]
+    if guest == "baremetal":
+        boot = image.boot(commands=opts.get("commands", ()))
+    else:
+        boot = image.boot(workload=opts.get("workload"), params=opts.get("params"))
+    memory = parse_size(opts["memory"]) if "memory" in opts else (s.memory or parse_size(DEFAULT_MEMORY[guest]))
+    name = opts.get("name") or request.node.name.replace("[", "-").replace("]", "")[:40]
+    return {"guest": guest, "config": MachineConfig(boot=boot, memory=memory, name=name),
+            "payload": _payload(opts.get("key", s.key)), "tenant": opts.get("tenant", "pytest"),
+            "wait": opts.get("wait", True)}
+
+
+if async_fixture is not None:
+    @async_fixture
+    async def mktme_vm(request: pytest.FixtureRequest, mktme_settings: Settings, mktme_host: Host,
+                       mktme_images: dict[str, images.Image]) -> AsyncIterator[EncryptedMachine]:
+        """A guest booted under MKTME on ``mktme_host``, up to its boot marker; torn down after.
+
+        Chosen by ``--mktme-guest`` etc., overridden per test with ``@pytest.mark.mktme_vm(...)``
+        (guest, memory, key, tenant, workload, params, commands, name, wait).
+        """
+        spec = _vm_config(request, mktme_settings, mktme_images)
+        serial = mktme_host.keys.add(f"pytest:{spec['config'].name}", spec["payload"], tenant=spec["tenant"])
+        vm = EncryptedMachine(mktme_host, spec["config"], key_serial=serial, tenant=spec["tenant"],
+                              revoke_key_on_close=True)
+        async with vm:
+            if spec["wait"]:
+                await vm.console.wait_for(BOOT_MARKERS[spec["guest"]], mktme_settings.boot_timeout)
+            yield vm
