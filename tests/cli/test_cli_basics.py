@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from qemu_mktme import cli
 
-
-def qm(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 120):
-    return subprocess.run([sys.executable, "-m", "qemu_mktme.cli", *args], input=input, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+from helpers import qm
 
 
 def test_help_everywhere():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_cli_basics import qm
+from helpers import qm
 
 
 def start_run(*args: str) -> subprocess.Popen:
