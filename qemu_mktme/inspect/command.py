@@ -30,6 +30,7 @@ from .diff import BLOCKS_PER_LINE, diff_dumps
 from .dump import Dump
 from .entropy import DEFAULT_THRESHOLD, HISTOGRAM_EDGES, dump_entropy
 from .keyspec import parse_key_spec
+from .output import check_target
 from .layout import UNTAGGED, keyid_map
 from .plot import diff_png, entropy_png, map_png
 from .search import DEFAULT_MAX_MATCHES, DEFAULT_WINDOW, Pattern, search
@@ -87,8 +88,14 @@ def _limit(n: int) -> int | None:
 # ------------------------------------------------------------------------------- actions
 
 
+def _png_first(args: argparse.Namespace) -> None:
+    if args.png:
+        check_target(args.png, force=args.force)     # before the work, not after
+
+
 def do_map(args: argparse.Namespace) -> int:
     dump = Dump(args.dump)
+    _png_first(args)
     kmap = keyid_map(dump, args.vm)
     if args.png:
         size = map_png(args.png, kmap, dump_entropy(dump, args.vm, regions=kmap.regions), force=args.force)
@@ -120,6 +127,7 @@ def do_map(args: argparse.Namespace) -> int:
 
 def do_entropy(args: argparse.Namespace) -> int:
     dump = Dump(args.dump)
+    _png_first(args)
     emap = dump_entropy(dump, args.vm, threshold=args.threshold)
     if args.png:
         size = entropy_png(args.png, emap, force=args.force)
@@ -199,6 +207,7 @@ def do_decrypt(args: argparse.Namespace) -> int:
 
 def do_diff(args: argparse.Namespace) -> int:
     a, b = Dump(args.dump), Dump(args.dump2)
+    _png_first(args)
     result = diff_dumps(a, b, args.vm, limit=_limit(args.limit))
     if args.png:
         size = diff_png(args.png, result, force=args.force)
@@ -212,18 +221,22 @@ def do_diff(args: argparse.Namespace) -> int:
               f"64-byte lines, {d.changed_pages} pages")
         for note in d.notes:
             print(f"  note: {note}")
-        shown = d.runs() if args.limit == 0 else d.runs()[:args.limit]
+        runs = d.line_runs()
+        shown = runs if args.limit == 0 else runs[:args.limit]
         for run in shown:
-            end = run.hpa + run.nbytes - 1
-            where = f"GPA {run.gpa:#x}-{run.gpa + run.nbytes - 1:#x}" if run.gpa is not None else "no GPA"
-            parts = [f"  {where}  HPA {run.hpa:#x}-{end:#x}  {run.nbytes // 16} blocks in {run.lines} line(s)"]
-            for line, mask in run.edge_masks():
-                blocks = ",".join(str(j) for j in range(BLOCKS_PER_LINE) if mask >> j & 1)
-                at = f"GPA {run.gpa - run.hpa + line:#x}" if run.gpa is not None else f"HPA {line:#x}"
-                parts.append(f"line {at}: blocks {blocks} only")
-            print("; ".join(parts))
-        if d.run_total > len(shown):
-            print(f"  ... {d.run_total - len(shown)} more ranges (--limit 0 shows all)")
+            if run.gpa is not None:
+                where = f"GPA {run.gpa:#x}-{run.gpa + run.nlines * 64 - 1:#x}"
+            else:
+                where = f"HPA {run.hpa:#x}-{run.hpa + run.nlines * 64 - 1:#x}"
+            text = f"  {where}  {run.nlines} line(s), {run.nblocks} block(s)"
+            partial = [f"{(h - run.hpa + run.gpa) if run.gpa is not None else h:#x} "
+                       f"[{','.join(str(j) for j in range(BLOCKS_PER_LINE) if m >> j & 1)}]"
+                       for h, m in run.partial[:8]]
+            if partial:
+                text += "; partly changed lines (blocks): " + " ".join(partial) + (" ..." if len(run.partial) > 8 else "")
+            print(text)
+        if d.truncated or len(shown) < len(runs):
+            print(f"  ... more ranges (--limit 0 shows all)")
     return 0
 
 
@@ -293,7 +306,7 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
                                        "ciphertext block). Lists the changed ranges with their GPAs and lines.")
     f.add_argument("dump2", metavar="DUMP2", help="the later dump")
     f.add_argument("--limit", type=_count, default=100, metavar="N",
-                   help="list at most N changed ranges per VM (0: all; default 100); counts are always exact")
+                   help="list at most N changed ranges per VM (0: all; default 100); the counts are always exact")
     f.set_defaults(func=do_diff)
     return p
 

@@ -67,6 +67,26 @@ class BlockRun:
                                    "blocks": _mask_list(m)} for h, m in self.edge_masks()]}
 
 
+@dataclass(frozen=True)
+class LineRun:
+    """Consecutive changed 64-byte lines [hpa, hpa + 64 * nlines) with one GPA mapping, holding
+    ``nblocks`` changed blocks; ``partial`` lists the lines not wholly changed, as (line HPA,
+    mask of changed blocks, bit j = block j)."""
+
+    hpa: int
+    gpa: int | None
+    nlines: int
+    nblocks: int
+    partial: tuple[tuple[int, int], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        def gpa(h: int) -> str | None:
+            return None if self.gpa is None else hex(self.gpa + h - self.hpa)
+        return {"hpa": hex(self.hpa), "gpa": gpa(self.hpa), "lines": self.nlines, "nbytes": self.nlines * CACHE_LINE_SIZE,
+                "blocks": self.nblocks,
+                "partial_lines": [{"hpa": hex(h), "gpa": gpa(h), "blocks": _mask_list(m)} for h, m in self.partial]}
+
+
 def _mask_list(mask: int) -> list[int]:
     return [j for j in range(BLOCKS_PER_LINE) if mask >> j & 1]
 
@@ -103,7 +123,8 @@ class RegionDiff:
     def truncated(self) -> bool:
         return self.run_starts.size < self.run_total
 
-    def runs(self) -> list[BlockRun]:
+    def block_runs(self) -> list[BlockRun]:
+        """The changed blocks coalesced into runs (cut where the GPA jumps), as held."""
         hpas = self.region.hpa + self.run_starts * BLOCK_NBYTES
         gpas = hpa_to_gpa(self.region, hpas)
         return [BlockRun(int(h), None if g < 0 else int(g), int(n) * BLOCK_NBYTES)
@@ -126,14 +147,57 @@ class RegionDiff:
         np.bitwise_or.at(masks, inverse, 1 << (blocks % BLOCKS_PER_LINE))
         return {int(self.region.hpa + line * CACHE_LINE_SIZE): int(m) for line, m in zip(lines, masks)}
 
+    def line_runs(self) -> list[LineRun]:
+        """The changed lines coalesced into runs (cut where the GPA jumps), from the block runs
+        held (all of them unless ``truncated``)."""
+        s, c = self.run_starts, self.run_blocks
+        if not s.size:
+            return []
+        first, last = s // BLOCKS_PER_LINE, (s + c - 1) // BLOCKS_PER_LINE        # lines, inclusive
+        breaks = gpa_boundaries(self.region, CACHE_LINE_SIZE)
+        new = np.ones(s.size, bool)
+        new[1:] = (first[1:] > last[:-1] + 1) | (np.isin(first[1:], breaks) & (first[1:] > last[:-1]))
+        heads = np.flatnonzero(new)
+        tails = np.append(heads[1:], s.size) - 1
+        nblocks = np.add.reduceat(c, heads)
+        # partial lines sit at the ends of block runs; a line shared by two runs ORs their masks
+        full = (1 << BLOCKS_PER_LINE) - 1
+        lo_mask = (full << (s % BLOCKS_PER_LINE)) & full
+        hi_mask = full >> (BLOCKS_PER_LINE - 1 - (s + c - 1) % BLOCKS_PER_LINE)
+        one = first == last
+        lines = np.concatenate((first, last[~one]))
+        masks = np.concatenate((np.where(one, lo_mask & hi_mask, lo_mask), hi_mask[~one]))
+        order = np.argsort(lines, kind="stable")
+        lines, masks = lines[order], masks[order]
+        uniq, idx = np.unique(lines, return_index=True)
+        merged = np.bitwise_or.reduceat(masks, idx) if idx.size else masks
+        keep = merged != full
+        p_lines, p_masks = uniq[keep], merged[keep]
+        owner = np.searchsorted(first[heads], p_lines, side="right") - 1        # line run of each partial line
+        cuts = np.searchsorted(owner, np.arange(heads.size + 1))
+        hpas = self.region.hpa + first[heads] * CACHE_LINE_SIZE
+        gpas = hpa_to_gpa(self.region, hpas)
+        nlines = last[tails] - first[heads] + 1
+        out = []
+        for i, (h, g, n, b) in enumerate(zip(hpas.tolist(), gpas.tolist(), nlines.tolist(), nblocks.tolist())):
+            lo, hi = cuts[i], cuts[i + 1]
+            partial = tuple((self.region.hpa + line * CACHE_LINE_SIZE, m)
+                            for line, m in zip(p_lines[lo:hi].tolist(), p_masks[lo:hi].tolist()))
+            out.append(LineRun(h, None if g < 0 else g, n, b, partial))
+        return out
+
     def to_json(self, limit: int | None = None) -> dict[str, Any]:
-        shown = self.runs() if limit is None else self.runs()[:limit]
+        """Counts, and the changed ranges: ``line_runs`` (coalesced lines, with the blocks of
+        partially changed ones) and ``block_runs``, at most ``limit`` of each."""
+        blocks, lines = self.block_runs(), self.line_runs()
+        if limit is not None:
+            blocks, lines = blocks[:limit], lines[:limit]
         return {"vm": self.vm, "hpa": hex(self.region.hpa), "nbytes": self.region.nbytes,
                 "keyid": [self.region.keyid, self.other.keyid],
                 "blocks": self.total_blocks, "changed_blocks": self.changed_blocks,
                 "changed_lines": self.changed_lines, "changed_pages": self.changed_pages,
-                "runs_total": self.run_total, "runs": [r.to_json() for r in shown],
-                "truncated": len(shown) < self.run_total, "notes": self.notes}
+                "line_runs": [r.to_json() for r in lines], "block_runs": [r.to_json() for r in blocks],
+                "block_runs_total": self.run_total, "truncated": len(blocks) < self.run_total, "notes": self.notes}
 
 
 @dataclass
@@ -245,4 +309,4 @@ def _annotate(d: RegionDiff) -> None:
         d.notes.append("the VM is not encrypted: the changed bytes themselves are visible in the dumps")
 
 
-__all__: Sequence[str] = ["BlockRun", "DumpDiff", "RegionDiff", "diff_dumps", "diff_region", "pair_regions"]
+__all__: Sequence[str] = ["BlockRun", "DumpDiff", "LineRun", "RegionDiff", "diff_dumps", "diff_region", "pair_regions"]

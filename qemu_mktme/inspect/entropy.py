@@ -9,11 +9,20 @@ How it is fast: the byte histogram of many pages at once is one ``np.bincount`` 
 ``page * 256 + byte``. The index array is built once with the page numbers in its upper bytes;
 each chunk's bytes are copied into its lowest byte (a strided uint8 copy, no arithmetic), and
 ``sum(c * log2 c)`` comes from a table lookup. No Python loop per page or byte: one per 32 KiB.
+``np.bincount`` holds the GIL, so large dumps are spread over worker processes (forked when this
+process has no other thread, else from a fork server), each mapping its own slice of the file.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
+import signal
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +30,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ..arch.addresses import PAGE_SIZE
-from .dump import Dump, Region
+from .dump import DATA_FILE, Dump, Region
 from .layout import UNTAGGED, gpa_boundaries, hpa_to_gpa, page_keyids, runs, select_regions
+
+log = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
 
@@ -32,6 +43,11 @@ DEFAULT_THRESHOLD = 7.5
 """Pages below this many bits/byte do not look like ciphertext (six standard deviations are
 ~0.02 bits for a random page; compressed data stays above 7.9, text and code fall below 6.5)."""
 HISTOGRAM_EDGES = np.arange(0, 8.25, 0.25)
+
+PARALLEL_MIN_NBYTES = 256 << 20
+"""Dumps smaller than this are done in this process (a worker pool costs ~0.1-0.3 s to start)."""
+MAX_WORKERS = 8
+TASK_NBYTES = 32 << 20
 
 _PAGES_PER_PASS = 8          # 32 KiB per bincount: the index array (256 KiB) stays in L2
 _PAGES_PER_GROUP = 256       # the table lookup and sum run once per 1 MiB
@@ -157,7 +173,53 @@ class EntropyMap:
 
 
 def dump_entropy(dump: Dump, vm: str | None = None, *, threshold: float = DEFAULT_THRESHOLD,
-                 regions: Sequence[Region] | None = None) -> EntropyMap:
-    """Per-page entropy of every region of ``dump`` (or of ``vm``'s)."""
+                 regions: Sequence[Region] | None = None, workers: int | None = None) -> EntropyMap:
+    """Per-page entropy of every region of ``dump`` (or of ``vm``'s, or of ``regions``).
+
+    ``workers`` processes share the work (default: one per CPU, at most ``MAX_WORKERS``, when
+    the regions exceed ``PARALLEL_MIN_NBYTES``; 1 computes everything in this process). If no
+    worker process can be started, the work is done here.
+    """
     chosen = list(regions) if regions is not None else select_regions(dump, vm)
-    return EntropyMap(dump, chosen, [page_entropy(dump.region_data(r)) for r in chosen], threshold)
+    total = sum(r.nbytes for r in chosen)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, MAX_WORKERS) if total >= PARALLEL_MIN_NBYTES else 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    values = None
+    if workers > 1 and total > TASK_NBYTES:
+        try:
+            values = _parallel(dump, chosen, workers)
+        except (OSError, BrokenProcessPool) as err:   # no semaphores, no fork, a worker killed...
+            log.info("entropy: worker processes failed (%s); computing in this process", err)
+    if values is None:
+        values = [page_entropy(dump.region_data(r)) for r in chosen]
+    return EntropyMap(dump, chosen, values, threshold)
+
+
+def _task(path: str, offset: int, nbytes: int) -> F32:
+    return page_entropy(np.memmap(path, np.uint8, "r", offset=offset, shape=(nbytes,)))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
+
+
+def _parallel(dump: Dump, regions: Sequence[Region], workers: int) -> list[F32]:
+    path = str(dump.path / DATA_FILE)
+    tasks = [(path, r.file_offset + off, min(TASK_NBYTES, r.nbytes - off))
+             for r in regions for off in range(0, r.nbytes, TASK_NBYTES)]
+    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() \
+        else "forkserver"
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context(method),
+                               initializer=_ignore_sigint)
+    try:
+        results = list(pool.map(_task, *zip(*tasks)))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    out, i = [], 0
+    for r in regions:
+        n = -(-r.nbytes // TASK_NBYTES)
+        out.append(np.concatenate(results[i:i + n]))
+        i += n
+    return out

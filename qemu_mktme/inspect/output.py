@@ -24,11 +24,7 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
     Raises ``SnapshotError`` if ``path`` exists and ``force`` is false (checked before any work
     and again, atomically, when the file is put in place), or if writing fails.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise SnapshotError(f"{target} is a directory")
-    if not force and (target.exists() or target.is_symlink()):
-        raise SnapshotError(f"{target} exists already (--force overwrites)")
+    target = check_target(path, force=force)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -45,6 +41,18 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False) -> Itera
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+
+
+def check_target(path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """``SnapshotError`` now, before any long work, if ``path`` cannot become a new output."""
+    target = Path(path)
+    if target.is_dir():
+        raise SnapshotError(f"{target} is a directory")
+    if not force and (target.exists() or target.is_symlink()):
+        raise SnapshotError(f"{target} exists already (--force overwrites)")
+    if not target.parent.is_dir():
+        raise SnapshotError(f"cannot write {target}: no directory {target.parent}")
+    return target
 
 
 def _place(partial: Path, target: Path, force: bool) -> None:

@@ -205,12 +205,17 @@ def test_diff_text_json_png(scene_dumps, capsys, tmp_path):
     rc, out, _ = run(capsys, d1.path, "diff", d2.path, "--vm", "vm1")
     assert rc == 0
     assert "vm1: 263 of 786432 16-byte blocks changed, in 70 64-byte lines, 6 pages" in out
-    assert "GPA 0x500010-0x50002f" in out and "line GPA 0x500000: blocks 1,2 only" in out
-    assert "GPA 0x100000000-0x10000000f" in out
+    assert "  GPA 0x500000-0x50003f  1 line(s), 2 block(s); partly changed lines (blocks): 0x500000 [1,2]\n" in out
+    assert "  GPA 0x600000-0x600fff  64 line(s), 256 block(s)\n" in out
+    assert "  GPA 0x100000000-0x10000007f  2 line(s), 2 block(s); partly changed lines (blocks): " \
+           "0x100000000 [0] 0x100000040 [0]\n" in out
     rc, out, _ = run(capsys, d1.path, "diff", d2.path, "--json", "--limit", "2")
     j = json.loads(out)
     vm1 = next(v for v in j["vms"] if v["vm"] == "vm1")
-    assert len(vm1["runs"]) == 2 and vm1["runs_total"] == 6 and vm1["truncated"] and vm1["changed_blocks"] == 263
+    assert len(vm1["block_runs"]) == len(vm1["line_runs"]) == 2 and vm1["block_runs_total"] == 6
+    assert vm1["truncated"] and vm1["changed_blocks"] == 263
+    assert vm1["line_runs"][1] == {"hpa": hex(d1.region("vm1").hpa + 0x600000), "gpa": "0x600000", "lines": 64,
+                                   "nbytes": 4096, "blocks": 256, "partial_lines": []}
     png = tmp_path / "diff.png"
     assert run(capsys, d1.path, "diff", d2.path, "--png", png)[0] == 0
     with Image.open(png) as img:

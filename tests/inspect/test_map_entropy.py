@@ -109,3 +109,22 @@ def test_runs_coalesce_and_cut_at_breaks():
     assert s.tolist() == [1, 7, 8, 10] and n.tolist() == [3, 1, 1, 1]
     s, n = runs(np.zeros(0, np.int64))
     assert s.size == n.size == 0
+
+
+def test_worker_processes_give_the_same_entropy(scene_dumps, monkeypatch):
+    import qemu_mktme.inspect.entropy as entropy_mod
+    _, d1, *_ = scene_dumps
+    serial = dump_entropy(d1, workers=1)
+    monkeypatch.setattr(entropy_mod, "TASK_NBYTES", 1 << 20)          # 20 tasks over 3 regions
+    direct = entropy_mod._parallel(d1, d1.regions, 2)                  # no fallback can hide a failure
+    for a, b in zip(serial.entropy, direct):
+        np.testing.assert_array_equal(a, b)
+
+    def no_processes(*args, **kwargs):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(entropy_mod, "ProcessPoolExecutor", no_processes)
+    fallback = dump_entropy(d1, workers=2)                             # e.g. no POSIX semaphores
+    for a, b in zip(serial.entropy, fallback.entropy):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="workers"):
+        dump_entropy(d1, workers=0)
