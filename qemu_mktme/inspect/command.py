@@ -137,6 +137,9 @@ def do_entropy(args: argparse.Namespace) -> int:
         _print_json(emap.to_json(_limit(args.limit)))
         return 0
     total = emap.summary()
+    if not total["pages"]:
+        print(f"{dump.path}: no pages")
+        return 0
     print(f"{dump.path}: {total['pages']} pages, mean {total['mean_bits']} bits/byte, {total['low_pages']} below "
           f"{emap.threshold:g} ({total['constant_pages']} constant); ciphertext looks like ~7.955")
     for r in emap.regions:

@@ -51,7 +51,8 @@ PALETTE = [(31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 
 ENTROPY_ANCHORS = [(0.0, (255, 255, 204)), (3.0, (254, 178, 76)), (6.0, (240, 59, 32)), (7.5, (128, 0, 38)),
                    (7.9, (45, 10, 70)), (8.0, (20, 0, 40))]
 """Bright is low entropy (plaintext stands out), near black is ciphertext."""
-DIFF_ANCHORS = [(0.0, (255, 210, 160)), (1.0, (200, 0, 0))]
+DIFF_ANCHORS = [(0.0, (253, 141, 60)), (1.0, (165, 0, 38))]
+"""Any change is a strong orange, a wholly rewritten page dark red."""
 UNCHANGED_RGB = (245, 245, 245)
 
 RGB = tuple[int, int, int]
@@ -241,7 +242,7 @@ def render(path: str | os.PathLike[str], title: str, region_labels: Sequence[str
 
 def _region_label(r: Region, npages: int, grid: Grid) -> str:
     per = f", {grid.pages_per_cell} pages/cell" if grid.pages_per_cell > 1 else ""
-    return f"{r.vm}:  KeyID {r.keyid} ({r.key_type}),  HPA {r.hpa:#x},  {npages * PAGE_SIZE >> 20} MiB{per}"
+    return f"{r.vm}: KeyID {r.keyid} ({r.key_type}), HPA: {r.hpa:#x}, {npages * PAGE_SIZE >> 20} MiB{per}"
 
 
 def keyid_panel(kmap: KeyIdMap) -> Panel:

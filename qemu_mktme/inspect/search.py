@@ -200,6 +200,8 @@ def search(dump: Dump, pattern: Pattern, *, key: XtsKey | None = None, vm: str |
 
 
 def _search_raw(dump: Dump, regions: list[Region], pattern: Pattern, collector: _Collector) -> None:
+    if not regions:
+        return
     path = dump.path / DATA_FILE
     try:
         with open(path, "rb") as f:

@@ -234,3 +234,12 @@ def test_the_script_runs_standalone(scene_dumps, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(broken), "entropy"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "truncated?" in proc.stderr
+
+
+def test_an_empty_dump(capsys, tmp_path):
+    path = tmp_path / "empty"
+    write_dump([], path)
+    assert run(capsys, path, "map")[1].startswith(f"{path}: 0 VM(s), 0 pages")
+    assert run(capsys, path, "entropy")[1] == f"{path}: no pages\n"
+    assert run(capsys, path, "search", "x")[1] == "0 match(es) in the raw (ciphertext) DRAM of none\n"
+    assert json.loads(run(capsys, path, "diff", path, "--json")[1])["vms"] == []

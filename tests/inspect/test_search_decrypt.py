@@ -85,7 +85,7 @@ def reference_matches(plain: bytes, pattern: Pattern) -> list[tuple[int, bytes]]
 
 
 @pytest.mark.parametrize("chunk", [4096, 4 << 20])
-@pytest.mark.parametrize("text,regex", [("the ", False), ("e", False), ("(?:[a-z]+ ){3}", True), ("ACROSS", False)])
+@pytest.mark.parametrize("text,regex", [("the ", False), ("e", False), ("clocks (?:[a-z]+ ){2}", True), ("ACROSS", False)])
 def test_decrypted_search_equals_one_pass_over_the_plaintext(scene_dumps, monkeypatch, chunk, text, regex):
     scene, d1, _, before, _ = scene_dumps
     monkeypatch.setattr(search_mod, "CHUNK_NBYTES", chunk)
@@ -99,7 +99,7 @@ def test_decrypted_search_equals_one_pass_over_the_plaintext(scene_dumps, monkey
 def test_regex_matches_straddling_the_carry_do_not_overlap(scene_dumps):
     scene, d1, *_ = scene_dumps
     start = 4 * MIB - 7
-    for window in (3, 4, 5, 6, 64):
+    for window in (3, 5, 64):
         result = search(d1, Pattern("[A-Za-z0-9-]{3}", regex=True, window=window), key=keys(scene), max_matches=None)
         got = [m.gpa for m in result.matches if start <= m.gpa < start + len(BOUNDARY_SECRET)]
         assert got == [start + 3 * i for i in range(len(BOUNDARY_SECRET) // 3)], window
