@@ -5,7 +5,8 @@
     scripts/inspect_dump.py /tmp/dump search 'TOP SECRET' --key @tenant.key --json
     scripts/inspect_dump.py /tmp/dump diff /tmp/dump2
 
-Same actions, options, output and exit statuses as the subcommand (``--help`` lists them).
+Same actions, options, output and exit statuses as the subcommand (``--help`` lists them);
+``--traceback`` anywhere shows the full traceback of an error.
 """
 
 import sys
@@ -16,4 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qemu_mktme.inspect.command import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["inspect", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    first = ["--traceback"] if "--traceback" in args else []
+    sys.exit(main([*first, "inspect", *(a for a in args if a != "--traceback")]))

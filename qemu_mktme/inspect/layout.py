@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..arch.addresses import CACHE_LINE_SIZE, PAGE_SIZE
+from ..arch.addresses import PAGE_SIZE
 from ..errors import AddressError
 from .dump import Dump, Region
 
@@ -203,5 +203,5 @@ def keyid_map(dump: Dump, vm: str | None = None) -> KeyIdMap:
     return KeyIdMap(dump, select_regions(dump, vm))
 
 
-__all__ = ["BLOCK_NBYTES", "CACHE_LINE_SIZE", "KeyIdMap", "KeyIdRun", "UNTAGGED", "check_hpa", "gpa_boundaries",
+__all__ = ["BLOCK_NBYTES", "KeyIdMap", "KeyIdRun", "UNTAGGED", "check_hpa", "gpa_boundaries",
            "gpa_of", "gpa_to_hpa", "hpa_to_gpa", "keyid_map", "page_keyids", "runs", "select_regions", "value_runs"]
