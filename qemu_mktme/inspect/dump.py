@@ -152,6 +152,31 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
     return Dump(target)
 
 
+def _check_regions(path: Path, regions: Sequence[Region]) -> None:
+    """The geometry the readers rely on: page-aligned, disjoint regions whose GPA ranges and
+    KeyID runs lie inside them (``IntegrityError`` naming the first violation)."""
+    def bad(r: Region, what: str) -> IntegrityError:
+        return IntegrityError(f"{path}: malformed manifest: region {r.vm!r}: {what}")
+    names = set()
+    for r in regions:
+        if r.vm in names:
+            raise bad(r, "VM named twice")
+        names.add(r.vm)
+        if r.nbytes <= 0 or r.file_offset < 0 or r.hpa < 0 or (r.hpa | r.nbytes | r.file_offset) % PAGE_SIZE:
+            raise bad(r, f"HPA {r.hpa:#x}+{r.nbytes:#x} at file offset {r.file_offset:#x} is not 4 KiB aligned")
+        for g, size, h in r.gpa_ranges:
+            if size <= 0 or (g | size | h) % PAGE_SIZE or g < 0 or not r.hpa <= h <= h + size <= r.end:
+                raise bad(r, f"GPA range {g:#x}+{size:#x} at HPA {h:#x} outside HPA {r.hpa:#x}+{r.nbytes:#x}")
+        for h, n, k in r.keyid_runs:
+            if n <= 0 or k < 0 or h % PAGE_SIZE or not r.hpa <= h <= h + n * PAGE_SIZE <= r.end:
+                raise bad(r, f"KeyID run {h:#x}+{n} pages outside HPA {r.hpa:#x}+{r.nbytes:#x}")
+    for key, what in ((lambda r: r.file_offset, "file ranges"), (lambda r: r.hpa, "HPA ranges")):
+        ordered = sorted(regions, key=key)
+        for a, b in zip(ordered, ordered[1:]):
+            if key(a) + a.nbytes > key(b):
+                raise IntegrityError(f"{path}: malformed manifest: the {what} of {a.vm!r} and {b.vm!r} overlap")
+
+
 class Dump:
     """A dump on disk, read-only; ``data`` is a numpy memmap of ``dram.bin``.
 
@@ -169,20 +194,26 @@ class Dump:
             raise IntegrityError(f"{self.path}: unreadable manifest: {err}") from err
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise IntegrityError(f"{self.path}: not a {FORMAT} manifest")
-        if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        if not isinstance(manifest.get("version"), int) or manifest["version"] < 1:
+            raise IntegrityError(f"{self.path}: no valid format version in the manifest ({manifest.get('version')!r})")
+        if manifest["version"] > VERSION:
             raise IntegrityError(f"{self.path}: dump format version {manifest.get('version')} is newer than "
                                  f"this qemu-mktme understands ({VERSION})")
         try:
             self.regions = [Region.from_json(r) for r in manifest["regions"]]
         except (KeyError, TypeError, ValueError) as err:
             raise IntegrityError(f"{self.path}: malformed region in manifest: {err}") from err
+        _check_regions(self.path, self.regions)
         self.manifest = manifest
         data_path = self.path / DATA_FILE
         need = max((r.file_offset + r.nbytes for r in self.regions), default=0)
-        size = data_path.stat().st_size if data_path.exists() else -1
-        if size < need:
-            raise IntegrityError(f"{data_path}: {max(size, 0)} bytes, the manifest needs {need} (truncated?)")
-        self.data = np.memmap(data_path, dtype=np.uint8, mode="r") if need else np.zeros(0, np.uint8)
+        try:
+            size = data_path.stat().st_size if data_path.exists() else -1
+            if size < need:
+                raise IntegrityError(f"{data_path}: {max(size, 0)} bytes, the manifest needs {need} (truncated?)")
+            self.data = np.memmap(data_path, dtype=np.uint8, mode="r") if need else np.zeros(0, np.uint8)
+        except OSError as err:
+            raise SnapshotError(f"cannot read {data_path}: {err.strerror or err}") from err
 
     def __repr__(self) -> str:
         return f"<Dump {self.path} {len(self.regions)} regions>"
