@@ -24,6 +24,7 @@ from . import demo, verifier
 from .errors import MktmeError
 from .host.payload import payload_from_spec
 from .inspect.capture import capture
+from .inspect.command import add_inspect_parser
 from .qemu import control, images, snapfile
 from .qemu.machine import Machine, MachineConfig, parse_size
 from .qemu.session import HostSession, VmSpec
@@ -437,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-shim", action="store_true", help="do not attach the TCG plugin shim")
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(func=verify_cmd)
+
+    add_inspect_parser(sub)
 
     img = sub.add_parser("images", help="build and list guest images")
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)

@@ -16,7 +16,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import verifier
 from .host.host import Host
-from .inspect.dump import write_dump
+from .inspect.dump import Dump, write_dump
+from .inspect.entropy import dump_entropy
+from .inspect.layout import keyid_map
+from .inspect.plot import map_png
 from .pytest_plugin.assertions import find_in_dram
 from .qemu import images
 from .qemu.encrypted import EncryptedMachine
@@ -106,8 +109,18 @@ async def run_demo(png: str | os.PathLike[str], out: Callable[[str], None] = pri
                 f"(scanned in {time.monotonic() - t0:.1f} s)")
         tmp = Path(tempfile.mkdtemp(prefix="qemu-mktme-demo-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
         try:
-            dump = write_dump([vm.guest], tmp / "dump", host_info={"keyid_bits": 6})
-            s.say(f"DRAM map and entropy: {write_demo_png(dump, png)}")
+            # a neighbour whose KeyID stores plaintext (KEYID_NO_ENCRYPT), for contrast in the map
+            plain_serial = host.keys.add("lab:scratch", "type=no-encrypt", tenant="lab")
+            scratch = EncryptedMachine(host, MachineConfig(boot=baremetal.boot(commands=[
+                "fill 0x400000 0x800000 0x41 8", f"write 0x200000 {secret}"]), memory="256M", name="scratch"),
+                key_serial=plain_serial, tenant="lab")
+            async with scratch:
+                await scratch.console.wait_for(r"ok write .*\n", 30)
+                await scratch.pause()
+                s.check(find_in_dram(scratch, secret.encode()) is not None,
+                        f"a neighbour VM on a no-encrypt KeyID ({scratch.keyid}) leaves the same secret in DRAM as plaintext")
+                dump = write_dump([vm.guest, scratch.guest], tmp / "dump", host_info={"keyid_bits": 6})
+            s.say(f"DRAM map and entropy of both VMs: {write_demo_png(dump, png)}")
             await vm.resume()
 
             s.section("An encrypted snapshot: save, quit, restore into a fresh QEMU, the guest carries on")
@@ -137,10 +150,12 @@ async def run_demo(png: str | os.PathLike[str], out: Callable[[str], None] = pri
         "'qemu-mktme verify', 'qemu-mktme inspect'.")
 
 
-def write_demo_png(dump, png: str | os.PathLike[str]) -> str:  # type: ignore[no-untyped-def]
-    """The KeyID map and per-page entropy of ``dump`` as a PNG (see :mod:`qemu_mktme.inspect.plot`)."""
-    from .inspect import plot
-    return str(plot.demo_png(dump, png))
+def write_demo_png(dump: Dump, png: str | os.PathLike[str]) -> str:
+    """The KeyID map beside per-page entropy of ``dump``, as a PNG; a one-line summary."""
+    emap = dump_entropy(dump)
+    width, height = map_png(png, keyid_map(dump), emap, force=True)
+    low = sum(int((e < emap.threshold).sum()) for e in emap.entropy)
+    return f"{png} ({width}x{height}): {low} low-entropy page(s) in {sum(e.size for e in emap.entropy)}"
 
 
 def main(png: str = "mktme-demo.png") -> int:
