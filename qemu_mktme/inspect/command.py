@@ -239,7 +239,7 @@ def do_diff(args: argparse.Namespace) -> int:
                 text += "; partly changed lines (blocks): " + " ".join(partial) + (" ..." if len(run.partial) > 8 else "")
             print(text)
         if d.truncated or len(shown) < len(runs):
-            print(f"  ... more ranges (--limit 0 shows all)")
+            print("  ... more ranges (--limit 0 shows all)")
     return 0
 
 
