@@ -22,22 +22,25 @@ def linux_image() -> images.Image:
 
 
 def _our_qemus() -> list[str]:
+    """QEMU processes that this test process started and that are still alive (not zombies)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+        except (OSError, IndexError):
             continue
-        if cmdline.startswith(("qemu-system", "/usr/bin/qemu-system")) and "qemu-mktme-" in cmdline:
+        if int(stat[1]) == os.getpid() and stat[0] != "Z" and "qemu-system" in cmdline.split(" ")[0]:
             found.append(f"{pid}: {cmdline[:120]}")
     return found
 
 
 def _leftover_files() -> list[str]:
+    """Runtime directories and RAM files named after this process."""
     dirs = [Path("/dev/shm"), Path(tempfile.gettempdir())]
     if os.environ.get("XDG_RUNTIME_DIR"):
         dirs.append(Path(os.environ["XDG_RUNTIME_DIR"]))
-    return [str(p) for d in dirs if d.is_dir() for p in d.glob("qemu-mktme-*")]
+    return [str(p) for d in dirs if d.is_dir() for p in d.glob(f"qemu-mktme-*-{os.getpid()}-*")]
 
 
 @pytest.fixture(scope="session", autouse=True)

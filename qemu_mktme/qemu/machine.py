@@ -236,7 +236,8 @@ class Machine:
             self.accel = "kvm" if kvm_works(str(self.qemu.path)) else "tcg"
         elif cfg.accel == "kvm" and not kvm_works(str(self.qemu.path)):
             raise LaunchError(f"{self.name}: KVM was asked for but does not work here (try accel='tcg')")
-        self._res.runtime_dir = Path(tempfile.mkdtemp(prefix=f"qemu-mktme-{self.name}-", dir=_runtime_base()))
+        self._res.runtime_dir = Path(tempfile.mkdtemp(prefix=f"qemu-mktme-{self.name}-{os.getpid()}-",
+                                                      dir=_runtime_base()))
         os.chmod(self._res.runtime_dir, 0o700)
         if cfg.ram_backend == "file":
             self._res.ram_file = self._create_ram_file()
