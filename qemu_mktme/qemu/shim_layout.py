@@ -92,7 +92,7 @@ RECORD_DTYPE = np.dtype([
 
 # The C side asserts the same numbers (mktme_shim.c, _Static_assert).
 assert HEADER_DTYPE.itemsize == 392 and HEADER_DTYPE.itemsize <= HEADER_BYTES
-assert VCPU_DTYPE.itemsize == 384 and VCPU_DTYPE.fields["tail"][1] == 64
+assert VCPU_DTYPE.itemsize == 384 and VCPU_DTYPE.fields is not None and VCPU_DTYPE.fields["tail"][1] == 64
 assert VCPU_DTYPE.fields["attr_gen"][1] == 128 and VCPU_DTYPE.fields["gen"][1] == 132
 assert PAGE_ATTR_DTYPE.itemsize == 4
 assert COUNTERS_DTYPE.itemsize == 32
@@ -100,6 +100,12 @@ assert RECORD_DTYPE.itemsize == 64
 
 _SHIM_SIZES = {"sizeof_header": HEADER_DTYPE, "sizeof_vcpu": VCPU_DTYPE, "sizeof_record": RECORD_DTYPE,
                "sizeof_page_attr": PAGE_ATTR_DTYPE, "sizeof_counters": COUNTERS_DTYPE}
+
+
+def field_offset(dtype: np.dtype, name: str) -> int:
+    """Byte offset of field ``name`` in a structured dtype."""
+    assert dtype.fields is not None
+    return int(dtype.fields[name][1])
 
 
 def _page_align(n: int) -> int:
@@ -179,9 +185,9 @@ class Region:
         self.rings = np.ndarray((g.nvcpus, g.ring_entries), RECORD_DTYPE, buf, g.ring_offset)
         # plain views for the consumer: one aligned 8-byte load or store per index
         self.page_counts = np.ndarray((g.nvcpus, g.npages, 4), u64, buf, g.page_ctr_offset)
-        self.heads = np.ndarray((g.nvcpus,), u64, buf, g.vcpu_offset + VCPU_DTYPE.fields["head"][1],
+        self.heads = np.ndarray((g.nvcpus,), u64, buf, g.vcpu_offset + field_offset(VCPU_DTYPE, "head"),
                                 strides=(g.vcpu_block,))
-        self.tails = np.ndarray((g.nvcpus,), u64, buf, g.vcpu_offset + VCPU_DTYPE.fields["tail"][1],
+        self.tails = np.ndarray((g.nvcpus,), u64, buf, g.vcpu_offset + field_offset(VCPU_DTYPE, "tail"),
                                 strides=(g.vcpu_block,))
         h = self.header
         h["magic"], h["layout_version"], h["header_size"] = MAGIC, LAYOUT_VERSION, HEADER_DTYPE.itemsize
