@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .shim_layout import KIND_STORE
+from .shim_layout import KIND_STORE, RECORD_DTYPE
 
 KINDS = ("load", "store")
 
-ACCESS_DTYPE = np.dtype([
-    ("seq", np.uint64), ("vcpu", np.uint32), ("kind", np.uint8), ("size", np.uint8), ("keyid", np.uint16),
-    ("gpa", np.int64), ("offset", np.uint64), ("vaddr", np.uint64), ("pc", np.uint64),
-    ("insn_len", np.uint8), ("insn", np.uint8, (16,)),
-])
-"""One guest access in bulk form; ``gpa`` is -1 where the backend offset has no GPA."""
+ACCESS_DTYPE = RECORD_DTYPE
+"""One guest access in bulk form, exactly the shim's record; ``gpa`` is -1 where the backend
+offset has no GPA."""
+
+# The same records with the instruction bytes as one opaque field: tolist() then gives bytes.
+_FIELDS = dict(ACCESS_DTYPE.fields or {})
+_TUPLE_DTYPE = np.dtype({
+    "names": list(_FIELDS),
+    "formats": ["V16" if name == "insn" else _FIELDS[name][0] for name in _FIELDS],
+    "offsets": [_FIELDS[name][1] for name in _FIELDS],
+    "itemsize": ACCESS_DTYPE.itemsize,
+})
+
+
+def access_tuples(batch: np.ndarray) -> list[tuple]:  # type: ignore[type-arg]
+    """The rows of a batch as plain tuples, for :meth:`Access.from_tuple` (one C-level pass)."""
+    return batch.view(_TUPLE_DTYPE).tolist()  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,8 @@ def disassemble(code: bytes, address: int) -> Instruction | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class Access:
-    """One guest load or store on a watched page.
+class Access(NamedTuple):
+    """One guest load or store on a watched page (a tuple: cheap to make by the million).
 
     ``seq`` counts the watched accesses of its vCPU (a gap means records were dropped);
     ``gpa`` is None for backend offsets with no guest-physical address (e.g. the shadowed BIOS
@@ -70,15 +80,18 @@ class Access:
     seq: int
     keyid: int
     offset: int
-    insn_bytes: bytes = field(repr=False)
+    insn_bytes: bytes
+
+    @classmethod
+    def from_tuple(cls, t: tuple) -> "Access":  # type: ignore[type-arg]
+        """From one item of :func:`access_tuples` (the field order of :data:`ACCESS_DTYPE`)."""
+        seq, offset, gpa, vaddr, pc, vcpu, keyid, size, kind, insn_len, _flags, insn = t
+        return tuple.__new__(cls, (vcpu, gpa if gpa >= 0 else None, vaddr, size, KINDS[kind], pc, seq,
+                                   keyid, offset, insn[:insn_len]))
 
     @classmethod
     def from_row(cls, row: np.void) -> "Access":
-        n = int(row["insn_len"])
-        gpa = int(row["gpa"])
-        return cls(int(row["vcpu"]), gpa if gpa >= 0 else None, int(row["vaddr"]), int(row["size"]),
-                   KINDS[int(row["kind"])], int(row["pc"]), int(row["seq"]), int(row["keyid"]),
-                   int(row["offset"]), bytes(row["insn"][:n]))
+        return cls.from_tuple(access_tuples(np.array([row], dtype=ACCESS_DTYPE))[0])
 
     @property
     def is_store(self) -> bool:
@@ -97,8 +110,8 @@ class Access:
 
 def accesses(batch: np.ndarray) -> Iterator[Access]:
     """The rows of an :data:`ACCESS_DTYPE` array as :class:`Access` objects."""
-    for row in batch:
-        yield Access.from_row(row)
+    for t in access_tuples(batch):
+        yield Access.from_tuple(t)
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,11 @@ PAGE_ATTR_DTYPE = np.dtype([("keyid", u16), ("watch", u8), ("reserved", u8)], al
 COUNTERS_DTYPE = np.dtype([("n", u64, (2,)), ("bytes", u64, (2,))], align=True)
 
 RECORD_DTYPE = np.dtype([
-    ("seq", u64), ("offset", u64), ("vaddr", u64), ("pc", u64), ("vcpu", u32), ("size", u8),
-    ("kind", u8), ("insn_len", u8), ("flags", u8), ("insn", u8, (16,)), ("keyid", u16),
-    ("reserved", u16, (3,)),
+    ("seq", u64), ("offset", u64), ("gpa", np.int64), ("vaddr", u64), ("pc", u64), ("vcpu", u16),
+    ("keyid", u16), ("size", u8), ("kind", u8), ("insn_len", u8), ("flags", u8), ("insn", u8, (16,)),
 ], align=True)
+"""One access to a watched page. ``gpa`` is -1 where the backend offset has no GPA; the shim
+writes it from the range table, so a copy of a ring is ready to hand out as it is."""
 
 # The C side asserts the same numbers (mktme_shim.c, _Static_assert).
 assert HEADER_DTYPE.itemsize == 392 and HEADER_DTYPE.itemsize <= HEADER_BYTES

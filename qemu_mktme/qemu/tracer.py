@@ -41,7 +41,7 @@ import numpy as np
 
 from ..errors import AccessTimeout, ShimError
 from .accesses import (ACCESS_DTYPE, Access, ForeignRead, PageTraffic, Traffic, TracerStats,
-                       TrafficSnapshot)
+                       TrafficSnapshot, access_tuples)
 from .binary import find_qemu
 from .foreign import ForeignLines
 from .guestram import GuestRAM
@@ -133,7 +133,8 @@ class Watch(_Subscription):
         self.gpa, self.nbytes, self.kinds = gpa, nbytes, kinds
         self._lo, self._hi = offset, offset + nbytes
         self._pages = np.arange(offset >> PAGE_SHIFT, ((offset + nbytes - 1) >> PAGE_SHIFT) + 1)
-        self._batch: np.ndarray | None = None
+        self._batch = np.empty(0, dtype=ACCESS_DTYPE)  # the batch being read one by one ...
+        self._rows: list[tuple] = []                 # type: ignore[type-arg]   # ... as tuples
         self._row = 0
 
     def __repr__(self) -> str:
@@ -145,7 +146,9 @@ class Watch(_Subscription):
         mask = (off >= self._lo) & (off < self._hi)
         if len(self.kinds) == 1:
             mask &= batch["kind"] == self.kinds[0]
-        if mask.any():
+        if mask.all():
+            self._push(batch, len(batch))                    # shared, read-only: no copy
+        elif mask.any():
             sub = batch[mask]
             self._push(sub, len(sub))
 
@@ -153,12 +156,13 @@ class Watch(_Subscription):
         return self
 
     async def __anext__(self) -> Access:
-        while self._batch is None or self._row >= len(self._batch):
+        while self._row >= len(self._rows):
             self._batch = await self._next_batch()
+            self._rows = access_tuples(self._batch)                  # one conversion per batch
             self._row = 0
-        row = self._batch[self._row]
+        row = self._rows[self._row]
         self._row += 1
-        return Access.from_row(row)
+        return Access.from_tuple(row)
 
     async def _next_batch(self) -> np.ndarray:
         batch = await self._next_item()
@@ -167,9 +171,10 @@ class Watch(_Subscription):
         return batch
 
     async def batches(self) -> AsyncIterator[np.ndarray]:
-        """The accesses in bulk: numpy arrays of :data:`~qemu_mktme.qemu.accesses.ACCESS_DTYPE`."""
-        if self._batch is not None and self._row < len(self._batch):
-            rest, self._batch = self._batch[self._row:], None
+        """The accesses in bulk: read-only numpy arrays of :data:`~qemu_mktme.qemu.accesses.ACCESS_DTYPE`."""
+        if self._row < len(self._rows):
+            rest = np.array(self._rows[self._row:], dtype=_ROW_DTYPE).view(ACCESS_DTYPE)
+            self._rows, self._row = [], 0
             yield rest
         while True:
             try:
@@ -267,7 +272,7 @@ class Tracer:
     Raises ``ShimError`` on a host that is not x86-64.
     """
 
-    def __init__(self, *, ring_entries: int = 1 << 16, verify: int = 1024, tlb: bool = True,
+    def __init__(self, *, ring_entries: int = 1 << 18, verify: int = 1024, tlb: bool = True,
                  decode: str = "inline", mode: str = "attribute", poll_interval: float = 0.002,
                  queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
         if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -661,19 +666,16 @@ class Tracer:
                 raise ShimError(f"vCPU {cpu}'s ring claims {n} records in {size} slots")
             start = tail % size
             ring = region.rings[cpu]
-            recs = ring[start:start + n].copy() if start + n <= size else \
+            batch = ring[start:start + n].copy() if start + n <= size else \
                 np.concatenate((ring[start:], ring[:start + n - size]))
             region.tails[cpu] = head                    # release: after the copies (x86 TSO)
+            batch.flags.writeable = False               # watchers may share it
             self._records += n
             total += n
-            self._dispatch(recs)
+            self._dispatch(batch)
         return total
 
-    def _dispatch(self, recs: np.ndarray) -> None:
-        batch = np.empty(len(recs), dtype=ACCESS_DTYPE)
-        for name in ("seq", "vcpu", "kind", "size", "keyid", "offset", "vaddr", "pc", "insn_len", "insn"):
-            batch[name] = recs[name]
-        batch["gpa"] = self._gpas(recs["offset"])
+    def _dispatch(self, batch: np.ndarray) -> None:
         if self._foreign:
             self._check_foreign(batch)
         for w in list(self._watches):

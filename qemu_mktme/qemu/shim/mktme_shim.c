@@ -238,16 +238,16 @@ _Static_assert(sizeof(struct shim_counters) == 32, "counter layout");
 struct shim_record {
     uint64_t seq;                                /* per-vCPU sequence number */
     uint64_t offset;                             /* guest-RAM backend offset of the first byte */
+    uint64_t gpa;                                /* its guest-physical address, or UINT64_MAX */
     uint64_t vaddr;
     uint64_t pc;                                 /* vaddr of the instruction */
-    uint32_t vcpu;
+    uint16_t vcpu;
+    uint16_t keyid;                              /* the page's KeyID at the access */
     uint8_t size;
     uint8_t kind;                                /* KIND_LOAD, KIND_STORE */
     uint8_t insn_len;                            /* 0: bytes unknown */
     uint8_t flags;
     uint8_t insn[16];
-    uint16_t keyid;                              /* the page's KeyID at the access */
-    uint16_t reserved[3];
 };
 _Static_assert(sizeof(struct shim_record) == 64, "record layout");
 
@@ -426,6 +426,18 @@ static void flush_tlb(unsigned int vcpu_index, void *udata)
     s->tlb_flushes++;
 }
 
+/* The GPA at which a backend offset appears (the range table Python filled in). */
+static uint64_t offset_to_gpa(uint64_t offset)
+{
+    uint32_t n = __atomic_load_n(&hdr->nranges, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n && i < SHIM_MAX_RANGES; i++) {
+        const struct shim_range *r = &hdr->ranges[i];
+        if (offset - r->offset < r->size)
+            return r->gpa + (offset - r->offset);
+    }
+    return UINT64_MAX;
+}
+
 /* The event ring: single producer (this vCPU's thread), single consumer (Python). The producer
  * never waits: when the ring is full the record is dropped and counted. */
 static void emit(struct vcpu_local *v, unsigned int vcpu_index, uint64_t page, uint64_t vaddr,
@@ -443,16 +455,16 @@ static void emit(struct vcpu_local *v, unsigned int vcpu_index, uint64_t page, u
     struct shim_record *r = &v->ring[v->head & ring_mask];
     r->seq = seq;
     r->offset = page << SHIM_PAGE_SHIFT | (vaddr & ((1u << SHIM_PAGE_SHIFT) - 1));
+    r->gpa = offset_to_gpa(r->offset);
     r->vaddr = vaddr;
     r->pc = insn->pc;
-    r->vcpu = vcpu_index;
+    r->vcpu = (uint16_t)vcpu_index;
+    r->keyid = attrs[page].keyid;
     r->size = (uint8_t)size;
     r->kind = (uint8_t)kind;
     r->insn_len = insn->len;
     r->flags = 0;
     memcpy(r->insn, insn->bytes, sizeof(r->insn));
-    r->keyid = attrs[page].keyid;
-    memset(r->reserved, 0, sizeof(r->reserved));
     v->head++;
     __atomic_store_n(&s->seq, v->seq, __ATOMIC_RELAXED);
     __atomic_store_n(&s->head, v->head, __ATOMIC_RELEASE);
