@@ -204,6 +204,7 @@ class TracerStats:
     insns_translated: int
     insns_unique: int
     insns_tlb_flush: int
+    vcpu_accesses: tuple[int, ...] = ()           # RAM accesses per vCPU
 
     @property
     def accesses(self) -> int:

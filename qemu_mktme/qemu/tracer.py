@@ -503,8 +503,9 @@ class Tracer:
             return int(v[name].sum(dtype=np.uint64))
 
         io = v["io"].sum(axis=0, dtype=np.uint64)
+        per_vcpu = self._counts()[..., :2].sum(axis=(1, 2), dtype=np.uint64)
         return TracerStats(
-            ram_accesses=int(self._counts()[..., :2].sum(dtype=np.uint64)),
+            ram_accesses=int(per_vcpu.sum(dtype=np.uint64)),
             io_loads=int(io[0]), io_stores=int(io[1]), other=total("other"),
             lookup_failures=total("lookup_failures"), tlb_misses=total("tlb_misses"),
             tlb_flushes=total("tlb_flushes"), verify_checks=total("verify_checks"),
@@ -513,7 +514,7 @@ class Tracer:
             records=self._records, ring_dropped=total("dropped"),
             watch_dropped=self._dropped_watches + sum(w.dropped for w in self._watches),
             insns_translated=int(h["insns_translated"]), insns_unique=int(h["insns_unique"]),
-            insns_tlb_flush=int(h["insns_tlb_flush"]))
+            insns_tlb_flush=int(h["insns_tlb_flush"]), vcpu_accesses=tuple(int(n) for n in per_vcpu))
 
     @property
     def overflow(self) -> int:

@@ -10,10 +10,10 @@ from qemu_mktme.qemu.tracer import Tracer
 
 
 @contextlib.asynccontextmanager
-async def traced(boot: Any, *, memory: str = "512M", start_paused: bool = False,
+async def traced(boot: Any, *, memory: str = "512M", cpus: int = 1, start_paused: bool = False,
                  **tracer_options: Any) -> AsyncIterator[tuple[Machine, Tracer]]:
     tracer = Tracer(**tracer_options)
-    config = MachineConfig(boot=boot, memory=memory, start_paused=start_paused)
+    config = MachineConfig(boot=boot, memory=memory, cpus=cpus, start_paused=start_paused)
     async with tracer, Machine(tracer.configure(config)) as vm:
         await tracer.start(vm)
         yield vm, tracer

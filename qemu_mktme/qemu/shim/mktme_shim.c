@@ -15,8 +15,11 @@
  *    qemu_plugin_get_hwaddr + qemu_plugin_hwaddr_phys_addr (a RAMBlock search on 7.2) run
  *    only on a miss. Instructions that can change translations (MOV to CRn, INVLPG,
  *    INVPCID, WRMSR, LMSW, RSM, far JMP/CALL, VMRUN, INVLPGA) are found at translation time
- *    and bump the vCPU's generation before they execute. Every Nth hit is looked up again
- *    and compared (verify=N); a disagreement is counted, so the cache shows it is honest.
+ *    and bump the vCPU's generation before they execute; their own accesses are never cached.
+ *    (IRET, SYSRET and interrupts do not change CR3 in IA-32e mode; a 32-bit task switch
+ *    through IRET with NT=1, SMI entry and a #VMEXIT are not seen, which is what the next
+ *    check is for.) Every Nth hit is looked up again and compared (verify=N); a disagreement
+ *    is counted, so the cache shows it is honest.
  *  - the hit path decodes the access size and direction from qemu_plugin_meminfo_t inline
  *    (QEMU 7.2 .. 10.x build it as MemOpIdx | rw << 16, MemOpIdx = memop << 4 | mmu_idx):
  *    calling qemu_plugin_mem_size_shift and qemu_plugin_mem_is_store cost more than all the
@@ -307,7 +310,8 @@ static unsigned nvcpus;
 static uint64_t npages, ring_mask;
 static uint32_t verify_period, phys_mode, mode;
 static bool tlb_on, decode_api;
-static struct insn_info untracked_insn;          /* stands for instructions not kept */
+static struct insn_info untracked_insn;          /* stand-ins for instructions not kept */
+static struct insn_info untracked_flush_insn = { .flushes_tlb = 1 };
 
 #define NO_PAGE UINT64_MAX
 
@@ -369,15 +373,18 @@ static void fill_entry(struct vcpu_local *v, struct stlb_entry *e, uint64_t vpn,
 }
 
 /* The entry to count this access in, or NULL when it is not to guest RAM (MMIO, ROMs: counted
- * apart and never cached). */
-static struct stlb_entry *resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind)
+ * apart and never cached). The accesses of a translation-changing instruction are never
+ * cached either: its generation bump comes before it executes, the change after. */
+static struct stlb_entry *resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind,
+                                  const struct insn_info *insn)
 {
     struct shim_vcpu *s = &v->block->s;
     uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
     uint64_t stamp = stamp_of(v->block) & ~STAMP_FLAGS;
-    struct stlb_entry *e = tlb_on ? &v->block->tlb[vpn & (STLB_ENTRIES - 1)] : &v->scratch;
+    bool cacheable = tlb_on && !insn->flushes_tlb;
+    struct stlb_entry *e = cacheable ? &v->block->tlb[vpn & (STLB_ENTRIES - 1)] : &v->scratch;
     uint64_t estamp = e->stamp & ~STAMP_FLAGS;
-    bool translated = tlb_on && e->vpn == vpn && estamp && estamp >> 32 == stamp >> 32;
+    bool translated = cacheable && e->vpn == vpn && estamp && estamp >> 32 == stamp >> 32;
 
     if (translated && estamp == stamp) {
         /* A hit that came here because the page is watched or decode=api (verify_left > 0:
@@ -488,7 +495,7 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
         if (__atomic_load_n(&decode_api, __ATOMIC_RELAXED))   /* this vCPU's hits now come here */
             __atomic_store_n(&s->gen, s->gen | (uint32_t)(STAMP_POISON >> 32), __ATOMIC_RELAXED);
     }
-    struct stlb_entry *e = resolve(v, info, vaddr, kind);
+    struct stlb_entry *e = resolve(v, info, vaddr, kind, udata);
     if (!e)
         return;
     unsigned size = 1u << shift;
@@ -646,8 +653,11 @@ static const struct insn_info *intern_insn(uint64_t pc, const uint8_t *bytes, si
         break;
     }
 out:
-    if (found == &untracked_insn)
+    if (found == &untracked_insn) {
         hdr->insns_untracked++;
+        if (changes_translation(bytes, len))
+            found = &untracked_flush_insn;
+    }
     pthread_mutex_unlock(&insn_lock);
     return found;
 }
@@ -679,12 +689,12 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         uint8_t bytes[16] = {0};
         size_t len = insn_bytes(insn, bytes);
         const struct insn_info *info = intern_insn(qemu_plugin_insn_vaddr(insn), bytes, len);
-        if (info == &untracked_insn ? changes_translation(bytes, len) : info->flushes_tlb) {
+        if (info->flushes_tlb) {
             __atomic_fetch_add(&hdr->insns_tlb_flush, 1, __ATOMIC_RELAXED);
             qemu_plugin_register_vcpu_insn_exec_cb(insn, flush_tlb, QEMU_PLUGIN_CB_NO_REGS, NULL);
         }
-        qemu_plugin_register_vcpu_mem_cb(insn, tlb_on ? on_access : on_access_slow, QEMU_PLUGIN_CB_NO_REGS,
-                                         QEMU_PLUGIN_MEM_RW, (void *)info);
+        qemu_plugin_register_vcpu_mem_cb(insn, tlb_on && !info->flushes_tlb ? on_access : on_access_slow,
+                                         QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, (void *)info);
     }
 }
 
