@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from conftest import traced
+from traced_machine import traced
 from qemu_mktme.errors import AccessTimeout, QemuExited, ShimError
 from qemu_mktme.qemu.accesses import Traffic
 from qemu_mktme.qemu.machine import Machine, MachineConfig

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from conftest import traced
+from traced_machine import traced
 from qemu_mktme.qemu import images
 from qemu_mktme.qemu.accesses import Traffic
 

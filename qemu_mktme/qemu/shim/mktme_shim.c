@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-or-later
  *
- * mktme_shim.c - qemu-mktme's TCG plugin: attribute every guest load and store to a page of
- * guest RAM and to that page's KeyID, and stream the accesses to watched pages into a shared
- * region that Python reads (qemu_mktme/qemu/shim_layout.py declares the same layout in numpy).
+ * mktme_shim.c - qemu-mktme's TCG plugin: count every guest load and store against the page of
+ * guest RAM it touches (Python assigns each page its KeyID), and stream the accesses to watched
+ * pages into a shared region that Python reads (qemu_mktme/qemu/shim_layout.py declares the
+ * same layout in numpy).
  *
  * Built by qemu_mktme/qemu/shim/build.py with the system gcc, one variant per plugin API:
  *   MKTME_PLUGIN_ABI=1  QEMU 7.2 .. 8.2   qemu_plugin_insn_data returns a pointer

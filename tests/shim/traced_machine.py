@@ -1,4 +1,4 @@
-"""A traced machine: the tracer configured, the machine launched, the tracer started."""
+"""Test helper: a traced machine (the tracer configured, the machine launched, the tracer started)."""
 
 from __future__ import annotations
 
