@@ -14,7 +14,8 @@ Users catch by meaning, not by cause::
     │   ├── ConsoleTimeout          a console pattern did not appear in time
     │   ├── AttachError             no QEMU to attach to at the given socket / backend
     │   ├── QmpCommandError         QEMU refused a QMP command
-    │   └── ShimError               the TCG plugin shim cannot be built, loaded or read
+    │   └── ShimError               the TCG plugin shim or its tracer: cannot build, load, read
+    │       └── AccessTimeout       a watched guest access did not happen in time
     ├── AddressError                an address outside the memory it was used on (carries gpa/hpa)
     ├── HostError                   the host software model
     │   └── KeyServiceError         the mktme key service, with the kernel's errno (EINVAL, ...)
@@ -142,6 +143,22 @@ class QmpCommandError(QemuError):
 
 class ShimError(QemuError):
     """The TCG plugin shim cannot be built for this QEMU, loaded, or its shared region read."""
+
+
+class AccessTimeout(ShimError):
+    """No guest access to ``[gpa, gpa + nbytes)`` of kind ``on`` within ``timeout`` seconds.
+
+    >>> str(AccessTimeout(0x200000, 16, "store", 5))
+    'no guest store to 0x200000+16 within 5 s'
+    """
+
+    def __init__(self, gpa: int, nbytes: int, on: str, timeout: float) -> None:
+        what = {"both": "load or store"}.get(on, on)
+        super().__init__(f"no guest {what} to {gpa:#x}+{nbytes} within {timeout:g} s")
+        self.gpa = gpa
+        self.nbytes = nbytes
+        self.on = on
+        self.timeout = timeout
 
 
 # --- addresses --------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class MachineConfig:
     start_paused: bool = False
     incoming: bool = False                 # -incoming defer: wait for a migration stream
     plugins: tuple[str, ...] = ()          # -plugin arguments (the shim adds its own)
+    pass_fds: tuple[int, ...] = ()         # descriptors QEMU inherits (a plugin opens /proc/self/fd/N)
     extra_args: tuple[str, ...] = ()
     qemu: str | None = None
     launch_timeout: float = 30.0
@@ -272,7 +273,7 @@ class Machine:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=cfg.pass_fds,
                 preexec_fn=_set_pdeathsig if cfg.kill_on_parent_death else None)
         except OSError as err:
             raise LaunchError(f"{self.name}: cannot execute {self.qemu.path}: {err.strerror}") from err
