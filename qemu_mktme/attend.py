@@ -18,6 +18,7 @@ from typing import Any
 from .errors import MktmeError
 from .qemu.machine import Machine
 from .qemu.session import HostSession
+from .qemu.tracer import run_trace_summary
 
 PROG = "qemu-mktme"
 ESCAPE = b"\x1d"  # Ctrl-]
@@ -111,7 +112,14 @@ async def attend(session: HostSession, args: Any) -> int:
 
 
 async def _trace_summary(session: HostSession, interval: float) -> None:
-    raise MktmeError("--trace needs the TCG plugin shim, which this build does not have yet")
+    """Per-KeyID loads, stores and bytes and the hottest pages of every traced VM, periodically."""
+    if not session.tracers:
+        raise MktmeError("no VM of this host is traced")
+    def out(text: str) -> None:
+        sys.stderr.write(text.replace("\n", "\r\n") + "\r\n")
+        sys.stderr.flush()
+    await asyncio.gather(*(run_trace_summary(session.machines[name], tracer, interval, out)
+                           for name, tracer in session.tracers.items()))
 
 
 class ProgressBar:

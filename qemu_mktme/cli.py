@@ -26,6 +26,7 @@ from .inspect.command import add_inspect_parser
 from .qemu import control, images, snapfile
 from .qemu.machine import MachineConfig, parse_size
 from .qemu.session import HostSession, VmSpec
+from .qemu.shim import build_shim
 from .qemu.snapshot import snapshot_summary
 
 PROG = "qemu-mktme"
@@ -116,7 +117,7 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
         name = entry.get("name") or (base_name if len(entries) == 1 else f"{base_name}{n}")
         payload = payload_from_spec(entry.get("key", args.key))
         specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused), entry.get("tenant", args.tenant),
-                            payload))
+                            payload, trace=args.trace))
     return specs
 
 
@@ -217,10 +218,14 @@ def query(args: argparse.Namespace) -> int:
 
 
 def images_build(args: argparse.Namespace) -> int:
-    unknown = [n for n in args.names if n not in images.RECIPES]
+    known = [*images.RECIPES, "shim"]
+    unknown = [n for n in args.names if n not in known]
     if unknown:
-        raise ValueError(f"unknown image {unknown[0]!r} (known: {', '.join(images.RECIPES)})")
-    for name in args.names or list(images.RECIPES):
+        raise ValueError(f"unknown image {unknown[0]!r} (known: {', '.join(known)})")
+    for name in args.names or known:
+        if name == "shim":
+            print(f"shim: {build_shim()}")        # the TCG plugin, for the installed QEMU's plugin ABI
+            continue
         image = images.build(name, force=args.force, progress=lambda m: print(f"  {m}", file=sys.stderr))
         print(f"{name}: {image.directory}")
     return 0
@@ -333,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)
     b = img_sub.add_parser("build", help="build guest images into the cache (skips current ones)")
     b.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"images to build (default: all of {', '.join(images.RECIPES)})")
+                   help=f"images to build (default: all of {', '.join(images.RECIPES)}, and the shim)")
     b.add_argument("--force", action="store_true", help="rebuild even when current")
     b.set_defaults(func=images_build)
     ls = img_sub.add_parser("list", help="show the images and their state")

@@ -17,6 +17,8 @@ it can fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -31,6 +33,7 @@ from .qemu import images
 from .qemu.encrypted import EncryptedMachine
 from .qemu.machine import Machine, MachineConfig
 from .qemu.snapshot import restore_snapshot, save_snapshot
+from .qemu.tracer import Tracer
 
 NORMALISE: list[tuple[str, str, str]] = [
     # (pattern, replacement, why)
@@ -107,18 +110,35 @@ class Emulation:
         self.serial = self.host.keys.add("verify", self.payload, tenant="verify")
         self.kek = os.urandom(32)
         self.notes: list[str] = []
+        self.tracers: list[Tracer] = []
 
-    def machine(self, config: MachineConfig) -> Machine:
-        return EncryptedMachine(self.host, self._with_shim(config), key_serial=self.serial, tenant="verify")
+    async def launch(self, stack: contextlib.AsyncExitStack, config: MachineConfig) -> EncryptedMachine:
+        """The emulated machine, running: tenant key, tagged tables, and the shim attributing
+        every access to the VM's KeyID."""
+        tracer = await self.tracer(stack)
+        if tracer is not None:
+            config = tracer.configure(dataclasses.replace(config, start_paused=True))
+        vm = EncryptedMachine(self.host, config, key_serial=self.serial, tenant="verify")
+        await stack.enter_async_context(vm)
+        if tracer is not None:
+            await vm.trace(tracer)
+        await vm.resume()
+        return vm
 
-    def _with_shim(self, config: MachineConfig) -> MachineConfig:
+    async def tracer(self, stack: contextlib.AsyncExitStack) -> Tracer | None:
         if not self.shim:
-            return config
-        hook = shim_hook()
-        if hook is None:
-            self.notes.append("shim: not available in this build")
-            return config
-        return hook(config, self.notes)
+            return None
+        tracer = await stack.enter_async_context(Tracer())
+        self.tracers.append(tracer)
+        return tracer
+
+    def shim_notes(self) -> None:
+        """What the shims saw, once their machines are gone."""
+        for tracer in self.tracers:
+            st = tracer.stats()
+            self.notes.append(f"shim: {st.ram_accesses:,} guest RAM accesses attributed to KeyIDs "
+                              f"(TLB hit rate {st.tlb_hit_rate:.2%}, {st.verify_mismatches + st.decode_mismatches} "
+                              f"mismatches in {st.verify_checks + st.decode_checks:,} checks)")
 
     async def touch(self, vm: Machine) -> None:
         """Exercise the emulation on a running VM: a full DRAM view and its KeyID state."""
@@ -134,20 +154,6 @@ class Emulation:
             keyid = int(self.host.keys.describe(other)["keyid"])
             vm.guest.write(gpa, os.urandom(nbytes), keyid=keyid)
             self.notes.append(f"injected: {nbytes} bytes written at GPA {gpa:#x} through KeyID {keyid}")
-
-
-ShimHook = Callable[[MachineConfig, list[str]], MachineConfig]
-_shim_hook: ShimHook | None = None
-
-
-def shim_hook() -> ShimHook | None:
-    return _shim_hook
-
-
-def set_shim_hook(hook: ShimHook | None) -> None:
-    """Install how the emulated run attaches the TCG plugin shim (set by the shim's module)."""
-    global _shim_hook
-    _shim_hook = hook
 
 
 # ---------------------------------------------------------------------------------- workloads
@@ -216,8 +222,10 @@ async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) 
         await vm.pause()
         before = vm.console.transcript
         await vm.close()                                       # the original is gone for good
-        restored = await restore_snapshot(emu.host, path, emu.kek, name=f"{vm.name}-restored")
-        async with restored:
+        async with contextlib.AsyncExitStack() as stack:
+            tracer = await emu.tracer(stack)
+            restored = await restore_snapshot(emu.host, path, emu.kek, name=f"{vm.name}-restored", tracer=tracer)
+            await stack.enter_async_context(restored)
             await restored.console.wait_for(r"workload counter exit=", 600)
             run.exit_status = await restored.wait(120)
             run.transcript = before + restored.console.transcript
@@ -282,13 +290,17 @@ async def run_once(work: Workload, emu: Emulation | None) -> Run:
                            name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
     run = Run()
     start = time.perf_counter()
-    vm = emu.machine(config) if emu else Machine(config)
-    async with vm:
+    async with contextlib.AsyncExitStack() as stack:
+        if emu is None:
+            vm: Machine = await stack.enter_async_context(Machine(config))
+        else:
+            vm = await emu.launch(stack, config)
         await asyncio.wait_for(work.drive(vm, emu, run), work.timeout)
         if not run.transcript:
             run.transcript = vm.console.transcript
     run.seconds = time.perf_counter() - start
     if emu is not None:
+        emu.shim_notes()
         run.notes = list(emu.notes)
     return run
 
@@ -319,4 +331,4 @@ async def verify(names: list[str] | None = None, *, inject: str | None = None, s
 
 
 __all__ = ["INJECT", "NORMALISE", "WORKLOADS", "Emulation", "Outcome", "check_stock", "first_difference",
-           "normalise", "set_shim_hook", "verify"]
+           "normalise", "verify"]

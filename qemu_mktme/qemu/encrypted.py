@@ -22,6 +22,7 @@ from ..errors import MktmeError, QemuError
 from ..host.guest import EncryptedGuest, GuestRange
 from ..host.host import DEFAULT_VMM_HVA, Host
 from .machine import Machine, MachineConfig
+from .tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,15 @@ class EncryptedMachine(Machine):
             except MktmeError as err:
                 log.warning("%s: revoking key %#x: %s", self.name, self.key_serial, err)
         super()._release_files()
+
+    async def trace(self, tracer: Tracer) -> None:
+        """Start ``tracer`` on this (paused) machine: all guest RAM (the whole backend, BIOS
+        shadow RAM included) is attributed to the VM's KeyID, and host or DMA writes through another KeyID are reported to it as foreign lines,
+        so the guest's next load from such a line shows up as a foreign-KeyID read. The caller
+        resumes the guest (configure the tracer with ``start_paused=True``)."""
+        await tracer.start(self)
+        tracer.set_backend_keyid(0, self.ram.size, self.keyid)   # all of the backend is the VM's
+        self.guest.foreign_write_hooks.append(tracer.mark_foreign)
 
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""

@@ -8,6 +8,7 @@ spec is ``none`` runs as plain QEMU next to the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from ..host.host import Host
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
 from .machine import Machine, MachineConfig
+from .tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class VmSpec:
     config: MachineConfig
     tenant: str = "default"
     payload: str | None = "type=cpu"
+    trace: bool = False                    # load the TCG plugin shim and attribute every access
 
 
 class HostSession:
@@ -40,6 +43,7 @@ class HostSession:
         self.specs = specs
         self.host = Host(keyid_bits=keyid_bits, packages=packages)
         self.machines: dict[str, Machine] = {}
+        self.tracers: dict[str, Tracer] = {}
         self.handlers: dict[str, Handler] = {"query": self._query}
         self._serials: list[tuple[int, str]] = []
         self._control = ControlServer(self.handlers) if control else None
@@ -57,23 +61,38 @@ class HostSession:
         return self
 
     async def _start(self, spec: VmSpec) -> None:
-        name = spec.config.name
+        name, config = spec.config.name, spec.config
+        tracer = None
+        if spec.trace:
+            tracer = await self._stack.enter_async_context(Tracer())
+            config = tracer.configure(dataclasses.replace(config, start_paused=True))
         if spec.payload is None:
-            vm: Machine = Machine(spec.config)
+            vm: Machine = Machine(config)
         else:
             serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
             self._serials.append((serial, spec.tenant))
-            vm = EncryptedMachine(self.host, spec.config, key_serial=serial, tenant=spec.tenant)
+            vm = EncryptedMachine(self.host, config, key_serial=serial, tenant=spec.tenant)
         await self._stack.enter_async_context(vm)
         self.machines[name] = vm
+        if tracer is not None:
+            if isinstance(vm, EncryptedMachine):
+                await vm.trace(tracer)
+            else:
+                await tracer.start(vm)
+            self.tracers[name] = tracer
+            if not spec.config.start_paused:
+                await vm.resume()
 
-    async def restore(self, path: str, kek: bytes, *, name: str | None = None,
+    async def restore(self, path: str, kek: bytes, *, name: str | None = None, trace: bool = False,
                       progress: Any = None) -> EncryptedMachine:
         """Restore a snapshot into this host; the VM runs until the session ends."""
         from .snapshot import restore_snapshot  # snapshot builds on this module's siblings only
-        vm = await restore_snapshot(self.host, path, kek, name=name, progress=progress)
+        tracer = await self._stack.enter_async_context(Tracer()) if trace else None
+        vm = await restore_snapshot(self.host, path, kek, name=name, progress=progress, tracer=tracer)
         await self._stack.enter_async_context(vm)
         self.machines[vm.name] = vm
+        if tracer is not None:
+            self.tracers[vm.name] = tracer
         return vm
 
     async def save(self, name: str, path: str, kek: bytes, progress: Any = None) -> Any:

@@ -39,6 +39,7 @@ from .encrypted import EncryptedMachine
 from .images import BootSpec, sha256_file
 from .machine import MachineConfig, VmState
 from .snapfile import Writer, open_snapshot
+from .tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +234,12 @@ def verify_snapshot(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]:
 
 async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes, *, name: str | None = None,
                            memory: int | None = None, qemu: str | None = None,
-                           progress: Progress | None = None) -> EncryptedMachine:
+                           progress: Progress | None = None, tracer: Tracer | None = None) -> EncryptedMachine:
     """Restore a snapshot into a fresh QEMU bound to ``host``; the machine returned is running
     (or paused, if it was paused at save) and owned by the caller (``async with`` it).
 
-    Raises ``IntegrityError`` before anything starts if any part fails authentication (wrong
+    ``tracer`` (a fresh :class:`Tracer`) is loaded into the new QEMU and started before the guest
+    runs again. Raises ``IntegrityError`` before anything starts if any part fails authentication (wrong
     KEK included), ``SnapshotError`` if the kernel/initrd changed or ``memory`` differs from the
     snapshot's, and the launch errors of :class:`Machine`.
     """
@@ -261,9 +263,13 @@ async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes,
     config = MachineConfig(boot=boot, memory=int(vmi["memory"]), cpus=int(vmi["cpus"]), machine=vmi["machine"],
                            cpu=vmi.get("cpu"), name=vm_name, incoming=True, qemu=qemu,
                            accel=vmi.get("accel") or "tcg")
+    if tracer is not None:
+        config = tracer.configure(config)
     vm = EncryptedMachine(host, config, key_serial=serial, tenant=vmi["tenant"], revoke_key_on_close=True)
     try:
         await vm.launch()
+        if tracer is not None:
+            await vm.trace(tracer)
         _write_ram(snap, vm, XtsKey(data_key, tweak_key), int(m["ram"]["hpa"], 16), progress)
         await _load_device_state(vm, device_state)
         if vmi.get("was_running", True):

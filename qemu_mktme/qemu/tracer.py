@@ -39,7 +39,7 @@ from typing import AsyncIterator, Callable, Generator
 
 import numpy as np
 
-from ..errors import AccessTimeout, ShimError
+from ..errors import AccessTimeout, AddressError, ShimError
 from .accesses import (ACCESS_DTYPE, Access, ForeignRead, PageTraffic, Traffic, TracerStats,
                        TrafficSnapshot, access_tuples)
 from .binary import find_qemu
@@ -173,7 +173,7 @@ class Watch(_Subscription):
     async def batches(self) -> AsyncIterator[np.ndarray]:
         """The accesses in bulk: read-only numpy arrays of :data:`~qemu_mktme.qemu.accesses.ACCESS_DTYPE`."""
         if self._row < len(self._rows):
-            rest = np.array(self._rows[self._row:], dtype=_ROW_DTYPE).view(ACCESS_DTYPE)
+            rest = self._batch[self._row:]               # what per-event iteration left of this batch
             self._rows, self._row = [], 0
             yield rest
         while True:
@@ -433,10 +433,19 @@ class Tracer:
         """
         if gpa % PAGE_SIZE or nbytes % PAGE_SIZE or nbytes <= 0:
             raise ValueError(f"set_keyid needs a whole number of 4 KiB pages, got {gpa:#x}+{nbytes:#x}")
+        self._running()
+        self.set_backend_keyid(self._ram().offset_of(gpa, nbytes), nbytes, keyid)
+
+    def set_backend_keyid(self, offset: int, nbytes: int, keyid: int) -> None:
+        """Like :meth:`set_keyid`, by offset in the RAM backend: also covers RAM that QEMU maps
+        at no GPA yet (e.g. BIOS shadow RAM at 0xc0000, which firmware enables later)."""
+        if offset % PAGE_SIZE or nbytes % PAGE_SIZE or nbytes <= 0:
+            raise ValueError(f"set_backend_keyid needs whole 4 KiB pages, got {offset:#x}+{nbytes:#x}")
         if not 0 <= keyid < NKEYIDS:
             raise ValueError(f"keyid must be in 0 .. {NKEYIDS - 1}, got {keyid}")
         region = self._running()
-        offset = self._ram().offset_of(gpa, nbytes)
+        if offset + nbytes > self._ram().size:
+            raise AddressError(f"backend range {offset:#x}+{nbytes:#x} is beyond guest RAM", address=offset)
         pages = slice(offset >> PAGE_SHIFT, (offset + nbytes) >> PAGE_SHIFT)
         now = self._counts()[:, pages].sum(axis=0, dtype=np.uint64)
         self._fold(region.attrs["keyid"][pages].astype(np.intp), now - self._base[pages])

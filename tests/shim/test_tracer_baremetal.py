@@ -297,3 +297,21 @@ async def test_lifecycle_misuse(baremetal_image):
     with pytest.raises(ValueError, match="on must be"):
         async with traced(baremetal_image.boot()) as (vm, t):
             t.watch(PAGE, 16, on="write")
+
+
+async def test_batches_after_single_events_continue_where_iteration_stopped(baremetal_image):
+    """Read a few accesses one by one, then the rest in bulk: nothing lost, nothing repeated."""
+    async with traced(baremetal_image.boot()) as (vm, tracer):
+        await vm.console.wait_for("mktme> ", 10)
+        async with tracer.watch(PAGE, 4096, on="store") as stores:
+            await vm.console.command(f"fill {PAGE:#x} 4096 0x11 8", r"ok fill .*\n")
+            await tracer.flush()
+            first = await drain(stores, 3)
+            rest = []
+            async def bulk() -> None:
+                async for batch in stores.batches():
+                    rest.extend(int(g) for g in batch["gpa"])
+                    if len(first) + len(rest) >= 512:
+                        return
+            await asyncio.wait_for(bulk(), 10)
+        assert [a.gpa for a in first] + rest == [PAGE + 8 * k for k in range(512)]
