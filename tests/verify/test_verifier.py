@@ -28,8 +28,11 @@ def test_every_workload_is_identical(full_run):
         assert o.identical, f"{o.workload}: {o.first_difference}"
         assert o.plain.exit_status == o.emulated.exit_status == 0
         assert any("DRAM view" in n for n in o.emulated.notes), o.emulated.notes
+        shim = [n for n in o.emulated.notes if n.startswith("shim:")]
+        assert shim and all(" 0 mismatches" in n for n in shim), o.emulated.notes
     notes = {o.workload: " ".join(o.emulated.notes) for o in outcomes}
     assert "restored into a fresh QEMU" in notes["linux-snapshot"]
+    assert notes["linux-snapshot"].count("shim:") == 2          # the restored VM is traced too
     assert "encrypted snapshot saved mid-run" in notes["linux-memstress"]
     assert any("vmlinuz: stock linux-image-" in s for s in stock)
     assert any("bin/busybox: stock busybox-static" in s for s in stock)
