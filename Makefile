@@ -36,6 +36,9 @@ test: setup
 bench: setup
 	$(BIN)/python scripts/bench_boot.py
 	$(BIN)/python scripts/bench_engine.py
+	$(BIN)/python scripts/bench_shim.py
+	$(BIN)/python scripts/bench_snapshot.py
+	$(BIN)/python scripts/bench_inspect.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
