@@ -91,10 +91,13 @@ class EncryptedMachine(Machine):
         super()._release_files()
 
     async def trace(self, tracer: Tracer) -> None:
-        """Start ``tracer`` on this (paused) machine: all guest RAM (the whole backend, BIOS
-        shadow RAM included) is attributed to the VM's KeyID, and host or DMA writes through another KeyID are reported to it as foreign lines,
-        so the guest's next load from such a line shows up as a foreign-KeyID read. The caller
-        resumes the guest (configure the tracer with ``start_paused=True``)."""
+        """Start ``tracer`` on this (paused) machine.
+
+        All guest RAM (the whole backend, BIOS shadow RAM included) is attributed to the VM's
+        KeyID, and host or DMA writes through another KeyID are reported to the tracer as
+        foreign lines, so the guest's next load from one is a foreign-KeyID read. The caller
+        resumes the guest (configure the tracer with ``start_paused=True``).
+        """
         await tracer.start(self)
         tracer.set_backend_keyid(0, self.ram.size, self.keyid)   # all of the backend is the VM's
         self.guest.foreign_write_hooks.append(tracer.mark_foreign)

@@ -17,6 +17,7 @@ from ..host.host import Host
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
 from .machine import Machine, MachineConfig
+from .snapshot import SaveResult, restore_snapshot, save_snapshot
 from .tracer import Tracer
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ class HostSession:
     async def restore(self, path: str, kek: bytes, *, name: str | None = None, trace: bool = False,
                       progress: Any = None) -> EncryptedMachine:
         """Restore a snapshot into this host; the VM runs until the session ends."""
-        from .snapshot import restore_snapshot  # snapshot builds on this module's siblings only
         tracer = await self._stack.enter_async_context(Tracer()) if trace else None
         vm = await restore_snapshot(self.host, path, kek, name=name, progress=progress, tracer=tracer)
         await self._stack.enter_async_context(vm)
@@ -95,9 +95,12 @@ class HostSession:
             self.tracers[vm.name] = tracer
         return vm
 
-    async def save(self, name: str, path: str, kek: bytes, progress: Any = None) -> Any:
-        from .snapshot import save_snapshot
-        vm = self.machines.get(name) if name else (next(iter(self.machines.values())) if len(self.machines) == 1 else None)
+    async def save(self, name: str | None, path: str, kek: bytes, progress: Any = None) -> SaveResult:
+        """Save VM ``name`` (or the only one) as an encrypted snapshot at ``path``."""
+        if name:
+            vm = self.machines.get(name)
+        else:
+            vm = next(iter(self.machines.values())) if len(self.machines) == 1 else None
         if vm is None:
             raise ValueError(f"name the VM to save (have: {', '.join(self.machines)})")
         if not isinstance(vm, EncryptedMachine):
