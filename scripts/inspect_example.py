@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qemu_mktme.inspect.capture import capture  # noqa: E402
-from qemu_mktme.inspect.command import main as inspect  # noqa: E402
+from qemu_mktme.cli import main as inspect  # noqa: E402
 from qemu_mktme.qemu import images  # noqa: E402
 from qemu_mktme.qemu.machine import MachineConfig  # noqa: E402
 from qemu_mktme.qemu.session import HostSession, VmSpec  # noqa: E402

@@ -15,16 +15,12 @@ the spec inside the action, never through argparse (whose errors would echo it).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from ..arch.addresses import PAGE_SIZE
-from ..errors import MktmeError
 from .decrypt import extract
 from .diff import BLOCKS_PER_LINE, diff_dumps
 from .dump import Dump
@@ -316,33 +312,4 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``inspect`` on its own (``python -m qemu_mktme.inspect.command inspect DUMP ACTION``, and
-    the scripts): the same exit statuses and one-line errors as ``qemu-mktme``."""
-    parser = argparse.ArgumentParser(prog=PROG)
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-    add_inspect_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (MktmeError, ValueError, OSError) as err:
-        if args.traceback:
-            raise
-        first, *rest = str(err).splitlines() or [type(err).__name__]
-        print(f"{PROG}: error: {first}", file=sys.stderr)
-        for line in rest:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-
-
-__all__ = ["add_inspect_parser", "main"]
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["add_inspect_parser"]

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from ..errors import MktmeError, QemuError
-from ..host.guest import EncryptedGuest, GuestRange
+from ..host.guest import EncryptedGuest
 from ..host.host import DEFAULT_VMM_HVA, Host
 from .machine import Machine, MachineConfig
 from .tracer import Tracer
@@ -72,9 +72,8 @@ class EncryptedMachine(Machine):
         if self.name in self.host.guests:
             raise QemuError(f"the host already has a guest named {self.name!r}")
         ram = self.ram
-        ranges = [GuestRange(r.gpa, r.size, r.offset) for r in ram.ranges]
         hva = backend_hva(self.pid, ram.size) if self.pid else None
-        self._guest = self.host.add_guest(self.name, ram.backend, ranges, key_serial=self.key_serial,
+        self._guest = self.host.add_guest(self.name, ram.backend, list(ram.ranges), key_serial=self.key_serial,
                                           tenant=self.tenant, hva=hva or DEFAULT_VMM_HVA, hpa=self._hpa,
                                           extents=ram.data_extents)
 

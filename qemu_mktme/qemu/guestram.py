@@ -14,38 +14,25 @@ import errno
 import mmap
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..arch.addresses import GPA
+from ..host.guest import GuestRange
 from ..errors import AddressError, AttachError
-
-
-@dataclass(frozen=True)
-class RamRange:
-    """A run of guest-physical addresses backed by RAM: [gpa, gpa + size) at backend ``offset``."""
-
-    gpa: int
-    size: int
-    offset: int
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
 
 
 _FLAT_LINE = re.compile(
     r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (\S+)(?: @([0-9a-f]+))?", re.M)
 
 
-def parse_flat_view(mtree: str, backend: str) -> list[RamRange]:
+def parse_flat_view(mtree: str, backend: str) -> list[GuestRange]:
     """RAM ranges of memory region ``backend`` in the system address space of ``info mtree -f``.
 
     Adjacent ranges that are contiguous both in GPA and in the backend are merged.
     """
-    ranges: list[RamRange] = []
+    ranges: list[GuestRange] = []
     for view in mtree.split("FlatView #")[1:]:
         if 'AS "memory"' not in view:
             continue
@@ -54,10 +41,10 @@ def parse_flat_view(mtree: str, backend: str) -> list[RamRange]:
             if name != backend or kind != "ram":
                 continue
             gpa, size = int(start, 16), int(last, 16) - int(start, 16) + 1
-            rng = RamRange(gpa, size, int(offset, 16) if offset else 0)
+            rng = GuestRange(gpa, size, int(offset, 16) if offset else 0)
             prev = ranges[-1] if ranges else None
             if prev and prev.end == rng.gpa and prev.offset + prev.size == rng.offset:
-                ranges[-1] = RamRange(prev.gpa, prev.size + rng.size, prev.offset)
+                ranges[-1] = GuestRange(prev.gpa, prev.size + rng.size, prev.offset)
             else:
                 ranges.append(rng)
         break
@@ -72,7 +59,7 @@ class GuestRAM:
     b'pattern'
     """
 
-    def __init__(self, backend_path: str | os.PathLike[str], size: int, ranges: list[RamRange],
+    def __init__(self, backend_path: str | os.PathLike[str], size: int, ranges: list[GuestRange],
                  *, backend_id: str = "ram0") -> None:
         if not ranges:
             raise AttachError(f"QEMU's memory map shows no RAM from backend {backend_id!r}")
