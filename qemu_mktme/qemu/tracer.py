@@ -35,7 +35,7 @@ import re
 import time
 import weakref
 from collections import deque
-from typing import AsyncIterator, Callable, Generator
+from typing import Any, AsyncIterator, Callable, Generator
 
 import numpy as np
 
@@ -118,6 +118,30 @@ class _Subscription:
             await self._wakeup.wait()
         return self._items.popleft()
 
+    def _unregister(self, tracer: "Tracer") -> None:
+        """Tell ``tracer`` to stop delivering to this subscription (subclasses)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop delivering (idempotent); items already queued can still be read."""
+        tracer, self._tracer = self._tracer, None
+        if tracer is not None:
+            self._unregister(tracer)
+        self._end()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
 
 class Watch(_Subscription):
     """Accesses to a GPA range, as an async iterator of :class:`Access` (or numpy batches).
@@ -182,25 +206,11 @@ class Watch(_Subscription):
             except StopAsyncIteration:
                 return
 
-    def close(self) -> None:
-        """Stop watching (idempotent); accesses already queued can still be read."""
-        tracer, self._tracer = self._tracer, None
-        if tracer is not None:
-            tracer._release(self)
-        self._end()
-
-    async def aclose(self) -> None:
-        self.close()
+    def _unregister(self, tracer: "Tracer") -> None:
+        tracer._release(self)
 
     async def __aenter__(self) -> "Watch":
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 class ForeignReads(_Subscription):
@@ -218,21 +228,11 @@ class ForeignReads(_Subscription):
         assert isinstance(item, ForeignRead)
         return item
 
-    def close(self) -> None:
-        tracer, self._tracer = self._tracer, None
-        if tracer is not None:
-            tracer._foreign_subs.discard(self)
-        self._end()
+    def _unregister(self, tracer: "Tracer") -> None:
+        tracer._foreign_subs.discard(self)
 
     async def __aenter__(self) -> "ForeignReads":
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 class AccessWaiter:
