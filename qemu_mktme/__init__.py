@@ -1,8 +1,19 @@
 """qemu-mktme: Intel Multi-Key Total Memory Encryption emulated around unmodified QEMU.
 
-Layers, imports only going down: ``arch`` (architectural definitions) -> ``engine`` (the
-hardware model) -> ``host`` (the host software model) -> ``qemu`` (the live side) ->
-``inspect`` / ``cli`` / ``pytest_plugin`` (the tools).
+Layers, imports only going down (``tests/test_layers.py`` checks it)::
+
+    arch      architectural definitions, pure
+    engine    the hardware model: platform, PCONFIG, key tables, AES-XTS, physical memory
+    host      the host software model: key service, KeyIDs, EPT / VMM page table / IOMMU, DMA
+    files     formats and places on disk: snapshot and dump files, atomic writes, the cache
+    qemu      the stock-QEMU driver (no MKTME): machine, monitor, console, guest RAM
+    images    guest images built from source and stock Debian packages
+    trace     the TCG plugin shim and the tracer
+    live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
+    inspect   offline tools over dumps
+    verifier, demo, attend, cli, pytest_plugin    what users run
+
+``errors`` is shared by all.
 """
 
 import logging

@@ -17,8 +17,8 @@ from typing import Any
 
 from .errors import MktmeError
 from .qemu.machine import Machine
-from .qemu.session import HostSession
-from .qemu.tracer import run_trace_summary
+from .live.session import HostSession
+from .trace.tracer import run_trace_summary
 
 PROG = "qemu-mktme"
 ESCAPE = b"\x1d"  # Ctrl-]

@@ -9,25 +9,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import demo, verifier
 from .attend import ProgressBar, attend
 from .errors import MktmeError
 from .host.payload import payload_from_spec
-from .inspect.capture import capture
 from .inspect.command import add_inspect_parser
-from .qemu import control, images, snapfile
+from .live import control
+from . import images
+from .files import snapfile
 from .qemu.machine import MachineConfig, parse_size
-from .qemu.session import HostSession, VmSpec
-from .qemu.shim import build_shim
-from .qemu.snapshot import snapshot_summary
+from .live.session import HostSession, VmSpec
+from .trace.shim import build_shim
+from .live.snapshot import snapshot_summary
 
 PROG = "qemu-mktme"
 
@@ -123,21 +123,7 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
 
 async def run_guest(args: argparse.Namespace) -> int:
     async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages) as session:
-        register_tools(session)
         return await attend(session, args)
-
-
-def register_tools(session: HostSession) -> None:
-    """Control-socket commands that the tools above the live layer provide."""
-    async def dump(req: dict, progress: Callable[[int, int], None]) -> dict:
-        d = await capture(session, req["path"], req.get("vms") or (), progress)
-        return {"path": str(d.path), "regions": [r.to_json() for r in d.regions]}
-    session.handlers["dump"] = dump
-
-    async def save(req: dict, progress: Callable[[int, int], None]) -> dict:
-        result = await session.save(req.get("vm"), req["path"], _read_kek(req["kek_file"]), progress)
-        return dataclasses.asdict(result)
-    session.handlers["snapshot-save"] = save
 
 
 def _read_kek(path: str) -> bytes:
@@ -152,7 +138,7 @@ def snapshot_save(args: argparse.Namespace) -> int:
     bar = ProgressBar("saving")
     try:
         r = run_async(control.request("snapshot-save", pid=args.pid, progress=bar, path=os.path.abspath(args.path),
-                                      vm=args.vm_name, kek_file=os.path.abspath(args.kek_file)))
+                                      vm=args.vm_name, kek=_read_kek(args.kek_file).hex()))
     finally:
         bar.close()
     print(f"saved {r['path']}: {r['stored_nbytes'] >> 20} MiB of RAM in {r['chunks']} chunks "
@@ -166,7 +152,6 @@ async def _restore(args: argparse.Namespace) -> int:
     async with HostSession([], keyid_bits=args.keyid_bits) as session:
         vm = await session.restore(args.path, kek, name=args.name)
         print(f"{PROG}: restored {vm.name} from {args.path}", file=sys.stderr)
-        register_tools(session)
         return await attend(session, args)
 
 

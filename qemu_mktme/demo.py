@@ -16,15 +16,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from . import verifier
 from .host.host import Host
-from .inspect.dump import Dump, write_dump
+from .files.dumpfile import Dump, write_dump
 from .inspect.entropy import dump_entropy
 from .inspect.layout import keyid_map
 from .inspect.plot import map_png
-from .pytest_plugin.assertions import find_in_dram
-from .qemu import images
-from .qemu.encrypted import EncryptedMachine
+from . import images
+from .live.encrypted import EncryptedMachine
 from .qemu.machine import MachineConfig
-from .qemu.snapshot import restore_snapshot, save_snapshot
+from .live.snapshot import restore_snapshot, save_snapshot
 
 STEPS = 7
 
@@ -104,7 +103,7 @@ async def run_demo(png: str | os.PathLike[str], out: Callable[[str], None] = pri
         s.check(dram == enc.update(plain) + enc.finalize(),
                 "that line equals AES-XTS(tenant key, tweak = HPA) computed independently with `cryptography`")
         t0 = time.monotonic()
-        s.check(find_in_dram(vm, secret.encode()) is None,
+        s.check(vm.guest.find_in_dram(secret.encode()) is None,
                 f"the secret appears nowhere in all {vm.ram.size >> 20} MiB of DRAM "
                 f"(scanned in {time.monotonic() - t0:.1f} s)")
         tmp = Path(tempfile.mkdtemp(prefix="qemu-mktme-demo-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
@@ -117,7 +116,7 @@ async def run_demo(png: str | os.PathLike[str], out: Callable[[str], None] = pri
             async with scratch:
                 await scratch.console.wait_for(r"ok write .*\n", 30)
                 await scratch.pause()
-                s.check(find_in_dram(scratch, secret.encode()) is not None,
+                s.check(scratch.guest.find_in_dram(secret.encode()) is not None,
                         f"a neighbour VM on a no-encrypt KeyID ({scratch.keyid}) leaves the same secret in DRAM as plaintext")
                 dump = write_dump([vm.guest, scratch.guest], tmp / "dump", host_info={"keyid_bits": 6})
             s.say(f"DRAM map and entropy of both VMs: {write_demo_png(dump, png)}")

@@ -29,11 +29,11 @@ from typing import Any
 
 from .errors import ImageError
 from .host.host import Host
-from .qemu import images
-from .qemu.encrypted import EncryptedMachine
+from . import images
+from .live.encrypted import EncryptedMachine
 from .qemu.machine import Machine, MachineConfig
-from .qemu.snapshot import restore_snapshot, save_snapshot
-from .qemu.tracer import Tracer
+from .live.snapshot import restore_snapshot, save_snapshot
+from .trace.tracer import Tracer
 
 NORMALISE: list[tuple[str, str, str]] = [
     # (pattern, replacement, why)

@@ -14,7 +14,7 @@ import asyncio
 import statistics
 import time
 
-from qemu_mktme.qemu import images
+from qemu_mktme import images
 from qemu_mktme.qemu.machine import Machine, MachineConfig
 
 GUESTS = {

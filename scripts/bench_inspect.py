@@ -32,11 +32,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qemu_mktme.engine.xts import XtsKey  # noqa: E402
-from qemu_mktme.host.guest import GuestRange  # noqa: E402
+from qemu_mktme.arch.guestmap import GuestRange  # noqa: E402
 from qemu_mktme.host.host import Host  # noqa: E402
 from qemu_mktme.inspect.decrypt import extract, iter_plaintext  # noqa: E402
 from qemu_mktme.inspect.diff import diff_dumps  # noqa: E402
-from qemu_mktme.inspect.dump import Dump, write_dump  # noqa: E402
+from qemu_mktme.files.dumpfile import Dump, write_dump  # noqa: E402
 from qemu_mktme.inspect.entropy import dump_entropy  # noqa: E402
 from qemu_mktme.inspect.search import Pattern, search  # noqa: E402
 

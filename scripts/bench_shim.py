@@ -28,10 +28,10 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from qemu_mktme.qemu import images
-from qemu_mktme.qemu.accesses import ACCESS_DTYPE, TracerStats, accesses
+from qemu_mktme import images
+from qemu_mktme.trace.accesses import ACCESS_DTYPE, TracerStats, accesses
 from qemu_mktme.qemu.machine import Machine, MachineConfig
-from qemu_mktme.qemu.tracer import Tracer
+from qemu_mktme.trace.tracer import Tracer
 
 VARIANTS: dict[str, dict[str, object] | None] = {
     "none": None,                                   # no plugin

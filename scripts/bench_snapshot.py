@@ -20,11 +20,11 @@ import tempfile
 import time
 
 from qemu_mktme.host.host import Host
-from qemu_mktme.inspect.dump import write_dump
-from qemu_mktme.qemu import images
-from qemu_mktme.qemu.encrypted import EncryptedMachine
+from qemu_mktme.files.dumpfile import write_dump
+from qemu_mktme import images
+from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.machine import MachineConfig, VmState, parse_size
-from qemu_mktme.qemu.snapshot import _migration_done, restore_snapshot, save_snapshot
+from qemu_mktme.live.snapshot import _migration_done, restore_snapshot, save_snapshot
 
 
 async def plain_migrate(vm: EncryptedMachine, path: str) -> float:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qemu_mktme.inspect.capture import capture  # noqa: E402
 from qemu_mktme.cli import main as inspect  # noqa: E402
 from qemu_mktme.qemu import images  # noqa: E402
 from qemu_mktme.qemu.machine import MachineConfig  # noqa: E402
-from qemu_mktme.qemu.session import HostSession, VmSpec  # noqa: E402
+from qemu_mktme.live.session import HostSession, VmSpec  # noqa: E402
 
 SECRET = "attack-at-dawn-" + os.urandom(4).hex()
 
@@ -46,11 +45,11 @@ async def make_dumps(out: Path) -> None:
         enc = session.machines["enc"]
         await enc.console.wait_for(r"ok write 0x200000 ", 10)
         await session.machines["clear"].console.wait_for(r"ok fill 0x300000 ", 10)
-        await capture(session, out / "before")
+        await session.dump(out / "before")
         for cmd in ("fill 0x400010 32 0xab", "fill 0x500000 4096 0x55", "fill 0x600000 256 0"):
             await enc.console.command(cmd, r"ok fill ")
             print(f"  enc> {cmd}")
-        await capture(session, out / "after", vms=["enc"])
+        await session.dump(out / "after", vms=["enc"])
 
 
 def run(*argv: str) -> None:

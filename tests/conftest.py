@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from qemu_mktme.qemu import images
+from qemu_mktme import images
 
 settings.register_profile("mktme", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("mktme")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..arch.addresses import GPA, HPA, KeyID, KeyIdLayout
+from ..arch.guestmap import GuestMap, GuestRange
 from ..arch.walk import WalkFault
 from ..engine.platform import Platform
 from ..errors import AddressError
@@ -35,19 +36,6 @@ log = logging.getLogger(__name__)
 
 ForeignWriteHook = Callable[[int, int, int], None]
 """hook(gpa, nbytes, keyid): a write through ``keyid`` (not the VM's) landed in guest RAM."""
-
-
-@dataclass(frozen=True)
-class GuestRange:
-    """Guest-physical [gpa, gpa + size) is backend [offset, offset + size)."""
-
-    gpa: int
-    size: int
-    offset: int
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
 
 
 @dataclass(frozen=True)
@@ -80,14 +68,14 @@ class EncryptedGuest:
         self.keyid = KeyID(keyid)
         self.platform = platform
         self.ram = ram
-        self.ranges = tuple(sorted(ranges, key=lambda r: r.gpa))
+        self.map = GuestMap(ranges, name=name)
+        self.ranges = self.map.ranges
         self.hpa_range = hpa
         self.hva = hva
         self.ept, self.vmm, self.iommu = ept, vmm, iommu
         self.foreign_write_hooks: list[ForeignWriteHook] = []
         self._describe_key = describe_key
         self._extents = extents
-        self._starts = [r.gpa for r in self.ranges]
 
     def __repr__(self) -> str:
         return f"<EncryptedGuest {self.name} KeyID {self.keyid} HPA {self.hpa_base:#x}+{self.ram.size:#x}>"
@@ -102,24 +90,13 @@ class EncryptedGuest:
 
     # ------------------------------------------------------------------ addresses
 
-    def _range_of(self, gpa: int, nbytes: int) -> GuestRange:
-        i = bisect.bisect_right(self._starts, gpa) - 1
-        if i >= 0 and gpa + max(nbytes, 1) <= self.ranges[i].end:
-            return self.ranges[i]
-        raise AddressError(f"{self.name}: GPA {gpa:#x}+{nbytes:#x} is not (all) guest RAM", address=gpa, nbytes=nbytes)
-
     def hpa_of(self, gpa: GPA | int, nbytes: int = 1) -> HPA:
         """The HPA of ``gpa``, by the VM's memory layout (``AddressError`` outside RAM)."""
-        r = self._range_of(gpa, nbytes)
-        return HPA(self.hpa_base + r.offset + (gpa - r.gpa))
+        return HPA(self.hpa_base + self.map.offset_of(gpa, nbytes))
 
     def gpa_of(self, hpa: HPA | int) -> GPA:
         """The guest-physical address of an HPA of this VM (``AddressError`` if none)."""
-        off = hpa - self.hpa_base
-        for r in self.ranges:
-            if r.offset <= off < r.offset + r.size:
-                return GPA(r.gpa + off - r.offset)
-        raise AddressError(f"{self.name}: HPA {hpa:#x} is not mapped into the guest", address=int(hpa))
+        return self.map.gpa_of(hpa - self.hpa_base)
 
     def translate(self, gpa: GPA | int) -> tuple[HPA, KeyID]:
         """GPA -> (HPA, KeyID) by walking the EPT in platform memory, as the CPU would."""
@@ -196,6 +173,17 @@ class EncryptedGuest:
                 hook(int(gpa), n, k)
 
     # ------------------------------------------------------------------ checks and queries
+
+    def find_in_dram(self, needle: bytes) -> int | None:
+        """Backend offset of the first ``needle`` in the whole DRAM view (across chunk borders), or None."""
+        tail = b""
+        for offset, chunk in self.iter_dram(chunk_nbytes=16 << 20):
+            data = tail + chunk.tobytes()
+            pos = data.find(needle)
+            if pos >= 0:
+                return offset - len(tail) + pos
+            tail = data[-(len(needle) - 1):] if len(needle) > 1 else b""
+        return None
 
     def check_consistency(self) -> list[Mismatch]:
         """Ranges of guest RAM whose EPT, VMM and IOMMU KeyIDs are not all the VM's KeyID.

@@ -24,7 +24,8 @@ from ..arch import msr as msr_bits
 from ..arch.msr import Algorithm
 from ..engine.platform import AES_XTS_128, AES_XTS_256, Platform
 from ..errors import HostError
-from .guest import EncryptedGuest, GuestRange
+from ..arch.guestmap import GuestRange
+from .guest import EncryptedGuest
 from .keyids import KeyIdAllocator
 from .keys import KeyService
 from .physmap import FrameAllocator, HpaRanges

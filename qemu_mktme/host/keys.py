@@ -141,6 +141,13 @@ class KeyService:
     def describe(self, serial: int) -> dict[str, object]:
         return self._get(serial).describe()
 
+    def payload(self, serial: int, tenant: str) -> Payload:
+        """The payload of ``tenant``'s key ``serial``, key bytes included (to seal it, e.g. in a snapshot).
+
+        Only the owning tenant gets it, as ``keyctl read`` of a user key gives its owner the bytes.
+        """
+        return self._owned(serial, tenant).payload
+
     def keys(self) -> list[Key]:
         return [self._keys[s] for s in sorted(self._keys)]
 

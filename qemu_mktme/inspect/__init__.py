@@ -16,7 +16,7 @@ One job per module::
 
 From Python::
 
-    from qemu_mktme.inspect.dump import Dump
+    from qemu_mktme.files.dumpfile import Dump
     from qemu_mktme.inspect.keyspec import parse_key_spec
     from qemu_mktme.inspect.search import Pattern, search
 

@@ -23,10 +23,10 @@ from typing import Any
 from ..arch.addresses import PAGE_SIZE
 from .decrypt import extract
 from .diff import BLOCKS_PER_LINE, diff_dumps
-from .dump import Dump
+from ..files.dumpfile import Dump
 from .entropy import DEFAULT_THRESHOLD, HISTOGRAM_EDGES, dump_entropy
 from .keyspec import parse_key_spec
-from .output import check_target
+from ..files.atomic import check_target
 from .layout import UNTAGGED, keyid_map
 from .plot import diff_png, entropy_png, map_png
 from .search import DEFAULT_MAX_MATCHES, DEFAULT_WINDOW, Pattern, search

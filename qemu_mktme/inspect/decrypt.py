@@ -22,11 +22,11 @@ import numpy.typing as npt
 from ..arch.addresses import PAGE_SIZE
 from ..engine.xts import XtsKey, decrypt_lines
 from ..errors import AddressError
-from .dump import Dump, Region
+from ..files.dumpfile import Dump, Region
 from .entropy import DEFAULT_THRESHOLD, page_entropy, sample_entropy
 from .keyspec import key_algorithm, why_not_decryptable
 from .layout import check_hpa, gpa_of, gpa_to_hpa
-from .output import atomic_output
+from ..files.atomic import atomic_output
 
 CHUNK_NBYTES = 4 << 20
 HINT_PAGES = 4096

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..arch.addresses import CACHE_LINE_SIZE, PAGE_SIZE
-from .dump import Dump, Region
+from ..files.dumpfile import Dump, Region
 from .layout import BLOCK_NBYTES, gpa_boundaries, hpa_to_gpa, runs
 
 CHUNK_NBYTES = 8 << 20

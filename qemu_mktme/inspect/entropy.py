@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..arch.addresses import PAGE_SIZE
-from .dump import DATA_FILE, Dump, Region
+from ..files.dumpfile import DATA_FILE, Dump, Region
 from .layout import UNTAGGED, gpa_boundaries, hpa_to_gpa, page_keyids, runs, select_regions
 
 log = logging.getLogger(__name__)

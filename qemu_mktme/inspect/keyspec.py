@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..engine.xts import XtsKey
 from ..host.payload import ALGORITHMS, algorithm_name
-from .dump import Region
+from ..files.dumpfile import Region
 
 
 def parse_key_spec(spec: str) -> XtsKey:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from ..arch.addresses import PAGE_SIZE
 from ..errors import AddressError
-from .dump import Dump, Region
+from ..files.dumpfile import Dump, Region
 
 UNTAGGED = -1
 """KeyID of a page that the VM's EPT does not map (a hole of the RAM backend in the GPA space)."""

@@ -27,10 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..arch.addresses import PAGE_SIZE
 from .diff import BLOCKS_PER_PAGE, DumpDiff
-from .dump import Region
+from ..files.dumpfile import Region
 from .entropy import EntropyMap
 from .layout import UNTAGGED, KeyIdMap
-from .output import atomic_output
+from ..files.atomic import atomic_output
 
 MARGIN = 8
 TITLE_H = 20

@@ -23,7 +23,7 @@ import numpy as np
 from ..arch.addresses import PAGE_SIZE
 from ..engine.xts import XtsKey, decrypt_lines
 from ..errors import SnapshotError
-from .dump import DATA_FILE, Dump, Region
+from ..files.dumpfile import DATA_FILE, Dump, Region
 from .entropy import DEFAULT_THRESHOLD, sample_entropy
 from .keyspec import why_not_decryptable
 from .layout import UNTAGGED, gpa_of, page_keyids, select_regions

@@ -3,7 +3,8 @@
 Options (``--mktme-guest``, ``--mktme-memory``, ``--mktme-key``, ``--mktme-keyid-bits``,
 ``--mktme-boot-timeout``, each with an ini twin), the ``mktme_vm`` marker, fixtures
 (``mktme_host``, ``mktme_vm``, ``mktme_images``, ``mktme_settings``) and assertions
-(:mod:`.assertions`). A first test::
+(:mod:`.assertions`). Needs the extra: ``pip install 'qemu-mktme[pytest]'`` (pytest-asyncio for
+the async fixtures; without it ``mktme_vm`` fails with one line saying so). A first test::
 
     from qemu_mktme.pytest_plugin import assert_not_in_dram, expect_console
 
@@ -19,13 +20,8 @@ from __future__ import annotations
 import pytest
 
 from .assertions import assert_ciphertext, assert_not_in_dram, expect_console, find_in_dram
-from .fixtures import mktme_host, mktme_images, mktme_settings  # noqa: F401 - fixtures, found by pytest
+from .fixtures import mktme_host, mktme_images, mktme_settings, mktme_vm  # noqa: F401 - fixtures, found by pytest
 from .options import add_options, settings
-
-try:
-    from .fixtures import mktme_vm  # noqa: F401
-except ImportError:  # pragma: no cover - without pytest-asyncio there is no async fixture
-    pass
 
 __all__ = ["assert_ciphertext", "assert_not_in_dram", "expect_console", "find_in_dram"]
 
@@ -34,10 +30,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    _default_loop_scope(config)
     config.addinivalue_line("markers", "mktme_vm(guest=, memory=, key=, tenant=, workload=, params=, commands=, "
                                        "name=, wait=): how the mktme_vm fixture boots its guest")
     settings(config)  # fail fast on bad values, before collection
+
+
+def _default_loop_scope(config: pytest.Config) -> None:
+    """Our async fixtures are function-scoped: say so when the user's ini does not, before
+    pytest-asyncio's own configure hook warns that the option is unset."""
+    try:
+        if not config.getini("asyncio_default_fixture_loop_scope"):
+            config._inicache["asyncio_default_fixture_loop_scope"] = "function"
+    except (ValueError, AttributeError):  # no pytest-asyncio (the option is unknown), or another pytest
+        pass
 
 
 def pytest_report_header(config: pytest.Config) -> str:

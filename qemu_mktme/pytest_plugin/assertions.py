@@ -26,15 +26,7 @@ def _guest(vm: Any) -> EncryptedGuest:
 
 def find_in_dram(vm: Any, needle: bytes) -> int | None:
     """Backend offset of ``needle`` in the guest's whole DRAM view, or None."""
-    guest = _guest(vm)
-    tail = b""
-    for offset, chunk in guest.iter_dram(chunk_nbytes=16 << 20):
-        data = tail + chunk.tobytes()
-        pos = data.find(needle)
-        if pos >= 0:
-            return offset - len(tail) + pos
-        tail = data[-(len(needle) - 1):] if len(needle) > 1 else b""
-    return None
+    return _guest(vm).find_in_dram(needle)
 
 
 def assert_not_in_dram(vm: Any, secret: bytes | str) -> None:

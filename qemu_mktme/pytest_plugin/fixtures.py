@@ -16,16 +16,17 @@ import pytest
 
 from ..host.host import Host
 from ..host.payload import payload_from_spec
-from ..qemu import images
-from ..qemu.encrypted import EncryptedMachine
+from .. import images
+from ..live.encrypted import EncryptedMachine
 from ..qemu.machine import MachineConfig, parse_size
 from .options import DEFAULT_MEMORY, Settings, settings
 
 try:
     import pytest_asyncio
-    async_fixture: Any = pytest_asyncio.fixture
-except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio
-    async_fixture = None
+except ImportError:  # the async fixtures need pytest-asyncio: the extra qemu-mktme[pytest]
+    pytest_asyncio = None
+
+MISSING_ASYNCIO = "qemu-mktme's mktme_vm fixture needs pytest-asyncio: pip install 'qemu-mktme[pytest]'"
 
 BOOT_MARKERS = {"baremetal": r"mktme-baremetal \d+ ready", "linux": r"mktme-linux: boot kernel="}
 MARKER_KEYS = {"guest", "memory", "key", "tenant", "workload", "params", "commands", "name", "wait"}
@@ -79,8 +80,13 @@ def _vm_config(request: pytest.FixtureRequest, s: Settings, mktme_images: dict[s
             "wait": opts.get("wait", True)}
 
 
-if async_fixture is not None:
-    @async_fixture
+if pytest_asyncio is None:
+    @pytest.fixture
+    def mktme_vm() -> None:
+        """Stands in for the async fixture when pytest-asyncio is missing: one clear line."""
+        pytest.fail(MISSING_ASYNCIO, pytrace=False)
+else:
+    @pytest_asyncio.fixture
     async def mktme_vm(request: pytest.FixtureRequest, mktme_settings: Settings, mktme_host: Host,
                        mktme_images: dict[str, images.Image]) -> AsyncIterator[EncryptedMachine]:
         """A guest booted under MKTME on ``mktme_host``, up to its boot marker; torn down after.

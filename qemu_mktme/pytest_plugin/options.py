@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ..host.payload import payload_from_spec
-from ..qemu.images import RECIPES
+from ..images import RECIPES
 from ..qemu.machine import parse_size
 
 GUESTS = tuple(RECIPES)

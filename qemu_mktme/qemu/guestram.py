@@ -9,7 +9,6 @@ below 4 GiB and continues at 4 GiB. The real layout is read from QEMU's own flat
 
 from __future__ import annotations
 
-import bisect
 import errno
 import mmap
 import os
@@ -19,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..arch.addresses import GPA
-from ..host.guest import GuestRange
-from ..errors import AddressError, AttachError
+from ..arch.guestmap import GuestMap, GuestRange
+from ..errors import AttachError
 
 
 _FLAT_LINE = re.compile(
@@ -82,40 +81,22 @@ class GuestRAM:
         self.backend_id = backend_id
         self.backend_path = Path(backend_path)
         self.size = size
-        self.ranges = tuple(ranges)
-        self._starts = [r.gpa for r in self.ranges]
+        self.map = GuestMap(ranges)
+        self.ranges = self.map.ranges
         self._buffer = memoryview(self._mmap)
 
     def __repr__(self) -> str:
-        spans = ", ".join(f"{r.gpa:#x}-{r.end - 1:#x}" for r in self.ranges)
-        return f"<GuestRAM {self.backend_id} {self.size >> 20} MiB at {spans}>"
+        return f"<GuestRAM {self.backend_id} {self.size >> 20} MiB at {self.map.describe()}>"
 
     # ----------------------------------------------------------------- addressing
 
     def offset_of(self, gpa: GPA | int, nbytes: int = 1) -> int:
         """Backend offset of ``[gpa, gpa + nbytes)``; ``AddressError`` unless it is all in one range."""
-        if nbytes < 0:
-            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        i = bisect.bisect_right(self._starts, gpa) - 1
-        if i >= 0:
-            r = self.ranges[i]
-            if gpa + max(nbytes, 1) <= r.end:
-                return r.offset + (gpa - r.gpa)
-            if gpa < r.end:
-                raise AddressError(f"GPA range {gpa:#x}+{nbytes:#x} runs past the end of RAM at "
-                                   f"{r.end:#x}", address=gpa, nbytes=nbytes)
-        raise AddressError(f"GPA {gpa:#x} is not guest RAM (RAM: {self._describe()})",
-                           address=gpa, nbytes=nbytes)
+        return self.map.offset_of(gpa, nbytes)
 
     def gpa_of(self, offset: int) -> GPA:
         """The guest-physical address at which backend ``offset`` appears (``AddressError`` if none)."""
-        for r in self.ranges:
-            if r.offset <= offset < r.offset + r.size:
-                return GPA(r.gpa + offset - r.offset)
-        raise AddressError(f"backend offset {offset:#x} is not mapped into the guest", address=offset)
-
-    def _describe(self) -> str:
-        return ", ".join(f"{r.gpa:#x}-{r.end - 1:#x}" for r in self.ranges)
+        return self.map.gpa_of(offset)
 
     # ----------------------------------------------------------------- access
 

@@ -38,7 +38,7 @@ from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommand
 from .binary import QemuBinary, find_qemu, kvm_works
 from .console import Console
 from .guestram import GuestRAM, parse_flat_view
-from .images import BootSpec
+from .boot import BootSpec
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)

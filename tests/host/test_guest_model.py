@@ -10,7 +10,7 @@ import pytest
 from qemu_mktme.arch.walk import FaultKind, WalkFault
 from qemu_mktme.errors import AddressError, KeyServiceError
 from qemu_mktme.host.dma import AssignedDevice, DmaFault
-from qemu_mktme.host.guest import GuestRange
+from qemu_mktme.arch.guestmap import GuestRange
 from qemu_mktme.host.host import Host
 
 from reference import user_payload, xts_lines

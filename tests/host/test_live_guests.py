@@ -9,7 +9,7 @@ import zlib
 import pytest
 
 from qemu_mktme.host.host import Host
-from qemu_mktme.qemu.encrypted import EncryptedMachine
+from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.pytest_plugin import assert_not_in_dram, find_in_dram
 

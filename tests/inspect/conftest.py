@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from qemu_mktme.host.guest import EncryptedGuest, GuestRange
+from qemu_mktme.arch.guestmap import GuestRange
+from qemu_mktme.host.guest import EncryptedGuest
 from qemu_mktme.host.host import Host
-from qemu_mktme.inspect.dump import Dump, write_dump
+from qemu_mktme.files.dumpfile import Dump, write_dump
 
 from reference import user_payload
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qemu_mktme.inspect.diff import diff_dumps, diff_region, pair_regions
-from qemu_mktme.host.guest import GuestRange
+from qemu_mktme.arch.guestmap import GuestRange
 from qemu_mktme.host.host import Host
-from qemu_mktme.inspect.dump import Dump, write_dump
+from qemu_mktme.files.dumpfile import Dump, write_dump
 
 from conftest import GIB, MIB, make_scene
 

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 
 from qemu_mktme.engine.xts import XtsKey
-from qemu_mktme.inspect.capture import capture
 from qemu_mktme.inspect.decrypt import extract
 from qemu_mktme.inspect.diff import diff_dumps
 from qemu_mktme.inspect.entropy import dump_entropy
 from qemu_mktme.inspect.layout import UNTAGGED, keyid_map
 from qemu_mktme.inspect.search import Pattern, search
 from qemu_mktme.qemu.machine import MachineConfig
-from qemu_mktme.qemu.session import HostSession, VmSpec
+from qemu_mktme.live.session import HostSession, VmSpec
 
 from reference import user_payload, xts_lines
 
@@ -55,13 +54,13 @@ async def _scenario(image, base):
         for vm in (enc, clear):
             await vm.pause()
         before = ram_copy(enc)
-        d1 = await capture(session, base / "d1")
+        d1 = await session.dump(base / "d1")
         await enc.resume()
         for gpa, n, byte, width in FILLS:
             await enc.console.command(f"fill {gpa:#x} {n:#x} {byte:#x} {width}", rf"ok fill {gpa:#x} ")
         await enc.pause()
         after = ram_copy(enc)
-        d2 = await capture(session, base / "d2", vms=["enc"])
+        d2 = await session.dump(base / "d2", vms=["enc"])
         ranges = [(r.gpa, r.size, r.offset) for r in enc.ram.ranges]
     return dict(key=XtsKey(key, tweak), raw_key=(key, tweak), secret=secret.encode(), clear_text=clear_text.encode(),
                 d1=d1, d2=d2, before=before, after=after, ranges=ranges)

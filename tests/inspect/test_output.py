@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from qemu_mktme.errors import SnapshotError
-from qemu_mktme.inspect.output import atomic_output
+from qemu_mktme.files.atomic import atomic_output
 
 
 def test_a_file_that_appears_meanwhile_is_kept(tmp_path):

@@ -11,7 +11,8 @@ import subprocess
 import pytest
 
 from qemu_mktme.errors import ImageError
-from qemu_mktme.qemu import cpio, images
+from qemu_mktme import images
+from qemu_mktme.images import cpio
 
 
 def test_cpio_round_trip_and_cpio_tool_agree(tmp_path):

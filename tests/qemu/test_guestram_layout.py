@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qemu_mktme.host.guest import GuestRange as RamRange
+from qemu_mktme.arch.guestmap import GuestRange as RamRange
 from qemu_mktme.qemu.guestram import parse_flat_view
 
 DATA = Path(__file__).parent.parent / "data"

@@ -16,7 +16,7 @@ import pytest
 
 from qemu_mktme.errors import (AddressError, AttachError, ConsoleTimeout, ImageError, LaunchError,
                                QemuExited, QemuNotFound)
-from qemu_mktme.qemu import images
+from qemu_mktme import images
 from qemu_mktme.qemu.machine import Machine, MachineConfig, VmState
 
 CRC = re.compile(r"ok crc32 (0x[0-9a-f]+) (\d+) 0x([0-9a-f]{8})")

@@ -18,11 +18,11 @@ import pytest
 
 from qemu_mktme.errors import IntegrityError, SnapshotError
 from qemu_mktme.host.host import Host
-from qemu_mktme.qemu import snapfile
-from qemu_mktme.qemu.encrypted import EncryptedMachine
-from qemu_mktme.qemu.images import BootSpec
+from qemu_mktme.files import snapfile
+from qemu_mktme.live.encrypted import EncryptedMachine
+from qemu_mktme.qemu.boot import BootSpec
 from qemu_mktme.qemu.machine import MachineConfig
-from qemu_mktme.qemu.snapshot import restore_snapshot, save_snapshot, snapshot_summary, verify_snapshot
+from qemu_mktme.live.snapshot import restore_snapshot, save_snapshot, snapshot_summary, verify_snapshot
 
 from reference import user_payload
 
@@ -207,10 +207,10 @@ async def test_full_disk_keeps_previous_snapshot(saved, kek, baremetal_image):
 KILLER = textwrap.dedent("""
     import asyncio, os, sys
     from qemu_mktme.host.host import Host
-    from qemu_mktme.qemu import images
-    from qemu_mktme.qemu.encrypted import EncryptedMachine
+    from qemu_mktme import images
+    from qemu_mktme.live.encrypted import EncryptedMachine
     from qemu_mktme.qemu.machine import MachineConfig
-    from qemu_mktme.qemu.snapshot import save_snapshot
+    from qemu_mktme.live.snapshot import save_snapshot
     async def main():
         host = Host()
         key, kek, path = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]

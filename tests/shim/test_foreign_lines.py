@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qemu_mktme.qemu.foreign import ForeignLines
-from qemu_mktme.qemu.shim_layout import KIND_LOAD, KIND_STORE, WATCH_LOAD, WATCH_STORE
+from qemu_mktme.trace.foreign import ForeignLines
+from qemu_mktme.trace.layout import KIND_LOAD, KIND_STORE, WATCH_LOAD, WATCH_STORE
 
 PAGE = 0x5000
 

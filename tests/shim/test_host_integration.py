@@ -10,9 +10,9 @@ import zlib
 
 from qemu_mktme.host.dma import AssignedDevice
 from qemu_mktme.host.host import Host
-from qemu_mktme.qemu.encrypted import EncryptedMachine
+from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.machine import MachineConfig
-from qemu_mktme.qemu.tracer import Tracer
+from qemu_mktme.trace.tracer import Tracer
 
 from helpers import qm
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qemu_mktme.errors import ShimError
-from qemu_mktme.qemu.shim import abi_for, build_shim, phys_mode_for, source_path
+from qemu_mktme.trace.shim import abi_for, build_shim, phys_mode_for, source_path
 
 
 @pytest.mark.parametrize("version, abi", [

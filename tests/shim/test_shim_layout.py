@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from qemu_mktme.errors import ShimError
-from qemu_mktme.qemu import shim_layout as L
-from qemu_mktme.qemu.shim import source_path
+from qemu_mktme.trace import layout as L
+from qemu_mktme.trace.shim import source_path
 
 STRUCTS = {
     "shim_header": L.HEADER_DTYPE, "shim_vcpu": L.VCPU_DTYPE, "shim_page_attr": L.PAGE_ATTR_DTYPE,

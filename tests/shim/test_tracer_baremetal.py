@@ -9,10 +9,10 @@ import pytest
 
 from traced_machine import traced
 from qemu_mktme.errors import AccessTimeout, QemuExited, ShimError
-from qemu_mktme.qemu.accesses import Traffic
+from qemu_mktme.trace.accesses import Traffic
 from qemu_mktme.qemu.machine import Machine, MachineConfig
-from qemu_mktme.qemu.shim import build_shim
-from qemu_mktme.qemu.tracer import Tracer, format_summary, run_trace_summary
+from qemu_mktme.trace.shim import build_shim
+from qemu_mktme.trace.tracer import Tracer, format_summary, run_trace_summary
 
 PAGE = 0x400_0000                  # untouched by the guest until a command names it
 OPERAND = {1: "byte ptr", 2: "word ptr", 4: "dword ptr", 8: "qword ptr"}

@@ -7,8 +7,8 @@ import asyncio
 import os
 
 from traced_machine import traced
-from qemu_mktme.qemu import images
-from qemu_mktme.qemu.accesses import Traffic
+from qemu_mktme import images
+from qemu_mktme.trace.accesses import Traffic
 
 
 async def test_linux_boot_secret_and_foreign_read(linux_image):

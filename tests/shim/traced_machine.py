@@ -6,7 +6,7 @@ import contextlib
 from typing import Any, AsyncIterator
 
 from qemu_mktme.qemu.machine import Machine, MachineConfig
-from qemu_mktme.qemu.tracer import Tracer
+from qemu_mktme.trace.tracer import Tracer
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ import pytest
 
 from qemu_mktme import verifier
 from qemu_mktme.errors import ImageError
-from qemu_mktme.qemu import images
+from qemu_mktme import images
 
 from helpers import qm
 

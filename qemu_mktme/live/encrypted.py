@@ -21,8 +21,8 @@ from pathlib import Path
 from ..errors import MktmeError, QemuError
 from ..host.guest import EncryptedGuest
 from ..host.host import DEFAULT_VMM_HVA, Host
-from .machine import Machine, MachineConfig
-from .tracer import Tracer
+from ..qemu.machine import Machine, MachineConfig
+from ..trace.tracer import Tracer
 
 log = logging.getLogger(__name__)
 

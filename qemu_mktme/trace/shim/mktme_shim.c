@@ -2,10 +2,10 @@
  *
  * mktme_shim.c - qemu-mktme's TCG plugin: count every guest load and store against the page of
  * guest RAM it touches (Python assigns each page its KeyID), and stream the accesses to watched
- * pages into a shared region that Python reads (qemu_mktme/qemu/shim_layout.py declares the
+ * pages into a shared region that Python reads (qemu_mktme/trace/layout.py declares the
  * same layout in numpy).
  *
- * Built by qemu_mktme/qemu/shim/build.py with the system gcc, one variant per plugin API:
+ * Built by qemu_mktme/trace/shim/build.py with the system gcc, one variant per plugin API:
  *   MKTME_PLUGIN_ABI=1  QEMU 7.2 .. 8.2   qemu_plugin_insn_data returns a pointer
  *   MKTME_PLUGIN_ABI=2  QEMU 9.0          the loader requires version >= 2
  *   MKTME_PLUGIN_ABI=3  QEMU 9.1 .. 10.x  qemu_plugin_insn_data copies into a buffer

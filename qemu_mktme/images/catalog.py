@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from ..errors import ImageError
+from ..files.cache import cache_root
+from ..qemu.boot import BootSpec
 from . import cpio
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-ENV_CACHE = "QEMU_MKTME_CACHE"
 ENV_RECIPES = "QEMU_MKTME_RECIPES"
 
 # The Linux guest reserves this guest-physical region with memmap= so that workloads can place
@@ -57,14 +58,6 @@ LINUX_KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 LINUX_BUSYBOX_PACKAGE = "busybox-static"
 
 Progress = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    """Where images are built: ``$QEMU_MKTME_CACHE``, else ``$XDG_CACHE_HOME/qemu-mktme``."""
-    if os.environ.get(ENV_CACHE):
-        return Path(os.environ[ENV_CACHE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(base) / "qemu-mktme"
 
 
 def recipes_root() -> Path:
@@ -89,17 +82,6 @@ def _tree_digest(root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class BootSpec:
-    """What QEMU's direct kernel boot needs: ``-kernel``, ``-initrd``, ``-append``."""
-
-    kernel: Path
-    initrd: Path | None = None
-    append: str = ""
-    min_memory: int = 0
-    image: str | None = None
 
 
 @dataclass(frozen=True)

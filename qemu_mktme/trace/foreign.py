@@ -9,7 +9,7 @@ A guest load that reads any garbage byte is a *foreign read*; each marked line i
 once, on the first such load, until it is marked again.
 
 Lines are addressed by guest-RAM backend offset (like the shim's page table). This module is
-pure numpy; :class:`~qemu_mktme.qemu.tracer.Tracer` feeds it the shim's records in order.
+pure numpy; :class:`~qemu_mktme.trace.tracer.Tracer` feeds it the shim's records in order.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shim_layout import KIND_LOAD, KIND_STORE, PAGE_SHIFT, WATCH_LOAD, WATCH_STORE
+from .layout import KIND_LOAD, KIND_STORE, PAGE_SHIFT, WATCH_LOAD, WATCH_STORE
 
 LINE_SHIFT = 6
 LINE_SIZE = 1 << LINE_SHIFT

@@ -31,8 +31,8 @@ from importlib import resources
 from pathlib import Path
 
 from ...errors import ShimError
-from ..binary import QemuBinary, find_qemu
-from ..images import cache_root
+from ...qemu.binary import QemuBinary, find_qemu
+from ...files.cache import cache_root
 
 SOURCE_NAME = "mktme_shim.c"
 LIBRARY_NAME = "mktme_shim.so"

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .shim_layout import KIND_STORE, RECORD_DTYPE
+from .layout import KIND_STORE, RECORD_DTYPE
 
 KINDS = ("load", "store")
 

@@ -36,10 +36,11 @@ from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
 from ..host.payload import algorithm_name
 from .encrypted import EncryptedMachine
-from .images import BootSpec, sha256_file
-from .machine import MachineConfig, VmState
-from .snapfile import Writer, open_snapshot
-from .tracer import Tracer
+from ..images import sha256_file
+from ..qemu.boot import BootSpec
+from ..qemu.machine import MachineConfig, VmState
+from ..files.snapfile import Writer, open_snapshot
+from ..trace.tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,10 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
     """Save ``vm`` to ``path`` (replacing an existing snapshot atomically). See the module doc."""
     started = time.monotonic()
     target = Path(path).absolute()
-    key = vm.host.keys._get(vm.key_serial)
-    if key.payload.type.value != "user" or not key.payload.key or not key.payload.tweak:
+    payload = vm.host.keys.payload(vm.key_serial, vm.tenant)
+    if payload.type.value != "user" or not payload.key or not payload.tweak:
         raise SnapshotError(f"{vm.name}: only VMs with a tenant (user) key can be saved; a "
-                            f"{key.payload.type.value} key never leaves the CPU")
+                            f"{payload.type.value} key never leaves the CPU")
     if not target.parent.is_dir():
         raise SnapshotError(f"{target.parent} is not a directory")
     _cleanup_partials(target)
@@ -193,9 +194,9 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
                        "was_running": was_running},
                 "ram": {"hpa": hex(guest.hpa_base), "chunk_nbytes": CHUNK_NBYTES,
                         "ranges": [[r.gpa, r.size, r.offset] for r in guest.ranges]},
-                "key": {"type": "user", "algorithm": algorithm_name(key.payload.algorithm)},
+                "key": {"type": "user", "algorithm": algorithm_name(payload.algorithm)},
             }
-            writer.finish(manifest, device_state, key.payload.key + key.payload.tweak,
+            writer.finish(manifest, device_state, payload.key + payload.tweak,
                           private={"boot": _boot_record(vm.config.boot)})
             f.flush()
             os.fsync(f.fileno())

@@ -42,12 +42,12 @@ import numpy as np
 from ..errors import AccessTimeout, AddressError, ShimError
 from .accesses import (ACCESS_DTYPE, Access, ForeignRead, PageTraffic, Traffic, TracerStats,
                        TrafficSnapshot, access_tuples)
-from .binary import find_qemu
+from ..qemu.binary import find_qemu
 from .foreign import ForeignLines
-from .guestram import GuestRAM
-from .machine import Machine, MachineConfig, VmState
+from ..qemu.guestram import GuestRAM
+from ..qemu.machine import Machine, MachineConfig, VmState
 from .shim import abi_for, build_shim, phys_mode_for
-from .shim_layout import (KIND_LOAD, KIND_STORE, LAYOUT_VERSION, NKEYIDS, PAGE_SHIFT, WATCH_LOAD,
+from .layout import (KIND_LOAD, KIND_STORE, LAYOUT_VERSION, NKEYIDS, PAGE_SHIFT, WATCH_LOAD,
                           WATCH_STORE, Geometry, Region)
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Watch(_Subscription):
         return batch
 
     async def batches(self) -> AsyncIterator[np.ndarray]:
-        """The accesses in bulk: read-only numpy arrays of :data:`~qemu_mktme.qemu.accesses.ACCESS_DTYPE`."""
+        """The accesses in bulk: read-only numpy arrays of :data:`~qemu_mktme.trace.accesses.ACCESS_DTYPE`."""
         if self._row < len(self._rows):
             rest = self._batch[self._row:]               # what per-event iteration left of this batch
             self._rows, self._row = [], 0

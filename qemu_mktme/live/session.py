@@ -10,15 +10,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..files.dumpfile import Dump, Progress
 from ..host.host import Host
+from ..qemu.machine import Machine, MachineConfig
+from ..trace.tracer import Tracer
+from .capture import capture
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
-from .machine import Machine, MachineConfig
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
-from .tracer import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ class HostSession:
         self.host = Host(keyid_bits=keyid_bits, packages=packages)
         self.machines: dict[str, Machine] = {}
         self.tracers: dict[str, Tracer] = {}
-        self.handlers: dict[str, Handler] = {"query": self._query}
+        self.handlers: dict[str, Handler] = {
+            "query": self._query, "dump": self._dump, "snapshot-save": self._save}
         self._serials: list[tuple[int, str]] = []
         self._control = ControlServer(self.handlers) if control else None
         self._stack = contextlib.AsyncExitStack()
@@ -107,6 +112,18 @@ class HostSession:
             raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
         return await save_snapshot(vm, path, kek, progress=progress)
 
+    async def dump(self, path: str | os.PathLike[str], vms: Sequence[str] = (),
+                   progress: Progress | None = None) -> Dump:
+        """A consistent DRAM dump of ``vms`` (default: every VM under MKTME) at ``path``."""
+        unknown = [n for n in vms if n not in self.machines]
+        if unknown:
+            raise ValueError(f"no VM named {unknown[0]!r} (have: {', '.join(self.machines)})")
+        chosen = [self.machines[n] for n in vms] or list(self.machines.values())
+        layout = self.host.platform.layout
+        info = {"maxphyaddr": layout.maxphyaddr, "keyid_bits": layout.keyid_bits,
+                "packages": self.host.platform.packages}
+        return await capture([vm for vm in chosen if isinstance(vm, EncryptedMachine)], path, info, progress)
+
     async def __aexit__(self, *exc: object) -> None:
         try:
             await self._stack.aclose()
@@ -136,5 +153,20 @@ class HostSession:
             return vm.query()
         return {"name": vm.name, "enabled": False, "pid": vm.pid, "state": vm.state.value}
 
+    # ------------------------------------------------------------------ control commands
+
     async def _query(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         return self.query(request.get("name"))
+
+    async def _dump(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        d = await self.dump(request["path"], request.get("vms") or (), progress)
+        return {"path": str(d.path), "regions": [r.to_json() for r in d.regions]}
+
+    async def _save(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        """The client read the KEK from its file and sends it over the 0600 socket: the host opens no user file."""
+        try:
+            kek = bytes.fromhex(request["kek"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("snapshot-save needs the key-encryption key (64 hex digits)") from None
+        result = await self.save(request.get("vm"), request["path"], kek, progress)
+        return dataclasses.asdict(result)

@@ -102,7 +102,7 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
                host_info: dict[str, Any] | None = None, progress: Progress | None = None) -> "Dump":
     """Write the DRAM image of ``guests`` to directory ``path`` (which must not exist).
 
-    The caller pauses the VMs (see :func:`qemu_mktme.qemu.session.HostSession.dump`). On any
+    The caller pauses the VMs (see :func:`qemu_mktme.live.session.HostSession.dump`). On any
     failure, including a full disk, the partial directory is removed. Raises ``SnapshotError``.
     """
     target = Path(path)
