@@ -1,34 +1,47 @@
-"""The encrypted snapshot container: one file, written atomically, verified before it is used.
+"""The encrypted snapshot container: one file, written atomically, every byte authenticated.
 
-Layout (all integers little-endian)::
+Layout, format version 2 (integers little-endian)::
 
-    "QMKTSNAP" | u32 version                                  header, 12 bytes
-    chunk 0 | chunk 1 | ...                                    guest RAM, sealed (see below)
-    device state                                               AES-256-GCM ciphertext
-    manifest                                                   JSON, UTF-8
-    u64 manifest offset | u64 manifest length | 16-byte tag | "QMKTEND\\0"   trailer, 48 bytes
+    "QMKTSNAP" | u32 version | 32-byte KDF salt | 16-byte snapshot id     header, 60 bytes
+    chunk 0 | chunk 1 | ...        guest RAM: AES-256-GCM ciphertext + 16-byte tag each
+    device state                   AES-256-GCM ciphertext + tag
+    manifest                       AES-256-GCM ciphertext of JSON (UTF-8), its tag in the trailer
+    u64 manifest offset | u64 manifest length | 16-byte manifest tag | "QMKTEND\\0"   trailer
 
-Guest RAM chunks are the **DRAM image** of the RAM: AES-XTS per 64-byte line under the VM's
-key with tweak = the line's HPA at save time, exactly what the memory bus carried. Each chunk
-has a GMAC tag (AES-256-GCM, empty plaintext) over the snapshot id, its index, backend offset
-and length, and its bytes, so tampering, truncation, reordering and substitution from another
-snapshot are all detected. The manifest lists every chunk with its tag and is itself
-authenticated by the trailer's tag; the VM key is in it only wrapped (AES-256-GCM). All keys
-come from the user's key-encryption key (KEK, 32 bytes) through HKDF-SHA256 with a random salt.
+Sections follow each other with no gap: a chunk's place in the file is implied by the chunk
+lengths before it (the file stores no offsets but the trailer's), and the manifest must start
+exactly where the device state ends. Keys come from the user's key-encryption key (KEK, 32
+bytes) through HKDF-SHA256 with the header's random salt, bound to the snapshot id: one key
+for RAM, one for the metadata, one for wrapping the VM key. What each tag covers:
 
-Chunks that were never written (memory holes) or are all zero are not stored: a reader of the
-file learns which 1 MiB chunks of guest RAM are zero, and how many are not (README).
+- the manifest tag: the manifest's exact stored bytes, the whole header (magic, version, salt,
+  id) and the trailer's offset and length. The manifest is decrypted (authenticated) before
+  any of it is parsed; JSON with a duplicated key is refused.
+- a chunk's tag: its bytes, the snapshot id, its index, guest RAM offset and length (nonce =
+  its index, unique under a key that is unique to the snapshot), so reordered, substituted,
+  truncated or foreign chunks fail; the manifest lists every chunk (RAM offset, length).
+- the device state's tag: its bytes and the snapshot id. The end magic is a constant.
+
+A chunk's plaintext is the **DRAM image** of that part of guest RAM (AES-XTS under the VM key,
+tweak = the line's HPA at save time), so restore rebuilds what the memory bus carried; the file
+holds it re-encrypted under the per-snapshot RAM key, so two snapshots share no bytes even of
+unchanged RAM, and the file does not show which 16-byte blocks changed between two saves.
+
+What a reader without the KEK learns: the file size (so, since all-zero 1 MiB chunks are not
+stored, how many chunks are not all zero, to within the few hundred KiB of device state), the
+format version, and the manifest's length. Not which chunks are zero, nor any name or setting
+of the VM: the manifest is sealed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
+import stat
 import struct
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -39,11 +52,14 @@ from ..errors import IntegrityError, SnapshotError
 
 MAGIC = b"QMKTSNAP"
 END_MAGIC = b"QMKTEND\0"
-VERSION = 1
-HEADER = struct.Struct("<8sI")
+VERSION = 2
+HEADER = struct.Struct("<8sI32s16s")        # magic, version, salt, snapshot id
 TRAILER = struct.Struct("<QQ16s8s")
 KEK_NBYTES = 32
-_INFO = b"qemu-mktme snapshot v1"
+TAG_NBYTES = 16
+MAX_MANIFEST_NBYTES = 64 << 20
+_INFO = b"qemu-mktme snapshot v2 "
+_V1_HEADER_NBYTES = 12
 
 
 def load_kek(text_or_bytes: bytes | str) -> bytes:
@@ -61,151 +77,255 @@ def load_kek(text_or_bytes: bytes | str) -> bytes:
 
 
 class Keys:
-    """The per-snapshot keys derived from the KEK: one AEAD for tags, wrapping and device state."""
+    """The per-snapshot keys derived from the KEK, the salt and the snapshot id."""
 
-    def __init__(self, kek: bytes, salt: bytes) -> None:
+    def __init__(self, kek: bytes, salt: bytes, snapshot_id: bytes) -> None:
         if len(kek) != KEK_NBYTES:
             raise ValueError(f"the KEK must be {KEK_NBYTES} bytes")
-        okm = HKDF(hashes.SHA256(), 32, salt, _INFO).derive(kek)
-        self.aead = AESGCM(okm)
 
-    def tag(self, nonce: bytes, aad: bytes) -> bytes:
-        return self.aead.encrypt(nonce, b"", aad)
+        def derive(purpose: bytes) -> AESGCM:
+            return AESGCM(HKDF(hashes.SHA256(), 32, salt, _INFO + purpose + snapshot_id).derive(kek))
 
-    def check(self, nonce: bytes, aad: bytes, tag: bytes) -> bool:
-        try:
-            self.aead.decrypt(nonce, tag, aad)
-            return True
-        except InvalidTag:
-            return False
+        self.ram = derive(b"ram")          # chunks
+        self.meta = derive(b"meta")        # manifest, device state
+        self.wrap = derive(b"wrap")        # the VM key
 
 
 def chunk_nonce(index: int) -> bytes:
     return b"C" + index.to_bytes(11, "little")
 
 
-def chunk_aad(snapshot_id: bytes, index: int, offset: int, data: bytes | memoryview) -> bytes:
-    return b"chunk" + snapshot_id + struct.pack("<QQQ", index, offset, len(data)) + bytes(data)
+def chunk_aad(snapshot_id: bytes, index: int, offset: int, nbytes: int) -> bytes:
+    return b"chunk" + snapshot_id + struct.pack("<QQQ", index, offset, nbytes)
+
+
+def manifest_aad(header: bytes, m_off: int, m_len: int) -> bytes:
+    return b"manifest" + header + struct.pack("<QQ", m_off, m_len)
 
 
 MANIFEST_NONCE = b"M" + bytes(11)
 DEVICE_NONCE = b"D" + bytes(11)
 WRAP_NONCE = b"W" + bytes(11)
-PRIVATE_NONCE = b"P" + bytes(11)
 
 
 def canonical(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_manifest(raw: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, an object, no duplicated key anywhere. ``ValueError`` otherwise."""
+    value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    if not isinstance(value, dict):
+        raise ValueError("the manifest is not a JSON object")  # noqa: TRY004 (malformed data, as json's own errors)
+    return value
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    offset: int           # in guest RAM (the backend)
+    nbytes: int           # of RAM; the file holds nbytes + TAG_NBYTES
+    file_offset: int
+
+
 @dataclass
 class Snapshot:
-    """A snapshot file read and authenticated (chunks not yet verified: see :meth:`verify_chunks`)."""
+    """An open snapshot whose header, trailer and manifest authenticated. It keeps the file open
+    and reads every section through that one descriptor, each byte once per use: a chunk or the
+    device state is authenticated in the very buffer that is returned to the caller."""
 
     path: str
+    fd: int
     manifest: dict[str, Any]
     keys: Keys
+    snapshot_id: bytes
     file_size: int
+    chunks: list[Chunk] = field(default_factory=list)
+    device_state_offset: int = 0
+    device_state_nbytes: int = 0
 
-    @property
-    def snapshot_id(self) -> bytes:
-        return bytes.fromhex(self.manifest["snapshot_id"])
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _read(self, offset: int, nbytes: int) -> bytes:
+        return _pread_exact(self.fd, nbytes, offset, self.path)
+
+    def chunk(self, c: Chunk) -> bytes:
+        """The chunk's DRAM image, read once and authenticated; ``IntegrityError`` otherwise."""
+        sealed = self._read(c.file_offset, c.nbytes + TAG_NBYTES)
+        try:
+            return self.keys.ram.decrypt(chunk_nonce(c.index), sealed,
+                                         chunk_aad(self.snapshot_id, c.index, c.offset, c.nbytes))
+        except InvalidTag:
+            raise IntegrityError(f"{self.path}: chunk {c.index} (guest RAM offset {c.offset:#x}) fails "
+                                 "authentication: corrupted, tampered, reordered or from another snapshot") from None
+
+    def iter_chunks(self) -> Iterator[tuple[Chunk, bytes]]:
+        for c in self.chunks:
+            yield c, self.chunk(c)
+
+    def device_state(self) -> bytes:
+        sealed = self._read(self.device_state_offset, self.device_state_nbytes)
+        try:
+            return self.keys.meta.decrypt(DEVICE_NONCE, sealed, b"device" + self.snapshot_id)
+        except InvalidTag:
+            raise IntegrityError(f"{self.path}: the device state fails authentication") from None
 
     def vm_key(self) -> tuple[bytes, bytes]:
         """(data key, tweak key) unwrapped with the KEK."""
-        wrapped = bytes.fromhex(self.manifest["wrapped_key"])
         try:
-            raw = self.keys.aead.decrypt(WRAP_NONCE, wrapped, b"wrap" + self.snapshot_id)
-        except InvalidTag:
+            raw = self.keys.wrap.decrypt(WRAP_NONCE, bytes.fromhex(self.manifest["wrapped_key"]),
+                                         b"wrap" + self.snapshot_id)
+        except (InvalidTag, KeyError, TypeError, ValueError):
             raise IntegrityError(f"{self.path}: the wrapped VM key does not authenticate") from None
         half = len(raw) // 2
         return raw[:half], raw[half:]
 
-    def read_at(self, f: BinaryIO, offset: int, nbytes: int) -> bytes:
-        if offset < HEADER.size or offset + nbytes > self.file_size - TRAILER.size:
-            raise IntegrityError(f"{self.path}: a section lies outside the file (truncated or tampered)")
-        f.seek(offset)
-        data = f.read(nbytes)
-        if len(data) != nbytes:
-            raise IntegrityError(f"{self.path}: short read (truncated)")
-        return data
-
-    def chunks(self) -> list[tuple[int, int, int, bytes]]:
-        """(backend offset, length, file offset, tag) for every stored chunk, checked for sanity."""
-        out, prev_end = [], 0
-        memory = int(self.manifest["vm"]["memory"])
-        for item in self.manifest["chunks"]:
-            off, n, fo, tag = int(item[0]), int(item[1]), int(item[2]), bytes.fromhex(item[3])
-            if off < prev_end or n <= 0 or n % 64 or off + n > memory or len(tag) != 16:
-                raise IntegrityError(f"{self.path}: malformed chunk list")
-            prev_end = off + n
-            out.append((off, n, fo, tag))
-        return out
-
-    def verify_chunks(self, f: BinaryIO) -> None:
-        """Authenticate every chunk; ``IntegrityError`` naming the first bad one."""
-        sid = self.snapshot_id
-        for index, (off, n, fo, tag) in enumerate(self.chunks()):
-            data = self.read_at(f, fo, n)
-            if not self.keys.check(chunk_nonce(index), chunk_aad(sid, index, off, data), tag):
-                raise IntegrityError(f"{self.path}: chunk {index} (guest RAM offset {off:#x}) fails "
-                                     "authentication: tampered, reordered or from another snapshot")
-
-    def private(self) -> dict[str, Any]:
-        """The sealed part of the manifest (the boot record: a kernel command line may hold secrets)."""
-        try:
-            raw = self.keys.aead.decrypt(PRIVATE_NONCE, bytes.fromhex(self.manifest["private"]),
-                                         b"private" + self.snapshot_id)
-            return dict(json.loads(raw))
-        except (InvalidTag, KeyError, ValueError) as err:
-            raise IntegrityError(f"{self.path}: the sealed manifest part does not authenticate") from err
-
-    def device_state(self, f: BinaryIO) -> bytes:
-        ds = self.manifest["device_state"]
-        blob = self.read_at(f, int(ds["offset"]), int(ds["length"]))
-        try:
-            return self.keys.aead.decrypt(DEVICE_NONCE, blob, b"device" + self.snapshot_id)
-        except InvalidTag:
-            raise IntegrityError(f"{self.path}: the device state fails authentication") from None
+    def verify_all(self) -> None:
+        """Authenticate every chunk, the device state and the wrapped key."""
+        for c in self.chunks:
+            self.chunk(c)
+        self.device_state()
+        self.vm_key()
 
 
-def open_snapshot(path: str | os.PathLike[str], kek: bytes) -> Snapshot:
-    """Read the trailer and manifest and authenticate the manifest with ``kek``.
+def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytes:
+    parts, got = [], 0
+    while got < nbytes:
+        part = os.pread(fd, nbytes - got, offset + got)
+        if not part:
+            raise IntegrityError(f"{path}: short read (truncated while open?)")
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    ``IntegrityError``: not a snapshot, truncated, a future format version, wrong KEK or a
-    tampered manifest (the two cannot be told apart without the right key).
-    """
-    p = os.fspath(path)
+
+def _open_regular(p: str) -> int:
     try:
-        with open(p, "rb") as f:
-            head = f.read(HEADER.size)
-            size = os.fstat(f.fileno()).st_size
-            if len(head) < HEADER.size or HEADER.unpack(head)[0] != MAGIC:
-                raise IntegrityError(f"{p} is not a qemu-mktme snapshot")
-            version = HEADER.unpack(head)[1]
-            if version > VERSION:
-                raise IntegrityError(f"{p}: snapshot format version {version} is newer than this qemu-mktme ({VERSION})")
-            if size < HEADER.size + TRAILER.size:
-                raise IntegrityError(f"{p}: truncated (no trailer)")
-            f.seek(size - TRAILER.size)
-            m_off, m_len, tag, end = TRAILER.unpack(f.read(TRAILER.size))
-            if end != END_MAGIC or m_off < HEADER.size or m_off + m_len != size - TRAILER.size:
-                raise IntegrityError(f"{p}: truncated or damaged (bad trailer)")
-            f.seek(m_off)
-            raw = f.read(m_len)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)      # a FIFO must not block us
     except FileNotFoundError:
         raise SnapshotError(f"{p}: no such snapshot") from None
     except OSError as err:
         raise SnapshotError(f"{p}: {err.strerror}") from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{p}: not a regular file")
+    return fd
+
+
+def _authenticate(fd: int, p: str, header: bytes, size: int, kek: bytes) -> tuple[Keys, bytes, int]:
+    """Decrypt the manifest with keys from ``header``; (keys, manifest bytes, manifest offset)."""
+    _magic, _version, salt, snapshot_id = HEADER.unpack(header)
+    if size < HEADER.size + TRAILER.size:
+        raise IntegrityError(f"{p}: truncated (no trailer)")
+    m_off, m_len, tag, end = TRAILER.unpack(_pread_exact(fd, TRAILER.size, size - TRAILER.size, p))
+    if end != END_MAGIC or m_off < HEADER.size or m_len > MAX_MANIFEST_NBYTES or \
+            m_off + m_len != size - TRAILER.size:
+        raise IntegrityError(f"{p}: truncated or damaged (bad trailer)")
+    keys = Keys(kek, salt, snapshot_id)
     try:
-        manifest = json.loads(raw)
-        salt = bytes.fromhex(manifest["kdf"]["salt"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise IntegrityError(f"{p}: unreadable manifest ({err})") from err
-    keys = Keys(kek, salt)
-    if not hmac.compare_digest(keys.tag(MANIFEST_NONCE, b"manifest" + canonical(manifest)), tag):
-        raise IntegrityError(f"{p}: manifest does not authenticate: wrong key-encryption key, or tampered")
-    return Snapshot(p, manifest, keys, size)
+        raw = keys.meta.decrypt(MANIFEST_NONCE, _pread_exact(fd, m_len, m_off, p) + tag,
+                                manifest_aad(header, m_off, m_len))
+    except InvalidTag:
+        raise IntegrityError(f"{p}: the manifest does not authenticate: wrong key-encryption key, or the "
+                             "file is corrupted or tampered") from None
+    return keys, raw, m_off
+
+
+def _refuse_version(fd: int, p: str, header: bytes, size: int, kek: bytes) -> None:
+    """Always raises: say what a version other than ours means, without trusting the field."""
+    version = HEADER.unpack(header)[1]
+    as_ours = header[:8] + struct.pack("<I", VERSION) + header[12:]
+    try:
+        _authenticate(fd, p, as_ours, size, kek)
+    except IntegrityError:
+        pass
+    else:
+        raise IntegrityError(f"{p}: corrupted header: the version field was damaged (the file "
+                             f"authenticates as version {VERSION}, the field reads {version})")
+    if version == 1 and size >= _V1_HEADER_NBYTES + TRAILER.size:
+        m_off, m_len, _tag, end = TRAILER.unpack(_pread_exact(fd, TRAILER.size, size - TRAILER.size, p))
+        if end == END_MAGIC and m_off + m_len == size - TRAILER.size:
+            raise IntegrityError(f"{p}: a format version 1 snapshot, which this qemu-mktme no longer reads "
+                                 "(its RAM chunks were the raw DRAM ciphertext): restore it with the "
+                                 "release that wrote it and save it again")
+    if VERSION < version <= VERSION + 16:
+        raise IntegrityError(f"{p}: snapshot format version {version} is newer than this qemu-mktme "
+                             f"({VERSION}), or the file is corrupted")
+    raise IntegrityError(f"{p}: corrupted header (version field {version} is no format version)")
+
+
+def open_snapshot(path: str | os.PathLike[str], kek: bytes) -> Snapshot:
+    """Open a snapshot and authenticate its header, trailer and manifest with ``kek``.
+
+    The caller closes it (``with open_snapshot(...) as snap``). ``IntegrityError``: not a
+    snapshot, truncated, another format version, a wrong KEK or a corrupted/tampered file (the
+    last two cannot be told apart without the right key), a malformed manifest or a gap.
+    ``SnapshotError``: the file cannot be opened or is not a regular file.
+    """
+    p = os.fspath(path)
+    fd = _open_regular(p)
+    try:
+        size = os.fstat(fd).st_size
+        header = os.pread(fd, HEADER.size, 0)
+        if header[:len(MAGIC)] != MAGIC:
+            raise IntegrityError(f"{p} is not a qemu-mktme snapshot (or its first bytes are corrupted)")
+        if len(header) < HEADER.size:
+            raise IntegrityError(f"{p}: truncated (short header)")
+        if HEADER.unpack(header)[1] != VERSION:
+            _refuse_version(fd, p, header, size, kek)
+        keys, raw, m_off = _authenticate(fd, p, header, size, kek)
+        snapshot_id = HEADER.unpack(header)[3]
+        try:
+            manifest = parse_manifest(raw)
+        except ValueError as err:
+            raise IntegrityError(f"{p}: malformed manifest ({err})") from None
+        snap = Snapshot(p, fd, manifest, keys, snapshot_id, size)
+        _lay_out(snap, m_off)
+        return snap
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lay_out(snap: Snapshot, m_off: int) -> None:
+    """Place every section from the authenticated manifest; they must tile the file exactly."""
+    m, p = snap.manifest, snap.path
+    try:
+        if m.get("version") != VERSION or bytes.fromhex(m["snapshot_id"]) != snap.snapshot_id:
+            raise ValueError("version or snapshot id differs from the header")
+        memory = int(m["vm"]["memory"])
+        pos, prev_end = HEADER.size, 0
+        for index, item in enumerate(m["chunks"]):
+            off, n = int(item[0]), int(item[1])
+            if len(item) != 2 or off < prev_end or n <= 0 or n % 64 or off + n > memory:
+                raise ValueError(f"chunk {index}")
+            snap.chunks.append(Chunk(index, off, n, pos))
+            prev_end, pos = off + n, pos + n + TAG_NBYTES
+        snap.device_state_offset, snap.device_state_nbytes = pos, int(m["device_state"]["length"])
+        if snap.device_state_nbytes < TAG_NBYTES:
+            raise ValueError("device state")
+    except (KeyError, TypeError, ValueError) as err:
+        raise IntegrityError(f"{p}: malformed manifest ({err})") from None
+    if pos + snap.device_state_nbytes != m_off:
+        raise IntegrityError(f"{p}: the sections do not tile the file (a gap or overlap before the manifest)")
 
 
 class Writer:
@@ -215,33 +335,28 @@ class Writer:
         self.f = f
         self.snapshot_id = os.urandom(16)
         self.salt = os.urandom(32)
-        self.keys = Keys(kek, self.salt)
-        self.chunks: list[list[Any]] = []
-        f.write(HEADER.pack(MAGIC, VERSION))
+        self.keys = Keys(kek, self.salt, self.snapshot_id)
+        self.header = HEADER.pack(MAGIC, VERSION, self.salt, self.snapshot_id)
+        self.chunks: list[list[int]] = []
+        f.write(self.header)
 
     def add_chunk(self, offset: int, data: bytes | memoryview) -> None:
+        """Seal ``data`` (the DRAM image of guest RAM at ``offset``) as the next chunk."""
         index = len(self.chunks)
-        tag = self.keys.tag(chunk_nonce(index), chunk_aad(self.snapshot_id, index, offset, data))
-        self.chunks.append([offset, len(data), self.f.tell(), tag.hex()])
-        self.f.write(data)
+        n = len(data)
+        self.f.write(self.keys.ram.encrypt(chunk_nonce(index), data, chunk_aad(self.snapshot_id, index, offset, n)))
+        self.chunks.append([offset, n])
 
-    def finish(self, manifest: dict[str, Any], device_state: bytes, vm_key: bytes,
-               private: dict[str, Any]) -> None:
-        """Seal the device state, the VM key and ``private`` (manifest fields that may hold guest
-        secrets), then write the manifest and the trailer."""
-        sealed = self.keys.aead.encrypt(DEVICE_NONCE, device_state, b"device" + self.snapshot_id)
-        ds_off = self.f.tell()
-        self.f.write(sealed)
+    def finish(self, manifest: dict[str, Any], device_state: bytes, vm_key: bytes) -> None:
+        """Seal the device state, wrap the VM key, then seal the manifest and write the trailer."""
+        sealed_ds = self.keys.meta.encrypt(DEVICE_NONCE, device_state, b"device" + self.snapshot_id)
+        self.f.write(sealed_ds)
         manifest = dict(manifest, version=VERSION, snapshot_id=self.snapshot_id.hex(),
-                        kdf={"alg": "HKDF-SHA256", "salt": self.salt.hex()},
-                        wrapped_key=self.keys.aead.encrypt(WRAP_NONCE, vm_key, b"wrap" + self.snapshot_id).hex(),
-                        private=self.keys.aead.encrypt(PRIVATE_NONCE, canonical(private),
-                                                       b"private" + self.snapshot_id).hex(),
-                        device_state={"offset": ds_off, "length": len(sealed),
-                                      "sha256_of_sealed": hashlib.sha256(sealed).hexdigest()},
-                        chunks=self.chunks)
+                        kdf={"alg": "HKDF-SHA256", "aead": "AES-256-GCM"},
+                        wrapped_key=self.keys.wrap.encrypt(WRAP_NONCE, vm_key, b"wrap" + self.snapshot_id).hex(),
+                        device_state={"length": len(sealed_ds)}, chunks=self.chunks)
         raw = canonical(manifest)
         m_off = self.f.tell()
-        self.f.write(raw)
-        tag = self.keys.tag(MANIFEST_NONCE, b"manifest" + raw)
-        self.f.write(TRAILER.pack(m_off, len(raw), tag, END_MAGIC))
+        sealed = self.keys.meta.encrypt(MANIFEST_NONCE, raw, manifest_aad(self.header, m_off, len(raw)))
+        self.f.write(sealed[:-TAG_NBYTES])
+        self.f.write(TRAILER.pack(m_off, len(raw), sealed[-TAG_NBYTES:], END_MAGIC))

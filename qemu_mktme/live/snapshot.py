@@ -2,15 +2,21 @@
 
 Save pauses the VM, has QEMU write its **device state** into a pipe through migration with the
 ``x-ignore-shared`` capability (shared guest RAM stays out of the stream; the stream is a few
-hundred KiB and never touches a file unsealed), then stores guest RAM as its DRAM image (ciphertext under the VM key, tweak =
-HPA), seals the device state, writes everything to a temporary file in the target's directory
-and renames it over the target: a save killed at any point leaves the previous snapshot intact.
-The VM then resumes.
+hundred KiB and never touches a file unsealed), then stores guest RAM as its DRAM image (ciphertext
+under the VM key, tweak = HPA) sealed again under a per-snapshot key, seals the device state, writes
+everything to a temporary file in the target's directory, resumes the VM and renames the file over
+the target: a save killed at any point leaves the previous snapshot intact, and once the rename
+has happened the save reports success. Each save first removes the temporary files of earlier
+saves in that directory whose writer is provably dead (``kill -9``).
 
-Restore authenticates the manifest, every RAM chunk and the device state **before** starting
-QEMU, checks that the kernel/initrd are the ones saved, starts a fresh QEMU with
-``-incoming defer`` bound to the host with the tenant key unwrapped from the snapshot, decrypts
-RAM into it, loads the device state and continues: the guest carries on where it was.
+Restore opens the file once and authenticates its header and manifest, the device state and the
+wrapped key before starting QEMU, checks that the kernel/initrd are the ones saved, starts a
+fresh QEMU with ``-incoming defer`` bound to the host with the tenant key unwrapped from the
+snapshot, then reads every RAM chunk **once**, authenticates it in that buffer and decrypts that
+buffer into guest RAM. Any failure tears the new QEMU down before a vCPU has run: the guest only
+ever runs on RAM that authenticated. The device state is loaded last and the guest carries on.
+The kernel command line, sealed in the snapshot because it may hold secrets, reaches the new
+QEMU through a pipe it reads with ``-readconfig``, not through its argv (``ps``).
 
 Only VMs with a tenant (``user``) key can be saved: a CPU-generated key never leaves the CPU,
 so nothing could ever decrypt the image.
@@ -21,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import logging
 import os
+import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +45,10 @@ from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
 from ..host.payload import algorithm_name
 from .encrypted import EncryptedMachine
+from ..files.snapfile import MAGIC, Writer, open_snapshot
 from ..images import sha256_file
 from ..qemu.boot import BootSpec
 from ..qemu.machine import MachineConfig, VmState
-from ..files.snapfile import Writer, open_snapshot
 from ..trace.tracer import Tracer
 
 log = logging.getLogger(__name__)
@@ -139,13 +148,69 @@ def _boot_record(boot: BootSpec | None) -> dict[str, Any] | None:
             "append": boot.append, "image": boot.image, "min_memory": boot.min_memory}
 
 
-def _cleanup_partials(target: Path) -> None:
-    """Remove temporary files of earlier saves whose process is gone (e.g. killed with -9)."""
-    for p in target.parent.glob(f".{target.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            with contextlib.suppress(OSError):
-                p.unlink()
+_PARTIAL = re.compile(r"\.(?P<target>.+)\.partial-(?P<pid>[1-9][0-9]*)(?:-(?P<start>[0-9]+))?")
+
+
+def _process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), None when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _partial_name(target: Path) -> Path:
+    """Where this process writes ``target`` before renaming it: names its writer (pid and start
+    time, so a reused pid is not mistaken for the writer)."""
+    return target.with_name(f".{target.name}.partial-{os.getpid()}-{_process_start(os.getpid())}")
+
+
+def _cleanup_partials(directory: Path) -> list[str]:
+    """Remove temporary files of earlier saves in ``directory`` whose writer is dead (killed with -9).
+
+    Only what provably is one: a name ``.NAME.partial-PID-START`` (or ``.NAME.partial-PID`` of
+    format-1 releases), a regular file (not a symlink) of this user, empty or starting with the
+    snapshot magic, whose writer is gone: no process ``PID``, or one started at another time
+    (``START`` missing: no process ``PID`` at all). Returns the names removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PARTIAL.fullmatch(entry.name)
+        if not m:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            pid, start = int(m["pid"]), _process_start(int(m["pid"]))
+            if start is not None and (m["start"] is None or int(m["start"]) == start):
+                continue                                            # the writer may be alive
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                head = os.pread(fd, len(MAGIC), 0)
+                same = os.fstat(fd).st_ino == st.st_ino
+            finally:
+                os.close(fd)
+            if same and head in (b"", MAGIC):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+                log.info("removed %s, left by a save whose process %d is gone", entry.path, pid)
+        except OSError:
+            continue
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek: bytes, *,
@@ -159,10 +224,11 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
                             f"{payload.type.value} key never leaves the CPU")
     if not target.parent.is_dir():
         raise SnapshotError(f"{target.parent} is not a directory")
-    _cleanup_partials(target)
+    _cleanup_partials(target.parent)
     was_running = vm.state is VmState.RUNNING
     guest, ram = vm.guest, vm.ram
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    partial = _partial_name(target)
+    created = replaced = False
     try:
         if was_running:
             await vm.pause()
@@ -170,7 +236,8 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
         qom_type = await vm.qmp.execute("qom-get", {"path": "/machine", "property": "type"})
         machine_type = str(qom_type).removesuffix("-machine")     # pc-q35-7.2-machine -> pc-q35-7.2
         stored = skipped = 0
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        created = True
         with os.fdopen(fd, "wb") as f:
             writer = Writer(f, kek)
             buf = np.empty(CHUNK_NBYTES, np.uint8)
@@ -195,22 +262,27 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
                 "ram": {"hpa": hex(guest.hpa_base), "chunk_nbytes": CHUNK_NBYTES,
                         "ranges": [[r.gpa, r.size, r.offset] for r in guest.ranges]},
                 "key": {"type": "user", "algorithm": algorithm_name(payload.algorithm)},
+                "boot": _boot_record(vm.config.boot),
             }
-            writer.finish(manifest, device_state, payload.key + payload.tweak,
-                          private={"boot": _boot_record(vm.config.boot)})
+            writer.finish(manifest, device_state, payload.key + payload.tweak)
             f.flush()
             os.fsync(f.fileno())
+        if was_running and vm.state is not VmState.EXITED:
+            was_running = False                                  # resumed here, not again below
+            with contextlib.suppress(QemuError):
+                await vm.resume()
         os.replace(partial, target)
-        dfd = os.open(target.parent, os.O_RDONLY)
+        replaced = True                                          # from here on, the save succeeded
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            _fsync_dir(target.parent)
+        except OSError as err:
+            log.warning("saved %s, but could not sync its directory: %s", target, err.strerror or err)
     except OSError as err:
         raise SnapshotError(f"cannot write snapshot {target}: {err.strerror or err}") from err
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
+        if created and not replaced:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
         if was_running and vm.state is not VmState.EXITED:
             with contextlib.suppress(QemuError):
                 await vm.resume()
@@ -223,14 +295,54 @@ def _overlaps(extents: list[tuple[int, int]], start: int, end: int) -> bool:
 
 
 def verify_snapshot(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]:
-    """Authenticate everything in a snapshot without restoring it; its manifest (no key)."""
-    snap = open_snapshot(path, kek)
-    with open(snap.path, "rb") as f:
-        snap.verify_chunks(f)
-        snap.device_state(f)
-    snap.vm_key()
-    snap.private()
-    return {k: v for k, v in snap.manifest.items() if k not in ("wrapped_key", "private")}
+    """Authenticate everything in a snapshot without restoring it; its manifest (no key, no boot
+    record: a kernel command line may hold secrets)."""
+    with open_snapshot(path, kek) as snap:
+        snap.verify_all()
+        return {k: v for k, v in snap.manifest.items() if k not in ("wrapped_key", "boot")}
+
+
+class _RestoredMachine(EncryptedMachine):
+    """An :class:`EncryptedMachine` whose kernel command line QEMU reads from a pipe
+    (``-readconfig /dev/fd/N``, a ``[machine]`` section with ``append``) instead of ``-append``:
+    ``/proc/PID/cmdline`` is readable by every user, the pipe only by this one. The config stays
+    the saved one (``config.boot.append``), so a later save records the same command line."""
+
+    def __init__(self, *args: Any, cmdline_fd: int | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cmdline_fd = cmdline_fd
+
+    def _argv(self) -> list[str]:
+        argv = super()._argv()
+        boot = self.config.boot
+        if self._cmdline_fd is None or boot is None or not boot.append:
+            return argv
+        for i in range(len(argv) - 1):
+            if argv[i] == "-append" and argv[i + 1] == boot.append:
+                return argv[:i] + ["-readconfig", f"/dev/fd/{self._cmdline_fd}"] + argv[i + 2:]
+        raise QemuError(f"{self.name}: no -append in the QEMU command line to move out of it")
+
+
+def _cmdline_pipe(append: str) -> int | None:
+    """A pipe's read end holding a QEMU config file that sets the kernel command line, or None
+    when QEMU's config syntax cannot carry it (a double quote, a line break, over 1000 bytes:
+    QEMU 7.2 reads values as ``"%1023[^"]"`` from lines of at most 1023 bytes)."""
+    if not append:
+        return None
+    if '"' in append or "\n" in append or "\r" in append or len(append.encode()) > 1000:
+        log.warning("the restored VM's kernel command line cannot go through a QEMU config file; "
+                    "it is passed with -append and visible in ps while the VM runs")
+        return None
+    text = f'[machine]\n  append = "{append}"\n'.encode()
+    r, w = os.pipe()
+    try:
+        _write_all(w, text)                              # far below the pipe's 64 KiB buffer
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
 
 
 async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes, *, name: str | None = None,
@@ -240,44 +352,56 @@ async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes,
     (or paused, if it was paused at save) and owned by the caller (``async with`` it).
 
     ``tracer`` (a fresh :class:`Tracer`) is loaded into the new QEMU and started before the guest
-    runs again. Raises ``IntegrityError`` before anything starts if any part fails authentication (wrong
-    KEK included), ``SnapshotError`` if the kernel/initrd changed or ``memory`` differs from the
-    snapshot's, and the launch errors of :class:`Machine`.
+    runs again. Raises ``IntegrityError`` if any part fails authentication (wrong KEK included):
+    before QEMU starts for the header, manifest, device state and key, and for a RAM chunk with
+    the new QEMU torn down before any vCPU ran; ``SnapshotError`` if the kernel/initrd changed or
+    ``memory`` differs from the snapshot's, and the launch errors of :class:`Machine`.
     """
-    snap = open_snapshot(path, kek)
-    m = snap.manifest
-    if m.get("format") != "qemu-mktme-snapshot":
-        raise IntegrityError(f"{snap.path}: not a snapshot manifest")
-    vmi = m["vm"]
-    if memory is not None and memory != int(vmi["memory"]):
-        raise SnapshotError(f"{snap.path} holds a {int(vmi['memory']) >> 20} MiB guest; "
-                            f"cannot restore into {memory >> 20} MiB")
-    with open(snap.path, "rb") as f:
-        snap.verify_chunks(f)
-        device_state = snap.device_state(f)
-    data_key, tweak_key = snap.vm_key()
-    boot = _check_boot(snap.private().get("boot"))
-    alg = m["key"]["algorithm"]
-    payload = f"type=user algorithm={alg} key={data_key.hex()} tweak={tweak_key.hex()}"
-    vm_name = name or vmi["name"]
-    serial = host.keys.add(f"{vmi['tenant']}:{vm_name}:restored", payload, tenant=vmi["tenant"])
-    config = MachineConfig(boot=boot, memory=int(vmi["memory"]), cpus=int(vmi["cpus"]), machine=vmi["machine"],
-                           cpu=vmi.get("cpu"), name=vm_name, incoming=True, qemu=qemu,
-                           accel=vmi.get("accel") or "tcg")
-    if tracer is not None:
-        config = tracer.configure(config)
-    vm = EncryptedMachine(host, config, key_serial=serial, tenant=vmi["tenant"], revoke_key_on_close=True)
-    try:
-        await vm.launch()
+    with open_snapshot(path, kek) as snap:
+        m = snap.manifest
+        if m.get("format") != "qemu-mktme-snapshot":
+            raise IntegrityError(f"{snap.path}: not a snapshot manifest")
+        vmi = m["vm"]
+        if memory is not None and memory != int(vmi["memory"]):
+            raise SnapshotError(f"{snap.path} holds a {int(vmi['memory']) >> 20} MiB guest; "
+                                f"cannot restore into {memory >> 20} MiB")
+        device_state = snap.device_state()
+        data_key, tweak_key = snap.vm_key()
+        boot = _check_boot(m.get("boot"))
+        alg = m["key"]["algorithm"]
+        payload = f"type=user algorithm={alg} key={data_key.hex()} tweak={tweak_key.hex()}"
+        vm_name = name or vmi["name"]
+        config = MachineConfig(boot=boot, memory=int(vmi["memory"]), cpus=int(vmi["cpus"]), machine=vmi["machine"],
+                               cpu=vmi.get("cpu"), name=vm_name, incoming=True, qemu=qemu,
+                               accel=vmi.get("accel") or "tcg")
         if tracer is not None:
-            await vm.trace(tracer)
-        _write_ram(snap, vm, XtsKey(data_key, tweak_key), int(m["ram"]["hpa"], 16), progress)
-        await _load_device_state(vm, device_state)
-        if vmi.get("was_running", True):
-            await vm.resume()
-    except BaseException:
-        await vm.close()
-        raise
+            config = tracer.configure(config)
+        cmdline_fd = _cmdline_pipe(boot.append if boot else "")
+        try:
+            if cmdline_fd is not None:
+                config = dataclasses.replace(config, pass_fds=config.pass_fds + (cmdline_fd,))
+            serial = host.keys.add(f"{vmi['tenant']}:{vm_name}:restored", payload, tenant=vmi["tenant"])
+            vm = _RestoredMachine(host, config, key_serial=serial, tenant=vmi["tenant"], revoke_key_on_close=True,
+                                  cmdline_fd=cmdline_fd)
+            try:
+                await vm.launch()
+            finally:
+                if cmdline_fd is not None:
+                    os.close(cmdline_fd)
+                    cmdline_fd = None
+            try:
+                if tracer is not None:
+                    await vm.trace(tracer)
+                _write_ram(snap, vm, XtsKey(data_key, tweak_key), int(m["ram"]["hpa"], 16), progress)
+                await _load_device_state(vm, device_state)
+                if vmi.get("was_running", True):
+                    await vm.resume()
+            except BaseException:
+                await vm.close()
+                raise
+        finally:
+            if cmdline_fd is not None:
+                os.close(cmdline_fd)
     return vm
 
 
@@ -298,18 +422,18 @@ def _check_boot(rec: dict[str, Any] | None) -> BootSpec | None:
 
 
 def _write_ram(snap: Any, vm: EncryptedMachine, key: XtsKey, saved_hpa: int, progress: Progress | None) -> None:
-    """Decrypt every stored chunk (DRAM image at the saved HPA) into the new VM's RAM."""
+    """Read each stored chunk once, authenticate it, and decrypt that same buffer (the DRAM image
+    at the saved HPA) into the new VM's RAM. The vCPUs are held: on ``IntegrityError`` the caller
+    tears the VM down and no guest code has run on what was written."""
     backend = np.frombuffer(vm.ram.backend, np.uint8)
     if backend.size != int(snap.manifest["vm"]["memory"]):
         raise SnapshotError(f"{vm.name}: the new QEMU's RAM is {backend.size} bytes, the snapshot's "
                             f"{snap.manifest['vm']['memory']}")
-    chunks = snap.chunks()
-    with open(snap.path, "rb") as f:
-        for i, (off, n, fo, _tag) in enumerate(chunks):
-            data = snap.read_at(f, fo, n)
-            decrypt_lines(key, data, saved_hpa + off, out=backend[off:off + n])
-            if progress:
-                progress(i + 1, len(chunks))
+    total = len(snap.chunks)
+    for c, dram in snap.iter_chunks():
+        decrypt_lines(key, dram, saved_hpa + c.offset, out=backend[c.offset:c.offset + c.nbytes])
+        if progress:
+            progress(c.index + 1, total)
 
 
 def snapshot_summary(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]:
@@ -319,5 +443,4 @@ def snapshot_summary(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]
     return {"path": os.fspath(path), "vm": m["vm"], "key": m["key"], "created": m["created"],
             "chunks": len(m["chunks"]), "stored_nbytes": stored, "file_nbytes": os.path.getsize(path),
             "device_state_nbytes": m["device_state"]["length"], "snapshot_id": m["snapshot_id"],
-            "algorithm": m["key"]["algorithm"]}
-
+            "algorithm": m["key"]["algorithm"], "format_version": m["version"]}

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "probe_secrets.py"
 

@@ -3,7 +3,6 @@ caught when the guest reads them; `qemu-mktme run --trace` prints per-KeyID traf
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import zlib
