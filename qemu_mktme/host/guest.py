@@ -28,6 +28,7 @@ from ..arch.addresses import GPA, HPA, KeyID, KeyIdLayout
 from ..arch.guestmap import GuestMap, GuestRange
 from ..arch.walk import WalkFault
 from ..engine.platform import Platform
+from ..engine.xts import XtsKey, decrypt_lines
 from ..errors import AddressError
 from .physmap import HpaRange
 from .tables import TranslationTable
@@ -171,6 +172,26 @@ class EncryptedGuest:
             log.info("%s: %d bytes written at GPA %#x through foreign KeyID %d", self.name, n, gpa, k)
             for hook in list(self.foreign_write_hooks):
                 hook(int(gpa), n, k)
+
+    def load_dram_image(self, offset: int, image: bytes | bytearray | memoryview | np.ndarray, image_hpa: int,
+                        key: XtsKey) -> None:
+        """Bring back a DRAM image of this VM's RAM taken at HPA ``image_hpa`` (a snapshot) into
+        backend ``[offset, offset + image.size)``.
+
+        At the same HPA the ciphertext goes into DRAM as it is, and the memory controller decrypts
+        it with the KeyID's key. Elsewhere the tweak differs: the host decrypts with the tenant's
+        key, as a hypervisor relocating the VM must, and writes the plaintext through the VM's KeyID.
+        """
+        image = np.frombuffer(image, np.uint8) if not isinstance(image, np.ndarray) else image
+        if image.size % 64 or offset % 64 or offset + image.size > self.ram.size:
+            raise AddressError(f"{self.name}: DRAM image {offset:#x}+{image.size:#x} is not whole lines of RAM",
+                               address=offset, nbytes=image.size)
+        hpa = self.hpa_base + offset
+        if image_hpa == hpa:
+            self.platform.memory.write_dram(hpa, image)
+        else:
+            plain = decrypt_lines(key, image, image_hpa)
+            self.platform.memory.write(self.layout.compose(HPA(hpa), self.keyid), plain)
 
     # ------------------------------------------------------------------ checks and queries
 

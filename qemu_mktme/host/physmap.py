@@ -75,18 +75,26 @@ class HpaRanges:
                 hpa = max(hpa, -(-r.end // self.align) * self.align)
         if hpa % PAGE_SIZE:
             raise ValueError(f"hpa {hpa:#x} is not 4 KiB aligned")
-        if hpa < HOST_KERNEL_BASE + HOST_KERNEL_NBYTES:
-            raise AddressError(f"HPA {hpa:#x}+{nbytes:#x} overlaps host kernel memory", address=hpa, nbytes=nbytes)
-        if hpa + nbytes > self.limit:
-            raise AddressError(f"HPA {hpa:#x}+{nbytes:#x} exceeds physical memory ({self.limit:#x} bytes "
-                               "addressable with these KeyID bits)", address=hpa, nbytes=nbytes)
-        for r in self._ranges:
-            if r.hpa < hpa + nbytes and hpa < r.end:
-                raise AddressError(f"HPA {hpa:#x}+{nbytes:#x} overlaps {r.owner}'s RAM at {r.hpa:#x}+{r.nbytes:#x}",
-                                   address=hpa, nbytes=nbytes)
+        conflict = self._conflict(hpa, nbytes)
+        if conflict:
+            raise AddressError(f"HPA {hpa:#x}+{nbytes:#x} {conflict}", address=hpa, nbytes=nbytes)
         rng = HpaRange(owner, hpa, nbytes)
         self._ranges.append(rng)
         return rng
+
+    def is_free(self, hpa: int, nbytes: int) -> bool:
+        """Whether ``reserve(owner, nbytes, hpa)`` would succeed."""
+        return hpa % PAGE_SIZE == 0 and nbytes > 0 and nbytes % PAGE_SIZE == 0 and not self._conflict(hpa, nbytes)
+
+    def _conflict(self, hpa: int, nbytes: int) -> str | None:
+        if hpa < HOST_KERNEL_BASE + HOST_KERNEL_NBYTES:
+            return "overlaps host kernel memory"
+        if hpa + nbytes > self.limit:
+            return f"exceeds physical memory ({self.limit:#x} bytes addressable with these KeyID bits)"
+        for r in self._ranges:
+            if r.hpa < hpa + nbytes and hpa < r.end:
+                return f"overlaps {r.owner}'s RAM at {r.hpa:#x}+{r.nbytes:#x}"
+        return None
 
     def release(self, rng: HpaRange) -> None:
         self._ranges.remove(rng)

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.xts import XtsKey, decrypt_lines
+from ..engine.xts import XtsKey
 from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
 from ..host.payload import algorithm_name
@@ -381,7 +381,9 @@ async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes,
             if cmdline_fd is not None:
                 config = dataclasses.replace(config, pass_fds=config.pass_fds + (cmdline_fd,))
             serial = host.keys.add(f"{vmi['tenant']}:{vm_name}:restored", payload, tenant=vmi["tenant"])
+            saved_hpa, nbytes = int(m["ram"]["hpa"], 16), int(vmi["memory"])
             vm = _RestoredMachine(host, config, key_serial=serial, tenant=vmi["tenant"], revoke_key_on_close=True,
+                                  hpa=saved_hpa if host.hpa_ranges.is_free(saved_hpa, nbytes) else None,
                                   cmdline_fd=cmdline_fd)
             try:
                 await vm.launch()
@@ -392,7 +394,7 @@ async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes,
             try:
                 if tracer is not None:
                     await vm.trace(tracer)
-                _write_ram(snap, vm, XtsKey(data_key, tweak_key), int(m["ram"]["hpa"], 16), progress)
+                _write_ram(snap, vm, XtsKey(data_key, tweak_key), saved_hpa, progress)
                 await _load_device_state(vm, device_state)
                 if vmi.get("was_running", True):
                     await vm.resume()
@@ -422,16 +424,15 @@ def _check_boot(rec: dict[str, Any] | None) -> BootSpec | None:
 
 
 def _write_ram(snap: Any, vm: EncryptedMachine, key: XtsKey, saved_hpa: int, progress: Progress | None) -> None:
-    """Read each stored chunk once, authenticate it, and decrypt that same buffer (the DRAM image
-    at the saved HPA) into the new VM's RAM. The vCPUs are held: on ``IntegrityError`` the caller
-    tears the VM down and no guest code has run on what was written."""
-    backend = np.frombuffer(vm.ram.backend, np.uint8)
-    if backend.size != int(snap.manifest["vm"]["memory"]):
-        raise SnapshotError(f"{vm.name}: the new QEMU's RAM is {backend.size} bytes, the snapshot's "
+    """Read each stored chunk once, authenticate it, and hand that same buffer (the DRAM image at
+    the saved HPA) to the host model, which brings it into the new VM's memory. The vCPUs are
+    held: on ``IntegrityError`` the caller tears the VM down and no guest code has run on it."""
+    if vm.ram.size != int(snap.manifest["vm"]["memory"]):
+        raise SnapshotError(f"{vm.name}: the new QEMU's RAM is {vm.ram.size} bytes, the snapshot's "
                             f"{snap.manifest['vm']['memory']}")
     total = len(snap.chunks)
     for c, dram in snap.iter_chunks():
-        decrypt_lines(key, dram, saved_hpa + c.offset, out=backend[c.offset:c.offset + c.nbytes])
+        vm.guest.load_dram_image(c.offset, dram, saved_hpa + c.offset, key)
         if progress:
             progress(c.index + 1, total)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import user_payload
+from reference import user_payload, xts_lines
 
 from qemu_mktme.errors import IntegrityError, SnapshotError
 from qemu_mktme.host.host import Host
@@ -83,6 +83,26 @@ async def test_save_restore_continues(saved, baremetal_image, kek):
         assert vm.ram.read(0x200000, 18) == b"SNAPSHOT-SECRET-42"
         assert vm.query()["key-type"] == "user"
     assert host.keys.table() == [] and host.guests == {}               # restored key revoked with the VM
+
+
+@pytest.mark.parametrize("where", ["same HPA", "relocated"])
+async def test_restore_goes_through_the_host_model(saved, baremetal_image, kek, where):
+    """At the saved HPA the DRAM image goes back into DRAM as is; elsewhere the host re-keys it
+    (decrypt with the tenant key at the old tweak, write through the VM's KeyID). Either way the
+    guest sees its memory and DRAM holds its ciphertext at the new HPA."""
+    path, _, _ = saved
+    saved_hpa = int(verify_snapshot(path, kek)["ram"]["hpa"], 16)
+    host = Host(keyid_bits=6)
+    if where == "relocated":
+        host.hpa_ranges.reserve("squatter", 1 << 20, saved_hpa)
+    async with await restore_snapshot(host, path, kek) as vm:
+        assert (vm.guest.hpa_base == saved_hpa) == (where == "same HPA")
+        assert vm.ram.read(0x200000, 18) == b"SNAPSHOT-SECRET-42"
+        hpa = vm.guest.hpa_of(0x200000)
+        dram = vm.guest.dram(0x200000, 64)
+        key = host.keys.payload(vm.key_serial, vm.tenant)
+        assert dram == xts_lines(key.key, key.tweak, hpa, vm.ram.read(0x200000, 64))
+        await vm.console.wait_for(TICK, 30)
 
 
 def mutate(path, offset, fn):
