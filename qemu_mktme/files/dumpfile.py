@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,13 @@ import numpy as np
 from ..arch.addresses import PAGE_SIZE
 from ..errors import IntegrityError, SnapshotError
 from ..host.guest import EncryptedGuest
+from . import Progress
 
 FORMAT = "qemu-mktme-dram-dump"
 VERSION = 1
 DATA_FILE = "dram.bin"
 MANIFEST_FILE = "manifest.json"
 CHUNK_NBYTES = 16 << 20
-
-Progress = Callable[[int, int], None]
-"""progress(bytes_done, bytes_total)"""
-
 
 @dataclass(frozen=True)
 class Region:
@@ -102,7 +99,7 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
                host_info: dict[str, Any] | None = None, progress: Progress | None = None) -> "Dump":
     """Write the DRAM image of ``guests`` to directory ``path`` (which must not exist).
 
-    The caller pauses the VMs (see :func:`qemu_mktme.live.session.HostSession.dump`). On any
+    The caller pauses the VMs (as :func:`qemu_mktme.live.capture.capture` does). On any
     failure, including a full disk, the partial directory is removed. Raises ``SnapshotError``.
     """
     target = Path(path)

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..files.dumpfile import Dump, Progress
+from ..files import Progress
+from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
@@ -129,8 +130,10 @@ class HostSession:
             await self._stack.aclose()
         finally:
             for serial, tenant in self._serials:
-                with contextlib.suppress(Exception):
+                try:
                     self.host.keys.revoke(serial, tenant=tenant)
+                except Exception as err:            # teardown goes on; the key is gone with the host
+                    log.warning("revoking key %#x of tenant %s: %s", serial, tenant, err)
             self._serials.clear()
 
     @property

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..arch.addresses import PAGE_SHIFT
 from ..errors import ShimError
 
 MAGIC = int.from_bytes(b"MKTMESHM", "little")
 LAYOUT_VERSION = 1
 HEADER_BYTES = 4096
-PAGE_SHIFT = 12
 NKEYIDS = 1 << 15                      # KeyIDs 0 .. 2^15 - 1 (KEYID_BITS <= 15)
 MAX_RANGES = 8
 STLB_ENTRIES = 4096                    # the shim's software TLB per vCPU (32-byte entries)
@@ -155,7 +155,7 @@ class Geometry:
         return _page_align(self.ring_offset + self.nvcpus * self.ring_entries * RECORD_DTYPE.itemsize)
 
 
-class Region:
+class SharedRegion:
     """The shared region in a memfd: created and initialised here, opened by the shim.
 
     Attributes are numpy views straight over the mapping (no copies): ``header`` (a 0-d

@@ -47,12 +47,12 @@ from .foreign import ForeignLines
 from ..qemu.guestram import GuestRAM
 from ..qemu.machine import Machine, MachineConfig, VmState
 from .shim import abi_for, build_shim, phys_mode_for
-from .layout import (KIND_LOAD, KIND_STORE, LAYOUT_VERSION, NKEYIDS, PAGE_SHIFT, WATCH_LOAD,
-                          WATCH_STORE, Geometry, Region)
+from ..arch.addresses import PAGE_SHIFT, PAGE_SIZE
+from .layout import (KIND_LOAD, KIND_STORE, LAYOUT_VERSION, NKEYIDS, WATCH_LOAD, WATCH_STORE, Geometry,
+                     SharedRegion)
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 1 << PAGE_SHIFT
 ON_KINDS = {"load": (KIND_LOAD,), "store": (KIND_STORE,), "both": (KIND_LOAD, KIND_STORE)}
 DEFAULT_QUEUE_LIMIT = 1 << 20
 
@@ -295,7 +295,7 @@ class Tracer:
         self.state = TracerState.IDLE
         self.plugin_arg: str | None = None
         self.foreign_read_count = 0
-        self._region: Region | None = None
+        self._region: SharedRegion | None = None
         self._vm: Machine | None = None
         self._abi = 0
         self._resume = True
@@ -329,7 +329,7 @@ class Tracer:
         qemu = find_qemu(config.qemu)
         self._abi = abi_for(qemu.version)
         library = build_shim(qemu, abi=self._abi)
-        region = Region(Geometry(memory >> PAGE_SHIFT, config.cpus, self.ring_entries))
+        region = SharedRegion(Geometry(memory >> PAGE_SHIFT, config.cpus, self.ring_entries))
         options = {"region": region.child_path, "size": region.size, "layout": LAYOUT_VERSION,
                    "phys": phys_mode_for(qemu.version), "tlb": "on" if self.tlb else "off",
                    "verify": self.verify, "decode": self.decode, "mode": self.mode}
@@ -602,7 +602,7 @@ class Tracer:
         if self.state is not state:
             raise ShimError(f"{what}() needs a {state.value} tracer, this one is {self.state.value}")
 
-    def _running(self) -> Region:
+    def _running(self) -> SharedRegion:
         if self.state is not TracerState.RUNNING or self._region is None:
             raise ShimError(f"the tracer is {self.state.value}: call start(vm) first")
         return self._region

@@ -81,7 +81,7 @@ def test_geometry_rejects_nonsense(bad):
 
 
 def test_region_is_a_private_memfd_with_its_header_filled():
-    region = L.Region(L.Geometry(npages=1024, nvcpus=2, ring_entries=256))
+    region = L.SharedRegion(L.Geometry(npages=1024, nvcpus=2, ring_entries=256))
     try:
         import os
         import stat
