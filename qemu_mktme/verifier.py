@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import os
 import re
@@ -31,6 +30,7 @@ from .errors import ImageError
 from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
+from .live.launch import launch_machine
 from .qemu.machine import Machine, MachineConfig
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
@@ -116,14 +116,11 @@ class Emulation:
         """The emulated machine, running: tenant key, tagged tables, and the shim attributing
         every access to the VM's KeyID."""
         tracer = await self.tracer(stack)
-        if tracer is not None:
-            config = tracer.configure(dataclasses.replace(config, start_paused=True))
-        vm = EncryptedMachine(self.host, config, key_serial=self.serial, tenant="verify")
-        await stack.enter_async_context(vm)
-        if tracer is not None:
-            await vm.trace(tracer)
-        await vm.resume()
-        return vm
+        vm = await launch_machine(config, tracer=tracer, machine=self._machine)
+        return await stack.enter_async_context(vm)
+
+    def _machine(self, config: MachineConfig) -> EncryptedMachine:
+        return EncryptedMachine(self.host, config, key_serial=self.serial, tenant="verify")
 
     async def tracer(self, stack: contextlib.AsyncExitStack) -> Tracer | None:
         if not self.shim:
