@@ -59,7 +59,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH",
                    help="image to boot, or a kernel file (default: baremetal)")
     g.add_argument("--memory", "-m", type=_size, default=None, metavar="SIZE",
-                   help="guest RAM, e.g. 512M or 5G (default: 512M; 1G for linux)")
+                   help=f"guest RAM, e.g. 512M or 5G (default: {images.default_memory_help()})")
     g.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default: 1)")
     g.add_argument("--workload", metavar="NAME", help="Linux guest: workload to run (default: hello)")
     g.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
@@ -99,7 +99,7 @@ def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
     """The machine configuration the guest options describe."""
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(args.param), append=args.append, initrd=args.initrd)
-    memory = args.memory or (1 << 30 if args.guest == "linux" else 512 << 20)
+    memory = args.memory or images.default_memory(args.guest)
     fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel)
     fields.update(overrides)
     return MachineConfig(**fields)

@@ -147,6 +147,7 @@ class Recipe:
 
     name: str = ""
     description: str = ""
+    default_memory: int = 512 << 20        # guest RAM unless told otherwise (also: a kernel given by path)
 
     def source(self) -> Path:
         return recipes_root() / self.name
@@ -211,6 +212,7 @@ class BaremetalRecipe(Recipe):
 class LinuxRecipe(Recipe):
     name = "linux"
     description = "stock Debian cloud kernel + stock busybox-static, generated initramfs"
+    default_memory = 1 << 30
 
     def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
         debs = cache / "debs"
@@ -260,6 +262,19 @@ class LinuxRecipe(Recipe):
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (BaremetalRecipe(), LinuxRecipe())}
+
+
+def default_memory(guest: str) -> int:
+    """Bytes of RAM ``guest`` (an image name, or a kernel path) boots with unless told otherwise."""
+    recipe = RECIPES.get(guest)
+    return recipe.default_memory if recipe is not None else Recipe.default_memory
+
+
+def default_memory_help() -> str:
+    """The defaults for a help text: ``512M baremetal, 1G linux``."""
+    def size(n: int) -> str:
+        return f"{n >> 30}G" if n % (1 << 30) == 0 else f"{n >> 20}M"
+    return ", ".join(f"{size(r.default_memory)} {name}" for name, r in RECIPES.items())
 
 
 # ---------------------------------------------------------------------------------- Debian packages
