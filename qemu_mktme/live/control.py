@@ -64,7 +64,7 @@ class ControlServer:
             self._server.close()
             try:
                 await self._server.wait_closed()
-            except Exception as err:                # the socket goes away below either way
+            except Exception as err:  # noqa: BLE001  the socket goes away below either way
                 log.warning("control socket %s: closing: %s", self.path, err)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

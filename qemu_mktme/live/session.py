@@ -124,7 +124,7 @@ class HostSession:
             for serial, tenant in self._serials:
                 try:
                     self.host.keys.revoke(serial, tenant=tenant)
-                except Exception as err:            # teardown goes on; the key is gone with the host
+                except Exception as err:  # noqa: BLE001  teardown goes on; the key is gone with the host
                     log.warning("revoking key %#x of tenant %s: %s", serial, tenant, err)
             self._serials.clear()
 

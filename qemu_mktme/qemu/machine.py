@@ -33,7 +33,8 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
 from .binary import QemuBinary, find_qemu, kvm_works
@@ -82,7 +83,7 @@ def requires(*states: VmState) -> Callable[[_Method], _Method]:
 
     def decorator(method: _Method) -> _Method:
         @functools.wraps(method)
-        async def guarded(self: "Machine", *args: Any, **kwargs: Any) -> Any:
+        async def guarded(self: Machine, *args: Any, **kwargs: Any) -> Any:
             if self.state not in states:
                 raise QemuError(f"{self.name}: {method.__name__}() needs the machine {allowed}, "
                                 f"it is {self.state.value}")

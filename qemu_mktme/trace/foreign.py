@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arch.addresses import CACHE_LINE_SHIFT as LINE_SHIFT, CACHE_LINE_SIZE as LINE_SIZE, PAGE_SHIFT
+from ..arch.addresses import CACHE_LINE_SHIFT as LINE_SHIFT
+from ..arch.addresses import CACHE_LINE_SIZE as LINE_SIZE
+from ..arch.addresses import PAGE_SHIFT
 from .layout import KIND_LOAD, KIND_STORE, WATCH_LOAD, WATCH_STORE
 
 LINES_PER_PAGE = 1 << (PAGE_SHIFT - LINE_SHIFT)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arch.addresses import PAGE_SHIFT
 from ..arch.guestmap import GuestRange
 from ..errors import ShimError
 

@@ -14,6 +14,5 @@ from qemu_mktme.trace.tracer import Tracer
 async def traced(boot: Any, *, memory: str = "512M", cpus: int = 1, start_paused: bool = False,
                  **tracer_options: Any) -> AsyncIterator[tuple[Machine, Tracer]]:
     config = MachineConfig(boot=boot, memory=memory, cpus=cpus, start_paused=start_paused)
-    async with Tracer(**tracer_options) as tracer:
-        async with await launch_machine(config, tracer=tracer) as vm:
-            yield vm, tracer
+    async with Tracer(**tracer_options) as tracer, await launch_machine(config, tracer=tracer) as vm:
+        yield vm, tracer
