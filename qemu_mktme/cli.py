@@ -59,7 +59,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH",
                    help="image to boot, or a kernel file (default: baremetal)")
     g.add_argument("--memory", "-m", type=_size, default=None, metavar="SIZE",
-                   help="guest RAM, e.g. 512M or 5G (default: 512M; 1G for linux)")
+                   help=f"guest RAM, e.g. 512M or 5G (default: {images.default_memory_help()})")
     g.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default: 1)")
     g.add_argument("--workload", metavar="NAME", help="Linux guest: workload to run (default: hello)")
     g.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
@@ -99,7 +99,7 @@ def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
     """The machine configuration the guest options describe."""
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(args.param), append=args.append, initrd=args.initrd)
-    memory = args.memory or (1 << 30 if args.guest == "linux" else 512 << 20)
+    memory = args.memory or images.default_memory(args.guest)
     fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel)
     fields.update(overrides)
     return MachineConfig(**fields)
@@ -233,12 +233,8 @@ def images_list(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Intel MKTME emulation around unmodified QEMU.")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_run(sub: Any) -> None:
+    """``run``: boot guests in the foreground, with their consoles."""
     run = sub.add_parser("run", help="boot a guest in the foreground with its console",
                          description="Boot a guest under QEMU and attach this terminal to its serial "
                                      "console. Ctrl-] quits.")
@@ -254,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     run.set_defaults(func=lambda a: run_async(run_guest(a)))
 
+
+def _add_query(sub: Any) -> None:
+    """``query``: ask a running host for its encryption state."""
     q = sub.add_parser("query", help="the encryption state of a running host and its VMs (JSON)",
                        description="Ask a running 'qemu-mktme run' for its host's KeyID table and every "
                                    "VM's encryption state (like QEMU's query-sev).")
@@ -261,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
     q.set_defaults(func=query)
 
+
+def _add_dump(sub: Any) -> None:
+    """``dump``: capture a running host's DRAM image."""
     d = sub.add_parser("dump", help="write the DRAM image of a running host's VMs (what a bus probe reads)",
                        description="Capture the host-physical DRAM image (ciphertext per KeyID) of the VMs "
                                    "of a running 'qemu-mktme run', with a manifest. The VMs are paused for "
@@ -271,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
     d.set_defaults(func=dump)
 
+
+def _add_snapshot(sub: Any) -> None:
+    """``snapshot save|restore|verify``."""
     sn = sub.add_parser("snapshot", help="save, restore and verify encrypted snapshots")
     sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
     kek_help = "file holding the 32-byte key-encryption key (64 hex digits); never stored"
@@ -297,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--kek-file", required=True, help=kek_help)
     vf.set_defaults(func=snapshot_verify)
 
+
+def _add_demo(sub: Any) -> None:
+    """``demo``: the story in under a minute."""
     dm = sub.add_parser("demo", help="the story in under a minute (what 'make demo' runs)",
                         description="Boot the stock Debian guest with a tenant key, show the KeyID assignment, "
                                     "a secret in the CPU view and not in DRAM, an encrypted snapshot restored "
@@ -304,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--png", default="mktme-demo.png", help="where to write the KeyID/entropy map (default: %(default)s)")
     dm.set_defaults(func=lambda a: demo.main(a.png))
 
+
+def _add_verify(sub: Any) -> None:
+    """``verify``: plain vs emulated runs, compared."""
     v = sub.add_parser("verify", help="prove guests run unmodified: plain vs emulated, compared",
                        description="Run each workload on plain QEMU and under the full emulation (tenant key, "
                                    "KeyID-tagged EPT/VMM/IOMMU, shim, DRAM view, encrypted snapshots) and compare "
@@ -317,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(func=verify_cmd)
 
-    add_inspect_parser(sub)
 
+def _add_images(sub: Any) -> None:
+    """``images build|list``."""
     img = sub.add_parser("images", help="build and list guest images")
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)
     b = img_sub.add_parser("build", help="build guest images into the cache (skips current ones)")
@@ -329,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     ls = img_sub.add_parser("list", help="show the images and their state")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=images_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Intel MKTME emulation around unmodified QEMU.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run(sub)
+    _add_query(sub)
+    _add_dump(sub)
+    _add_snapshot(sub)
+    _add_demo(sub)
+    _add_verify(sub)
+    add_inspect_parser(sub)
+    _add_images(sub)
     return parser
 
 

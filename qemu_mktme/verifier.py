@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import os
 import re
@@ -31,7 +30,8 @@ from .errors import ImageError
 from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
-from .qemu.machine import Machine, MachineConfig
+from .live.launch import launch_machine
+from .qemu.machine import Machine, MachineConfig, parse_size
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
 
@@ -116,14 +116,11 @@ class Emulation:
         """The emulated machine, running: tenant key, tagged tables, and the shim attributing
         every access to the VM's KeyID."""
         tracer = await self.tracer(stack)
-        if tracer is not None:
-            config = tracer.configure(dataclasses.replace(config, start_paused=True))
-        vm = EncryptedMachine(self.host, config, key_serial=self.serial, tenant="verify")
-        await stack.enter_async_context(vm)
-        if tracer is not None:
-            await vm.trace(tracer)
-        await vm.resume()
-        return vm
+        vm = await launch_machine(config, tracer=tracer, machine=self._machine)
+        return await stack.enter_async_context(vm)
+
+    def _machine(self, config: MachineConfig) -> EncryptedMachine:
+        return EncryptedMachine(self.host, config, key_serial=self.serial, tenant="verify")
 
     async def tracer(self, stack: contextlib.AsyncExitStack) -> Tracer | None:
         if not self.shim:
@@ -166,10 +163,14 @@ class Workload:
     name: str
     description: str
     image: str
-    memory: str
     boot: Callable[[images.Image], images.BootSpec]
     drive: Driver
     timeout: float = 600.0
+    memory: str | None = None              # None: the image's default
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory) if self.memory else images.default_memory(self.image)
 
 
 PATTERN_GPA, PATTERN_LEN = 0x300000, 1 << 20
@@ -247,15 +248,15 @@ def _unlink(path: str) -> None:
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
-    Workload("baremetal", "bare-metal guest: 1 MiB pattern, CRC-32, compute loop, ticks", "baremetal", "512M",
+    Workload("baremetal", "bare-metal guest: 1 MiB pattern, CRC-32, compute loop, ticks", "baremetal",
              lambda im: im.boot(), _drive_baremetal),
-    Workload("linux-boot", "stock Debian kernel + busybox boot, hello workload", "linux", "1G",
+    Workload("linux-boot", "stock Debian kernel + busybox boot, hello workload", "linux",
              lambda im: im.boot(workload="hello", params={"hold": 1}), _linux_driver(r"workload hello exit=")),
-    Workload("linux-compress", "gzip/gunzip of 16 MiB with checksums", "linux", "1G",
+    Workload("linux-compress", "gzip/gunzip of 16 MiB with checksums", "linux",
              lambda im: im.boot(workload="compress", params={"hold": 1}), _linux_driver(r"workload compress exit=")),
-    Workload("linux-memstress", "256 MiB of guest RAM filled and checksummed", "linux", "1G",
+    Workload("linux-memstress", "256 MiB of guest RAM filled and checksummed", "linux",
              lambda im: im.boot(workload="memstress", params={"size_mb": 256, "hold": 1}), _linux_driver(r"workload memstress exit=")),
-    Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux", "1G",
+    Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux",
              lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_snapshot_restore),
 ]}
 
@@ -286,7 +287,7 @@ def check_stock(image: images.Image) -> list[str]:
 
 async def run_once(work: Workload, emu: Emulation | None) -> Run:
     image = images.load(work.image)
-    config = MachineConfig(boot=work.boot(image), memory=work.memory,
+    config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes,
                            name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
     run = Run()
     start = time.perf_counter()

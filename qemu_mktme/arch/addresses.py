@@ -27,7 +27,8 @@ PhysAddr = NewType("PhysAddr", int)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-CACHE_LINE_SIZE = 64
+CACHE_LINE_SHIFT = 6
+CACHE_LINE_SIZE = 1 << CACHE_LINE_SHIFT
 
 
 @dataclass(frozen=True)

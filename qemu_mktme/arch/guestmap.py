@@ -58,10 +58,17 @@ class GuestMap:
 
     def gpa_of(self, offset: int) -> GPA:
         """The guest-physical address at which backend ``offset`` appears (``AddressError`` if none)."""
+        gpa = self.gpa_at(offset)
+        if gpa is None:
+            raise AddressError(f"{self._who}backend offset {offset:#x} is not mapped into the guest", address=offset)
+        return gpa
+
+    def gpa_at(self, offset: int) -> GPA | None:
+        """Like :meth:`gpa_of`, ``None`` where backend ``offset`` has no GPA (e.g. RAM under a hole)."""
         for r in self.ranges:
             if r.offset <= offset < r.offset + r.size:
                 return GPA(r.gpa + offset - r.offset)
-        raise AddressError(f"{self._who}backend offset {offset:#x} is not mapped into the guest", address=offset)
+        return None
 
     def describe(self) -> str:
         return ", ".join(f"{r.gpa:#x}-{r.end - 1:#x}" for r in self.ranges)

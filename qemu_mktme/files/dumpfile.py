@@ -16,28 +16,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from ..arch.addresses import PAGE_SIZE
 from ..errors import IntegrityError, SnapshotError
 from ..host.guest import EncryptedGuest
+from . import Progress
+from .atomic import atomic_directory, write_synced
 
 FORMAT = "qemu-mktme-dram-dump"
 VERSION = 1
 DATA_FILE = "dram.bin"
 MANIFEST_FILE = "manifest.json"
 CHUNK_NBYTES = 16 << 20
-
-Progress = Callable[[int, int], None]
-"""progress(bytes_done, bytes_total)"""
-
 
 @dataclass(frozen=True)
 class Region:
@@ -102,34 +99,13 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
                host_info: dict[str, Any] | None = None, progress: Progress | None = None) -> "Dump":
     """Write the DRAM image of ``guests`` to directory ``path`` (which must not exist).
 
-    The caller pauses the VMs (see :func:`qemu_mktme.live.session.HostSession.dump`). On any
+    The caller pauses the VMs (as :func:`qemu_mktme.live.capture.capture` does). On any
     failure, including a full disk, the partial directory is removed. Raises ``SnapshotError``.
     """
-    target = Path(path)
-    if target.exists():
-        raise SnapshotError(f"{target} exists already; dumps never overwrite")
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    total = sum(g.ram.size for g in guests)
-    done = 0
-    regions = []
-    try:
-        partial.mkdir(mode=0o700, parents=False)
+    with atomic_directory(path, what="dump") as partial:
         fd = os.open(partial / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            for guest in guests:
-                offset = out.tell()
-                for _, chunk in guest.iter_dram(chunk_nbytes=CHUNK_NBYTES):
-                    out.write(memoryview(chunk))
-                    done += chunk.size
-                    if progress:
-                        progress(done, total)
-                out.write(bytes(-out.tell() % PAGE_SIZE))
-                info = guest.query()
-                regions.append(Region(
-                    guest.name, guest.tenant, guest.hpa_base, guest.ram.size, offset, int(guest.keyid),
-                    info["algorithm"], str(info["key-type"]),
-                    tuple((r.gpa, r.size, guest.hpa_base + r.offset) for r in guest.ranges),
-                    _keyid_runs(guest)))
+            regions = _write_regions(out, guests, progress)
             out.flush()
             os.fsync(out.fileno())
         manifest = {
@@ -139,17 +115,30 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
                                   "keyid_bits": guests[0].layout.keyid_bits if guests else None},
             "regions": [r.to_json() for r in regions],
         }
-        mfd = os.open(partial / MANIFEST_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(mfd, "w") as f:
-            json.dump(manifest, f, indent=1)
-        os.rename(partial, target)
-    except OSError as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise SnapshotError(f"cannot write dump {target}: {err.strerror or err}") from err
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return Dump(target)
+        write_synced(partial / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    return Dump(path)
+
+
+def _write_regions(out: BinaryIO, guests: Sequence[EncryptedGuest], progress: Progress | None) -> list[Region]:
+    """Each guest's DRAM image, back to back on 4 KiB boundaries of ``out``; their regions."""
+    total = sum(g.ram.size for g in guests)
+    done = 0
+    regions = []
+    for guest in guests:
+        offset = out.tell()
+        for _, chunk in guest.iter_dram(chunk_nbytes=CHUNK_NBYTES):
+            out.write(memoryview(chunk))
+            done += chunk.size
+            if progress:
+                progress(done, total)
+        out.write(bytes(-out.tell() % PAGE_SIZE))
+        info = guest.query()
+        regions.append(Region(
+            guest.name, guest.tenant, guest.hpa_base, guest.ram.size, offset, int(guest.keyid),
+            info["algorithm"], str(info["key-type"]),
+            tuple((r.gpa, r.size, guest.hpa_base + r.offset) for r in guest.ranges),
+            _keyid_runs(guest)))
+    return regions
 
 
 def _check_regions(path: Path, regions: Sequence[Region]) -> None:

@@ -52,5 +52,4 @@ class AssignedDevice:
             mem.write(pa, view[off:off + n])
             hpa, keyid = layout.split(pa)
             if keyid != self.guest.keyid:
-                for hook in list(self.guest.foreign_write_hooks):
-                    hook(int(self.guest.gpa_of(hpa)), n, int(keyid))
+                self.guest.foreign_write(self.guest.gpa_of(hpa), n, keyid)

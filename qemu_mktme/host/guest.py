@@ -169,9 +169,14 @@ class EncryptedGuest:
         k = self.keyid if keyid is None else keyid
         self.platform.memory.write(self.layout.compose(self.hpa_of(gpa, n), KeyID(k)), data)
         if k != self.keyid:
-            log.info("%s: %d bytes written at GPA %#x through foreign KeyID %d", self.name, n, gpa, k)
-            for hook in list(self.foreign_write_hooks):
-                hook(int(gpa), n, k)
+            self.foreign_write(gpa, n, k)
+
+    def foreign_write(self, gpa: GPA | int, nbytes: int, keyid: int) -> None:
+        """Report that ``nbytes`` at ``gpa`` were written through ``keyid``, not the VM's: every
+        :data:`ForeignWriteHook` hears of it (host writes and device DMA alike)."""
+        log.info("%s: %d bytes written at GPA %#x through foreign KeyID %d", self.name, nbytes, gpa, keyid)
+        for hook in list(self.foreign_write_hooks):
+            hook(int(gpa), nbytes, int(keyid))
 
     def load_dram_image(self, offset: int, image: bytes | bytearray | memoryview | np.ndarray, image_hpa: int,
                         key: XtsKey) -> None:

@@ -6,9 +6,10 @@
 
 from ..files.cache import cache_root
 from ..qemu.boot import BootSpec
-from .catalog import (LINUX_RESERVED_GPA, LINUX_RESERVED_SIZE, RECIPES, Image, ImageStatus, build, guest_boot,
-                      is_current, load, read_stock_file, recipes_root, sha256_file, status)
+from .catalog import (LINUX_RESERVED_GPA, LINUX_RESERVED_SIZE, RECIPES, Image, ImageStatus, build, default_memory,
+                      default_memory_help, guest_boot, is_current, load, read_stock_file, recipes_root, sha256_file,
+                      status)
 
 __all__ = ["BootSpec", "Image", "ImageStatus", "LINUX_RESERVED_GPA", "LINUX_RESERVED_SIZE", "RECIPES", "build",
-           "cache_root", "guest_boot", "is_current", "load", "read_stock_file", "recipes_root", "sha256_file",
+           "cache_root", "default_memory", "default_memory_help", "guest_boot", "is_current", "load", "read_stock_file", "recipes_root", "sha256_file",
            "status"]

@@ -57,7 +57,8 @@ LINUX_BASE_APPEND = (
 LINUX_KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 LINUX_BUSYBOX_PACKAGE = "busybox-static"
 
-Progress = Callable[[str], None]
+Say = Callable[[str], None]
+"""say(message): what a build is doing now, one line."""
 
 
 def recipes_root() -> Path:
@@ -146,6 +147,7 @@ class Recipe:
 
     name: str = ""
     description: str = ""
+    default_memory: int = 512 << 20        # guest RAM unless told otherwise (also: a kernel given by path)
 
     def source(self) -> Path:
         return recipes_root() / self.name
@@ -156,7 +158,7 @@ class Recipe:
             raise ImageError(f"recipe directory {src} is missing (set {ENV_RECIPES}?)", image=self.name)
         return _tree_digest(src)
 
-    def build(self, work: Path, cache: Path, progress: Progress) -> dict[str, object]:
+    def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
         """Build into ``work``; return the manifest fields (``artifacts`` filled in by caller)."""
         raise NotImplementedError
 
@@ -180,7 +182,7 @@ class BaremetalRecipe(Recipe):
               "-mgeneral-regs-only", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
               "-fno-asynchronous-unwind-tables", "-O2", "-Wall", "-Wextra", "-Werror", "-nostdlib"]
 
-    def build(self, work: Path, cache: Path, progress: Progress) -> dict[str, object]:
+    def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
         src = self.source()
         gcc = shutil.which("gcc") or "gcc"
         progress(f"compiling {src} with {gcc}")
@@ -210,8 +212,9 @@ class BaremetalRecipe(Recipe):
 class LinuxRecipe(Recipe):
     name = "linux"
     description = "stock Debian cloud kernel + stock busybox-static, generated initramfs"
+    default_memory = 1 << 30
 
-    def build(self, work: Path, cache: Path, progress: Progress) -> dict[str, object]:
+    def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
         debs = cache / "debs"
         debs.mkdir(parents=True, exist_ok=True)
         meta = _apt_download(LINUX_KERNEL_METAPACKAGE, debs, progress)
@@ -261,6 +264,19 @@ class LinuxRecipe(Recipe):
 RECIPES: dict[str, Recipe] = {r.name: r for r in (BaremetalRecipe(), LinuxRecipe())}
 
 
+def default_memory(guest: str) -> int:
+    """Bytes of RAM ``guest`` (an image name, or a kernel path) boots with unless told otherwise."""
+    recipe = RECIPES.get(guest)
+    return recipe.default_memory if recipe is not None else Recipe.default_memory
+
+
+def default_memory_help() -> str:
+    """The defaults for a help text: ``512M baremetal, 1G linux``."""
+    def size(n: int) -> str:
+        return f"{n >> 30}G" if n % (1 << 30) == 0 else f"{n >> 20}M"
+    return ", ".join(f"{size(r.default_memory)} {name}" for name, r in RECIPES.items())
+
+
 # ---------------------------------------------------------------------------------- Debian packages
 
 
@@ -275,7 +291,7 @@ class DebPackage:
     path: Path | None = field(default=None)
 
 
-def _apt_download(package: str, dest: Path, progress: Progress) -> DebPackage:
+def _apt_download(package: str, dest: Path, progress: Say) -> DebPackage:
     show = _run(["apt-cache", "show", "--no-all-versions", package], image="linux", what="look up packages")
     fields = dict(re.findall(r"^(Version|SHA256|Filename): (.+)$", show, re.M))
     if "Version" not in fields:
@@ -385,7 +401,7 @@ def is_current(name: str, *, cache: Path | None = None) -> bool:
 
 
 def build(name: str, *, cache: Path | None = None, force: bool = False,
-          progress: Progress | None = None) -> Image:
+          progress: Say | None = None) -> Image:
     """Build ``name`` unless an intact image of the current recipe exists (or ``force``)."""
     if name not in RECIPES:
         raise ImageError(f"unknown image {name!r} (known: {', '.join(RECIPES)})", image=name)

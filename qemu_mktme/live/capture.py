@@ -7,7 +7,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..files.dumpfile import Dump, Progress, write_dump
+from ..files import Progress
+from ..files.dumpfile import Dump, write_dump
 from .encrypted import EncryptedMachine
 
 

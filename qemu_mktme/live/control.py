@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -22,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttachError, MktmeError
+from ..files import Progress
 
-Handler = Callable[[dict[str, Any], "Callable[[int, int], None]"], Awaitable[Any]]
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any], Progress], Awaitable[Any]]
 """handler(request, progress) -> result; progress(done, total) streams progress lines."""
 MAX_REQUEST = 1 << 20
 
@@ -58,8 +62,10 @@ class ControlServer:
     async def __aexit__(self, *exc: object) -> None:
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(Exception):
+            try:
                 await self._server.wait_closed()
+            except Exception as err:  # noqa: BLE001  the socket goes away below either way
+                log.warning("control socket %s: closing: %s", self.path, err)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

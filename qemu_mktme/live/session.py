@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..files.dumpfile import Dump, Progress
+from ..files import Progress
+from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .capture import capture
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
+from .launch import launch_machine
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -67,27 +70,17 @@ class HostSession:
         return self
 
     async def _start(self, spec: VmSpec) -> None:
-        name, config = spec.config.name, spec.config
-        tracer = None
-        if spec.trace:
-            tracer = await self._stack.enter_async_context(Tracer())
-            config = tracer.configure(dataclasses.replace(config, start_paused=True))
-        if spec.payload is None:
-            vm: Machine = Machine(config)
-        else:
+        name = spec.config.name
+        tracer = await self._stack.enter_async_context(Tracer()) if spec.trace else None
+        machine: Callable[[MachineConfig], Machine] = Machine
+        if spec.payload is not None:
             serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
             self._serials.append((serial, spec.tenant))
-            vm = EncryptedMachine(self.host, config, key_serial=serial, tenant=spec.tenant)
-        await self._stack.enter_async_context(vm)
+            machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant)
+        vm = await self._stack.enter_async_context(await launch_machine(spec.config, tracer=tracer, machine=machine))
         self.machines[name] = vm
         if tracer is not None:
-            if isinstance(vm, EncryptedMachine):
-                await vm.trace(tracer)
-            else:
-                await tracer.start(vm)
             self.tracers[name] = tracer
-            if not spec.config.start_paused:
-                await vm.resume()
 
     async def restore(self, path: str, kek: bytes, *, name: str | None = None, trace: bool = False,
                       progress: Any = None) -> EncryptedMachine:
@@ -129,8 +122,10 @@ class HostSession:
             await self._stack.aclose()
         finally:
             for serial, tenant in self._serials:
-                with contextlib.suppress(Exception):
+                try:
                     self.host.keys.revoke(serial, tenant=tenant)
+                except Exception as err:  # noqa: BLE001  teardown goes on; the key is gone with the host
+                    log.warning("revoking key %#x of tenant %s: %s", serial, tenant, err)
             self._serials.clear()
 
     @property

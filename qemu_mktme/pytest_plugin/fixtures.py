@@ -19,7 +19,7 @@ from ..host.payload import payload_from_spec
 from .. import images
 from ..live.encrypted import EncryptedMachine
 from ..qemu.machine import MachineConfig, parse_size
-from .options import DEFAULT_MEMORY, Settings, settings
+from .options import Settings, settings
 
 try:
     import pytest_asyncio
@@ -73,7 +73,7 @@ def _vm_config(request: pytest.FixtureRequest, s: Settings, mktme_images: dict[s
         boot = image.boot(commands=opts.get("commands", ()))
     else:
         boot = image.boot(workload=opts.get("workload"), params=opts.get("params"))
-    memory = parse_size(opts["memory"]) if "memory" in opts else (s.memory or parse_size(DEFAULT_MEMORY[guest]))
+    memory = parse_size(opts["memory"]) if "memory" in opts else (s.memory or images.default_memory(guest))
     name = opts.get("name") or request.node.name.replace("[", "-").replace("]", "")[:40]
     return {"guest": guest, "config": MachineConfig(boot=boot, memory=memory, name=name),
             "payload": _payload(opts.get("key", s.key)), "tenant": opts.get("tenant", "pytest"),

@@ -8,16 +8,15 @@ from typing import Any
 import pytest
 
 from ..host.payload import payload_from_spec
-from ..images import RECIPES
+from ..images import RECIPES, default_memory_help
 from ..qemu.machine import parse_size
 
 GUESTS = tuple(RECIPES)
-DEFAULT_MEMORY = {"baremetal": "512M", "linux": "1G"}
 
 # (name, ini key, default, help)
 OPTIONS = [
     ("guest", "mktme_guest", "baremetal", f"guest image for mktme_vm: {' or '.join(GUESTS)}"),
-    ("memory", "mktme_memory", "", "guest RAM for mktme_vm, e.g. 512M (default: 512M baremetal, 1G linux)"),
+    ("memory", "mktme_memory", "", f"guest RAM for mktme_vm, e.g. 512M (default: {default_memory_help()})"),
     ("key", "mktme_key", "user", "the VM key: user (a random tenant key), cpu, user:KEYHEX:TWEAKHEX, "
                                   "user:@FILE, clear, no-encrypt"),
     ("keyid-bits", "mktme_keyid_bits", "6", "MK_TME_KEYID_BITS of the emulated host"),

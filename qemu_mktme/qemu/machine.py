@@ -20,6 +20,7 @@ import collections
 import contextlib
 import ctypes
 import enum
+import functools
 import logging
 import os
 import re
@@ -32,7 +33,8 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
 from .binary import QemuBinary, find_qemu, kvm_works
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 RAM_BACKEND_ID = "ram0"
 STDERR_LINES = 40
 _PR_SET_PDEATHSIG = 1
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
 
 
 class VmState(enum.Enum):
@@ -71,6 +74,22 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return size
+
+
+def requires(*states: VmState) -> Callable[[_Method], _Method]:
+    """Decorator: the method runs only while the machine is in one of ``states``, else
+    ``QemuError`` naming the state it is in (as qemu.qmp's ``@require`` guards its protocol)."""
+    allowed = " or ".join(s.value for s in states)
+
+    def decorator(method: _Method) -> _Method:
+        @functools.wraps(method)
+        async def guarded(self: Machine, *args: Any, **kwargs: Any) -> Any:
+            if self.state not in states:
+                raise QemuError(f"{self.name}: {method.__name__}() needs the machine {allowed}, "
+                                f"it is {self.state.value}")
+            return await method(self, *args, **kwargs)
+        return guarded  # type: ignore[return-value]
+    return decorator
 
 
 @dataclass(frozen=True)
@@ -165,7 +184,7 @@ class Machine:
         self.config = config
         self.name = config.name
         self.log = log.getChild(config.name)
-        self.state = VmState.IDLE
+        self._state = VmState.IDLE
         self.console = Console(f"{config.name}-console")
         self.qmp = Monitor(config.name)
         self.qemu: QemuBinary | None = None
@@ -184,6 +203,17 @@ class Machine:
         return f"<Machine {self.name} {self.state.value} pid={self.pid}>"
 
     # ------------------------------------------------------------------ public state
+
+    @property
+    def state(self) -> VmState:
+        """Where the VM is; written only by :meth:`_set_state`."""
+        return self._state
+
+    def _set_state(self, state: VmState) -> None:
+        """The one place the state changes (commands, QMP events, launch and teardown)."""
+        if state is not self._state:
+            self.log.debug("state %s -> %s", self._state.value, state.value)
+            self._state = state
 
     @property
     def pid(self) -> int | None:
@@ -235,7 +265,7 @@ class Machine:
         """
         if self.state is not VmState.IDLE:
             raise QemuError(f"{self.name}: launch() in state {self.state.value}")
-        self.state = VmState.LAUNCHING
+        self._set_state(VmState.LAUNCHING)
         _live.add(self)
         try:
             await self._launch()
@@ -296,7 +326,7 @@ class Machine:
         self.console.attach(reader, writer, self._exit_error_when_reaped)
         self._tasks.append(asyncio.create_task(self._watch_events(), name=f"{self.name}-events"))
         self._ram = await self._map_ram(self._ram_path(), int(cfg.memory))
-        self.state = VmState.PAUSED
+        self._set_state(VmState.PAUSED)
 
     def _create_ram_file(self) -> Path:
         path = self.config.ram_dir / f"qemu-mktme-{self.name}-{os.getpid()}-{os.urandom(4).hex()}.ram"
@@ -381,11 +411,11 @@ class Machine:
             async for event in events:
                 kind = event.get("event")
                 if kind == "STOP" and self.state is VmState.RUNNING:
-                    self.state = VmState.PAUSED
+                    self._set_state(VmState.PAUSED)
                 elif kind == "RESUME" and self.state is VmState.PAUSED:
-                    self.state = VmState.RUNNING
+                    self._set_state(VmState.RUNNING)
                 elif kind == "SHUTDOWN":
-                    self.state = VmState.STOPPING
+                    self._set_state(VmState.STOPPING)
 
     def _ram_path(self) -> str:
         if self._res.ram_file is not None:
@@ -417,7 +447,7 @@ class Machine:
         """
         vm = cls(MachineConfig(name=name))
         vm.owned = False
-        vm.state = VmState.LAUNCHING
+        vm._set_state(VmState.LAUNCHING)
         try:
             vm._pid = _peer_pid(str(qmp_socket))
             await vm.qmp.connect(str(qmp_socket))
@@ -430,7 +460,7 @@ class Machine:
                     raise AttachError(f"cannot connect to console socket {console_socket}: {err.strerror}") from err
                 vm.console.attach(reader, writer)
             status = await vm.qmp.execute("query-status")
-            vm.state = VmState.RUNNING if status.get("running") else VmState.PAUSED
+            vm._set_state(VmState.RUNNING if status.get("running") else VmState.PAUSED)
             vm._tasks.append(asyncio.create_task(vm._watch_events(), name=f"{name}-events"))
         except BaseException:
             await vm._teardown()
@@ -465,15 +495,17 @@ class Machine:
 
     # ------------------------------------------------------------------ control
 
+    @requires(VmState.RUNNING, VmState.PAUSED)
     async def pause(self) -> None:
         """Stop the vCPUs (QMP ``stop``)."""
         await self.qmp.execute("stop")
-        self.state = VmState.PAUSED
+        self._set_state(VmState.PAUSED)
 
+    @requires(VmState.PAUSED, VmState.RUNNING)
     async def resume(self) -> None:
         """Run the vCPUs (QMP ``cont``)."""
         await self.qmp.execute("cont")
-        self.state = VmState.RUNNING
+        self._set_state(VmState.RUNNING)
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for QEMU to exit (e.g. the guest powered off); its exit status."""
@@ -484,12 +516,14 @@ class Machine:
         except asyncio.TimeoutError:
             raise LaunchError(f"{self.name}: QEMU still running after {timeout:g} s",
                               stderr_tail=self.stderr_tail()) from None
-        self.state = VmState.EXITED
+        self._set_state(VmState.EXITED)
         return rc
 
+    @requires(VmState.PAUSED, VmState.RUNNING, VmState.STOPPING, VmState.EXITED)
     async def quit(self, timeout: float = 10.0) -> int | None:
         """Ask QEMU to quit (QMP ``quit``) and wait for it; its exit status when ours."""
-        self.state = VmState.STOPPING
+        if self.state is not VmState.EXITED:
+            self._set_state(VmState.STOPPING)
         if self._proc is not None and self._proc.returncode is not None:
             return self._proc.returncode
         with contextlib.suppress(QemuExited):
@@ -510,7 +544,7 @@ class Machine:
         if self._closed:
             return
         self._closed = True
-        self.state = VmState.STOPPING
+        self._set_state(VmState.STOPPING)
         try:
             if self.owned and self._proc is not None and self._proc.returncode is None:
                 await self._stop_process()
@@ -527,7 +561,7 @@ class Machine:
                 await self.console.close()
                 await self.qmp.disconnect()
             self._release_files()
-            self.state = VmState.EXITED
+            self._set_state(VmState.EXITED)
 
     async def _stop_process(self) -> None:
         assert self._proc is not None

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import KIND_LOAD, KIND_STORE, PAGE_SHIFT, WATCH_LOAD, WATCH_STORE
+from ..arch.addresses import CACHE_LINE_SHIFT as LINE_SHIFT
+from ..arch.addresses import CACHE_LINE_SIZE as LINE_SIZE
+from ..arch.addresses import PAGE_SHIFT
+from .layout import KIND_LOAD, KIND_STORE, WATCH_LOAD, WATCH_STORE
 
-LINE_SHIFT = 6
-LINE_SIZE = 1 << LINE_SHIFT
 LINES_PER_PAGE = 1 << (PAGE_SHIFT - LINE_SHIFT)
 ALL_BYTES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 _BYTE_MASKS = np.array([(1 << n) - 1 for n in range(LINE_SIZE + 1)], dtype=np.uint64)

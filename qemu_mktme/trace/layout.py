@@ -18,7 +18,7 @@ would have a 2 GiB hole. :class:`~qemu_mktme.qemu.guestram.GuestRAM` converts be
 
 The shim does not count per KeyID: on every access that would be one more counter update on
 the hot path, and a page's KeyID is Python's to change anyway. Python folds a page's counters
-into its old KeyID's total when it re-keys the page (:class:`KeyIdLedger` in ``tracer.py``).
+into its old KeyID's total when it re-keys the page (:class:`~qemu_mktme.trace.ledger.KeyIdLedger`).
 
 The region lives in a memfd that QEMU inherits (no file to leak, nothing on disk); the shim
 opens it as ``/proc/self/fd/N``.
@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..arch.guestmap import GuestRange
 from ..errors import ShimError
 
 MAGIC = int.from_bytes(b"MKTMESHM", "little")
 LAYOUT_VERSION = 1
 HEADER_BYTES = 4096
-PAGE_SHIFT = 12
 NKEYIDS = 1 << 15                      # KeyIDs 0 .. 2^15 - 1 (KEYID_BITS <= 15)
 MAX_RANGES = 8
 STLB_ENTRIES = 4096                    # the shim's software TLB per vCPU (32-byte entries)
@@ -115,7 +116,8 @@ def _page_align(n: int) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Section offsets and the region size for a guest; the C side computes the same."""
+    """Section offsets and the region size for a guest. The header carries them; the shim reads
+    them from there and only checks them (it computes no layout of its own)."""
 
     npages: int
     nvcpus: int
@@ -155,7 +157,7 @@ class Geometry:
         return _page_align(self.ring_offset + self.nvcpus * self.ring_entries * RECORD_DTYPE.itemsize)
 
 
-class Region:
+class SharedRegion:
     """The shared region in a memfd: created and initialised here, opened by the shim.
 
     Attributes are numpy views straight over the mapping (no copies): ``header`` (a 0-d
@@ -220,13 +222,14 @@ class Region:
         if int(h["shim_abi"]) != expected_abi:
             raise ShimError(f"the loaded shim speaks plugin API {int(h['shim_abi'])}, expected {expected_abi}")
 
-    def set_ram_layout(self, ram_base: int, ranges: list[tuple[int, int, int]]) -> None:
-        """Tell the shim where guest RAM is: its RAMBlock address and (gpa, size, offset) ranges."""
+    def set_ram_layout(self, ram_base: int, ranges: Sequence[GuestRange]) -> None:
+        """Tell the shim where guest RAM is: its RAMBlock address and the guest's memory map
+        (the shim's own GPA <-> offset lookups read this table; it computes none)."""
         if len(ranges) > MAX_RANGES:
             raise ShimError(f"guest RAM has {len(ranges)} ranges; the shim takes at most {MAX_RANGES}")
         h = self.header
-        for i, (gpa, size, offset) in enumerate(ranges):
-            h["ranges"][i] = (gpa, size, offset)
+        for i, r in enumerate(ranges):
+            h["ranges"][i] = (r.gpa, r.size, r.offset)
         h["ram_base"] = ram_base
         h["nranges"] = len(ranges)
         h["configured"] = 1

@@ -32,7 +32,6 @@ import enum
 import logging
 import platform
 import re
-import time
 import weakref
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Generator
@@ -44,15 +43,16 @@ from .accesses import (ACCESS_DTYPE, Access, ForeignRead, PageTraffic, Traffic, 
                        TrafficSnapshot, access_tuples)
 from ..qemu.binary import find_qemu
 from .foreign import ForeignLines
+from .ledger import KeyIdLedger
 from ..qemu.guestram import GuestRAM
 from ..qemu.machine import Machine, MachineConfig, VmState
 from .shim import abi_for, build_shim, phys_mode_for
-from .layout import (KIND_LOAD, KIND_STORE, LAYOUT_VERSION, NKEYIDS, PAGE_SHIFT, WATCH_LOAD,
-                          WATCH_STORE, Geometry, Region)
+from ..arch.addresses import PAGE_SHIFT, PAGE_SIZE
+from .layout import (KIND_LOAD, KIND_STORE, LAYOUT_VERSION, NKEYIDS, WATCH_LOAD, WATCH_STORE, Geometry,
+                     SharedRegion)
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 1 << PAGE_SHIFT
 ON_KINDS = {"load": (KIND_LOAD,), "store": (KIND_STORE,), "both": (KIND_LOAD, KIND_STORE)}
 DEFAULT_QUEUE_LIMIT = 1 << 20
 
@@ -295,7 +295,7 @@ class Tracer:
         self.state = TracerState.IDLE
         self.plugin_arg: str | None = None
         self.foreign_read_count = 0
-        self._region: Region | None = None
+        self._region: SharedRegion | None = None
         self._vm: Machine | None = None
         self._abi = 0
         self._resume = True
@@ -329,7 +329,7 @@ class Tracer:
         qemu = find_qemu(config.qemu)
         self._abi = abi_for(qemu.version)
         library = build_shim(qemu, abi=self._abi)
-        region = Region(Geometry(memory >> PAGE_SHIFT, config.cpus, self.ring_entries))
+        region = SharedRegion(Geometry(memory >> PAGE_SHIFT, config.cpus, self.ring_entries))
         options = {"region": region.child_path, "size": region.size, "layout": LAYOUT_VERSION,
                    "phys": phys_mode_for(qemu.version), "tlb": "on" if self.tlb else "off",
                    "verify": self.verify, "decode": self.decode, "mode": self.mode}
@@ -358,15 +358,11 @@ class Tracer:
             raise ShimError(f"guest RAM is {ram.size} bytes, the region was made for "
                             f"{region.geometry.npages << PAGE_SHIFT}")
         ram_base = await self._ram_block_address(vm)
-        region.set_ram_layout(ram_base, [(r.gpa, r.size, r.offset) for r in ram.ranges])
+        region.set_ram_layout(ram_base, ram.ranges)
         self._vm = vm
-        self._range_gpa = np.array([r.gpa for r in ram.ranges], dtype=np.int64)
-        self._range_off = np.array([r.offset for r in ram.ranges], dtype=np.uint64)
-        self._range_end = np.array([r.offset + r.size for r in ram.ranges], dtype=np.uint64)
-        npages = region.geometry.npages
-        self._refs = np.zeros((npages, 2), dtype=np.int32)
-        self._base = np.zeros((npages, 4), dtype=np.uint64)
-        self._retired = np.zeros((NKEYIDS, 4), dtype=np.uint64)
+        self._map = ram.map
+        self._refs = np.zeros((region.geometry.npages, 2), dtype=np.int32)
+        self._ledger = KeyIdLedger(region, self._gpas)
         self._consuming.set()
         self._consumer = asyncio.create_task(self._consume(), name=f"{vm.name}-shim-consumer")
         self.state = TracerState.RUNNING
@@ -443,37 +439,20 @@ class Tracer:
             raise ValueError(f"set_backend_keyid needs whole 4 KiB pages, got {offset:#x}+{nbytes:#x}")
         if not 0 <= keyid < NKEYIDS:
             raise ValueError(f"keyid must be in 0 .. {NKEYIDS - 1}, got {keyid}")
-        region = self._running()
+        self._running()
         if offset + nbytes > self._ram().size:
             raise AddressError(f"backend range {offset:#x}+{nbytes:#x} is beyond guest RAM", address=offset)
-        pages = slice(offset >> PAGE_SHIFT, (offset + nbytes) >> PAGE_SHIFT)
-        now = self._counts()[:, pages].sum(axis=0, dtype=np.uint64)
-        self._fold(region.attrs["keyid"][pages].astype(np.intp), now - self._base[pages])
-        self._base[pages] = now
-        region.attrs["keyid"][pages] = keyid
+        self._ledger.assign(slice(offset >> PAGE_SHIFT, (offset + nbytes) >> PAGE_SHIFT), keyid)
 
     def keyid_of(self, gpa: int) -> int:
         """The KeyID the page of ``gpa`` is attributed to."""
-        region = self._running()
-        return int(region.attrs["keyid"][self._ram().offset_of(gpa) >> PAGE_SHIFT])
+        self._running()
+        return self._ledger.keyid(self._ram().offset_of(gpa) >> PAGE_SHIFT)
 
     def snapshot(self) -> TrafficSnapshot:
         """Traffic so far, per page and per KeyID; subtract two snapshots for an interval."""
-        region = self._running()
-        counts = self._counts().sum(axis=0, dtype=np.uint64)
-        keyids = region.attrs["keyid"].astype(np.intp)
-        per_keyid = self._retired.copy()
-        delta = counts - self._base
-        if keyids.any():
-            order = np.argsort(keyids, kind="stable")
-            sorted_ids = keyids[order]
-            starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-            per_keyid[sorted_ids[starts]] += np.add.reduceat(delta[order], starts, axis=0)
-        else:
-            per_keyid[0] += delta.sum(axis=0, dtype=np.uint64)
-        nonzero = np.flatnonzero(per_keyid.any(axis=1))
-        totals = {int(k): Traffic.from_counters(per_keyid[k]) for k in nonzero}
-        return TrafficSnapshot(time.monotonic(), counts.astype(np.int64), keyids, totals, self._gpas)
+        self._running()
+        return self._ledger.snapshot()
 
     def keyid_totals(self) -> dict[int, Traffic]:
         """Traffic per KeyID since the start (KeyIDs with none are left out)."""
@@ -602,7 +581,7 @@ class Tracer:
         if self.state is not state:
             raise ShimError(f"{what}() needs a {state.value} tracer, this one is {self.state.value}")
 
-    def _running(self) -> Region:
+    def _running(self) -> SharedRegion:
         if self.state is not TracerState.RUNNING or self._region is None:
             raise ShimError(f"the tracer is {self.state.value}: call start(vm) first")
         return self._region
@@ -616,17 +595,10 @@ class Tracer:
         assert self._region is not None
         return self._region.page_counts
 
-    def _fold(self, keyids: np.ndarray, deltas: np.ndarray) -> None:
-        np.add.at(self._retired, keyids, deltas)
-
     def _gpas(self, offsets: np.ndarray) -> np.ndarray:
         """GPAs of backend offsets (-1 where the offset is not mapped into the guest)."""
-        offsets = np.asarray(offsets, dtype=np.uint64)
-        out = np.full(offsets.shape, -1, dtype=np.int64)
-        for gpa, lo, hi in zip(self._range_gpa, self._range_off, self._range_end):
-            m = (offsets >= lo) & (offsets < hi)
-            out[m] = (offsets[m] - lo).astype(np.int64) + gpa
-        return out
+        found = (self._map.gpa_at(int(o)) for o in np.ravel(offsets))
+        return np.array([-1 if g is None else g for g in found], dtype=np.int64).reshape(np.shape(offsets))
 
     def _update_watch(self, pages: np.ndarray) -> None:
         region = self._running()
@@ -694,9 +666,8 @@ class Tracer:
     def _check_foreign(self, batch: np.ndarray) -> None:
         hits, changed = self._foreign.process(batch["offset"], batch["size"], batch["kind"])
         for hit in hits:
-            line_gpa = int(self._gpas(np.array([hit.line_offset]))[0])
             read = ForeignRead(Access.from_row(batch[hit.index]), hit.keyid,
-                               line_gpa if line_gpa >= 0 else None, hit.garbage_bytes)
+                               self._map.gpa_at(hit.line_offset), hit.garbage_bytes)
             self.foreign_read_count += 1
             for sub in list(self._foreign_subs):
                 sub._push(read, 1)

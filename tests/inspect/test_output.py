@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from qemu_mktme.errors import SnapshotError
-from qemu_mktme.files.atomic import atomic_output
+from qemu_mktme.files.atomic import atomic_directory, atomic_output
 
 
 def test_a_file_that_appears_meanwhile_is_kept(tmp_path):
@@ -38,3 +38,32 @@ def test_failure_in_the_body_leaves_nothing_and_force_replaces(tmp_path):
     with pytest.raises(SnapshotError, match="no directory"):
         with atomic_output(tmp_path / "missing" / "o"):
             pass
+
+
+def test_a_directory_appears_whole_and_is_never_replaced(tmp_path):
+    target = tmp_path / "d"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target, what="dump") as partial:
+            (partial / "a").write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target, what="dump") as partial:
+        (partial / "a").write_bytes(b"whole")
+    assert (target / "a").read_bytes() == b"whole" and stat.S_IMODE(target.stat().st_mode) == 0o700
+    with pytest.raises(SnapshotError, match="exists already; dumps never overwrite"):
+        with atomic_directory(target, what="dump"):
+            pass
+    other = tmp_path / "e"
+    with pytest.raises(SnapshotError, match="exists already; dumps never overwrite"):
+        with atomic_directory(other, what="dump"):
+            other.mkdir()                              # another writer, after our first check
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "e"]
+
+
+def test_temporaries_of_a_killed_writer_are_removed(tmp_path):
+    target = tmp_path / "o"
+    dead = tmp_path / ".o.partial-999999999"           # no such PID
+    dead.write_bytes(b"left by kill -9")
+    with atomic_output(target) as f:
+        f.write(b"new")
+    assert list(tmp_path.iterdir()) == [target]

@@ -94,3 +94,10 @@ def test_boot_spec_validation(baremetal_image, linux_image):
     assert "mktme.workload=secret mktme.secret=xyz" in spec.append and "memmap=" in spec.append
     with pytest.raises(ValueError, match="one word"):
         linux_image.boot(params={"secret": "two words"})
+
+
+def test_each_recipe_knows_its_default_memory():
+    assert images.default_memory("baremetal") == 512 << 20
+    assert images.default_memory("linux") == 1 << 30
+    assert images.default_memory("/boot/vmlinuz") == 512 << 20          # a kernel given by path
+    assert images.default_memory_help() == "512M baremetal, 1G linux"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qemu_mktme.errors import (AddressError, AttachError, ConsoleTimeout, ImageError, LaunchError,
-                               QemuExited, QemuNotFound)
+                               QemuError, QemuExited, QemuNotFound)
 from qemu_mktme import images
 from qemu_mktme.qemu.machine import Machine, MachineConfig, VmState
 
@@ -83,6 +83,24 @@ async def test_stop_cont_and_events(baremetal_image):
             await vm.resume()
             assert (await asyncio.wait_for(anext(events), 5))["event"] == "RESUME"
         await vm.console.wait_for(rf"tick {frozen + 2}\n", 10)
+
+
+async def test_control_needs_a_launched_machine(baremetal_image):
+    vm = bm(baremetal_image)
+    for control in (vm.pause, vm.resume, vm.quit):
+        with pytest.raises(QemuError, match=rf"{control.__name__}\(\) needs the machine .* it is idle"):
+            await control()
+    assert vm.state is VmState.IDLE
+    async with vm:
+        await vm.pause()
+        await vm.pause()                                   # stop and cont are idempotent, as in QMP
+        assert vm.state is VmState.PAUSED
+        await vm.resume()
+        assert vm.state is VmState.RUNNING
+        with pytest.raises(AttributeError):
+            vm.state = VmState.PAUSED                      # type: ignore[misc]  # one writer: _set_state
+    with pytest.raises(QemuError, match=r"pause\(\) needs the machine running or paused, it is exited"):
+        await vm.pause()
 
 
 async def test_guest_poweroff_ends_qemu(baremetal_image):

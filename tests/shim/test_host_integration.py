@@ -10,6 +10,7 @@ import zlib
 from qemu_mktme.host.dma import AssignedDevice
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
+from qemu_mktme.live.launch import launch_machine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.trace.tracer import Tracer
 
@@ -23,12 +24,10 @@ async def test_host_write_through_foreign_keyid_is_a_foreign_read(baremetal_imag
     serial = host.keys.add("vm", "type=cpu", tenant="acme")
     intruder = host.keys.add("dev", "type=cpu", tenant="other")
     other = host.keys.describe(intruder)["keyid"]
+    config = MachineConfig(boot=baremetal_image.boot(), memory="256M", name="vm")
     async with Tracer() as tracer:
-        config = tracer.configure(MachineConfig(boot=baremetal_image.boot(), memory="256M", name="vm",
-                                                start_paused=True))
-        async with EncryptedMachine(host, config, key_serial=serial, tenant="acme") as vm:
-            await vm.trace(tracer)
-            await vm.resume()
+        async with await launch_machine(config, tracer=tracer, machine=lambda c: EncryptedMachine(
+                host, c, key_serial=serial, tenant="acme")) as vm:
             await vm.console.wait_for("mktme> ", 10)
             assert tracer.keyid_of(LINE) == vm.keyid
             async with tracer.foreign_reads() as reads:

@@ -81,7 +81,7 @@ def test_geometry_rejects_nonsense(bad):
 
 
 def test_region_is_a_private_memfd_with_its_header_filled():
-    region = L.Region(L.Geometry(npages=1024, nvcpus=2, ring_entries=256))
+    region = L.SharedRegion(L.Geometry(npages=1024, nvcpus=2, ring_entries=256))
     try:
         import os
         import stat
@@ -99,4 +99,23 @@ def test_region_is_a_private_memfd_with_its_header_filled():
             region.check_attached(expected_abi=1)
     finally:
         region.close()
+        region.close()
+
+
+def test_ledger_keeps_traffic_with_the_keyid_a_page_had():
+    from qemu_mktme.trace.accesses import Traffic
+    from qemu_mktme.trace.ledger import KeyIdLedger
+
+    region = L.SharedRegion(L.Geometry(npages=4, nvcpus=2, ring_entries=2))
+    try:
+        ledger = KeyIdLedger(region, lambda offsets: np.asarray(offsets, np.int64))
+        region.page_counts[0, 1] = (3, 1, 12, 8)                    # vCPU 0, page 1, under KeyID 0
+        ledger.assign(slice(1, 3), 5)
+        region.page_counts[1, 1] = (2, 0, 8, 0)                      # vCPU 1, page 1, now KeyID 5
+        snap = ledger.snapshot()
+        assert snap.keyid_totals == {0: Traffic(3, 1, 12, 8), 5: Traffic(2, 0, 8, 0)}
+        assert ledger.keyid(1) == ledger.keyid(2) == 5 and ledger.keyid(3) == 0
+        assert [p.offset for p in snap.hottest_pages(1)] == [4096] and snap.totals == Traffic(5, 1, 20, 8)
+    finally:
+        del ledger
         region.close()

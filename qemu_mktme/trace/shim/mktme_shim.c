@@ -805,6 +805,29 @@ static int parse_options(int argc, char **argv, struct options *o)
     return 0;
 }
 
+/* The section offsets are Python's (trace/layout.py, Geometry): the shim computes no layout of
+ * its own, it only checks that each section is page aligned, follows the one before it, and
+ * lies inside the region. */
+static int check_sections(const struct shim_header *h)
+{
+    const struct { const char *what; uint64_t offset, bytes; } sections[] = {
+        { "vCPU section", h->vcpu_offset, (uint64_t)h->nvcpus * SHIM_VCPU_BLOCK },
+        { "attribute section", h->attr_offset, h->npages * sizeof(struct shim_page_attr) },
+        { "page counters", h->page_ctr_offset, (uint64_t)h->nvcpus * h->npages * sizeof(struct shim_counters) },
+        { "rings", h->ring_offset, (uint64_t)h->nvcpus * h->ring_entries * sizeof(struct shim_record) },
+    };
+    uint64_t free_from = SHIM_HEADER_BYTES;
+    for (size_t i = 0; i < sizeof(sections) / sizeof(sections[0]); i++) {
+        uint64_t off = sections[i].offset, bytes = sections[i].bytes;
+        if (off % 4096 || off < free_from || off > h->region_size || bytes > h->region_size - off)
+            return fail("region: the %s (%llu bytes at offset %llu) is not page aligned, overlaps the "
+                        "section before it, or runs past the region's %llu bytes", sections[i].what,
+                        (unsigned long long)bytes, (unsigned long long)off, (unsigned long long)h->region_size);
+        free_from = off + bytes;
+    }
+    return 0;
+}
+
 static int check_header(const struct shim_header *h, uint64_t size, unsigned max_vcpus)
 {
 #define BAD(what, have, want) \
@@ -825,88 +848,75 @@ static int check_header(const struct shim_header *h, uint64_t size, unsigned max
         return fail("region: ring size %u is not a power of two", h->ring_entries);
     if (!h->npages || h->npages > UINT32_MAX)
         return fail("region: page count %llu is out of range", (unsigned long long)h->npages);
-    uint64_t vcpu = SHIM_HEADER_BYTES;
-    uint64_t attr = vcpu + (uint64_t)h->nvcpus * SHIM_VCPU_BLOCK;
-    uint64_t pctr = align_page(attr + h->npages * sizeof(struct shim_page_attr));
-    uint64_t ring = align_page(pctr + (uint64_t)h->nvcpus * h->npages * sizeof(struct shim_counters));
-    uint64_t end = align_page(ring + (uint64_t)h->nvcpus * h->ring_entries * sizeof(struct shim_record));
-    if (h->vcpu_offset != vcpu) BAD("vCPU section offset", h->vcpu_offset, vcpu);
-    if (h->attr_offset != attr) BAD("attribute section offset", h->attr_offset, attr);
-    if (h->page_ctr_offset != pctr) BAD("page counter offset", h->page_ctr_offset, pctr);
-    if (h->ring_offset != ring) BAD("ring offset", h->ring_offset, ring);
-    if (h->region_size != end) BAD("region size in its header", h->region_size, end);
-    if (size < end) BAD("region size", size, end);
+    if (size < h->region_size) BAD("region size", size, h->region_size);
 #undef BAD
-    return 0;
+    return check_sections(h);
 }
 
-EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+/* Open and map the region (header checked); NULL after saying why not. */
+static char *map_region(const struct options *o, unsigned max_vcpus)
 {
-    struct options o = { .verify = 1024, .phys = PHYS_RAMADDR, .mode = MODE_ATTRIBUTE, .tlb = 1, .decode = 0 };
-
-    if (parse_options(argc, argv, &o))
-        return -1;
-    if (o.layout != SHIM_LAYOUT_VERSION)
-        return fail("layout=%llu, but this shim speaks layout version %d",
-                    (unsigned long long)o.layout, SHIM_LAYOUT_VERSION);
-    if (!info->system_emulation || strcmp(info->target_name, "x86_64") != 0)
-        return fail("needs qemu-system-x86_64, not %s%s", info->target_name,
-                    info->system_emulation ? "" : " user-mode emulation");
-    if (MKTME_PLUGIN_ABI < info->version.min || MKTME_PLUGIN_ABI > info->version.cur)
-        return fail("built for plugin API %d, this QEMU speaks %d..%d",
-                    MKTME_PLUGIN_ABI, info->version.min, info->version.cur);
-    unsigned max_vcpus = info->system.max_vcpus > 0 ? (unsigned)info->system.max_vcpus : 1;
-
-    int fd = open(o.region, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return fail("cannot open region %s: %s", o.region, strerror(errno));
+    int fd = open(o->region, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        fail("cannot open region %s: %s", o->region, strerror(errno));
+        return NULL;
+    }
     struct stat st;
-    if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != o.size) {
+    if (fstat(fd, &st) < 0 || (uint64_t)st.st_size != o->size) {
         close(fd);
-        return fail("region %s holds %llu bytes, size= says %llu", o.region,
-                    (unsigned long long)st.st_size, (unsigned long long)o.size);
+        fail("region %s holds %llu bytes, size= says %llu", o->region,
+             (unsigned long long)st.st_size, (unsigned long long)o->size);
+        return NULL;
     }
-    if (o.size < SHIM_HEADER_BYTES) {
+    if (o->size < SHIM_HEADER_BYTES) {
         close(fd);
-        return fail("region %s is too small for a header (%llu bytes)", o.region, (unsigned long long)o.size);
+        fail("region %s is too small for a header (%llu bytes)", o->region, (unsigned long long)o->size);
+        return NULL;
     }
-    void *base = mmap(NULL, o.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    void *base = mmap(NULL, o->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
-    if (base == MAP_FAILED)
-        return fail("cannot map region %s: %s", o.region, strerror(errno));
-    if (check_header(base, o.size, max_vcpus)) {
-        munmap(base, o.size);
-        return -1;
+    if (base == MAP_FAILED) {
+        fail("cannot map region %s: %s", o->region, strerror(errno));
+        return NULL;
     }
-    hdr = base;
-    npages = hdr->npages;
-    ring_mask = hdr->ring_entries - 1;
-    tlb_on = o.tlb;
-    verify_period = (uint32_t)o.verify;
-    phys_mode = o.phys;
-    mode = o.mode;
-    decode_api = o.decode == 1;
-    attrs = (struct shim_page_attr *)((char *)base + hdr->attr_offset);
+    if (check_header(base, o->size, max_vcpus)) {
+        munmap(base, o->size);
+        return NULL;
+    }
+    return base;
+}
 
-    nvcpus = max_vcpus;
+/* The per-vCPU state over the region's sections; -1, with nothing left allocated, when out of memory. */
+static int setup_vcpus(char *base)
+{
     vcpu_blocks = calloc(nvcpus, sizeof(*vcpu_blocks));
     vcpus = calloc(nvcpus, sizeof(*vcpus));
-    if (!vcpu_blocks || !vcpus)
+    if (!vcpu_blocks || !vcpus) {
+        free(vcpu_blocks);
+        free(vcpus);
+        vcpu_blocks = NULL;
+        vcpus = NULL;
         return fail("out of memory");
+    }
     for (unsigned i = 0; i < nvcpus; i++) {
         struct vcpu_local *v = &vcpus[i];
-        struct vcpu_block *b = (struct vcpu_block *)((char *)base + hdr->vcpu_offset + (uint64_t)i * SHIM_VCPU_BLOCK);
+        struct vcpu_block *b = (struct vcpu_block *)(base + hdr->vcpu_offset + (uint64_t)i * SHIM_VCPU_BLOCK);
         memset(b->tlb, 0, sizeof(b->tlb));
         b->s.gen = 1 | (decode_api ? (uint32_t)(STAMP_POISON >> 32) : 0);
         b->s.verify_left = reset_verify();
         v->block = b;
-        v->page_ctr = (struct shim_counters *)((char *)base + hdr->page_ctr_offset) + (uint64_t)i * npages;
-        v->ring = (struct shim_record *)((char *)base + hdr->ring_offset) + (uint64_t)i * hdr->ring_entries;
+        v->page_ctr = (struct shim_counters *)(base + hdr->page_ctr_offset) + (uint64_t)i * npages;
+        v->ring = (struct shim_record *)(base + hdr->ring_offset) + (uint64_t)i * hdr->ring_entries;
         v->head = b->s.head;
         v->seq = b->s.seq;
         vcpu_blocks[i] = b;
     }
+    return 0;
+}
 
+/* What the shim is and how it runs, for Python to check (SharedRegion.check_attached). */
+static void publish_install(const qemu_info_t *info, unsigned max_vcpus)
+{
     hdr->shim_abi = MKTME_PLUGIN_ABI;
     hdr->qemu_api_min = (uint32_t)info->version.min;
     hdr->qemu_api_cur = (uint32_t)info->version.cur;
@@ -922,7 +932,49 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
     hdr->mode = mode;
     hdr->decode_api = decode_api;
     hdr->shim_pid = (uint64_t)getpid();
+}
 
+static int check_qemu(const struct options *o, const qemu_info_t *info)
+{
+    if (o->layout != SHIM_LAYOUT_VERSION)
+        return fail("layout=%llu, but this shim speaks layout version %d",
+                    (unsigned long long)o->layout, SHIM_LAYOUT_VERSION);
+    if (!info->system_emulation || strcmp(info->target_name, "x86_64") != 0)
+        return fail("needs qemu-system-x86_64, not %s%s", info->target_name,
+                    info->system_emulation ? "" : " user-mode emulation");
+    if (MKTME_PLUGIN_ABI < info->version.min || MKTME_PLUGIN_ABI > info->version.cur)
+        return fail("built for plugin API %d, this QEMU speaks %d..%d",
+                    MKTME_PLUGIN_ABI, info->version.min, info->version.cur);
+    return 0;
+}
+
+EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+{
+    struct options o = { .verify = 1024, .phys = PHYS_RAMADDR, .mode = MODE_ATTRIBUTE, .tlb = 1, .decode = 0 };
+
+    if (parse_options(argc, argv, &o) || check_qemu(&o, info))
+        return -1;
+    unsigned max_vcpus = info->system.max_vcpus > 0 ? (unsigned)info->system.max_vcpus : 1;
+    char *base = map_region(&o, max_vcpus);
+    if (!base)
+        return -1;
+    hdr = (struct shim_header *)base;
+    npages = hdr->npages;
+    ring_mask = hdr->ring_entries - 1;
+    tlb_on = o.tlb;
+    verify_period = (uint32_t)o.verify;
+    phys_mode = o.phys;
+    mode = o.mode;
+    decode_api = o.decode == 1;
+    attrs = (struct shim_page_attr *)(base + hdr->attr_offset);
+    nvcpus = max_vcpus;
+    if (setup_vcpus(base)) {
+        munmap(base, o.size);                    /* the mapping goes with the failed install */
+        hdr = NULL;
+        attrs = NULL;
+        return -1;
+    }
+    publish_install(info, max_vcpus);
     if (mode != MODE_NONE)
         qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans);
     qemu_plugin_register_atexit_cb(id, at_exit, NULL);

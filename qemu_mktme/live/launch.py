@@ -1,0 +1,54 @@
+"""Starting a machine with the tracer in place before its guest runs a single instruction.
+
+The one sequence for every traced launch (the host session, the verifier, restore, tests):
+configure the tracer (it loads the shim), launch QEMU paused, start the tracer on the paused
+machine (under MKTME that also attributes its RAM to the VM's KeyID and reports foreign-KeyID
+writes to it), then resume, unless the configuration asks for a paused start or an incoming
+migration.
+
+    async with Tracer() as tracer:
+        async with await launch_machine(config, tracer=tracer) as vm:
+            ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..qemu.machine import Machine, MachineConfig
+from ..trace.tracer import Tracer
+from .encrypted import EncryptedMachine
+
+M = TypeVar("M", bound=Machine)
+
+
+async def launch_machine(config: MachineConfig, *, tracer: Tracer | None = None,
+                         machine: Callable[[MachineConfig], M] = Machine) -> M:  # type: ignore[assignment]
+    """``machine(config)`` launched, with ``tracer`` (fresh; None: no tracing) started before
+    the guest runs. The caller owns the machine (``async with`` it, or enter it on a stack);
+    on any failure it is closed again before the error propagates.
+    """
+    if tracer is None:
+        vm = machine(config)
+        await vm.launch()
+        return vm
+    vm = machine(tracer.configure(dataclasses.replace(config, start_paused=True)))
+    await vm.launch()
+    try:
+        await trace(vm, tracer)
+        if not (config.start_paused or config.incoming):
+            await vm.resume()
+    except BaseException:
+        await vm.close()
+        raise
+    return vm
+
+
+async def trace(vm: Machine, tracer: Tracer) -> None:
+    """Start ``tracer`` on ``vm``, paused as :meth:`Tracer.configure` left it (the caller resumes)."""
+    if isinstance(vm, EncryptedMachine):
+        await vm.trace(tracer)
+    else:
+        await tracer.start(vm)
