@@ -101,6 +101,13 @@ def scan_processes(forms: dict[bytes, str], report: Report) -> None:
                 report.hits.append(f"{what} in the command line of pid {pid} (ps)")
 
 
+def write_private(path: Path, text: str) -> None:
+    """A new 0600 file (a key file as a careful user keeps it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def cli(*args: str, env: dict, out: list[bytes], check: bool = True, timeout: float = 600) -> str:
     r = subprocess.run([sys.executable, "-m", "qemu_mktme.cli", *args], env=env, capture_output=True,
                        timeout=timeout)
@@ -115,10 +122,8 @@ def probe(work: Path, guest: str = "baremetal", memory: str | None = None, timeo
     started = time.time() - 1
     key, tweak, kek = os.urandom(16), os.urandom(16), os.urandom(32)
     key_file, kek_file = work / "tenant.key", work / "kek.hex"
-    for path, text in ((key_file, f"{key.hex()} {tweak.hex()}\n"), (kek_file, kek.hex() + "\n")):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+    write_private(key_file, f"{key.hex()} {tweak.hex()}\n")
+    write_private(kek_file, kek.hex() + "\n")
     forms = needles({"tenant key": key, "tweak key": tweak, "tenant key+tweak": key + tweak, "KEK": kek})
     report = Report()
     env = dict(os.environ)
