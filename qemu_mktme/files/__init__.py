@@ -1,5 +1,7 @@
 """Files the tool writes and reads back: formats and places, importable by the live side and the offline tools.
 
 ``snapfile`` (the encrypted snapshot container), ``dumpfile`` (DRAM dumps and their manifest),
-``atomic`` (write a temporary file, fsync, rename), ``cache`` (where images and the shim are built).
+``atomic`` (write a temporary file, fsync, rename), ``cache`` (where images and the shim are built),
+``runtime`` (the private parent of runtime directories, their owner markers and the sweep),
+``keyfile`` (the one bounded reader of users' key files).
 """
