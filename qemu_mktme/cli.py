@@ -19,11 +19,11 @@ from typing import Any, Sequence
 from . import demo, verifier
 from .attend import ProgressBar, attend
 from .errors import MktmeError
-from .host.payload import payload_from_spec
 from .inspect.command import add_inspect_parser
 from .live import control
 from . import images
 from .files import snapfile
+from .files.keyfile import key_payload, read_key_file
 from .qemu.machine import MachineConfig, parse_size
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
@@ -115,7 +115,7 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
     specs = []
     for n, entry in enumerate(entries):
         name = entry.get("name") or (base_name if len(entries) == 1 else f"{base_name}{n}")
-        payload = payload_from_spec(entry.get("key", args.key))
+        payload = key_payload(entry.get("key", args.key))
         specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused), entry.get("tenant", args.tenant),
                             payload, trace=args.trace))
     return specs
@@ -127,11 +127,9 @@ async def run_guest(args: argparse.Namespace) -> int:
 
 
 def _read_kek(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return snapfile.load_kek(f.read())
-    except OSError as err:
-        raise ValueError(f"key-encryption key file {path}: {err.strerror}") from None
+    """The KEK, read here by the client (a running host never opens the user's key files)."""
+    what = "key-encryption key file"
+    return snapfile.load_kek(read_key_file(path, what=what), f"{what} {path}")
 
 
 def snapshot_save(args: argparse.Namespace) -> int:
@@ -273,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sn = sub.add_parser("snapshot", help="save, restore and verify encrypted snapshots")
     sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
-    kek_help = "file holding the 32-byte key-encryption key (64 hex digits); never stored"
+    kek_help = ("file holding the 32-byte key-encryption key as 64 hex digits (a regular file, or <(...)); "
+                "never stored")
     sv = sn_sub.add_parser("save", help="save a VM of a running host (atomically replaces PATH)",
                            description="Save a VM of a running 'qemu-mktme run': device state through QEMU "
                                        "migration (x-ignore-shared), RAM as its DRAM image under the VM key, "
