@@ -106,8 +106,11 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
     failure, including a full disk, the partial directory is removed. Raises ``SnapshotError``.
     """
     target = Path(path)
-    if target.exists():
+    if target.exists() or target.is_symlink():
         raise SnapshotError(f"{target} exists already; dumps never overwrite")
+    names = [g.name for g in guests]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cannot dump {target}: a VM is named twice ({', '.join(names)})")
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     total = sum(g.ram.size for g in guests)
     done = 0
@@ -142,6 +145,7 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
         mfd = os.open(partial / MANIFEST_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(mfd, "w") as f:
             json.dump(manifest, f, indent=1)
+        _check_regions(target, regions)         # what readers will check, before the dump appears
         os.rename(partial, target)
     except OSError as err:
         shutil.rmtree(partial, ignore_errors=True)

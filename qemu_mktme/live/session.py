@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import KeyServiceError
 from ..files.dumpfile import Dump, Progress
 from ..host.host import Host
 from ..qemu.machine import Machine, MachineConfig
@@ -75,7 +77,10 @@ class HostSession:
         if spec.payload is None:
             vm: Machine = Machine(config)
         else:
-            serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
+            try:
+                serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
+            except KeyServiceError as err:
+                raise self._key_error(name, err) from None
             self._serials.append((serial, spec.tenant))
             vm = EncryptedMachine(self.host, config, key_serial=serial, tenant=spec.tenant)
         await self._stack.enter_async_context(vm)
@@ -88,6 +93,17 @@ class HostSession:
             self.tracers[name] = tracer
             if not spec.config.start_paused:
                 await vm.resume()
+
+    def _key_error(self, name: str, err: KeyServiceError) -> KeyServiceError:
+        """``err`` naming the VM, and for KeyID exhaustion how to get more KeyIDs."""
+        text = str(err).split(": ", 1)[-1]
+        if err.errno == errno.ENOKEY and len(self.host.keys.keyids.in_use) >= self.host.keys.keyids.max_keyid:
+            bits = self.host.platform.layout.keyid_bits
+            text += (f" (with {bits} KeyID bit{'s' if bits != 1 else ''}); VM {name!r} needs one more: "
+                     "raise --keyid-bits, or share a KeyID by giving VMs of one tenant the same user key")
+        else:
+            text = f"VM {name!r}: {text}"
+        return KeyServiceError(err.errno, text)
 
     async def restore(self, path: str, kek: bytes, *, name: str | None = None, trace: bool = False,
                       progress: Any = None) -> EncryptedMachine:
@@ -115,6 +131,9 @@ class HostSession:
     async def dump(self, path: str | os.PathLike[str], vms: Sequence[str] = (),
                    progress: Progress | None = None) -> Dump:
         """A consistent DRAM dump of ``vms`` (default: every VM under MKTME) at ``path``."""
+        twice = sorted({n for n in vms if list(vms).count(n) > 1})
+        if twice:
+            raise ValueError(f"VM {twice[0]!r} named twice; name each VM to dump once")
         unknown = [n for n in vms if n not in self.machines]
         if unknown:
             raise ValueError(f"no VM named {unknown[0]!r} (have: {', '.join(self.machines)})")
