@@ -1,7 +1,8 @@
 """``qemu-mktme``: the command line. Thin: parse, call the library, print, map errors to exit codes.
 
 Exit status: 0 success, 1 a domain error (one line ``qemu-mktme: error: ...``; ``--traceback``
-for the rest), 2 a usage error (argparse), 130 interrupted.
+for the rest), 2 a usage error (argparse, or a command line found unworkable before anything
+starts: an unknown workload, a bad key file, too little memory), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Sequence
@@ -19,17 +21,22 @@ from typing import Any, Sequence
 from . import demo, verifier
 from .attend import ProgressBar, attend
 from .errors import AttachError, MktmeError
-from .host.payload import payload_from_spec
 from .inspect.command import add_inspect_parser
 from .live import control
 from . import images
 from .files import snapfile
+from .files.keyfile import key_payload, read_key_file
 from .qemu.machine import MachineConfig, parse_size
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
 
 PROG = "qemu-mktme"
+VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+class UsageError(Exception):
+    """A command line that cannot work, found before anything starts: exit 2, as argparse does."""
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -40,6 +47,29 @@ def _param(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return key, value
+
+
+def _vm_name(text: str) -> str:
+    if not VM_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid VM name {text!r}: use up to 64 letters, digits, '_', '.' and '-', not starting with '.' or '-'")
+    return text
+
+
+def _command(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty bare-metal command")
+    return text
+
+
+def _keyid_bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= bits <= 15:
+        raise argparse.ArgumentTypeError(f"KeyID bits must be 1..15, got {bits}")
+    return bits
 
 
 def _size(text: str) -> int:
@@ -64,7 +94,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload", metavar="NAME", help="Linux guest: workload to run (default: hello)")
     g.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="Linux guest: workload parameter (repeatable), e.g. --param secret=abc")
-    g.add_argument("--command", "-c", action="append", default=[], metavar="CMD",
+    g.add_argument("--command", "-c", type=_command, action="append", default=[], metavar="CMD",
                    help="bare-metal guest: command to run at boot (repeatable), e.g. -c 'crc 0x200000 4096'")
     g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
     g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
@@ -78,7 +108,7 @@ def add_mktme_options(p: argparse.ArgumentParser) -> None:
                    help="the VM's key: cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG] (keeps the "
                         "key out of ps), clear, no-encrypt, or none for plain QEMU (default: cpu)")
     g.add_argument("--tenant", default="default", help="tenant owning the key (default: default)")
-    g.add_argument("--keyid-bits", type=int, default=6, metavar="N",
+    g.add_argument("--keyid-bits", type=_keyid_bits, default=6, metavar="N",
                    help="MK_TME_KEYID_BITS the BIOS activates (default 6: 63 KeyIDs)")
     g.add_argument("--packages", type=int, default=1, metavar="N", help="CPU packages (key tables), default 1")
 
@@ -92,11 +122,14 @@ def _vm_entry(text: str) -> dict[str, str]:
         entry[k] = v
     if "name" not in entry:
         raise argparse.ArgumentTypeError(f"--vm needs name=, got {text!r}")
+    _vm_name(entry["name"])
     return entry
 
 
 def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
-    """The machine configuration the guest options describe."""
+    """The machine configuration the guest options describe (``ValueError`` if they cannot work)."""
+    if args.initrd is not None and args.guest in images.RECIPES:
+        raise ValueError(f"--initrd is for a kernel given as --guest PATH; the {args.guest} image brings its own")
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(args.param), append=args.append, initrd=args.initrd)
     memory = args.memory or images.default_memory(args.guest)
@@ -109,15 +142,25 @@ def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
 
 
 def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
-    """The VMs ``run`` starts: the guest options once, or once per ``--vm``."""
+    """The VMs ``run`` starts: the guest options once, or once per ``--vm``.
+
+    Everything is checked here, before anything starts: ``UsageError`` says what cannot work.
+    """
     base_name = args.name or (args.guest if args.guest in images.RECIPES else "guest")
     entries = args.vm or [{}]
+    names = [entry.get("name") or (base_name if len(entries) == 1 else f"{base_name}{n}")
+             for n, entry in enumerate(entries)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"VM name {twice[0]!r} given twice")
     specs = []
-    for n, entry in enumerate(entries):
-        name = entry.get("name") or (base_name if len(entries) == 1 else f"{base_name}{n}")
-        payload = payload_from_spec(entry.get("key", args.key))
-        specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused), entry.get("tenant", args.tenant),
-                            payload, trace=args.trace))
+    try:
+        for name, entry in zip(names, entries):
+            payload = key_payload(entry.get("key", args.key))
+            specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused),
+                                entry.get("tenant", args.tenant), payload, trace=args.trace))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     return specs
 
 
@@ -127,11 +170,12 @@ async def run_guest(args: argparse.Namespace) -> int:
 
 
 def _read_kek(path: str) -> bytes:
+    """The KEK, read here by the client (a running host never opens the user's key files)."""
+    what = "key-encryption key file"
     try:
-        with open(path, "rb") as f:
-            return snapfile.load_kek(f.read())
-    except OSError as err:
-        raise ValueError(f"key-encryption key file {path}: {err.strerror}") from None
+        return snapfile.load_kek(read_key_file(path, what=what), f"{what} {path}")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def snapshot_save(args: argparse.Namespace) -> int:
@@ -186,6 +230,9 @@ def snapshot_verify(args: argparse.Namespace) -> int:
 
 
 def dump(args: argparse.Namespace) -> int:
+    twice = sorted({n for n in args.vm_names if args.vm_names.count(n) > 1})
+    if twice:
+        raise UsageError(f"--vm {twice[0]} given twice")
     bar = ProgressBar("dumping DRAM")
     try:
         result = run_async(control.request("dump", pid=args.pid, progress=bar, path=os.path.abspath(args.path),
@@ -265,7 +312,7 @@ def _add_run(sub: Any) -> None:
                                      "console. Ctrl-] quits.")
     add_guest_options(run)
     add_mktme_options(run)
-    run.add_argument("--name", help="VM name (default: the image name)")
+    run.add_argument("--name", type=_vm_name, help="VM name (default: the image name)")
     run.add_argument("--vm", type=_vm_entry, action="append", metavar="name=N[,tenant=T][,key=SPEC]",
                      help="run several VMs of this guest in one host (repeatable); VMs of one tenant "
                           "with the same user key share a KeyID")
@@ -303,7 +350,8 @@ def _add_snapshot(sub: Any) -> None:
     """``snapshot save|restore|verify``."""
     sn = sub.add_parser("snapshot", help="save, restore and verify encrypted snapshots")
     sn_sub = sn.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
-    kek_help = "file holding the 32-byte key-encryption key (64 hex digits); never stored"
+    kek_help = ("file holding the 32-byte key-encryption key as 64 hex digits (a regular file, or <(...)); "
+                "never stored")
     sv = sn_sub.add_parser("save", help="save a VM of a running host (atomically replaces PATH)",
                            description="Save a VM of a running 'qemu-mktme run': device state through QEMU "
                                        "migration (x-ignore-shared), RAM as its DRAM image under the VM key, "
@@ -318,8 +366,8 @@ def _add_snapshot(sub: Any) -> None:
                                        "defer, rebuild RAM, load the device state and continue the guest.")
     rs.add_argument("path")
     rs.add_argument("--kek-file", required=True, help=kek_help)
-    rs.add_argument("--name", help="name of the restored VM (default: as saved)")
-    rs.add_argument("--keyid-bits", type=int, default=6, metavar="N", help="MK_TME_KEYID_BITS (default 6)")
+    rs.add_argument("--name", type=_vm_name, help="name of the restored VM (default: as saved)")
+    rs.add_argument("--keyid-bits", type=_keyid_bits, default=6, metavar="N", help="MK_TME_KEYID_BITS (default 6)")
     rs.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     rs.set_defaults(func=lambda a: run_async(_restore(a)))
     vf = sn_sub.add_parser("verify", help="authenticate a snapshot completely, print its summary (JSON)")
@@ -416,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -102,6 +102,9 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
     The caller pauses the VMs (as :func:`qemu_mktme.live.capture.capture` does). On any
     failure, including a full disk, the partial directory is removed. Raises ``SnapshotError``.
     """
+    names = [g.name for g in guests]
+    if len(set(names)) != len(names):
+        raise ValueError(f"cannot dump {path}: a VM is named twice ({', '.join(names)})")
     with atomic_directory(path, what="dump") as partial:
         fd = os.open(partial / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
@@ -116,6 +119,7 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
             "regions": [r.to_json() for r in regions],
         }
         write_synced(partial / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        _check_regions(Path(path), regions)          # what readers will check, before the dump appears
     return Dump(path)
 
 

@@ -62,17 +62,32 @@ _INFO = b"qemu-mktme snapshot v2 "
 _V1_HEADER_NBYTES = 12
 
 
-def load_kek(text_or_bytes: bytes | str) -> bytes:
-    """A KEK from 32 raw bytes or 64 hex digits (a key file's content). Never echoes it."""
-    data = text_or_bytes.encode() if isinstance(text_or_bytes, str) else bytes(text_or_bytes)
-    if len(data) == KEK_NBYTES:
-        return data
-    try:
-        kek = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError("a key-encryption key is 32 bytes, or 64 hex digits") from None
-    if len(kek) != KEK_NBYTES:
-        raise ValueError(f"a key-encryption key is 32 bytes, got {len(kek)}")
+def load_kek(text: bytes | str, source: str = "key-encryption key") -> bytes:
+    """The KEK in a key file's content: exactly 64 hex digits, surrounding whitespace allowed.
+
+    Anything else (32 raw bytes, 32 hex digits, an all-zero key) is a ``ValueError`` starting
+    with ``source`` (e.g. ``key-encryption key file kek.hex``); it never echoes the content.
+    """
+    data = text.encode("latin-1") if isinstance(text, str) else bytes(text)
+    words = data.split()
+    kek = b""
+    if len(words) == 1 and words[0].isascii():
+        try:
+            kek = bytes.fromhex(words[0].decode("ascii"))
+        except ValueError:
+            pass
+    if len(kek) != KEK_NBYTES or len(words[0]) != 2 * KEK_NBYTES:
+        if not words:
+            found = "nothing"
+        elif len(kek) and len(words[0]) == 2 * len(kek):
+            found = f"{len(words[0])} hex digits"
+        elif all(32 <= b < 127 or b in b"\t\r\n" for b in data):
+            found = f"{len(words)} word{'s' if len(words) > 1 else ''} of text"
+        else:
+            found = f"{len(data)} bytes of binary data"
+        raise ValueError(f"{source}: not a key-encryption key: expected {2 * KEK_NBYTES} hex digits, found {found}")
+    if not any(kek):
+        raise ValueError(f"{source}: the key-encryption key is all zeros")
     return kek
 
 

@@ -3,7 +3,8 @@
     type=cpu|user|clear|no-encrypt [algorithm=aes-xts-128|aes-xts-256] [key=HEX] [tweak=HEX]
 
 ``algorithm`` only for ``cpu``/``user`` (default aes-xts-128); for ``user`` ``key`` and
-``tweak`` are the data and tweak keys (both required, each as long as the algorithm's key);
+``tweak`` are the data and tweak keys (both required, each as long as the algorithm's key, not
+all zeros, and not equal to each other: IEEE 1619 forbids equal XTS keys);
 for ``cpu`` they are optional entropy mixed into the CPU-generated key. Anything else is EINVAL,
 as ``add_key(2)`` would return. The parsed object never shows key bytes in ``repr``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..arch.msr import Algorithm
@@ -103,6 +105,11 @@ def parse(payload: str | bytes) -> Payload:
         if "key" not in options or "tweak" not in options:
             raise _einval("type=user needs key= and tweak=")
         key, tweak = _hex("key", options["key"], n), _hex("tweak", options["tweak"], n)
+        for name, value in (("key", key), ("tweak", tweak)):
+            if not any(value):
+                raise _einval(f"{name}= is all zeros")
+        if key == tweak:
+            raise _einval("key= and tweak= are equal (IEEE 1619 forbids equal XTS keys)")
         return Payload(kind, algorithm, key, tweak)
     # cpu: optional entropy, at most the key length
     key = _hex("key", options["key"], None) if "key" in options else None
@@ -113,7 +120,7 @@ def parse(payload: str | bytes) -> Payload:
     return Payload(kind, algorithm, key, tweak)
 
 
-def payload_from_spec(spec: str) -> str | None:
+def payload_from_spec(spec: str, read_file: Callable[[str], str] | None = None) -> str | None:
     """The command line's key spec as an ``mktme`` payload; None for ``none`` (no MKTME).
 
         cpu[:ALG]                      CPU-generated random key (KEYID_SET_KEY_RANDOM)
@@ -121,7 +128,9 @@ def payload_from_spec(spec: str) -> str | None:
         user:@FILE[:ALG]               tenant key read from FILE ("KEYHEX TWEAKHEX" or "KEYHEX:TWEAKHEX")
         clear | no-encrypt | none
 
-    ``ValueError`` names what is wrong without repeating key material.
+    ``read_file(path)`` reads FILE (``qemu_mktme.files.keyfile.key_payload`` passes the one bounded
+    key-file reader); without it ``user:@FILE`` is refused. ``ValueError`` names what is wrong
+    without repeating key material.
     """
     kind, _, rest = spec.partition(":")
     if kind in ("none", "clear", "no-encrypt") and not rest:
@@ -131,13 +140,12 @@ def payload_from_spec(spec: str) -> str | None:
     if kind == "cpu" and not parts:
         return f"type=cpu algorithm={alg}"
     if kind == "user":
+        parts_source = None
         if len(parts) == 1 and parts[0].startswith("@"):
-            path = parts[0][1:]
-            try:
-                with open(path) as f:
-                    parts = f.read().replace(":", " ").split()
-            except OSError as err:
-                raise ValueError(f"key file {path}: {err.strerror}") from None
+            path = parts_source = parts[0][1:]
+            if read_file is None:
+                raise ValueError("key spec 'user:@FILE' needs a key-file reader (qemu_mktme.files.keyfile.key_payload)")
+            parts = read_file(path).replace(":", " ").split()
             if len(parts) != 2:
                 raise ValueError(f"key file {path} must hold KEYHEX and TWEAKHEX")
         if len(parts) == 2:
@@ -145,7 +153,8 @@ def payload_from_spec(spec: str) -> str | None:
             try:
                 parse(payload)
             except KeyServiceError as err:
-                raise ValueError(f"key spec 'user:...': {err}") from None
+                where = f"key file {parts_source}" if parts_source else "key spec 'user:...'"
+                raise ValueError(f"{where}: {err}") from None
             return payload
     raise ValueError(f"key spec must be cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG], clear, "
                      f"no-encrypt or none (got {kind!r}{' with arguments' if rest else ''})")

@@ -49,6 +49,10 @@ ENV_RECIPES = "QEMU_MKTME_RECIPES"
 LINUX_RESERVED_GPA = 0x1000_0000
 LINUX_RESERVED_SIZE = 64 << 20
 LINUX_MIN_MEMORY = 512 << 20
+BAREMETAL_MIN_MEMORY = 4 << 20
+"""The bare-metal image loads at 1 MiB and ends below 1.5 MiB; its commands' examples use 2 MiB up."""
+MIN_MEMORY = {"baremetal": BAREMETAL_MIN_MEMORY, "linux": LINUX_MIN_MEMORY}
+"""Per image, for manifests written before they recorded ``min_memory``."""
 LINUX_BASE_APPEND = (
     "console=ttyS0 panic=-1 quiet "
     f"memmap={LINUX_RESERVED_SIZE >> 20}M${LINUX_RESERVED_GPA:#x} "
@@ -59,6 +63,39 @@ LINUX_BUSYBOX_PACKAGE = "busybox-static"
 
 Say = Callable[[str], None]
 """say(message): what a build is doing now, one line."""
+
+
+def _uint(text: str) -> str | None:
+    return None if re.fullmatch(r"\d+", text) else "a whole number"
+
+
+def _positive(text: str) -> str | None:
+    return None if re.fullmatch(r"\d+", text) and int(text) > 0 else "a positive whole number"
+
+
+def _address(text: str) -> str | None:
+    return None if re.fullmatch(r"\d+|0[xX][0-9a-fA-F]+", text) else "an address (decimal or 0x hex)"
+
+
+def _seconds(text: str) -> str | None:
+    return None if re.fullmatch(r"\d*\.?\d+", text) and float(text) > 0 else "a positive number of seconds"
+
+
+def _flag(text: str) -> str | None:
+    return None if text in ("0", "1") else "0 or 1"
+
+
+LINUX_PARAMS: dict[str, Callable[[str], str | None]] = {
+    "size_mb": _positive, "count": _uint, "period": _seconds, "addr": _address, "len": _positive,
+    "wait": _flag, "secret": lambda text: None, "hold": _flag,
+}
+"""What each ``mktme.NAME=`` parameter of the Linux guest accepts (the scripts' ``$MKTME_NAME``)."""
+LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
+    "checksum": ("size_mb",), "compress": ("size_mb",), "counter": ("count", "period"), "hello": (),
+    "memstress": ("size_mb",), "region": ("addr", "len", "wait"), "secret": ("addr", "secret", "wait"),
+    "shell": (),
+}
+"""The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""
 
 
 def recipes_root() -> Path:
@@ -124,9 +161,26 @@ class Image:
                 parts.append(f"mktme.workload={_kernel_word(workload)}")
             for key, value in (params or {}).items():
                 parts.append(f"mktme.{_kernel_word(str(key))}={_kernel_word(str(value))}")
+            self._check_workload(workload or "hello", params or {})
         parts.append(append)
         return BootSpec(self.kernel, self.initrd, " ".join(p for p in parts if p),
-                        int(self.manifest.get("min_memory", 0)), self.name)
+                        int(self.manifest.get("min_memory", MIN_MEMORY.get(self.name, 0))), self.name)
+
+    def _check_workload(self, workload: str, params: Mapping[str, object]) -> None:
+        """``ValueError`` for a workload the image does not have, or a parameter it does not read."""
+        if self.workloads and workload not in self.workloads:
+            raise ValueError(f"the {self.name} guest has no workload {workload!r} (have: {', '.join(self.workloads)})")
+        if workload not in LINUX_WORKLOAD_PARAMS:
+            return
+        allowed = (*LINUX_WORKLOAD_PARAMS[workload], "hold")
+        for key, value in params.items():
+            name = str(key).lower().replace("-", "_")
+            if name not in allowed:
+                raise ValueError(f"workload {workload} takes no parameter {key!r} "
+                                 f"(it takes: {', '.join(allowed)})")
+            wrong = LINUX_PARAMS[name](str(value))
+            if wrong:
+                raise ValueError(f"parameter {key}={value}: {name} must be {wrong}")
 
     @property
     def workloads(self) -> list[str]:

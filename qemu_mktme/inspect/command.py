@@ -51,6 +51,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _bits(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 8:
+        raise argparse.ArgumentTypeError(f"entropy is 0..8 bits per byte; the threshold must be in (0, 8], got {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -265,7 +275,7 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
     e = actions.add_parser("entropy", parents=[common, png], help="per-page Shannon entropy (bits/byte)",
                            description="Entropy of every 4 KiB page. Ciphertext looks random (~7.955 bits/byte); "
                                        "pages below the threshold look like plaintext.")
-    e.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="BITS",
+    e.add_argument("--threshold", type=_bits, default=DEFAULT_THRESHOLD, metavar="BITS",
                    help=f"pages below this are low-entropy (default {DEFAULT_THRESHOLD})")
     e.add_argument("--limit", type=_count, default=50, metavar="N",
                    help="show at most N runs of low-entropy pages (0: all; default 50)")

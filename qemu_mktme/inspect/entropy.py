@@ -180,6 +180,8 @@ def dump_entropy(dump: Dump, vm: str | None = None, *, threshold: float = DEFAUL
     the regions exceed ``PARALLEL_MIN_NBYTES``; 1 computes everything in this process). If no
     worker process can be started, the work is done here.
     """
+    if not 0 < threshold <= 8:
+        raise ValueError(f"threshold must be in (0, 8] bits per byte, got {threshold!r}")
     chosen = list(regions) if regions is not None else select_regions(dump, vm)
     total = sum(r.nbytes for r in chosen)
     if workers is None:

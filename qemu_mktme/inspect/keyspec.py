@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..engine.xts import XtsKey
 from ..host.payload import ALGORITHMS, algorithm_name
 from ..files.dumpfile import Region
+from ..files.keyfile import read_key_file
 
 
 def parse_key_spec(spec: str) -> XtsKey:
@@ -28,13 +29,7 @@ def parse_key_spec(spec: str) -> XtsKey:
         spec, alg = head, last.lower()
     if spec.startswith("@"):
         path = spec[1:]
-        try:
-            with open(path) as f:
-                words = f.read().replace(":", " ").split()
-        except OSError as err:
-            raise ValueError(f"key file {path}: {err.strerror or err}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"key file {path}: not text (expected KEYHEX TWEAKHEX)") from None
+        words = read_key_file(path).replace(":", " ").split()
         if len(words) == 3 and words[2].lower() in ALGORITHMS:
             if alg is not None and alg != words[2].lower():
                 raise ValueError(f"key file {path} says {words[2].lower()}, the key spec {alg}")

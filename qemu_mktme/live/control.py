@@ -17,13 +17,13 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import AttachError, MktmeError
 from ..files import Progress
+from ..files import runtime
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,11 @@ MAX_REQUEST = 1 << 20
 
 
 def control_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/qemu-mktme`` or ``/tmp/qemu-mktme-ctl-<uid>``, created 0700."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "qemu-mktme" if base and os.access(base, os.W_OK) else \
-        Path(tempfile.gettempdir()) / f"qemu-mktme-ctl-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise AttachError(f"control directory {path} is not private to this user")
-    return path
+    """The private runtime parent (``$XDG_RUNTIME_DIR/qemu-mktme`` or ``/tmp/qemu-mktme-<uid>``, 0700)."""
+    try:
+        return runtime.private_parent()
+    except PermissionError as err:
+        raise AttachError(str(err)) from None
 
 
 class ControlServer:

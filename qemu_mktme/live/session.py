@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import KeyServiceError
 from ..files import Progress
 from ..files.dumpfile import Dump
 from ..host.host import Host
@@ -74,13 +76,27 @@ class HostSession:
         tracer = await self._stack.enter_async_context(Tracer()) if spec.trace else None
         machine: Callable[[MachineConfig], Machine] = Machine
         if spec.payload is not None:
-            serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
+            try:
+                serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
+            except KeyServiceError as err:
+                raise self._key_error(name, err) from None
             self._serials.append((serial, spec.tenant))
             machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant)
         vm = await self._stack.enter_async_context(await launch_machine(spec.config, tracer=tracer, machine=machine))
         self.machines[name] = vm
         if tracer is not None:
             self.tracers[name] = tracer
+
+    def _key_error(self, name: str, err: KeyServiceError) -> KeyServiceError:
+        """``err`` naming the VM, and for KeyID exhaustion how to get more KeyIDs."""
+        text = str(err).split(": ", 1)[-1]
+        if err.errno == errno.ENOKEY and len(self.host.keys.keyids.in_use) >= self.host.keys.keyids.max_keyid:
+            bits = self.host.platform.layout.keyid_bits
+            text += (f" (with {bits} KeyID bit{'s' if bits != 1 else ''}); VM {name!r} needs one more: "
+                     "raise --keyid-bits, or share a KeyID by giving VMs of one tenant the same user key")
+        else:
+            text = f"VM {name!r}: {text}"
+        return KeyServiceError(err.errno, text)
 
     async def restore(self, path: str, kek: bytes, *, name: str | None = None, trace: bool = False,
                       progress: Any = None) -> EncryptedMachine:
@@ -108,6 +124,9 @@ class HostSession:
     async def dump(self, path: str | os.PathLike[str], vms: Sequence[str] = (),
                    progress: Progress | None = None) -> Dump:
         """A consistent DRAM dump of ``vms`` (default: every VM under MKTME) at ``path``."""
+        twice = sorted({n for n in vms if list(vms).count(n) > 1})
+        if twice:
+            raise ValueError(f"VM {twice[0]!r} named twice; name each VM to dump once")
         unknown = [n for n in vms if n not in self.machines]
         if unknown:
             raise ValueError(f"no VM named {unknown[0]!r} (have: {', '.join(self.machines)})")

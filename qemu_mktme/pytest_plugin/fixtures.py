@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ..host.host import Host
-from ..host.payload import payload_from_spec
+from ..files.keyfile import key_payload
 from .. import images
 from ..live.encrypted import EncryptedMachine
 from ..qemu.machine import MachineConfig, parse_size
@@ -53,7 +53,7 @@ def mktme_images() -> dict[str, images.Image]:
 def _payload(spec: str) -> str:
     if spec == "user":
         return f"type=user key={os.urandom(16).hex()} tweak={os.urandom(16).hex()}"
-    payload = payload_from_spec(spec)
+    payload = key_payload(spec)
     if payload is None:
         raise pytest.UsageError("mktme_vm needs a key; use a plain Machine for key=none")
     return payload

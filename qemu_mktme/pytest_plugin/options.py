@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ..host.payload import payload_from_spec
+from ..files.keyfile import key_payload
 from ..images import RECIPES, default_memory_help
 from ..qemu.machine import parse_size
 
@@ -63,7 +63,7 @@ def settings(config: pytest.Config) -> Settings:
     key = _value(config, "mktme_key")
     if key != "user":
         try:
-            payload_from_spec(key)
+            key_payload(key)
         except ValueError as err:
             raise pytest.UsageError(f"--mktme-key / mktme_key: {err}") from None
     numbers: dict[str, Any] = {}

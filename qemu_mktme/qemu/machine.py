@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import struct
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
+from ..files import runtime
 from .binary import QemuBinary, find_qemu, kvm_works
 from .console import Console
 from .guestram import GuestRAM, parse_flat_view
@@ -147,29 +147,13 @@ def _reap_at_exit() -> None:
         vm._kill_now()
 
 
-def _runtime_base() -> str:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return xdg if xdg and os.access(xdg, os.W_OK) else tempfile.gettempdir()
-
-
-_STALE = re.compile(r"^qemu-mktme-.+-(\d+)-[^-]+$")
-
-
 def sweep_stale_runtime_dirs() -> int:
-    """Remove runtime directories left by processes of ours that died without cleaning up
-    (kill -9): the PID in their name is gone. They hold only sockets; returns how many."""
-    base, removed = Path(_runtime_base()), 0
-    for entry in base.glob("qemu-mktme-*"):
-        m = _STALE.match(entry.name)
-        if not m or Path(f"/proc/{m[1]}").exists():
-            continue
-        try:
-            if entry.is_dir() and entry.stat().st_uid == os.getuid():
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-        except OSError:
-            continue
-    return removed
+    """Remove runtime directories whose owner died without cleaning up (kill -9); how many.
+
+    Only directories in the private runtime parent whose marker proves that this tool made
+    them for a process that is gone (:func:`qemu_mktme.files.runtime.sweep`).
+    """
+    return runtime.sweep()
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -292,10 +276,11 @@ class Machine:
             self.accel = "kvm" if kvm_works(str(self.qemu.path)) else "tcg"
         elif cfg.accel == "kvm" and not kvm_works(str(self.qemu.path)):
             raise LaunchError(f"{self.name}: KVM was asked for but does not work here (try accel='tcg')")
-        sweep_stale_runtime_dirs()
-        self._res.runtime_dir = Path(tempfile.mkdtemp(prefix=f"qemu-mktme-{self.name}-{os.getpid()}-",
-                                                      dir=_runtime_base()))
-        os.chmod(self._res.runtime_dir, 0o700)
+        try:
+            sweep_stale_runtime_dirs()
+            self._res.runtime_dir = runtime.make_runtime_dir(self.name)
+        except PermissionError as err:
+            raise LaunchError(f"{self.name}: {err}") from None
         if cfg.ram_backend == "file":
             self._res.ram_file = self._create_ram_file()
         self.argv = self._argv()
@@ -329,7 +314,8 @@ class Machine:
         self._set_state(VmState.PAUSED)
 
     def _create_ram_file(self) -> Path:
-        path = self.config.ram_dir / f"qemu-mktme-{self.name}-{os.getpid()}-{os.urandom(4).hex()}.ram"
+        label = runtime.safe_label(self.name)
+        path = self.config.ram_dir / f"qemu-mktme-{label}-{os.getpid()}-{os.urandom(4).hex()}.ram"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # guest RAM: owner only
         except OSError as err:

@@ -72,7 +72,7 @@ def test_run_several_vms_and_query(baremetal_image, tmp_path):
 ])
 def test_bad_key_specs(spec, message):
     out = qm("run", "--key", spec, "-c", "poweroff")
-    assert out.returncode == 1 and message in out.stderr
+    assert out.returncode == 2 and message in out.stderr
     assert "@" not in spec or "00112233" not in out.stderr
 
 
@@ -82,3 +82,4 @@ def test_keyid_exhaustion_is_a_clear_error(baremetal_image):
         args += ["--vm", f"name={n},key=cpu"]
     out = qm(*args)
     assert out.returncode == 1 and "ENOKEY" in out.stderr and "all 1 KeyIDs are in use" in out.stderr
+    assert "VM 'b' needs one more" in out.stderr and "--keyid-bits" in out.stderr

@@ -32,7 +32,7 @@ def test_payload_types():
     assert (p.key, p.tweak) == (K16, T16)
     assert "00010203" not in repr(p) and "00010203" not in str(p)
     assert parse("type=no-encrypt").algorithm is None
-    assert parse(user_payload(bytes(32), bytes(32), "aes-xts-256")).algorithm.key_nbytes == 32
+    assert parse(user_payload(bytes(range(32)), bytes(range(1, 33)), "aes-xts-256")).algorithm.key_nbytes == 32
     assert parse("type=cpu key=0102 tweak=ff").key == b"\x01\x02"     # entropy
 
 
@@ -48,6 +48,9 @@ def test_payload_types():
     ("type=cpu colour=blue", "unknown option"),
     ("type=cpu key=" + "00" * 17, "at most 16 bytes"),
     ("type=cpu " + "x" * 1100, "longer than 1024"),
+    (f"type=user key={'00' * 16} tweak={'11' * 16}", "key= is all zeros"),
+    (f"type=user key={'11' * 16} tweak={'00' * 16}", "tweak= is all zeros"),
+    (f"type=user key={'11' * 16} tweak={'11' * 16}", "equal .*IEEE 1619"),
 ])
 def test_bad_payloads_are_einval(payload, message):
     with pytest.raises(KeyServiceError, match=message) as e:

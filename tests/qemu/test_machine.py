@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -285,14 +288,29 @@ async def test_exception_inside_context_tears_down(baremetal_image):
     assert not rundir.exists() and vm.returncode is not None
 
 
-def test_stale_runtime_dirs_of_dead_processes_are_swept(tmp_path, monkeypatch):
-    from qemu_mktme.qemu import machine
-    monkeypatch.setattr(machine, "_runtime_base", lambda: str(tmp_path))
+async def test_launch_sweeps_only_its_own_dead_runtime_dirs(baremetal_image):
+    """Issue 10: a launch once deleted a user's /tmp/qemu-mktme-backup-20240115-final/. Look-alikes
+    next to the real runtime parent survive; a dead owner's marked directory in it does not."""
+    from qemu_mktme.files import runtime
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (tmp_path / f"qemu-mktme-vm-{dead.pid}-abcd1234").mkdir()
-    (tmp_path / f"qemu-mktme-vm-{os.getpid()}-live5678").mkdir()
-    (tmp_path / "qemu-mktme-unrelated").mkdir()
-    assert machine.sweep_stale_runtime_dirs() == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-        f"qemu-mktme-vm-{os.getpid()}-live5678", "qemu-mktme-unrelated"])
+    parent = runtime.private_parent()
+    lookalikes = [Path(tempfile.gettempdir()) / f"qemu-mktme-backup-{dead.pid}-final{os.urandom(3).hex()}",
+                  parent.parent / f"qemu-mktme-dump-{dead.pid}-monday{os.urandom(3).hex()}"]
+    stale = parent / f"vm-{dead.pid}-stale{os.urandom(3).hex()}"
+    try:
+        for d in lookalikes:
+            d.mkdir()
+            (d / "vm.snap").write_bytes(b"user data")
+        stale.mkdir(mode=0o700)
+        (stale / runtime.MARKER).write_text(json.dumps({"kind": "qemu-mktme runtime directory",
+                                                        "pid": dead.pid, "start": 1}))
+        async with bm(baremetal_image) as vm:
+            assert vm.runtime_dir.parent == parent
+            assert (vm.runtime_dir / runtime.MARKER).exists()
+        for d in lookalikes:
+            assert (d / "vm.snap").read_bytes() == b"user data", d
+        assert not stale.exists()
+    finally:
+        for d in [*lookalikes, stale]:
+            shutil.rmtree(d, ignore_errors=True)

@@ -235,7 +235,7 @@ async def test_wrong_kek_and_other_versions(saved, kek, tmp_path):
     path = saved[0]
     with pytest.raises(IntegrityError, match="wrong key-encryption key"):
         verify_snapshot(path, os.urandom(32))
-    with pytest.raises(ValueError, match="32 bytes"):
+    with pytest.raises(ValueError, match="expected 64 hex digits, found 4 hex digits"):
         snapfile.load_kek("abcd")
     assert snapfile.load_kek(kek.hex() + "\n") == kek
     good = path.read_bytes()
