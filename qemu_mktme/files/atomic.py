@@ -1,10 +1,13 @@
 """Writing a file or a directory all or nothing: a temporary next to the target, fsync, rename.
 
-The data goes to ``.NAME.partial-PID`` next to the target, which is renamed into place only
-when complete (then the directory is synced too); any failure removes it, so a crash or a full
-disk never leaves a partial output. Temporaries of a writer killed earlier (``kill -9``: its
-PID is gone) are removed on the next write to the same target. Outputs are private (files
-0600, directories 0700), and nothing is overwritten silently unless asked.
+The data goes to ``.NAME.partial-PID-START`` next to the target (the writer's pid and its start
+time, so a reused pid is told from the writer), which is renamed into place only when complete
+(then the directory is synced too); any failure removes it, so a crash or a full disk never
+leaves a partial output. Temporaries of a writer killed earlier (``kill -9``: no process PID, or
+one started at another time) are removed on the next write to the same target, and, for formats
+that begin with a magic (snapshots), on the next write of that format into the directory. Only
+regular files and directories of this user are removed, never through a symlink. Outputs are
+private (files 0600, directories 0700), and nothing is overwritten silently unless asked.
 
 - :func:`atomic_output`: a file (plaintext, PNGs, snapshots: ``force=True`` replaces);
 - :func:`atomic_directory`: a directory of files (DRAM dumps), never over an existing one.
@@ -14,28 +17,38 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import SnapshotError
+from .runtime import process_start_time
+
+log = logging.getLogger(__name__)
+
+_PARTIAL = re.compile(r"\.(?P<target>.+)\.partial-(?P<pid>[1-9][0-9]*)(?:-(?P<start>[0-9]+))?")
 
 FORCE_HINT = " (--force overwrites)"
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], *, force: bool = False, what: str = "") -> Iterator[BinaryIO]:
+def atomic_output(path: str | os.PathLike[str], *, force: bool = False, what: str = "",
+                  magic: bytes | None = None) -> Iterator[BinaryIO]:
     """``with atomic_output("out.bin") as f: f.write(...)``: ``out.bin`` (mode 0600) appears
-    only if the block completes.
+    only if the block completes. ``magic``: the format's first bytes, which prove that a dead
+    writer's temporary of another name in the directory is one of ours.
 
     Raises ``SnapshotError`` if ``path`` exists and ``force`` is false (checked before any work
     and again, atomically, when the file is put in place), or if writing fails
     (``cannot write WHAT PATH: ...``).
     """
     target = check_target(path, force=force)
-    with _staged(target, what=what, force=force) as partial:
+    with _staged(target, what=what, force=force, magic=magic) as partial:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -82,32 +95,70 @@ def check_target(path: str | os.PathLike[str], *, force: bool = False) -> Path:
 
 
 def partial_path(target: Path) -> Path:
-    """Where this process stages ``target``."""
-    return target.with_name(f".{target.name}.partial-{os.getpid()}")
+    """Where this process stages ``target``: named for its writer (pid and start time)."""
+    return target.with_name(f".{target.name}.partial-{os.getpid()}-{process_start_time(os.getpid())}")
 
 
-def remove_stale_partials(target: Path) -> None:
-    """Remove the temporaries of earlier writes of ``target`` whose process is gone (killed with -9)."""
-    for p in target.parent.glob(f".{target.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _discard(p)
+def remove_stale_partials(target: Path, *, magic: bytes | None = None) -> list[str]:
+    """Remove the temporaries of writers killed earlier: those of ``target`` and, with ``magic``,
+    those of any name in its directory that are empty or begin with ``magic``. The names removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PARTIAL.fullmatch(entry.name)
+        if not m or (m["target"] != target.name and magic is None):
+            continue
+        try:
+            if _stale(entry, m, magic if m["target"] != target.name else None):
+                _discard(Path(entry.path))
+                removed.append(entry.name)
+                log.info("removed %s, left by a writer (pid %s) that is gone", entry.path, m["pid"])
+        except OSError:
+            continue
+    return removed
+
+
+def _stale(entry: os.DirEntry, m: re.Match, magic: bytes | None) -> bool:
+    """Ours (a regular file or, without ``magic``, a directory of this user; with ``magic``,
+    empty or starting with it) and its writer is dead."""
+    st = entry.stat(follow_symlinks=False)
+    if st.st_uid != os.getuid() or not (stat.S_ISREG(st.st_mode) or (stat.S_ISDIR(st.st_mode) and magic is None)):
+        return False
+    start = process_start_time(int(m["pid"]))
+    if start is not None and (m["start"] is None or int(m["start"]) == start):
+        return False                                              # the writer may be alive
+    if magic is None:
+        return True
+    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        head, same = os.pread(fd, len(magic), 0), os.fstat(fd).st_ino == st.st_ino
+    finally:
+        os.close(fd)
+    return same and head in (b"", magic)
 
 
 @contextlib.contextmanager
-def _staged(target: Path, *, what: str, force: bool, refuse: str = FORCE_HINT) -> Iterator[Path]:
+def _staged(target: Path, *, what: str, force: bool, refuse: str = FORCE_HINT,
+            magic: bytes | None = None) -> Iterator[Path]:
     """The one sequence: the block fills the partial path; it is put in place (and the directory
-    synced) only when the block completes, and removed whatever happens."""
-    remove_stale_partials(target)
+    synced) only when the block completes, and removed whatever happens. Once in place the write
+    has succeeded: a directory that cannot be synced afterwards is a warning, not a failure."""
+    remove_stale_partials(target, magic=magic)
     partial = partial_path(target)
     try:
         yield partial
         _place(partial, target, force, refuse)
-        _sync_directory(target.parent)
     except OSError as err:
         raise SnapshotError(f"cannot write {what + ' ' if what else ''}{target}: {err.strerror or err}") from err
     finally:
         _discard(partial)
+    try:
+        _sync_directory(target.parent)
+    except OSError as err:
+        log.warning("wrote %s, but could not sync its directory: %s", target, err.strerror or err)
 
 
 def _place(partial: Path, target: Path, force: bool, refuse: str) -> None:

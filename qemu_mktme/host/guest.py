@@ -118,14 +118,16 @@ class EncryptedGuest:
             raise AddressError(f"{self.name}: backend range {offset:#x}+{nbytes:#x} outside RAM", address=offset)
         return self.platform.memory.read_dram_array(self.hpa_base + offset, nbytes, out=out)
 
-    def iter_dram(self, offset: int = 0, nbytes: int | None = None,
-                  chunk_nbytes: int = 4 << 20) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_dram(self, offset: int = 0, nbytes: int | None = None, chunk_nbytes: int = 4 << 20, *,
+                  skip_zero: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """(backend offset, DRAM bytes) chunks of [offset, offset + nbytes), in one reused buffer:
         consume each chunk before asking for the next.
 
         Never-written ranges of the backend (``extents`` says where data is) are not read: their
         DRAM content is the encryption of zeros, computed without faulting the guest's memory in
-        (reading a shared-memory hole through a mapping would allocate it).
+        (reading a shared-memory hole through a mapping would allocate it). With ``skip_zero``,
+        chunks whose RAM is all holes or all zero bytes are not yielded at all (a snapshot does
+        not store them).
         """
         end = self.ram.size if nbytes is None else offset + nbytes
         if chunk_nbytes <= 0 or chunk_nbytes % 64 or offset % 64 or end % 64:
@@ -136,8 +138,11 @@ class EncryptedGuest:
         extents = self.data_extents(offset, end - offset)   # one pass: SEEK_DATA is O(data) per call
         for pos in range(offset, end, chunk_nbytes):
             n = min(chunk_nbytes, end - pos)
+            data = _clip(extents, pos, pos + n)
+            if skip_zero and not any(self.ram[s:e].any() for s, e in data):
+                continue
             cur = pos
-            for s, e in _clip(extents, pos, pos + n):
+            for s, e in data:
                 if s > cur:
                     memory.dram_image(self.keyid, self.hpa_base + cur, zeros[:s - cur], out=buf[cur - pos:s - pos])
                 self.dram_array(s, e - s, out=buf[s - pos:e - pos])

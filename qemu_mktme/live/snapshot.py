@@ -12,11 +12,11 @@ saves in that directory whose writer is provably dead (``kill -9``).
 Restore opens the file once and authenticates its header and manifest, the device state and the
 wrapped key before starting QEMU, checks that the kernel/initrd are the ones saved, starts a
 fresh QEMU with ``-incoming defer`` bound to the host with the tenant key unwrapped from the
-snapshot, then reads every RAM chunk **once**, authenticates it in that buffer and decrypts that
-buffer into guest RAM. Any failure tears the new QEMU down before a vCPU has run: the guest only
+snapshot, then reads every RAM chunk **once**, authenticates it in that buffer and hands that
+buffer to the host model, which writes it back into DRAM (at the saved HPA) or re-keys it (elsewhere). Any failure tears the new QEMU down before a vCPU has run: the guest only
 ever runs on RAM that authenticated. The device state is loaded last and the guest carries on.
 The kernel command line, sealed in the snapshot because it may hold secrets, reaches the new
-QEMU through a pipe it reads with ``-readconfig``, not through its argv (``ps``).
+QEMU through a pipe it reads with ``-readconfig``, not through its argv (``ps``), as on every launch.
 
 Only VMs with a tenant (``user``) key can be saved: a CPU-generated key never leaves the CPU,
 so nothing could ever decrypt the image.
@@ -25,26 +25,24 @@ so nothing could ever decrypt the image.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
-import dataclasses
+import functools
 import logging
 import os
-import re
-import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..engine.xts import XtsKey
 from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
 from ..host.payload import algorithm_name
 from .encrypted import EncryptedMachine
+from .launch import launch_machine
+from ..files import Progress
+from ..files.atomic import atomic_output, check_target
 from ..files.snapfile import MAGIC, Writer, open_snapshot
 from ..images import sha256_file
 from ..qemu.boot import BootSpec
@@ -55,7 +53,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_NBYTES = 1 << 20
 MIGRATION_TIMEOUT = 300.0
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -148,150 +145,71 @@ def _boot_record(boot: BootSpec | None) -> dict[str, Any] | None:
             "append": boot.append, "image": boot.image, "min_memory": boot.min_memory}
 
 
-_PARTIAL = re.compile(r"\.(?P<target>.+)\.partial-(?P<pid>[1-9][0-9]*)(?:-(?P<start>[0-9]+))?")
-
-
-def _process_start(pid: int) -> int | None:
-    """The start time of process ``pid`` (clock ticks since boot), None when there is none."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _partial_name(target: Path) -> Path:
-    """Where this process writes ``target`` before renaming it: names its writer (pid and start
-    time, so a reused pid is not mistaken for the writer)."""
-    return target.with_name(f".{target.name}.partial-{os.getpid()}-{_process_start(os.getpid())}")
-
-
-def _cleanup_partials(directory: Path) -> list[str]:
-    """Remove temporary files of earlier saves in ``directory`` whose writer is dead (killed with -9).
-
-    Only what provably is one: a name ``.NAME.partial-PID-START`` (or ``.NAME.partial-PID`` of
-    format-1 releases), a regular file (not a symlink) of this user, empty or starting with the
-    snapshot magic, whose writer is gone: no process ``PID``, or one started at another time
-    (``START`` missing: no process ``PID`` at all). Returns the names removed.
-    """
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _PARTIAL.fullmatch(entry.name)
-        if not m:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-                continue
-            pid, start = int(m["pid"]), _process_start(int(m["pid"]))
-            if start is not None and (m["start"] is None or int(m["start"]) == start):
-                continue                                            # the writer may be alive
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                head = os.pread(fd, len(MAGIC), 0)
-                same = os.fstat(fd).st_ino == st.st_ino
-            finally:
-                os.close(fd)
-            if same and head in (b"", MAGIC):
-                os.unlink(entry.path)
-                removed.append(entry.name)
-                log.info("removed %s, left by a save whose process %d is gone", entry.path, pid)
-        except OSError:
-            continue
-    return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek: bytes, *,
                         progress: Progress | None = None) -> SaveResult:
     """Save ``vm`` to ``path`` (replacing an existing snapshot atomically). See the module doc."""
     started = time.monotonic()
-    target = Path(path).absolute()
+    target = check_target(Path(path).absolute(), force=True)
     payload = vm.host.keys.payload(vm.key_serial, vm.tenant)
     if payload.type.value != "user" or not payload.key or not payload.tweak:
         raise SnapshotError(f"{vm.name}: only VMs with a tenant (user) key can be saved; a "
                             f"{payload.type.value} key never leaves the CPU")
-    if not target.parent.is_dir():
-        raise SnapshotError(f"{target.parent} is not a directory")
-    _cleanup_partials(target.parent)
     was_running = vm.state is VmState.RUNNING
-    guest, ram = vm.guest, vm.ram
-    partial = _partial_name(target)
-    created = replaced = False
     try:
         if was_running:
             await vm.pause()
         device_state = await _save_device_state(vm)
-        qom_type = await vm.qmp.execute("qom-get", {"path": "/machine", "property": "type"})
-        machine_type = str(qom_type).removesuffix("-machine")     # pc-q35-7.2-machine -> pc-q35-7.2
-        stored = skipped = 0
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        created = True
-        with os.fdopen(fd, "wb") as f:
+        manifest = await _manifest(vm, payload, was_running)
+        with atomic_output(target, force=True, what="snapshot", magic=MAGIC) as f:
             writer = Writer(f, kek)
-            buf = np.empty(CHUNK_NBYTES, np.uint8)
-            backend = np.frombuffer(ram.backend, np.uint8)
-            extents = ram.data_extents(0, ram.size)          # one pass: SEEK_DATA is O(data) per call
-            for off in range(0, ram.size, CHUNK_NBYTES):
-                n = min(CHUNK_NBYTES, ram.size - off)
-                if not _overlaps(extents, off, off + n) or not backend[off:off + n].any():
-                    skipped += n                                  # hole or all zero: not stored
-                else:
-                    writer.add_chunk(off, memoryview(guest.dram_array(off, n, out=buf[:n])))
-                    stored += n
-                if progress:
-                    progress(off + n, ram.size)
-            manifest = {
-                "format": "qemu-mktme-snapshot",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "vm": {"name": vm.name, "tenant": vm.tenant, "memory": ram.size, "cpus": vm.config.cpus,
-                       "machine": machine_type, "cpu": vm.config.cpu, "accel": vm.accel,
-                       "qemu_version": vm.qemu.version_str if vm.qemu else None,
-                       "was_running": was_running},
-                "ram": {"hpa": hex(guest.hpa_base), "chunk_nbytes": CHUNK_NBYTES,
-                        "ranges": [[r.gpa, r.size, r.offset] for r in guest.ranges]},
-                "key": {"type": "user", "algorithm": algorithm_name(payload.algorithm)},
-                "boot": _boot_record(vm.config.boot),
-            }
+            stored = _write_chunks(writer, vm, progress)
             writer.finish(manifest, device_state, payload.key + payload.tweak)
-            f.flush()
-            os.fsync(f.fileno())
-        if was_running and vm.state is not VmState.EXITED:
-            was_running = False                                  # resumed here, not again below
-            with contextlib.suppress(QemuError):
-                await vm.resume()
-        os.replace(partial, target)
-        replaced = True                                          # from here on, the save succeeded
-        try:
-            _fsync_dir(target.parent)
-        except OSError as err:
-            log.warning("saved %s, but could not sync its directory: %s", target, err.strerror or err)
-    except OSError as err:
-        raise SnapshotError(f"cannot write snapshot {target}: {err.strerror or err}") from err
+            if was_running:                     # the guest runs on while the file is synced and renamed
+                was_running = False
+                await _resume(vm)
     finally:
-        if created and not replaced:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-        if was_running and vm.state is not VmState.EXITED:
-            with contextlib.suppress(QemuError):
-                await vm.resume()
-    return SaveResult(str(target), len(writer.chunks), stored, skipped, len(device_state), time.monotonic() - started)
+        if was_running:
+            await _resume(vm)
+    return SaveResult(str(target), len(writer.chunks), stored, vm.ram.size - stored, len(device_state),
+                      time.monotonic() - started)
 
 
-def _overlaps(extents: list[tuple[int, int]], start: int, end: int) -> bool:
-    i = bisect.bisect_right(extents, (start, 1 << 62)) - 1
-    return any(s < end and e > start for s, e in extents[max(i, 0):i + 2])
+async def _resume(vm: EncryptedMachine) -> None:
+    if vm.state is not VmState.EXITED:
+        with contextlib.suppress(QemuError):
+            await vm.resume()
+
+
+async def _manifest(vm: EncryptedMachine, payload: Any, was_running: bool) -> dict[str, Any]:
+    """What the snapshot says of the VM: enough to start the same machine again (all sealed)."""
+    qom_type = await vm.qmp.execute("qom-get", {"path": "/machine", "property": "type"})
+    guest, ram = vm.guest, vm.ram
+    return {
+        "format": "qemu-mktme-snapshot",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "vm": {"name": vm.name, "tenant": vm.tenant, "memory": ram.size, "cpus": vm.config.cpus,
+               "machine": str(qom_type).removesuffix("-machine"),     # pc-q35-7.2-machine -> pc-q35-7.2
+               "cpu": vm.config.cpu, "accel": vm.accel,
+               "qemu_version": vm.qemu.version_str if vm.qemu else None, "was_running": was_running},
+        "ram": {"hpa": hex(guest.hpa_base), "chunk_nbytes": CHUNK_NBYTES,
+                "ranges": [[r.gpa, r.size, r.offset] for r in guest.ranges]},
+        "key": {"type": "user", "algorithm": algorithm_name(payload.algorithm)},
+        "boot": _boot_record(vm.config.boot),
+    }
+
+
+def _write_chunks(writer: Writer, vm: EncryptedMachine, progress: Progress | None) -> int:
+    """The DRAM image of every chunk of RAM that holds data (holes and zero chunks are not stored);
+    the bytes stored."""
+    stored = 0
+    for offset, dram in vm.guest.iter_dram(chunk_nbytes=CHUNK_NBYTES, skip_zero=True):
+        writer.add_chunk(offset, memoryview(dram))
+        stored += dram.size
+        if progress:
+            progress(offset + dram.size, vm.ram.size)
+    if progress:
+        progress(vm.ram.size, vm.ram.size)
+    return stored
 
 
 def verify_snapshot(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]:
@@ -300,49 +218,6 @@ def verify_snapshot(path: str | os.PathLike[str], kek: bytes) -> dict[str, Any]:
     with open_snapshot(path, kek) as snap:
         snap.verify_all()
         return {k: v for k, v in snap.manifest.items() if k not in ("wrapped_key", "boot")}
-
-
-class _RestoredMachine(EncryptedMachine):
-    """An :class:`EncryptedMachine` whose kernel command line QEMU reads from a pipe
-    (``-readconfig /dev/fd/N``, a ``[machine]`` section with ``append``) instead of ``-append``:
-    ``/proc/PID/cmdline`` is readable by every user, the pipe only by this one. The config stays
-    the saved one (``config.boot.append``), so a later save records the same command line."""
-
-    def __init__(self, *args: Any, cmdline_fd: int | None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._cmdline_fd = cmdline_fd
-
-    def _argv(self) -> list[str]:
-        argv = super()._argv()
-        boot = self.config.boot
-        if self._cmdline_fd is None or boot is None or not boot.append:
-            return argv
-        for i in range(len(argv) - 1):
-            if argv[i] == "-append" and argv[i + 1] == boot.append:
-                return argv[:i] + ["-readconfig", f"/dev/fd/{self._cmdline_fd}"] + argv[i + 2:]
-        raise QemuError(f"{self.name}: no -append in the QEMU command line to move out of it")
-
-
-def _cmdline_pipe(append: str) -> int | None:
-    """A pipe's read end holding a QEMU config file that sets the kernel command line, or None
-    when QEMU's config syntax cannot carry it (a double quote, a line break, over 1000 bytes:
-    QEMU 7.2 reads values as ``"%1023[^"]"`` from lines of at most 1023 bytes)."""
-    if not append:
-        return None
-    if '"' in append or "\n" in append or "\r" in append or len(append.encode()) > 1000:
-        log.warning("the restored VM's kernel command line cannot go through a QEMU config file; "
-                    "it is passed with -append and visible in ps while the VM runs")
-        return None
-    text = f'[machine]\n  append = "{append}"\n'.encode()
-    r, w = os.pipe()
-    try:
-        _write_all(w, text)                              # far below the pipe's 64 KiB buffer
-    except BaseException:
-        os.close(r)
-        raise
-    finally:
-        os.close(w)
-    return r
 
 
 async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes, *, name: str | None = None,
@@ -374,36 +249,20 @@ async def restore_snapshot(host: Host, path: str | os.PathLike[str], kek: bytes,
         config = MachineConfig(boot=boot, memory=int(vmi["memory"]), cpus=int(vmi["cpus"]), machine=vmi["machine"],
                                cpu=vmi.get("cpu"), name=vm_name, incoming=True, qemu=qemu,
                                accel=vmi.get("accel") or "tcg")
-        if tracer is not None:
-            config = tracer.configure(config)
-        cmdline_fd = _cmdline_pipe(boot.append if boot else "")
+        serial = host.keys.add(f"{vmi['tenant']}:{vm_name}:restored", payload, tenant=vmi["tenant"])
+        saved_hpa = int(m["ram"]["hpa"], 16)
+        at_saved_hpa = host.hpa_ranges.is_free(saved_hpa, int(vmi["memory"]))
+        vm = await launch_machine(config, tracer=tracer, machine=functools.partial(
+            EncryptedMachine, host, key_serial=serial, tenant=vmi["tenant"], revoke_key_on_close=True,
+            hpa=saved_hpa if at_saved_hpa else None))
         try:
-            if cmdline_fd is not None:
-                config = dataclasses.replace(config, pass_fds=config.pass_fds + (cmdline_fd,))
-            serial = host.keys.add(f"{vmi['tenant']}:{vm_name}:restored", payload, tenant=vmi["tenant"])
-            saved_hpa, nbytes = int(m["ram"]["hpa"], 16), int(vmi["memory"])
-            vm = _RestoredMachine(host, config, key_serial=serial, tenant=vmi["tenant"], revoke_key_on_close=True,
-                                  hpa=saved_hpa if host.hpa_ranges.is_free(saved_hpa, nbytes) else None,
-                                  cmdline_fd=cmdline_fd)
-            try:
-                await vm.launch()
-            finally:
-                if cmdline_fd is not None:
-                    os.close(cmdline_fd)
-                    cmdline_fd = None
-            try:
-                if tracer is not None:
-                    await vm.trace(tracer)
-                _write_ram(snap, vm, XtsKey(data_key, tweak_key), saved_hpa, progress)
-                await _load_device_state(vm, device_state)
-                if vmi.get("was_running", True):
-                    await vm.resume()
-            except BaseException:
-                await vm.close()
-                raise
-        finally:
-            if cmdline_fd is not None:
-                os.close(cmdline_fd)
+            _write_ram(snap, vm, XtsKey(data_key, tweak_key), saved_hpa, progress)
+            await _load_device_state(vm, device_state)
+            if vmi.get("was_running", True):
+                await vm.resume()
+        except BaseException:
+            await vm.close()
+            raise
     return vm
 
 

@@ -156,6 +156,32 @@ def sweep_stale_runtime_dirs() -> int:
     return runtime.sweep()
 
 
+def _append_config(append: str, log: logging.Logger | logging.LoggerAdapter) -> int | None:
+    """The kernel command line as a QEMU config file (``[machine]`` ``append``) in a pipe whose
+    read end QEMU inherits for ``-readconfig /dev/fd/N``: ``/proc/PID/cmdline`` is readable by
+    every user (``ps``), the pipe only by QEMU; the command line may carry a guest's secrets (a
+    restored snapshot's is sealed in the file). None when QEMU's config syntax cannot carry it (a
+    double quote, a line break, over 1000 bytes: QEMU 7.2 reads values as ``"%1023[^"]"`` from
+    lines of at most 1023 bytes); then it goes in ``-append`` and a warning says so.
+    """
+    if not append:
+        return None
+    if '"' in append or "\n" in append or "\r" in append or len(append.encode()) > 1000:
+        log.warning("the kernel command line cannot go through a QEMU config file; it is passed with "
+                    "-append and visible in ps while the VM runs")
+        return None
+    text = f'[machine]\n  append = "{append}"\n'.encode()
+    r, w = os.pipe()
+    try:
+        os.write(w, text)                                # at most ~1 KiB: far below the pipe's buffer
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return r
+
+
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -283,15 +309,20 @@ class Machine:
             raise LaunchError(f"{self.name}: {err}") from None
         if cfg.ram_backend == "file":
             self._res.ram_file = self._create_ram_file()
-        self.argv = self._argv()
-        self.log.debug("launching %s", " ".join(self.argv))
+        append_fd = _append_config(cfg.boot.append if cfg.boot else "", self.log)
         try:
+            self.argv = self._argv(append_fd)
+            self.log.debug("launching %s", " ".join(self.argv))
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True, pass_fds=cfg.pass_fds,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                pass_fds=cfg.pass_fds + ((append_fd,) if append_fd is not None else ()),
                 preexec_fn=_set_pdeathsig if cfg.kill_on_parent_death else None)
         except OSError as err:
             raise LaunchError(f"{self.name}: cannot execute {self.qemu.path}: {err.strerror}") from err
+        finally:
+            if append_fd is not None:
+                os.close(append_fd)
         self._pid = self._res.pid = self._proc.pid
         assert self._proc.stdout is not None
         self._tasks.append(asyncio.create_task(self._pump_stderr(self._proc.stdout), name=f"{self.name}-stderr"))
@@ -323,7 +354,7 @@ class Machine:
         os.close(fd)
         return path
 
-    def _argv(self) -> list[str]:
+    def _argv(self, append_fd: int | None = None) -> list[str]:
         cfg, rd = self.config, self._res.runtime_dir
         assert self.qemu is not None and rd is not None
         mem = int(cfg.memory)
@@ -347,7 +378,9 @@ class Machine:
             argv += ["-kernel", str(cfg.boot.kernel)]
             if cfg.boot.initrd is not None:
                 argv += ["-initrd", str(cfg.boot.initrd)]
-            if cfg.boot.append:
+            if append_fd is not None:
+                argv += ["-readconfig", f"/dev/fd/{append_fd}"]
+            elif cfg.boot.append:
                 argv += ["-append", cfg.boot.append]
         for plugin in cfg.plugins:
             argv += ["-plugin", plugin]
