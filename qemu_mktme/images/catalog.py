@@ -18,108 +18,27 @@ interrupted build never leaves half an image.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import hashlib
 import io
 import json
 import os
 import re
-import shlex
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from ..errors import ImageError
 from ..files.cache import cache_root
 from ..qemu.boot import BootSpec
 from . import cpio
+from .recipes import LINUX_PARAMS, LINUX_WORKLOAD_PARAMS, MIN_MEMORY, RECIPES
+from .tools import Say, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-ENV_RECIPES = "QEMU_MKTME_RECIPES"
-
-# The Linux guest reserves this guest-physical region with memmap= so that workloads can place
-# data at known addresses with /dev/mem (the Debian kernel has CONFIG_STRICT_DEVMEM=y).
-LINUX_RESERVED_GPA = 0x1000_0000
-LINUX_RESERVED_SIZE = 64 << 20
-LINUX_MIN_MEMORY = 512 << 20
-BAREMETAL_MIN_MEMORY = 4 << 20
-"""The bare-metal image loads at 1 MiB and ends below 1.5 MiB; its commands' examples use 2 MiB up."""
-MIN_MEMORY = {"baremetal": BAREMETAL_MIN_MEMORY, "linux": LINUX_MIN_MEMORY}
-"""Per image, for manifests written before they recorded ``min_memory``."""
-LINUX_BASE_APPEND = (
-    "console=ttyS0 panic=-1 quiet "
-    f"memmap={LINUX_RESERVED_SIZE >> 20}M${LINUX_RESERVED_GPA:#x} "
-    f"mktme.reserved={LINUX_RESERVED_GPA:#x} mktme.reserved_size={LINUX_RESERVED_SIZE:#x}"
-)
-LINUX_KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
-LINUX_BUSYBOX_PACKAGE = "busybox-static"
-
-Say = Callable[[str], None]
-"""say(message): what a build is doing now, one line."""
-
-
-def _uint(text: str) -> str | None:
-    return None if re.fullmatch(r"\d+", text) else "a whole number"
-
-
-def _positive(text: str) -> str | None:
-    return None if re.fullmatch(r"\d+", text) and int(text) > 0 else "a positive whole number"
-
-
-def _address(text: str) -> str | None:
-    return None if re.fullmatch(r"\d+|0[xX][0-9a-fA-F]+", text) else "an address (decimal or 0x hex)"
-
-
-def _seconds(text: str) -> str | None:
-    return None if re.fullmatch(r"\d*\.?\d+", text) and float(text) > 0 else "a positive number of seconds"
-
-
-def _flag(text: str) -> str | None:
-    return None if text in ("0", "1") else "0 or 1"
-
-
-LINUX_PARAMS: dict[str, Callable[[str], str | None]] = {
-    "size_mb": _positive, "count": _uint, "period": _seconds, "addr": _address, "len": _positive,
-    "wait": _flag, "secret": lambda text: None, "hold": _flag,
-}
-"""What each ``mktme.NAME=`` parameter of the Linux guest accepts (the scripts' ``$MKTME_NAME``)."""
-LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
-    "checksum": ("size_mb",), "compress": ("size_mb",), "counter": ("count", "period"), "hello": (),
-    "memstress": ("size_mb",), "region": ("addr", "len", "wait"), "secret": ("addr", "secret", "wait"),
-    "shell": (),
-}
-"""The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""
-
-
-def recipes_root() -> Path:
-    """The ``guest_images/`` recipe tree of this checkout (or ``$QEMU_MKTME_RECIPES``)."""
-    if os.environ.get(ENV_RECIPES):
-        return Path(os.environ[ENV_RECIPES])
-    return Path(__file__).resolve().parents[2] / "guest_images"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tree_digest(root: Path) -> str:
-    """sha256 over the relative names and contents of every file under ``root``."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -191,205 +110,6 @@ def _kernel_word(value: str) -> str:
     if not value or re.search(r"[\s\"']", value):
         raise ValueError(f"kernel command-line value must be one word without quotes: {value!r}")
     return value
-
-
-# ---------------------------------------------------------------------------------- recipes
-
-
-class Recipe:
-    """How to build one image; subclasses fill ``build``."""
-
-    name: str = ""
-    description: str = ""
-    default_memory: int = 512 << 20        # guest RAM unless told otherwise (also: a kernel given by path)
-
-    def source(self) -> Path:
-        return recipes_root() / self.name
-
-    def digest(self) -> str:
-        src = self.source()
-        if not src.is_dir():
-            raise ImageError(f"recipe directory {src} is missing (set {ENV_RECIPES}?)", image=self.name)
-        return _tree_digest(src)
-
-    def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
-        """Build into ``work``; return the manifest fields (``artifacts`` filled in by caller)."""
-        raise NotImplementedError
-
-
-def _run(argv: Sequence[str], *, image: str, cwd: Path | None = None, what: str = "") -> str:
-    try:
-        out = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError as err:
-        raise ImageError(f"{argv[0]} not found: needed to {what or 'build'} the {image} image",
-                         image=image) from err
-    if out.returncode != 0:
-        tail = (out.stderr or out.stdout).strip()[-1500:]
-        raise ImageError(f"{shlex.join(argv)} failed ({out.returncode}):\n{tail}", image=image)
-    return out.stdout
-
-
-class BaremetalRecipe(Recipe):
-    name = "baremetal"
-    description = "tiny long-mode multiboot guest built from source (fast test guest)"
-    CFLAGS = ["-m64", "-ffreestanding", "-fno-pie", "-fno-stack-protector", "-mno-red-zone",
-              "-mgeneral-regs-only", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
-              "-fno-asynchronous-unwind-tables", "-O2", "-Wall", "-Wextra", "-Werror", "-nostdlib"]
-
-    def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
-        src = self.source()
-        gcc = shutil.which("gcc") or "gcc"
-        progress(f"compiling {src} with {gcc}")
-        objs = []
-        for unit in ("boot.S", "main.c"):
-            obj = work / (unit.rsplit(".", 1)[0] + ".o")
-            _run([gcc, *self.CFLAGS, "-c", str(src / unit), "-o", str(obj)], image=self.name, what="compile")
-            objs.append(str(obj))
-        elf = work / "baremetal.elf"
-        _run(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-z", "noexecstack",
-              "--no-warn-rwx-segments", "-T", str(src / "link.ld"), "-o", str(elf), *objs],
-             image=self.name, what="link")
-        _run(["objcopy", "-O", "binary", str(elf), str(work / "baremetal.bin")], image=self.name)
-        for obj in objs:
-            os.unlink(obj)
-        nm = _run(["nm", str(elf)], image=self.name)
-        symbols = {m[2]: int(m[1], 16) for m in re.finditer(r"^([0-9a-f]+) \w (\w+)$", nm, re.M)}
-        compiler = _run([gcc, "--version"], image=self.name).splitlines()[0]
-        return {
-            "kernel": "baremetal.bin",
-            "append": "",
-            "symbols": {k: hex(symbols[k]) for k in ("mailbox", "_image_end") if k in symbols},
-            "toolchain": compiler,
-        }
-
-
-class LinuxRecipe(Recipe):
-    name = "linux"
-    description = "stock Debian cloud kernel + stock busybox-static, generated initramfs"
-    default_memory = 1 << 30
-
-    def build(self, work: Path, cache: Path, progress: Say) -> dict[str, object]:
-        debs = cache / "debs"
-        debs.mkdir(parents=True, exist_ok=True)
-        meta = _apt_download(LINUX_KERNEL_METAPACKAGE, debs, progress)
-        depends = _deb_field(meta.path, "Depends")
-        kernel_pkg = depends.split(",")[0].split("|")[0].split("(")[0].strip()
-        if not kernel_pkg.startswith("linux-image-"):
-            raise ImageError(f"{LINUX_KERNEL_METAPACKAGE} depends on {depends!r}, not a kernel", image=self.name)
-        kernel = _apt_download(kernel_pkg, debs, progress)
-        busybox = _apt_download(LINUX_BUSYBOX_PACKAGE, debs, progress)
-
-        progress(f"extracting the kernel from {kernel.path.name}")
-        release = kernel_pkg.removeprefix("linux-image-")
-        vmlinuz = _deb_member(kernel.path, f"./boot/vmlinuz-{release}", image=self.name)
-        (work / "vmlinuz").write_bytes(vmlinuz)
-        progress(f"extracting busybox from {busybox.path.name}")
-        busybox_bin = _deb_member(busybox.path, "./bin/busybox", image=self.name)
-
-        progress("generating the initramfs")
-        src = self.source()
-        entries = [cpio.directory(d) for d in ("bin", "dev", "proc", "sys", "tmp", "sbin", "usr",
-                                               "usr/bin", "usr/sbin", "workloads")]
-        entries.append(cpio.file("bin/busybox", busybox_bin, 0o755))
-        entries.append(cpio.file("init", (src / "init").read_bytes(), 0o755))
-        workloads = sorted(p.stem for p in (src / "workloads").glob("*.sh"))
-        for name in workloads:
-            entries.append(cpio.file(f"workloads/{name}.sh", (src / "workloads" / f"{name}.sh").read_bytes()))
-        with open(work / "initrd.cpio", "wb") as out:
-            cpio.write(out, entries)
-        return {
-            "kernel": "vmlinuz",
-            "initrd": "initrd.cpio",
-            "append": LINUX_BASE_APPEND,
-            "min_memory": LINUX_MIN_MEMORY,
-            "kernel_release": release,
-            "reserved": {"gpa": hex(LINUX_RESERVED_GPA), "size": hex(LINUX_RESERVED_SIZE)},
-            "workloads": workloads,
-            "packages": [dataclasses.asdict(p) | {"path": None} for p in (meta, kernel, busybox)],
-            "stock_files": {
-                "vmlinuz": {"package": kernel.name, "member": f"./boot/vmlinuz-{release}",
-                            "sha256": hashlib.sha256(vmlinuz).hexdigest()},
-                "bin/busybox": {"package": busybox.name, "member": "./bin/busybox",
-                                "sha256": hashlib.sha256(busybox_bin).hexdigest()},
-            },
-        }
-
-
-RECIPES: dict[str, Recipe] = {r.name: r for r in (BaremetalRecipe(), LinuxRecipe())}
-
-
-def default_memory(guest: str) -> int:
-    """Bytes of RAM ``guest`` (an image name, or a kernel path) boots with unless told otherwise."""
-    recipe = RECIPES.get(guest)
-    return recipe.default_memory if recipe is not None else Recipe.default_memory
-
-
-def default_memory_help() -> str:
-    """The defaults for a help text: ``512M baremetal, 1G linux``."""
-    def size(n: int) -> str:
-        return f"{n >> 30}G" if n % (1 << 30) == 0 else f"{n >> 20}M"
-    return ", ".join(f"{size(r.default_memory)} {name}" for name, r in RECIPES.items())
-
-
-# ---------------------------------------------------------------------------------- Debian packages
-
-
-@dataclass
-class DebPackage:
-    """A .deb fetched with ``apt-get download``; ``index_sha256`` is what apt's index says."""
-
-    name: str
-    version: str
-    sha256: str
-    index_sha256: str
-    path: Path | None = field(default=None)
-
-
-def _apt_download(package: str, dest: Path, progress: Say) -> DebPackage:
-    show = _run(["apt-cache", "show", "--no-all-versions", package], image="linux", what="look up packages")
-    fields = dict(re.findall(r"^(Version|SHA256|Filename): (.+)$", show, re.M))
-    if "Version" not in fields:
-        raise ImageError(f"apt knows no package {package} (run 'apt-get update' as root)", image="linux")
-    version = fields["Version"]
-    deb = dest / os.path.basename(fields.get("Filename", f"{package}_{version}_amd64.deb"))
-    if not deb.exists() or sha256_file(deb) != fields.get("SHA256"):
-        progress(f"apt-get download {package}={version}")
-        with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            os.chmod(tmp, 0o755)  # apt's _apt sandbox user must be able to write here
-            _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=Path(tmp), image="linux",
-                 what="download packages")
-            got = list(Path(tmp).glob("*.deb"))
-            if len(got) != 1:
-                raise ImageError(f"apt-get download {package} gave {len(got)} files", image="linux")
-            os.replace(got[0], deb)
-    digest = sha256_file(deb)
-    if fields.get("SHA256") and digest != fields["SHA256"]:
-        raise ImageError(f"{deb.name}: sha256 {digest} differs from apt's index {fields['SHA256']}",
-                         image="linux")
-    return DebPackage(package, version, digest, fields.get("SHA256", ""), deb)
-
-
-def _deb_field(deb: Path | None, name: str) -> str:
-    assert deb is not None
-    return _run(["dpkg-deb", "-f", str(deb), name], image="linux", what="read packages").strip()
-
-
-def _deb_member(deb: Path | None, member: str, *, image: str) -> bytes:
-    """One file out of a .deb's data archive, without unpacking the rest."""
-    assert deb is not None
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-            for info in tar:
-                if info.name == member and info.isfile():
-                    extracted = tar.extractfile(info)
-                    assert extracted is not None
-                    return extracted.read()
-    finally:
-        proc.kill()
-        proc.wait()
-    raise ImageError(f"{deb.name} has no {member}", image=image)
 
 
 # ---------------------------------------------------------------------------------- cache

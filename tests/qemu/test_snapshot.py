@@ -24,7 +24,6 @@ from qemu_mktme.errors import IntegrityError, SnapshotError
 from qemu_mktme.host.host import Host
 from qemu_mktme.files import snapfile
 from qemu_mktme.files.runtime import process_start_time
-from qemu_mktme.live import snapshot
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.snapshot import restore_snapshot, save_snapshot, snapshot_summary, verify_snapshot
 from qemu_mktme.qemu.boot import BootSpec
