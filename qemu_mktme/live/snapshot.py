@@ -155,6 +155,9 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
         raise SnapshotError(f"{vm.name}: only VMs with a tenant (user) key can be saved; a "
                             f"{payload.type.value} key never leaves the CPU")
     was_running = vm.state is VmState.RUNNING
+    if not was_running and (await vm.qmp.execute("query-status"))["status"] == "postmigrate":
+        raise SnapshotError(f"{vm.name}: QEMU will not migrate a VM again while it stays paused after a "
+                            "save (its state is 'postmigrate'); resume it, then save")
     try:
         if was_running:
             await vm.pause()

@@ -321,6 +321,22 @@ async def test_restore_needs_the_same_guest_and_memory(tmp_path, baremetal_image
     assert host2.keys.table() == []
 
 
+async def test_a_paused_vm_is_saved_once_then_needs_a_resume(tmp_path, baremetal_image, kek):
+    """QEMU refuses a second migration while the VM stays paused after the first: one clear error,
+    nothing written; after a resume the VM saves again."""
+    host, serial = new_host_and_key()
+    async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
+        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.pause()
+        await save_snapshot(vm, tmp_path / "a.snap", kek)
+        with pytest.raises(SnapshotError, match="resume it, then save"):
+            await save_snapshot(vm, tmp_path / "b.snap", kek)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.snap"]
+        await vm.resume()
+        await save_snapshot(vm, tmp_path / "b.snap", kek)
+    verify_snapshot(tmp_path / "b.snap", kek)
+
+
 async def test_cpu_key_vm_cannot_be_saved(tmp_path, baremetal_image, kek):
     host = Host()
     serial = host.keys.add("vm", "type=cpu", tenant="acme")
