@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from helpers import qm
+from helpers import patience, qm
 
 
 def start_run(*args: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "run", "--no-input", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + patience(15)
     err = ""
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
@@ -32,7 +32,7 @@ def start_run(*args: str) -> subprocess.Popen:
 
 def stop(proc: subprocess.Popen) -> str:
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=patience(10))
     return out + err
 
 

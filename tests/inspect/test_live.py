@@ -23,6 +23,8 @@ from qemu_mktme.live.session import HostSession, VmSpec
 
 from reference import user_payload, xts_lines
 
+from helpers import patience
+
 FILLS = [  # (GPA, length, byte, width): what the encrypted guest does between the two captures
     (0x400010, 0x20, 0xAB, 1),       # blocks 1 and 2 of one line
     (0x500000, 0x1000, 0x55, 8),     # a whole page
@@ -49,8 +51,8 @@ async def _scenario(image, base):
     ]
     async with HostSession(specs, control=False) as session:
         enc, clear = session.machines["enc"], session.machines["clear"]
-        await enc.console.wait_for(r"ok write 0x200000 \d+\n", 10)
-        await clear.console.wait_for(r"ok fill 0x300000 ", 10)
+        await enc.console.wait_for(r"ok write 0x200000 \d+\n", patience(10))
+        await clear.console.wait_for(r"ok fill 0x300000 ", patience(10))
         for vm in (enc, clear):
             await vm.pause()
         before = ram_copy(enc)

@@ -74,6 +74,8 @@ def test_ini_twins_and_command_line_precedence(pytester):
 def test_unknown_marker_argument(pytester, baremetal_image):
     pytester.makepyfile(test_x='''
 import pytest
+
+from helpers import patience
 @pytest.mark.asyncio
 @pytest.mark.mktme_vm(colour="blue")
 async def test_x(mktme_vm): pass
@@ -99,7 +101,7 @@ async def test_fixture_vm_ciphertext_and_console(mktme_vm):
 
 @pytest.mark.mktme_vm(guest="linux", workload="secret", params={"secret": "PLUGIN-LINUX-SECRET"})
 async def test_fixture_linux_vm(mktme_vm):
-    match = await expect_console(mktme_vm, r"secret at (0x[0-9a-f]+) len=\d+\n", 120)
+    match = await expect_console(mktme_vm, r"secret at (0x[0-9a-f]+) len=\d+\n", patience(120))
     await expect_console(mktme_vm, "waiting for host")
     assert mktme_vm.ram.read(int(match[1], 16), 19) == b"PLUGIN-LINUX-SECRET"
     await mktme_vm.pause()
