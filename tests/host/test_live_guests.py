@@ -13,9 +13,8 @@ from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.pytest_plugin import assert_not_in_dram, find_in_dram
 
-from reference import user_payload, xts_lines
-
 from helpers import patience
+from reference import user_payload, xts_lines
 
 CRC = re.compile(r"ok crc32 \S+ \d+ 0x([0-9a-f]{8})\n")
 

@@ -21,9 +21,8 @@ from qemu_mktme.inspect.search import Pattern, search
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.live.session import HostSession, VmSpec
 
-from reference import user_payload, xts_lines
-
 from helpers import patience
+from reference import user_payload, xts_lines
 
 FILLS = [  # (GPA, length, byte, width): what the encrypted guest does between the two captures
     (0x400010, 0x20, 0xAB, 1),       # blocks 1 and 2 of one line
