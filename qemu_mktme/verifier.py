@@ -215,17 +215,20 @@ async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) 
         await vm.console.wait_for(r"workload counter exit=", 600)
         run.exit_status = await vm.wait(120)
         return
+    # Held at count 8 while the DRAM view is computed and the snapshot saved: on a busy machine
+    # those take longer than the rest of the count, and the guest must not finish meanwhile.
+    await vm.pause()
     await emu.touch(vm)
     path = _tmp_snapshot(vm.name)
     try:
         await save_snapshot(vm, path, emu.kek)
-        await vm.pause()
         before = vm.console.transcript
         await vm.close()                                       # the original is gone for good
         async with contextlib.AsyncExitStack() as stack:
             tracer = await emu.tracer(stack)
             restored = await restore_snapshot(emu.host, path, emu.kek, name=f"{vm.name}-restored", tracer=tracer)
             await stack.enter_async_context(restored)
+            await restored.resume()                            # saved paused: it carries on from here
             await restored.console.wait_for(r"workload counter exit=", 600)
             run.exit_status = await restored.wait(120)
             run.transcript = before + restored.console.transcript
