@@ -31,7 +31,7 @@ from .errors import ImageError
 from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
-from .qemu.machine import Machine, MachineConfig
+from .qemu.machine import Machine, MachineConfig, VmState
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
 
@@ -144,7 +144,8 @@ class Emulation:
         """Exercise the emulation on a running VM: a full DRAM view and its KeyID state."""
         if isinstance(vm, EncryptedMachine):
             nbytes = await asyncio.to_thread(lambda: sum(c.size for _, c in vm.guest.iter_dram(chunk_nbytes=16 << 20)))
-            self.notes.append(f"DRAM view of {nbytes >> 20} MiB computed while running")
+            when = "while running" if vm.state is VmState.RUNNING else "while paused"
+            self.notes.append(f"DRAM view of {nbytes >> 20} MiB computed {when}")
             if vm.guest.check_consistency():
                 self.notes.append("KeyID tagging INCONSISTENT")
 

@@ -17,8 +17,8 @@ from helpers import Once, qm
 # The smallest set of workloads that still exercises every feature of the emulated run once:
 # the bare-metal driver; the Linux driver with an encrypted snapshot saved mid-run; and a save,
 # kill and restore into a fresh QEMU, whose restored VM is traced too. Each is traced by the shim
-# and has its whole DRAM view computed while it runs; the foreign-write injection is the test
-# below. linux-compress and linux-memstress run the same Linux driver on bigger workloads: they
+# and has its whole DRAM view computed (while running; the last one paused at its save point);
+# the foreign-write injection is the test below. linux-compress and linux-memstress run the same Linux driver on bigger workloads: they
 # belong to ``qemu-mktme verify`` (``make verify``), not to every test run.
 SUITE_WORKLOADS = ["baremetal", "linux-boot", "linux-snapshot"]
 FEATURES = {                      # what each feature leaves in the emulated run's notes
