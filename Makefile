@@ -1,13 +1,19 @@
 # qemu-mktme: `make demo` runs the main job, `make test` the tests. Each sets up what it needs:
 # Debian packages (scripts/setup-host.sh), a virtualenv in .venv, guest images in the cache
 # ($QEMU_MKTME_CACHE, default ~/.cache/qemu-mktme). All steps are skipped when already done.
+#
+#   make test        the whole suite (QEMU, guests, a fresh-virtualenv install)
+#   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
+#   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
+#   make verify      every verifier workload, plain vs emulated (qemu-mktme verify)
+#   make bench       every benchmark, then make verify
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all setup host venv images demo test bench clean
+.PHONY: all setup host venv images demo test test-pure test-busy verify bench clean
 
 all: test
 
@@ -33,12 +39,22 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-pure: venv
+	$(BIN)/python -m pytest -m "not qemu and not install" $(PYTEST_ARGS)
+
+test-busy: setup
+	./scripts/test-busy.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+verify: setup
+	$(BIN)/qemu-mktme verify
+
 bench: setup
 	$(BIN)/python scripts/bench_boot.py
 	$(BIN)/python scripts/bench_engine.py
 	$(BIN)/python scripts/bench_shim.py
 	$(BIN)/python scripts/bench_snapshot.py
 	$(BIN)/python scripts/bench_inspect.py
+	$(BIN)/qemu-mktme verify
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

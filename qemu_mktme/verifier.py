@@ -31,7 +31,7 @@ from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
 from .live.launch import launch_machine
-from .qemu.machine import Machine, MachineConfig, parse_size
+from .qemu.machine import Machine, MachineConfig, VmState, parse_size
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
 
@@ -141,7 +141,8 @@ class Emulation:
         """Exercise the emulation on a running VM: a full DRAM view and its KeyID state."""
         if isinstance(vm, EncryptedMachine):
             nbytes = await asyncio.to_thread(lambda: sum(c.size for _, c in vm.guest.iter_dram(chunk_nbytes=16 << 20)))
-            self.notes.append(f"DRAM view of {nbytes >> 20} MiB computed while running")
+            when = "while running" if vm.state is VmState.RUNNING else "while paused"
+            self.notes.append(f"DRAM view of {nbytes >> 20} MiB computed {when}")
             if vm.guest.check_consistency():
                 self.notes.append("KeyID tagging INCONSISTENT")
 
@@ -216,17 +217,20 @@ async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) 
         await vm.console.wait_for(r"workload counter exit=", 600)
         run.exit_status = await vm.wait(120)
         return
+    # Held at count 8 while the DRAM view is computed and the snapshot saved: on a busy machine
+    # those take longer than the rest of the count, and the guest must not finish meanwhile.
+    await vm.pause()
     await emu.touch(vm)
     path = _tmp_snapshot(vm.name)
     try:
         await save_snapshot(vm, path, emu.kek)
-        await vm.pause()
         before = vm.console.transcript
         await vm.close()                                       # the original is gone for good
         async with contextlib.AsyncExitStack() as stack:
             tracer = await emu.tracer(stack)
             restored = await restore_snapshot(emu.host, path, emu.kek, name=f"{vm.name}-restored", tracer=tracer)
             await stack.enter_async_context(restored)
+            await restored.resume()                            # saved paused: it carries on from here
             await restored.console.wait_for(r"workload counter exit=", 600)
             run.exit_status = await restored.wait(120)
             run.transcript = before + restored.console.transcript

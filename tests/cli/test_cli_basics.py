@@ -11,10 +11,13 @@ from qemu_mktme import cli
 from helpers import qm
 
 
-def test_help_everywhere():
-    for args in ([], ["run"], ["images"], ["images", "build"], ["images", "list"]):
-        out = qm(*args, "--help")
-        assert out.returncode == 0 and "usage: qemu-mktme" in out.stdout, args
+def test_help_everywhere(capsys):
+    out = qm("--help")                                          # as a user types it
+    assert out.returncode == 0 and "usage: qemu-mktme" in out.stdout
+    for args in (["run"], ["images"], ["images", "build"], ["images", "list"]):   # the same parser, in-process
+        with pytest.raises(SystemExit) as exited:
+            cli.main([*args, "--help"])
+        assert exited.value.code == 0 and "usage: qemu-mktme" in capsys.readouterr().out, args
 
 
 def test_run_baremetal_with_commands_and_stdin(baremetal_image):
@@ -35,11 +38,14 @@ def test_images_list_json(baremetal_image, linux_image):
     (["run", "-c", "poweroff"], {"QEMU_MKTME_QEMU": "/nonexistent/qemu"}, "not found"),
     (["images", "build", "windows"], {}, "unknown image 'windows'"),
 ])
-def test_domain_errors_are_one_line(args, env, message):
-    out = qm(*args, env=env)
-    assert out.returncode == 1
-    assert out.stderr.startswith("qemu-mktme: error: ") and message in out.stderr
-    assert "Traceback" not in out.stderr
+def test_domain_errors_are_one_line(args, env, message, monkeypatch, capsys):
+    """In-process (the subprocess path is the same main(): test_usage_errors_exit_2 runs it)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qemu-mktme: error: ") and message in err and err.count("\n") == 1
+    assert "Traceback" not in err
 
 
 def test_usage_errors_exit_2():

@@ -13,6 +13,7 @@ from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.pytest_plugin import assert_not_in_dram, find_in_dram
 
+from helpers import patience
 from reference import user_payload, xts_lines
 
 CRC = re.compile(r"ok crc32 \S+ \d+ 0x([0-9a-f]{8})\n")
@@ -29,7 +30,7 @@ async def test_secret_is_plaintext_in_ram_and_ciphertext_in_dram(baremetal_image
     secret = "MKTME-DRAM-SECRET-" + os.urandom(6).hex()
     cfg = bm(baremetal_image, "vm1", f"write 0x200000 {secret}")
     async with EncryptedMachine(host, cfg, key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"ok write 0x200000", 10)
+        await vm.console.wait_for(r"ok write 0x200000", patience(10))
         assert vm.ram.read(0x200000, len(secret)) == secret.encode()
         line = vm.ram.read(0x200000, 64)
         hpa = vm.guest.hpa_of(0x200000)
@@ -53,15 +54,15 @@ async def test_linux_guest_secret_not_in_dram(linux_image):
     boot = linux_image.boot(workload="secret", params={"secret": secret})
     async with EncryptedMachine(host, MachineConfig(boot=boot, memory="1G", name="linux"),
                                 key_serial=serial, tenant="acme") as vm:
-        m = await vm.console.wait_for(r"secret at (0x[0-9a-f]+) len", 120)
-        await vm.console.wait_for("waiting for host", 30)
+        m = await vm.console.wait_for(r"secret at (0x[0-9a-f]+) len", patience(120))
+        await vm.console.wait_for("waiting for host", patience(30))
         assert vm.ram.read(int(m[1], 16), len(secret)) == secret.encode()
         await vm.pause()
         assert vm.guest.read(int(m[1], 16), len(secret)) == secret.encode()
         assert_not_in_dram(vm, secret)
         await vm.resume()
         await vm.console.write("go\n")
-        await vm.console.wait_for(r"secret-region sha256=\w{64}\n", 30)
+        await vm.console.wait_for(r"secret-region sha256=\w{64}\n", patience(30))
 
 
 async def test_two_vms_keys_isolation_sharing_and_teardown(baremetal_image):
@@ -76,7 +77,7 @@ async def test_two_vms_keys_isolation_sharing_and_teardown(baremetal_image):
             EncryptedMachine(host, cfgs[1], key_serial=k_b, tenant="globex") as b, \
             EncryptedMachine(host, cfgs[2], key_serial=k_c, tenant="globex") as c:
         for vm in (a, b, c):
-            await vm.console.wait_for("ok write", 10)
+            await vm.console.wait_for("ok write", patience(10))
         assert a.keyid != b.keyid and b.keyid == c.keyid
         plain = a.ram.read(0x200000, 64)
         assert a.guest.read(0x200000, 64) == plain
@@ -97,7 +98,7 @@ async def test_host_write_through_keyid_changes_what_guest_reads(baremetal_image
     other = host.keys.add("other", "type=cpu", tenant="globex")
     data = os.urandom(4096)
     async with EncryptedMachine(host, bm(baremetal_image, "vm"), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         keyid = host.keys.describe(other)["keyid"] if through == "foreign" else vm.keyid
         vm.guest.write(0x300000, data, keyid=keyid)
         m = await vm.console.command("crc 0x300000 4096", CRC)

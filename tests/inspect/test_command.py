@@ -21,6 +21,7 @@ from qemu_mktme.files.dumpfile import write_dump
 from qemu_mktme.inspect.plot import ENTROPY_ANCHORS, PALETTE, UNTAGGED_RGB
 
 from conftest import MIB, SECRET, make_scene
+from helpers import patience
 
 
 def run(capsys, *argv):
@@ -227,13 +228,13 @@ def test_the_script_runs_standalone(scene_dumps, tmp_path):
     _, d1, *_ = scene_dumps
     script = Path(__file__).parents[2] / "scripts" / "inspect_dump.py"
     proc = subprocess.run([sys.executable, str(script), str(d1.path), "map", "--json"], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=patience(15))
     assert proc.returncode == 0 and json.loads(proc.stdout)["pages"] == 5120
     broken = tmp_path / "broken"
     shutil.copytree(d1.path, broken)
     os.truncate(broken / "dram.bin", 100)
     proc = subprocess.run([sys.executable, str(script), str(broken), "entropy"], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=patience(15))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "truncated?" in proc.stderr
 
 

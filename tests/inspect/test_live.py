@@ -21,6 +21,7 @@ from qemu_mktme.inspect.search import Pattern, search
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.live.session import HostSession, VmSpec
 
+from helpers import patience
 from reference import user_payload, xts_lines
 
 FILLS = [  # (GPA, length, byte, width): what the encrypted guest does between the two captures
@@ -49,8 +50,8 @@ async def _scenario(image, base):
     ]
     async with HostSession(specs, control=False) as session:
         enc, clear = session.machines["enc"], session.machines["clear"]
-        await enc.console.wait_for(r"ok write 0x200000 \d+\n", 10)
-        await clear.console.wait_for(r"ok fill 0x300000 ", 10)
+        await enc.console.wait_for(r"ok write 0x200000 \d+\n", patience(10))
+        await clear.console.wait_for(r"ok fill 0x300000 ", patience(10))
         for vm in (enc, clear):
             await vm.pause()
         before = ram_copy(enc)

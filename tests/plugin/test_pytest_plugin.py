@@ -1,4 +1,6 @@
-"""The pytest plugin, exercised as a user meets it (pytester runs in a subprocess) and by our suite."""
+"""The pytest plugin, exercised as a user meets it (pytester runs in a subprocess) and by our suite.
+
+Option handling needs no QEMU and no fresh interpreter: those runs are in-process (fast)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 import pytest
 
 from qemu_mktme.pytest_plugin import assert_ciphertext, assert_not_in_dram, expect_console
+
+from helpers import patience
 
 pytest_plugins = ["pytester"]
 
@@ -33,19 +37,30 @@ def test_host_fixture(mktme_host):
 '''
 
 
-def test_a_users_first_test_passes(pytester, baremetal_image):
-    pytester.makepyfile(test_first=FIRST_TEST)
-    result = pytester.runpytest_subprocess("--mktme-keyid-bits", "4", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(["qemu-mktme: guest=baremetal memory=default key=user keyid-bits=4*"])
+TYPO_TEST = '''
+import pytest
+@pytest.mark.asyncio
+@pytest.mark.mktme_vm(colour="blue")
+async def test_x(mktme_vm): pass
+'''
 
 
-def test_readme_example_is_the_one_we_run(pytester, baremetal_image):
+def _readme_example() -> str:
     readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
     start = readme.index("```python\n# test_mktme.py")
-    example = readme[start + len("```python\n"):readme.index("```", start + 10)]
-    pytester.makepyfile(test_mktme=example)
-    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    return readme[start + len("```python\n"):readme.index("```", start + 10)]
+
+
+def test_a_users_first_tests_and_the_readme_example(pytester, monkeypatch, baremetal_image):
+    """One pytest run as a user's (a subprocess: the plugin loads from its entry point): our
+    first tests, the README's example exactly as printed there, and a marker with a typo."""
+    # pytester moves HOME: the run must find the images where the suite's fixture built them
+    monkeypatch.setenv("QEMU_MKTME_CACHE", str(baremetal_image.directory.parents[1]))
+    pytester.makepyfile(test_first=FIRST_TEST, test_mktme=_readme_example(), test_typo=TYPO_TEST)
+    result = pytester.runpytest_subprocess("--mktme-keyid-bits", "4", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(["qemu-mktme: guest=baremetal memory=default key=user keyid-bits=4*"])
+    result.stdout.fnmatch_lines(["*mktme_vm marker: unknown colour*"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -56,7 +71,7 @@ def test_readme_example_is_the_one_we_run(pytester, baremetal_image):
 ])
 def test_invalid_values_are_usage_errors(pytester, args, message):
     pytester.makepyfile(test_x="def test_x(): pass")
-    result = pytester.runpytest_subprocess(*args)
+    result = pytester.runpytest_inprocess(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
 
@@ -64,23 +79,11 @@ def test_invalid_values_are_usage_errors(pytester, args, message):
 def test_ini_twins_and_command_line_precedence(pytester):
     pytester.makeini("[pytest]\nmktme_guest = linux\nmktme_keyid_bits = 3\n")
     pytester.makepyfile(test_x="def test_x(mktme_settings): assert mktme_settings.guest == 'linux'")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["qemu-mktme: guest=linux memory=default key=user keyid-bits=3*"])
-    result = pytester.runpytest_subprocess("--mktme-keyid-bits", "5", "-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("--mktme-keyid-bits", "5", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(["*keyid-bits=5*"])
-
-
-def test_unknown_marker_argument(pytester, baremetal_image):
-    pytester.makepyfile(test_x='''
-import pytest
-@pytest.mark.asyncio
-@pytest.mark.mktme_vm(colour="blue")
-async def test_x(mktme_vm): pass
-''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*mktme_vm marker: unknown colour*"])
 
 
 # ----------------------------------------------------------------- our own suite uses the fixtures too
@@ -99,7 +102,7 @@ async def test_fixture_vm_ciphertext_and_console(mktme_vm):
 
 @pytest.mark.mktme_vm(guest="linux", workload="secret", params={"secret": "PLUGIN-LINUX-SECRET"})
 async def test_fixture_linux_vm(mktme_vm):
-    match = await expect_console(mktme_vm, r"secret at (0x[0-9a-f]+) len=\d+\n", 120)
+    match = await expect_console(mktme_vm, r"secret at (0x[0-9a-f]+) len=\d+\n", patience(120))
     await expect_console(mktme_vm, "waiting for host")
     assert mktme_vm.ram.read(int(match[1], 16), 19) == b"PLUGIN-LINUX-SECRET"
     await mktme_vm.pause()

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from qemu_mktme.errors import (AddressError, AttachError, ConsoleTimeout, ImageE
                                QemuError, QemuExited, QemuNotFound)
 from qemu_mktme import images
 from qemu_mktme.qemu.machine import Machine, MachineConfig, VmState
+
+from helpers import eventually, patience
 
 CRC = re.compile(r"ok crc32 (0x[0-9a-f]+) (\d+) 0x([0-9a-f]{8})")
 
@@ -32,7 +35,7 @@ def bm(image, *commands, **config) -> Machine:
 async def test_guest_writes_secret_python_reads_it(baremetal_image):
     secret = "MKTME-SECRET-0123456789"
     async with bm(baremetal_image, f"write 0x200000 {secret}") as vm:
-        await vm.console.wait_for(r"ok write 0x200000 23", 10)
+        await vm.console.wait_for(r"ok write 0x200000 23", patience(10))
         assert vm.ram.read(0x200000, len(secret)) == secret.encode()
         assert vm.ram.read(0x200000 + len(secret), 8) == bytes(8)
         assert bytes(vm.ram.view(0x200000, 4)) == b"MKTM"
@@ -41,16 +44,16 @@ async def test_guest_writes_secret_python_reads_it(baremetal_image):
 async def test_python_writes_guest_checksums(baremetal_image):
     data = os.urandom(64 << 10)
     async with bm(baremetal_image) as vm:
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         vm.ram.write(0x300000, data)
-        match = await vm.console.command(f"crc 0x300000 {len(data)}", CRC, 30)
+        match = await vm.console.command(f"crc 0x300000 {len(data)}", CRC, patience(30))
         assert int(match[3], 16) == zlib.crc32(data)
 
 
 async def test_ram_above_4g_is_mapped_and_shared(baremetal_image):
     async with bm(baremetal_image, memory="5G") as vm:
         assert [r.gpa for r in vm.ram.ranges][-1] == 0x1_0000_0000
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         high = 0x1_2345_6000
         vm.ram.write(high, b"above four gig")
         match = await vm.console.command(f"crc {high:#x} 14", CRC)
@@ -75,17 +78,17 @@ async def test_out_of_range_gpa_is_a_clear_error(baremetal_image):
 
 async def test_stop_cont_and_events(baremetal_image):
     async with bm(baremetal_image, "ticks 0 200000") as vm:
-        await vm.console.wait_for(r"tick 3\n", 10)
+        await vm.console.wait_for(r"tick 3\n", patience(10))
         with vm.qmp.listen("STOP", "RESUME") as events:
             await vm.pause()
-            assert (await asyncio.wait_for(anext(events), 5))["event"] == "STOP"
+            assert (await asyncio.wait_for(anext(events), patience(5)))["event"] == "STOP"
             assert vm.state is VmState.PAUSED
             frozen = vm.console.transcript.count("tick")
             await asyncio.sleep(0.3)
             assert vm.console.transcript.count("tick") == frozen
             await vm.resume()
-            assert (await asyncio.wait_for(anext(events), 5))["event"] == "RESUME"
-        await vm.console.wait_for(rf"tick {frozen + 2}\n", 10)
+            assert (await asyncio.wait_for(anext(events), patience(5)))["event"] == "RESUME"
+        await vm.console.wait_for(rf"tick {frozen + 2}\n", patience(10))
 
 
 async def test_control_needs_a_launched_machine(baremetal_image):
@@ -108,7 +111,7 @@ async def test_control_needs_a_launched_machine(baremetal_image):
 
 async def test_guest_poweroff_ends_qemu(baremetal_image):
     async with bm(baremetal_image, "echo bye", "poweroff") as vm:
-        assert await vm.wait(10) == 0
+        assert await vm.wait(patience(10)) == 0
         assert "ok echo bye" in vm.console.transcript
 
 
@@ -116,27 +119,27 @@ async def test_linux_boots_and_runs_workload(linux_image):
     n = 4 << 20
     boot = linux_image.boot(workload="checksum", params={"size_mb": 4})
     async with Machine(MachineConfig(boot=boot, memory="1G")) as vm:
-        await vm.console.wait_for(r"mktme-linux: boot kernel=6\.\S+-cloud-amd64 busybox=v1\.", 60)
-        match = await vm.console.wait_for(r"mktme-linux: checksum bytes=(\d+) sha256=(\w{64})\n", 120)
+        await vm.console.wait_for(r"mktme-linux: boot kernel=6\.\S+-cloud-amd64 busybox=v1\.", patience(60))
+        match = await vm.console.wait_for(r"mktme-linux: checksum bytes=(\d+) sha256=(\w{64})\n", patience(120))
         line = b"qemu-mktme checksum workload: the quick brown fox jumps over the lazy dog 0123456789\n"
         expected = (line * (n // len(line) + 1))[:n]
         assert int(match[1]) == n and match[2] == hashlib.sha256(expected).hexdigest()
-        await vm.console.wait_for(r"workload checksum exit=0", 30)
-        assert await vm.wait(30) == 0
+        await vm.console.wait_for(r"workload checksum exit=0", patience(30))
+        assert await vm.wait(patience(30)) == 0
 
 
 async def test_linux_devmem_secret_is_in_guestram(linux_image):
     secret = "LINUX-DEVMEM-SECRET-42"
     boot = linux_image.boot(workload="secret", params={"secret": secret})
     async with Machine(MachineConfig(boot=boot, memory="1G")) as vm:
-        match = await vm.console.wait_for(r"secret at (0x[0-9a-f]+) len=(\d+)", 120)
+        match = await vm.console.wait_for(r"secret at (0x[0-9a-f]+) len=(\d+)", patience(120))
         gpa = int(match[1], 16)
         assert gpa == images.LINUX_RESERVED_GPA
         assert vm.ram.read(gpa, len(secret)) == secret.encode()
-        await vm.console.wait_for("waiting for host", 10)
+        await vm.console.wait_for("waiting for host", patience(10))
         vm.ram.write(gpa, b"X" * len(secret))                      # the host changes it
         await vm.console.write("go\n")
-        match = await vm.console.wait_for(r"secret-region sha256=(\w{64})\n", 30)
+        match = await vm.console.wait_for(r"secret-region sha256=(\w{64})\n", patience(30))
         assert match[1] == hashlib.sha256(b"X" * len(secret)).hexdigest()
 
 
@@ -153,10 +156,9 @@ def _start_foreign_qemu(tmp_path: Path, baremetal_image, backend: str) -> tuple[
             "-m", "256M", "-object", obj, "-qmp", f"unix:{qmp},server=on,wait=off",
             "-kernel", str(baremetal_image.kernel), "-append", "write 0x280000 attached-secret;halt"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(500):
-        if qmp.exists() or proc.poll() is not None:
-            break
-        subprocess.run(["sleep", "0.01"])
+    deadline = time.monotonic() + patience(5)
+    while not qmp.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     return proc, qmp
 
 
@@ -166,11 +168,7 @@ async def test_attach_to_running_qemu(tmp_path, baremetal_image, backend):
     try:
         vm = await Machine.attach(qmp)
         try:
-            for _ in range(200):
-                if vm.ram.read(0x280000, 15) == b"attached-secret":
-                    break
-                await asyncio.sleep(0.02)
-            assert vm.ram.read(0x280000, 15) == b"attached-secret"
+            await eventually(lambda: vm.ram.read(0x280000, 15) == b"attached-secret")
             assert vm.ram.backend_id == "pc.ram"
             assert (await vm.qmp.execute("query-status"))["running"]
         finally:
@@ -229,7 +227,7 @@ async def test_console_timeout_keeps_transcript(baremetal_image):
 async def test_waiting_on_a_dead_guest_says_qemu_exited(baremetal_image):
     async with bm(baremetal_image, "poweroff") as vm:
         with pytest.raises(QemuExited, match="exited with status 0"):
-            await vm.console.wait_for("never printed", timeout=30)
+            await vm.console.wait_for("never printed", timeout=patience(30))
 
 
 async def test_file_backend_is_private_and_removed(baremetal_image):
@@ -239,6 +237,14 @@ async def test_file_backend_is_private_and_removed(baremetal_image):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert stat.S_IMODE(vm.runtime_dir.stat().st_mode) == 0o700
     assert not path.exists()
+
+
+def _gone(pid: int) -> bool:
+    """The process is gone or a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 async def test_cancellation_during_launch_leaves_nothing(baremetal_image):
@@ -256,9 +262,7 @@ async def test_cancellation_during_launch_leaves_nothing(baremetal_image):
             await vm.close()                    # launch won the race; close it as a user would
         assert vm.runtime_dir is None, f"runtime dir left after cancel at {delay}s"
         if vm.pid is not None:
-            await asyncio.sleep(0.1)
-            state = Path(f"/proc/{vm.pid}/stat")
-            assert not state.exists() or state.read_text().split()[2] == "Z", f"QEMU alive after cancel at {delay}s"
+            await eventually(lambda: _gone(vm.pid), 1, f"QEMU gone after cancel at {delay}s")
     assert cancelled >= 3, "the test must really cancel launches midway"
 
 
@@ -276,8 +280,7 @@ async def test_cancellation_inside_context_tears_down(baremetal_image):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.1)
-    assert not Path(f"/proc/{pids[0]}/cmdline").exists() or not Path(f"/proc/{pids[0]}/cmdline").read_bytes()
+    await eventually(lambda: _gone(pids[0]), 1, "QEMU gone after the cancel")
 
 
 async def test_exception_inside_context_tears_down(baremetal_image):

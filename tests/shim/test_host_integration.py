@@ -14,7 +14,7 @@ from qemu_mktme.live.launch import launch_machine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.trace.tracer import Tracer
 
-from helpers import qm
+from helpers import patience, qm
 
 LINE = 0x500040
 
@@ -28,7 +28,7 @@ async def test_host_write_through_foreign_keyid_is_a_foreign_read(baremetal_imag
     async with Tracer() as tracer:
         async with await launch_machine(config, tracer=tracer, machine=lambda c: EncryptedMachine(
                 host, c, key_serial=serial, tenant="acme")) as vm:
-            await vm.console.wait_for("mktme> ", 10)
+            await vm.console.wait_for("mktme> ", patience(10))
             assert tracer.keyid_of(LINE) == vm.keyid
             async with tracer.foreign_reads() as reads:
                 vm.guest.write(LINE, os.urandom(64), keyid=other)            # a VMM bug, through the engine
@@ -50,7 +50,7 @@ async def test_host_write_through_foreign_keyid_is_a_foreign_read(baremetal_imag
 
 def test_run_trace_prints_per_keyid_traffic(baremetal_image):
     out = qm("run", "--trace", "--trace-interval", "0.5", "--no-input", "--key", "cpu",
-             "-c", "fill 0x400000 0x100000 0x33 8", "-c", "ticks 3 3000000", "-c", "poweroff", timeout=120)
+             "-c", "fill 0x400000 0x100000 0x33 8", "-c", "ticks 3 3000000", "-c", "poweroff")
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"KeyID\s+loads\s+stores\s+bytes", out.stderr)
     assert re.search(r"^\s+1\s+[\d,]+\s+[\d,]+\s+", out.stderr, re.M)       # KeyID 1 has traffic

@@ -14,19 +14,21 @@ from qemu_mktme.qemu.machine import Machine, MachineConfig
 from qemu_mktme.trace.shim import build_shim
 from qemu_mktme.trace.tracer import Tracer, format_summary, run_trace_summary
 
+from helpers import eventually, patience
+
 PAGE = 0x400_0000                  # untouched by the guest until a command names it
 OPERAND = {1: "byte ptr", 2: "word ptr", 4: "dword ptr", 8: "qword ptr"}
 
 
 async def drain(stream, n: int, timeout: float = 10.0) -> list:
-    """Exactly the next ``n`` items (fails on fewer within the timeout)."""
+    """Exactly the next ``n`` items (fails on fewer within patience(timeout))."""
     out = []
     async def take() -> None:
         async for item in stream:
             out.append(item)
             if len(out) == n:
                 return
-    await asyncio.wait_for(take(), timeout)
+    await asyncio.wait_for(take(), patience(timeout))
     return out
 
 
@@ -38,7 +40,7 @@ async def nothing_more(stream, quiet: float = 0.3) -> None:
 async def test_fill_counts_and_watch_stream_exact(baremetal_image):
     """fill P 4096 B W: exactly 4096/W stores of W bytes on P, each reported with its mov."""
     async with traced(baremetal_image.boot()) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         for i, width in enumerate((8, 4, 2, 1)):
             page = PAGE + i * 0x1000
             n = 4096 // width
@@ -59,7 +61,7 @@ async def test_fill_counts_and_watch_stream_exact(baremetal_image):
 
 async def test_crc_makes_exactly_one_byte_loads(baremetal_image):
     async with traced(baremetal_image.boot()) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         vm.ram.write(PAGE, bytes(range(256)) * 16)
         async with tracer.watch(PAGE, 4096, on="load") as loads:
             await vm.console.command(f"crc {PAGE:#x} 4096", r"ok crc32 .*\n")
@@ -74,10 +76,10 @@ async def test_crc_makes_exactly_one_byte_loads(baremetal_image):
 async def test_secret_write_is_reported_with_gpa_and_instruction(baremetal_image):
     secret = "TOP SECRET"
     async with traced(baremetal_image.boot(), start_paused=True) as (vm, tracer):
-        waiter = tracer.wait_for_access(0x200000, len(secret), on="store", timeout=10)
+        waiter = tracer.wait_for_access(0x200000, len(secret), on="store", timeout=patience(10))
         async with tracer.watch(0x200000, 4096, on="store") as stores:
             await vm.resume()
-            await vm.console.wait_for("mktme> ", 10)
+            await vm.console.wait_for("mktme> ", patience(10))
             await vm.console.command(f"write 0x200000 {secret}", r"ok write .*\n")
             got = await drain(stores, len(secret))
         first = await waiter
@@ -89,7 +91,7 @@ async def test_secret_write_is_reported_with_gpa_and_instruction(baremetal_image
 
 async def test_wait_for_access_times_out_cleanly(baremetal_image):
     async with traced(baremetal_image.boot()) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         with pytest.raises(AccessTimeout, match=r"no guest load to 0x4000000\+16 within 0.2 s"):
             await tracer.wait_for_access(PAGE, 16, on="load", timeout=0.2)
         assert not tracer._watches and not tracer._refs.any()          # unregistered
@@ -98,7 +100,7 @@ async def test_wait_for_access_times_out_cleanly(baremetal_image):
 
 async def test_keyid_totals_follow_set_keyid(baremetal_image):
     async with traced(baremetal_image.boot()) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         tracer.set_keyid(PAGE, 0x2000, 3)
         assert tracer.keyid_of(PAGE + 0x1fff) == 3 and tracer.keyid_of(PAGE + 0x2000) == 0
         await vm.console.command(f"fill {PAGE:#x} 8192 1 8", r"ok fill .*\n")
@@ -119,7 +121,7 @@ async def test_keyid_totals_follow_set_keyid(baremetal_image):
 async def test_foreign_keyid_read_detected_with_instruction(baremetal_image):
     line = PAGE + 0x40
     async with traced(baremetal_image.boot()) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         async with tracer.foreign_reads() as reads:
             vm.ram.write(line, bytes(64))                              # the "DMA" write ...
             tracer.mark_foreign(line, 64, keyid=9)                     # ... went through KeyID 9
@@ -144,12 +146,12 @@ async def test_foreign_keyid_read_detected_with_instruction(baremetal_image):
 
 async def test_dead_consumer_never_stalls_the_guest_and_overflow_is_counted(baremetal_image):
     async with traced(baremetal_image.boot(), ring_entries=1024, queue_limit=1 << 16) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         async with tracer.watch(PAGE, 4096, on="store") as stores:
             async with tracer.consumer_paused():
                 for _ in range(8):                                    # 8 x 4096 stores, 1024 slots
-                    await vm.console.command(f"fill {PAGE:#x} 4096 7 1", r"ok fill .*\n", 10)
-                await vm.console.command("echo alive", "ok echo alive", 10)
+                    await vm.console.command(f"fill {PAGE:#x} 4096 7 1", r"ok fill .*\n", patience(10))
+                await vm.console.command("echo alive", "ok echo alive", patience(10))
                 stats = tracer.stats()
                 assert stats.ring_dropped == 8 * 4096 - 1024 and stats.records <= 1024
             got = await drain(stores, 1024)
@@ -165,10 +167,10 @@ async def test_dead_consumer_never_stalls_the_guest_and_overflow_is_counted(bare
 
 async def test_watch_queue_limit_counts_what_it_drops(baremetal_image):
     async with traced(baremetal_image.boot(), queue_limit=100) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         stores = tracer.watch(PAGE, 4096, on="store")
         await vm.console.command(f"fill {PAGE:#x} 4096 7 8", r"ok fill .*\n")
-        await asyncio.sleep(0.3)
+        await eventually(lambda: stores.pending + stores.dropped == 512)
         assert (stores.pending, stores.dropped) == (100, 412)        # the first 100 kept
         assert tracer.stats().watch_dropped == 412 and tracer.stats().ring_dropped == 0
         batch = await anext(stores.batches())
@@ -184,7 +186,7 @@ async def test_slow_paths_count_exactly_what_the_fast_path_counts(baremetal_imag
     results = []
     for opts in ({}, options):
         async with traced(baremetal_image.boot(), **opts) as (vm, tracer):
-            await vm.console.wait_for("mktme> ", 10)
+            await vm.console.wait_for("mktme> ", patience(10))
             for c in commands:
                 await vm.console.command(c, r"ok \w+ .*\n")
             results.append([p.traffic for p in tracer.page_counters(PAGE, 0x3000)])
@@ -201,7 +203,7 @@ async def test_ram_above_4g_is_attributed_by_backend_offset(baremetal_image):
     """On QEMU 7.2, phys_addr gives the RAMBlock offset (not the GPA) above 4 GiB; both agree."""
     high = 0x1_2345_6000
     async with traced(baremetal_image.boot(), memory="5G") as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         before = tracer.snapshot()
         async with tracer.watch(high, 4096, on="store") as stores:
             await vm.console.command(f"fill {high:#x} 4096 0x5a 8", r"ok fill .*\n")
@@ -221,7 +223,7 @@ async def test_trace_summary_prints_keyids_and_stops_with_qemu(baremetal_image):
     async with traced(boot, start_paused=True) as (vm, tracer):
         tracer.set_keyid(PAGE, 65536, 6)
         await vm.resume()
-        await asyncio.wait_for(run_trace_summary(vm, tracer, 0.2, lines.append), 30)
+        await asyncio.wait_for(run_trace_summary(vm, tracer, 0.2, lines.append), patience(30))
         text = "\n".join(lines)
         assert "trace total" in text and "KeyID" in text and "hottest pages" in text
         assert any(line.split()[:3] == ["6", "0", "8,192"] for line in lines), text
@@ -302,7 +304,7 @@ async def test_lifecycle_misuse(baremetal_image):
 async def test_batches_after_single_events_continue_where_iteration_stopped(baremetal_image):
     """Read a few accesses one by one, then the rest in bulk: nothing lost, nothing repeated."""
     async with traced(baremetal_image.boot()) as (vm, tracer):
-        await vm.console.wait_for("mktme> ", 10)
+        await vm.console.wait_for("mktme> ", patience(10))
         async with tracer.watch(PAGE, 4096, on="store") as stores:
             await vm.console.command(f"fill {PAGE:#x} 4096 0x11 8", r"ok fill .*\n")
             await tracer.flush()
@@ -313,5 +315,5 @@ async def test_batches_after_single_events_continue_where_iteration_stopped(bare
                     rest.extend(int(g) for g in batch["gpa"])
                     if len(first) + len(rest) >= 512:
                         return
-            await asyncio.wait_for(bulk(), 10)
+            await asyncio.wait_for(bulk(), patience(10))
         assert [a.gpa for a in first] + rest == [PAGE + 8 * k for k in range(512)]

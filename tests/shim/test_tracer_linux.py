@@ -10,6 +10,8 @@ from traced_machine import traced
 from qemu_mktme import images
 from qemu_mktme.trace.accesses import Traffic
 
+from helpers import patience
+
 
 async def test_linux_boot_secret_and_foreign_read(linux_image):
     secret = "LINUX-SHIM-SECRET-0123"
@@ -20,8 +22,8 @@ async def test_linux_boot_secret_and_foreign_read(linux_image):
         stores = tracer.watch(gpa, len(secret), on="store")
         loads = tracer.watch(gpa, len(secret), on="load")
         await vm.resume()
-        await vm.console.wait_for(r"mktme-linux: boot kernel=6\.", 120)
-        await vm.console.wait_for("waiting for host", 60)
+        await vm.console.wait_for(r"mktme-linux: boot kernel=6\.", patience(120))
+        await vm.console.wait_for("waiting for host", patience(60))
         await tracer.flush()
         assert stores.pending == len(secret) and loads.pending == 0
         written = [await anext(stores) for _ in range(len(secret))]
@@ -33,14 +35,14 @@ async def test_linux_boot_secret_and_foreign_read(linux_image):
             vm.ram.write(gpa, os.urandom(len(secret)))                  # a DMA write through KeyID 5
             tracer.mark_foreign(gpa, len(secret), keyid=5)
             await vm.console.write("go\n")
-            await vm.console.wait_for(r"secret-region sha256=\w{64}", 30)
-            read = await asyncio.wait_for(anext(reads), 10)
+            await vm.console.wait_for(r"secret-region sha256=\w{64}", patience(30))
+            read = await asyncio.wait_for(anext(reads), patience(10))
         assert (read.foreign_keyid, read.line_gpa, read.access.gpa) == (5, gpa, gpa)
         assert read.access.kind == "load" and read.instruction is not None
         await tracer.flush()
         assert loads.pending == len(secret)
         assert tracer.keyid_totals()[1] == Traffic(len(secret), len(secret), len(secret), len(secret))
-        assert await vm.wait(60) == 0
+        assert await vm.wait(patience(60)) == 0
         stats = tracer.stats()
         totals = tracer.totals()
     # the software TLB and the inline decoding were checked all through a kernel boot
@@ -56,8 +58,8 @@ async def test_linux_on_two_vcpus_counts_per_vcpu(linux_image):
     """MTTCG: each vCPU thread keeps its own TLB, counters and ring; nothing is lost or mixed."""
     boot = linux_image.boot(workload="checksum", params={"size_mb": 2})
     async with traced(boot, memory="1G", cpus=2) as (vm, tracer):
-        await vm.console.wait_for(r"mktme-linux: checksum bytes=\d+ sha256=\w{64}", 120)
-        assert await vm.wait(60) == 0
+        await vm.console.wait_for(r"mktme-linux: checksum bytes=\d+ sha256=\w{64}", patience(120))
+        assert await vm.wait(patience(60)) == 0
         stats = tracer.stats()
     assert len(stats.vcpu_accesses) == 2 and all(n > 10**6 for n in stats.vcpu_accesses)
     assert sum(stats.vcpu_accesses) == stats.ram_accesses

@@ -9,7 +9,7 @@ from helpers import qm
 
 def test_demo_runs_and_draws_the_map(tmp_path, linux_image, baremetal_image):
     png = tmp_path / "demo.png"
-    out = qm("demo", "--png", str(png), timeout=300)
+    out = qm("demo", "--png", str(png), timeout=60)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     for step in range(1, 8):
         assert f"[{step}/7]" in out.stdout

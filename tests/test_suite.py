@@ -1,0 +1,72 @@
+"""The suite itself: pure tests stay pure, waits scale, a shared fixture fails once."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import patience, time_scale
+
+pytest_plugins = ["pytester"]
+
+# Directories and modules that must never need QEMU or the guest images.
+PURE = ("tests/arch/", "tests/engine/", "tests/host/test_keys.py", "tests/host/test_guest_model.py",
+        "tests/inspect/test_", "tests/shim/test_foreign_lines.py", "tests/shim/test_shim_layout.py",
+        "tests/test_layers.py", "tests/test_suite.py")
+NOT_PURE = ("tests/inspect/test_live.py",)
+
+
+def test_pure_tests_run_with_qemu_hidden(_hidden_qemu):
+    from qemu_mktme.errors import QemuNotFound
+    from qemu_mktme.qemu.binary import find_qemu
+    _, log = _hidden_qemu
+    with pytest.raises(QemuNotFound, match="hidden from tests not marked qemu"):
+        find_qemu()
+    assert log.read_text().count("--version") == 1
+    log.unlink()                                    # expected here: not a failure of this test
+
+
+def test_pure_modules_are_not_marked_qemu(request):
+    marked = [item.nodeid for item in request.session.items
+              if item.nodeid.startswith(PURE) and not item.nodeid.startswith(NOT_PURE)
+              and item.get_closest_marker("qemu")]
+    assert not marked, f"these tests were meant to need no QEMU: {marked[:5]}"
+
+
+def test_patience_scales_with_the_environment(monkeypatch):
+    monkeypatch.delenv("QEMU_MKTME_TIME_SCALE", raising=False)
+    assert time_scale() == 4 and patience(10) == 40
+    monkeypatch.setenv("QEMU_MKTME_TIME_SCALE", "2.5")
+    assert patience(10) == 25
+    monkeypatch.setenv("QEMU_MKTME_TIME_SCALE", "0")
+    with pytest.raises(ValueError, match="must be positive"):
+        patience(1)
+
+
+def test_a_failing_shared_fixture_runs_once_and_fails_every_user_fast(pytester):
+    """Two modules share one expensive computation (as module fixtures are recreated per module):
+    it runs once, and the second module fails at once, naming the first failure."""
+    pytester.makepyfile(shared='''
+from helpers import Once
+calls = []
+def expensive():
+    calls.append(1)
+    raise RuntimeError("the guest never booted")
+SHARED = Once(expensive)
+''')
+    user = '''
+import pytest
+import shared
+
+@pytest.fixture(scope="module")
+def run():
+    return shared.SHARED.get()
+
+@pytest.mark.parametrize("n", range(2))
+def test_uses_it(run, n):
+    pass
+'''
+    pytester.makepyfile(test_a=user, test_b=user, test_zz='import shared\ndef test_once(): assert shared.calls == [1]\n')
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=4)
+    result.stdout.fnmatch_lines(["*RuntimeError: the guest never booted*",
+                                 "*the shared fixture failed in an earlier test*the guest never booted*"])
