@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import patience
 from reference import user_payload, xts_lines
 
 from qemu_mktme.errors import IntegrityError, SnapshotError
@@ -59,10 +60,10 @@ async def saved(tmp_path, baremetal_image, kek):
     host, serial = new_host_and_key()
     path = tmp_path / "vm.snap"
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 3\n", 30)
+        await vm.console.wait_for(r"tick 3\n", patience(30))
         result = await save_snapshot(vm, path, kek)
         ticks = mailbox_ticks(vm, baremetal_image)      # the VM is running again; the file has <= this
-        await vm.console.wait_for(rf"tick {ticks + 1}\n", 30)   # and it carries on after the save
+        await vm.console.wait_for(rf"tick {ticks + 1}\n", patience(30))   # and it carries on after the save
     return path, result, ticks
 
 
@@ -75,12 +76,12 @@ async def test_save_restore_continues(saved, baremetal_image, kek):
     host = Host(keyid_bits=6)
     vm = await restore_snapshot(host, path, kek)
     async with vm:
-        first = int((await vm.console.wait_for(TICK, 30))[1])
+        first = int((await vm.console.wait_for(TICK, patience(30)))[1])
         # Carries on: saved after "tick 3", so a reboot would say "tick 1" first; the guest runs
         # while we read its counter, which is at least the tick just printed (or one short, if
         # the save caught it between the increment and the end of the line).
         assert 3 <= first <= mailbox_ticks(vm, baremetal_image) + 1
-        await vm.console.wait_for(rf"tick {first + 2}\n", 30)
+        await vm.console.wait_for(rf"tick {first + 2}\n", patience(30))
         assert "mktme-baremetal 1 ready" not in vm.console.transcript
         assert vm.ram.read(0x200000, 18) == b"SNAPSHOT-SECRET-42"
         assert vm.query()["key-type"] == "user"
@@ -104,7 +105,7 @@ async def test_restore_goes_through_the_host_model(saved, baremetal_image, kek, 
         dram = vm.guest.dram(0x200000, 64)
         key = host.keys.payload(vm.key_serial, vm.tenant)
         assert dram == xts_lines(key.key, key.tweak, hpa, vm.ram.read(0x200000, 64))
-        await vm.console.wait_for(TICK, 30)
+        await vm.console.wait_for(TICK, patience(30))
 
 
 def mutate(path, offset, fn):
@@ -172,7 +173,7 @@ async def test_truncation_swap_and_substitution(saved, tmp_path, kek, baremetal_
     other = tmp_path / "other.snap"
     host, serial = new_host_and_key()
     async with EncryptedMachine(host, ticking(baremetal_image, "OTHER"), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         await save_snapshot(vm, other, kek)
     with snapfile.open_snapshot(other, kek) as osnap:
         o0 = osnap.chunks[0]
@@ -278,7 +279,7 @@ async def test_two_snapshots_share_no_chunk_bytes(tmp_path, baremetal_image, kek
     paths = [tmp_path / f"{i}.snap" for i in range(3)]
     keks = [kek, kek, os.urandom(32)]
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 2\n", 30)
+        await vm.console.wait_for(r"tick 2\n", patience(30))
         for p, k in zip(paths, keks):
             await save_snapshot(vm, p, k)
     with snapfile.open_snapshot(paths[0], kek) as a, snapfile.open_snapshot(paths[1], kek) as b:
@@ -310,7 +311,7 @@ async def test_restore_needs_the_same_guest_and_memory(tmp_path, baremetal_image
     path = tmp_path / "vm.snap"
     async with EncryptedMachine(host, MachineConfig(boot=boot, memory="256M", name="vm"),
                                 key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         await save_snapshot(vm, path, kek)
     with pytest.raises(SnapshotError, match="256 MiB guest; cannot restore into 512 MiB"):
         await restore_snapshot(Host(), path, kek, memory=512 << 20)
@@ -326,7 +327,7 @@ async def test_a_paused_vm_is_saved_once_then_needs_a_resume(tmp_path, baremetal
     nothing written; after a resume the VM saves again."""
     host, serial = new_host_and_key()
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         await vm.pause()
         await save_snapshot(vm, tmp_path / "a.snap", kek)
         with pytest.raises(SnapshotError, match="resume it, then save"):
@@ -353,7 +354,7 @@ async def test_full_disk_keeps_previous_snapshot(saved, kek, baremetal_image):
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))     # writes past 64 KiB fail (EFBIG)
         try:
             with pytest.raises(SnapshotError, match="cannot write snapshot"):
@@ -361,7 +362,7 @@ async def test_full_disk_keeps_previous_snapshot(saved, kek, baremetal_image):
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             signal.signal(signal.SIGXFSZ, old)
-        await vm.console.wait_for(TICK, 30)                                # the VM runs on
+        await vm.console.wait_for(TICK, patience(30))                                # the VM runs on
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir() if "partial" in p.name] == []
 
@@ -380,7 +381,7 @@ KILLER = textwrap.dedent("""
         boot = images.load("baremetal").boot(commands=["fill 0x400000 0x2000000 0x5a 8", "ticks 0 2000000"])
         async with EncryptedMachine(host, MachineConfig(boot=boot, memory="256M", name="vm"),
                                     key_serial=serial, tenant="acme") as vm:
-            await vm.console.wait_for("tick 1", 30)
+            await vm.console.wait_for("tick 1", patience(30))
             while True:
                 print("saving", flush=True)
                 await save_snapshot(vm, path, kek)
@@ -406,12 +407,12 @@ async def test_kill_9_during_save_leaves_a_restorable_snapshot(saved, kek, barem
     leftovers = [p.name for p in path.parent.iterdir() if ".partial-" in p.name]
     host, serial = new_host_and_key()
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         await save_snapshot(vm, path.with_name("another.snap"), kek)     # any save in that directory
     assert [p.name for p in path.parent.iterdir() if ".partial-" in p.name] == [], leftovers
     host = Host()
     async with await restore_snapshot(host, path, kek) as vm:
-        await vm.console.wait_for(TICK, 30)
+        await vm.console.wait_for(TICK, patience(30))
     assert snapshot_summary(path, kek)["vm"]["name"] == "vm"
     assert hashlib.sha256(path.read_bytes()).hexdigest()      # readable, single file
 
@@ -458,7 +459,7 @@ async def test_file_replaced_after_open_restores_what_was_opened(saved, tmp_path
 
     monkeypatch.setattr(EncryptedMachine, "launch", launch_then_replace)
     async with await restore_snapshot(Host(keyid_bits=6), path, kek) as vm:
-        await vm.console.wait_for(TICK, 30)
+        await vm.console.wait_for(TICK, patience(30))
         assert vm.ram.read(0x200000, 18) == b"SNAPSHOT-SECRET-42"
 
 
@@ -474,7 +475,7 @@ async def test_restored_qemu_does_not_show_the_kernel_command_line(saved, kek):
         assert b"SNAPSHOT-SECRET-42" not in argv and b"-append" not in argv and b"-readconfig" in argv
         append = await vm.qmp.execute("qom-get", {"path": "/machine", "property": "append"})
         assert "write 0x200000 SNAPSHOT-SECRET-42" in append == vm.config.boot.append   # QEMU has it
-        await vm.console.wait_for(TICK, 30)
+        await vm.console.wait_for(TICK, patience(30))
 
 
 async def test_kernel_command_line_through_readconfig_reaches_the_guest(baremetal_image):
@@ -483,7 +484,7 @@ async def test_kernel_command_line_through_readconfig_reaches_the_guest(baremeta
     boot = baremetal_image.boot(commands=["write 0x200000 VIA-READCONFIG", "crc 0x200000 14"])
     before = open_pipes()
     async with Machine(MachineConfig(boot=boot, memory="256M", name="vm")) as vm:
-        await vm.console.wait_for(r"ok write 0x200000 14\n", 30)
+        await vm.console.wait_for(r"ok write 0x200000 14\n", patience(30))
         argv = qemu_argv(vm)
         assert b"VIA-READCONFIG" not in argv and b"-append" not in argv and b"-readconfig" in argv
         assert vm.ram.read(0x200000, 14) == b"VIA-READCONFIG"
@@ -511,7 +512,7 @@ def pipe_of(pid: int) -> str:
 async def test_command_line_that_a_config_file_cannot_carry_goes_to_append(baremetal_image, caplog):
     boot = baremetal_image.boot(commands=['write 0x200000 "quoted"'])
     async with Machine(MachineConfig(boot=boot, memory="256M", name="vm")) as vm:
-        await vm.console.wait_for(r"ok write 0x200000", 30)
+        await vm.console.wait_for(r"ok write 0x200000", patience(30))
         assert b"-append" in qemu_argv(vm)
     assert "visible in ps" in caplog.text
 
@@ -542,7 +543,7 @@ async def test_save_removes_partial_files_of_dead_writers_only(tmp_path, baremet
     (tmp_path / f".d.snap.partial-{dead}-1").mkdir()
     host, serial = new_host_and_key()
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         await save_snapshot(vm, tmp_path / "new.snap", kek)
     left = {p.name for p in tmp_path.iterdir()}
     assert not left & set(removed)
@@ -561,11 +562,11 @@ async def test_save_reports_success_once_the_file_is_in_place(tmp_path, baremeta
     host, serial = new_host_and_key()
     path = tmp_path / "vm.snap"
     async with EncryptedMachine(host, ticking(baremetal_image), key_serial=serial, tenant="acme") as vm:
-        await vm.console.wait_for(r"tick 1\n", 30)
+        await vm.console.wait_for(r"tick 1\n", patience(30))
         monkeypatch.setattr(os, "fsync", failing_dir_fsync)
         result = await save_snapshot(vm, path, kek)
         monkeypatch.undo()
-        await vm.console.wait_for(TICK, 30)
+        await vm.console.wait_for(TICK, patience(30))
     assert result.path == str(path)
     verify_snapshot(path, kek)
     assert [p.name for p in tmp_path.iterdir()] == ["vm.snap"]
