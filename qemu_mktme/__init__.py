@@ -5,7 +5,8 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     arch      architectural definitions, pure
     engine    the hardware model: platform, PCONFIG, key tables, AES-XTS, physical memory
     host      the host software model: key service, KeyIDs, EPT / VMM page table / IOMMU, DMA
-    files     formats and places on disk: snapshot and dump files, atomic writes, the cache
+    files     formats and places on disk: snapshot and dump files, atomic writes, key files,
+              the cache, runtime directories
     qemu      the stock-QEMU driver (no MKTME): machine, monitor, console, guest RAM
     images    guest images built from source and stock Debian packages
     trace     the TCG plugin shim and the tracer

@@ -137,7 +137,9 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
         try:
             host.wait(60)
         except subprocess.TimeoutExpired:
-            problems.append("the next host did not exit within 60 s of SIGTERM")
+            stacks = subprocess.run(["py-spy", "dump", "--pid", str(host.pid)], capture_output=True, text=True)
+            problems.append("the next host did not exit within 60 s of SIGTERM"
+                            + (f":\n{stacks.stdout}" if stacks.returncode == 0 else ""))
             host.kill()
             host.wait()
     left = _leftovers(work)

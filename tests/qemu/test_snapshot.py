@@ -381,7 +381,7 @@ KILLER = textwrap.dedent("""
         boot = images.load("baremetal").boot(commands=["fill 0x400000 0x2000000 0x5a 8", "ticks 0 2000000"])
         async with EncryptedMachine(host, MachineConfig(boot=boot, memory="256M", name="vm"),
                                     key_serial=serial, tenant="acme") as vm:
-            await vm.console.wait_for("tick 1", patience(30))
+            await vm.console.wait_for("tick 1", 300)
             while True:
                 print("saving", flush=True)
                 await save_snapshot(vm, path, kek)

@@ -9,7 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from qemu_mktme.live.snapshot import verify_snapshot
+
+pytestmark = pytest.mark.qemu
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "probe_snapshot.py"
 
