@@ -4,9 +4,10 @@ The data goes to ``.NAME.partial-PID-START`` next to the target (the writer's pi
 time, so a reused pid is told from the writer), which is renamed into place only when complete
 (then the directory is synced too); any failure removes it, so a crash or a full disk never
 leaves a partial output. Temporaries of a writer killed earlier (``kill -9``: no process PID, or
-one started at another time) are removed on the next write to the same target, and, for formats
-that begin with a magic (snapshots), on the next write of that format into the directory. Only
-regular files and directories of this user are removed, never through a symlink. Outputs are
+one started at another time) are removed on the next write to the same target, and on the next
+write of the same kind into the directory when their content proves them ours (a snapshot's
+magic, a dump directory's member names). Only regular files and directories of this user are
+removed, never through a symlink. Outputs are
 private (files 0600, directories 0700), and nothing is overwritten silently unless asked.
 
 - :func:`atomic_output`: a file (plaintext, PNGs, snapshots: ``force=True`` replaces);
@@ -22,7 +23,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,17 +39,17 @@ FORCE_HINT = " (--force overwrites)"
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, force: bool = False, what: str = "",
-                  magic: bytes | None = None) -> Iterator[BinaryIO]:
+                  proof: Proof | None = None) -> Iterator[BinaryIO]:
     """``with atomic_output("out.bin") as f: f.write(...)``: ``out.bin`` (mode 0600) appears
-    only if the block completes. ``magic``: the format's first bytes, which prove that a dead
-    writer's temporary of another name in the directory is one of ours.
+    only if the block completes. ``proof`` (e.g. :func:`starts_with` the format's magic) tells a
+    dead writer's temporary of another name in the directory as ours, to be removed too.
 
     Raises ``SnapshotError`` if ``path`` exists and ``force`` is false (checked before any work
     and again, atomically, when the file is put in place), or if writing fails
     (``cannot write WHAT PATH: ...``).
     """
     target = check_target(path, force=force)
-    with _staged(target, what=what, force=force, magic=magic) as partial:
+    with _staged(target, what=what, force=force, proof=proof) as partial:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -57,7 +58,8 @@ def atomic_output(path: str | os.PathLike[str], *, force: bool = False, what: st
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike[str], *, what: str = "") -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str], *, what: str = "",
+                     proof: Proof | None = None) -> Iterator[Path]:
     """``with atomic_directory("d") as tmp: (tmp / "a").write_bytes(...)``: ``d`` (0700) appears
     with everything written into ``tmp`` only if the block completes. The caller syncs the files
     it writes (:func:`write_synced`).
@@ -68,7 +70,7 @@ def atomic_directory(path: str | os.PathLike[str], *, what: str = "") -> Iterato
     refuse = f"; {what}s never overwrite" if what else ""
     if target.exists() or target.is_symlink():
         raise SnapshotError(f"{target} exists already{refuse}")
-    with _staged(target, what=what, force=False, refuse=refuse) as partial:
+    with _staged(target, what=what, force=False, refuse=refuse, proof=proof) as partial:
         partial.mkdir(mode=0o700)
         yield partial
 
@@ -99,9 +101,38 @@ def partial_path(target: Path) -> Path:
     return target.with_name(f".{target.name}.partial-{os.getpid()}-{process_start_time(os.getpid())}")
 
 
-def remove_stale_partials(target: Path, *, magic: bytes | None = None) -> list[str]:
-    """Remove the temporaries of writers killed earlier: those of ``target`` and, with ``magic``,
-    those of any name in its directory that are empty or begin with ``magic``. The names removed."""
+Proof = Callable[[str, os.stat_result], bool]
+"""proof(path, lstat): whether a dead writer's temporary of *another* target is one of ours."""
+
+
+def starts_with(magic: bytes) -> Proof:
+    """A regular file that is empty or begins with ``magic`` (a format's first bytes)."""
+    def proof(path: str, st: os.stat_result) -> bool:
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            head, same = os.pread(fd, len(magic), 0), os.fstat(fd).st_ino == st.st_ino
+        finally:
+            os.close(fd)
+        return same and head in (b"", magic)
+    return proof
+
+
+def holds_only(names: Iterable[str]) -> Proof:
+    """A directory holding nothing but regular files of these names (an output directory's members)."""
+    allowed = frozenset(names)
+    def proof(path: str, st: os.stat_result) -> bool:
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        with os.scandir(path) as entries:
+            return all(e.name in allowed and e.is_file(follow_symlinks=False) for e in entries)
+    return proof
+
+
+def remove_stale_partials(target: Path, *, proof: Proof | None = None) -> list[str]:
+    """Remove the temporaries of writers killed earlier: those of ``target`` and, with ``proof``,
+    those of any other name in its directory that it proves ours. The names removed."""
     removed = []
     try:
         entries = list(os.scandir(target.parent))
@@ -109,10 +140,10 @@ def remove_stale_partials(target: Path, *, magic: bytes | None = None) -> list[s
         return removed
     for entry in entries:
         m = _PARTIAL.fullmatch(entry.name)
-        if not m or (m["target"] != target.name and magic is None):
+        if not m or (m["target"] != target.name and proof is None):
             continue
         try:
-            if _stale(entry, m, magic if m["target"] != target.name else None):
+            if _stale(entry, m, proof if m["target"] != target.name else None):
                 _discard(Path(entry.path))
                 removed.append(entry.name)
                 log.info("removed %s, left by a writer (pid %s) that is gone", entry.path, m["pid"])
@@ -121,32 +152,25 @@ def remove_stale_partials(target: Path, *, magic: bytes | None = None) -> list[s
     return removed
 
 
-def _stale(entry: os.DirEntry, m: re.Match, magic: bytes | None) -> bool:
-    """Ours (a regular file or, without ``magic``, a directory of this user; with ``magic``,
-    empty or starting with it) and its writer is dead."""
+def _stale(entry: os.DirEntry, m: re.Match, proof: Proof | None) -> bool:
+    """A regular file or directory of this user (never a symlink), proven ours when ``proof`` is
+    given, whose writer is dead."""
     st = entry.stat(follow_symlinks=False)
-    if st.st_uid != os.getuid() or not (stat.S_ISREG(st.st_mode) or (stat.S_ISDIR(st.st_mode) and magic is None)):
+    if st.st_uid != os.getuid() or not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return False
     start = process_start_time(int(m["pid"]))
     if start is not None and (m["start"] is None or int(m["start"]) == start):
         return False                                              # the writer may be alive
-    if magic is None:
-        return True
-    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        head, same = os.pread(fd, len(magic), 0), os.fstat(fd).st_ino == st.st_ino
-    finally:
-        os.close(fd)
-    return same and head in (b"", magic)
+    return proof is None or proof(entry.path, st)
 
 
 @contextlib.contextmanager
 def _staged(target: Path, *, what: str, force: bool, refuse: str = FORCE_HINT,
-            magic: bytes | None = None) -> Iterator[Path]:
+            proof: Proof | None = None) -> Iterator[Path]:
     """The one sequence: the block fills the partial path; it is put in place (and the directory
     synced) only when the block completes, and removed whatever happens. Once in place the write
     has succeeded: a directory that cannot be synced afterwards is a warning, not a failure."""
-    remove_stale_partials(target, magic=magic)
+    remove_stale_partials(target, proof=proof)
     partial = partial_path(target)
     try:
         yield partial

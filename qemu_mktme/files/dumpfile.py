@@ -28,7 +28,7 @@ from ..arch.addresses import PAGE_SIZE
 from ..errors import IntegrityError, SnapshotError
 from ..host.guest import EncryptedGuest
 from . import Progress
-from .atomic import atomic_directory, write_synced
+from .atomic import atomic_directory, holds_only, write_synced
 
 FORMAT = "qemu-mktme-dram-dump"
 VERSION = 1
@@ -105,7 +105,7 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
     names = [g.name for g in guests]
     if len(set(names)) != len(names):
         raise ValueError(f"cannot dump {path}: a VM is named twice ({', '.join(names)})")
-    with atomic_directory(path, what="dump") as partial:
+    with atomic_directory(path, what="dump", proof=holds_only((DATA_FILE, MANIFEST_FILE))) as partial:
         fd = os.open(partial / DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             regions = _write_regions(out, guests, progress)

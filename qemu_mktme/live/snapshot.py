@@ -42,7 +42,7 @@ from ..host.payload import algorithm_name
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
 from ..files import Progress
-from ..files.atomic import atomic_output, check_target
+from ..files.atomic import atomic_output, check_target, starts_with
 from ..files.snapfile import MAGIC, Writer, open_snapshot
 from ..images import sha256_file
 from ..qemu.boot import BootSpec
@@ -163,7 +163,7 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
             await vm.pause()
         device_state = await _save_device_state(vm)
         manifest = await _manifest(vm, payload, was_running)
-        with atomic_output(target, force=True, what="snapshot", magic=MAGIC) as f:
+        with atomic_output(target, force=True, what="snapshot", proof=starts_with(MAGIC)) as f:
             writer = Writer(f, kek)
             stored = _write_chunks(writer, vm, progress)
             writer.finish(manifest, device_state, payload.key + payload.tweak)

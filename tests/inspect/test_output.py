@@ -8,7 +8,8 @@ import stat
 import pytest
 
 from qemu_mktme.errors import SnapshotError
-from qemu_mktme.files.atomic import atomic_directory, atomic_output
+from qemu_mktme.files.atomic import atomic_directory, atomic_output, holds_only
+from qemu_mktme.files.runtime import process_start_time
 
 
 def test_a_file_that_appears_meanwhile_is_kept(tmp_path):
@@ -67,3 +68,20 @@ def test_temporaries_of_a_killed_writer_are_removed(tmp_path):
     with atomic_output(target) as f:
         f.write(b"new")
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_dead_writers_directory_of_another_name_goes_only_when_its_members_prove_it(tmp_path):
+    """A dump killed mid-write leaves ``.d1.partial-PID-START/``; the next dump into the directory
+    removes it when it holds only a dump's members, and leaves anything else alone."""
+    ours = tmp_path / ".d1.partial-999999999-5"
+    ours.mkdir()
+    (ours / "dram.bin").write_bytes(b"\0" * 64)
+    theirs = tmp_path / ".d2.partial-999999999-5"
+    theirs.mkdir()
+    (theirs / "dram.bin").write_bytes(b"x")
+    (theirs / "notes.txt").write_text("the user's")
+    alive = tmp_path / f".d3.partial-{os.getpid()}-{process_start_time(os.getpid())}"
+    alive.mkdir()
+    with atomic_directory(tmp_path / "d4", what="dump", proof=holds_only(["dram.bin", "manifest.json"])) as d:
+        (d / "dram.bin").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, alive.name, "d4"])
