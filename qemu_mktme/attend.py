@@ -7,6 +7,7 @@ with ``[name]``; standard input that is not a terminal is forwarded as it comes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import stat
 import sys
@@ -22,6 +23,8 @@ from .trace.tracer import run_trace_summary
 
 PROG = "qemu-mktme"
 ESCAPE = b"\x1d"  # Ctrl-]
+TERMINATED: contextvars.ContextVar[asyncio.Event] = contextvars.ContextVar("qemu_mktme_terminated")
+"""Set by the CLI's SIGTERM handler: :func:`attend` returns when it is set."""
 
 
 async def _forward_stdin(vm: Machine, raw: bool, stop: asyncio.Event) -> None:
@@ -90,6 +93,9 @@ async def attend(session: HostSession, args: Any) -> int:
         background.append(asyncio.create_task(_forward_stdin(machines[0], interactive, stop)))
     ended = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
              asyncio.create_task(stop.wait())]
+    terminated = TERMINATED.get(None)
+    if terminated is not None:
+        ended.append(asyncio.create_task(terminated.wait()))
     saved = termios.tcgetattr(sys.stdin) if interactive else None
     try:
         if interactive:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,3 +58,25 @@ def test_usage_errors_exit_2():
 def test_main_is_callable_in_process(capsys, baremetal_image):
     assert cli.main(["images", "list"]) == 0
     assert "baremetal" in capsys.readouterr().out
+
+
+def test_sigterm_stops_work_that_swallows_its_cancellation():
+    """run_async: SIGTERM cancels, and also sets the event attend waits on, so code that loses
+    the cancellation still stops; the command exits as if interrupted."""
+    import asyncio
+    import signal
+
+    from qemu_mktme.attend import TERMINATED
+
+    async def stubborn() -> str:
+        asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+        terminated = TERMINATED.get()
+        while True:
+            try:
+                await terminated.wait()
+                return "stopped by the event"
+            except asyncio.CancelledError:
+                continue                               # the cancellation is lost here
+
+    with pytest.raises(KeyboardInterrupt):
+        cli.run_async(stubborn())
