@@ -448,6 +448,7 @@ def run_async(coro: Any) -> Any:
         TERMINATED.set(terminated)
 
         def on_sigterm() -> None:
+            logging.getLogger(__name__).info("SIGTERM: stopping")
             terminated.set()
             task.cancel()
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)

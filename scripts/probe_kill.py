@@ -77,6 +77,16 @@ def _start_host(work: Path, key_file: Path, env: dict, timeout: float) -> subpro
     return host
 
 
+def _stacks(pid: int) -> str:
+    """The Python stacks of ``pid`` (py-spy, when installed), to say where a process hangs."""
+    try:
+        out = subprocess.run(["py-spy", "dump", "--locals", "--pid", str(pid)], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return f":\n{out.stdout}" if out.returncode == 0 else ""
+
+
 def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".partial-" in p.name)
 
@@ -137,9 +147,7 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
         try:
             host.wait(60)
         except subprocess.TimeoutExpired:
-            stacks = subprocess.run(["py-spy", "dump", "--pid", str(host.pid)], capture_output=True, text=True)
-            problems.append("the next host did not exit within 60 s of SIGTERM"
-                            + (f":\n{stacks.stdout}" if stacks.returncode == 0 else ""))
+            problems.append("the next host did not exit within 60 s of SIGTERM" + _stacks(host.pid))
             host.kill()
             host.wait()
     left = _leftovers(work)
