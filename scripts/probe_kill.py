@@ -145,9 +145,9 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
     finally:
         host.send_signal(signal.SIGTERM)
         try:
-            host.wait(60)
+            host.wait(30)
         except subprocess.TimeoutExpired:
-            problems.append("the next host did not exit within 60 s of SIGTERM" + _stacks(host.pid))
+            problems.append("the next host did not exit within 30 s of SIGTERM" + _stacks(host.pid))
             host.kill()
             host.wait()
     left = _leftovers(work)

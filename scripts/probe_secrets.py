@@ -157,7 +157,7 @@ def probe(work: Path, guest: str = "baremetal", memory: str | None = None, timeo
     finally:
         host.send_signal(signal.SIGTERM)
         try:
-            host.wait(60)
+            host.wait(30)                  # a hang guard: a host stops in well under a second
         except subprocess.TimeoutExpired:
             host.kill()
             host.wait()
