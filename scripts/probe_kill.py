@@ -31,23 +31,33 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe_secrets import cli, write_private  # noqa: E402
+from probe_secrets import cli, start_host, stop_host, write_private  # noqa: E402
 
 from qemu_mktme.files import runtime  # noqa: E402
 
 READY = b"ok write"
+GUEST = ["-c", "write 0x200000 probe", "-c", "ticks 0 1000000"]
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of process ``pid``, None when there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
 
 
 def _qemu_children(pid: int) -> list[int]:
-    """QEMU processes whose parent is ``pid`` (or was: reparented ones are found by their argv)."""
+    """Live QEMU processes whose parent is ``pid``."""
     found = []
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             argv0 = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0]
-        except (OSError, IndexError):
+        except OSError:
             continue
-        if b"qemu-system" in argv0 and int(stat[1]) == pid and stat[0] != "Z":
+        state = _state(int(p))
+        if b"qemu-system" in argv0 and state is not None and state[1] == pid and state[0] != "Z":
             found.append(int(p))
     return found
 
@@ -58,23 +68,6 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def _start_host(work: Path, key_file: Path, env: dict, timeout: float) -> subprocess.Popen:
-    console = work / f"console-{time.monotonic_ns()}.out"
-    with open(console, "wb") as out:
-        host = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "run", "-c", "write 0x200000 probe",
-                                 "-c", "ticks 0 1000000", "--no-input", "--memory", "256M",
-                                 "--key", f"user:@{key_file}", "--tenant", "probe", "--name", "probe"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while READY not in console.read_bytes():
-        if host.poll() is not None or time.monotonic() > deadline:
-            host.kill()
-            raise RuntimeError(f"the host did not come up: {console.read_text(errors='replace')[-500:]}")
-        time.sleep(0.05)
-    return host
 
 
 def _stacks(pid: int) -> str:
@@ -96,7 +89,7 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
     """One kill; the violations found (empty: all held)."""
     problems: list[str] = []
     snap, dump = work / "vm.snap", work / f"dump-{time.monotonic_ns()}"
-    host = _start_host(work, key_file, env, timeout)
+    host = start_host(work, key_file, GUEST, READY, memory="256M", env=env, timeout=timeout)
     qemus = _qemu_children(host.pid)
     try:
         if what == "save" and not snap.exists():
@@ -116,8 +109,7 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
             host.kill()
             host.wait()
     time.sleep(0.5)                                       # PDEATHSIG delivery and QEMU's exit
-    alive = [q for q in qemus if Path(f"/proc/{q}").exists() and
-             Path(f"/proc/{q}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    alive = [q for q in qemus if (_state(q) or ("Z",))[0] != "Z"]
     if alive:
         problems.append(f"QEMU {alive} outlived the killed host")
     if what == "save":
@@ -137,19 +129,15 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
         if client.returncode != 0 and dump.exists():
             problems.append("a failed dump left its target directory")
     # The next command of the tool cleans up after the dead writer.
-    host = _start_host(work, key_file, env, timeout)
+    host = start_host(work, key_file, GUEST, READY, memory="256M", env=env, timeout=timeout)
     try:
         cli("snapshot", "save", str(work / "next.snap"), "--kek-file", str(kek_file), "--pid", str(host.pid),
             env=env, out=[])
         cli("dump", str(work / f"next-dump-{time.monotonic_ns()}"), "--pid", str(host.pid), env=env, out=[])
     finally:
-        host.send_signal(signal.SIGTERM)
-        try:
-            host.wait(30)
-        except subprocess.TimeoutExpired:
-            problems.append("the next host did not exit within 30 s of SIGTERM" + _stacks(host.pid))
-            host.kill()
-            host.wait()
+        hung = stop_host(host, diagnose=_stacks)
+        if hung is not None:
+            problems.append("the next host did not exit within 30 s of SIGTERM" + hung)
     left = _leftovers(work)
     if left:
         problems.append(f"partial files of the dead writer survived the next command: {left}")

@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 SECRET = "PROBE-GUEST-SECRET-7f3a"
 MAX_SCAN = 2 << 30          # bytes per file; guest RAM files are scanned whole up to this
@@ -108,6 +109,42 @@ def write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def start_host(work: Path, key_file: Path, guest_args: list[str], ready: bytes, *, memory: str | None,
+               env: dict, timeout: float) -> subprocess.Popen:
+    """``qemu-mktme run`` with the tenant key from ``key_file``, its console in ``work``, once
+    ``ready`` shows on the console (``RuntimeError`` if it exits or hangs first)."""
+    console = work / f"console-{time.monotonic_ns()}.out"
+    with open(console, "wb") as out:
+        host = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "run", *guest_args, "--no-input",
+                                 "--key", f"user:@{key_file}", "--tenant", "probe", "--name", "probe",
+                                 *(["--memory", memory] if memory else [])],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while ready not in console.read_bytes():
+        if host.poll() is not None or time.monotonic() > deadline:
+            host.kill()
+            host.wait()
+            raise RuntimeError(f"the host did not come up: {console.read_text(errors='replace')[-500:]}")
+        time.sleep(0.05)
+    return host
+
+
+def stop_host(host: subprocess.Popen, grace: float = 30.0,
+              diagnose: Callable[[int], str] = lambda pid: "") -> str | None:
+    """SIGTERM, then SIGKILL after ``grace`` (a hang guard: a host stops in well under a second).
+    None when SIGTERM stopped it; else what ``diagnose(pid)`` said of the hung host first."""
+    host.send_signal(signal.SIGTERM)
+    try:
+        host.wait(grace)
+        return None
+    except subprocess.TimeoutExpired:
+        said = diagnose(host.pid)
+        host.kill()
+        host.wait()
+        return said
+
+
 def cli(*args: str, env: dict, out: list[bytes], check: bool = True, timeout: float = 600) -> str:
     r = subprocess.run([sys.executable, "-m", "qemu_mktme.cli", *args], env=env, capture_output=True,
                        timeout=timeout)
@@ -134,20 +171,8 @@ def probe(work: Path, guest: str = "baremetal", memory: str | None = None, timeo
     else:
         guest_args = ["--guest", "linux", "--workload", "secret", "--param", f"secret={SECRET}"]
         ready = b"secret at"
-    console = work / "console.out"
-    with open(console, "wb") as out:
-        host = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "run", *guest_args, "--no-input",
-                                 "--key", f"user:@{key_file}", "--tenant", "probe", "--name", "probe",
-                                 *(["--memory", memory] if memory else [])],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    host = start_host(work, key_file, guest_args, ready, memory=memory, env=env, timeout=timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while ready not in console.read_bytes():
-            if host.poll() is not None:
-                raise RuntimeError(f"qemu-mktme run exited {host.returncode}: {console.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the guest did not come up (hang?)")
-            time.sleep(0.1)
         scan_processes(forms, report)
         pid = str(host.pid)
         cli("query", "--pid", pid, env=env, out=outputs)
@@ -155,12 +180,7 @@ def probe(work: Path, guest: str = "baremetal", memory: str | None = None, timeo
         cli("snapshot", "save", str(work / "vm.snap"), "--kek-file", str(kek_file), "--pid", pid, env=env, out=outputs)
         scan_processes(forms, report)
     finally:
-        host.send_signal(signal.SIGTERM)
-        try:
-            host.wait(30)                  # a hang guard: a host stops in well under a second
-        except subprocess.TimeoutExpired:
-            host.kill()
-            host.wait()
+        stop_host(host)
     cli("snapshot", "verify", str(work / "vm.snap"), "--kek-file", str(kek_file), env=env, out=outputs)
     cli("inspect", str(work / "dump"), "search", SECRET, "--key", f"@{key_file}", "--json", env=env, out=outputs)
     allowed = {key_file.resolve(), kek_file.resolve()}
