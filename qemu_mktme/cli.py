@@ -26,6 +26,7 @@ from .live import control
 from . import images
 from .files import snapfile
 from .files.keyfile import key_payload, read_key_file
+from .qemu.devices import DiskSpec
 from .qemu.machine import MachineConfig, parse_size
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
@@ -79,6 +80,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _disk(text: str) -> DiskSpec:
+    try:
+        return DiskSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -98,6 +106,8 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="bare-metal guest: command to run at boot (repeatable), e.g. -c 'crc 0x200000 4096'")
     g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
     g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
+    g.add_argument("--disk", type=_disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]",
+                   help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk")
     g.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
                    help="accelerator (default: tcg; auto uses KVM only when it works)")
 
@@ -133,8 +143,11 @@ def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(args.param), append=args.append, initrd=args.initrd)
     memory = args.memory or images.default_memory(args.guest)
-    fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel)
+    fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel,
+                                  disks=tuple(getattr(args, "disk", ())))
     fields.update(overrides)
+    for disk in fields["disks"]:
+        disk.check()
     return MachineConfig(**fields)
 
 

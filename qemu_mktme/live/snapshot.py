@@ -154,6 +154,10 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
     if payload.type.value != "user" or not payload.key or not payload.tweak:
         raise SnapshotError(f"{vm.name}: only VMs with a tenant (user) key can be saved; a "
                             f"{payload.type.value} key never leaves the CPU")
+    if vm.config.disks:
+        raise SnapshotError(f"{vm.name}: a VM with disks cannot be saved yet: a snapshot holds RAM and "
+                            "device state, not the disks' contents, and a restore beside a changed disk "
+                            "would corrupt it")
     was_running = vm.state is VmState.RUNNING
     if not was_running and (await vm.qmp.execute("query-status"))["status"] == "postmigrate":
         raise SnapshotError(f"{vm.name}: QEMU will not migrate a VM again while it stays paused after a "

@@ -41,6 +41,7 @@ from .binary import QemuBinary, find_qemu, kvm_works
 from .console import Console
 from .guestram import GuestRAM, parse_flat_view
 from .boot import BootSpec
+from .devices import DiskSpec, disk_args
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class MachineConfig:
     ram_dir: Path = Path("/dev/shm")       # for ram_backend="file"
     start_paused: bool = False
     incoming: bool = False                 # -incoming defer: wait for a migration stream
+    disks: tuple[DiskSpec, ...] = ()       # virtio block devices (qemu/devices.py)
     plugins: tuple[str, ...] = ()          # -plugin arguments (the shim adds its own)
     pass_fds: tuple[int, ...] = ()         # descriptors QEMU inherits (a plugin opens /proc/self/fd/N)
     extra_args: tuple[str, ...] = ()
@@ -124,6 +126,9 @@ class MachineConfig:
             raise ValueError(f"memory must be a whole number of MiB, got {self.memory} bytes")
         if self.cpus < 1:
             raise ValueError(f"cpus must be >= 1, got {self.cpus}")
+        object.__setattr__(self, "disks", tuple(self.disks))
+        if any(not isinstance(d, DiskSpec) for d in self.disks):
+            raise ValueError("disks must be DiskSpec objects (qemu_mktme.qemu.devices)")
         if self.boot is not None and self.boot.min_memory and int(self.memory) < self.boot.min_memory:
             raise ValueError(f"the {self.boot.image} guest needs at least {self.boot.min_memory >> 20} MiB "
                              f"of memory, got {int(self.memory) >> 20} MiB")
@@ -298,6 +303,11 @@ class Machine:
             for path in (cfg.boot.kernel, cfg.boot.initrd):
                 if path is not None and not Path(path).is_file():
                     raise LaunchError(f"{self.name}: boot file {path} does not exist")
+        for disk in cfg.disks:
+            try:
+                disk.check()
+            except ValueError as err:
+                raise LaunchError(f"{self.name}: {err}") from None
         if cfg.accel == "auto":
             self.accel = "kvm" if kvm_works(str(self.qemu.path)) else "tcg"
         elif cfg.accel == "kvm" and not kvm_works(str(self.qemu.path)):
@@ -382,6 +392,7 @@ class Machine:
                 argv += ["-readconfig", f"/dev/fd/{append_fd}"]
             elif cfg.boot.append:
                 argv += ["-append", cfg.boot.append]
+        argv += disk_args(cfg.disks)
         for plugin in cfg.plugins:
             argv += ["-plugin", plugin]
         if cfg.incoming:

@@ -1,0 +1,123 @@
+"""Devices a machine carries besides RAM and the console: disks.
+
+A disk is a host file the guest sees as a virtio block device. Who moves its data is the disk's
+``dma``: ``qemu`` is QEMU's own ``virtio-blk-pci`` (QEMU's block layer reads and writes guest RAM
+directly: the plain-QEMU baseline and the choice for runs without emulation); ``vhost`` is a
+vhost-user-blk backend outside QEMU whose every access goes through the host model's IOMMU
+(the live layer starts it and gives the machine its socket). ``None`` leaves the choice to
+whoever launches the machine.
+
+The command-line form is QEMU's own style: ``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+DISK_FORMATS = ("raw", "qcow2")
+DMA_MODES = ("qemu", "vhost")
+QCOW2_MAGIC = b"QFI\xfb"
+LUKS_MAGIC = b"LUKS\xba\xbe"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One disk: the file, its format, who does its DMA, and whether the guest may write it."""
+
+    path: Path
+    format: str = "raw"
+    dma: str | None = None
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.format not in DISK_FORMATS:
+            raise ValueError(f"disk format must be one of {', '.join(DISK_FORMATS)}, got {self.format!r}")
+        if self.dma is not None and self.dma not in DMA_MODES:
+            raise ValueError(f"disk dma must be one of {', '.join(DMA_MODES)}, got {self.dma!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]``; the format is read from the
+        file's header when not given (a qcow2 header means qcow2, anything else raw), never left to
+        QEMU's probing (which would let a raw guest-written disk turn itself into a qcow2 one)."""
+        path, *opts = text.split(",")
+        if not path:
+            raise ValueError(f"--disk needs a file: {text!r}")
+        fields: dict[str, str] = {}
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            if not sep or key not in ("format", "dma", "readonly") or not value:
+                raise ValueError(f"unknown disk option {opt!r} in {text!r} "
+                                 "(expected PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on])")
+            if key in fields:
+                raise ValueError(f"disk option {key!r} given twice in {text!r}")
+            fields[key] = value
+        if fields.get("readonly", "off") not in ("on", "off"):
+            raise ValueError(f"readonly must be on or off, got {fields['readonly']!r}")
+        fmt = fields.get("format") or sniff_format(Path(path))
+        if fmt == "luks":
+            raise ValueError(f"disk {path} is a LUKS volume: it needs its key (not supported by --disk yet)")
+        return cls(Path(path), format=fmt, dma=fields.get("dma"), readonly=fields.get("readonly") == "on")
+
+    def check(self) -> None:
+        """``ValueError`` with one clear line unless the file can be a disk: it exists, is a regular
+        file (not a FIFO, a directory or a character device such as /dev/zero), and is readable
+        (and writable unless read-only)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise ValueError(f"disk {self.path} does not exist") from None
+        except OSError as err:
+            raise ValueError(f"disk {self.path}: {err.strerror}") from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ValueError(f"disk {self.path} is not a regular file or block device")
+        mode = os.R_OK if self.readonly else os.R_OK | os.W_OK
+        if not os.access(self.path, mode):
+            raise ValueError(f"disk {self.path} is not {'readable' if self.readonly else 'readable and writable'}")
+        if self.format == "raw" and sniff_format(self.path) == "luks":
+            raise ValueError(f"disk {self.path} is a LUKS volume: it needs its key (not supported by --disk yet)")
+
+    def blockdev(self, node: str) -> str:
+        """The ``-blockdev`` argument (JSON, so that any file name passes unquoted)."""
+        ro = {"read-only": True} if self.readonly else {}
+        spec = {"driver": self.format, "node-name": node, **ro,
+                "file": {"driver": "file", "filename": str(self.path), **ro}}
+        return json.dumps(spec, separators=(",", ":"))
+
+
+def sniff_format(path: Path) -> str:
+    """``qcow2`` or ``luks`` by the file's magic, else ``raw`` (unreadable files are left to check())."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)   # a FIFO must not block us
+    except OSError:
+        return "raw"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "raw"
+        head = os.pread(fd, 6, 0)
+    except OSError:
+        return "raw"
+    finally:
+        os.close(fd)
+    if head.startswith(QCOW2_MAGIC):
+        return "qcow2"
+    if head.startswith(LUKS_MAGIC):
+        return "luks"
+    return "raw"
+
+
+def disk_args(disks: tuple[DiskSpec, ...]) -> list[str]:
+    """QEMU options for the disks QEMU serves itself (``dma`` qemu or unset)."""
+    argv: list[str] = []
+    for n, disk in enumerate(disks):
+        if disk.dma == "vhost":
+            continue                  # the live layer adds the vhost-user device with its socket
+        node = f"disk{n}"
+        argv += ["-blockdev", disk.blockdev(node),
+                 "-device", f"virtio-blk-pci,drive={node},id={node}-dev,serial=qemu-mktme-{node}"]
+    return argv
