@@ -54,6 +54,11 @@ def parse_key_spec(spec: str) -> XtsKey:
     if len(key) != len(tweak) or len(key) not in (16, 32):
         raise ValueError(f"{where}: AES-XTS needs a key and a tweak key of 16 bytes each (aes-xts-128) or 32 "
                          f"(aes-xts-256), got {len(key)} and {len(tweak)} bytes")
+    for name, part in (("key", key), ("tweak key", tweak)):
+        if not any(part):
+            raise ValueError(f"{where}: the {name} is all zeros (no VM can be keyed so: PCONFIG refuses it)")
+    if key == tweak:
+        raise ValueError(f"{where}: the key and the tweak key are equal (IEEE 1619 forbids it, and so does PCONFIG)")
     xkey = XtsKey(key, tweak)
     if alg is not None and algorithm_name(xkey.algorithm) != alg:
         raise ValueError(f"{where}: {alg} needs {ALGORITHMS[alg].key_nbytes}-byte keys, got {len(key)}-byte ones")

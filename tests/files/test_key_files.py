@@ -96,14 +96,17 @@ def test_bash_process_substitution_reaches_the_reader():
 
 # ------------------------------------------------------------------------- KEK format (item 6)
 
+_RANDOM = bytes(range(7, 71))                            # fixed: test ids must not change between runs (xdist)
+
+
 @pytest.mark.parametrize("content, found", [
     (b" " * 32, "found nothing"),
     (b"\x00" * 32, None),                               # binary: the reader refuses it first
-    (os.urandom(16).hex().encode(), "found 32 hex digits"),
-    (os.urandom(32).hex().encode()[:-1], "found 1 word of text"),
+    (_RANDOM[:16].hex().encode(), "found 32 hex digits"),
+    (_RANDOM[:32].hex().encode()[:-1], "found 1 word of text"),
     (b"00" * 32 + b"\n", "all zeros"),
-    (os.urandom(32).hex().encode() + b" extra", "found 2 words of text"),
-])
+    (_RANDOM[32:].hex().encode() + b" extra", "found 2 words of text"),
+], ids=["spaces", "binary", "32-hex", "63-hex", "zeros", "two-words"])
 def test_a_kek_is_exactly_64_hex_digits(tmp_path, content, found):
     path = private(tmp_path / "kek", content)
     with pytest.raises(ValueError) as info:

@@ -229,6 +229,11 @@ def test_key_specs(key_file):
         assert secret_hex not in str(info.value) and t.hex() not in str(info.value)
         assert t.hex()[2:] not in str(info.value)
     assert secret_hex not in repr(parse_key_spec(f"{k.hex()}:{t.hex()}"))
+    for spec, words in [(f"{'00' * 16}:{t.hex()}", "key is all zeros"), (f"{k.hex()}:{'00' * 16}", "tweak key is all zeros"),
+                        (f"{k.hex()}:{k.hex()}", "equal")]:
+        with pytest.raises(ValueError, match=words) as info:     # no VM can have been keyed so
+            parse_key_spec(spec)
+        assert secret_hex not in str(info.value)
 
 
 def test_patterns_are_checked():

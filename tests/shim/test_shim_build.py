@@ -67,7 +67,7 @@ def test_default_build_uses_the_cache_root(monkeypatch, tmp_path):
 def test_compile_error_carries_gccs_output(tmp_path):
     src = tmp_path / "mktme_shim.c"
     src.write_text(source_path().read_text().replace("static bool tlb_on, decode_api;", "static bool tlb_on decode_api;"))
-    with pytest.raises(ShimError, match=r"building the shim .* failed:\n.*error") as info:
+    with pytest.raises(ShimError, match=r"(?s)building the shim .* failed:\n.*error") as info:
         build_shim(abi=1, source=src, cache=tmp_path)
     assert "decode_api" in str(info.value)
     assert not list((tmp_path / "shim").rglob("*.so"))
