@@ -70,6 +70,9 @@ def cases(files):
         (["dump", "/nonexistent/d", "--vm", "a", "--vm", "a"], "--vm a given twice"),
         (["inspect", "/nonexistent", "entropy", "--threshold", "-1"], "threshold must be in (0, 8]"),
         (["inspect", "/nonexistent", "entropy", "--threshold", "99"], "threshold must be in (0, 8]"),
+        (["run", "--disk", "/nonexistent.raw,dma=nope"], "disk dma must be one of qemu, vhost, got 'nope'"),
+        (["run", "--disk", "/nonexistent.raw"], "disk /nonexistent.raw does not exist"),
+        (["run", "--disk", "/dev/zero"], "disk /dev/zero is not a regular file or block device"),
     ]
 
 
