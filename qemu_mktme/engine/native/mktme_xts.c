@@ -30,6 +30,9 @@
 #define STEP_BYTES (8 * 1024) /* data per AES call: input, output and whitening stay in L1 */
 #endif
 #define STEP_BLOCKS (STEP_BYTES / BLOCK)
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD (2 * STEP_BYTES) /* how far ahead of the current step the input is asked for */
+#endif
 #define STREAM_MIN_BYTES (1 << 20) /* calls this large write around the cache */
 #define BATCH_UNITS 1024 /* tweaks encrypted per ECB call */
 #define API_VERSION 1
@@ -193,11 +196,13 @@ static int run(mktme_xts *x, const uint8_t *in, uint8_t *out, size_t nbytes, siz
         size_t lo = first * unit_bytes, hi = (first + n) * unit_bytes;
         for (size_t off = lo; off < hi; off += STEP_BYTES) {
             size_t len = hi - off < STEP_BYTES ? hi - off : STEP_BYTES;
-            size_t after = nbytes - off - len;
+            size_t ahead = off + PREFETCH_AHEAD, ahead_len = 0;
+            if (ahead < nbytes)
+                ahead_len = nbytes - ahead < len ? nbytes - ahead : len;
             whiten_in(x, &c, unit_blocks, buf, in + off, len / BLOCK);
             if (!ecb_update(aes, buf, buf, len))
                 return -1;
-            whiten_out(x, out + off, len / BLOCK, in + off + len, after < STEP_BYTES ? after : STEP_BYTES, stream);
+            whiten_out(x, out + off, len / BLOCK, in + ahead, ahead_len, stream);
         }
     }
 #if defined(__SSE2__)
