@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     ref_out = np.ones(nbytes, dtype=np.uint8)
     key = XtsKey(os.urandom(16), os.urandom(16))
     ecb = Cipher(algorithms.AES(os.urandom(16)), modes.ECB()).encryptor()
-    lib = native.helper()
 
     def numpy_encrypt() -> None:
         saved = xts._helper

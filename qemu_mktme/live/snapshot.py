@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_NBYTES = 1 << 20
 MIGRATION_TIMEOUT = 300.0
+UNTHROTTLED = 1 << 40
+"""``max-bandwidth`` (bytes/s) for saves: in effect unlimited."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ async def _save_device_state(vm: EncryptedMachine) -> bytes:
         w = -1
         reader = asyncio.create_task(asyncio.to_thread(_read_all, r))
         await _set_ignore_shared(vm)
+        # QEMU 7.2 throttles migration to 128 MiB/s by default; a save to a local pipe is not
+        # a live migration over a shared link (virsh save lifts the limit the same way)
+        await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": UNTHROTTLED})
         await vm.qmp.execute("migrate", {"uri": "fd:mktme-snap"})
         await _migration_done(vm, "device-state migration")
         return await reader
