@@ -55,9 +55,9 @@ def test_native_matches_numpy_units(klen, units, blocks, encrypt) -> None:
 
 
 def test_native_large_call_in_place_and_across_batches(helper_lib, monkeypatch: pytest.MonkeyPatch) -> None:
-    """2 MiB: several 1024-line tweak batches, streaming stores (large aligned out), in place."""
+    """16 MiB: many 1024-line tweak batches, streaming stores (large aligned out), in place."""
     key = XtsKey(os.urandom(16), os.urandom(16))
-    data = np.frombuffer(os.urandom(2 << 20), np.uint8)
+    data = np.frombuffer(os.urandom(16 << 20), np.uint8)
     fast, ref = _both(lambda: encrypt_lines(key, data, 0x7f_ffc0_0000), monkeypatch, helper_lib)
     assert fast == ref
     monkeypatch.setattr(xts, "_helper", lambda: helper_lib)
@@ -65,7 +65,7 @@ def test_native_large_call_in_place_and_across_batches(helper_lib, monkeypatch: 
     assert encrypt_lines(key, inplace, 0x7f_ffc0_0000, out=inplace) is inplace
     assert inplace.tobytes() == ref
     last = Cipher(algorithms.AES(key._data_key + key._tweak_key),
-                  modes.XTS((0x7f_ffc0_0000 + (2 << 20) - 64).to_bytes(16, "little"))).encryptor()
+                  modes.XTS((0x7f_ffc0_0000 + (16 << 20) - 64).to_bytes(16, "little"))).encryptor()
     assert inplace[-64:].tobytes() == last.update(data[-64:].tobytes())
     with pytest.raises(ValueError, match="wrap"):
         encrypt_lines(key, data[:128], (1 << 64) - 64)

@@ -33,7 +33,8 @@
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD (2 * STEP_BYTES) /* how far ahead of the current step the input is asked for */
 #endif
-#define STREAM_MIN_BYTES (1 << 20) /* calls this large write around the cache */
+#define STREAM_MIN_BYTES (8 << 20) /* calls this large write around the cache (a 1 MiB snapshot chunk
+                                     is read again at once, by AES-GCM: it had better stay in L3) */
 #define BATCH_UNITS 1024 /* tweaks encrypted per ECB call */
 #define API_VERSION 1
 
