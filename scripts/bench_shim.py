@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Overhead of the TCG plugin shim doing full per-page attribution, and what the tracer sustains.
 
-    .venv/bin/python scripts/bench_shim.py [--runs 3] [--size-mb 64] [--baselines] [--hot-seconds 5]
+    .venv/bin/python scripts/bench_shim.py [--rounds 3] [--size-mb 64] [--baselines] [--hot-seconds 5] [--quick]
 
 1. The stock Debian guest boots and checksums SIZE MiB (``--workload checksum``, 1 GiB RAM),
    wall time from launch to QEMU's exit, without a plugin and with the shim attributing every
-   access (``Tracer()`` defaults), runs interleaved (none, shim, none, shim, ...) so machine
-   noise hits both alike. ``--baselines`` adds the shim loaded but instrumenting nothing
+   access (``Tracer()`` defaults), in interleaved rounds whose order rotates (none, shim; shim,
+   none; ...) so machine noise hits both alike; medians with (min-max). ``--baselines`` adds the shim loaded but instrumenting nothing
    (``mode=none``), counting callbacks only (``mode=count``: the cost of QEMU calling a plugin
    on every access at all) and attributing without its software TLB (``tlb=False``: QEMU's
    get_hwaddr + phys_addr on every access, the naive design).
@@ -28,6 +28,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+import benchlib
 from qemu_mktme import images
 from qemu_mktme.trace.accesses import ACCESS_DTYPE, TracerStats, accesses
 from qemu_mktme.qemu.machine import Machine, MachineConfig
@@ -116,29 +117,36 @@ def fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):7.2f} s  ({min(xs):.2f}-{max(xs):.2f})"
 
 
+def per_round(times: dict[str, list[float]], v: str) -> str:
+    return f"rounds x{min(a / b for a, b in zip(times[v], times['none'])):.2f}-" \
+           f"{max(a / b for a, b in zip(times[v], times['none'])):.2f}"
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs of each variant (default 3)")
+    benchlib.add_common(parser, rounds=3)
     parser.add_argument("--size-mb", type=int, default=64, help="checksum workload size (default 64)")
     parser.add_argument("--baselines", action="store_true", help="also mode=none, mode=count and tlb=False")
     parser.add_argument("--hot-seconds", type=float, default=5.0, help="hot-page test length (0: skip)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.size_mb, args.hot_seconds = min(args.rounds, 1), min(args.size_mb, 8), 0
     images.build("linux")
     images.build("baremetal")
     variants = ["none", "shim"] + (["loaded", "count", "naive"] if args.baselines else [])
     times: dict[str, list[float]] = {v: [] for v in variants}
     last_stats: dict[str, TracerStats] = {}
-    for run in range(args.runs):
-        for v in variants:
+    for run in range(args.rounds):
+        for v in benchlib.order(variants, run):
             elapsed, stats = await linux_run(args.size_mb, VARIANTS[v])
             times[v].append(elapsed)
             if stats is not None:
                 last_stats[v] = stats
-            print(f"  run {run + 1} {v:6} {elapsed:7.2f} s", flush=True)
+            print(f"  round {run + 1} {v:6} {elapsed:7.2f} s", flush=True)
     base = statistics.median(times["none"])
-    print(f"\nLinux boot + {args.size_mb} MiB checksum, 1 GiB, TCG, median of {args.runs} interleaved runs:")
+    print(f"\nLinux boot + {args.size_mb} MiB checksum, 1 GiB, TCG, medians (min-max) of {args.rounds} interleaved rounds:")
     for v in variants:
-        print(f"  {v:6} {fmt(times[v])}   x{statistics.median(times[v]) / base:.2f}")
+        print(f"  {v:6} {fmt(times[v])}   x{statistics.median(times[v]) / base:.2f} ({per_round(times, v)})")
     s = last_stats["shim"]
     print(f"  shim: {s.ram_accesses / 1e6:.0f} M RAM accesses attributed, software-TLB hit rate "
           f"{s.tlb_hit_rate:.3%} ({s.tlb_misses:,} misses, {s.tlb_flushes:,} flushes), verified "

@@ -14,7 +14,7 @@ One booted stock Linux guest (tenant key) whose shell fills DATA MiB of tmpfs. I
 * the same two without any fsync (ours with ``os.fsync`` stubbed for the call), and QEMU's
   migration at its default 128 MiB/s (context: the throttled baseline this used to compare with).
 
-Every save also records its stages: device state, DRAM view (the engine encrypting RAM; zero
+Each side writes a new file (the previous one is removed untimed). Every save also records its stages: device state, DRAM view (the engine encrypting RAM; zero
 chunks skipped), sealing (AES-GCM), writing, finish (device state, manifest), fsync and the rest
 (pause, resume, rename). Then restores, a DRAM dump and the chunk-sealing costs in the same run.
 Medians with (min-max); the last line is ``ratio=<median save / median fsynced unthrottled migrate>``.
@@ -220,7 +220,14 @@ async def main() -> None:
                     "i=$((i+1)); done > /tmp/fill; rm /tmp/m; echo fi''ll-done")
             await vm.console.command(fill, r"fill-done", 300)
 
+            def fresh() -> None:
+                """Both sides write a new file: replacing an old one would add its deletion to
+                the save's rename (QEMU's side writes to a path removed after each round)."""
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(snap)
+
             async def save() -> float:
+                fresh()
                 start = time.perf_counter()
                 with instrumented(stages):
                     await save_snapshot(vm, snap, kek)
@@ -229,6 +236,7 @@ async def main() -> None:
                 return elapsed
 
             async def save_nosync() -> float:
+                fresh()
                 start = time.perf_counter()
                 with no_fsync():
                     await save_snapshot(vm, snap, kek)

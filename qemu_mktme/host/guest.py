@@ -17,10 +17,8 @@ the guest-physical addresses QEMU's layout gives it (q35 splits RAM at 2 GiB / 4
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,30 +120,27 @@ class EncryptedGuest:
 
     def iter_dram(self, offset: int = 0, nbytes: int | None = None, chunk_nbytes: int = 4 << 20, *,
                   skip_zero: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-        """(backend offset, DRAM bytes) chunks of [offset, offset + nbytes), in two buffers used in
-        turn: consume each chunk before asking for the next.
+        """(backend offset, DRAM bytes) chunks of [offset, offset + nbytes), in one reused buffer:
+        consume each chunk before asking for the next.
 
-        While the caller consumes a chunk, the next one is computed in a worker thread (the
-        engine's XTS helper releases the GIL), so a dump or snapshot seals and writes one chunk
-        while the engine encrypts the next. Never-written ranges of the backend (``extents`` says
-        where data is) are not read: their DRAM content is the encryption of zeros, computed
-        without faulting the guest's memory in (reading a shared-memory hole through a mapping
-        would allocate it). With ``skip_zero``, chunks whose RAM is all holes or all zero bytes
-        are not yielded at all (a snapshot does not store them).
+        Never-written ranges of the backend (``extents`` says where data is) are not read: their
+        DRAM content is the encryption of zeros, computed without faulting the guest's memory in
+        (reading a shared-memory hole through a mapping would allocate it). With ``skip_zero``,
+        chunks whose RAM is all holes or all zero bytes are not yielded at all (a snapshot does
+        not store them).
         """
         end = self.ram.size if nbytes is None else offset + nbytes
         if chunk_nbytes <= 0 or chunk_nbytes % 64 or offset % 64 or end % 64:
             raise ValueError("offset, nbytes and chunk_nbytes must be multiples of 64")
         size = min(chunk_nbytes, max(end - offset, 0))
-        bufs, zeros = (np.empty(size, np.uint8), np.empty(size, np.uint8)), np.zeros(size, np.uint8)
+        buf, zeros = np.empty(size, np.uint8), np.zeros(size, np.uint8)
         memory = self.platform.memory
         extents = self.data_extents(offset, end - offset)   # one pass: SEEK_DATA is O(data) per call
-
-        def fill(pos: int, buf: np.ndarray) -> np.ndarray | None:
+        for pos in range(offset, end, chunk_nbytes):
             n = min(chunk_nbytes, end - pos)
             data = _clip(extents, pos, pos + n)
             if skip_zero and not any(self.ram[s:e].any() for s, e in data):
-                return None
+                continue
             cur = pos
             for s, e in data:
                 if s > cur:
@@ -154,24 +149,7 @@ class EncryptedGuest:
                 cur = e
             if cur < pos + n:
                 memory.dram_image(self.keyid, self.hpa_base + cur, zeros[:pos + n - cur], out=buf[cur - pos:n])
-            return buf[:n]
-
-        positions = iter(range(offset, end, chunk_nbytes))
-        with ThreadPoolExecutor(1, thread_name_prefix="dram-view") as ahead:
-            turn = 0
-            pending = [(pos, ahead.submit(fill, pos, bufs[turn])) for pos in itertools.islice(positions, 1)]
-            try:
-                while pending:
-                    pos, future = pending.pop()
-                    chunk = future.result()
-                    turn ^= 1
-                    for nxt in itertools.islice(positions, 1):   # the next chunk, into the other buffer
-                        pending.append((nxt, ahead.submit(fill, nxt, bufs[turn])))
-                    if chunk is not None:
-                        yield pos, chunk
-            finally:
-                for _, future in pending:   # the caller stopped early: let the worker finish first
-                    future.cancel() or future.exception()
+            yield pos, buf[:n]
 
     def data_extents(self, offset: int, nbytes: int) -> list[tuple[int, int]]:
         """Line-aligned [start, end) backend ranges within [offset, offset + nbytes) that may hold

@@ -141,12 +141,24 @@ async def _set_ignore_shared(vm: EncryptedMachine) -> None:
                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, identity: tuple[int, int, int, int]) -> str:
+    return sha256_file(Path(path))
+
+
+def _digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a boot file, hashed again only when its identity (device, inode, size, mtime)
+    changes: every save records it, and an initrd is tens of MiB."""
+    st = os.stat(path)
+    return _sha256_of(str(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
 def _boot_record(boot: BootSpec | None) -> dict[str, Any] | None:
     if boot is None:
         return None
-    return {"kernel": str(boot.kernel), "kernel_sha256": sha256_file(Path(boot.kernel)),
+    return {"kernel": str(boot.kernel), "kernel_sha256": _digest(boot.kernel),
             "initrd": str(boot.initrd) if boot.initrd else None,
-            "initrd_sha256": sha256_file(Path(boot.initrd)) if boot.initrd else None,
+            "initrd_sha256": _digest(boot.initrd) if boot.initrd else None,
             "append": boot.append, "image": boot.image, "min_memory": boot.min_memory}
 
 
