@@ -28,7 +28,7 @@ from pathlib import Path
 SOURCE_NAME = "mktme_xts.c"
 LIBRARY_NAME = "mktme_xts.so"
 API_VERSION = 1
-CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-plt",
+CFLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-plt",
           "-Wall", "-Wextra", "-Werror")
 LIBS = ("-lcrypto",)
 ENV_SELECT = "QEMU_MKTME_XTS"
