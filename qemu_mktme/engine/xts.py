@@ -10,8 +10,8 @@ Two implementations, the same bytes:
 
 * the compiled helper (``native/mktme_xts.c``, built on first use with the system gcc against
   OpenSSL's libcrypto): EVP AES-ECB does every AES block, C makes the tweaks, the alpha
-  sequence and both whitening XORs, fused over 64 KiB chunks that stay in L2; ctypes releases
-  the GIL for the call. Measured (``scripts/bench_engine.py``, 2-core EPYC): see README.
+  sequence and both whitening XORs, fused over 8 KiB steps that stay in L1; ctypes releases
+  the GIL for the call. About 0.6x raw AES-128-ECB (``scripts/bench_engine.py``; README).
 * the numpy path below, the reference and the fallback when the helper cannot be built (one
   warning line; ``qemu-mktme doctor`` says which is in use; ``QEMU_MKTME_XTS=numpy`` forces it).
   OpenSSL does every AES block (the tweak encryptions in one ECB call, the data in one call per
@@ -275,7 +275,6 @@ def _run_native(lib: Any, key: XtsKey, src: npt.NDArray[np.uint8], dst: npt.NDAr
                                  tweaks.ctypes.data, int(encrypt))
     if rc != 0:
         raise RuntimeError(f"the XTS helper failed (status {rc}) inside OpenSSL")
-
 
 
 def _expand(s: _Scratch, n: int, blocks: int) -> npt.NDArray[np.uint64]:

@@ -3,8 +3,7 @@ and (for equal key halves, which cryptography refuses) XTS built from single AES
 
 Every test runs twice, on the compiled helper and on the numpy reference path (the ``impl``
 fixture); the helper must build here (gcc and libssl-dev come from scripts/setup-host.sh).
-Then the two paths against each other with hypothesis, and the fallback when the helper cannot
-be built."""
+test_xts_native.py compares the two paths with hypothesis and tests the build and fallback."""
 
 import os
 from importlib import resources
