@@ -216,7 +216,7 @@ async def main() -> None:
             await vm.console.wait_for(r"mktme-linux: shell", 120)
             # 1 MiB of text by doubling, then DATA copies of it: busybox tools, few system calls
             fill = ("echo qemu-mktme-bench > /tmp/m; i=0; while [ $i -lt 16 ]; do cat /tmp/m /tmp/m > /tmp/n; "
-                    f"mv /tmp/n /tmp/m; i=$((i+1)); done; i=0; while [ $i -lt {args.data_mb}; do cat /tmp/m; "
+                    f"mv /tmp/n /tmp/m; i=$((i+1)); done; i=0; while [ $i -lt {args.data_mb} ]; do cat /tmp/m; "
                     "i=$((i+1)); done > /tmp/fill; rm /tmp/m; echo fi''ll-done")
             await vm.console.command(fill, r"fill-done", 300)
 
