@@ -118,3 +118,17 @@ def test_fallback_warns_once_and_stays_correct(tmp_path: Path) -> None:
     env["QEMU_MKTME_XTS"] = "native"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "HelperUnavailable: gcc not found" in proc.stderr
+
+
+def test_a_damaged_cached_library_is_rebuilt(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    lib = native.build(cache=tmp_path)
+    lib.write_bytes(b"\x7fELF but not really")
+    code = "from qemu_mktme.engine import xts; print(xts.implementation())"
+    env = {**os.environ, "QEMU_MKTME_CACHE": str(tmp_path)}
+    env.pop("QEMU_MKTME_XTS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "native" and proc.stderr == "", proc.stderr
+    native.load(lib)  # the cached file is a working library again

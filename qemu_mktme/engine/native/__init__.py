@@ -51,8 +51,10 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "qemu-mktme"
 
 
-def build(*, source: Path | None = None, cache: Path | None = None, cc: str | None = None) -> Path:
-    """Path of the helper library, compiled if needed; ``HelperUnavailable`` with gcc's words if not."""
+def build(*, source: Path | None = None, cache: Path | None = None, cc: str | None = None,
+          force: bool = False) -> Path:
+    """Path of the helper library, compiled if needed (or ``force``: again, replacing a cached
+    one that would not load); ``HelperUnavailable`` with gcc's words if it cannot be."""
     src = source or source_path()
     try:
         text = src.read_bytes()
@@ -69,7 +71,7 @@ def build(*, source: Path | None = None, cache: Path | None = None, cc: str | No
     key = hashlib.sha256(text + b"\0" + " ".join(flags).encode() + b"\0" + openssl).hexdigest()[:24]
     out_dir = (cache or _cache_root()) / "xts" / key
     library = out_dir / LIBRARY_NAME
-    if library.is_file():
+    if library.is_file() and not force:
         return library
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,10 @@ def helper() -> ctypes.CDLL | None:
                 reason = f"{ENV_SELECT}=numpy"
             else:
                 try:
-                    lib = load(build())
+                    try:
+                        lib = load(build())
+                    except HelperUnavailable:   # a damaged cached library: build it once more
+                        lib = load(build(force=True))
                     reason = ""
                 except HelperUnavailable as err:
                     if choice == "native":
