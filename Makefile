@@ -6,7 +6,8 @@
 #   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
 #   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
 #   make verify      every verifier workload, plain vs emulated (qemu-mktme verify)
-#   make bench       every benchmark, then make verify
+#   make bench       every benchmark and one table of their figures, then make verify
+#                    (BENCH_ARGS=--quick: a smoke run)
 
 PYTHON ?= python3
 VENV := .venv
@@ -49,11 +50,7 @@ verify: setup
 	$(BIN)/qemu-mktme verify
 
 bench: setup
-	$(BIN)/python scripts/bench_boot.py
-	$(BIN)/python scripts/bench_engine.py
-	$(BIN)/python scripts/bench_shim.py
-	$(BIN)/python scripts/bench_snapshot.py
-	$(BIN)/python scripts/bench_inspect.py
+	$(BIN)/python scripts/bench_all.py $(BENCH_ARGS)
 	$(BIN)/qemu-mktme verify
 
 clean:

@@ -315,6 +315,25 @@ def images_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    """Which QEMU, shim ABI and XTS implementation this machine uses; 1 when one is unusable."""
+    from .engine import native
+    from .qemu.binary import find_qemu
+    from .trace.shim import abi_for, phys_mode_for
+
+    ok = True
+    try:
+        qemu = find_qemu()
+        print(f"qemu   {qemu.path} {qemu.version_str}")
+        abi = abi_for(qemu.version)
+        print(f"shim   plugin API {abi}, phys_addr = {phys_mode_for(qemu.version)}, {build_shim(qemu)}")
+    except MktmeError as err:
+        print(f"qemu/shim  unusable: {str(err).splitlines()[0]}")
+        ok = False
+    print(f"xts    {native.status()}")
+    return 0 if ok else 1
+
+
 # ---------------------------------------------------------------------------------- parser
 
 
@@ -429,6 +448,11 @@ def _add_images(sub: Any) -> None:
     ls.set_defaults(func=images_list)
 
 
+def _add_doctor(sub: Any) -> None:
+    d = sub.add_parser("doctor", help="which QEMU, shim plugin API and AES-XTS implementation are in use")
+    d.set_defaults(func=doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Intel MKTME emulation around unmodified QEMU.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -442,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     add_inspect_parser(sub)
     _add_images(sub)
+    _add_doctor(sub)
     return parser
 
 

@@ -41,7 +41,10 @@ async def one(name: str) -> tuple[float, float]:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 runs: a smoke test")
     args = parser.parse_args()
+    if args.quick:
+        args.runs = min(args.runs, 2)
     for name in GUESTS:
         images.build(name)
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in GUESTS}

@@ -81,7 +81,10 @@ def main() -> int:
     p.add_argument("--size-mib", type=int, default=512, help="VM RAM in MiB (default 512, the minimum that counts)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the dumps (default: the temp dir)")
+    p.add_argument("--quick", action="store_true", help="64 MiB, 1 repeat: a smoke test")
     args = p.parse_args()
+    if args.quick:
+        args.size_mib, args.repeat = min(args.size_mib, 64), 1
     size = args.size_mib * MIB
     base = Path(tempfile.mkdtemp(prefix="bench-inspect-", dir=args.dir))
     try:

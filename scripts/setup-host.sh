@@ -12,6 +12,8 @@ need objcopy binutils
 need dpkg-deb dpkg
 need apt-get apt
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
+# The engine's compiled AES-XTS helper is built against OpenSSL's libcrypto (engine/native).
+[ -f /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"
 # The Linux guest image is made of packages fetched with apt-get download: apt must know them.
 apt_knows() { apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static >/dev/null 2>&1; }
 

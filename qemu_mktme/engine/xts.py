@@ -6,19 +6,20 @@ each 64-byte cache line as one data unit whose tweak is the line's host physical
 bytes little-endian (mktme.md §4, model decisions); ``encrypt_units`` / ``decrypt_units`` take
 any unit size that is a multiple of 16 and one explicit 16-byte tweak per unit.
 
-How it is fast: OpenSSL does every AES block (the tweak encryptions in one ECB call, the data in
-one call per chunk), numpy does the multiply-by-alpha sequence and the two whitening XORs for a
-whole chunk at once, and chunks are small enough to stay in cache. There is no Python loop per
-unit, only per block position within a unit (4 for a line) and per chunk. The data pass uses
-OpenSSL's XTS code path as a plain ECB: with a tweak key K' and an IV chosen so that
-E_K'(IV) = 0, every XTS whitening value is 0 and XTS(x) = AES_K(x) exactly; OpenSSL's XTS code
-is vectorised (VAES) where its ECB is not. A self-test at import checks that equality and falls
-back to ECB if it ever fails.
+Two implementations, the same bytes:
 
-Measured (``scripts/bench_engine.py``, 2-core EPYC): about 2.5 GB/s, 0.23x raw AES-128-ECB, short
-of the 0.5 target. The AES work is ~1.0x raw; the rest is numpy, where only long contiguous
-passes are cheap: the alpha sequence is computed on contiguous word planes and one transposing
-copy interleaves it into line order, which together cost more than the AES.
+* the compiled helper (``native/mktme_xts.c``, built on first use with the system gcc against
+  OpenSSL's libcrypto): EVP AES-ECB does every AES block, C makes the tweaks, the alpha
+  sequence and both whitening XORs, fused over 8 KiB steps that stay in L1; ctypes releases
+  the GIL for the call. About 0.6x raw AES-128-ECB (``scripts/bench_engine.py``; README).
+* the numpy path below, the reference and the fallback when the helper cannot be built (one
+  warning line; ``qemu-mktme doctor`` says which is in use; ``QEMU_MKTME_XTS=numpy`` forces it).
+  OpenSSL does every AES block (the tweak encryptions in one ECB call, the data in one call per
+  chunk), numpy the multiply-by-alpha sequence and the two whitening XORs for a whole chunk. The
+  data pass uses OpenSSL's XTS code path as a plain ECB: with a tweak key K' and an IV chosen so
+  that E_K'(IV) = 0, every XTS whitening value is 0 and XTS(x) = AES_K(x) exactly. A self-test at
+  import checks that equality and falls back to ECB if it ever fails. About 0.2x raw AES-ECB:
+  numpy's passes over the alpha sequence and its transposition cost more than the AES.
 
 Equal data and tweak keys are accepted: the MKTME PCONFIG rules do not forbid them and neither
 does IEEE 1619-2007 (``cryptography``'s XTS refuses them, which is why tests compare against a
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..arch.addresses import CACHE_LINE_SIZE
 from ..arch.msr import Algorithm
+from . import native
 
 __all__ = [
     "BLOCK_NBYTES",
@@ -47,6 +49,7 @@ __all__ = [
     "decrypt_units",
     "encrypt_lines",
     "encrypt_units",
+    "implementation",
 ]
 
 BLOCK_NBYTES = 16
@@ -128,6 +131,31 @@ class XtsKey:
             ctx = (_ecb(self._tweak_key).encryptor(), *_block_cipher(self._data_key))
             self._local.ctx = ctx
         return ctx  # type: ignore[no-any-return]
+
+    def _native(self, lib: Any) -> int:
+        """This thread's context in the compiled helper (freed with the key or the thread)."""
+        ctx = getattr(self._local, "native", None)
+        if ctx is None:
+            ctx = _NativeContext(lib, self._data_key, self._tweak_key)
+            self._local.native = ctx
+        return ctx.ptr
+
+
+class _NativeContext:
+    """One ``mktme_xts`` context: the key's EVP contexts inside the helper."""
+
+    __slots__ = ("lib", "ptr")
+
+    def __init__(self, lib: Any, data_key: bytes, tweak_key: bytes) -> None:
+        self.lib = lib
+        self.ptr = lib.mktme_xts_new(data_key, tweak_key, len(data_key))
+        if not self.ptr:
+            raise MemoryError("the XTS helper could not create an OpenSSL context")
+
+    def __del__(self) -> None:
+        if getattr(self, "ptr", None):
+            self.lib.mktme_xts_free(self.ptr)
+            self.ptr = None
 
 
 def _ecb(key: bytes) -> Cipher[Any]:
@@ -224,6 +252,31 @@ def _scratch(units: int, blocks: int) -> _Scratch:
 # --- the engine ---------------------------------------------------------------------------------
 
 
+def _helper() -> Any:
+    """The compiled helper, or None for the numpy path (tests swap this to compare the two)."""
+    return native.helper()
+
+
+def implementation() -> str:
+    """``native`` or ``numpy``: which path ``encrypt_*``/``decrypt_*`` take in this process."""
+    return "numpy" if _helper() is None else "native"
+
+
+def _run_native(lib: Any, key: XtsKey, src: npt.NDArray[np.uint8], dst: npt.NDArray[np.uint8],
+                unit_nbytes: int, hpa: int | None, tweaks: npt.NDArray[np.uint8] | None, encrypt: bool) -> None:
+    ctx = key._native(lib)
+    if hpa is not None:
+        if hpa + src.size > 1 << 64:
+            raise ValueError("line addresses wrap past 2^64")
+        rc = lib.mktme_xts_lines(ctx, src.ctypes.data, dst.ctypes.data, src.size, hpa, int(encrypt))
+    else:
+        assert tweaks is not None
+        rc = lib.mktme_xts_units(ctx, src.ctypes.data, dst.ctypes.data, src.size, unit_nbytes,
+                                 tweaks.ctypes.data, int(encrypt))
+    if rc != 0:
+        raise RuntimeError(f"the XTS helper failed (status {rc}) inside OpenSSL")
+
+
 def _expand(s: _Scratch, n: int, blocks: int) -> npt.NDArray[np.uint64]:
     """Whitening values T0 * alpha^j for j < blocks, from the encrypted tweaks in s.tweak_out."""
     planes = s.planes[:, :, :n]
@@ -251,6 +304,8 @@ def _run(
     set_tweaks: Any,
     out: BytesLike | None,
     encrypt: bool,
+    hpa: int | None = None,
+    tweaks: npt.NDArray[np.uint8] | None = None,
 ) -> npt.NDArray[np.uint8]:
     src = _as_u8(data, "data")
     nbytes = src.size
@@ -258,6 +313,10 @@ def _run(
         raise ValueError(f"data length {nbytes} is not a multiple of the {unit_nbytes}-byte data unit")
     dst = _out_u8(out, nbytes)
     if nbytes == 0:
+        return dst
+    lib = _helper()
+    if lib is not None:
+        _run_native(lib, key, src, dst, unit_nbytes, hpa, tweaks, encrypt)
         return dst
     blocks = unit_nbytes // BLOCK_NBYTES
     units_total = nbytes // unit_nbytes
@@ -318,20 +377,23 @@ def encrypt_lines(key: XtsKey, data: BytesLike, hpa: int, *, out: BytesLike | No
     a flat uint8 array. Raises ``ValueError`` for a misaligned ``hpa`` or a partial line.
     """
     _check_line_args(hpa)
-    return _run(key, data, CACHE_LINE_SIZE, _line_tweaks(hpa), out, True)
+    return _run(key, data, CACHE_LINE_SIZE, _line_tweaks(hpa), out, True, hpa=int(hpa))
 
 
 def decrypt_lines(key: XtsKey, data: BytesLike, hpa: int, *, out: BytesLike | None = None) -> npt.NDArray[np.uint8]:
     """Inverse of :func:`encrypt_lines`."""
     _check_line_args(hpa)
-    return _run(key, data, CACHE_LINE_SIZE, _line_tweaks(hpa), out, False)
+    return _run(key, data, CACHE_LINE_SIZE, _line_tweaks(hpa), out, False, hpa=int(hpa))
 
 
-def _unit_tweaks(tweaks: BytesLike, units: int) -> Any:
+def _tweak_array(tweaks: BytesLike, units: int) -> npt.NDArray[np.uint8]:
     tw = _as_u8(tweaks, "tweaks")
     if tw.size != units * BLOCK_NBYTES:
         raise ValueError(f"need one 16-byte tweak per data unit ({units} units), got {tw.size} bytes")
-    tw = np.ascontiguousarray(tw).reshape(units, BLOCK_NBYTES)
+    return np.ascontiguousarray(tw).reshape(units, BLOCK_NBYTES)
+
+
+def _unit_tweaks(tw: npt.NDArray[np.uint8]) -> Any:
 
     def set_tweaks(s: _Scratch, first: int, n: int) -> None:
         s.tweak_in[:n].view(np.uint8).reshape(n, BLOCK_NBYTES)[:] = tw[first : first + n]
@@ -356,13 +418,13 @@ def encrypt_units(
     ``tweaks`` holds 16 bytes per unit, in order (the IEEE 1619 tweak value as bytes, as
     ``cryptography``'s ``modes.XTS(tweak)`` takes it). No ciphertext stealing.
     """
-    units = _check_unit(data, unit_nbytes)
-    return _run(key, data, unit_nbytes, _unit_tweaks(tweaks, units), out, True)
+    tw = _tweak_array(tweaks, _check_unit(data, unit_nbytes))
+    return _run(key, data, unit_nbytes, _unit_tweaks(tw), out, True, tweaks=tw)
 
 
 def decrypt_units(
     key: XtsKey, data: BytesLike, tweaks: BytesLike, unit_nbytes: int, *, out: BytesLike | None = None
 ) -> npt.NDArray[np.uint8]:
     """Inverse of :func:`encrypt_units`."""
-    units = _check_unit(data, unit_nbytes)
-    return _run(key, data, unit_nbytes, _unit_tweaks(tweaks, units), out, False)
+    tw = _tweak_array(tweaks, _check_unit(data, unit_nbytes))
+    return _run(key, data, unit_nbytes, _unit_tweaks(tw), out, False, tweaks=tw)

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_NBYTES = 1 << 20
 MIGRATION_TIMEOUT = 300.0
+UNTHROTTLED = 1 << 40
+"""``max-bandwidth`` (bytes/s) for saves: in effect unlimited."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ async def _save_device_state(vm: EncryptedMachine) -> bytes:
         w = -1
         reader = asyncio.create_task(asyncio.to_thread(_read_all, r))
         await _set_ignore_shared(vm)
+        # QEMU 7.2 throttles migration to 128 MiB/s by default; a save to a local pipe is not
+        # a live migration over a shared link (virsh save lifts the limit the same way)
+        await vm.qmp.execute("migrate-set-parameters", {"max-bandwidth": UNTHROTTLED})
         await vm.qmp.execute("migrate", {"uri": "fd:mktme-snap"})
         await _migration_done(vm, "device-state migration")
         return await reader
@@ -136,12 +141,24 @@ async def _set_ignore_shared(vm: EncryptedMachine) -> None:
                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
 
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, identity: tuple[int, int, int, int]) -> str:
+    return sha256_file(Path(path))
+
+
+def _digest(path: str | os.PathLike[str]) -> str:
+    """sha256 of a boot file, hashed again only when its identity (device, inode, size, mtime)
+    changes: every save records it, and an initrd is tens of MiB."""
+    st = os.stat(path)
+    return _sha256_of(str(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
 def _boot_record(boot: BootSpec | None) -> dict[str, Any] | None:
     if boot is None:
         return None
-    return {"kernel": str(boot.kernel), "kernel_sha256": sha256_file(Path(boot.kernel)),
+    return {"kernel": str(boot.kernel), "kernel_sha256": _digest(boot.kernel),
             "initrd": str(boot.initrd) if boot.initrd else None,
-            "initrd_sha256": sha256_file(Path(boot.initrd)) if boot.initrd else None,
+            "initrd_sha256": _digest(boot.initrd) if boot.initrd else None,
             "append": boot.append, "image": boot.image, "min_memory": boot.min_memory}
 
 

@@ -80,3 +80,18 @@ def test_sigterm_stops_work_that_swallows_its_cancellation():
 
     with pytest.raises(KeyboardInterrupt):
         cli.run_async(stubborn())
+
+
+@pytest.mark.qemu  # runs qemu-system-x86_64 --version only
+def test_doctor_names_the_shim_abi_and_the_xts_implementation(capsys):
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "plugin API 1, phys_addr = ramaddr" in out  # Debian's QEMU 7.2
+    assert "xts    compiled helper over OpenSSL libcrypto" in out
+
+
+def test_doctor_without_qemu_says_so(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("QEMU_MKTME_QEMU", str(tmp_path / "no-such-qemu"))
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "qemu/shim  unusable:" in out and out.count("\n") == 2 and "xts    " in out
