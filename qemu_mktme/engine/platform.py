@@ -365,10 +365,10 @@ class Platform:
                     key = XtsKey(secrets.token_bytes(n), secrets.token_bytes(n))
                 self._tme_key = key
                 self._tme_cipher = XtsLineCipher(key, "TME key")
-            if self.memory.integrity is not None:
-                self.memory.integrity.rekey(0)
                 if v.save_key_for_standby:
                     self._stored_tme_key = key
+            if self.memory.integrity is not None:
+                self.memory.integrity.rekey(0)
 
         self._commit(change)
 
