@@ -27,6 +27,7 @@ import numpy as np
 from ..arch.addresses import GPA, HPA, KeyID, KeyIdLayout
 from ..arch.guestmap import GuestMap, GuestRange
 from ..arch.walk import WalkFault
+from ..engine.integrity import Poison
 from ..engine.platform import Platform
 from ..engine.xts import XtsKey, decrypt_lines
 from ..errors import AddressError
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 ForeignWriteHook = Callable[[int, int, int], None]
 """hook(gpa, nbytes, keyid): a write through ``keyid`` (not the VM's) landed in guest RAM."""
+
+PoisonHook = Callable[[int, Poison], None]
+"""hook(gpa, poison): under integrity, a line of guest RAM will fail its MAC at the next access."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class EncryptedGuest:
         self.hva = hva
         self.ept, self.vmm, self.iommu = ept, vmm, iommu
         self.foreign_write_hooks: list[ForeignWriteHook] = []
+        self.poison_hooks: list[PoisonHook] = []
+        self.poisoned_lines: dict[int, Poison] = {}
         self._describe_key = describe_key
         self._extents = extents
 
@@ -182,6 +188,15 @@ class EncryptedGuest:
         log.info("%s: %d bytes written at GPA %#x through foreign KeyID %d", self.name, nbytes, gpa, keyid)
         for hook in list(self.foreign_write_hooks):
             hook(int(gpa), nbytes, int(keyid))
+
+    def poisoned(self, poison: Poison) -> None:
+        """Integrity mode: the line at ``poison.hpa`` fails its MAC; every :data:`PoisonHook` hears
+        of it (the live layer makes the guest's next access to it a machine check)."""
+        gpa = self.gpa_of(poison.hpa)
+        self.poisoned_lines[int(gpa)] = poison
+        log.warning("%s: line at GPA %#x poisoned (%s)", self.name, gpa, poison.cause)
+        for hook in list(self.poison_hooks):
+            hook(int(gpa), poison)
 
     def load_dram_image(self, offset: int, image: bytes | bytearray | memoryview | np.ndarray, image_hpa: int,
                         key: XtsKey) -> None:
