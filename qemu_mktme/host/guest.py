@@ -192,7 +192,11 @@ class EncryptedGuest:
     def poisoned(self, poison: Poison) -> None:
         """Integrity mode: the line at ``poison.hpa`` fails its MAC; every :data:`PoisonHook` hears
         of it (the live layer makes the guest's next access to it a machine check)."""
-        gpa = self.gpa_of(poison.hpa)
+        try:
+            gpa = self.gpa_of(poison.hpa)
+        except AddressError:                      # backend RAM at no GPA (e.g. shadowed BIOS)
+            log.warning("%s: line at HPA %#x poisoned (%s)", self.name, poison.hpa, poison.cause)
+            return
         self.poisoned_lines[int(gpa)] = poison
         log.warning("%s: line at GPA %#x poisoned (%s)", self.name, gpa, poison.cause)
         for hook in list(self.poison_hooks):
