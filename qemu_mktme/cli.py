@@ -28,6 +28,7 @@ from .files import snapfile
 from .files.keyfile import key_payload, read_key_file
 from .qemu.devices import DiskSpec
 from .qemu.machine import MachineConfig, parse_size
+from .host.sanitizer import Sanitizer
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
@@ -178,8 +179,17 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
 
 
 async def run_guest(args: argparse.Namespace) -> int:
-    async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages) as session:
-        return await attend(session, args)
+    sanitizer = Sanitizer(lambda r: print(f"{PROG}: {r}", file=sys.stderr, flush=True)) if args.sanitize else None
+    if sanitizer is not None or args.integrity:
+        args.trace = True                   # guest instructions and poison consumption need the shim
+    try:
+        async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
+                               integrity=args.integrity, sanitizer=sanitizer) as session:
+            return await attend(session, args)
+    finally:
+        if sanitizer is not None:
+            for line in sanitizer.summary():
+                print(f"{PROG}: {line}", file=sys.stderr)
 
 
 def _read_kek(path: str) -> bytes:
@@ -332,6 +342,10 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--trace", action="store_true", help="print per-KeyID memory traffic every few seconds")
     run.add_argument("--trace-interval", type=float, default=3.0, metavar="S", help=argparse.SUPPRESS)
     run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
+    run.add_argument("--sanitize", action="store_true",
+                     help="KeyID-aliasing sanitizer: report rules (a)-(d) as they happen, a summary at exit")
+    run.add_argument("--integrity", choices=("mac",), default=None,
+                     help="per-line MAC (TDX-like, not MKTME): tampered lines poison, consuming them stops the VM")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     run.set_defaults(func=lambda a: run_async(run_guest(a)))
 

@@ -156,7 +156,7 @@ class Sanitizer:
             self._seen.add((rule, *key))
         r = SanitizerReport(rule, message, site if site is not None else call_site(), **fields)
         self.reports.append(r)
-        log.warning("%s", r)
+        log.info("%s", r)
         if self.out is not None:
             self.out(r)
         return r
