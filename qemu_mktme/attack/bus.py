@@ -30,7 +30,7 @@ class LineRecord:
 
 def check_target(guest: EncryptedGuest, gpa: int) -> tuple[int, int]:
     """(line GPA, line HPA) of ``gpa`` in ``guest``; ``AttackError`` when it cannot be attacked."""
-    kind = guest.query()["key-type"]
+    kind = guest.describe_key()["type"]
     if kind in ("no-encrypt", "clear"):
         raise AttackError(f"VM {guest.name} runs without MKTME encryption (KeyID {guest.keyid} is {kind}): "
                           "its DRAM is plaintext, there is nothing to attack")

@@ -243,6 +243,8 @@ class PhysicalMemory:
         for s, e, att in self._pieces(start, end):
             foreign = att is not None and not self._same(keyid, att, s, e)
             for hpa in range(s, e, _LINE) if foreign else integ.explicit(s, e):
+                if not foreign and integ.verified.get(hpa) == keyid:
+                    continue
                 stored = integ.tags.get(hpa)
                 self._dram_lines(hpa, hpa + _LINE, line)
                 if stored is None:
@@ -262,6 +264,8 @@ class PhysicalMemory:
         for s, e, att in self._pieces(start, start + lines.size):
             if att is None:
                 self._store_dram_lines(s, lines[s - start : e - start])
+                for hpa in range(s, e, _LINE):
+                    integ.tampered(hpa)
                 continue
             for hpa in range(s, e, _LINE):
                 new = lines[hpa - start : hpa - start + _LINE].tobytes()

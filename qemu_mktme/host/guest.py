@@ -272,6 +272,10 @@ class EncryptedGuest:
                 pos = step_end
         return out
 
+    def describe_key(self) -> dict[str, Any]:
+        """The VM key's type, algorithm and state (never its bytes)."""
+        return self._describe_key()
+
     def query(self) -> dict[str, Any]:
         """The VM's encryption state, shaped like QEMU's ``query-sev``."""
         key = self._describe_key()
