@@ -60,13 +60,13 @@ def _flag(text: str) -> str | None:
 
 LINUX_PARAMS: dict[str, Callable[[str], str | None]] = {
     "size_mb": _positive, "count": _uint, "period": _seconds, "addr": _address, "len": _positive,
-    "wait": _flag, "secret": lambda text: None, "hold": _flag, "mitigate": _flag,
+    "wait": _flag, "secret": lambda text: None, "hold": _flag,
 }
 """What each ``mktme.NAME=`` parameter of the Linux guest accepts (the scripts' ``$MKTME_NAME``)."""
 LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
     "checksum": ("size_mb",), "compress": ("size_mb",), "counter": ("count", "period"), "hello": (),
     "memstress": ("size_mb",), "region": ("addr", "len", "wait"), "secret": ("addr", "secret", "wait"),
-    "shell": (), "pin": ("addr", "secret"), "bits": ("addr", "secret", "period", "mitigate"),
+    "shell": (), "pin": ("addr", "secret"), "bits": ("addr", "secret", "period"),
 }
 """The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""
 
