@@ -22,6 +22,7 @@ from . import demo, verifier
 from .attend import TERMINATED, ProgressBar, attend
 from .errors import AttachError, MktmeError
 from .inspect.command import add_inspect_parser
+from .attack.command import add_attack_parser
 from .live import control
 from . import images
 from .files import snapfile
@@ -453,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dump(sub)
     _add_snapshot(sub)
     _add_demo(sub)
+    add_attack_parser(sub, run_async)
     _add_verify(sub)
     add_inspect_parser(sub)
     _add_images(sub)

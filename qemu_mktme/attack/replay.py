@@ -107,6 +107,10 @@ async def pin_replay(*, integrity: bool, pin: str, guesses: Sequence[str], out: 
                 line = answer.result()[0].strip()
                 r.guest_output.append(line)
                 say(f"PIN {guess}: guest: {line}")
+                if vm.guest.poisoned_lines and not stopped.is_set():
+                    # The guest read the poisoned counter to answer: the shim saw that load, the
+                    # stop is on its way (the guest ran on meanwhile, on its own unreplayed values).
+                    await asyncio.wait_for(stopped.wait(), timeout)
             if stopped.is_set():
                 assert vm.poison_watch is not None
                 r.machine_check = vm.poison_watch.events[0]

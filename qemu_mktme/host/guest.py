@@ -198,7 +198,7 @@ class EncryptedGuest:
             log.warning("%s: line at HPA %#x poisoned (%s)", self.name, poison.hpa, poison.cause)
             return
         self.poisoned_lines[int(gpa)] = poison
-        log.warning("%s: line at GPA %#x poisoned (%s)", self.name, gpa, poison.cause)
+        log.info("%s: line at GPA %#x poisoned (%s)", self.name, gpa, poison.cause)
         for hook in list(self.poison_hooks):
             hook(int(gpa), poison)
 

@@ -70,7 +70,7 @@ class PoisonWatch:
                 return
         event = MachineCheckEvent(self.vm.name, line, cause, access)
         self.events.append(event)
-        log.error("%s", event)
+        log.warning("%s", event)
         if self.vm.state is VmState.RUNNING:
             with contextlib.suppress(MktmeError):
                 await self.vm.pause()
