@@ -149,3 +149,20 @@ def test_install_refuses_a_second_observer() -> None:
     host, _, _ = make_host(1)
     with pytest.raises(ValueError, match="observer"):
         Sanitizer().install(host)
+
+
+def test_pytest_plugin_assertion_names_each_report() -> None:
+    from types import SimpleNamespace
+
+    from qemu_mktme.pytest_plugin import assert_no_sanitizer_reports
+
+    host, (a, b), _ = make_host(2)
+    vm0, vm1 = SimpleNamespace(host=host, name="vm0"), SimpleNamespace(host=host, name="vm1")
+    assert_no_sanitizer_reports(vm0)
+    a.write(0x3000, b"S" * 64, keyid=b.keyid)
+    a.read(0x3000, 64)
+    with pytest.raises(AssertionError, match=r"1 sanitizer report for VM vm0:\n  sanitizer \(a\)"):
+        assert_no_sanitizer_reports(vm0)
+    assert_no_sanitizer_reports(vm1)                         # the finding is about vm0 only
+    with pytest.raises(TypeError, match="no sanitizer"):
+        assert_no_sanitizer_reports(SimpleNamespace(host=Host(keyid_bits=6), name="x"))
