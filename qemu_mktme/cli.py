@@ -173,7 +173,9 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
         for name, entry in zip(names, entries):
             payload = key_payload(entry.get("key", args.key))
             specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused),
-                                entry.get("tenant", args.tenant), payload, trace=args.trace))
+                                entry.get("tenant", args.tenant), payload,
+                                # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
+                                trace=args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return specs
@@ -181,8 +183,6 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
 
 async def run_guest(args: argparse.Namespace) -> int:
     sanitizer = Sanitizer(lambda r: print(f"{PROG}: {r}", file=sys.stderr, flush=True)) if args.sanitize else None
-    if sanitizer is not None or args.integrity:
-        args.trace = True                   # guest instructions and poison consumption need the shim
     try:
         async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
                                integrity=args.integrity, sanitizer=sanitizer) as session:
