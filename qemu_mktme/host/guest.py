@@ -216,7 +216,9 @@ class EncryptedGuest:
             raise AddressError(f"{self.name}: DRAM image {offset:#x}+{image.size:#x} is not whole lines of RAM",
                                address=offset, nbytes=image.size)
         hpa = self.hpa_base + offset
-        if image_hpa == hpa:
+        # Under integrity a DRAM write would leave every line's tag stale (poison): the restore goes
+        # through the KeyID instead, as a TDX import re-encrypts through the TD's KeyID.
+        if image_hpa == hpa and self.platform.memory.integrity is None:
             self.platform.memory.write_dram(hpa, image)
         else:
             plain = decrypt_lines(key, image, image_hpa)

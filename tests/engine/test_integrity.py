@@ -114,3 +114,24 @@ def test_tag_is_keyed_sha3_256_over_hpa_and_ciphertext_truncated() -> None:
 def test_platform_refuses_an_unknown_integrity_mode() -> None:
     with pytest.raises(ValueError, match="integrity"):
         Platform(integrity="tdx")
+
+
+def test_a_snapshot_reload_under_integrity_goes_through_the_keyid_and_poisons_nothing() -> None:
+    import os
+
+    from qemu_mktme.arch.guestmap import GuestRange
+    from qemu_mktme.engine.xts import XtsKey, encrypt_lines
+    from qemu_mktme.host.host import Host
+
+    key, tweak = os.urandom(16), os.urandom(16)
+    host = Host(keyid_bits=6, integrity="mac")
+    serial = host.keys.add("vm", f"type=user key={key.hex()} tweak={tweak.hex()}", tenant="t")
+    ram = np.zeros(1 << 20, np.uint8)
+    guest = host.add_guest("vm", ram, [GuestRange(0, 1 << 20, 0)], key_serial=serial, tenant="t")
+    heard = []
+    guest.poison_hooks.append(lambda gpa, poison: heard.append(gpa))
+    plain = np.frombuffer(os.urandom(8192), np.uint8)
+    image = encrypt_lines(XtsKey(key, tweak), plain, guest.hpa_base)
+    guest.load_dram_image(0, image, guest.hpa_base, XtsKey(key, tweak))
+    assert heard == [] and ram[:8192].tobytes() == plain.tobytes()
+    assert guest.read(0, 8192) == plain.tobytes()
