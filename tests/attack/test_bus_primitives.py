@@ -79,8 +79,6 @@ def test_attack_commands_refuse_bad_arguments_with_status_2() -> None:
     from helpers import qm
 
     for args, message in ((("replay", "--pin", "12a4"), "a PIN is 4 digits"),
-                          (("replay", "--wrong", "0"), "whole number in 1..1024"),
-                          (("cipherleak", "--secret", "0120"), "bits as 0 and 1"),
-                          (("cipherleak", "--period", "0"), "seconds in 0.001..10")):
+                          (("cipherleak", "--secret", "0120"), "bits as 0 and 1")):
         out = qm("attack", *args)
         assert out.returncode == 2 and message in out.stderr, out.stderr
