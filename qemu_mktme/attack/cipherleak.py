@@ -16,6 +16,7 @@ Both passes run in one boot (the workload asks for each pass on its console).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import secrets
@@ -117,7 +118,6 @@ async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), per
 
 
 async def _next(stores, timeout: float):  # type: ignore[no-untyped-def]
-    import asyncio
     try:
         return await asyncio.wait_for(anext(stores), timeout)
     except asyncio.TimeoutError:

@@ -73,7 +73,11 @@ async def pin_replay(*, integrity: bool, pin: str, guesses: Sequence[str], out: 
     if not guesses:
         raise ValueError("give at least one PIN to try")
     r = ReplayResult(integrity)
-    say = (lambda text: (r.log.append(text), out(text)))
+
+    def say(text: str) -> None:
+        r.log.append(text)
+        out(text)
+
     started = time.monotonic()
     host = Host(keyid_bits=6, integrity="mac" if integrity else None)
     serial = host.keys.add("pin-victim", "type=cpu", tenant="victim")
