@@ -12,7 +12,7 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     trace     the TCG plugin shim and the tracer
     live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
     inspect   offline tools over dumps
-    verifier, demo, attend, cli, pytest_plugin    what users run
+    verifier, demo, attack, attend, cli, pytest_plugin    what users run
 
 ``errors`` is shared by all.
 """

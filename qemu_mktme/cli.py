@@ -22,12 +22,14 @@ from . import demo, verifier
 from .attend import TERMINATED, ProgressBar, attend
 from .errors import AttachError, MktmeError
 from .inspect.command import add_inspect_parser
+from .attack.command import add_attack_parser
 from .live import control
 from . import images
 from .files import snapfile
 from .files.keyfile import key_payload, read_key_file
 from .qemu.devices import DiskSpec
 from .qemu.machine import MachineConfig, parse_size
+from .host.sanitizer import Sanitizer
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
@@ -171,15 +173,24 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
         for name, entry in zip(names, entries):
             payload = key_payload(entry.get("key", args.key))
             specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused),
-                                entry.get("tenant", args.tenant), payload, trace=args.trace))
+                                entry.get("tenant", args.tenant), payload,
+                                # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
+                                trace=args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return specs
 
 
 async def run_guest(args: argparse.Namespace) -> int:
-    async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages) as session:
-        return await attend(session, args)
+    sanitizer = Sanitizer(lambda r: print(f"{PROG}: {r}", file=sys.stderr, flush=True)) if args.sanitize else None
+    try:
+        async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
+                               integrity=args.integrity, sanitizer=sanitizer) as session:
+            return await attend(session, args)
+    finally:
+        if sanitizer is not None:
+            for line in sanitizer.summary():
+                print(f"{PROG}: {line}", file=sys.stderr)
 
 
 def _read_kek(path: str) -> bytes:
@@ -351,6 +362,10 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--trace", action="store_true", help="print per-KeyID memory traffic every few seconds")
     run.add_argument("--trace-interval", type=float, default=3.0, metavar="S", help=argparse.SUPPRESS)
     run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
+    run.add_argument("--sanitize", action="store_true",
+                     help="KeyID-aliasing sanitizer: report rules (a)-(d) as they happen, a summary at exit")
+    run.add_argument("--integrity", choices=("mac",), default=None,
+                     help="per-line MAC (TDX-like, not MKTME): tampered lines poison, consuming them stops the VM")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     run.set_defaults(func=lambda a: run_async(run_guest(a)))
 
@@ -463,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dump(sub)
     _add_snapshot(sub)
     _add_demo(sub)
+    add_attack_parser(sub, run_async)
     _add_verify(sub)
     add_inspect_parser(sub)
     _add_images(sub)

@@ -69,6 +69,20 @@ class InvalidOpcode(ArchitecturalFault):
     vector = "#UD"
 
 
+class MachineCheck(ArchitecturalFault):
+    """#MC: a CPU access consumed a poisoned line (its integrity MAC did not match).
+
+    ``hpa`` is the line's host-physical address, ``keyid`` the KeyID of the access.
+    """
+
+    vector = "#MC"
+
+    def __init__(self, reason: str, *, hpa: int, keyid: int) -> None:
+        super().__init__(reason)
+        self.hpa = hpa
+        self.keyid = keyid
+
+
 # --- guest images -----------------------------------------------------------------------------
 
 

@@ -19,19 +19,25 @@ Model decisions, all documented here once:
   DRAM writes store ``decrypt_keyid(data)``. When the attachment KeyID's cipher changes (PCONFIG,
   activation) the platform calls :meth:`PhysicalMemory.transcode` so the DRAM content is
   unchanged, as on hardware where PCONFIG never touches DRAM.
+* **Integrity** (``integrity``, set by ``Platform(integrity="mac")``): a per-line MAC checked on
+  CPU reads, see :mod:`.integrity`; ``None`` is MKTME as shipped, no integrity.
+* **Observer** (``observer``): an object told of every CPU read and write (HPA, length, KeyID)
+  before it happens, e.g. the KeyID-aliasing sanitizer (:mod:`qemu_mktme.host.sanitizer`).
+  ``None`` costs one attribute test per access.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ..arch.addresses import CACHE_LINE_SIZE, HPA, PAGE_SHIFT, PAGE_SIZE, KeyIdLayout
-from ..errors import AddressError
+from ..errors import AddressError, MachineCheck
+from .integrity import LineIntegrity, Poison
 from .keytable import LineCipher
 from .xts import BytesLike
 
@@ -59,6 +65,14 @@ class Attachment:
         return f"Attachment(hpa={self.hpa:#x}, nbytes={self.buffer.size:#x}, keyid={self.keyid})"
 
 
+class MemoryObserver(Protocol):
+    """Told of each CPU access before it happens (see the module docstring)."""
+
+    def cpu_read(self, hpa: int, nbytes: int, keyid: int) -> None: ...
+
+    def cpu_write(self, hpa: int, nbytes: int, keyid: int) -> None: ...
+
+
 def _u8(data: BytesLike, name: str) -> U8Array:
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
@@ -76,6 +90,8 @@ class PhysicalMemory:
         self._segments = segments
         self._pages: dict[int, U8Array] = {}
         self._attachments: list[Attachment] = []
+        self.integrity: LineIntegrity | None = None
+        self.observer: MemoryObserver | None = None
 
     def __repr__(self) -> str:
         return f"PhysicalMemory({len(self._pages)} pages touched, {len(self._attachments)} attachments)"
@@ -164,6 +180,10 @@ class PhysicalMemory:
             else:
                 src = att.buffer[s - att.hpa : e - att.hpa]
                 self._transform(self._segments(att.keyid, s, e), s, src, dst, True)
+                if self.integrity is not None and self.integrity.dram:
+                    for line, cipher_text in self.integrity.dram.items():
+                        if s <= line < e:
+                            dst[line - s : line - s + _LINE] = np.frombuffer(cipher_text, np.uint8)
 
     def _store_dram_lines(self, start: int, data: U8Array) -> None:
         end = start + data.size
@@ -176,6 +196,8 @@ class PhysicalMemory:
                 self._transform(self._segments(att.keyid, s, e), s, src, dst, False)
 
     def _cpu_read_lines(self, keyid: int, start: int, end: int, out: U8Array) -> None:
+        if self.integrity is not None:
+            self._check_integrity(keyid, start, end)
         for s, e, att in self._pieces(start, end):
             dst = out[s - start : e - start]
             if att is not None and self._same(keyid, att, s, e):
@@ -194,6 +216,67 @@ class PhysicalMemory:
             cipher_text = np.empty(e - s, np.uint8)
             self._transform(self._segments(keyid, s, e), s, src, cipher_text, True)
             self._store_dram_lines(s, cipher_text)
+            if self.integrity is not None:
+                self._tag_lines(keyid, s, cipher_text, att)
+        if self.integrity is not None:
+            for s, e, att in self._pieces(start, end):
+                if att is not None and self._same(keyid, att, s, e):
+                    self.integrity.forget(s, e)
+
+    # --- integrity (see .integrity) -------------------------------------------------------------
+
+    def _tag_lines(self, keyid: int, start: int, cipher_text: U8Array, att: Attachment | None) -> None:
+        """A CPU write through ``keyid`` stored ``cipher_text``: tag each line; on an attached view
+        of another KeyID the line now fails that KeyID's check (the guest will consume poison)."""
+        integ = self.integrity
+        assert integ is not None
+        for i in range(0, cipher_text.size, _LINE):
+            integ.store(keyid, start + i, cipher_text[i : i + _LINE].tobytes())
+            if att is not None:
+                integ.notify(Poison(start + i, att.keyid, "foreign-write"))
+
+    def _check_integrity(self, keyid: int, start: int, end: int) -> None:
+        """Raise ``MachineCheck`` if a line of [start, end) read through ``keyid`` fails its MAC."""
+        integ = self.integrity
+        assert integ is not None
+        line = np.empty(_LINE, np.uint8)
+        for s, e, att in self._pieces(start, end):
+            foreign = att is not None and not self._same(keyid, att, s, e)
+            for hpa in range(s, e, _LINE) if foreign else integ.explicit(s, e):
+                if not foreign and integ.verified.get(hpa) == keyid:
+                    continue
+                stored = integ.tags.get(hpa)
+                self._dram_lines(hpa, hpa + _LINE, line)
+                if stored is None:
+                    assert att is not None
+                    stored = integ.tag(att.keyid, hpa, line.tobytes())
+                if not integ.check(keyid, hpa, line.tobytes(), stored):
+                    raise MachineCheck(f"integrity check failed on line {hpa:#x} read through KeyID {keyid}: "
+                                       f"poisoned", hpa=hpa, keyid=keyid)
+
+    def _write_dram_checked(self, start: int, lines: U8Array) -> None:
+        """write_dram under integrity: tags stay as the controller last wrote them. An attached
+        line keeps its buffer (the CPU never gets tampered data) and its DRAM content is kept
+        aside; a line whose new content fails its tag is reported poisoned."""
+        integ = self.integrity
+        assert integ is not None
+        old = np.empty(_LINE, np.uint8)
+        for s, e, att in self._pieces(start, start + lines.size):
+            if att is None:
+                self._store_dram_lines(s, lines[s - start : e - start])
+                for hpa in range(s, e, _LINE):
+                    integ.tampered(hpa)
+                continue
+            for hpa in range(s, e, _LINE):
+                new = lines[hpa - start : hpa - start + _LINE].tobytes()
+                stored = integ.tags.get(hpa)
+                if stored is None:
+                    self._dram_lines(hpa, hpa + _LINE, old)
+                    stored = integ.tags[hpa] = integ.tag(att.keyid, hpa, old.tobytes())
+                if integ.tag(att.keyid, hpa, new) == stored and hpa not in integ.dram:
+                    continue                                   # the same ciphertext written back
+                integ.dram[hpa] = new
+                integ.notify(Poison(hpa, att.keyid, "dram-write"))
 
     @staticmethod
     def _line_bounds(hpa: int, nbytes: int) -> tuple[int, int]:
@@ -220,6 +303,11 @@ class PhysicalMemory:
         it is a zero-copy view of the attached buffer (it changes when the buffer does).
         """
         hpa, keyid = self._split(pa, nbytes)
+        if self.observer is not None:
+            self.observer.cpu_read(hpa, nbytes, keyid)
+        if self.integrity is not None and (self.integrity.tags or self.integrity.dram):
+            a0, a1 = self._line_bounds(hpa, nbytes)
+            self._check_integrity(keyid, a0, a1)
         for att in self._attachments:
             if att.keyid == keyid and att.hpa <= hpa and hpa + nbytes <= att.end:
                 view = att.buffer[hpa - att.hpa : hpa - att.hpa + nbytes].view()
@@ -242,6 +330,8 @@ class PhysicalMemory:
         hpa, keyid = self._split(pa, src.size)
         if src.size == 0:
             return
+        if self.observer is not None:
+            self.observer.cpu_write(hpa, src.size, keyid)
         start, lines = self._patched(hpa, src, lambda s, e, o: self._cpu_read_lines(keyid, s, e, o))
         self._cpu_write_lines(keyid, start, lines)
 
@@ -300,7 +390,10 @@ class PhysicalMemory:
         if src.size == 0:
             return
         start, lines = self._patched(hpa, src, self._dram_lines)
-        self._store_dram_lines(start, lines)
+        if self.integrity is not None:
+            self._write_dram_checked(start, lines)
+        else:
+            self._store_dram_lines(start, lines)
 
     # --- attachments ----------------------------------------------------------------------------
 
@@ -328,6 +421,8 @@ class PhysicalMemory:
                 raise AddressError(f"attachment at {hpa:#x}+{arr.size:#x} overlaps {other!r}", address=hpa, nbytes=arr.size)
         for page in range(hpa >> PAGE_SHIFT, (hpa + arr.size) >> PAGE_SHIFT):
             self._pages.pop(page, None)
+        if self.integrity is not None:
+            self.integrity.forget(int(hpa), int(hpa) + arr.size)
         att = Attachment(int(hpa), arr, keyid)
         self._attachments.append(att)
         self._attachments.sort(key=lambda a: a.hpa)
@@ -338,6 +433,8 @@ class PhysicalMemory:
         (zeros); the buffer keeps its content. Raises ``AddressError`` if none starts there."""
         for i, att in enumerate(self._attachments):
             if att.hpa == hpa:
+                if self.integrity is not None:
+                    self.integrity.forget(att.hpa, att.end)
                 return self._attachments.pop(i)
         raise AddressError(f"no CPU view attached at {hpa:#x}", address=int(hpa))
 

@@ -26,6 +26,11 @@ Model decisions beyond the manual:
 * KEY_SELECT = 1 (restore the TME key from storage) with no stored key is #GP. Storage survives
   :meth:`Platform.resume_from_standby` (S3: DRAM kept, MSRs and key tables lost).
 * PCONFIG's RBX is treated as a physical address (identity-mapped), KeyID bits included.
+* ``integrity="mac"`` adds a per-line MAC (not MKTME: what TDX adds; :mod:`.integrity` says how
+  the model differs from TDX). PCONFIG gives the KeyID a fresh integrity key; activation gives
+  KeyID 0 one. ``integrity=None`` (the default) is MKTME as shipped.
+* A memory ``observer`` with a ``key_programmed(keyid, package, command)`` method hears of every
+  successful PCONFIG (the KeyID-aliasing sanitizer's rule (d)).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ..arch import pconfig as pc
 from ..arch.addresses import PAGE_SIZE, KeyIdLayout
 from ..arch.msr import Algorithm
 from ..errors import GeneralProtection, InvalidOpcode
+from .integrity import LineIntegrity
 from .keytable import PLAINTEXT, KeyEntry, KeyMode, KeyTable, LineCipher, XtsLineCipher
 from .memory import PhysicalMemory, Segments
 from .xts import XtsKey
@@ -153,6 +159,7 @@ class Platform:
         pconfig_supported: bool | None = None,
         memory_homes: Sequence[tuple[int, int, int]] | None = None,
         rng: Rng | None = None,
+        integrity: str | None = None,
     ) -> None:
         KeyIdLayout(maxphyaddr, 0)  # validates maxphyaddr
         if not 0 <= max_keyid_bits <= 15 or max_keyid_bits >= maxphyaddr - 30:
@@ -164,6 +171,8 @@ class Platform:
             raise ValueError("a TME platform supports at least one algorithm")
         if packages < 1:
             raise ValueError(f"packages must be >= 1, got {packages}")
+        if integrity not in (None, "mac"):
+            raise ValueError(f"integrity must be None or 'mac', got {integrity!r}")
         self.maxphyaddr = maxphyaddr
         self.max_keyid_bits = max_keyid_bits
         self.max_keys = max_keys
@@ -177,6 +186,9 @@ class Platform:
         self._entropy_failures = 0
         self._stored_tme_key: XtsKey | None = None
         self.memory = PhysicalMemory(lambda: self.layout, self._current_segments)
+        self.integrity = integrity
+        if integrity == "mac":
+            self.memory.integrity = LineIntegrity()
         self._boot()
 
     def __repr__(self) -> str:
@@ -355,6 +367,8 @@ class Platform:
                 self._tme_cipher = XtsLineCipher(key, "TME key")
                 if v.save_key_for_standby:
                     self._stored_tme_key = key
+            if self.memory.integrity is not None:
+                self.memory.integrity.rekey(0)
 
         self._commit(change)
 
@@ -428,6 +442,11 @@ class Platform:
         if entry is not None:
             table = self._tables[package]
             self._commit(lambda: setattr(table, "entries", table.updated(s.keyid, entry)))
+            if self.memory.integrity is not None:
+                self.memory.integrity.rekey(s.keyid)
+            notify = getattr(self.memory.observer, "key_programmed", None)
+            if notify is not None:
+                notify(s.keyid, package, pc.Command(s.command).name)
         return PconfigResult(int(status), status != pc.Status.PROG_SUCCESS)
 
     @staticmethod

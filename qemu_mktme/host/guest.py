@@ -27,6 +27,7 @@ import numpy as np
 from ..arch.addresses import GPA, HPA, KeyID, KeyIdLayout
 from ..arch.guestmap import GuestMap, GuestRange
 from ..arch.walk import WalkFault
+from ..engine.integrity import Poison
 from ..engine.platform import Platform
 from ..engine.xts import XtsKey, decrypt_lines
 from ..errors import AddressError
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 ForeignWriteHook = Callable[[int, int, int], None]
 """hook(gpa, nbytes, keyid): a write through ``keyid`` (not the VM's) landed in guest RAM."""
+
+PoisonHook = Callable[[int, Poison], None]
+"""hook(gpa, poison): under integrity, a line of guest RAM will fail its MAC at the next access."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class EncryptedGuest:
         self.hva = hva
         self.ept, self.vmm, self.iommu = ept, vmm, iommu
         self.foreign_write_hooks: list[ForeignWriteHook] = []
+        self.poison_hooks: list[PoisonHook] = []
+        self.poisoned_lines: dict[int, Poison] = {}
         self._describe_key = describe_key
         self._extents = extents
 
@@ -189,6 +195,19 @@ class EncryptedGuest:
         for hook in list(self.foreign_write_hooks):
             hook(int(gpa), nbytes, int(keyid))
 
+    def poisoned(self, poison: Poison) -> None:
+        """Integrity mode: the line at ``poison.hpa`` fails its MAC; every :data:`PoisonHook` hears
+        of it (the live layer makes the guest's next access to it a machine check)."""
+        try:
+            gpa = self.gpa_of(poison.hpa)
+        except AddressError:                      # backend RAM at no GPA (e.g. shadowed BIOS)
+            log.warning("%s: line at HPA %#x poisoned (%s)", self.name, poison.hpa, poison.cause)
+            return
+        self.poisoned_lines[int(gpa)] = poison
+        log.info("%s: line at GPA %#x poisoned (%s)", self.name, gpa, poison.cause)
+        for hook in list(self.poison_hooks):
+            hook(int(gpa), poison)
+
     def load_dram_image(self, offset: int, image: bytes | bytearray | memoryview | np.ndarray, image_hpa: int,
                         key: XtsKey) -> None:
         """Bring back a DRAM image of this VM's RAM taken at HPA ``image_hpa`` (a snapshot) into
@@ -203,7 +222,9 @@ class EncryptedGuest:
             raise AddressError(f"{self.name}: DRAM image {offset:#x}+{image.size:#x} is not whole lines of RAM",
                                address=offset, nbytes=image.size)
         hpa = self.hpa_base + offset
-        if image_hpa == hpa:
+        # Under integrity a DRAM write would leave every line's tag stale (poison): the restore goes
+        # through the KeyID instead, as a TDX import re-encrypts through the TD's KeyID.
+        if image_hpa == hpa and self.platform.memory.integrity is None:
             self.platform.memory.write_dram(hpa, image)
         else:
             plain = decrypt_lines(key, image, image_hpa)
@@ -258,6 +279,10 @@ class EncryptedGuest:
                         out.append(Mismatch(gpa, step_end - pos, pos, *keyids))
                 pos = step_end
         return out
+
+    def describe_key(self) -> dict[str, Any]:
+        """The VM key's type, algorithm and state (never its bytes)."""
+        return self._describe_key()
 
     def query(self) -> dict[str, Any]:
         """The VM's encryption state, shaped like QEMU's ``query-sev``."""

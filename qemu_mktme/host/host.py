@@ -7,6 +7,9 @@ KeyID table and physical memory map, and the VMs bound to it.
     guest.dram(0x200000, 64)          # what the memory bus carries
     host.remove_guest("vm1")          # KeyID released when its last user goes
 
+``Host(integrity="mac")`` builds the platform with per-line integrity (:mod:`..engine.integrity`);
+``Host(sanitizer=Sanitizer(print))`` installs the KeyID-aliasing sanitizer (:mod:`.sanitizer`).
+
 ``add_guest`` is all or nothing: a failure releases the KeyID reference, the HPA range, the
 attachment and every table frame it took.
 """
@@ -22,6 +25,7 @@ import numpy as np
 from ..arch import cpuid as cpuid_bits
 from ..arch import msr as msr_bits
 from ..arch.msr import Algorithm
+from ..engine.integrity import Poison
 from ..engine.platform import AES_XTS_128, AES_XTS_256, Platform
 from ..errors import HostError
 from ..arch.guestmap import GuestRange
@@ -29,6 +33,7 @@ from .guest import EncryptedGuest
 from .keyids import KeyIdAllocator
 from .keys import KeyService
 from .physmap import FrameAllocator, HpaRanges
+from .sanitizer import Sanitizer
 from .tables import EPT, IOMMU, VMM, TranslationTable
 
 log = logging.getLogger(__name__)
@@ -62,13 +67,14 @@ class Host:
 
     def __init__(self, *, keyid_bits: int = 6, maxphyaddr: int = 46, packages: int = 1,
                  max_keys: int | None = None, algorithms: Sequence[Algorithm] = (AES_XTS_128, AES_XTS_256),
-                 bypass: bool = False, platform: Platform | None = None) -> None:
+                 bypass: bool = False, platform: Platform | None = None, integrity: str | None = None,
+                 sanitizer: Sanitizer | None = None) -> None:
         if platform is None:
             if not 1 <= keyid_bits <= 15:
                 raise ValueError(f"keyid_bits must be in 1..15 for MKTME, got {keyid_bits}")
             platform = Platform(maxphyaddr, max_keyid_bits=keyid_bits,
                                 max_keys=(1 << keyid_bits) - 1 if max_keys is None else max_keys,
-                                algorithms=algorithms, packages=packages)
+                                algorithms=algorithms, packages=packages, integrity=integrity)
             platform.bios_activate(keyid_bits=keyid_bits, bypass=bypass)
         if not platform.activated or platform.layout.keyid_bits == 0:
             raise HostError("the platform's BIOS did not activate MKTME (KeyID bits = 0)")
@@ -82,6 +88,9 @@ class Host:
         self.keys = KeyService(platform, self.keyids, self.frames.alloc())
         self.hpa_ranges = HpaRanges(limit=1 << layout.keyid_shift)
         self.guests: dict[str, EncryptedGuest] = {}
+        if platform.memory.integrity is not None:
+            platform.memory.integrity.hooks.append(self._poisoned)
+        self.sanitizer = sanitizer.install(self) if sanitizer is not None else None
 
     def __repr__(self) -> str:
         return f"<Host {self.platform.layout} {len(self.guests)} guests>"
@@ -127,6 +136,8 @@ class Host:
             for table in tables:
                 table.flush()
             self.platform.memory.attach_cpu_view(rng.hpa, buf, keyid)
+            if self.sanitizer is not None:      # QEMU's fresh backend: cleared through the KeyID
+                self.sanitizer.cpu_write(rng.hpa, buf.size, keyid)
             undo.append(lambda: self.platform.memory.detach_cpu_view(rng.hpa))
         except BaseException:
             for step in reversed(undo):
@@ -138,6 +149,12 @@ class Host:
         self.guests[name] = guest
         log.info("%s: RAM %d MiB at HPA %#x, KeyID %d (tenant %s)", name, buf.size >> 20, rng.hpa, keyid, tenant)
         return guest
+
+    def _poisoned(self, poison: Poison) -> None:
+        """An integrity poison in some VM's RAM: that VM's ``poison_hooks`` hear of it."""
+        for guest in self.guests.values():
+            if guest.hpa_base <= poison.hpa < guest.hpa_base + guest.ram.size:
+                guest.poisoned(poison)
 
     def remove_guest(self, name: str) -> None:
         """Unbind: detach RAM, free tables and HPA range, drop the key reference."""

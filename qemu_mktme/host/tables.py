@@ -28,6 +28,7 @@ from ..arch.entry import entry_address, entry_keyid, make_entry
 from ..arch.walk import Translation, WalkFault
 from ..engine.memory import PhysicalMemory
 from .physmap import FrameAllocator
+from .sanitizer import sanitizer_of
 
 SIZE_2M = 1 << 21
 _ENTRIES = 512
@@ -107,6 +108,9 @@ class TranslationTable:
         """
         if address % PAGE_SIZE or hpa % PAGE_SIZE or nbytes % PAGE_SIZE:
             raise ValueError(f"{self.format.name}: mappings are 4 KiB aligned")
+        sanitizer = sanitizer_of(self.memory)
+        if sanitizer is not None:
+            sanitizer.mapped(self, self.format.name, hpa, nbytes, keyid)
         fmt, lay = self.format, self.layout
         template_4k = make_entry(fmt.leaf_4k(lay), 0, keyid, **fmt.leaf_flags)
         template_2m = make_entry(fmt.leaf_2m(lay), 0, keyid, **dict(fmt.leaf_flags, ps=1))
@@ -166,9 +170,15 @@ class TranslationTable:
         self._pages[table][index] = t.leaf.entry.layout.replace(self._pages[table][index], keyid=keyid)
         self._dirty.add(table)
         self.flush()
+        sanitizer = sanitizer_of(self.memory)
+        if sanitizer is not None:
+            sanitizer.mapped(self, self.format.name, int(t.hpa) & ~(t.page_size - 1), t.page_size, keyid)
 
     def free(self) -> None:
         """Give every table frame back (the structure must no longer be in use)."""
+        sanitizer = sanitizer_of(self.memory)
+        if sanitizer is not None:
+            sanitizer.unmapped(self)
         for frame in self._pages:
             self.memory.write(frame, bytes(PAGE_SIZE))
             self._frames_alloc.free(frame)

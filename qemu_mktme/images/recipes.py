@@ -66,7 +66,7 @@ LINUX_PARAMS: dict[str, Callable[[str], str | None]] = {
 LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
     "checksum": ("size_mb",), "compress": ("size_mb",), "counter": ("count", "period"), "hello": (),
     "memstress": ("size_mb",), "region": ("addr", "len", "wait"), "secret": ("addr", "secret", "wait"),
-    "shell": (),
+    "shell": (), "pin": ("addr", "secret"), "bits": ("addr", "secret", "period"),
 }
 """The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""
 

@@ -23,6 +23,7 @@ from ..host.guest import EncryptedGuest
 from ..host.host import DEFAULT_VMM_HVA, Host
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
+from .machinecheck import PoisonWatch, forward_foreign_reads
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class EncryptedMachine(Machine):
         self._hpa = hpa
         self._revoke_key = revoke_key_on_close
         self._guest: EncryptedGuest | None = None
+        self.poison_watch: PoisonWatch | None = None
+        """Under integrity, once traced: the machine checks of this VM (``.events``)."""
 
     @property
     def guest(self) -> EncryptedGuest:
@@ -76,6 +79,11 @@ class EncryptedMachine(Machine):
         self._guest = self.host.add_guest(self.name, ram.backend, list(ram.ranges), key_serial=self.key_serial,
                                           tenant=self.tenant, hva=hva or DEFAULT_VMM_HVA, hpa=self._hpa,
                                           extents=ram.data_extents)
+
+    async def close(self) -> None:
+        if self.poison_watch is not None:
+            await self.poison_watch.close()
+        await super().close()
 
     def _release_files(self) -> None:
         if self._guest is not None:
@@ -100,6 +108,18 @@ class EncryptedMachine(Machine):
         await tracer.start(self)
         tracer.set_backend_keyid(0, self.ram.size, self.keyid)   # all of the backend is the VM's
         self.guest.foreign_write_hooks.append(tracer.mark_foreign)
+        if self.host.sanitizer is not None:
+            guest = self.guest
+
+            def hpa_of(gpa: int) -> int | None:
+                try:
+                    return int(guest.hpa_of(gpa))
+                except MktmeError:
+                    return None
+            forward_foreign_reads(self.name, tracer, self.host.sanitizer, hpa_of)
+        if self.host.platform.memory.integrity is not None:
+            self.poison_watch = PoisonWatch(self, tracer)
+            self.guest.poison_hooks.append(self.poison_watch.poisoned)
 
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""

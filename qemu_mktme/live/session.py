@@ -21,6 +21,7 @@ from ..errors import KeyServiceError
 from ..files import Progress
 from ..files.dumpfile import Dump
 from ..host.host import Host
+from ..host.sanitizer import Sanitizer
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .capture import capture
@@ -46,12 +47,12 @@ class HostSession:
     """``async with HostSession(specs, keyid_bits=6) as s:`` runs every VM, serves control requests."""
 
     def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
-                 control: bool = True) -> None:
+                 control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None) -> None:
         names = [s.config.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
         self.specs = specs
-        self.host = Host(keyid_bits=keyid_bits, packages=packages)
+        self.host = Host(keyid_bits=keyid_bits, packages=packages, integrity=integrity, sanitizer=sanitizer)
         self.machines: dict[str, Machine] = {}
         self.tracers: dict[str, Tracer] = {}
         self.handlers: dict[str, Handler] = {

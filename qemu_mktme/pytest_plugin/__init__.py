@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import pytest
 
-from .assertions import assert_ciphertext, assert_not_in_dram, expect_console, find_in_dram
+from .assertions import (assert_ciphertext, assert_no_sanitizer_reports, assert_not_in_dram, expect_console,
+                         find_in_dram)
 from .fixtures import mktme_host, mktme_images, mktme_settings, mktme_vm  # noqa: F401 - fixtures, found by pytest
 from .options import add_options, settings
 
-__all__ = ["assert_ciphertext", "assert_not_in_dram", "expect_console", "find_in_dram"]
+__all__ = ["assert_ciphertext", "assert_no_sanitizer_reports", "assert_not_in_dram", "expect_console",
+           "find_in_dram"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -3,6 +3,7 @@
     assert_not_in_dram(vm, b"secret")                 # nowhere in what the memory bus carries
     assert_ciphertext(vm, gpa, 4096)                  # DRAM holds this range encrypted under the VM's KeyID
     await expect_console(vm, r"ok crc32 .*\\n")         # or the transcript tail in the failure
+    assert_no_sanitizer_reports(vm)                   # the KeyID-aliasing sanitizer found nothing
 """
 
 from __future__ import annotations
@@ -58,6 +59,23 @@ def assert_ciphertext(vm: Any, gpa: int, nbytes: int, keyid: int | None = None) 
     mode = guest.platform.key_entry(k).mode.value
     if mode == "encrypt" and dram == plain and any(plain):
         raise AssertionError(f"DRAM at GPA {start:#x}+{end - start:#x} holds plaintext")
+
+
+def assert_no_sanitizer_reports(vm: Any) -> None:
+    """The KeyID-aliasing sanitizer of ``vm``'s host made no report about this VM or the host
+    (rules (a)-(d), see :mod:`qemu_mktme.host.sanitizer`). The ``mktme_host`` fixture installs
+    one; a host of your own needs ``Host(sanitizer=Sanitizer())``."""
+    __tracebackhide__ = True
+    host = getattr(vm, "host", None)
+    sanitizer = getattr(host, "sanitizer", None)
+    if sanitizer is None:
+        raise TypeError("the VM's host has no sanitizer: build it with Host(sanitizer=Sanitizer())")
+    name = getattr(vm, "name", None)
+    found = [r for r in sanitizer.reports if r.vm in (None, name)]
+    if found:
+        shown = "\n".join(f"  {r}" for r in found[:10])
+        more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
+        raise AssertionError(f"{len(found)} sanitizer report{'s' * (len(found) != 1)} for VM {name}:\n{shown}{more}")
 
 
 async def expect_console(vm: Any, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:

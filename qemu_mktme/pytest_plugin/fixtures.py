@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ..host.host import Host
+from ..host.sanitizer import Sanitizer
 from ..files.keyfile import key_payload
 from .. import images
 from ..live.encrypted import EncryptedMachine
@@ -40,8 +41,9 @@ def mktme_settings(pytestconfig: pytest.Config) -> Settings:
 
 @pytest.fixture
 def mktme_host(mktme_settings: Settings) -> Host:
-    """A freshly booted emulated MKTME host (BIOS-activated, 2^bits - 1 KeyIDs)."""
-    return Host(keyid_bits=mktme_settings.keyid_bits)
+    """A freshly booted emulated MKTME host (BIOS-activated, 2^bits - 1 KeyIDs), with the
+    KeyID-aliasing sanitizer collecting reports (``assert_no_sanitizer_reports``)."""
+    return Host(keyid_bits=mktme_settings.keyid_bits, sanitizer=Sanitizer())
 
 
 @pytest.fixture(scope="session")

@@ -295,6 +295,8 @@ class Tracer:
         self.state = TracerState.IDLE
         self.plugin_arg: str | None = None
         self.foreign_read_count = 0
+        self.foreign_read_hooks: list[Callable[[ForeignRead], None]] = []
+        """Called synchronously with each foreign read as it is found (the sanitizer's rule (a))."""
         self._region: SharedRegion | None = None
         self._vm: Machine | None = None
         self._abi = 0
@@ -669,6 +671,8 @@ class Tracer:
             read = ForeignRead(Access.from_row(batch[hit.index]), hit.keyid,
                                self._map.gpa_at(hit.line_offset), hit.garbage_bytes)
             self.foreign_read_count += 1
+            for hook in list(self.foreign_read_hooks):
+                hook(read)
             for sub in list(self._foreign_subs):
                 sub._push(read, 1)
         if changed:

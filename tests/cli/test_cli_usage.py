@@ -39,7 +39,7 @@ def cases(files):
     kb = files("k.bin", b"\x00\x01KEYCONTENT\xff" * 4)
     k32 = files("kek32", b" " * 32)
     return [
-        (["run", "--guest", "linux", "--workload", "nosuch"], "no workload 'nosuch' (have: checksum"),
+        (["run", "--guest", "linux", "--workload", "nosuch"], "no workload 'nosuch' (have: bits, checksum"),
         (["run", "--guest", "linux", "--param", "bogus=1"], "workload hello takes no parameter 'bogus'"),
         (["run", "--guest", "linux", "--workload", "checksum", "--param", "size_mb=-5"],
          "size_mb must be a positive whole number"),
