@@ -364,6 +364,7 @@ def _line_tweaks(hpa: int) -> Any:
         if start + n * CACHE_LINE_SIZE > 1 << 64:
             raise ValueError("line addresses wrap past 2^64")
         np.add(s.offsets[:n], _U64(start), out=s.tweak_in[:n, 0])
+        s.tweak_in[:n, 1] = 0          # the scratch is shared with explicit-tweak calls of this shape
 
     return set_tweaks
 
