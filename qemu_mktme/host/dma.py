@@ -1,21 +1,97 @@
 """A device assigned to a VM doing DMA through the VM's IOMMU domain.
 
-Every access is translated page by page by walking the VT-d second-level table in platform
-memory; the HPA and the KeyID come from the leaf entry, so a domain tagged with the wrong KeyID
-(or not tagged) makes the device read ciphertext-as-garbage and write garbage into the guest,
-as on hardware. A non-present IOVA is a DMA remapping fault (:class:`DmaFault`).
+Every access is translated by the VT-d second-level table in platform memory; the HPA and the
+KeyID come from the leaf entry, so a domain tagged with the wrong KeyID (or not tagged) makes the
+device read ciphertext-as-garbage and write garbage into the guest, as on hardware. A
+non-present IOVA is a DMA remapping fault (:class:`DmaFault`).
+
+Translations are cached per leaf in the device's IOTLB, as VT-d hardware does; the cache is
+dropped whenever the domain's entries are rewritten (``TranslationTable.generation``, our
+stand-in for the VMM's IOTLB invalidation), so a re-tagged domain takes effect on the next DMA.
+
+This module is the one place device memory traffic passes: the foreign-write marking (a write
+through another KeyID makes the guest's next CPU load of those lines a foreign read) and the
+observers (DMA sanitizer, counters, traces) are all called from :meth:`AssignedDevice._runs`'s
+users here.
 """
 
 from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from ..arch.addresses import PAGE_SIZE, KeyID
 from ..arch.walk import WalkFault
 from ..errors import AddressError
 from .guest import EncryptedGuest
 
+log = logging.getLogger(__name__)
+
 
 class DmaFault(AddressError):
     """The IOMMU refused a DMA address (not mapped, or a reserved-bit fault)."""
+
+
+@dataclass(frozen=True)
+class Dma:
+    """One contiguous piece of a transfer as the memory controller sees it."""
+
+    device: str
+    direction: str            # "read" (device reads guest memory) or "write"
+    iova: int
+    hpa: int
+    keyid: int
+    expected_keyid: int
+    nbytes: int
+
+    def __str__(self) -> str:
+        return (f"{self.device}: DMA {self.direction} of {self.nbytes} bytes at IOVA {self.iova:#x} "
+                f"(HPA {self.hpa:#x}) through KeyID {self.keyid}, VM's KeyID {self.expected_keyid}")
+
+
+DmaObserver = Callable[[Dma], None]
+
+
+class DmaSanitizer:
+    """Reports every DMA whose KeyID differs from the owning VM's (the IOMMU tagged wrongly).
+
+    Each such DMA is kept (the last ``keep``) and counted; the log gets the first of each
+    (device, direction, KeyID) kind, so a broken domain does not flood it.
+    """
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.reports: collections.deque[Dma] = collections.deque(maxlen=keep)
+        self.count = 0
+        self._logged: set[tuple[str, str, int]] = set()
+
+    def __call__(self, dma: Dma) -> None:
+        if dma.keyid == dma.expected_keyid:
+            return
+        self.count += 1
+        self.reports.append(dma)
+        kind = (dma.device, dma.direction, dma.keyid)
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("DMA sanitizer: %s (further ones of this kind are counted, not logged)", dma)
+
+
+@dataclass
+class DmaCounters:
+    """Per-device totals, as ``run --trace`` prints them."""
+
+    reads: int = 0
+    writes: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    faults: int = 0
+    foreign: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
 
 
 class AssignedDevice:
@@ -24,32 +100,84 @@ class AssignedDevice:
     def __init__(self, guest: EncryptedGuest, name: str = "dev0") -> None:
         self.guest = guest
         self.name = name
+        self.observers: list[DmaObserver] = []
+        self.sanitizer = DmaSanitizer()
+        self.observers.append(self.sanitizer)
+        self.counters = DmaCounters()
+        self._tlb: dict[tuple[int, int], tuple[int, int]] = {}   # (shift, iova >> shift) -> (hpa base, keyid)
+        self._tlb_generation = -1
 
-    def _pieces(self, iova: int, nbytes: int) -> list[tuple[int, int, int]]:
-        """(physical address with KeyID, offset into the transfer, length) per page touched."""
-        out, done = [], 0
+    def _translate(self, iova: int) -> tuple[int, int, int]:
+        """(HPA, KeyID, bytes left in the leaf) for ``iova``, through the IOTLB."""
+        table = self.guest.iommu
+        if self._tlb_generation != table.generation:
+            self._tlb.clear()
+            self._tlb_generation = table.generation
+        tlb = self._tlb
+        for shift in (21, 12):
+            hit = tlb.get((shift, iova >> shift))
+            if hit is not None:
+                off = iova & ((1 << shift) - 1)
+                return hit[0] + off, hit[1], (1 << shift) - off
+        t = table.walk(iova)
+        if isinstance(t, WalkFault):
+            self.counters.faults += 1
+            raise DmaFault(f"{self.name}: DMA remapping fault at IOVA {iova:#x}: {t}", address=iova)
+        size = t.page_size
+        shift = size.bit_length() - 1
+        off = iova & (size - 1)
+        tlb[(shift, iova >> shift)] = (int(t.hpa) - off, int(t.keyid))
+        return int(t.hpa), int(t.keyid), size - off
+
+    def _runs(self, iova: int, nbytes: int) -> list[tuple[int, int, int, int, int]]:
+        """(HPA, KeyID, IOVA, offset into the transfer, length) pieces, contiguous ones merged."""
+        if iova < 0 or nbytes < 0:
+            raise DmaFault(f"{self.name}: bad DMA range {iova:#x}+{nbytes:#x}", address=iova, nbytes=nbytes)
+        out: list[tuple[int, int, int, int, int]] = []
+        done = 0
         while done < nbytes:
-            t = self.guest.iommu.walk(iova + done)
-            if isinstance(t, WalkFault):
-                raise DmaFault(f"{self.name}: DMA remapping fault at IOVA {iova + done:#x}: {t}",
-                               address=iova + done, nbytes=nbytes)
-            n = min(nbytes - done, PAGE_SIZE - (iova + done) % PAGE_SIZE)
-            out.append((self.guest.layout.compose(t.hpa, KeyID(t.keyid)), done, n))
+            hpa, keyid, left = self._translate(iova + done)
+            n = min(nbytes - done, left)
+            if out and out[-1][1] == keyid and out[-1][0] + out[-1][4] == hpa:
+                h, k, i, o, m = out[-1]
+                out[-1] = (h, k, i, o, m + n)
+            else:
+                out.append((hpa, keyid, iova + done, done, n))
             done += n
+        return out
+
+    def _observe(self, direction: str, runs: list[tuple[int, int, int, int, int]]) -> None:
+        expected = int(self.guest.keyid)
+        for hpa, keyid, iova, _, n in runs:
+            dma = Dma(self.name, direction, iova, hpa, keyid, expected, n)
+            for observer in self.observers:
+                observer(dma)
+
+    def dma_read_arrays(self, iova: int, nbytes: int) -> list[np.ndarray]:
+        """What the device reads at ``iova``, as read-only arrays (zero-copy views of the guest's
+        RAM where the KeyID is the VM's, decrypted-with-the-wrong-key copies elsewhere)."""
+        runs = self._runs(iova, nbytes)
+        mem, layout = self.guest.platform.memory, self.guest.layout
+        out = [mem.read_array(layout.compose(hpa, KeyID(k)), n) for hpa, k, _, _, n in runs]
+        self.counters.reads += 1
+        self.counters.read_bytes += nbytes
+        self._observe("read", runs)
         return out
 
     def dma_read(self, iova: int, nbytes: int) -> bytes:
         """Bytes the device reads at ``iova``."""
-        mem = self.guest.platform.memory
-        return b"".join(mem.read(pa, n) for pa, _, n in self._pieces(iova, nbytes))
+        return b"".join(a.tobytes() for a in self.dma_read_arrays(iova, nbytes))
 
-    def dma_write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
+    def dma_write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """The device writes ``data`` at ``iova``."""
-        view = memoryview(data).cast("B")
-        mem = self.guest.platform.memory
-        layout = self.guest.layout
-        for pa, off, n in self._pieces(iova, len(view)):
-            mem.write(pa, view[off:off + n])
-            hpa, keyid = layout.split(pa)
-            if keyid != self.guest.keyid:
-                self.guest.foreign_write(self.guest.gpa_of(hpa), n, keyid)
+        view = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        runs = self._runs(iova, view.size)
+        mem, layout, guest = self.guest.platform.memory, self.guest.layout, self.guest
+        for hpa, keyid, _, off, n in runs:
+            mem.write(layout.compose(hpa, KeyID(keyid)), view[off:off + n])
+            if keyid != guest.keyid:
+                self.counters.foreign += 1
+                guest.foreign_write(guest.gpa_of(hpa), n, keyid)
+        self.counters.writes += 1
+        self.counters.write_bytes += view.size
+        self._observe("write", runs)
