@@ -121,13 +121,23 @@ class VhostDisks:
             out[device.name] = row
         return out
 
+    def summary(self, title: str = "dma") -> list[str]:
+        """The per-device DMA counter lines ``run --trace`` prints beside the memory counters."""
+        lines = []
+        for name, c in self.counters().items():
+            lines.append(f"  {title} {self.name}/{name}: {c['requests']:,} requests ({c['errors']:,} errors, "
+                         f"{c['unsupported']:,} unsupported) | DMA reads {c.get('reads', 0):,} "
+                         f"{c.get('read_bytes', 0) / 2**20:.1f} MiB, writes {c.get('writes', 0):,} "
+                         f"{c.get('write_bytes', 0) / 2**20:.1f} MiB | faults {c.get('faults', 0):,} "
+                         f"| foreign-KeyID {c.get('sanitizer', 0):,}" + (" | BYPASS" if self.bypass else ""))
+        return lines
+
     def close(self) -> None:
         for server in self.servers:
             server.close_now()
         for device in self.devices:
-            device.close()
+            device.close()            # kept: their counters outlive the machine
         self.servers.clear()
-        self.devices.clear()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None

@@ -252,8 +252,10 @@ class VhostUserBlk(p.Handler):
 
     def close(self) -> None:
         self.disconnected()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
     # ------------------------------------------------------------------ queues
 
