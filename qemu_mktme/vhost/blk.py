@@ -378,16 +378,16 @@ class VhostUserBlk(p.Handler):
                 got = os.preadv(self.fd, [buf], sector * SECTOR)
                 if got < nbytes:
                     buf[got:] = 0
-                pos = 0
-                for addr, n in data_in:
-                    mem.write(addr, buf[pos:pos + n])
-                    pos += n
+                mem.write_sg(data_in, buf)
                 return S_OK, nbytes
             if self.readonly:
                 self._log_once("ro", "write to a read-only disk")
                 return S_IOERR, 0
-            arrays = [a for addr, n in data_out for a in mem.read_arrays(addr, n)]
-            os.pwritev(self.fd, arrays, sector * SECTOR)
+            arrays = mem.read_sg(data_out)
+            offset = sector * SECTOR
+            for i in range(0, len(arrays), 1024):              # IOV_MAX
+                os.pwritev(self.fd, arrays[i:i + 1024], offset)
+                offset += sum(a.size for a in arrays[i:i + 1024])
             return S_OK, 0
         if rtype == T_FLUSH:
             if not self.readonly:

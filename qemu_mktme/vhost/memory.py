@@ -55,6 +55,12 @@ class IommuMemory:
     def write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         self.device.dma_write(iova, data)
 
+    def write_sg(self, segments: list[tuple[int, int]], data: np.ndarray) -> None:
+        self.device.dma_write_sg(segments, data)
+
+    def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
+        return self.device.dma_read_sg(segments)
+
     def close(self) -> None:
         pass
 
@@ -89,6 +95,15 @@ class DirectMemory:
     def write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         src = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
         self._array(iova, src.size)[:] = src
+
+    def write_sg(self, segments: list[tuple[int, int]], data: np.ndarray) -> None:
+        pos = 0
+        for iova, n in segments:
+            self._array(iova, n)[:] = data[pos:pos + n]
+            pos += n
+
+    def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
+        return [self._array(iova, n) for iova, n in segments]
 
     def close(self) -> None:
         maps, self._maps = self._maps, []
