@@ -106,6 +106,7 @@ class AssignedDevice:
         self.counters = DmaCounters()
         self._tlb: dict[tuple[int, int], tuple[int, int]] = {}   # (shift, iova >> shift) -> (hpa base, keyid)
         self._tlb_generation = -1
+        self._own: np.ndarray | None = None
 
     def _translate(self, iova: int) -> tuple[int, int, int]:
         """(HPA, KeyID, bytes left in the leaf) for ``iova``, through the IOTLB."""
@@ -128,6 +129,11 @@ class AssignedDevice:
         off = iova & (size - 1)
         tlb[(shift, iova >> shift)] = (int(t.hpa) - off, int(t.keyid))
         return int(t.hpa), int(t.keyid), size - off
+
+    def translate(self, iova: int) -> tuple[int, int]:
+        """(HPA, KeyID) the IOMMU gives ``iova`` (``DmaFault`` if it is not mapped)."""
+        hpa, keyid, _ = self._translate(iova)
+        return hpa, keyid
 
     def _runs(self, iova: int, nbytes: int) -> list[tuple[int, int, int, int, int]]:
         """(HPA, KeyID, IOVA, offset into the transfer, length) pieces, contiguous ones merged."""
@@ -197,44 +203,68 @@ class AssignedDevice:
 
     # ------------------------------------------------------------------ scatter-gather
 
-    def _window(self, iova: int, nbytes: int) -> np.ndarray | None:
-        """The fast path of one segment: an IOTLB hit inside one leaf whose KeyID is the VM's
-        (the memory controller then moves plaintext, :meth:`PhysicalMemory.cpu_window`), with no
-        observer but the sanitizer (which has nothing to report). ``None``: take the full path."""
-        if len(self.observers) > 1 or self._tlb_generation != self.guest.iommu.generation:
+    def _fast(self) -> tuple[dict[tuple[int, int], tuple[int, int]], int, int, np.ndarray] | None:
+        """What the scatter-gather fast path needs: the IOTLB, the VM's KeyID, its HPA base and
+        the whole of its RAM as the memory controller shows it through that KeyID
+        (:meth:`PhysicalMemory.cpu_window`: encryption and decryption cancel out). ``None`` when
+        an observer besides the sanitizer wants every transfer: then all go the full way."""
+        if len(self.observers) > 1:
             return None
+        g = self.guest
+        if self._tlb_generation != g.iommu.generation:
+            self._tlb.clear()
+            self._tlb_generation = g.iommu.generation
+            self._own = None
+        if self._own is None:
+            self._own = g.platform.memory.cpu_window(g.hpa_base, int(g.keyid), g.ram.size)
+            if self._own is None:
+                return None
+        return self._tlb, int(g.keyid), int(g.hpa_base), self._own
+
+    def _hit(self, tlb: dict[tuple[int, int], tuple[int, int]], keyid: int, base: int, size: int,
+             iova: int, n: int) -> int:
+        """Backend offset of segment ``[iova, iova + n)`` on an IOTLB hit inside one leaf of the
+        VM's KeyID, else -1 (take the full path, which walks, reports and marks)."""
         for shift in (21, 12):
-            hit = self._tlb.get((shift, iova >> shift))
+            hit = tlb.get((shift, iova >> shift))
             if hit is not None:
                 off = iova & ((1 << shift) - 1)
-                if off + nbytes > 1 << shift or hit[1] != self.guest.keyid:
-                    return None
-                return self.guest.platform.memory.cpu_window(hit[0] + off, hit[1], nbytes)
-        return None
+                if hit[1] != keyid or off + n > 1 << shift:
+                    return -1
+                pos = hit[0] + off - base
+                return pos if 0 <= pos and pos + n <= size else -1
+        return -1
 
     def dma_write_sg(self, segments: list[tuple[int, int]], data: np.ndarray) -> None:
         """The device writes ``data`` across ``segments`` ((IOVA, length) in order): the same
         translation and KeyID rules as :meth:`dma_write`, one call for a whole request."""
-        pos = 0
+        fast = self._fast()
+        pos = done = 0
         for iova, n in segments:
-            window = self._window(iova, n)
-            if window is None:
+            off = self._hit(fast[0], fast[1], fast[2], fast[3].size, iova, n) if fast else -1
+            if off < 0:
                 self.dma_write(iova, data[pos:pos + n])
             else:
-                window[:] = data[pos:pos + n]
-                self.counters.writes += 1
-                self.counters.write_bytes += n
+                fast[3][off:off + n] = data[pos:pos + n]        # type: ignore[index]
+                done += n
             pos += n
+        if done:
+            self.counters.writes += 1
+            self.counters.write_bytes += done
 
     def dma_read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
         """What the device reads across ``segments``, as arrays (see :meth:`dma_read_arrays`)."""
+        fast = self._fast()
         out: list[np.ndarray] = []
+        done = 0
         for iova, n in segments:
-            window = self._window(iova, n)
-            if window is None:
+            off = self._hit(fast[0], fast[1], fast[2], fast[3].size, iova, n) if fast else -1
+            if off < 0:
                 out += self.dma_read_arrays(iova, n)
             else:
-                out.append(window)
-                self.counters.reads += 1
-                self.counters.read_bytes += n
+                out.append(fast[3][off:off + n])                 # type: ignore[index]
+                done += n
+        if done:
+            self.counters.reads += 1
+            self.counters.read_bytes += done
         return out

@@ -291,10 +291,10 @@ class VhostUserBlk(p.Handler):
         if q.started:
             self._process(q)
 
-    def _log_once(self, kind: str, message: str) -> None:
+    def _log_once(self, kind: str, message: str, level: int = logging.ERROR) -> None:
         if kind not in self._logged:
             self._logged.add(kind)
-            log.error("%s: %s (logged once)", self.name, message)
+            log.log(level, "%s: %s (logged once)", self.name, message)
 
     def _broken(self, q: Queue, why: str) -> None:
         """A ring the device cannot use: DEVICE_NEEDS_RESET, the queue stops, the rest serve on."""
@@ -344,14 +344,14 @@ class VhostUserBlk(p.Handler):
             status, written = self._serve(mem, rtype, sector, data_in, data_out, chain)
         except DmaFault as err:
             self.counters["errors"] += 1
-            self._log_once("fault", f"queue {q.index}: DMA fault: {err}")
-            rtype, sector, status, written = -1, 0, S_IOERR, 0
+            self._log_once("fault", f"queue {q.index}: DMA fault, request failed with IOERR: {err}", logging.WARNING)
+            rtype, sector, status, written, data_in, data_out = -1, 0, S_IOERR, 0, [], []
         try:
             written = self._status(mem, chain, status, written)
         except DmaFault:
             written = 0
         if self.transfer_hooks:
-            self._emit(q, rtype, sector, chain, status, time.perf_counter() - start)
+            self._emit(q, rtype, sector, data_in if rtype in (T_IN, T_GET_ID) else data_out, status, time.perf_counter() - start)
         return written
 
     def _status(self, mem: Memory, chain: Chain, status: int, written: int) -> int:
@@ -421,16 +421,18 @@ class VhostUserBlk(p.Handler):
         self._log_once(f"type{rtype}", f"unknown request type {rtype}: UNSUPP")
         return S_UNSUPP, 0
 
-    def _emit(self, q: Queue, rtype: int, sector: int, chain: Chain, status: int, latency: float) -> None:
-        data = chain.writable[:-1] or chain.writable if rtype == T_IN else chain.readable[1:] or chain.readable
+    def _emit(self, q: Queue, rtype: int, sector: int, data: list[tuple[int, int]], status: int,
+              latency: float) -> None:
+        """Tell the trace hooks about one request; ``data`` is its data segments (IN: written by
+        the device, else read), the first of which gives IOVA, HPA and KeyID."""
         iova = data[0][0] if data else 0
-        length = sum(n for _, n in data) if rtype in (T_IN, T_OUT) else 0
+        length = sum(n for _, n in data)
         hpa, keyid = -1, -1
         device = getattr(self.memory, "device", None)
-        if device is not None and iova:
+        if device is not None and data:
             with contextlib.suppress(DmaFault):
-                hpa, keyid, _ = device._translate(iova)
-        direction = {T_IN: "from-device", T_OUT: "to-device"}.get(rtype, "none")
+                hpa, keyid = device.translate(iova)
+        direction = {T_IN: "from-device", T_GET_ID: "from-device", T_OUT: "to-device"}.get(rtype, "none")
         t = Transfer(self.name, q.index, TYPE_NAMES.get(rtype, str(rtype)), sector, iova, hpa, keyid, length,
                      direction, status, latency)
         for hook in list(self.transfer_hooks):

@@ -119,6 +119,7 @@ class Virtqueue:
     def _walk(self, chain: Chain) -> None:
         table, size, index = self.desc, self.num, chain.head
         seen, total, indirect_done = 0, 0, False
+        indirect_raw = b""
         while True:
             if index >= size:
                 chain.error = f"descriptor index {index} outside a table of {size}"
@@ -127,7 +128,10 @@ class Virtqueue:
             if seen > size:
                 chain.error = f"descriptor chain longer than its table ({size}): a loop"
                 return
-            addr, length, flags, nxt = DESC.unpack(self.mem.read(table + 16 * index, 16))
+            if indirect_done:                      # the indirect table was read in one transfer
+                addr, length, flags, nxt = DESC.unpack_from(indirect_raw, 16 * index)
+            else:
+                addr, length, flags, nxt = DESC.unpack(self.mem.read(table + 16 * index, 16))
             if flags & F_INDIRECT:
                 if not self.indirect:
                     chain.error = "indirect descriptor without VIRTIO_F_INDIRECT_DESC"
@@ -141,6 +145,7 @@ class Virtqueue:
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     chain.error = f"indirect table of {length} bytes"
                     return
+                indirect_raw = self.mem.read(addr, length)
                 table, size, index, seen, indirect_done = addr, length // 16, 0, 0, True
                 continue
             total += length
