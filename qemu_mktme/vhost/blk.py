@@ -220,6 +220,8 @@ class VhostUserBlk(p.Handler):
             q.enabled = bool(enable)
             if q.enabled:
                 self._start(q)
+            else:
+                self._stop(q)
             return None
         raise p.ProtocolError(f"{req.name} is not supported by this device (never offered)")
 

@@ -266,6 +266,9 @@ class Connection:
             log.error("%s: closing the connection, the front end broke the vhost-user protocol: %s", self.name, err)
         except (ConnectionError, OSError) as err:
             log.error("%s: connection lost: %s", self.name, err)
+        except Exception as err:                    # a request the device could not take: this peer only
+            log.error("%s: closing the connection after a request failed: %s: %s", self.name,
+                      type(err).__name__, err)
         finally:
             self.handler.disconnected()
             self.sock.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import struct
 
 import pytest
@@ -183,7 +184,6 @@ async def test_a_fuzzed_peer_loses_its_connection_not_the_backend(tmp_path, capl
                struct.pack("<III", 5, 0x1, 40) + bytes(40)]      # SET_MEM_TABLE without an fd
     try:
         for blob in garbage:
-            import socket
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.setblocking(False)
             await loop.sock_connect(s, str(tmp_path / "fuzz.sock"))
@@ -191,6 +191,17 @@ async def test_a_fuzzed_peer_loses_its_connection_not_the_backend(tmp_path, capl
             assert await asyncio.wait_for(loop.sock_recv(s, 64), patience(5)) == b""   # closed
             s.close()
         assert caplog.text.count("broke the vhost-user protocol") == len(garbage)
+        # a memory table whose "memory" is an eventfd: that peer goes, with a clear line
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        await loop.sock_connect(s, str(tmp_path / "fuzz.sock"))
+        efd = os.eventfd(0)
+        s.sendmsg([struct.pack("<III", 5, 1, 40) + struct.pack("<IIQQQQ", 1, 0, 0, 1 << 20, 0, 0)],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("<i", efd))])
+        os.close(efd)
+        assert await asyncio.wait_for(loop.sock_recv(s, 64), patience(5)) == b""
+        s.close()
+        assert "cannot map the memory region" in caplog.text
         d = FakeDriver(str(tmp_path / "fuzz.sock"))
         try:
             await d.setup()
