@@ -10,6 +10,7 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     qemu      the stock-QEMU driver (no MKTME): machine, monitor, console, guest RAM
     images    guest images built from source and stock Debian packages
     trace     the TCG plugin shim and the tracer
+    vhost     device models outside QEMU whose DMA goes through the IOMMU: vhost-user-blk
     live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
     inspect   offline tools over dumps
     verifier, demo, attack, attend, cli, pytest_plugin    what users run

@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import MktmeError
 from .qemu.machine import Machine
+from .live.encrypted import EncryptedMachine
 from .live.session import HostSession
 from .trace.tracer import run_trace_summary
 
@@ -124,8 +125,22 @@ async def _trace_summary(session: HostSession, interval: float) -> None:
     def out(text: str) -> None:
         sys.stderr.write(text.replace("\n", "\r\n") + "\r\n")
         sys.stderr.flush()
+    disks = [vm for vm in session.machines.values() if isinstance(vm, EncryptedMachine) and vm.vhost.disks]
     await asyncio.gather(*(run_trace_summary(session.machines[name], tracer, interval, out)
-                           for name, tracer in session.tracers.items()))
+                           for name, tracer in session.tracers.items()),
+                         *(_dma_summary(vm, interval, out) for vm in disks))
+
+
+async def _dma_summary(vm: EncryptedMachine, interval: float, out: Callable[[str], None]) -> None:
+    """Per-device DMA counters of ``vm``'s vhost disks, with the memory counters, then totals."""
+    try:
+        while vm.returncode is None:
+            await asyncio.sleep(interval)
+            for line in vm.vhost.summary():
+                out(line)
+    finally:
+        for line in vm.vhost.summary("dma total"):
+            out(line)
 
 
 class ProgressBar:

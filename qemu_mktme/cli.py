@@ -120,6 +120,9 @@ def add_mktme_options(p: argparse.ArgumentParser) -> None:
                    help="the VM's key: cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG] (keeps the "
                         "key out of ps), clear, no-encrypt, or none for plain QEMU (default: cpu)")
     g.add_argument("--tenant", default="default", help="tenant owning the key (default: default)")
+    g.add_argument("--iommu-keyid", type=int, default=None, metavar="N",
+                   help="fault injection: program the VM's IOMMU domain with KeyID N (device DMA then "
+                        "reads and writes garbage; the DMA sanitizer reports each transfer)")
     g.add_argument("--keyid-bits", type=_keyid_bits, default=6, metavar="N",
                    help="MK_TME_KEYID_BITS the BIOS activates (default 6: 63 KeyIDs)")
     g.add_argument("--packages", type=int, default=1, metavar="N", help="CPU packages (key tables), default 1")
@@ -172,10 +175,18 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
     try:
         for name, entry in zip(names, entries):
             payload = key_payload(entry.get("key", args.key))
-            specs.append(VmSpec(guest_config(args, name=name, start_paused=args.paused),
-                                entry.get("tenant", args.tenant), payload,
-                                # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
-                                trace=args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))))
+            config = guest_config(args, name=name, start_paused=args.paused)
+            if payload is None and any(d.dma == "vhost" for d in config.disks):
+                raise ValueError("dma=vhost needs the MKTME host model (its IOMMU): not with --key none")
+            iommu_keyid = getattr(args, "iommu_keyid", None)
+            if iommu_keyid is not None and payload is None:
+                raise ValueError("--iommu-keyid needs the MKTME host model: not with --key none")
+            if iommu_keyid is not None and not 0 <= iommu_keyid < 1 << args.keyid_bits:
+                raise ValueError(f"--iommu-keyid {iommu_keyid} is outside 0..{(1 << args.keyid_bits) - 1} "
+                                 f"(with {args.keyid_bits} KeyID bits)")
+            # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
+            trace = args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))
+            specs.append(VmSpec(config, entry.get("tenant", args.tenant), payload, trace=trace, iommu_keyid=iommu_keyid))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return specs

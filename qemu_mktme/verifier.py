@@ -9,6 +9,10 @@ for documented nondeterminism (:data:`NORMALISE`), the checksums it printed, and
 Before anything runs, the guest binaries are checked to be the stock ones named in the image
 manifest.
 
+Disk workloads give each run a fresh sparse disk: the plain run's is served by QEMU's own
+virtio-blk, the emulated run's by our vhost-user-blk backend with every DMA through the IOMMU
+model; the two images must then be identical byte for byte.
+
 ``inject="foreign-write"`` makes the emulated run write through another KeyID into the guest's
 data, as a buggy VMM or device would: the verifier must then report a difference, which proves
 it can fail.
@@ -18,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ImageError
@@ -31,6 +37,7 @@ from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
 from .live.launch import launch_machine
+from .qemu.devices import DiskSpec
 from .qemu.machine import Machine, MachineConfig, VmState, parse_size
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
@@ -51,6 +58,7 @@ class Run:
     exit_status: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    disk_sha256: str | None = None
 
 
 @dataclass
@@ -168,6 +176,7 @@ class Workload:
     drive: Driver
     timeout: float = 600.0
     memory: str | None = None              # None: the image's default
+    disk_mib: int = 0                      # >0: a fresh sparse disk of this size per run
 
     @property
     def memory_bytes(self) -> int:
@@ -207,6 +216,8 @@ def _linux_driver(marker: str, save: bool = True) -> Driver:
         await vm.console.write("\n")
         await vm.console.wait_for(marker, 3600)
         run.exit_status = await vm.wait(120)
+        if emu is not None and isinstance(vm, EncryptedMachine) and vm.vhost.disks:
+            emu.notes += [line.strip() for line in vm.vhost.summary()]
     return drive
 
 
@@ -239,6 +250,27 @@ async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) 
         _unlink(path)
 
 
+def _tmp_disk(name: str, mib: int) -> str:
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qemu-mktme-verify-{name}-{os.getpid()}.img")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, mib << 20)
+    finally:
+        os.close(fd)
+    return path
+
+
+async def _hash_disk(path: str, run: Run) -> None:
+    """The disk image's sha256, once the machine is gone (runs before the file is removed)."""
+    def digest() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    run.disk_sha256 = await asyncio.to_thread(digest)
+
+
 def _tmp_snapshot(name: str) -> str:
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     return os.path.join(base or os.environ.get("TMPDIR", "/tmp"), f"qemu-mktme-verify-{name}-{os.getpid()}.snap")
@@ -260,6 +292,10 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              lambda im: im.boot(workload="compress", params={"hold": 1}), _linux_driver(r"workload compress exit=")),
     Workload("linux-memstress", "256 MiB of guest RAM filled and checksummed", "linux",
              lambda im: im.boot(workload="memstress", params={"size_mb": 256, "hold": 1}), _linux_driver(r"workload memstress exit=")),
+    Workload("linux-disk", "4 MiB written to a virtio disk with direct I/O, flushed, read back (QEMU's "
+             "virtio-blk vs our vhost-user-blk through the IOMMU); disk images compared", "linux",
+             lambda im: im.boot(workload="disk", params={"size_mb": 4, "hold": 1}),
+             _linux_driver(r"workload disk exit=", save=False), disk_mib=64),
     Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux",
              lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_snapshot_restore),
 ]}
@@ -296,6 +332,12 @@ async def run_once(work: Workload, emu: Emulation | None) -> Run:
     run = Run()
     start = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
+        if work.disk_mib:
+            disk = _tmp_disk(config.name, work.disk_mib)
+            stack.callback(_unlink, disk)
+            # plain: QEMU's virtio-blk; emulated: the default under emulation, our backend
+            config = dataclasses.replace(config, disks=(DiskSpec(Path(disk), dma="qemu" if emu is None else None),))
+            stack.push_async_callback(_hash_disk, disk, run)
         if emu is None:
             vm: Machine = await stack.enter_async_context(Machine(config))
         else:
@@ -331,6 +373,10 @@ async def verify(names: list[str] | None = None, *, inject: str | None = None, s
         diff = first_difference(normalise(plain.transcript), normalise(emulated.transcript))
         if diff is None and plain.exit_status != emulated.exit_status:
             diff = f"exit status: plain {plain.exit_status} vs emulated {emulated.exit_status}"
+        if diff is None and plain.disk_sha256 != emulated.disk_sha256:
+            diff = f"disk images differ: plain sha256 {plain.disk_sha256} vs emulated {emulated.disk_sha256}"
+        elif plain.disk_sha256 is not None:
+            emulated.notes.append(f"disk images identical byte for byte (sha256 {plain.disk_sha256[:16]}...)")
         outcomes.append(Outcome(name, diff is None, plain, emulated, diff))
     return outcomes, stock
 

@@ -25,6 +25,7 @@ BENCHES: list[tuple[str, str, tuple[str, float] | None]] = [
     ("shim", "Linux boot + checksum with the shim / without, wall time", ("<=", 1.5)),
     ("snapshot", "encrypted save / QEMU migrate unthrottled, both fsynced", ("<=", 1.2)),
     ("inspect", "dump inspection throughput (no ratio)", None),
+    ("dma", "vhost-user-blk sequential read through the IOMMU model / model bypassed", (">=", 0.8)),
     ("sanitizer", "Linux boot + checksum with shim + sanitizer / shim alone", ("<=", 1.2)),
 ]
 

@@ -320,6 +320,16 @@ class PhysicalMemory:
         out.flags.writeable = False
         return out
 
+    def cpu_window(self, hpa: int, keyid: int, nbytes: int) -> U8Array | None:
+        """A writable view of ``[hpa, hpa + nbytes)`` when an attachment of the same ``keyid``
+        holds all of it: through the owner's KeyID the memory controller's encryption and
+        decryption cancel out, so a CPU (or DMA) access is a plain copy there. ``None`` otherwise
+        (another KeyID, or unattached DRAM): use :meth:`read` / :meth:`write`."""
+        for att in self._attachments:
+            if att.keyid == keyid and att.hpa <= hpa and hpa + nbytes <= att.end:
+                return att.buffer[hpa - att.hpa : hpa - att.hpa + nbytes]
+        return None
+
     def read(self, pa: int, nbytes: int) -> bytes:
         """CPU read, as bytes."""
         return self.read_array(pa, nbytes).tobytes()

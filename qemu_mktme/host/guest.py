@@ -118,6 +118,22 @@ class EncryptedGuest:
             raise AddressError(f"{self.name}: EPT walk of GPA {gpa:#x}: {t}", address=int(gpa))
         return t.hpa, t.keyid
 
+    def set_iommu_keyid(self, keyid: int, gpa: int | None = None, nbytes: int | None = None) -> int:
+        """Re-tag the IOMMU leaves covering ``[gpa, gpa + nbytes)`` (default: all of RAM) with
+        ``keyid``: the VMM bug of a domain programmed with the wrong KeyID (or the repair, with
+        the VM's own). Whole leaves are re-tagged (2 MiB where the domain uses 2 MiB pages).
+        Returns how many leaves changed."""
+        if not 0 <= keyid <= self.layout.max_keyid:
+            raise ValueError(f"KeyID {keyid} is outside 0..{self.layout.max_keyid}")
+        lo = 0 if gpa is None else int(gpa)
+        hi = (1 << 64) if nbytes is None else lo + int(nbytes)
+        leaves = [leaf for leaf in self.iommu.leaves() if leaf.address < hi and leaf.address + leaf.size > lo]
+        for leaf in leaves:
+            self.iommu.retag(leaf.address, keyid)
+        log.warning("%s: IOMMU domain re-tagged with KeyID %d over %d leaves (VM's KeyID %d)",
+                    self.name, keyid, len(leaves), self.keyid)
+        return len(leaves)
+
     # ------------------------------------------------------------------ views
 
     def dram(self, gpa: GPA | int, nbytes: int) -> bytes:

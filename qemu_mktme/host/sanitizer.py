@@ -19,9 +19,9 @@ How it hooks in (every hook is a no-op when no sanitizer is installed):
   :meth:`Sanitizer.install`): it hears of every CPU read and write and of every PCONFIG.
 * Translation tables call :func:`sanitizer_of` and :meth:`Sanitizer.mapped` /
   :meth:`Sanitizer.unmapped` when they map, re-tag or free.
-* The DMA path (:func:`qemu_mktme.host.dma.translate_dma`, used by every device model) calls
-  :meth:`Sanitizer.dma` once per page it translates; device models built elsewhere report
-  through it by using that function.
+* The DMA path (:class:`qemu_mktme.host.dma.AssignedDevice`, used by every device model) calls
+  :meth:`Sanitizer.dma` for each piece of a transfer through a KeyID other than the VM's;
+  device models built elsewhere report through it by moving their data with that class.
 * The live layer forwards the tracer's foreign reads (guest instruction, capstone) to
   :meth:`Sanitizer.guest_read`.
 

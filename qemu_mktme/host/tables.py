@@ -97,6 +97,9 @@ class TranslationTable:
         self.root: HPA = frames.alloc()
         self._pages: dict[int, list[int]] = {self.root: [0] * _ENTRIES}
         self._dirty: set[int] = {self.root}
+        self.generation = 0
+        """Bumped by every :meth:`flush` (and :meth:`free`): the entries changed, so any cached
+        translation (a device's IOTLB) is stale, as after a VT-d IOTLB invalidation."""
 
     # ------------------------------------------------------------------ building
 
@@ -158,6 +161,7 @@ class TranslationTable:
         for frame in sorted(self._dirty):
             self.memory.write(frame, struct.pack(f"<{_ENTRIES}Q", *self._pages[frame]))
         self._dirty.clear()
+        self.generation += 1
 
     def retag(self, address: int, keyid: int) -> None:
         """Change the KeyID of the leaf mapping ``address`` (to model a VMM bug, or a re-key)."""
@@ -183,6 +187,7 @@ class TranslationTable:
             self.memory.write(frame, bytes(PAGE_SIZE))
             self._frames_alloc.free(frame)
         self._pages.clear()
+        self.generation += 1
 
     @property
     def frames(self) -> int:

@@ -58,17 +58,26 @@ def deb_field(deb: Path | None, name: str) -> str:
 
 def deb_member(deb: Path | None, member: str, *, image: str) -> bytes:
     """One file out of a .deb's data archive, without unpacking the rest."""
+    return deb_members(deb, [member], image=image)[member]
+
+
+def deb_members(deb: Path | None, members: list[str], *, image: str) -> dict[str, bytes]:
+    """Several files out of a .deb's data archive in one pass over it."""
     assert deb is not None
+    wanted, found = set(members), {}
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
             for info in tar:
-                if info.name == member and info.isfile():
+                if info.name in wanted and info.isfile():
                     extracted = tar.extractfile(info)
                     assert extracted is not None
-                    return extracted.read()
+                    found[info.name] = extracted.read()
+                    if len(found) == len(wanted):
+                        return found
     finally:
         proc.kill()
         proc.wait()
-    raise ImageError(f"{deb.name} has no {member}", image=image)
+    missing = sorted(wanted - set(found))
+    raise ImageError(f"{deb.name} has no {missing[0]}", image=image)

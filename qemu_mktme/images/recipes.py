@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..errors import ImageError
 from . import cpio
-from .debian import apt_download, deb_field, deb_member
+from .debian import apt_download, deb_field, deb_member, deb_members
 from .tools import Say, run_tool, tree_digest
 
 ENV_RECIPES = "QEMU_MKTME_RECIPES"
@@ -35,6 +35,10 @@ LINUX_BASE_APPEND = (
 )
 LINUX_KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 LINUX_BUSYBOX_PACKAGE = "busybox-static"
+LINUX_MODULES = ("drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
+                 "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk")
+"""Modules of the kernel package the initramfs carries, in load order (dependencies first): the
+cloud kernel builds virtio and virtio_blk as modules. ``/init`` loads them with busybox insmod."""
 
 
 
@@ -67,6 +71,7 @@ LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
     "checksum": ("size_mb",), "compress": ("size_mb",), "counter": ("count", "period"), "hello": (),
     "memstress": ("size_mb",), "region": ("addr", "len", "wait"), "secret": ("addr", "secret", "wait"),
     "shell": (), "pin": ("addr", "secret"), "bits": ("addr", "secret", "period"),
+    "disk": ("size_mb",), "diskfs": ("size_mb",), "diskbench": ("size_mb", "count"),
 }
 """The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""
 
@@ -156,16 +161,26 @@ class LinuxRecipe(Recipe):
         (work / "vmlinuz").write_bytes(vmlinuz)
         progress(f"extracting busybox from {busybox.path.name}")
         busybox_bin = deb_member(busybox.path, "./bin/busybox", image=self.name)
+        module_dir = f"lib/modules/{release}/kernel"
+        progress(f"extracting {len(LINUX_MODULES)} modules (virtio, virtio_blk) from {kernel.path.name}")
+        modules = deb_members(kernel.path, [f"./{module_dir}/{m}.ko" for m in LINUX_MODULES], image=self.name)
 
         progress("generating the initramfs")
         src = self.source()
-        entries = [cpio.directory(d) for d in ("bin", "dev", "proc", "sys", "tmp", "sbin", "usr",
+        entries = [cpio.directory(d) for d in ("bin", "dev", "etc", "proc", "sys", "tmp", "sbin", "usr",
                                                "usr/bin", "usr/sbin", "workloads")]
         entries.append(cpio.file("bin/busybox", busybox_bin, 0o755))
+        parts = module_dir.split("/")
+        entries += [cpio.directory("/".join(parts[:i])) for i in range(1, len(parts) + 1)]
+        entries += [cpio.directory(f"{module_dir}/{d}") for d in ("drivers", "drivers/virtio", "drivers/block")]
+        for member, data in modules.items():
+            entries.append(cpio.file(member.removeprefix("./"), data, 0o644))
+        entries.append(cpio.file("etc/modules-load", "".join(f"/{module_dir}/{m}.ko\n" for m in LINUX_MODULES).encode()))
         entries.append(cpio.file("init", (src / "init").read_bytes(), 0o755))
-        workloads = sorted(p.stem for p in (src / "workloads").glob("*.sh"))
-        for name in workloads:
+        scripts = sorted(p.stem for p in (src / "workloads").glob("*.sh"))
+        for name in scripts:
             entries.append(cpio.file(f"workloads/{name}.sh", (src / "workloads" / f"{name}.sh").read_bytes()))
+        workloads = [name for name in scripts if not name.startswith("_")]   # _name.sh: sourced helpers
         with open(work / "initrd.cpio", "wb") as out:
             cpio.write(out, entries)
         return {
@@ -182,6 +197,9 @@ class LinuxRecipe(Recipe):
                             "sha256": hashlib.sha256(vmlinuz).hexdigest()},
                 "bin/busybox": {"package": busybox.name, "member": "./bin/busybox",
                                 "sha256": hashlib.sha256(busybox_bin).hexdigest()},
+                **{member.removeprefix("./"): {"package": kernel.name, "member": member,
+                                               "sha256": hashlib.sha256(data).hexdigest()}
+                   for member, data in modules.items()},
             },
         }
 

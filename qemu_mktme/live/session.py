@@ -41,6 +41,7 @@ class VmSpec:
     tenant: str = "default"
     payload: str | None = "type=cpu"
     trace: bool = False                    # load the TCG plugin shim and attribute every access
+    iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
 
 
 class HostSession:
@@ -82,7 +83,8 @@ class HostSession:
             except KeyServiceError as err:
                 raise self._key_error(name, err) from None
             self._serials.append((serial, spec.tenant))
-            machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant)
+            machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant,
+                                        iommu_keyid=spec.iommu_keyid)
         vm = await self._stack.enter_async_context(await launch_machine(spec.config, tracer=tracer, machine=machine))
         self.machines[name] = vm
         if tracer is not None:

@@ -39,6 +39,9 @@ class DiskSpec:
             raise ValueError(f"disk format must be one of {', '.join(DISK_FORMATS)}, got {self.format!r}")
         if self.dma is not None and self.dma not in DMA_MODES:
             raise ValueError(f"disk dma must be one of {', '.join(DMA_MODES)}, got {self.dma!r}")
+        if self.dma == "vhost" and self.format != "raw":
+            raise ValueError(f"disk {self.path}: dma=vhost serves raw images only (our backend has no {self.format} "
+                             f"driver): use dma=qemu, or qemu-img convert -O raw")
 
     @classmethod
     def parse(cls, text: str) -> "DiskSpec":

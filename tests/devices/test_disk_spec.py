@@ -31,7 +31,7 @@ def test_parse_defaults_and_options(raw, tmp_path):
 
 @pytest.mark.parametrize("opts, words", [
     (",format=vmdk", "format must be"), (",dma=kvm", "dma must be"), (",readonly=yes", "readonly must be"),
-    (",cache=none", "unknown disk option"), (",format=raw,format=raw", "given twice"), (",format=", "unknown"),
+    (",cache=none", "unknown disk option"), (",format=qcow2,dma=vhost", "raw images only"), (",format=raw,format=raw", "given twice"), (",format=", "unknown"),
 ])
 def test_parse_refuses(tmp_path, opts, words):
     with pytest.raises(ValueError, match=words):
