@@ -11,6 +11,8 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     images    guest images built from source and stock Debian packages
     trace     the TCG plugin shim and the tracer
     live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
+    tenant    the tenant's side: key server (PyKMIP), host TPMs (swtpm), attestation, key broker,
+              node key, images encrypted at rest
     inspect   offline tools over dumps
     verifier, demo, attend, cli, pytest_plugin    what users run
 

@@ -1,0 +1,167 @@
+"""``qemu-mktme keyserver start|stop|status``: the tenant's PyKMIP server and key broker, as one
+background process with its state in the tenant directory.
+
+The process (``python -m qemu_mktme.tenant.keyserver TENANT``) runs PyKMIP's ``KmipServer``
+on the main thread (it installs its own SIGTERM handler) and the broker's HTTPS server in a
+thread, then writes ``TENANT/keyserver.json`` (pid, its start time, both ports, the broker URL)
+once both listen. ``stop`` signals only the pid recorded there, and only while that process is
+still the one that wrote it (same start time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KeyServerError
+from ..files.runtime import process_start_time
+from .kmip import KmipClient, KmipEndpoint, quiet, server_config
+from .store import TenantDir
+
+STATE = "keyserver.json"
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class KeyServerInfo:
+    pid: int
+    start_time: int
+    kmip_port: int
+    broker_port: int
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.broker_port}"
+
+    def to_json(self) -> dict[str, object]:
+        return {"pid": self.pid, "start_time": self.start_time, "kmip_port": self.kmip_port,
+                "broker_port": self.broker_port, "url": self.url}
+
+
+def status(tenant: TenantDir) -> KeyServerInfo | None:
+    """The running key server of ``tenant``, or None (a stale state file is ignored)."""
+    try:
+        obj = json.loads((tenant.path / STATE).read_text())
+        info = KeyServerInfo(int(obj["pid"]), int(obj["start_time"]), int(obj["kmip_port"]), int(obj["broker_port"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if process_start_time(info.pid) != info.start_time:
+        return None
+    return info
+
+
+def kmip_client(tenant: TenantDir, info: KeyServerInfo | None = None, **kw: float) -> KmipClient:
+    info = info or status(tenant)
+    if info is None:
+        raise KeyServerError(f"no key server runs for the tenant in {tenant.path} (qemu-mktme keyserver start)")
+    return KmipClient(KmipEndpoint(info.kmip_port, tenant.pki), **kw)  # type: ignore[arg-type]
+
+
+def start(tenant: TenantDir) -> KeyServerInfo:
+    """Start the key server in the background (or return the one running); waits until it listens."""
+    tenant.require()
+    running = status(tenant)
+    if running is not None:
+        return running
+    (tenant.path / STATE).unlink(missing_ok=True)
+    tenant.kmip_dir.mkdir(mode=0o700, exist_ok=True)
+    log = open(tenant.kmip_dir / "daemon.log", "ab")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.tenant.keyserver", str(tenant.path)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                cwd=str(tenant.path), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    finally:
+        log.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        info = status(tenant)
+        if info is not None and info.pid == proc.pid:
+            return info
+        if proc.poll() is not None:
+            tail = (tenant.kmip_dir / "daemon.log").read_text(errors="replace").strip().splitlines()[-1:]
+            raise KeyServerError(f"the key server exited at start: {tail[0] if tail else 'no message'} "
+                                 f"(see {tenant.kmip_dir / 'daemon.log'})")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise KeyServerError(f"the key server did not listen within {START_TIMEOUT:g} s")
+
+
+def stop(tenant: TenantDir, timeout: float = 10.0) -> bool:
+    """Stop the tenant's key server; False when none was running."""
+    info = status(tenant)
+    if info is None:
+        (tenant.path / STATE).unlink(missing_ok=True)
+        return False
+    os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while process_start_time(info.pid) == info.start_time and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process_start_time(info.pid) == info.start_time:
+        os.kill(info.pid, signal.SIGKILL)
+    (tenant.path / STATE).unlink(missing_ok=True)
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tenant: TenantDir) -> None:
+    """The background process: PyKMIP on the main thread, the broker beside it."""
+    from .broker import Broker, BrokerServer
+    with quiet():
+        from kmip.services.server.server import KmipServer
+    state = tenant.kmip_dir
+    pki = tenant.pki.check()
+    broker_log = open(tenant.path / "broker.log", "a", buffering=1)
+
+    def note(message: str) -> None:
+        broker_log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+    for attempt in range(5):
+        port = _free_port()
+        conf = server_config(state, pki, port)
+        server = KmipServer(config_path=str(conf), log_path=str(state / "server.log"), live_policies=False)
+        try:
+            server.start()
+            break
+        except Exception:  # noqa: BLE001  port taken between probe and bind: try another
+            if attempt == 4:
+                raise
+    kmip = KmipClient(KmipEndpoint(port, pki))
+    broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant).start()
+    info = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "kmip_port": port,
+            "broker_port": broker.port, "url": f"https://127.0.0.1:{broker.port}"}
+    tmp = tenant.path / (STATE + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, tenant.path / STATE)
+    note(f"key server started: KMIP on 127.0.0.1:{port}, broker {info['url']}")
+    try:
+        server.serve()                  # until SIGTERM / SIGINT
+    finally:
+        broker.stop()
+        server.stop()
+        note("key server stopped")
+        broker_log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+    warnings.simplefilter("ignore")
+    args = argv if argv is not None else sys.argv[1:]
+    _serve(TenantDir(Path(args[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
