@@ -31,6 +31,7 @@ from .qemu.machine import MachineConfig, parse_size
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
+from .tenant import command as tenant_command
 
 PROG = "qemu-mktme"
 VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -178,6 +179,16 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
 
 
 async def run_guest(args: argparse.Namespace) -> int:
+    try:
+        launch = tenant_command.launch_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if launch is not None:
+        from .tenant.launch import attested_session
+        spec = _vm_specs(args)[0]
+        async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
+                                    packages=args.packages, trace=args.trace) as session:
+            return await attend(session, args)
     async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages) as session:
         return await attend(session, args)
 
@@ -333,6 +344,7 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--trace-interval", type=float, default=3.0, metavar="S", help=argparse.SUPPRESS)
     run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    tenant_command.add_run_options(run)
     run.set_defaults(func=lambda a: run_async(run_guest(a)))
 
 
@@ -442,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     add_inspect_parser(sub)
     _add_images(sub)
+    tenant_command.add_tenant_parsers(sub)
     return parser
 
 

@@ -73,10 +73,13 @@ def start(tenant: TenantDir) -> KeyServerInfo:
     (tenant.path / STATE).unlink(missing_ok=True)
     tenant.kmip_dir.mkdir(mode=0o700, exist_ok=True)
     log = open(tenant.kmip_dir / "daemon.log", "ab")
+    # The same qemu_mktme as ours, wherever it was imported from (a checkout, a virtualenv).
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.tenant.keyserver", str(tenant.path)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                cwd=str(tenant.path), env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                                cwd=str(tenant.path), env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
     finally:
         log.close()
     deadline = time.monotonic() + START_TIMEOUT
@@ -102,12 +105,28 @@ def stop(tenant: TenantDir, timeout: float = 10.0) -> bool:
         return False
     os.kill(info.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while process_start_time(info.pid) == info.start_time and time.monotonic() < deadline:
+    while _alive(info) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if process_start_time(info.pid) == info.start_time:
+    if _alive(info):
         os.kill(info.pid, signal.SIGKILL)
     (tenant.path / STATE).unlink(missing_ok=True)
     return True
+
+
+def _alive(info: KeyServerInfo) -> bool:
+    """Whether the key server still runs (a zombie child of ours is reaped and counts as gone)."""
+    try:
+        if os.waitpid(info.pid, os.WNOHANG)[0] == info.pid:
+            return False
+    except ChildProcessError:
+        pass                                  # not our child: its parent reaps it
+    try:
+        with open(f"/proc/{info.pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return False
+    except (OSError, IndexError):
+        return False
+    return process_start_time(info.pid) == info.start_time
 
 
 def _free_port() -> int:
@@ -138,6 +157,8 @@ def _serve(tenant: TenantDir) -> None:
         except Exception:  # noqa: BLE001  port taken between probe and bind: try another
             if attempt == 4:
                 raise
+    # accept() wakes twice a second, so that SIGTERM (which only clears a flag) ends serve() promptly
+    server._socket.settimeout(0.5)
     kmip = KmipClient(KmipEndpoint(port, pki))
     broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant).start()
     info = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "kmip_port": port,

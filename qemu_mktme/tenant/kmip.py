@@ -90,7 +90,7 @@ class KmipClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
-        endpoint.pki.check()
+        endpoint.pki.check(("ca-cert.pem", "client-cert.pem", "client-key.pem"))
 
     def _config(self) -> Path:
         conf = self.endpoint.pki.directory / "kmip-client.conf"
@@ -117,6 +117,7 @@ class KmipClient:
                                                    cert=str(cert), key=str(key), ca=str(self.endpoint.pki.ca),
                                                    config_file=str(self._config()),
                                                    kmip_version=enums.KMIPVersion.KMIP_1_2)
+                    c.proxy.timeout = self.timeout        # ProxyKmipClient would keep KMIPProxy's 30 s
                     with c:
                         return fn(c, enums)
             except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:

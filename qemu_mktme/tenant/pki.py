@@ -49,8 +49,8 @@ class Pki:
     def client(self) -> tuple[Path, Path]:
         return self.path(CLIENT_CERT), self.path(CLIENT_KEY)
 
-    def check(self) -> "Pki":
-        missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY) if not self.path(n).is_file()]
+    def check(self, names: tuple[str, ...] = (CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)) -> "Pki":
+        missing = [n for n in names if not self.path(n).is_file()]
         if missing:
             raise TenantError(f"PKI directory {self.directory} lacks {', '.join(missing)} (run 'qemu-mktme tenant init')")
         return self
