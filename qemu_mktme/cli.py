@@ -188,6 +188,7 @@ async def run_guest(args: argparse.Namespace) -> int:
         spec = _vm_specs(args)[0]
         async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
                                     packages=args.packages, trace=args.trace) as session:
+            print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
             return await attend(session, args)
     async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages) as session:
         return await attend(session, args)

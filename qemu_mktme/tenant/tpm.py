@@ -32,8 +32,10 @@ PCRS = (8, 9, 10, 11, 12)
 PCR_SELECTION = "sha256:" + ",".join(map(str, PCRS))
 START_TIMEOUT = 5.0
 
-_AK_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign"
-_BIND_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|decrypt"
+# noda: these keys have no password to guess, and a host killed without TPM2_Shutdown would
+# otherwise count as a failed authorization at each restart until the TPM locks out (DA lockout).
+_AK_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
+_BIND_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|decrypt|noda"
 _SRK_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda"
 
 
@@ -159,6 +161,12 @@ class Tpm:
             raise TpmError(f"cannot open the TPM at {socket_path}: {err}") from None
 
     def close(self) -> None:
+        """TPM2_Shutdown (an orderly shutdown, as a host's firmware does), then release the TCTI."""
+        t = _pytss()
+        try:
+            self._esys.shutdown(t.TPM2_SU.CLEAR)
+        except Exception:  # noqa: BLE001  a TPM already gone needs no shutdown
+            pass
         self._esys.close()
 
     def __enter__(self) -> "Tpm":
@@ -257,7 +265,7 @@ class Tpm:
         self._esys.flush_context(session)
         public = t.TPM2B_PUBLIC(t.TPMT_PUBLIC(
             type=t.TPM2_ALG.KEYEDHASH, nameAlg=t.TPM2_ALG.SHA256,
-            objectAttributes=t.TPMA_OBJECT.FIXEDTPM | t.TPMA_OBJECT.FIXEDPARENT,
+            objectAttributes=t.TPMA_OBJECT.FIXEDTPM | t.TPMA_OBJECT.FIXEDPARENT | t.TPMA_OBJECT.NODA,
             authPolicy=policy,
             parameters=t.TPMU_PUBLIC_PARMS(keyedHashDetail=t.TPMS_KEYEDHASH_PARMS(
                 scheme=t.TPMT_KEYEDHASH_SCHEME(scheme=t.TPM2_ALG.NULL)))))
