@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python scripts/bench_shim.py
 	$(BIN)/python scripts/bench_snapshot.py
 	$(BIN)/python scripts/bench_inspect.py
+	$(BIN)/python scripts/bench_attest.py
 	$(BIN)/qemu-mktme verify
 
 clean:
