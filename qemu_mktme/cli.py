@@ -32,6 +32,7 @@ from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
 from .tenant import command as tenant_command
+from .tenant import story as tenant_story
 
 PROG = "qemu-mktme"
 VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -409,7 +410,9 @@ def _add_demo(sub: Any) -> None:
                                     "a secret in the CPU view and not in DRAM, an encrypted snapshot restored "
                                     "with the guest continuing, a transparency check, and a PNG DRAM map.")
     dm.add_argument("--png", default="mktme-demo.png", help="where to write the KeyID/entropy map (default: %(default)s)")
-    dm.set_defaults(func=lambda a: demo.main(a.png))
+    dm.add_argument("--tenant", action="store_true",
+                    help="the tenant's story instead: key server, attested host, encrypted image, tampered host refused")
+    dm.set_defaults(func=lambda a: tenant_story.main() if a.tenant else demo.main(a.png))
 
 
 def _add_verify(sub: Any) -> None:
