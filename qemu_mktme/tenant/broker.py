@@ -106,11 +106,13 @@ class Broker:
             released = {}
             for name in names:
                 uid = self.tenant.key_uid(name)
-                secret = self.kmip.get_key(uid)
+                secret = self.kmip.get_key(uid, name)
                 released[name] = seal_to(bind_key, secret, nonce + bind_name + name.encode()).to_json()
                 del secret
         except (AttestationError, TenantError) as err:
             self._log(f"REFUSED {host}: {err}")
+            if isinstance(err, KeyServerError):
+                raise AttestationError(f"no key released: {err}") from None
             raise
         self._log(f"released {', '.join(names)} to {host}")
         return {"keys": released, "host": host}

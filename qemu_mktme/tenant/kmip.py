@@ -148,15 +148,23 @@ class KmipClient:
             return uid
         return self._call(f"create key {name!r}", create)
 
-    def get_key(self, uid: str) -> bytes:
-        """The AES-256 key ``uid``; ``KeyServerError`` when the server answers with something else."""
+    def get_key(self, uid: str, name: str | None = None) -> bytes:
+        """The AES-256 key ``uid`` (named ``name``, when given); ``KeyServerError`` when the server
+        answers with something else."""
         def get(c, enums):
             obj = c.get(uid)
-            return obj, enums
-        obj, enums = self._call(f"get key {uid}", get)
+            names: list[str] = []
+            if name is not None:           # Get carries the key block only; Name is an attribute
+                _, attributes = c.get_attributes(uid, ["Name"])
+                names = [str(a.attribute_value.name_value.value) for a in attributes]
+            return obj, names, enums
+        obj, names, enums = self._call(f"get key {uid}", get)
         got_uid = getattr(obj, "unique_identifier", None)
         if got_uid is not None and str(got_uid) != str(uid):
             raise KeyServerError(f"key server answered for key {got_uid} when asked for {uid}")
+        if name is not None and name not in names:
+            raise KeyServerError(f"key server answered for key {', '.join(names) or '(unnamed)'} (id {uid}) "
+                                 f"when asked for {name!r}")
         if getattr(obj, "cryptographic_algorithm", None) != enums.CryptographicAlgorithm.AES \
                 or len(getattr(obj, "value", b"")) * 8 != KEY_BITS:
             raise KeyServerError(f"key server object {uid} is not an AES-{KEY_BITS} key")

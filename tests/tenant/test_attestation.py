@@ -206,3 +206,37 @@ def test_no_key_bytes_in_any_file_written(tenant, hosts, tmp_path_factory):
             scanned += 1
             assert not any(n in data for n in needles), f"key material in {path}"
     assert scanned >= 8
+
+
+def test_a_key_server_answering_for_the_wrong_key_is_refused(tenant, hosts):
+    """The tenant's name for 'vm' points at another key in the KMIP server (a mix-up or an attack)."""
+    a, _ = hosts
+    t = tenant.tenant
+    real = t.key_uid("vm")
+    other = tenant.kmip().create_key("not-vm")
+    t.record_key("vm", other, "memory")
+    try:
+        with pytest.raises(AttestationError, match=r"key server answered for key not-vm \(id \d+\) when asked for 'vm'"):
+            a.fetch(tenant.client, ["vm"])
+    finally:
+        t.record_key("vm", real, "memory")
+
+
+def test_a_broker_that_is_down_or_silent_is_a_clear_error(tenant):
+    import socket
+    import threading
+    from qemu_mktme.errors import KeyServerError
+    from qemu_mktme.tenant.broker import BrokerClient
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(KeyServerError, match="is not reachable"):
+        BrokerClient(f"https://127.0.0.1:{port}", tenant.ca).nonce()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        with pytest.raises(KeyServerError, match="did not answer within 0.5 s|not reachable"):
+            BrokerClient(f"https://127.0.0.1:{listener.getsockname()[1]}", tenant.ca, timeout=0.5).nonce()
+    finally:
+        listener.close()
