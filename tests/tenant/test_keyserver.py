@@ -7,6 +7,7 @@ server that is down or never answers: each is one clear ``KeyServerError``, with
 from __future__ import annotations
 
 import datetime
+import json
 import socket
 import subprocess
 import sys
@@ -142,3 +143,31 @@ def test_users_see_no_pykmip_warnings(mktme_keyserver, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr and "warn" not in out.stderr.lower(), out.stderr
     assert "created in the key server" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--image", "x.qcow2"], "--image needs --tenant-server"),
+    (["run", "--tenant-server", "https://127.0.0.1:1", "--key", "cpu:aes-xts-256"], "exclude each other"),
+    (["run", "--tenant-server", "https://127.0.0.1:1", "--tenant-ca", "/nonexistent/ca.pem"], "does not exist"),
+])
+def test_run_tenant_options_that_cannot_work_are_usage_errors(argv, message, capsys):
+    from qemu_mktme import cli
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_keyserver_and_tenant_commands(mktme_keyserver, capsys):
+    from qemu_mktme import cli
+    d = ["--tenant-dir", str(mktme_keyserver.tenant.path)]
+    assert cli.main(["keyserver", "status", "--json", *d]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["url"] == mktme_keyserver.url and status["pid"] == mktme_keyserver.info.pid
+    assert cli.main(["tenant", "show", *d]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["client_cn"] == "pytest" and "vm" in shown["keys"]
+    assert set(shown["keys"]["vm"]) == {"uid", "kind"}                 # KMIP ids only, no material
+    assert cli.main(["tenant", "add-key", "vm", *d]) == 1
+    assert "has a key named 'vm' already" in capsys.readouterr().err
+    assert cli.main(["tenant", "init", "again", *d]) == 1
+    assert "already holds a PKI" in capsys.readouterr().err
