@@ -103,12 +103,10 @@ class Broker:
                 raise AttestationError("forged event log: its replay does not give the quoted PCR digest")
             eventlog.compare(events, policy.reference, policy.pcrs)
             bind_key, bind_name = verify_binding(certify, ak, binding, nonce)
-            released = {}
-            for name in names:
-                uid = self.tenant.key_uid(name)
-                secret = self.kmip.get_key(uid, name)
-                released[name] = seal_to(bind_key, secret, nonce + bind_name + name.encode()).to_json()
-                del secret
+            secrets = self.kmip.get_keys([(self.tenant.key_uid(name), name) for name in names])
+            released = {name: seal_to(bind_key, secret, nonce + bind_name + name.encode()).to_json()
+                        for name, secret in zip(names, secrets)}
+            secrets.clear()
         except (AttestationError, TenantError) as err:
             self._log(f"REFUSED {host}: {err}")
             if isinstance(err, KeyServerError):

@@ -159,7 +159,7 @@ def _serve(tenant: TenantDir) -> None:
                 raise
     # accept() wakes twice a second, so that SIGTERM (which only clears a flag) ends serve() promptly
     server._socket.settimeout(0.5)
-    kmip = KmipClient(KmipEndpoint(port, pki))
+    kmip = KmipClient(KmipEndpoint(port, pki), persistent=True)
     broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant).start()
     info = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "kmip_port": port,
             "broker_port": broker.port, "url": f"https://127.0.0.1:{broker.port}"}
@@ -171,6 +171,7 @@ def _serve(tenant: TenantDir) -> None:
         server.serve()                  # until SIGTERM / SIGINT
     finally:
         broker.stop()
+        kmip.close()
         server.stop()
         note("key server stopped")
         broker_log.close()

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -82,14 +83,19 @@ class KmipEndpoint:
 class KmipClient:
     """AES-256 keys on a KMIP server, as the client certificate's CN (the tenant).
 
-    Every call opens its own TLS session (a few ms on loopback), with :data:`TIMEOUT` and
-    :data:`RETRIES`; failures are ``KeyServerError`` saying what happened.
+    Every call opens its own TLS session, or with ``persistent`` reuses one (reopened when it
+    fails), with :data:`TIMEOUT` and :data:`RETRIES`; failures are ``KeyServerError`` saying what
+    happened. Calls are serialised (PyKMIP's client is not thread-safe).
     """
 
-    def __init__(self, endpoint: KmipEndpoint, *, timeout: float = TIMEOUT, retries: int = RETRIES) -> None:
+    def __init__(self, endpoint: KmipEndpoint, *, timeout: float = TIMEOUT, retries: int = RETRIES,
+                 persistent: bool = False) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
+        self.persistent = persistent          # keep one session open (the broker): no handshake per release
+        self._conn = None
+        self._lock = threading.Lock()
         endpoint.pki.check(("ca-cert.pem", "client-cert.pem", "client-key.pem"))
 
     def _config(self) -> Path:
@@ -104,35 +110,56 @@ class KmipClient:
             conf.write_text(text)
         return conf
 
+    def _open(self, client_mod, enums):
+        cert, key = self.endpoint.pki.client
+        c = client_mod.ProxyKmipClient(hostname=self.endpoint.hostname, port=self.endpoint.port,
+                                       cert=str(cert), key=str(key), ca=str(self.endpoint.pki.ca),
+                                       config_file=str(self._config()), kmip_version=enums.KMIPVersion.KMIP_1_2)
+        c.proxy.timeout = self.timeout        # ProxyKmipClient would keep KMIPProxy's 30 s
+        c.open()
+        return c
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
     def _call(self, what: str, fn):
         enums, client_mod, pie_exc, kmip_exc = _kmip()
-        cert, key = self.endpoint.pki.client
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(RETRY_DELAY * attempt)
-            try:
-                with quiet():
-                    c = client_mod.ProxyKmipClient(hostname=self.endpoint.hostname, port=self.endpoint.port,
-                                                   cert=str(cert), key=str(key), ca=str(self.endpoint.pki.ca),
-                                                   config_file=str(self._config()),
-                                                   kmip_version=enums.KMIPVersion.KMIP_1_2)
-                    c.proxy.timeout = self.timeout        # ProxyKmipClient would keep KMIPProxy's 30 s
-                    with c:
-                        return fn(c, enums)
-            except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:
-                reason = getattr(err, "reason", None)
-                name = getattr(reason, "name", None) or type(err).__name__
-                raise KeyServerError(f"key server refused {what}: {name}: {getattr(err, 'message', err)}") from None
-            except ssl.SSLError as err:
-                raise KeyServerError(f"key server {self._where()}: TLS failed for {what}: {err.reason or err}") from None
-            except (ConnectionError, socket.timeout, TimeoutError, OSError) as err:
-                last = err
-            except Exception as err:  # noqa: BLE001  PyKMIP wraps socket trouble in its own exceptions
-                if "timed out" in str(err) or "Connection" in type(err).__name__:
+            with self._lock, quiet():
+                try:
+                    if self._conn is None:
+                        self._conn = self._open(client_mod, enums)
+                    try:
+                        return fn(self._conn, enums)
+                    finally:
+                        if not self.persistent:
+                            self._drop()
+                except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:
+                    reason = getattr(err, "reason", None)
+                    name = getattr(reason, "name", None) or type(err).__name__
+                    raise KeyServerError(f"key server refused {what}: {name}: {getattr(err, 'message', err)}") from None
+                except ssl.SSLError as err:
+                    self._drop()
+                    raise KeyServerError(f"key server {self._where()}: TLS failed for {what}: {err.reason or err}") from None
+                except (ConnectionError, socket.timeout, TimeoutError, OSError) as err:
+                    self._drop()
                     last = err
-                    continue
-                raise KeyServerError(f"key server {self._where()}: {what}: {err}") from None
+                except Exception as err:  # noqa: BLE001  PyKMIP wraps socket trouble in its own exceptions
+                    self._drop()
+                    if "timed out" in str(err) or "Connection" in type(err).__name__ or "closed" in str(err):
+                        last = err
+                        continue
+                    raise KeyServerError(f"key server {self._where()}: {what}: {err}") from None
         kind = "did not answer in time" if isinstance(last, (socket.timeout, TimeoutError)) or "timed out" in str(last) \
             else "is not reachable"
         raise KeyServerError(f"key server {self._where()} {kind} ({what}, {self.retries + 1} attempts): {last}")
@@ -151,24 +178,34 @@ class KmipClient:
     def get_key(self, uid: str, name: str | None = None) -> bytes:
         """The AES-256 key ``uid`` (named ``name``, when given); ``KeyServerError`` when the server
         answers with something else."""
+        return self.get_keys([(uid, name)])[0]
+
+    def get_keys(self, wanted: list[tuple[str, str | None]]) -> list[bytes]:
+        """Several keys (uid, expected name or None) in one KMIP session (one TLS handshake)."""
         def get(c, enums):
-            obj = c.get(uid)
-            names: list[str] = []
-            if name is not None:           # Get carries the key block only; Name is an attribute
-                _, attributes = c.get_attributes(uid, ["Name"])
-                names = [str(a.attribute_value.name_value.value) for a in attributes]
-            return obj, names, enums
-        obj, names, enums = self._call(f"get key {uid}", get)
-        got_uid = getattr(obj, "unique_identifier", None)
-        if got_uid is not None and str(got_uid) != str(uid):
-            raise KeyServerError(f"key server answered for key {got_uid} when asked for {uid}")
-        if name is not None and name not in names:
-            raise KeyServerError(f"key server answered for key {', '.join(names) or '(unnamed)'} (id {uid}) "
-                                 f"when asked for {name!r}")
-        if getattr(obj, "cryptographic_algorithm", None) != enums.CryptographicAlgorithm.AES \
-                or len(getattr(obj, "value", b"")) * 8 != KEY_BITS:
-            raise KeyServerError(f"key server object {uid} is not an AES-{KEY_BITS} key")
-        return bytes(obj.value)
+            found = []
+            for uid, name in wanted:
+                obj = c.get(uid)
+                names: list[str] = []
+                if name is not None:           # Get carries the key block only; Name is an attribute
+                    _, attributes = c.get_attributes(uid, ["Name"])
+                    names = [str(a.attribute_value.name_value.value) for a in attributes]
+                found.append((uid, name, obj, names))
+            return found, enums
+        found, enums = self._call(f"get key {', '.join(u for u, _ in wanted)}", get)
+        keys = []
+        for uid, name, obj, names in found:
+            got_uid = getattr(obj, "unique_identifier", None)
+            if got_uid is not None and str(got_uid) != str(uid):
+                raise KeyServerError(f"key server answered for key {got_uid} when asked for {uid}")
+            if name is not None and name not in names:
+                raise KeyServerError(f"key server answered for key {', '.join(names) or '(unnamed)'} (id {uid}) "
+                                     f"when asked for {name!r}")
+            if getattr(obj, "cryptographic_algorithm", None) != enums.CryptographicAlgorithm.AES \
+                    or len(getattr(obj, "value", b"")) * 8 != KEY_BITS:
+                raise KeyServerError(f"key server object {uid} is not an AES-{KEY_BITS} key")
+            keys.append(bytes(obj.value))
+        return keys
 
     def destroy_key(self, uid: str) -> None:
         def destroy(c, enums):
