@@ -41,6 +41,7 @@ from .tpm import Quote
 log = logging.getLogger(__name__)
 
 NONCE_LIFETIME = 60.0
+MAX_NONCES = 4096
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 15.0
 
@@ -60,6 +61,8 @@ class Broker:
         now = time.monotonic()
         with self._lock:
             self._nonces = {k: t for k, t in self._nonces.items() if now - t < NONCE_LIFETIME}
+            while len(self._nonces) >= MAX_NONCES:            # a flood of requests: oldest first out
+                del self._nonces[next(iter(self._nonces))]
             self._nonces[n] = now
         return n
 

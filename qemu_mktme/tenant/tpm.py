@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import TpmError
 from ..files import runtime
+from ..qemu.machine import _set_pdeathsig
 
 PCRS = (8, 9, 10, 11, 12)
 """PCRs measured launch extends (8-15 are free for OS use; 16 is the resettable debug PCR)."""
@@ -77,7 +78,8 @@ class Swtpm:
             [binary, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir},mode=0600",
              "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
              "--flags", "not-need-init,startup-clear"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=_set_pdeathsig)      # a host killed with -9 takes its TPM with it
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:

@@ -123,3 +123,10 @@ def _assert_no_key_bytes(ks, roots, names):
             if path.is_file() and path.name != "pykmip.db":
                 data = path.read_bytes()
                 assert not any(n in data for n in needles), f"key material in {path}"
+
+
+def test_the_plugins_attested_host_fixture(mktme_attested_host, mktme_keyserver):
+    """Last in this module: the fixture enrols its own host0 (its own TPM) in the tenant's policy."""
+    keys = mktme_attested_host.fetch(mktme_keyserver.client, ["vm"])
+    assert keys["vm"] == mktme_keyserver.kmip().get_key(mktme_keyserver.tenant.key_uid("vm"))
+    assert mktme_attested_host.result["attested"] is True
