@@ -34,7 +34,6 @@ class DiskSpec:
     readonly: bool = False
     secret_fd: int | None = None           # LUKS-in-qcow2: an inherited fd QEMU reads the passphrase from
 
-
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
         if self.format not in DISK_FORMATS:

@@ -85,6 +85,9 @@ class Swtpm:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
                 self.stop()
+                if "lock" in err:
+                    raise TpmError(f"the TPM state in {self.state_dir} is in use by another running host "
+                                   "(one swtpm per host directory)")
                 raise TpmError(f"swtpm exited at start ({err.splitlines()[-1] if err else 'no message'})")
             if _connectable(sock):
                 return self

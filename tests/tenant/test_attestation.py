@@ -240,3 +240,9 @@ def test_a_broker_that_is_down_or_silent_is_a_clear_error(tenant):
             BrokerClient(f"https://127.0.0.1:{listener.getsockname()[1]}", tenant.ca, timeout=0.5).nonce()
     finally:
         listener.close()
+
+
+def test_one_running_tpm_per_host_directory(hosts):
+    a, _ = hosts
+    with pytest.raises(TpmError, match="in use by another running host"):
+        AttestedHost("host-a", a.directory).boot(EVENTS)

@@ -11,7 +11,7 @@ import pytest
 
 from qemu_mktme.errors import TenantError
 from qemu_mktme.tenant import image
-from qemu_mktme.qemu.devices import DiskSpec
+from qemu_mktme.qemu.devices import DiskSpec, disk_args
 
 MARK = b"TENANT-DISK-PLAINTEXT"
 
@@ -88,3 +88,11 @@ def test_encrypt_refuses_to_overwrite_and_odd_sources(mktme_keyserver, encrypted
     with pytest.raises(TenantError, match="not a regular file"):
         image.encrypt("/dev/zero", tmp_path / "z.qcow2", os.urandom(32))
     assert not list(tmp_path.iterdir())
+
+
+def test_an_encrypted_disk_gets_its_secret_from_an_inherited_fd_never_the_command_line(tenant_image):
+    path, _ = tenant_image
+    argv = disk_args((DiskSpec(path, "qcow2", dma="qemu", readonly=True, secret_fd=7),))
+    assert argv[:2] == ["-object", "secret,id=disk0-secret,file=/dev/fd/7"]
+    blockdev = json.loads(argv[3])
+    assert blockdev["encrypt"] == {"format": "luks", "key-secret": "disk0-secret"} and blockdev["read-only"]
