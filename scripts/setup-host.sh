@@ -14,7 +14,6 @@ need apt-get apt
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The tenant's side (issue 14): each emulated host's TPM, and what tpm2-pytss builds against.
 need swtpm swtpm
-need swtpm_setup swtpm-tools
 need qemu-img qemu-utils
 need pkg-config pkg-config
 pkg-config --exists tss2-esys tss2-tctildr 2>/dev/null || missing="$missing libtss2-dev"
