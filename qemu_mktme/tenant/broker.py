@@ -3,7 +3,7 @@
 Our component (small; no library does this flow). One HTTPS endpoint (the tenant's server
 certificate), JSON in and out:
 
-    POST /v1/nonce     {}                                   -> {"nonce": HEX}
+    POST /v1/nonce     {}                                   -> {"nonce": HEX, "manifest_key": HEX}
     POST /v1/manifest-key {}                                -> {"key": HEX}  (image manifests' Ed25519 key)
     POST /v1/release   {"nonce", "ak_public", "quote", "binding", "eventlog", "keys": [NAME...]}
                        -> {"keys": {NAME: SEALED}, "host": NAME}   or 403 {"error": "why"}
@@ -25,8 +25,9 @@ import os
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
+import http.client
+import socket
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -146,7 +147,7 @@ def _handler(broker: Broker) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 if self.path == "/v1/nonce":
-                    self._answer(200, {"nonce": broker.nonce().hex()})
+                    self._answer(200, {"nonce": broker.nonce().hex(), "manifest_key": broker.manifest_key().hex()})
                 elif self.path == "/v1/manifest-key":
                     self._answer(200, {"key": broker.manifest_key().hex()})
                 elif self.path == "/v1/release":
@@ -184,44 +185,75 @@ class BrokerServer:
 
 
 class BrokerClient:
-    """The host's side of the HTTPS protocol; the broker is authenticated by the tenant's CA."""
+    """The host's side of the HTTPS protocol; the broker is authenticated by the tenant's CA.
+
+    One kept-alive connection serves a client's requests (nonce, release): one TLS handshake.
+    """
 
     def __init__(self, url: str, ca: str | os.PathLike[str], *, timeout: float = REQUEST_TIMEOUT) -> None:
-        if not url.startswith("https://"):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "https" or not parsed.hostname:
             raise TenantError(f"tenant server URL must be https://HOST:PORT, got {url!r}")
         self.url = url.rstrip("/")
+        self._host, self._port = parsed.hostname, parsed.port or 443
         try:
             self._ctx = ssl.create_default_context(cafile=str(ca))
         except (OSError, ssl.SSLError) as err:
             raise TenantError(f"tenant CA certificate {ca}: {getattr(err, 'strerror', None) or err}") from None
         self.timeout = timeout
+        self._conn: http.client.HTTPSConnection | None = None
+        self._manifest_key: bytes | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+        reused = self._conn is not None
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                         context=self._ctx)
+            try:
+                self._conn.request("POST", path, body, {"Content-Type": "application/json"})
+                resp = self._conn.getresponse()
+                return resp.status, resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if not reused or attempt:          # a kept-alive connection the broker closed: once more
+                    raise
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
 
     def _post(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(obj).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ctx) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            try:
-                why = json.loads(err.read()).get("error", err.reason)
-            except ValueError:
-                why = err.reason
-            if err.code == 403:
-                raise AttestationError(f"the key broker refused this host: {why}") from None
-            raise KeyServerError(f"key broker {self.url}: HTTP {err.code}: {why}") from None
-        except urllib.error.URLError as err:
-            reason = err.reason
-            if isinstance(reason, ssl.SSLCertVerificationError):
-                raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
-                                     f"({reason.verify_message})") from None
-            raise KeyServerError(f"key broker {self.url} is not reachable: {reason}") from None
-        except (TimeoutError, OSError) as err:
+            status, data = self._exchange(path, json.dumps(obj).encode())
+        except ssl.SSLCertVerificationError as err:
+            raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
+                                 f"({err.verify_message})") from None
+        except (TimeoutError, socket.timeout) as err:
             raise KeyServerError(f"key broker {self.url} did not answer within {self.timeout:g} s: {err}") from None
+        except (OSError, http.client.HTTPException) as err:
+            raise KeyServerError(f"key broker {self.url} is not reachable: {err}") from None
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise KeyServerError(f"key broker {self.url}: HTTP {status}, not JSON") from None
+        if status == 403:
+            raise AttestationError(f"the key broker refused this host: {answer.get('error')}")
+        if status != 200:
+            raise KeyServerError(f"key broker {self.url}: HTTP {status}: {answer.get('error')}")
+        return answer
 
     def nonce(self) -> bytes:
+        """A fresh nonce (the answer also carries the tenant's manifest key, kept for :meth:`manifest_key`)."""
+        answer = self._post("/v1/nonce", {})
         try:
-            return bytes.fromhex(self._post("/v1/nonce", {})["nonce"])
+            self._manifest_key = bytes.fromhex(answer["manifest_key"])
+            return bytes.fromhex(answer["nonce"])
         except (KeyError, TypeError, ValueError):
             raise KeyServerError(f"key broker {self.url}: malformed nonce") from None
 
@@ -229,7 +261,8 @@ class BrokerClient:
         """The tenant's Ed25519 manifest key, as the broker (authenticated by the tenant's CA) serves it."""
         from cryptography.hazmat.primitives.asymmetric import ed25519
         try:
-            return ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(self._post("/v1/manifest-key", {})["key"]))
+            raw = self._manifest_key or bytes.fromhex(self._post("/v1/manifest-key", {})["key"])
+            return ed25519.Ed25519PublicKey.from_public_bytes(raw)
         except (KeyError, TypeError, ValueError):
             raise KeyServerError(f"key broker {self.url}: malformed manifest key") from None
 

@@ -111,16 +111,17 @@ class AttestedHost:
                             "signature": certify.signature.hex()},
                 "eventlog": [e.to_json() for e in self.events], "keys": names}
 
-    def fetch(self, client: BrokerClient, names: list[str]) -> dict[str, bytes]:
+    def fetch(self, client: BrokerClient, names: list[str], nonce: bytes | None = None) -> dict[str, bytes]:
         """Attest to the broker and unwrap the released keys inside the TPM (ECDH_ZGen).
 
-        The keys exist only in this process's memory; the result (no key bytes) is kept in
-        :attr:`result` for ``query``.
+        ``nonce``: one already fetched from this broker (else fetched here). The keys exist only
+        in this process's memory; the result (no key bytes) is kept in :attr:`result` for ``query``.
         """
         t0 = time.monotonic()
         self.result.update(broker=client.url, keys={n: "pending" for n in names})
         try:
-            nonce = client.nonce()
+            if nonce is None:
+                nonce = client.nonce()
             request = self.evidence(nonce, names)
             t1 = time.monotonic()
             sealed, verdict_host = client.release(request)

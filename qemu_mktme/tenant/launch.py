@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,19 +65,30 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
     timings = launch.timings
     t0 = time.monotonic()
     host = AttestedHost(launch.host, launch.host_dir)
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
         stack.callback(host.close)
-        host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
-        timings["measure"] = time.monotonic() - t0
         client = BrokerClient(launch.url, launch.ca)
-        verified = None
-        if launch.image is not None:
-            t1 = time.monotonic()
-            verified = image_mod.verify(launch.image, client.manifest_key())
-            stack.callback(os.close, verified.fd)
-            timings["image-verify"] = time.monotonic() - t1
+        stack.callback(client.close)
+
+        def boot() -> None:
+            host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
+            timings["measure"] = time.monotonic() - t0
+        # The host's measured launch (hashing, swtpm, PCR extends) runs beside the broker's nonce
+        # and the image check: neither needs the other, and the quote waits for both.
+        booted = pool.submit(boot)
+        try:
+            nonce = client.nonce()
+            verified = None
+            if launch.image is not None:
+                t1 = time.monotonic()
+                verified = image_mod.verify(launch.image, client.manifest_key())
+                stack.callback(os.close, verified.fd)
+                timings["image-verify"] = time.monotonic() - t1
+        finally:
+            booted.result()
         names = [launch.key] + ([verified.disk_key] if verified else [])
-        keys = host.fetch(client, names)
+        keys = host.fetch(client, names, nonce)
+        timings["released"] = time.monotonic() - t0
         seconds = host.result["seconds"]
         timings["attest"] = seconds["attest"]
         timings["release"] = seconds["broker"] + seconds["unwrap"]
