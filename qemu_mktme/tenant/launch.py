@@ -11,6 +11,7 @@ an inherited pipe. Nothing here writes key bytes anywhere.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -59,22 +60,41 @@ def memory_payload(key: bytes) -> Payload:
 async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenant: str = "default",
                            keyid_bits: int = 6, packages: int = 1, trace: bool = False,
                            control: bool = True) -> AsyncIterator[HostSession]:
-    """A :class:`HostSession` running ``config`` with keys the broker released to this host."""
+    """A :class:`HostSession` running ``config`` with keys the broker released to this host.
+
+    The host's boot and attestation (blocking: TPM, HTTPS, hashing) run in a worker thread, so
+    the event loop stays free; the TPM stays up for as long as the session runs.
+    """
     if config.boot is None:
         raise TenantError("an attested launch needs a guest to boot")
+    with contextlib.ExitStack() as stack:
+        spec, attestation = await asyncio.to_thread(_prepare, launch, config, stack, tenant=tenant,
+                                                    keyid_bits=keyid_bits, packages=packages, trace=trace)
+        t2 = time.monotonic()
+        async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
+                               attestation=attestation) as session:
+            launch.timings["launch"] = time.monotonic() - t2      # QEMU started, LUKS opened, guest running
+            yield session
+
+
+def _prepare(launch: TenantLaunch, config: MachineConfig, stack: contextlib.ExitStack, *, tenant: str,
+             keyid_bits: int, packages: int, trace: bool) -> tuple[VmSpec, dict[str, Any]]:
+    """Boot the host (measured launch), attest, unwrap the keys: the VM to start and what to show."""
+    assert config.boot is not None
     timings = launch.timings
     t0 = time.monotonic()
     host = AttestedHost(launch.host, launch.host_dir)
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
-        stack.callback(host.close)
-        client = BrokerClient(launch.url, launch.ca)
-        stack.callback(client.close)
+    stack.callback(host.close)
+    client = BrokerClient(launch.url, launch.ca)
+    stack.callback(client.close)
 
-        def boot() -> None:
-            host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
-            timings["measure"] = time.monotonic() - t0
-        # The host's measured launch (hashing, swtpm, PCR extends) runs beside the broker's nonce
-        # and the image check: neither needs the other, and the quote waits for both.
+    def boot() -> None:
+        assert config.boot is not None
+        host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
+        timings["measure"] = time.monotonic() - t0
+    # The host's measured launch (hashing, swtpm, PCR extends) runs beside the broker's nonce and
+    # the image check: neither needs the other, and the quote waits for both.
+    with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
         booted = pool.submit(boot)
         try:
             nonce = client.nonce()
@@ -86,29 +106,24 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                 timings["image-verify"] = time.monotonic() - t1
         finally:
             booted.result()
-        names = [launch.key] + ([verified.disk_key] if verified else [])
-        keys = host.fetch(client, names, nonce)
-        timings["released"] = time.monotonic() - t0
-        seconds = host.result["seconds"]
-        timings["attest"] = seconds["attest"]
-        timings["release"] = seconds["broker"] + seconds["unwrap"]
-        payload = memory_payload(keys.pop(launch.key))
-        disks = tuple(config.disks)
-        pass_fds = tuple(config.pass_fds)
-        if verified is not None:
-            secret = stack.enter_context(image_mod.secret_pipe(image_mod.passphrase(keys.pop(verified.disk_key))))
-            disks += (DiskSpec(Path(f"/dev/fd/{verified.fd}"), "qcow2", dma="qemu", readonly=True, secret_fd=secret),)
-            pass_fds += (verified.fd, secret)
-        keys.clear()
-        origin = {"memory": f"tenant key {launch.key!r} released by {launch.url} to host {launch.host}'s TPM"}
-        if verified is not None:
-            origin["disk"] = (f"{verified.path} (LUKS, manifest verified, sha256 {verified.sha256[:16]}...): "
-                              f"tenant key {verified.disk_key!r} released to the TPM")
-        attestation: dict[str, Any] = {**host.describe(), "key_origin": origin}
-        cfg = dataclasses.replace(config, disks=disks, pass_fds=pass_fds)
-        spec = VmSpec(cfg, tenant, payload, trace=trace)
-        t2 = time.monotonic()
-        async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
-                               attestation=attestation) as session:
-            timings["launch"] = time.monotonic() - t2          # QEMU started, LUKS opened, guest running
-            yield session
+    names = [launch.key] + ([verified.disk_key] if verified else [])
+    keys = host.fetch(client, names, nonce)
+    timings["released"] = time.monotonic() - t0
+    seconds = host.result["seconds"]
+    timings["attest"] = seconds["attest"]
+    timings["release"] = seconds["broker"] + seconds["unwrap"]
+    payload = memory_payload(keys.pop(launch.key))
+    disks = tuple(config.disks)
+    pass_fds = tuple(config.pass_fds)
+    if verified is not None:
+        secret = stack.enter_context(image_mod.secret_pipe(image_mod.passphrase(keys.pop(verified.disk_key))))
+        disks += (DiskSpec(Path(f"/dev/fd/{verified.fd}"), "qcow2", dma="qemu", readonly=True, secret_fd=secret),)
+        pass_fds += (verified.fd, secret)
+    keys.clear()
+    origin = {"memory": f"tenant key {launch.key!r} released by {launch.url} to host {launch.host}'s TPM"}
+    if verified is not None:
+        origin["disk"] = (f"{verified.path} (LUKS, manifest verified, sha256 {verified.sha256[:16]}...): "
+                          f"tenant key {verified.disk_key!r} released to the TPM")
+    attestation: dict[str, Any] = {**host.describe(), "key_origin": origin}
+    cfg = dataclasses.replace(config, disks=disks, pass_fds=pass_fds)
+    return VmSpec(cfg, tenant, payload, trace=trace), attestation

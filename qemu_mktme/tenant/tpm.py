@@ -17,10 +17,11 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,26 @@ def _pytss():
     return tpm2_pytss
 
 
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(argv: list[str], **kwargs) -> subprocess.Popen[bytes]:
+    """``Popen`` with PR_SET_PDEATHSIG, from one thread that lives as long as this process.
+
+    The kernel sends the death signal when the *thread* that forked the child exits, so a
+    swtpm started from a short-lived worker thread would die with it; started from here, it
+    dies only with the host process (kill -9 included) and never outlives it holding its
+    state directory's lock. (swtpm's own ``--terminate`` does not fit: tpm2-tss's swtpm TCTI
+    reconnects for every command.)
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(1, thread_name_prefix="swtpm-spawner")
+    return _spawner.submit(subprocess.Popen, argv, preexec_fn=_set_pdeathsig, **kwargs).result()
+
+
 class Swtpm:
     """A ``swtpm socket --tpm2`` process with its state in ``state_dir`` (created 0700).
 
@@ -74,12 +95,11 @@ class Swtpm:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._rundir = runtime.make_runtime_dir("swtpm")
         sock = self.socket
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             [binary, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir},mode=0600",
              "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={sock}.ctrl",
              "--flags", "not-need-init,startup-clear"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=_set_pdeathsig)      # a host killed with -9 takes its TPM with it
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc.poll() is not None:
@@ -89,7 +109,7 @@ class Swtpm:
                     raise TpmError(f"the TPM state in {self.state_dir} is in use by another running host "
                                    "(one swtpm per host directory)")
                 raise TpmError(f"swtpm exited at start ({err.splitlines()[-1] if err else 'no message'})")
-            if _connectable(sock):
+            if sock.exists() and Path(f"{sock}.ctrl").exists():   # bound; Tpm retries its first connect
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -117,15 +137,6 @@ class Swtpm:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -160,10 +171,14 @@ class Tpm:
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
         t = _pytss()
-        try:
-            self._esys = t.ESAPI(t.TCTILdr("swtpm", f"path={socket_path}"))
-        except Exception as err:  # noqa: BLE001  tpm2-tss raises its own types
-            raise TpmError(f"cannot open the TPM at {socket_path}: {err}") from None
+        for attempt in range(20):                # the data channel may listen a moment after ctrl
+            try:
+                self._esys = t.ESAPI(t.TCTILdr("swtpm", f"path={socket_path}"))
+                return
+            except Exception as err:  # noqa: BLE001  tpm2-tss raises its own types
+                last = err
+                time.sleep(0.01)
+        raise TpmError(f"cannot open the TPM at {socket_path}: {last}")
 
     def close(self) -> None:
         """TPM2_Shutdown (an orderly shutdown, as a host's firmware does), then release the TCTI."""
