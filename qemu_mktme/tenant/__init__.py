@@ -14,6 +14,8 @@ the image encrypted at rest (issue 14; the KVM Forum 2018 "tenant's key" use cas
     image      LUKS-in-qcow2 images and their signed manifests
     admin      the tenant's operations: add keys, record reference values, encrypt images
     launch     an attested launch: measure, attest, release, start the VM
+    command    the tenant's commands and run's --tenant-server options (parsers, thin)
+    story      ``demo --tenant``
 
 The layer sits above ``live`` (it starts HostSessions) and below ``inspect`` and the commands.
 """
