@@ -10,6 +10,7 @@ still the one that wrote it (same start time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,16 +46,48 @@ class KeyServerInfo:
                 "broker_port": self.broker_port, "url": self.url}
 
 
-def status(tenant: TenantDir) -> KeyServerInfo | None:
-    """The running key server of ``tenant``, or None (a stale state file is ignored)."""
+def _recorded(tenant: TenantDir) -> KeyServerInfo | None:
     try:
         obj = json.loads((tenant.path / STATE).read_text())
-        info = KeyServerInfo(int(obj["pid"]), int(obj["start_time"]), int(obj["kmip_port"]), int(obj["broker_port"]))
+        return KeyServerInfo(int(obj["pid"]), int(obj["start_time"]), int(obj["kmip_port"]), int(obj["broker_port"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if process_start_time(info.pid) != info.start_time:
+
+
+def status(tenant: TenantDir) -> KeyServerInfo | None:
+    """The running key server of ``tenant``, or None (a stale state file is ignored)."""
+    info = _recorded(tenant)
+    if info is None or not _alive(info):
         return None
     return info
+
+
+def _leftovers(tenant: TenantDir, pgid: int) -> list[int]:
+    """Processes of a dead key server's process group (PyKMIP's multiprocessing manager, when the
+    server was killed with -9): only those whose command line is this tenant's key server."""
+    mine = []
+    marker = f"qemu_mktme.tenant.keyserver\0{tenant.path}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and marker in cmdline and fields[0] != b"Z":
+            mine.append(int(entry))
+    return mine
+
+
+def _reap_group(tenant: TenantDir, info: KeyServerInfo | None) -> None:
+    if info is None:
+        return
+    for pid in _leftovers(tenant, info.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def kmip_client(tenant: TenantDir, info: KeyServerInfo | None = None, **kw: float) -> KmipClient:
@@ -70,6 +103,7 @@ def start(tenant: TenantDir) -> KeyServerInfo:
     running = status(tenant)
     if running is not None:
         return running
+    _reap_group(tenant, _recorded(tenant))          # a server killed with -9 may have left its helper
     (tenant.path / STATE).unlink(missing_ok=True)
     tenant.kmip_dir.mkdir(mode=0o700, exist_ok=True)
     log = open(tenant.kmip_dir / "daemon.log", "ab")
@@ -101,6 +135,7 @@ def stop(tenant: TenantDir, timeout: float = 10.0) -> bool:
     """Stop the tenant's key server; False when none was running."""
     info = status(tenant)
     if info is None:
+        _reap_group(tenant, _recorded(tenant))
         (tenant.path / STATE).unlink(missing_ok=True)
         return False
     os.kill(info.pid, signal.SIGTERM)
@@ -109,6 +144,7 @@ def stop(tenant: TenantDir, timeout: float = 10.0) -> bool:
         time.sleep(0.05)
     if _alive(info):
         os.kill(info.pid, signal.SIGKILL)
+    _reap_group(tenant, info)
     (tenant.path / STATE).unlink(missing_ok=True)
     return True
 

@@ -7,6 +7,7 @@ server that is down or never answers: each is one clear ``KeyServerError``, with
 from __future__ import annotations
 
 import datetime
+import os
 import json
 import socket
 import subprocess
@@ -171,3 +172,18 @@ def test_keyserver_and_tenant_commands(mktme_keyserver, capsys):
     assert "has a key named 'vm' already" in capsys.readouterr().err
     assert cli.main(["tenant", "init", "again", *d]) == 1
     assert "already holds a PKI" in capsys.readouterr().err
+
+
+def test_a_key_server_killed_with_9_leaves_nothing_after_the_next_stop(tmp_path):
+    import signal as sig
+    from qemu_mktme.tenant.keyserver import _leftovers, _recorded
+    tenant = TenantDir(tmp_path / "t")
+    tenant.init("k9")
+    info = keyserver.start(tenant)
+    os.kill(info.pid, sig.SIGKILL)
+    deadline = time.monotonic() + patience(5)
+    while keyserver.status(tenant) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert keyserver.status(tenant) is None
+    assert keyserver.stop(tenant) is False                       # and it cleans up what the server left
+    assert _recorded(tenant) is None and not _leftovers(tenant, info.pid)
