@@ -12,6 +12,8 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     trace     the TCG plugin shim and the tracer
     vhost     device models outside QEMU whose DMA goes through the IOMMU: vhost-user-blk
     live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
+    tenant    the tenant's side: key server (PyKMIP), host TPMs (swtpm), attestation, key broker,
+              node key, images encrypted at rest
     inspect   offline tools over dumps
     verifier, demo, attack, attend, cli, pytest_plugin    what users run
 

@@ -33,6 +33,8 @@ from .host.sanitizer import Sanitizer
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
+from .tenant import command as tenant_command
+from .tenant import story as tenant_story
 
 PROG = "qemu-mktme"
 VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -193,8 +195,20 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
 
 
 async def run_guest(args: argparse.Namespace) -> int:
+    try:
+        launch = tenant_command.launch_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     sanitizer = Sanitizer(lambda r: print(f"{PROG}: {r}", file=sys.stderr, flush=True)) if args.sanitize else None
     try:
+        if launch is not None:
+            from .tenant.launch import attested_session
+            spec = _vm_specs(args)[0]
+            async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
+                                        packages=args.packages, trace=spec.trace, integrity=args.integrity,
+                                        sanitizer=sanitizer) as session:
+                print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
+                return await attend(session, args)
         async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
                                integrity=args.integrity, sanitizer=sanitizer) as session:
             return await attend(session, args)
@@ -378,6 +392,7 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--integrity", choices=("mac",), default=None,
                      help="per-line MAC (TDX-like, not MKTME): tampered lines poison, consuming them stops the VM")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    tenant_command.add_run_options(run)
     run.set_defaults(func=lambda a: run_async(run_guest(a)))
 
 
@@ -441,7 +456,9 @@ def _add_demo(sub: Any) -> None:
                                     "a secret in the CPU view and not in DRAM, an encrypted snapshot restored "
                                     "with the guest continuing, a transparency check, and a PNG DRAM map.")
     dm.add_argument("--png", default="mktme-demo.png", help="where to write the KeyID/entropy map (default: %(default)s)")
-    dm.set_defaults(func=lambda a: demo.main(a.png))
+    dm.add_argument("--tenant", action="store_true",
+                    help="the tenant's story instead: key server, attested host, encrypted image, tampered host refused")
+    dm.set_defaults(func=lambda a: tenant_story.main() if a.tenant else demo.main(a.png))
 
 
 def _add_verify(sub: Any) -> None:
@@ -494,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     _add_images(sub)
     _add_doctor(sub)
+    tenant_command.add_tenant_parsers(sub)
     return parser
 
 

@@ -19,8 +19,12 @@ Users catch by meaning, not by cause::
     ├── AddressError                an address outside the memory it was used on (carries gpa/hpa)
     ├── HostError                   the host software model
     │   └── KeyServiceError         the mktme key service, with the kernel's errno (EINVAL, ...)
-    └── SnapshotError               dumps and snapshots
-        └── IntegrityError          a dump or snapshot failed authentication or is malformed
+    ├── SnapshotError               dumps and snapshots
+    │   └── IntegrityError          a dump or snapshot failed authentication or is malformed
+    └── TenantError                 the tenant's side: key server, TPM, attestation, image at rest
+        ├── KeyServerError          the KMIP key server or the broker is down, slow or refuses
+        ├── TpmError                the host's TPM (swtpm) cannot start or refuses a command
+        └── AttestationError        the broker refused a host (says why: signature, nonce, PCR)
 
 Misuse of the Python API (a wrong type, a negative size) is ``ValueError`` / ``TypeError``
 naming the parameter, not part of this tree. ``OSError`` and asyncio failures that cross a
@@ -214,3 +218,22 @@ class SnapshotError(MktmeError):
 
 class IntegrityError(SnapshotError):
     """Authentication or format check failed: tampered, truncated, reordered or wrong key."""
+
+
+# --- the tenant's side ------------------------------------------------------------------------
+
+
+class TenantError(MktmeError):
+    """The tenant's side: PKI, key server, TPM, attestation, encrypted images."""
+
+
+class KeyServerError(TenantError):
+    """The KMIP server or the key broker cannot be reached, is too slow, or refuses a request."""
+
+
+class TpmError(TenantError):
+    """The emulated host's TPM cannot start, or refuses a command (e.g. unseal under other PCRs)."""
+
+
+class AttestationError(TenantError):
+    """The key broker refused to release a key to a host; the message says why."""

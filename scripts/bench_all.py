@@ -26,6 +26,7 @@ BENCHES: list[tuple[str, str, tuple[str, float] | None]] = [
     ("snapshot", "encrypted save / QEMU migrate unthrottled, both fsynced", ("<=", 1.2)),
     ("inspect", "dump inspection throughput (no ratio)", None),
     ("dma", "vhost-user-blk sequential read through the IOMMU model / model bypassed", (">=", 0.8)),
+    ("attest", "attested launch / launch with local key files, bare-metal guest", ("<=", 1.5)),
     ("sanitizer", "Linux boot + checksum with shim + sanitizer / shim alone", ("<=", 1.2)),
 ]
 

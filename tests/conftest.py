@@ -26,7 +26,7 @@ settings.register_profile("mktme", max_examples=40, deadline=None, suppress_heal
 settings.load_profile("mktme")
 
 # Fixtures that boot QEMU or build/load the guest images (which needs QEMU's world: apt, gcc).
-QEMU_FIXTURES = frozenset({"baremetal_image", "linux_image", "mktme_vm", "mktme_images"})
+QEMU_FIXTURES = frozenset({"baremetal_image", "linux_image", "mktme_vm", "mktme_images", "mktme_attested_host"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -112,3 +112,22 @@ def nothing_left_behind():
     files = sorted(set(_leftover_files()) - before)
     assert not procs, f"QEMU processes left running: {procs}"
     assert not files, f"files left behind: {files}"
+
+
+# ---------------------------------------------------------------------- the tenant's side (issue 14)
+
+TENANT_MARK = b"TENANT-DISK-PLAINTEXT"
+
+
+@pytest.fixture(scope="session")
+def tenant_image(mktme_keyserver, tmp_path_factory):
+    """(a LUKS qcow2 under the tenant's disk key 'disk-test', its signed manifest), made once: LUKS
+    creation costs seconds on a busy machine. The plaintext source (1 MiB of sectors led by
+    :data:`TENANT_MARK`) is removed once encrypted."""
+    from qemu_mktme.tenant import admin
+    d = tmp_path_factory.mktemp("tenant-image")
+    raw = d / "disk.raw"
+    raw.write_bytes(TENANT_MARK.ljust(512, b".") * 2048)
+    manifest = admin.encrypt_image(mktme_keyserver.tenant, raw, d / "disk.qcow2", key_name="disk-test")
+    raw.unlink()
+    return d / "disk.qcow2", manifest

@@ -22,6 +22,7 @@ from ..files import Progress
 from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
+from ..host.payload import Payload
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .capture import capture
@@ -39,7 +40,7 @@ class VmSpec:
 
     config: MachineConfig
     tenant: str = "default"
-    payload: str | None = "type=cpu"
+    payload: str | Payload | None = "type=cpu"
     trace: bool = False                    # load the TCG plugin shim and attribute every access
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
 
@@ -48,7 +49,8 @@ class HostSession:
     """``async with HostSession(specs, keyid_bits=6) as s:`` runs every VM, serves control requests."""
 
     def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
-                 control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None) -> None:
+                 control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None,
+                 attestation: dict[str, Any] | None = None) -> None:
         names = [s.config.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
@@ -59,6 +61,7 @@ class HostSession:
         self.handlers: dict[str, Handler] = {
             "query": self._query, "dump": self._dump, "snapshot-save": self._save}
         self._serials: list[tuple[int, str]] = []
+        self.attestation = attestation     # how the keys were obtained (tenant/launch.py), for query
         self._control = ControlServer(self.handlers) if control else None
         self._stack = contextlib.AsyncExitStack()
 
@@ -163,6 +166,8 @@ class HostSession:
             return self._vm(vm)
         state = self.host.query()
         state["guests"] = {n: self._vm(vm) for n, vm in self.machines.items()}
+        if self.attestation is not None:
+            state["attestation"] = self.attestation
         return state
 
     def _vm(self, vm: Machine) -> dict[str, Any]:

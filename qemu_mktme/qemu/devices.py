@@ -32,6 +32,7 @@ class DiskSpec:
     format: str = "raw"
     dma: str | None = None
     readonly: bool = False
+    secret_fd: int | None = None           # LUKS-in-qcow2: an inherited fd QEMU reads the passphrase from
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -84,12 +85,20 @@ class DiskSpec:
             raise ValueError(f"disk {self.path} is not {'readable' if self.readonly else 'readable and writable'}")
         if self.format == "raw" and sniff_format(self.path) == "luks":
             raise ValueError(f"disk {self.path} is a LUKS volume: it needs its key (not supported by --disk yet)")
+        if self.format == "qcow2" and self.secret_fd is None and qcow2_encrypted(self.path):
+            raise ValueError(f"disk {self.path} is an encrypted qcow2: it opens only with its key "
+                             "(run --tenant-server URL --image PATH)")
+
+    def secret_id(self, node: str) -> str:
+        return f"{node}-secret"
 
     def blockdev(self, node: str) -> str:
         """The ``-blockdev`` argument (JSON, so that any file name passes unquoted)."""
         ro = {"read-only": True} if self.readonly else {}
         spec = {"driver": self.format, "node-name": node, **ro,
                 "file": {"driver": "file", "filename": str(self.path), **ro}}
+        if self.secret_fd is not None:
+            spec["encrypt"] = {"format": "luks", "key-secret": self.secret_id(node)}
         return json.dumps(spec, separators=(",", ":"))
 
 
@@ -114,6 +123,16 @@ def sniff_format(path: Path) -> str:
     return "raw"
 
 
+def qcow2_encrypted(path: Path) -> bool:
+    """Whether a qcow2 header says its data are encrypted (crypt_method, big-endian u32 at 32)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(36)
+    except OSError:
+        return False
+    return head.startswith(QCOW2_MAGIC) and len(head) == 36 and int.from_bytes(head[32:36], "big") != 0
+
+
 def disk_args(disks: tuple[DiskSpec, ...]) -> list[str]:
     """QEMU options for the disks QEMU serves itself (``dma`` qemu or unset)."""
     argv: list[str] = []
@@ -121,6 +140,8 @@ def disk_args(disks: tuple[DiskSpec, ...]) -> list[str]:
         if disk.dma == "vhost":
             continue                  # the live layer adds the vhost-user device with its socket
         node = f"disk{n}"
+        if disk.secret_fd is not None:        # never on the command line: QEMU reads the inherited fd
+            argv += ["-object", f"secret,id={disk.secret_id(node)},file=/dev/fd/{disk.secret_fd}"]
         argv += ["-blockdev", disk.blockdev(node),
                  "-device", f"virtio-blk-pci,drive={node},id={node}-dev,serial=qemu-mktme-{node}"]
     return argv

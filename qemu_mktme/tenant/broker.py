@@ -1,0 +1,274 @@
+"""The key broker: releases a tenant's keys only to a host whose TPM proves a good launch.
+
+Our component (small; no library does this flow). One HTTPS endpoint (the tenant's server
+certificate), JSON in and out:
+
+    POST /v1/nonce     {}                                   -> {"nonce": HEX, "manifest_key": HEX}
+    POST /v1/manifest-key {}                                -> {"key": HEX}  (image manifests' Ed25519 key)
+    POST /v1/release   {"nonce", "ak_public", "quote", "binding", "eventlog", "keys": [NAME...]}
+                       -> {"keys": {NAME: SEALED}, "host": NAME}   or 403 {"error": "why"}
+
+A release is checked in this order, each refusal saying why and logged on the broker: the nonce
+was issued here, is fresh and unused (one use, even when refused); the AK is enrolled in the
+tenant's policy; the quote's signature, type and nonce; the event log replays to the quoted
+PCR digest (else it is forged); the events match the reference values (PCR and event that
+differ); the binding key is certified by the same AK for the same nonce and fixed to its TPM.
+Only then are the keys fetched from the KMIP server (as the tenant) and each sealed to the
+binding key (:func:`.attest.seal_to`): plaintext keys exist only in the broker's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+import http.client
+import socket
+import urllib.parse
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from ..errors import AttestationError, KeyServerError, TenantError
+from . import eventlog
+from .attest import Sealed, ak_fingerprint, seal_to, verify_binding, verify_quote
+from .kmip import KmipClient
+from .store import TenantDir
+from .tpm import Quote
+
+log = logging.getLogger(__name__)
+
+NONCE_LIFETIME = 60.0
+MAX_NONCES = 4096
+MAX_BODY = 1 << 20
+REQUEST_TIMEOUT = 15.0
+
+
+class Broker:
+    """The decision logic; ``kmip`` fetches key bytes by name (``TenantDir`` names -> KMIP uids)."""
+
+    def __init__(self, tenant: TenantDir, kmip: KmipClient, *, logger: Callable[[str], None] | None = None) -> None:
+        self.tenant = tenant
+        self.kmip = kmip
+        self._nonces: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._log = logger or (lambda m: log.info("%s", m))
+
+    def nonce(self) -> bytes:
+        n = os.urandom(32)
+        now = time.monotonic()
+        with self._lock:
+            self._nonces = {k: t for k, t in self._nonces.items() if now - t < NONCE_LIFETIME}
+            while len(self._nonces) >= MAX_NONCES:            # a flood of requests: oldest first out
+                del self._nonces[next(iter(self._nonces))]
+            self._nonces[n] = now
+        return n
+
+    def manifest_key(self) -> bytes:
+        """The tenant's image-manifest verification key (raw Ed25519), served over the tenant's TLS."""
+        from cryptography.hazmat.primitives import serialization
+        return self.tenant.verify_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def _take_nonce(self, nonce: bytes) -> None:
+        with self._lock:
+            issued = self._nonces.pop(nonce, None)
+        if issued is None:
+            raise AttestationError("stale nonce: not issued by this broker, or already used")
+        if time.monotonic() - issued > NONCE_LIFETIME:
+            raise AttestationError(f"stale nonce: older than {NONCE_LIFETIME:g} s")
+
+    def release(self, request: dict[str, Any]) -> dict[str, Any]:
+        host = "unknown host"
+        try:
+            try:
+                nonce = bytes.fromhex(request["nonce"])
+                ak = bytes.fromhex(request["ak_public"])
+                quote = Quote(bytes.fromhex(request["quote"]["attest"]), bytes.fromhex(request["quote"]["signature"]))
+                binding = bytes.fromhex(request["binding"]["public"])
+                certify = Quote(bytes.fromhex(request["binding"]["attest"]),
+                                bytes.fromhex(request["binding"]["signature"]))
+                names = [str(n) for n in request["keys"]]
+                events = eventlog.loads(request["eventlog"])
+            except (KeyError, TypeError, ValueError):
+                raise AttestationError("malformed release request") from None
+            self._take_nonce(nonce)
+            policy = self.tenant.policy()
+            fingerprint = ak_fingerprint(ak)
+            host = policy.hosts.get(fingerprint, f"AK {fingerprint[:16]}")
+            if fingerprint not in policy.hosts:
+                raise AttestationError(f"quote from a TPM the tenant never enrolled (AK {fingerprint[:16]}...)")
+            pcrs, digest = verify_quote(quote, ak, nonce)
+            if tuple(sorted(pcrs)) != tuple(sorted(policy.pcrs)):
+                raise AttestationError(f"the quote covers PCRs {list(pcrs)}, the policy needs {list(policy.pcrs)}")
+            if eventlog.pcr_digest(eventlog.replay(events, policy.pcrs), policy.pcrs) != digest:
+                raise AttestationError("forged event log: its replay does not give the quoted PCR digest")
+            eventlog.compare(events, policy.reference, policy.pcrs)
+            bind_key, bind_name = verify_binding(certify, ak, binding, nonce)
+            secrets = self.kmip.get_keys([(self.tenant.key_uid(name), name) for name in names])
+            released = {name: seal_to(bind_key, secret, nonce + bind_name + name.encode()).to_json()
+                        for name, secret in zip(names, secrets)}
+            secrets.clear()
+        except (AttestationError, TenantError) as err:
+            self._log(f"REFUSED {host}: {err}")
+            if isinstance(err, KeyServerError):
+                raise AttestationError(f"no key released: {err}") from None
+            raise
+        self._log(f"released {', '.join(names)} to {host}")
+        return {"keys": released, "host": host}
+
+
+def _handler(broker: Broker) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "qemu-mktme-broker"
+
+        def log_message(self, fmt: str, *args: Any) -> None:   # no per-request noise
+            pass
+
+        def _answer(self, status: int, obj: dict[str, Any]) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802  (http.server's name)
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+                if not 0 <= length <= MAX_BODY:
+                    raise ValueError
+                request = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                self._answer(400, {"error": "malformed request"})
+                return
+            try:
+                if self.path == "/v1/nonce":
+                    self._answer(200, {"nonce": broker.nonce().hex(), "manifest_key": broker.manifest_key().hex()})
+                elif self.path == "/v1/manifest-key":
+                    self._answer(200, {"key": broker.manifest_key().hex()})
+                elif self.path == "/v1/release":
+                    self._answer(200, broker.release(request))
+                else:
+                    self._answer(404, {"error": f"no such endpoint {self.path}"})
+            except (AttestationError, TenantError) as err:
+                self._answer(403, {"error": str(err)})
+            except Exception as err:  # noqa: BLE001  the broker stays up; the host learns it failed
+                log.exception("broker: %s", err)
+                self._answer(500, {"error": f"broker failure: {type(err).__name__}"})
+    return Handler
+
+
+class BrokerServer:
+    """The broker over HTTPS on 127.0.0.1 (``port`` 0: any free port), in a thread."""
+
+    def __init__(self, broker: Broker, tenant: TenantDir, port: int = 0) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(broker))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        cert, key = tenant.pki.server
+        ctx.load_cert_chain(cert, key)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="broker", daemon=True)
+
+    def start(self) -> "BrokerServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class BrokerClient:
+    """The host's side of the HTTPS protocol; the broker is authenticated by the tenant's CA.
+
+    One kept-alive connection serves a client's requests (nonce, release): one TLS handshake.
+    """
+
+    def __init__(self, url: str, ca: str | os.PathLike[str], *, timeout: float = REQUEST_TIMEOUT) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "https" or not parsed.hostname:
+            raise TenantError(f"tenant server URL must be https://HOST:PORT, got {url!r}")
+        self.url = url.rstrip("/")
+        self._host, self._port = parsed.hostname, parsed.port or 443
+        try:
+            self._ctx = ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as err:
+            raise TenantError(f"tenant CA certificate {ca}: {getattr(err, 'strerror', None) or err}") from None
+        self.timeout = timeout
+        self._conn: http.client.HTTPSConnection | None = None
+        self._manifest_key: bytes | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+        reused = self._conn is not None
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
+                                                         context=self._ctx)
+            try:
+                self._conn.request("POST", path, body, {"Content-Type": "application/json"})
+                resp = self._conn.getresponse()
+                return resp.status, resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if not reused or attempt:          # a kept-alive connection the broker closed: once more
+                    raise
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _post(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+        try:
+            status, data = self._exchange(path, json.dumps(obj).encode())
+        except ssl.SSLCertVerificationError as err:
+            raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
+                                 f"({err.verify_message})") from None
+        except (TimeoutError, socket.timeout) as err:
+            raise KeyServerError(f"key broker {self.url} did not answer within {self.timeout:g} s: {err}") from None
+        except (OSError, http.client.HTTPException) as err:
+            raise KeyServerError(f"key broker {self.url} is not reachable: {err}") from None
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise KeyServerError(f"key broker {self.url}: HTTP {status}, not JSON") from None
+        if status == 403:
+            raise AttestationError(f"the key broker refused this host: {answer.get('error')}")
+        if status != 200:
+            raise KeyServerError(f"key broker {self.url}: HTTP {status}: {answer.get('error')}")
+        return answer
+
+    def nonce(self) -> bytes:
+        """A fresh nonce (the answer also carries the tenant's manifest key, kept for :meth:`manifest_key`)."""
+        answer = self._post("/v1/nonce", {})
+        try:
+            self._manifest_key = bytes.fromhex(answer["manifest_key"])
+            return bytes.fromhex(answer["nonce"])
+        except (KeyError, TypeError, ValueError):
+            raise KeyServerError(f"key broker {self.url}: malformed nonce") from None
+
+    def manifest_key(self):
+        """The tenant's Ed25519 manifest key, as the broker (authenticated by the tenant's CA) serves it."""
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+        try:
+            raw = self._manifest_key or bytes.fromhex(self._post("/v1/manifest-key", {})["key"])
+            return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+        except (KeyError, TypeError, ValueError):
+            raise KeyServerError(f"key broker {self.url}: malformed manifest key") from None
+
+    def release(self, request: dict[str, Any]) -> tuple[dict[str, Sealed], str]:
+        answer = self._post("/v1/release", request)
+        try:
+            return {n: Sealed.from_json(s) for n, s in answer["keys"].items()}, str(answer["host"])
+        except (KeyError, TypeError, AttributeError):
+            raise KeyServerError(f"key broker {self.url}: malformed answer") from None

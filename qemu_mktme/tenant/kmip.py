@@ -1,0 +1,215 @@
+"""The tenant's key server: PyKMIP's server and client, configured here, quiet towards users.
+
+PyKMIP does KMIP (TTLV over mutual TLS 1.2, objects owned by the client certificate's CN); this
+module only writes its configuration with every path explicit (its defaults point at
+``/etc/pykmip`` and ``/var/log/pykmip``), uses the ``TLS1.2`` auth suite (``Basic`` fails with
+NO_SHARED_CIPHER on OpenSSL 3), bounds every client call (socket timeout, a few retries when the
+server is down or slow) and keeps PyKMIP's deprecation warnings (``ssl.PROTOCOL_TLS``,
+SQLAlchemy's ``declarative_base``, cryptography's "decrepit" ciphers) out of our users' output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KeyServerError
+from .pki import Pki
+
+KEY_BITS = 256
+TIMEOUT = 5
+"""Seconds a KMIP request may take before it counts as failed (and is retried)."""
+RETRIES = 2
+RETRY_DELAY = 0.3
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """PyKMIP's import and use without its deprecation warnings and log lines reaching the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _kmip():
+    try:
+        with quiet():
+            from kmip import enums
+            from kmip.core import exceptions as kmip_exceptions
+            from kmip.pie import client, exceptions as pie_exceptions
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise KeyServerError(f"PyKMIP is not installed ({err}): pip install 'qemu-mktme[tenant]'") from None
+    logging.getLogger("kmip").setLevel(logging.CRITICAL)
+    logging.getLogger("kmip").propagate = False
+    return enums, client, pie_exceptions, kmip_exceptions
+
+
+def server_config(state: Path, pki: Pki, port: int) -> Path:
+    """Write PyKMIP's ``server.conf`` for ``state`` (policies and database inside it) and return it."""
+    cert, key = pki.server
+    (state / "policies").mkdir(mode=0o700, exist_ok=True)
+    conf = state / "server.conf"
+    conf.write_text("[server]\n"
+                    "hostname=127.0.0.1\n"
+                    f"port={port}\n"
+                    f"certificate_path={cert}\n"
+                    f"key_path={key}\n"
+                    f"ca_path={pki.ca}\n"
+                    "auth_suite=TLS1.2\n"
+                    "enable_tls_client_auth=True\n"
+                    f"policy_path={state / 'policies'}\n"
+                    f"database_path={state / 'pykmip.db'}\n"
+                    "logging_level=INFO\n")
+    return conf
+
+
+@dataclass(frozen=True)
+class KmipEndpoint:
+    """Where a KMIP server listens and the client identity to use with it."""
+
+    port: int
+    pki: Pki
+    hostname: str = "127.0.0.1"
+
+
+class KmipClient:
+    """AES-256 keys on a KMIP server, as the client certificate's CN (the tenant).
+
+    Every call opens its own TLS session, or with ``persistent`` reuses one (reopened when it
+    fails), with :data:`TIMEOUT` and :data:`RETRIES`; failures are ``KeyServerError`` saying what
+    happened. Calls are serialised (PyKMIP's client is not thread-safe).
+    """
+
+    def __init__(self, endpoint: KmipEndpoint, *, timeout: float = TIMEOUT, retries: int = RETRIES,
+                 persistent: bool = False) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.persistent = persistent          # keep one session open (the broker): no handshake per release
+        self._conn = None
+        self._lock = threading.Lock()
+        endpoint.pki.check(("ca-cert.pem", "client-cert.pem", "client-key.pem"))
+
+    def _config(self) -> Path:
+        conf = self.endpoint.pki.directory / "kmip-client.conf"
+        cert, key = self.endpoint.pki.client
+        text = ("[client]\n"
+                f"host={self.endpoint.hostname}\nport={self.endpoint.port}\n"
+                f"certfile={cert}\nkeyfile={key}\nca_certs={self.endpoint.pki.ca}\n"
+                "cert_reqs=CERT_REQUIRED\nssl_version=PROTOCOL_TLS\n"
+                f"timeout={max(1, int(self.timeout))}\n")
+        if not conf.exists() or conf.read_text() != text:
+            conf.write_text(text)
+        return conf
+
+    def _open(self, client_mod, enums):
+        cert, key = self.endpoint.pki.client
+        c = client_mod.ProxyKmipClient(hostname=self.endpoint.hostname, port=self.endpoint.port,
+                                       cert=str(cert), key=str(key), ca=str(self.endpoint.pki.ca),
+                                       config_file=str(self._config()), kmip_version=enums.KMIPVersion.KMIP_1_2)
+        c.proxy.timeout = self.timeout        # ProxyKmipClient would keep KMIPProxy's 30 s
+        c.open()
+        return c
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _call(self, what: str, fn):
+        enums, client_mod, pie_exc, kmip_exc = _kmip()
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(RETRY_DELAY * attempt)
+            with self._lock, quiet():
+                try:
+                    if self._conn is None:
+                        self._conn = self._open(client_mod, enums)
+                    try:
+                        return fn(self._conn, enums)
+                    finally:
+                        if not self.persistent:
+                            self._drop()
+                except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:
+                    reason = getattr(err, "reason", None)
+                    name = getattr(reason, "name", None) or type(err).__name__
+                    raise KeyServerError(f"key server refused {what}: {name}: {getattr(err, 'message', err)}") from None
+                except ssl.SSLError as err:
+                    self._drop()
+                    raise KeyServerError(f"key server {self._where()}: TLS failed for {what}: {err.reason or err}") from None
+                except (ConnectionError, socket.timeout, TimeoutError, OSError) as err:
+                    self._drop()
+                    last = err
+                except Exception as err:  # noqa: BLE001  PyKMIP wraps socket trouble in its own exceptions
+                    self._drop()
+                    if "timed out" in str(err) or "Connection" in type(err).__name__ or "closed" in str(err):
+                        last = err
+                        continue
+                    raise KeyServerError(f"key server {self._where()}: {what}: {err}") from None
+        kind = "did not answer in time" if isinstance(last, (socket.timeout, TimeoutError)) or "timed out" in str(last) \
+            else "is not reachable"
+        raise KeyServerError(f"key server {self._where()} {kind} ({what}, {self.retries + 1} attempts): {last}")
+
+    def _where(self) -> str:
+        return f"{self.endpoint.hostname}:{self.endpoint.port}"
+
+    def create_key(self, name: str) -> str:
+        """A new active AES-256 key named ``name`` on the server; its unique identifier."""
+        def create(c, enums):
+            uid = c.create(enums.CryptographicAlgorithm.AES, KEY_BITS, name=name)
+            c.activate(uid)
+            return uid
+        return self._call(f"create key {name!r}", create)
+
+    def get_key(self, uid: str, name: str | None = None) -> bytes:
+        """The AES-256 key ``uid`` (named ``name``, when given); ``KeyServerError`` when the server
+        answers with something else."""
+        return self.get_keys([(uid, name)])[0]
+
+    def get_keys(self, wanted: list[tuple[str, str | None]]) -> list[bytes]:
+        """Several keys (uid, expected name or None) in one KMIP session (one TLS handshake)."""
+        def get(c, enums):
+            found = []
+            for uid, name in wanted:
+                obj = c.get(uid)
+                names: list[str] = []
+                if name is not None:           # Get carries the key block only; Name is an attribute
+                    _, attributes = c.get_attributes(uid, ["Name"])
+                    names = [str(a.attribute_value.name_value.value) for a in attributes]
+                found.append((uid, name, obj, names))
+            return found, enums
+        found, enums = self._call(f"get key {', '.join(u for u, _ in wanted)}", get)
+        keys = []
+        for uid, name, obj, names in found:
+            got_uid = getattr(obj, "unique_identifier", None)
+            if got_uid is not None and str(got_uid) != str(uid):
+                raise KeyServerError(f"key server answered for key {got_uid} when asked for {uid}")
+            if name is not None and name not in names:
+                raise KeyServerError(f"key server answered for key {', '.join(names) or '(unnamed)'} (id {uid}) "
+                                     f"when asked for {name!r}")
+            if getattr(obj, "cryptographic_algorithm", None) != enums.CryptographicAlgorithm.AES \
+                    or len(getattr(obj, "value", b"")) * 8 != KEY_BITS:
+                raise KeyServerError(f"key server object {uid} is not an AES-{KEY_BITS} key")
+            keys.append(bytes(obj.value))
+        return keys
+
+    def destroy_key(self, uid: str) -> None:
+        def destroy(c, enums):
+            with contextlib.suppress(Exception):
+                c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
+            c.destroy(uid)
+        self._call(f"destroy key {uid}", destroy)
