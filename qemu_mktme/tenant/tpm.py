@@ -14,6 +14,7 @@ swtpm starts with ``startup-clear``: PCRs are reset at every host boot, as on a 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -82,6 +83,19 @@ class Swtpm:
         self.state_dir = Path(state_dir)
         self.proc: subprocess.Popen[bytes] | None = None
         self._rundir: Path | None = None
+        self._lock_fd: int | None = None
+
+    def _lock(self) -> None:
+        """One running TPM per state directory, decided before swtpm starts: swtpm's own lock is
+        taken only after it listens, so a second one could look started and fail later."""
+        fd = os.open(self.state_dir / "host.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TpmError(f"the TPM state in {self.state_dir} is in use by another running host "
+                           "(one swtpm per host directory)") from None
+        self._lock_fd = fd
 
     @property
     def socket(self) -> Path:
@@ -93,7 +107,12 @@ class Swtpm:
         if binary is None:
             raise TpmError("swtpm is not installed (Debian package swtpm); run scripts/setup-host.sh")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._rundir = runtime.make_runtime_dir("swtpm")
+        self._lock()
+        try:
+            self._rundir = runtime.make_runtime_dir("swtpm")
+        except BaseException:
+            self.stop()
+            raise
         sock = self.socket
         self.proc = _spawn(
             [binary, "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir},mode=0600",
@@ -131,6 +150,9 @@ class Swtpm:
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)                # releases the flock
+            self._lock_fd = None
 
     def __enter__(self) -> "Swtpm":
         return self.start()
