@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import re
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -239,6 +240,22 @@ async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) 
         _unlink(path)
 
 
+DEBIAN_LOGIN = r"debian login: "
+
+
+async def _drive_debian(vm: Machine, emu: Emulation | None, run: Run) -> None:
+    """The Debian system from its disk to the login prompt; then logged in on the serial console
+    (root has no password in this test image), its hello workload run, and powered off. (No
+    snapshot: machines with disks are not snapshotted, their disk would not be in it.)"""
+    await vm.console.wait_for(DEBIAN_LOGIN, 1200)
+    if emu is not None:
+        await emu.touch(vm)
+    await vm.console.command("root", r"root@debian:~# ", 300)
+    await vm.console.command("mktme-workload hello", r"os-release sha256=\w+\s+root@debian:~# ", 300)
+    await vm.console.write("poweroff\r")
+    run.exit_status = await vm.wait(600)
+
+
 def _tmp_snapshot(name: str) -> str:
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     return os.path.join(base or os.environ.get("TMPDIR", "/tmp"), f"qemu-mktme-verify-{name}-{os.getpid()}.snap")
@@ -262,7 +279,10 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              lambda im: im.boot(workload="memstress", params={"size_mb": 256, "hold": 1}), _linux_driver(r"workload memstress exit=")),
     Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux",
              lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_snapshot_restore),
+    Workload("debian-boot", "full Debian system (systemd) from its qcow2 disk to the login prompt, "
+             "logged in, hello, poweroff", "debian", lambda im: im.boot(), _drive_debian, timeout=1800),
 ]}
+
 
 
 # ---------------------------------------------------------------------------------- running
@@ -291,11 +311,15 @@ def check_stock(image: images.Image) -> list[str]:
 
 async def run_once(work: Workload, emu: Emulation | None) -> Run:
     image = images.load(work.image)
-    config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes,
-                           name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
     run = Run()
-    start = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
+        disks = ()
+        if image.disk is not None:                    # a throwaway overlay: each run boots the same disk
+            overlays = stack.enter_context(tempfile.TemporaryDirectory(prefix="qemu-mktme-verify-"))
+            disks = (images.overlay_disk(image, overlays),)
+        config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes, disks=disks,
+                               name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
+        start = time.perf_counter()
         if emu is None:
             vm: Machine = await stack.enter_async_context(Machine(config))
         else:

@@ -15,13 +15,16 @@ backend, read from ``/proc/PID/maps``) and in an IOMMU domain. What DRAM would h
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
 from ..errors import MktmeError, QemuError
 from ..host.guest import EncryptedGuest
 from ..host.host import DEFAULT_VMM_HVA, Host
+from ..qemu.binary import QemuBinary
 from ..qemu.machine import Machine, MachineConfig
+from ..trace.shim import abi_for, build_shim
 from ..trace.tracer import Tracer
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,25 @@ class EncryptedMachine(Machine):
         self._hpa = hpa
         self._revoke_key = revoke_key_on_close
         self._guest: EncryptedGuest | None = None
+
+    @classmethod
+    async def attach(cls, host: Host, qmp_socket: str | os.PathLike[str], *,  # type: ignore[override]
+                     key_serial: int, tenant: str, ram_path: str | os.PathLike[str] | None = None,
+                     console_socket: str | os.PathLike[str] | None = None, name: str = "attached",
+                     hpa: int | None = None, revoke_key_on_close: bool = False) -> "EncryptedMachine":
+        """Bind a QEMU that someone else started (libvirt, a script) to ``host``: its shared RAM
+        backend becomes the CPU view of an HPA range with the VM's KeyID in the EPT, QEMU's page
+        table and an IOMMU domain, so dumps, snapshots and the sanitizer work as for a launched
+        machine. What attach cannot do: load the TCG shim (a plugin is loaded only when QEMU
+        starts, so accesses by the guest are not attributed, see :func:`shim_hint`), and the
+        guest ran before with no key: what it wrote then is taken as plaintext under the new key.
+        Closing unbinds and disconnects; QEMU keeps running. ``AttachError`` for a socket that is
+        not QEMU's QMP, or RAM that is not in a shared memfd/file backend.
+        """
+        vm = cls(host, MachineConfig(name=name), key_serial=key_serial, tenant=tenant, hpa=hpa,
+                 revoke_key_on_close=revoke_key_on_close)
+        await vm._attach(qmp_socket, ram_path=ram_path, console_socket=console_socket)
+        return vm
 
     @property
     def guest(self) -> EncryptedGuest:
@@ -104,3 +126,12 @@ class EncryptedMachine(Machine):
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
         return {**self.guest.query(), "pid": self.pid, "state": self.state.value}
+
+
+def shim_hint(qemu: QemuBinary) -> str:
+    """What to tell the owner of a QEMU that was attached: the shim's ``-plugin`` library for
+    this QEMU's plugin ABI, and why it cannot be added now."""
+    library = build_shim(qemu, abi=abi_for(qemu.version))
+    return (f"no TCG shim: QEMU loads plugins only at start, and the shim's region is made by qemu-mktme "
+            f"before QEMU starts. To trace this guest, start it with 'qemu-mktme run --trace ... -- "
+            f"YOUR-QEMU-OPTIONS', which adds -plugin {library},region=/proc/self/fd/N,...")
