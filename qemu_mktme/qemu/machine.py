@@ -683,6 +683,15 @@ def _peer_pid(socket_path: str) -> int | None:
         except OSError as err:
             raise AttachError(f"cannot connect to QMP socket {socket_path}: {err.strerror or err}") from err
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        probe.settimeout(2.0)           # QEMU greets at once; a busy socket (one client) stays silent
+        greeting = b""
+        with contextlib.suppress(OSError):
+            while b"\n" not in greeting and len(greeting) < 4096 and (chunk := probe.recv(4096)):
+                greeting += chunk
+    if greeting and not greeting.lstrip().startswith(b'{"QMP"'):
+        first = greeting.splitlines()[0][:60].decode(errors="replace")
+        raise AttachError(f"{socket_path} is not a QEMU QMP socket (it greeted with {first!r}); give the "
+                          "socket of QEMU's -mon chardev=...,mode=control (libvirt: .../monitor.sock)")
     pid, _uid, _gid = struct.unpack("3i", creds)
     return pid or None
 
