@@ -392,7 +392,7 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--trace-interval", type=float, default=3.0, metavar="S", help=argparse.SUPPRESS)
     run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
-    run.set_defaults(func=lambda a: run_async(run_guest(a)))
+    run.set_defaults(func=lambda a: run_async(run_guest(a)), qemu_passthrough=True)
 
 
 def _add_attach(sub: Any) -> None:
@@ -581,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cut = argv.index("--")
         argv, qemu_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
-    if qemu_args and args.command != "run":
+    if qemu_args and not getattr(args, "qemu_passthrough", False):
         parser.error("-- QEMU-OPTIONS is only for 'run'")
     args.qemu_args = qemu_args
     _configure_logging(args.verbose)

@@ -413,7 +413,12 @@ class Machine:
     def _exit_error(self) -> QemuExited:
         rc = self.returncode
         status = "is gone" if rc is None else (f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}")
-        return QemuExited(f"{self.name}: QEMU {status}", returncode=rc, stderr_tail=self.stderr_tail())
+        tail = self.stderr_tail()
+        locked = re.search(r'Failed to get "(\w+)" lock\s+Is another process using the image \[(.*)\]\?', tail)
+        if locked:       # QEMU's image locking: say it in one line
+            status += (f": disk {locked[2]} is in use by another process (QEMU's image locking refused the "
+                       f"{locked[1]} lock; stop the other QEMU, give this VM a copy, or readonly=on for both)")
+        return QemuExited(f"{self.name}: QEMU {status}", returncode=rc, stderr_tail=tail)
 
     async def _exit_error_when_reaped(self) -> QemuExited:
         """The exit error once QEMU is reaped (its console closes a moment before)."""
