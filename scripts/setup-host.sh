@@ -11,6 +11,10 @@ need ld binutils
 need objcopy binutils
 need dpkg-deb dpkg
 need apt-get apt
+# The Debian system image: mmdebstrap installs it, mke2fs -d and qemu-img make its disk.
+need mmdebstrap mmdebstrap
+need mke2fs e2fsprogs
+need qemu-img qemu-utils
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The Linux guest image is made of packages fetched with apt-get download: apt must know them.
 apt_knows() { apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static >/dev/null 2>&1; }
