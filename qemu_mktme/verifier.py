@@ -21,17 +21,19 @@ import contextlib
 import hashlib
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ImageError
+from .errors import ImageError, QemuError
 from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
 from .live.launch import launch_machine
+from .qemu.devices import NetSpec
 from .qemu.machine import Machine, MachineConfig, VmState, parse_size
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
@@ -49,6 +51,7 @@ INJECT = ("foreign-write",)
 @dataclass
 class Run:
     transcript: str = ""
+    hostfwd_port: int | None = None         # a host port forwarded to the guest's TCP 7777 (--net user)
     exit_status: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -169,6 +172,7 @@ class Workload:
     drive: Driver
     timeout: float = 600.0
     memory: str | None = None              # None: the image's default
+    net: bool = False                      # a virtio NIC on user networking, host port -> guest 7777
 
     @property
     def memory_bytes(self) -> int:
@@ -250,10 +254,41 @@ async def _drive_debian(vm: Machine, emu: Emulation | None, run: Run) -> None:
     await vm.console.wait_for(DEBIAN_LOGIN, 1200)
     if emu is not None:
         await emu.touch(vm)
+    if run.hostfwd_port is not None:      # the guest's banner through virtio-net, slirp and hostfwd
+        banner = await _read_banner(run.hostfwd_port, 300)
+        if not banner.startswith("mktme-debian: banner host=debian"):
+            raise QemuError(f"{vm.name}: the guest's TCP banner through hostfwd was {banner!r}")
+        if emu is not None:
+            emu.notes.append("virtio-net: the guest's banner read through QEMU's user networking (hostfwd)")
     await vm.console.command("root", r"root@debian:~# ", 300)
-    await vm.console.command("mktme-workload hello", r"os-release sha256=\w+\s+root@debian:~# ", 300)
+    # bash wraps its prompt in bracketed-paste switches (ESC [?2004h): \S* steps over them
+    await vm.console.command("mktme-workload hello", r"os-release sha256=\w+\s+\S*root@debian:~# ", 300)
     await vm.console.write("poweroff\r")
     run.exit_status = await vm.wait(600)
+
+
+async def _read_banner(port: int, timeout: float) -> str:
+    """The first line from 127.0.0.1:port; retried while the guest's network comes up (slirp
+    accepts at once and closes when the guest does not answer yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 30)
+            finally:
+                writer.close()
+            if line:
+                return line.decode(errors="replace").strip()
+        if time.monotonic() > deadline:
+            return ""
+        await asyncio.sleep(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _tmp_snapshot(name: str) -> str:
@@ -280,7 +315,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux",
              lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_snapshot_restore),
     Workload("debian-boot", "full Debian system (systemd) from its qcow2 disk to the login prompt, "
-             "logged in, hello, poweroff", "debian", lambda im: im.boot(), _drive_debian, timeout=1800),
+             "banner over virtio-net, logged in, hello, poweroff", "debian", lambda im: im.boot(), _drive_debian,
+             timeout=1800, net=True),
 ]}
 
 
@@ -317,7 +353,11 @@ async def run_once(work: Workload, emu: Emulation | None) -> Run:
         if image.disk is not None:                    # a throwaway overlay: each run boots the same disk
             overlays = stack.enter_context(tempfile.TemporaryDirectory(prefix="qemu-mktme-verify-"))
             disks = (images.overlay_disk(image, overlays),)
-        config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes, disks=disks,
+        nets = ()
+        if work.net:
+            run.hostfwd_port = _free_port()
+            nets = (NetSpec("user", (f"tcp:127.0.0.1:{run.hostfwd_port}-:7777",)),)
+        config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes, disks=disks, nets=nets,
                                name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
         start = time.perf_counter()
         if emu is None:

@@ -67,10 +67,12 @@ class EncryptedMachine(Machine):
                      hpa: int | None = None, revoke_key_on_close: bool = False) -> "EncryptedMachine":
         """Bind a QEMU that someone else started (libvirt, a script) to ``host``: its shared RAM
         backend becomes the CPU view of an HPA range with the VM's KeyID in the EPT, QEMU's page
-        table and an IOMMU domain, so dumps, snapshots and the sanitizer work as for a launched
-        machine. What attach cannot do: load the TCG shim (a plugin is loaded only when QEMU
-        starts, so accesses by the guest are not attributed, see :func:`shim_hint`), and the
-        guest ran before with no key: what it wrote then is taken as plaintext under the new key.
+        table and an IOMMU domain, so the DRAM view, dumps and host-model accesses work as for a
+        launched machine. What attach cannot do: load the TCG shim (a plugin is loaded only when
+        QEMU starts, so accesses by the guest are not attributed, see :func:`shim_hint`); save a
+        snapshot (a restore starts QEMU with our command line, not the one that started this
+        VM); and the guest ran before with no key: what it wrote then is taken as plaintext
+        under the new key.
         Closing unbinds and disconnects; QEMU keeps running. ``AttachError`` for a socket that is
         not QEMU's QMP, or RAM that is not in a shared memfd/file backend.
         """

@@ -19,16 +19,17 @@ import pytest
 from helpers import patience, qm
 from reference import user_payload, xts_lines
 
-from qemu_mktme.errors import AttachError
+from qemu_mktme.errors import AttachError, SnapshotError
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine, shim_hint
+from qemu_mktme.live.snapshot import save_snapshot
 from qemu_mktme.qemu.binary import find_qemu
 from qemu_mktme.qemu.machine import Machine
 
 SECRET = "ATTACHED-SECRET-" + os.urandom(4).hex()
 
 
-def libvirt_argv(image, rundir, *, shared=True, memory_mib=256):
+def libvirt_argv(image, rundir, *, shared=True, memory_mib=64):
     """What ``virsh start`` runs for such a domain (trimmed of what a TCG guest does not use)."""
     boot = image.boot(commands=[f"write 0x200000 {SECRET}", "ticks 0 2000000"])
     if shared:
@@ -83,7 +84,7 @@ def foreign(tmp_path, baremetal_image):
         q.stop()
 
 
-async def test_attach_binds_a_libvirt_style_qemu_to_the_host_model(foreign):
+async def test_attach_binds_a_libvirt_style_qemu_to_the_host_model(foreign, tmp_path):
     q = foreign()
     host = Host(keyid_bits=6)
     key, tweak = os.urandom(16), os.urandom(16)
@@ -101,6 +102,9 @@ async def test_attach_binds_a_libvirt_style_qemu_to_the_host_model(foreign):
         assert vm.guest.dram(0x200000, 64) == xts_lines(key, tweak, hpa, line)
         q_state = vm.query()
         assert q_state["keyid"] == vm.keyid and q_state["key-type"] == "user" and q_state["consistent"]
+        with pytest.raises(SnapshotError, match="an attached VM cannot be saved"):
+            await save_snapshot(vm, tmp_path / "never.snap", os.urandom(32))
+        assert not (tmp_path / "never.snap").exists()
     finally:
         await vm.close()
     assert q.proc.poll() is None, "closing an attached machine must not stop QEMU"
@@ -112,7 +116,7 @@ async def test_attach_binds_a_libvirt_style_qemu_to_the_host_model(foreign):
 async def test_attach_refuses_unshared_ram_and_says_how_to_fix_it(foreign):
     q = foreign(shared=False)
     with pytest.raises(AttachError, match=r"not shared: start QEMU with -object memory-backend-memfd,id=ram0,"
-                                          r"size=256M,share=on -machine memory-backend=ram0"):
+                                          r"size=64M,share=on -machine memory-backend=ram0"):
         await Machine.attach(q.rundir / "monitor.sock")
     assert q.proc.poll() is None
 
@@ -138,7 +142,7 @@ async def test_attach_refuses_a_socket_that_is_not_qmp(tmp_path):
         await Machine.attach(tmp_path / "nothing.sock")
 
 
-def test_attach_command_line_serves_query_until_qemu_exits(foreign):
+def test_attach_command_line_serves_query_and_dump_until_qemu_exits(foreign, tmp_path):
     q = foreign()
     proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "attach", "--qmp", str(q.rundir / "monitor.sock"),
                              "--name", "lv", "--key", "cpu", "--tenant", "acme", "--no-input"],
@@ -155,6 +159,8 @@ def test_attach_command_line_serves_query_until_qemu_exits(foreign):
         state = json.loads(r.stdout)
         guest = state["guests"]["lv"]
         assert guest["tenant"] == "acme" and guest["key-type"] == "cpu" and guest["pid"] == q.proc.pid
+        r = qm("dump", str(tmp_path / "dump"), "--pid", str(proc.pid), timeout=60)
+        assert r.returncode == 0 and f"lv: KeyID {guest['keyid']} (cpu)" in r.stdout, r.stderr
         q.stop()                                           # the QEMU's owner stops it: attach ends by itself
         out, err = proc.communicate(timeout=patience(30))
         assert proc.returncode == 0, err
