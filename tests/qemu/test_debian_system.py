@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 from helpers import patience
 
 from qemu_mktme import images
@@ -45,3 +46,14 @@ async def test_boots_from_its_disk_to_systemd(debian_image, tmp_path):
     async with Machine(MachineConfig(boot=boot, memory="1G", disks=(disk,), name="debian")) as vm:
         await vm.console.wait_for(r"Welcome to .*Debian GNU/Linux 12 \(bookworm\)", patience(180))
         assert "Kernel panic" not in vm.console.transcript
+
+
+def test_workloads_and_refusals(debian_image):
+    boot = debian_image.boot(workload="hello")
+    assert boot.append.endswith("mktme.workload=hello") and "root=/dev/vda" in boot.append
+    assert boot.kernel == debian_image.kernel and boot.initrd == debian_image.directory / "initrd.img"
+    assert "mktme.workload" not in debian_image.boot().append            # no workload: the login prompt
+    with pytest.raises(ValueError, match="has no workload 'shell'"):
+        debian_image.boot(workload="shell")
+    with pytest.raises(ValueError, match="takes a workload .* not commands or params"):
+        debian_image.boot(params={"size_mb": 1})
