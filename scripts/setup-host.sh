@@ -15,6 +15,9 @@ need apt-get apt
 need mmdebstrap mmdebstrap
 need mke2fs e2fsprogs
 need qemu-img qemu-utils
+# The libvirt route of 'qemu-mktme attach' is tested through a real libvirtd and virsh.
+need libvirtd libvirt-daemon-system
+need virsh libvirt-clients
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The Linux guest image is made of packages fetched with apt-get download: apt must know them.
 apt_knows() { apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static >/dev/null 2>&1; }

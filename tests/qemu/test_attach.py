@@ -1,7 +1,9 @@
 """Attaching MKTME to a QEMU someone else started: the command line a libvirt domain with
 ``<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>``, a QMP socket and
 the shim through ``<qemu:commandline>`` produces (libvirt 9's JSON ``-object``, ``pc.ram``,
-``charmonitor``), bound to a host model; and the ways a socket or a QEMU can be wrong."""
+``charmonitor``), bound to a host model; and the ways a socket or a QEMU can be wrong. The
+command line (``qemu-mktme attach``, query, dump) against a domain ``virsh`` started:
+test_libvirt.py."""
 
 from __future__ import annotations
 
@@ -11,12 +13,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from helpers import patience, qm
+from helpers import patience
 from reference import user_payload, xts_lines
 
 from qemu_mktme.errors import AttachError, SnapshotError
@@ -140,32 +141,3 @@ async def test_attach_refuses_a_socket_that_is_not_qmp(tmp_path):
         server.close()
     with pytest.raises(AttachError, match="cannot connect to QMP socket"):
         await Machine.attach(tmp_path / "nothing.sock")
-
-
-def test_attach_command_line_serves_query_and_dump_until_qemu_exits(foreign, tmp_path):
-    q = foreign()
-    proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "attach", "--qmp", str(q.rundir / "monitor.sock"),
-                             "--name", "lv", "--key", "cpu", "--tenant", "acme", "--no-input"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + patience(30)
-        while True:
-            r = qm("query", "--pid", str(proc.pid), timeout=10)
-            if r.returncode == 0:
-                break
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, r.stderr
-            time.sleep(0.2)
-        state = json.loads(r.stdout)
-        guest = state["guests"]["lv"]
-        assert guest["tenant"] == "acme" and guest["key-type"] == "cpu" and guest["pid"] == q.proc.pid
-        r = qm("dump", str(tmp_path / "dump"), "--pid", str(proc.pid), timeout=60)
-        assert r.returncode == 0 and f"lv: KeyID {guest['keyid']} (cpu)" in r.stdout, r.stderr
-        q.stop()                                           # the QEMU's owner stops it: attach ends by itself
-        out, err = proc.communicate(timeout=patience(30))
-        assert proc.returncode == 0, err
-        assert "attached lv" in err and "-plugin " in err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -5,7 +5,6 @@ identical plain and emulated. ``make test-qemu10`` runs the whole shim and snaps
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import pytest
@@ -20,7 +19,6 @@ from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.snapshot import restore_snapshot, save_snapshot
 from qemu_mktme.qemu.binary import ENV_QEMU, find_qemu
 from qemu_mktme.qemu.machine import MachineConfig
-from qemu_mktme.trace.accesses import Traffic
 from qemu_mktme.trace.shim import abi_for
 
 pytestmark = pytest.mark.qemu
