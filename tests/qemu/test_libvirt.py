@@ -124,7 +124,7 @@ def test_attach_to_a_domain_virsh_started(libvirtd):
         assert virsh(uri, "destroy", name).returncode == 0      # libvirt stops it: attach ends by itself
         out, err = attach.communicate(timeout=patience(30))
         assert attach.returncode == 0, err
-        assert "attached lv" in err and "tick " in out
+        assert "attached lv" in err and "detached (QEMU exited)" in err and "tick " in out
     finally:
         if attach is not None and attach.poll() is None:
             attach.kill()
