@@ -40,7 +40,7 @@ from .trace.tracer import Tracer
 
 NORMALISE: list[tuple[str, str, str]] = [
     # (pattern, replacement, why)
-    (r"^\[\s*\d+\.\d+\] ", "", "kernel printk timestamps"),
+    (r"\[\s*\d+\.\d+\] ", "", "kernel printk timestamps (also mid-line: the kernel's last words after a shell prompt)"),
     (r"(MemFree:\s+)\d+ kB", r"\1<n> kB", "free memory depends on timing of the kernel's caches"),
     (r"(free-after-fill=)\d+kB", r"\1<n>kB", "same"),
     (r"\r", "", "serial line endings"),
@@ -331,6 +331,14 @@ def check_stock(image: images.Image) -> list[str]:
     toolchain and the hash that :func:`images.load` already checked against the manifest.
     """
     checked = []
+    if image.disk is not None:             # the Debian system: every file is from a package mmdebstrap installed
+        release = image.manifest.get("kernel_release")
+        pkg = next((p for p in image.manifest.get("packages", []) if p["name"] == f"linux-image-{release}"), None)
+        digest = dict(image.manifest.get("artifacts", {}))
+        return [f"{image.kernel.name}: stock linux-image-{release} {pkg['version'] if pkg else '?'} (installed by "
+                f"mmdebstrap), sha256 {str(digest.get(image.kernel.name))[:16]}...",
+                f"{image.disk.name}: {len(image.manifest.get('packages', []))} stock packages, sha256 "
+                f"{str(digest.get(image.disk.name))[:16]}..."]
     if not image.manifest.get("stock_files"):
         digest = dict(image.manifest.get("artifacts", {})).get(image.kernel.name, "?")
         return [f"{image.kernel.name}: built here from guest_images/{image.name} with "
