@@ -400,9 +400,10 @@ def _add_attach(sub: Any) -> None:
     at = sub.add_parser("attach", help="bind a running QEMU (libvirt, a script) to an MKTME host",
                         description="Bind a QEMU that someone else started to an emulated MKTME host: its "
                                     "guest RAM (a shared memfd or file backend) gets a KeyID in the EPT, QEMU's "
-                                    "page table and an IOMMU domain; 'qemu-mktme query', dump and snapshot "
-                                    "reach it. QEMU keeps running when this exits. The TCG shim cannot be "
-                                    "added to a running QEMU (it says what to start QEMU with instead).")
+                                    "page table and an IOMMU domain; 'qemu-mktme query' and dump reach it. QEMU "
+                                    "keeps running when this exits. Not possible on an attached VM: snapshots "
+                                    "(a restore cannot rebuild a foreign command line) and the TCG shim (loaded "
+                                    "only at QEMU's start; it says what to start QEMU with instead).")
     at.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP unix socket")
     at.add_argument("--console", metavar="SOCKET", help="the guest's serial console socket, to show and type into")
     at.add_argument("--ram-path", metavar="PATH", help="guest RAM file when it cannot be found through QMP and /proc")
