@@ -6,6 +6,7 @@
 #   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
 #   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
 #   make verify      every verifier workload, plain vs emulated (qemu-mktme verify)
+#   make test-qemu10 the shim and snapshot suites on QEMU 10 (bookworm-backports, unpacked in the cache)
 #   make bench       every benchmark and one table of their figures, then make verify
 #                    (BENCH_ARGS=--quick: a smoke run)
 
@@ -14,7 +15,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all setup host venv images demo test test-pure test-busy verify bench clean
+.PHONY: all setup host venv images demo test test-pure test-busy test-qemu10 verify bench clean
 
 all: test
 
@@ -45,6 +46,10 @@ test-pure: venv
 
 test-busy: setup
 	./scripts/test-busy.sh $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-qemu10: setup
+	QEMU_MKTME_QEMU=$$($(BIN)/qemu-mktme images build qemu10 | sed 's/^qemu10: //') \
+	    $(BIN)/python -m pytest tests/shim tests/qemu/test_snapshot.py tests/qemu10 $(PYTEST_ARGS)
 
 verify: setup
 	$(BIN)/qemu-mktme verify

@@ -110,6 +110,10 @@ async def attend(session: HostSession, args: Any) -> int:
             task.cancel()
         await asyncio.gather(*background, *ended, return_exceptions=True)
     codes = {vm.name: vm.returncode for vm in machines}
+    if machines and not any(vm.owned for vm in machines):        # qemu-mktme attach: not ours to stop
+        gone = all(vm.state.value in ("stopping", "exited") or not vm.qmp.connected for vm in machines)
+        print(f"\n{PROG}: detached" + (" (QEMU exited)" if gone else "; QEMU keeps running"), file=sys.stderr)
+        return 0
     if any(rc is None for rc in codes.values()):
         print(f"\n{PROG}: stopped the guest" + ("s" if len(codes) > 1 else ""), file=sys.stderr)
         return 0

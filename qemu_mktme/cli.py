@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from typing import Any, Sequence
 
 from . import demo, verifier
@@ -25,11 +26,15 @@ from .inspect.command import add_inspect_parser
 from .attack.command import add_attack_parser
 from .live import control
 from . import images
+from .images import backports
 from .files import snapfile
 from .files.keyfile import key_payload, read_key_file
-from .qemu.devices import DiskSpec
+from .qemu.binary import find_qemu
+from .qemu.devices import DiskSpec, NetSpec
+from .qemu.passthrough import check_passthrough, refusal_table
 from .qemu.machine import MachineConfig, parse_size
 from .host.sanitizer import Sanitizer
+from .live.encrypted import shim_hint
 from .live.session import HostSession, VmSpec
 from .trace.shim import build_shim
 from .live.snapshot import snapshot_summary
@@ -91,6 +96,13 @@ def _disk(text: str) -> DiskSpec:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _net(text: str) -> NetSpec:
+    try:
+        return NetSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -98,7 +110,7 @@ def _print_json(obj: Any) -> None:
 def add_guest_options(p: argparse.ArgumentParser) -> None:
     """Options that choose and boot a guest (shared by run and the commands that boot one)."""
     g = p.add_argument_group("guest")
-    g.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH",
+    g.add_argument("--guest", default="baremetal", metavar="baremetal|linux|debian|PATH",
                    help="image to boot, or a kernel file (default: baremetal)")
     g.add_argument("--memory", "-m", type=_size, default=None, metavar="SIZE",
                    help=f"guest RAM, e.g. 512M or 5G (default: {images.default_memory_help()})")
@@ -111,7 +123,14 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
     g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
     g.add_argument("--disk", type=_disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]",
-                   help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk")
+                   help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk. "
+                        "The debian guest boots from the first disk, or from a throwaway overlay on its image")
+    g.add_argument("--net", type=_net, action="append", default=[], metavar="user[,hostfwd=tcp:ADDR:PORT-:PORT]",
+                   help="a virtio NIC on QEMU's user networking (repeatable), e.g. "
+                        "--net user,hostfwd=tcp:127.0.0.1:2222-:22")
+    g.add_argument("--qemu", metavar="PATH|qemu10", default=None,
+                   help="the qemu-system-x86_64 binary, or qemu10 for the one 'images build qemu10' unpacked "
+                        "(default: $QEMU_MKTME_QEMU, else the one in PATH)")
     g.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
                    help="accelerator (default: tcg; auto uses KVM only when it works)")
 
@@ -150,8 +169,21 @@ def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(args.param), append=args.append, initrd=args.initrd)
     memory = args.memory or images.default_memory(args.guest)
-    fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel,
-                                  disks=tuple(getattr(args, "disk", ())))
+    disks = tuple(getattr(args, "disk", ()))
+    if not disks and args.guest in images.RECIPES and images.load(args.guest).disk is not None:
+        directory = getattr(args, "overlay_dir", None)
+        if directory is None:
+            raise ValueError(f"the {args.guest} guest needs a root disk: give --disk FILE")
+        disks = (images.overlay_disk(images.load(args.guest), directory, name=overrides.get("name", args.guest)),)
+    qemu = getattr(args, "qemu", None)
+    if qemu in backports.RELEASES:
+        qemu = str(backports.qemu_path(qemu))
+    extra = tuple(getattr(args, "qemu_args", ()))
+    if extra:
+        extra = check_passthrough(extra, str(find_qemu(qemu).path))
+    fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel, disks=disks,
+                                  nets=tuple(getattr(args, "net", ())), qemu=qemu,
+                                  extra_args=extra)
     fields.update(overrides)
     for disk in fields["disks"]:
         disk.check()
@@ -201,21 +233,46 @@ async def run_guest(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     sanitizer = Sanitizer(lambda r: print(f"{PROG}: {r}", file=sys.stderr, flush=True)) if args.sanitize else None
     try:
-        if launch is not None:
-            from .tenant.launch import attested_session
-            spec = _vm_specs(args)[0]
-            async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
-                                        packages=args.packages, trace=spec.trace, integrity=args.integrity,
-                                        sanitizer=sanitizer) as session:
-                print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
-                return await attend(session, args)
-        async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
-                               integrity=args.integrity, sanitizer=sanitizer) as session:
-            return await attend(session, args)
+        with tempfile.TemporaryDirectory(prefix="qemu-mktme-disks-") as overlays:   # 0700, removed on exit
+            args.overlay_dir = overlays
+            return await _run_session(args, launch, sanitizer)
     finally:
         if sanitizer is not None:
             for line in sanitizer.summary():
                 print(f"{PROG}: {line}", file=sys.stderr)
+
+
+async def _run_session(args: argparse.Namespace, launch: Any, sanitizer: Sanitizer | None) -> int:
+    """The host session ``run`` asked for: attested through the tenant's broker, or local keys."""
+    if launch is not None:
+        from .tenant.launch import attested_session
+        spec = _vm_specs(args)[0]
+        async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
+                                    packages=args.packages, trace=spec.trace, integrity=args.integrity,
+                                    sanitizer=sanitizer) as session:
+            print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
+            return await attend(session, args)
+    async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
+                           integrity=args.integrity, sanitizer=sanitizer) as session:
+        return await attend(session, args)
+
+
+async def attach_qemu(args: argparse.Namespace) -> int:
+    try:
+        payload = key_payload(args.key)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if payload is None:
+        raise UsageError("--key none attaches nothing: give the VM a key (cpu, user:..., clear, no-encrypt)")
+    async with HostSession([], keyid_bits=args.keyid_bits) as session:
+        vm = await session.attach(args.qmp, name=args.name, tenant=args.tenant, payload=payload,
+                                  ram_path=args.ram_path, console_socket=args.console)
+        print(f"{PROG}: attached {vm.name}: {len(vm.ram.ranges)} RAM range(s), {vm.ram.size >> 20} MiB, "
+              f"backend {vm.ram.backend_path}", file=sys.stderr)
+        with contextlib.suppress(MktmeError):
+            print(f"{PROG}: {shim_hint(find_qemu(f'/proc/{vm.pid}/exe') if vm.pid else find_qemu())}", file=sys.stderr)
+        args.no_input = args.no_input or args.console is None
+        return await attend(session, args)
 
 
 def _read_kek(path: str) -> bytes:
@@ -324,13 +381,16 @@ def query(args: argparse.Namespace) -> int:
 
 
 def images_build(args: argparse.Namespace) -> int:
-    known = [*images.RECIPES, "shim"]
+    known = [*images.RECIPES, "shim", *backports.RELEASES]
     unknown = [n for n in args.names if n not in known]
     if unknown:
         raise ValueError(f"unknown image {unknown[0]!r} (known: {', '.join(known)})")
     for name in args.names or known:
         if name == "shim":
             print(f"shim: {build_shim()}")        # the TCG plugin, for the installed QEMU's plugin ABI
+            continue
+        if name in backports.RELEASES:
+            print(f"{name}: {backports.fetch(name, force=args.force, progress=lambda m: print(f'  {m}', file=sys.stderr))}")
             continue
         image = images.build(name, force=args.force, progress=lambda m: print(f"  {m}", file=sys.stderr))
         print(f"{name}: {image.directory}")
@@ -376,8 +436,12 @@ def doctor(args: argparse.Namespace) -> int:
 def _add_run(sub: Any) -> None:
     """``run``: boot guests in the foreground, with their consoles."""
     run = sub.add_parser("run", help="boot a guest in the foreground with its console",
+                         usage="%(prog)s [options] [-- QEMU-OPTIONS...]",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Boot a guest under QEMU and attach this terminal to its serial "
-                                     "console. Ctrl-] quits.")
+                                     "console. Ctrl-] quits.\n\nOptions after -- go to QEMU unchanged "
+                                     "(checked against its -help), except these, which would break the "
+                                     "emulation:\n" + refusal_table())
     add_guest_options(run)
     add_mktme_options(run)
     run.add_argument("--name", type=_vm_name, help="VM name (default: the image name)")
@@ -393,7 +457,27 @@ def _add_run(sub: Any) -> None:
                      help="per-line MAC (TDX-like, not MKTME): tampered lines poison, consuming them stops the VM")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     tenant_command.add_run_options(run)
-    run.set_defaults(func=lambda a: run_async(run_guest(a)))
+    run.set_defaults(func=lambda a: run_async(run_guest(a)), qemu_passthrough=True)
+
+
+def _add_attach(sub: Any) -> None:
+    """``attach``: put a QEMU someone else started under the MKTME host model."""
+    at = sub.add_parser("attach", help="bind a running QEMU (libvirt, a script) to an MKTME host",
+                        description="Bind a QEMU that someone else started to an emulated MKTME host: its "
+                                    "guest RAM (a shared memfd or file backend) gets a KeyID in the EPT, QEMU's "
+                                    "page table and an IOMMU domain; 'qemu-mktme query' and dump reach it. QEMU "
+                                    "keeps running when this exits. Not possible on an attached VM: snapshots "
+                                    "(a restore cannot rebuild a foreign command line) and the TCG shim (loaded "
+                                    "only at QEMU's start; it says what to start QEMU with instead).")
+    at.add_argument("--qmp", required=True, metavar="SOCKET", help="QEMU's QMP unix socket")
+    at.add_argument("--console", metavar="SOCKET", help="the guest's serial console socket, to show and type into")
+    at.add_argument("--ram-path", metavar="PATH", help="guest RAM file when it cannot be found through QMP and /proc")
+    at.add_argument("--name", type=_vm_name, default="attached", help="VM name (default: attached)")
+    at.add_argument("--key", default="cpu", metavar="SPEC", help="the VM's key, as for run (default: cpu)")
+    at.add_argument("--tenant", default="default", help="tenant owning the key (default: default)")
+    at.add_argument("--keyid-bits", type=_keyid_bits, default=6, metavar="N", help="MK_TME_KEYID_BITS (default 6)")
+    at.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    at.set_defaults(func=lambda a: run_async(attach_qemu(a)))
 
 
 def _add_query(sub: Any) -> None:
@@ -483,7 +567,8 @@ def _add_images(sub: Any) -> None:
     img_sub = img.add_subparsers(dest="images_command", metavar="ACTION", required=True)
     b = img_sub.add_parser("build", help="build guest images into the cache (skips current ones)")
     b.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"images to build (default: all of {', '.join(images.RECIPES)}, and the shim)")
+                   help=f"images to build (default: all of {', '.join(images.RECIPES)}, the shim, and "
+                        f"{', '.join(backports.RELEASES)}: QEMU from bookworm-backports, unpacked in the cache)")
     b.add_argument("--force", action="store_true", help="rebuild even when current")
     b.set_defaults(func=images_build)
     ls = img_sub.add_parser("list", help="show the images and their state")
@@ -502,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run(sub)
+    _add_attach(sub)
     _add_query(sub)
     _add_dump(sub)
     _add_snapshot(sub)
@@ -565,7 +651,15 @@ def _configure_logging(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    qemu_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, qemu_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if qemu_args and not getattr(args, "qemu_passthrough", False):
+        parser.error("-- QEMU-OPTIONS is only for 'run'")
+    args.qemu_args = qemu_args
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

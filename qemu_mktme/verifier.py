@@ -22,29 +22,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import os
 import re
+import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ImageError
+from .errors import ImageError, QemuError
 from .host.host import Host
 from . import images
 from .live.encrypted import EncryptedMachine
 from .live.launch import launch_machine
-from .qemu.devices import DiskSpec
+from .qemu.devices import DiskSpec, NetSpec
 from .qemu.machine import Machine, MachineConfig, VmState, parse_size
 from .live.snapshot import restore_snapshot, save_snapshot
 from .trace.tracer import Tracer
 
 NORMALISE: list[tuple[str, str, str]] = [
     # (pattern, replacement, why)
-    (r"^\[\s*\d+\.\d+\] ", "", "kernel printk timestamps"),
+    (r"\[\s*\d+\.\d+\] ", "", "kernel printk timestamps (also mid-line: the kernel's last words after a shell prompt)"),
     (r"(MemFree:\s+)\d+ kB", r"\1<n> kB", "free memory depends on timing of the kernel's caches"),
     (r"(free-after-fill=)\d+kB", r"\1<n>kB", "same"),
     (r"\r", "", "serial line endings"),
@@ -55,6 +56,7 @@ INJECT = ("foreign-write",)
 @dataclass
 class Run:
     transcript: str = ""
+    hostfwd_port: int | None = None         # a host port forwarded to the guest's TCP 7777 (--net user)
     exit_status: int | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -177,6 +179,7 @@ class Workload:
     timeout: float = 600.0
     memory: str | None = None              # None: the image's default
     disk_mib: int = 0                      # >0: a fresh sparse disk of this size per run
+    net: bool = False                      # a virtio NIC on user networking, host port -> guest 7777
 
     @property
     def memory_bytes(self) -> int:
@@ -269,6 +272,54 @@ async def _hash_disk(path: str, run: Run) -> None:
                 h.update(chunk)
         return h.hexdigest()
     run.disk_sha256 = await asyncio.to_thread(digest)
+DEBIAN_LOGIN = r"debian login: "
+
+
+async def _drive_debian(vm: Machine, emu: Emulation | None, run: Run) -> None:
+    """The Debian system from its disk to the login prompt; then logged in on the serial console
+    (root has no password in this test image), its hello workload run, and powered off. (No
+    snapshot: machines with disks are not snapshotted, their disk would not be in it.)"""
+    await vm.console.wait_for(DEBIAN_LOGIN, 1200)
+    if emu is not None:
+        await emu.touch(vm)
+    if run.hostfwd_port is not None:      # the guest's banner through virtio-net, slirp and hostfwd
+        banner = await _read_banner(run.hostfwd_port, 300)
+        if not banner.startswith("mktme-debian: banner host=debian"):
+            raise QemuError(f"{vm.name}: the guest's TCP banner through hostfwd was {banner!r}")
+        if emu is not None:
+            emu.notes.append("virtio-net: the guest's banner read through QEMU's user networking (hostfwd)")
+    await vm.console.command("root", r"root@debian:~# ", 300)
+    # bash wraps its prompt in bracketed-paste switches (ESC [?2004h): \S* steps over them
+    await vm.console.command("mktme-workload hello", r"os-release sha256=\w+\s+\S*root@debian:~# ", 300)
+    # Compared up to here: after "poweroff" the shell's next prompt and the kernel's last line
+    # ("reboot: Power down") race each other onto the console; the exit status is compared instead.
+    run.transcript = vm.console.transcript[:vm.console.mark()]
+    await vm.console.write("poweroff\r")
+    run.exit_status = await vm.wait(600)
+
+
+async def _read_banner(port: int, timeout: float) -> str:
+    """The first line from 127.0.0.1:port; retried while the guest's network comes up (slirp
+    accepts at once and closes when the guest does not answer yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                line = await asyncio.wait_for(reader.readline(), 30)
+            finally:
+                writer.close()
+            if line:
+                return line.decode(errors="replace").strip()
+        if time.monotonic() > deadline:
+            return ""
+        await asyncio.sleep(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _tmp_snapshot(name: str) -> str:
@@ -298,7 +349,11 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              _linux_driver(r"workload disk exit=", save=False), disk_mib=64),
     Workload("linux-snapshot", "counter with an encrypted save/restore in the middle", "linux",
              lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_snapshot_restore),
+    Workload("debian-boot", "full Debian system (systemd) from its qcow2 disk to the login prompt, "
+             "banner over virtio-net, logged in, hello, poweroff", "debian", lambda im: im.boot(), _drive_debian,
+             timeout=1800, net=True),
 ]}
+
 
 
 # ---------------------------------------------------------------------------------- running
@@ -311,6 +366,14 @@ def check_stock(image: images.Image) -> list[str]:
     toolchain and the hash that :func:`images.load` already checked against the manifest.
     """
     checked = []
+    if image.disk is not None:             # the Debian system: every file is from a package mmdebstrap installed
+        release = image.manifest.get("kernel_release")
+        pkg = next((p for p in image.manifest.get("packages", []) if p["name"] == f"linux-image-{release}"), None)
+        digest = dict(image.manifest.get("artifacts", {}))
+        return [f"{image.kernel.name}: stock linux-image-{release} {pkg['version'] if pkg else '?'} (installed by "
+                f"mmdebstrap), sha256 {str(digest.get(image.kernel.name))[:16]}...",
+                f"{image.disk.name}: {len(image.manifest.get('packages', []))} stock packages, sha256 "
+                f"{str(digest.get(image.disk.name))[:16]}..."]
     if not image.manifest.get("stock_files"):
         digest = dict(image.manifest.get("artifacts", {})).get(image.kernel.name, "?")
         return [f"{image.kernel.name}: built here from guest_images/{image.name} with "
@@ -327,17 +390,25 @@ def check_stock(image: images.Image) -> list[str]:
 
 async def run_once(work: Workload, emu: Emulation | None) -> Run:
     image = images.load(work.image)
-    config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes,
-                           name=f"verify-{work.name}-{'emulated' if emu else 'plain'}")
     run = Run()
-    start = time.perf_counter()
     async with contextlib.AsyncExitStack() as stack:
+        name = f"verify-{work.name}-{'emulated' if emu else 'plain'}"
+        disks: tuple[DiskSpec, ...] = ()
+        if image.disk is not None:                    # a throwaway overlay: each run boots the same disk
+            overlays = stack.enter_context(tempfile.TemporaryDirectory(prefix="qemu-mktme-verify-"))
+            disks = (images.overlay_disk(image, overlays),)
         if work.disk_mib:
-            disk = _tmp_disk(config.name, work.disk_mib)
+            disk = _tmp_disk(name, work.disk_mib)
             stack.callback(_unlink, disk)
             # plain: QEMU's virtio-blk; emulated: the default under emulation, our backend
-            config = dataclasses.replace(config, disks=(DiskSpec(Path(disk), dma="qemu" if emu is None else None),))
+            disks += (DiskSpec(Path(disk), dma="qemu" if emu is None else None),)
             stack.push_async_callback(_hash_disk, disk, run)
+        nets = ()
+        if work.net:
+            run.hostfwd_port = _free_port()
+            nets = (NetSpec("user", (f"tcp:127.0.0.1:{run.hostfwd_port}-:7777",)),)
+        config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes, disks=disks, nets=nets, name=name)
+        start = time.perf_counter()
         if emu is None:
             vm: Machine = await stack.enter_async_context(Machine(config))
         else:

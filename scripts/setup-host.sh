@@ -11,6 +11,13 @@ need ld binutils
 need objcopy binutils
 need dpkg-deb dpkg
 need apt-get apt
+# The Debian system image: mmdebstrap installs it, mke2fs -d and qemu-img make its disk.
+need mmdebstrap mmdebstrap
+need mke2fs e2fsprogs
+need qemu-img qemu-utils
+# The libvirt route of 'qemu-mktme attach' is tested through a real libvirtd and virsh.
+need libvirtd libvirt-daemon-system
+need virsh libvirt-clients
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The engine's compiled AES-XTS helper is built against OpenSSL's libcrypto (engine/native).
 [ -f /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"

@@ -26,7 +26,8 @@ settings.register_profile("mktme", max_examples=40, deadline=None, suppress_heal
 settings.load_profile("mktme")
 
 # Fixtures that boot QEMU or build/load the guest images (which needs QEMU's world: apt, gcc).
-QEMU_FIXTURES = frozenset({"baremetal_image", "linux_image", "mktme_vm", "mktme_images", "mktme_attested_host"})
+QEMU_FIXTURES = frozenset({"baremetal_image", "linux_image", "debian_image", "mktme_vm", "mktme_images",
+                            "mktme_attested_host"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -43,6 +44,11 @@ def baremetal_image() -> images.Image:
 @pytest.fixture(scope="session")
 def linux_image() -> images.Image:
     return images.build("linux")
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> images.Image:
+    return images.build("debian")
 
 
 # ---------------------------------------------------------------------- QEMU hidden from pure tests

@@ -8,11 +8,12 @@ host's tools. The recipes' sources live in the checkout's ``guest_images/``.
 
 from ..files.cache import cache_root
 from ..qemu.boot import BootSpec
-from .catalog import Image, ImageStatus, build, guest_boot, is_current, load, read_stock_file, status
+from .catalog import (Image, ImageStatus, build, guest_boot, is_current, load, overlay_disk, read_stock_file,
+                      status)
 from .recipes import (LINUX_RESERVED_GPA, LINUX_RESERVED_SIZE, RECIPES, default_memory, default_memory_help,
                       recipes_root)
 from .tools import sha256_file
 
 __all__ = ["BootSpec", "Image", "ImageStatus", "LINUX_RESERVED_GPA", "LINUX_RESERVED_SIZE", "RECIPES", "build",
-           "cache_root", "default_memory", "default_memory_help", "guest_boot", "is_current", "load",
+           "cache_root", "default_memory", "default_memory_help", "guest_boot", "is_current", "load", "overlay_disk",
            "read_stock_file", "recipes_root", "sha256_file", "status"]

@@ -1,12 +1,15 @@
 """Guest images: built from the recipes in ``guest_images/`` into a cache, pinned by a manifest.
 
-Two images exist:
+Three images exist:
 
 - ``baremetal``: our own tiny long-mode guest, compiled here with the system gcc/binutils from
   ``guest_images/baremetal``. Boots in a fraction of a second; the fast test guest.
 - ``linux``: the **stock** Debian cloud kernel and **stock** ``busybox-static``, fetched with
   ``apt-get download`` and never modified, plus an initramfs generated around them from
   ``guest_images/linux`` (an ``/init`` script and workloads chosen on the kernel command line).
+- ``debian``: a full Debian system (systemd, the stock cloud kernel) installed by ``mmdebstrap``
+  into an ext4 qcow2 that the guest boots from (``root=/dev/vda``); every package's version is in
+  the manifest. Runs get a throwaway qcow2 overlay on it (:func:`overlay_disk`).
 
 Each image directory holds ``manifest.json`` with the sha256 of every artifact (and, for Linux,
 the package names, versions and .deb hashes as apt's index gives them). Loading an image
@@ -33,7 +36,8 @@ from typing import Iterator, Mapping, Sequence
 from ..errors import ImageError
 from ..files.cache import cache_root
 from ..qemu.boot import BootSpec
-from . import cpio
+from ..qemu.devices import DiskSpec
+from . import cpio, system
 from .recipes import LINUX_PARAMS, LINUX_WORKLOAD_PARAMS, MIN_MEMORY, RECIPES
 from .tools import Say, sha256_file
 
@@ -52,6 +56,12 @@ class Image:
     @property
     def kernel(self) -> Path:
         return self.directory / str(self.manifest["kernel"])
+
+    @property
+    def disk(self) -> Path | None:
+        """The root disk the image boots from (the Debian system), or None."""
+        name = self.manifest.get("disk")
+        return self.directory / str(name) if name else None
 
     @property
     def initrd(self) -> Path | None:
@@ -73,6 +83,13 @@ class Image:
             if bad:
                 raise ValueError(f"bare-metal commands must not contain ';' or newlines: {bad[0]!r}")
             parts.append(";".join(commands))
+        elif self.disk is not None:
+            if commands or params:
+                raise ValueError(f"the {self.name} system guest takes a workload (or none: the login prompt), "
+                                 "not commands or params")
+            if workload:
+                self._check_workload(workload, {})
+                parts.append(f"mktme.workload={_kernel_word(workload)}")
         else:
             if commands:
                 raise ValueError("the Linux guest takes a workload and params, not commands")
@@ -238,8 +255,11 @@ def status(*, cache: Path | None = None) -> list[ImageStatus]:
             out.append(ImageStatus(name, recipe.description, directory, state, str(err), None))
             continue
         current = manifest.get("recipe_sha256") == recipe.digest()
-        detail = ", ".join(f"{p['name']} {p['version']}" for p in manifest.get("packages", [])  # type: ignore[union-attr]
-                           if isinstance(p, dict)) or str(manifest.get("toolchain", ""))
+        packages = [p for p in manifest.get("packages", []) if isinstance(p, dict)]  # type: ignore[union-attr]
+        if len(packages) > 5:
+            detail = f"{len(packages)} packages, kernel {manifest.get('kernel_release')}"
+        else:
+            detail = ", ".join(f"{p['name']} {p['version']}" for p in packages) or str(manifest.get("toolchain", ""))
         out.append(ImageStatus(name, recipe.description, directory, "ok" if current else "stale",
                                detail, manifest))
     return out
@@ -260,6 +280,15 @@ def guest_boot(guest: str, *, workload: str | None = None, commands: Sequence[st
     if workload or params or commands:
         raise ValueError("a kernel file takes --append, not a workload, params or commands")
     return BootSpec(path.resolve(), Path(initrd).resolve() if initrd else None, append, 0, None)
+
+
+def overlay_disk(image: Image, directory: str | os.PathLike[str], *, name: str | None = None) -> DiskSpec:
+    """A fresh qcow2 overlay in ``directory`` on the image's root disk, as the disk the guest
+    writes (``dma=qemu``: QEMU's own virtio-blk); the caller removes ``directory``."""
+    if image.disk is None:
+        raise ImageError(f"image {image.name!r} has no root disk", image=image.name)
+    path = Path(directory) / f"{name or image.name}-overlay.qcow2"
+    return DiskSpec(system.create_overlay(image.disk, path), format="qcow2", dma="qemu")
 
 
 def read_stock_file(image: Image, name: str) -> bytes:

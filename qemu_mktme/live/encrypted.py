@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,9 @@ from pathlib import Path
 from ..errors import MktmeError, QemuError
 from ..host.guest import EncryptedGuest
 from ..host.host import DEFAULT_VMM_HVA, Host
+from ..qemu.binary import QemuBinary
 from ..qemu.machine import Machine, MachineConfig
+from ..trace.shim import abi_for, build_shim
 from ..trace.tracer import Tracer
 from ..vhost.blk import Transfer
 from .disks import VhostDisks
@@ -72,6 +75,27 @@ class EncryptedMachine(Machine):
         self._guest: EncryptedGuest | None = None
         self.poison_watch: PoisonWatch | None = None
         """Under integrity, once traced: the machine checks of this VM (``.events``)."""
+
+    @classmethod
+    async def attach(cls, host: Host, qmp_socket: str | os.PathLike[str], *,  # type: ignore[override]
+                     key_serial: int, tenant: str, ram_path: str | os.PathLike[str] | None = None,
+                     console_socket: str | os.PathLike[str] | None = None, name: str = "attached",
+                     hpa: int | None = None, revoke_key_on_close: bool = False) -> "EncryptedMachine":
+        """Bind a QEMU that someone else started (libvirt, a script) to ``host``: its shared RAM
+        backend becomes the CPU view of an HPA range with the VM's KeyID in the EPT, QEMU's page
+        table and an IOMMU domain, so the DRAM view, dumps and host-model accesses work as for a
+        launched machine. What attach cannot do: load the TCG shim (a plugin is loaded only when
+        QEMU starts, so accesses by the guest are not attributed, see :func:`shim_hint`); save a
+        snapshot (a restore starts QEMU with our command line, not the one that started this
+        VM); and the guest ran before with no key: what it wrote then is taken as plaintext
+        under the new key.
+        Closing unbinds and disconnects; QEMU keeps running. ``AttachError`` for a socket that is
+        not QEMU's QMP, or RAM that is not in a shared memfd/file backend.
+        """
+        vm = cls(host, MachineConfig(name=name), key_serial=key_serial, tenant=tenant, hpa=hpa,
+                 revoke_key_on_close=revoke_key_on_close)
+        await vm._attach(qmp_socket, ram_path=ram_path, console_socket=console_socket)
+        return vm
 
     @property
     def guest(self) -> EncryptedGuest:
@@ -155,3 +179,12 @@ class EncryptedMachine(Machine):
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
         return {**self.guest.query(), "pid": self.pid, "state": self.state.value}
+
+
+def shim_hint(qemu: QemuBinary) -> str:
+    """What to tell the owner of a QEMU that was attached: the shim's ``-plugin`` library for
+    this QEMU's plugin ABI, and why it cannot be added now."""
+    library = build_shim(qemu, abi=abi_for(qemu.version))
+    return (f"no TCG shim: QEMU loads plugins only at start, and the shim's region is made by qemu-mktme "
+            f"before QEMU starts. To trace this guest, start it with 'qemu-mktme run --trace ... -- "
+            f"YOUR-QEMU-OPTIONS', which adds -plugin {library},region=/proc/self/fd/N,...")

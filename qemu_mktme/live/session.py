@@ -115,6 +115,23 @@ class HostSession:
             self.tracers[vm.name] = tracer
         return vm
 
+    async def attach(self, qmp_socket: str, *, name: str, tenant: str = "default", payload: str = "type=cpu",
+                     ram_path: str | None = None, console_socket: str | None = None) -> EncryptedMachine:
+        """Bind a QEMU someone else started to this host (:meth:`EncryptedMachine.attach`); it is
+        unbound and disconnected, not stopped, when the session ends."""
+        if name in self.machines:
+            raise ValueError(f"VM name {name!r} is taken")
+        try:
+            serial = self.host.keys.add(f"{tenant}:{name}", payload, tenant=tenant)
+        except KeyServiceError as err:
+            raise self._key_error(name, err) from None
+        self._serials.append((serial, tenant))
+        vm = await EncryptedMachine.attach(self.host, qmp_socket, key_serial=serial, tenant=tenant, name=name,
+                                           ram_path=ram_path, console_socket=console_socket)
+        await self._stack.enter_async_context(vm)
+        self.machines[name] = vm
+        return vm
+
     async def save(self, name: str | None, path: str, kek: bytes, progress: Any = None) -> SaveResult:
         """Save VM ``name`` (or the only one) as an encrypted snapshot at ``path``."""
         if name:

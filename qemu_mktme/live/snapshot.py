@@ -171,6 +171,9 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
     if payload.type.value != "user" or not payload.key or not payload.tweak:
         raise SnapshotError(f"{vm.name}: only VMs with a tenant (user) key can be saved; a "
                             f"{payload.type.value} key never leaves the CPU")
+    if not vm.owned:
+        raise SnapshotError(f"{vm.name}: an attached VM cannot be saved: a restore starts QEMU with "
+                            "qemu-mktme's own command line, not the one that started this VM (dump it instead)")
     if vm.config.disks:
         raise SnapshotError(f"{vm.name}: a VM with disks cannot be saved yet: a snapshot holds RAM and "
                             "device state, not the disks' contents, and a restore beside a changed disk "

@@ -1,4 +1,4 @@
-"""Devices a machine carries besides RAM and the console: disks.
+"""Devices a machine carries besides RAM and the console: disks and network cards.
 
 A disk is a host file the guest sees as a virtio block device. Who moves its data is the disk's
 ``dma``: ``qemu`` is QEMU's own ``virtio-blk-pci`` (QEMU's block layer reads and writes guest RAM
@@ -8,12 +8,20 @@ vhost-user-blk backend outside QEMU whose every access goes through the host mod
 whoever launches the machine.
 
 The command-line form is QEMU's own style: ``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]``.
+
+A network card is QEMU's ``virtio-net-pci`` on its user-mode network stack (slirp: the guest
+is 10.0.2.15 behind NAT, no host privileges, no tap), with ``hostfwd`` rules forwarding host
+ports into the guest: ``user[,hostfwd=tcp:127.0.0.1:2222-:22]...``. Its option ROM (iPXE) is
+left out: the guests here boot from a kernel or a disk, never from the network, and under TCG
+the ROM costs seconds of firmware time.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,4 +152,64 @@ def disk_args(disks: tuple[DiskSpec, ...]) -> list[str]:
             argv += ["-object", f"secret,id={disk.secret_id(node)},file=/dev/fd/{disk.secret_fd}"]
         argv += ["-blockdev", disk.blockdev(node),
                  "-device", f"virtio-blk-pci,drive={node},id={node}-dev,serial=qemu-mktme-{node}"]
+    return argv
+
+
+NET_MODES = ("user",)
+_HOSTFWD = re.compile(r"(tcp|udp):([^:]*):(\d+)-([^:]*):(\d+)")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """One virtio NIC on QEMU's user networking, with host-to-guest port forwards."""
+
+    mode: str = "user"
+    hostfwd: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in NET_MODES:
+            raise ValueError(f"network mode must be one of {', '.join(NET_MODES)}, got {self.mode!r}")
+        object.__setattr__(self, "hostfwd", tuple(self.hostfwd))
+        for rule in self.hostfwd:
+            _check_hostfwd(rule)
+
+    @classmethod
+    def parse(cls, text: str) -> "NetSpec":
+        """``user[,hostfwd=tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT]...`` (QEMU's syntax)."""
+        mode, *opts = text.split(",")
+        if mode not in NET_MODES:
+            raise ValueError(f"--net {text!r}: the mode must be one of {', '.join(NET_MODES)} "
+                             "(QEMU's user networking; e.g. user,hostfwd=tcp:127.0.0.1:2222-:22)")
+        rules = []
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            if key != "hostfwd" or not sep:
+                raise ValueError(f"unknown network option {opt!r} in {text!r} "
+                                 "(expected user[,hostfwd=tcp:HOSTADDR:HOSTPORT-:GUESTPORT]...)")
+            rules.append(value)
+        return cls(mode, tuple(rules))
+
+
+def _check_hostfwd(rule: str) -> None:
+    m = _HOSTFWD.fullmatch(rule)
+    if not m:
+        raise ValueError(f"hostfwd {rule!r} is not PROTO:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT "
+                         "(e.g. tcp:127.0.0.1:2222-:22)")
+    for addr in (m[2], m[4]):
+        if addr:
+            try:
+                ipaddress.IPv4Address(addr)
+            except ValueError:
+                raise ValueError(f"hostfwd {rule!r}: {addr!r} is not an IPv4 address") from None
+    for port in (m[3], m[5]):
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"hostfwd {rule!r}: port {port} is not 1..65535")
+
+
+def net_args(nets: tuple[NetSpec, ...]) -> list[str]:
+    """QEMU options for the NICs: a user netdev each and a virtio-net-pci on it."""
+    argv: list[str] = []
+    for n, net in enumerate(nets):
+        netdev = ",".join([f"user,id=net{n}", *(f"hostfwd={rule}" for rule in net.hostfwd)])
+        argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net{n},id=net{n}-dev,romfile="]
     return argv

@@ -41,7 +41,7 @@ from .binary import QemuBinary, find_qemu, kvm_works
 from .console import Console
 from .guestram import GuestRAM, parse_flat_view
 from .boot import BootSpec
-from .devices import DiskSpec, disk_args
+from .devices import DiskSpec, NetSpec, disk_args, net_args
 from .monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class MachineConfig:
     start_paused: bool = False
     incoming: bool = False                 # -incoming defer: wait for a migration stream
     disks: tuple[DiskSpec, ...] = ()       # virtio block devices (qemu/devices.py)
+    nets: tuple[NetSpec, ...] = ()         # virtio NICs on QEMU's user networking (qemu/devices.py)
     plugins: tuple[str, ...] = ()          # -plugin arguments (the shim adds its own)
     pass_fds: tuple[int, ...] = ()         # descriptors QEMU inherits (a plugin opens /proc/self/fd/N)
     extra_args: tuple[str, ...] = ()
@@ -129,6 +130,9 @@ class MachineConfig:
         object.__setattr__(self, "disks", tuple(self.disks))
         if any(not isinstance(d, DiskSpec) for d in self.disks):
             raise ValueError("disks must be DiskSpec objects (qemu_mktme.qemu.devices)")
+        object.__setattr__(self, "nets", tuple(self.nets))
+        if any(not isinstance(n, NetSpec) for n in self.nets):
+            raise ValueError("nets must be NetSpec objects (qemu_mktme.qemu.devices)")
         if self.boot is not None and self.boot.min_memory and int(self.memory) < self.boot.min_memory:
             raise ValueError(f"the {self.boot.image} guest needs at least {self.boot.min_memory >> 20} MiB "
                              f"of memory, got {int(self.memory) >> 20} MiB")
@@ -393,6 +397,7 @@ class Machine:
             elif cfg.boot.append:
                 argv += ["-append", cfg.boot.append]
         argv += disk_args(cfg.disks)
+        argv += net_args(cfg.nets)
         for plugin in cfg.plugins:
             argv += ["-plugin", plugin]
         if cfg.incoming:
@@ -408,7 +413,12 @@ class Machine:
     def _exit_error(self) -> QemuExited:
         rc = self.returncode
         status = "is gone" if rc is None else (f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}")
-        return QemuExited(f"{self.name}: QEMU {status}", returncode=rc, stderr_tail=self.stderr_tail())
+        tail = self.stderr_tail()
+        locked = re.search(r'Failed to get "(\w+)" lock\s+Is another process using the image \[(.*)\]\?', tail)
+        if locked:       # QEMU's image locking: say it in one line
+            status += (f": disk {locked[2]} is in use by another process (QEMU's image locking refused the "
+                       f"{locked[1]} lock; stop the other QEMU, give this VM a copy, or readonly=on for both)")
+        return QemuExited(f"{self.name}: QEMU {status}", returncode=rc, stderr_tail=tail)
 
     async def _exit_error_when_reaped(self) -> QemuExited:
         """The exit error once QEMU is reaped (its console closes a moment before)."""
@@ -473,29 +483,37 @@ class Machine:
 
         ``ram_path`` overrides discovery (``memory-backend-file`` paths and memfds are found
         through QMP and ``/proc``). Closing an attached machine disconnects, it does not kill.
-        Raises ``AttachError`` for a dead socket or an unusable backend.
+        Raises ``AttachError`` for a dead socket, a socket that is not QEMU's QMP, or an
+        unusable backend.
         """
         vm = cls(MachineConfig(name=name))
-        vm.owned = False
-        vm._set_state(VmState.LAUNCHING)
+        await vm._attach(qmp_socket, ram_path=ram_path, console_socket=console_socket)
+        return vm
+
+    async def _attach(self, qmp_socket: str | os.PathLike[str], *, ram_path: str | os.PathLike[str] | None,
+                      console_socket: str | os.PathLike[str] | None) -> None:
+        """Connect this (idle) machine to a running QEMU, map its RAM, then :meth:`_bind`."""
+        self.owned = False
+        self._set_state(VmState.LAUNCHING)
+        _live.add(self)
         try:
-            vm._pid = _peer_pid(str(qmp_socket))
-            await vm.qmp.connect(str(qmp_socket))
-            backend_id, size, path = await vm._discover_backend(ram_path)
-            vm._ram = await vm._map_ram(path, size, backend_id)
+            self._pid = _peer_pid(str(qmp_socket))
+            await self.qmp.connect(str(qmp_socket))
+            backend_id, size, path = await self._discover_backend(ram_path)
+            self._ram = await self._map_ram(path, size, backend_id)
             if console_socket is not None:
                 try:
                     reader, writer = await asyncio.open_unix_connection(str(console_socket))
                 except OSError as err:
                     raise AttachError(f"cannot connect to console socket {console_socket}: {err.strerror}") from err
-                vm.console.attach(reader, writer)
-            status = await vm.qmp.execute("query-status")
-            vm._set_state(VmState.RUNNING if status.get("running") else VmState.PAUSED)
-            vm._tasks.append(asyncio.create_task(vm._watch_events(), name=f"{name}-events"))
+                self.console.attach(reader, writer)
+            status = await self.qmp.execute("query-status")
+            self._set_state(VmState.RUNNING if status.get("running") else VmState.PAUSED)
+            await self._bind()
+            self._tasks.append(asyncio.create_task(self._watch_events(), name=f"{self.name}-events"))
         except BaseException:
-            await vm._teardown()
+            await self._teardown()
             raise
-        return vm
 
     async def _discover_backend(self, ram_path: str | os.PathLike[str] | None) -> tuple[str, int, str]:
         memdevs = await self.qmp.execute("query-memdev")
@@ -511,8 +529,11 @@ class Machine:
         dev = candidates[0]
         backend_id, size = str(dev["id"]), int(dev["size"])
         if not dev.get("share"):
-            raise AttachError(f"memory backend {backend_id!r} is not shared: start QEMU with "
-                              "memory-backend-memfd or memory-backend-file and share=on")
+            mib = size >> 20
+            raise AttachError(f"guest RAM (memory backend {backend_id!r}) is not shared: start QEMU with "
+                              f"-object memory-backend-memfd,id=ram0,size={mib}M,share=on "
+                              "-machine memory-backend=ram0 (libvirt: <memoryBacking><source type='memfd'/>"
+                              "<access mode='shared'/></memoryBacking>)")
         if ram_path is not None:
             return backend_id, size, str(ram_path)
         kind = await self.qmp.execute("qom-get", {"path": f"/objects/{backend_id}", "property": "type"})
@@ -537,8 +558,16 @@ class Machine:
         await self.qmp.execute("cont")
         self._set_state(VmState.RUNNING)
 
-    async def wait(self, timeout: float | None = None) -> int:
-        """Wait for QEMU to exit (e.g. the guest powered off); its exit status."""
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for QEMU to exit (e.g. the guest powered off); its exit status (None for an
+        attached QEMU, which is not ours to reap: its QMP connection ending is its exit)."""
+        if self._proc is None and not self.owned and self.state is not VmState.IDLE:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self.qmp.connected and self.state not in (VmState.STOPPING, VmState.EXITED):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LaunchError(f"{self.name}: QEMU still running after {timeout:g} s")
+                await asyncio.sleep(0.2)
+            return None
         if self._proc is None:
             raise QemuError(f"{self.name}: no process of ours to wait for")
         try:
@@ -659,6 +688,15 @@ def _peer_pid(socket_path: str) -> int | None:
         except OSError as err:
             raise AttachError(f"cannot connect to QMP socket {socket_path}: {err.strerror or err}") from err
         creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        probe.settimeout(2.0)           # QEMU greets at once; a busy socket (one client) stays silent
+        greeting = b""
+        with contextlib.suppress(OSError):
+            while b"\n" not in greeting and len(greeting) < 4096 and (chunk := probe.recv(4096)):
+                greeting += chunk
+    if greeting and not greeting.lstrip().startswith(b'{"QMP"'):
+        first = greeting.splitlines()[0][:60].decode(errors="replace")
+        raise AttachError(f"{socket_path} is not a QEMU QMP socket (it greeted with {first!r}); give the "
+                          "socket of QEMU's -mon chardev=...,mode=control (libvirt: .../monitor.sock)")
     pid, _uid, _gid = struct.unpack("3i", creds)
     return pid or None
 

@@ -100,4 +100,4 @@ def test_each_recipe_knows_its_default_memory():
     assert images.default_memory("baremetal") == 512 << 20
     assert images.default_memory("linux") == 1 << 30
     assert images.default_memory("/boot/vmlinuz") == 512 << 20          # a kernel given by path
-    assert images.default_memory_help() == "512M baremetal, 1G linux"
+    assert images.default_memory_help() == "512M baremetal, 1G linux, 1G debian"

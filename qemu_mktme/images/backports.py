@@ -1,0 +1,150 @@
+"""QEMU 10 beside the system's 7.2: Debian's ``bookworm-backports`` packages, unpacked into the cache.
+
+Nothing is installed: a private apt configuration (its own sources list naming only the
+backports suite, its own lists, an empty dpkg status so the installed 7.2 does not hide the
+backport) runs ``apt-get update`` and ``apt-get download``; ``dpkg-deb -x`` unpacks the .debs
+into ``$QEMU_MKTME_CACHE/qemu/<name>/root``. A two-line wrapper ``qemu-system-x86_64`` execs the
+unpacked binary with ``-L`` at the unpacked firmware (QEMU's compiled-in data directory is the
+system's 7.2 one); with ``exec`` the process is QEMU itself (its pid, its ``/proc/PID/exe``). The
+libraries it links come from bookworm (the backport is built against them). The manifest
+records each package's version and sha256; loading re-checks the binary's hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ImageError
+from ..files.cache import cache_root
+from .catalog import _locked
+from .tools import Say, run_tool, sha256_file
+
+
+@dataclass(frozen=True)
+class QemuRelease:
+    """A QEMU from another Debian suite: the sources line and the packages to unpack."""
+
+    name: str
+    sources: str
+    packages: tuple[str, ...]
+    description: str
+
+
+RELEASES = {r.name: r for r in [
+    QemuRelease("qemu10", "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                "http://deb.debian.org/debian bookworm-backports main",
+                ("qemu-system-x86", "qemu-system-data", "seabios"),
+                "QEMU 10 from Debian bookworm-backports, unpacked beside the system QEMU"),
+]}
+WRAPPER = "qemu-system-x86_64"
+
+
+def _apt_options(apt: Path) -> list[str]:
+    return ["-o", f"Dir::Etc::SourceList={apt / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", f"Dir::State::Lists={apt / 'lists'}", "-o", f"Dir::State::status={apt / 'status'}",
+            "-o", f"Dir::Cache={apt / 'cache'}", "-o", "Debug::NoLocking=1"]
+
+
+def qemu_path(name: str = "qemu10", *, cache: Path | None = None) -> Path:
+    """The wrapper of an unpacked release, checked against its manifest; ``ImageError`` if not built."""
+    if name not in RELEASES:
+        raise ImageError(f"unknown QEMU release {name!r} (known: {', '.join(RELEASES)})", image=name)
+    directory = (cache or cache_root()) / "qemu" / name
+    hint = f"(run 'qemu-mktme images build {name}')"
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise ImageError(f"{name} is not unpacked in {directory} {hint}", image=name) from None
+    binary = directory / str(manifest["binary"])
+    if not binary.is_file() or sha256_file(binary) != manifest["binary_sha256"]:
+        raise ImageError(f"{name}: {binary} is missing or does not match its manifest {hint}", image=name)
+    return directory / WRAPPER
+
+
+def fetch(name: str = "qemu10", *, cache: Path | None = None, force: bool = False,
+          progress: Say | None = None) -> Path:
+    """Download and unpack ``name`` unless it is there; the wrapper's path."""
+    if name not in RELEASES:
+        raise ImageError(f"unknown QEMU release {name!r} (known: {', '.join(RELEASES)})", image=name)
+    release = RELEASES[name]
+    root = cache or cache_root()
+    say = progress or (lambda _m: None)
+    with _locked(root):
+        if not force:
+            try:
+                return qemu_path(name, cache=root)
+            except ImageError:
+                pass
+        parent = root / "qemu"
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+        try:
+            manifest = _unpack(release, work, say)
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            os.chmod(work, 0o755)
+            final = parent / name
+            if final.exists():
+                stale = parent / f".{name}-old-{os.getpid()}"
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(work, final)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return qemu_path(name, cache=root)
+
+
+def _unpack(release: QemuRelease, work: Path, say: Say) -> dict[str, object]:
+    apt = work / "apt"
+    for sub in ("lists/partial", "cache/archives/partial", "debs"):
+        (apt / sub).mkdir(parents=True)
+    (apt / "sources.list").write_text(release.sources + "\n")
+    (apt / "status").write_text("")
+    opts = _apt_options(apt)
+    say(f"apt-get update ({release.sources.split('] ', 1)[-1]})")
+    run_tool(["apt-get", *opts, "-q", "update"], image=release.name, what="read the package lists")
+    packages = []
+    debs = apt / "debs"
+    os.chmod(debs, 0o777)                     # apt's _apt sandbox user downloads into it
+    for package in release.packages:
+        show = run_tool(["apt-cache", *opts, "show", "--no-all-versions", package], image=release.name)
+        fields = dict(re.findall(r"^(Version|SHA256|Filename): (.+)$", show, re.M))
+        if "Version" not in fields:
+            raise ImageError(f"{package} is not in {release.sources}", image=release.name)
+        say(f"apt-get download {package}={fields['Version']}")
+        run_tool(["apt-get", *opts, "-q", "download", f"{package}={fields['Version']}"], cwd=debs,
+                 image=release.name, what="download packages")
+        deb = debs / os.path.basename(fields["Filename"])
+        if not deb.is_file():
+            got = sorted(debs.glob(f"{package}_*.deb"))
+            if len(got) != 1:
+                raise ImageError(f"apt-get download {package} left no single .deb", image=release.name)
+            deb = got[0]
+        digest = sha256_file(deb)
+        if digest != fields.get("SHA256"):
+            raise ImageError(f"{deb.name}: sha256 {digest} differs from the index's {fields.get('SHA256')}",
+                             image=release.name)
+        run_tool(["dpkg-deb", "-x", str(deb), str(work / "root")], image=release.name, what="unpack packages")
+        packages.append({"name": package, "version": fields["Version"], "sha256": digest})
+    shutil.rmtree(apt)
+    binary = Path("root/usr/bin/qemu-system-x86_64")
+    if not (work / binary).is_file():
+        raise ImageError(f"{release.packages[0]} has no usr/bin/qemu-system-x86_64", image=release.name)
+    firmware = [p for p in ("root/usr/share/qemu", "root/usr/share/seabios") if (work / p).is_dir()]
+    wrapper = work / WRAPPER
+    quoted = " ".join(f"-L '{work.parent / release.name / p}'" for p in firmware)
+    wrapper.write_text(f"#!/bin/sh\n# {release.description}: the unpacked binary with its own firmware\n"
+                       f"exec '{work.parent / release.name / binary}' {quoted} \"$@\"\n")
+    os.chmod(wrapper, 0o755)
+    version = run_tool([str(work / binary), "--version"], image=release.name).splitlines()[0]
+    say(version)
+    return {"name": release.name, "description": release.description, "sources": release.sources,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": packages,
+            "binary": str(binary), "binary_sha256": sha256_file(work / binary), "version": version}
