@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KeyServiceError
+from ..errors import KeyServiceError, MigrationError
 from ..files import Progress
 from ..files.dumpfile import Dump
 from ..host.host import Host
@@ -29,6 +29,7 @@ from .capture import capture
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
+from .migrate import MigrateProgress, MigrationResult, migrate
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,38 @@ class HostSession:
         if not isinstance(vm, EncryptedMachine):
             raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
         return await save_snapshot(vm, path, kek, progress=progress)
+
+    async def migrate(self, name: str, dest: "HostSession", payload: Payload | str, *, tls: Any,
+                      insecure: bool = False, dest_tls: Any = None, progress: MigrateProgress | None = None,
+                      via: Callable[[int], int] | None = None) -> MigrationResult:
+        """Live-migrate VM ``name`` to the host of session ``dest`` (see :mod:`.migrate`): on success
+        it runs there under a KeyID ``dest`` chose, and its key and KeyID here are released."""
+        vm = self.machines.get(name)
+        if vm is None:
+            raise MigrationError(f"no VM named {name!r} (have: {', '.join(self.machines) or 'none'})")
+        if not isinstance(vm, EncryptedMachine):
+            raise MigrationError(f"{name} does not run under MKTME; migrate it with plain QEMU")
+        if name in dest.machines:
+            raise MigrationError(f"the destination already runs a VM named {name!r}")
+        target, result = await migrate(vm, dest.host, payload, tls=tls, insecure=insecure, dest_tls=dest_tls,
+                                       progress=progress, via=via)
+        del self.machines[name]
+        self.tracers.pop(name, None)
+        entry = (vm.key_serial, vm.tenant)
+        if entry in self._serials and not any(isinstance(m, EncryptedMachine) and m.key_serial == vm.key_serial
+                                              for m in self.machines.values()):
+            self._serials.remove(entry)
+            try:
+                self.host.keys.revoke(vm.key_serial, tenant=vm.tenant)
+            except KeyServiceError as err:
+                log.warning("revoking key %#x of tenant %s: %s", vm.key_serial, vm.tenant, err)
+        await dest.adopt(target)
+        return result
+
+    async def adopt(self, vm: Machine) -> None:
+        """Run ``vm`` (launched, bound to this host) until the session ends."""
+        await self._stack.enter_async_context(vm)
+        self.machines[vm.name] = vm
 
     async def dump(self, path: str | os.PathLike[str], vms: Sequence[str] = (),
                    progress: Progress | None = None) -> Dump:
