@@ -168,6 +168,9 @@ async def _wait(vm: EncryptedMachine, side: str, progress: MigrateProgress | Non
             return info
         if status in ("failed", "cancelled"):
             desc = info.get("error-desc") or status
+            if any(w in desc for w in ("certificate", "TLS", "handshake", "issuer")):
+                raise MigrationError(f"{vm.name}: the TLS handshake between the hosts failed ({side}): {desc} "
+                                     "(are both hosts' credentials issued by the same CA?)")
             raise MigrationError(f"{vm.name}: migration {status} on the {side}: {desc}")
         if time.monotonic() > deadline:
             raise MigrationError(f"{vm.name}: migration did not finish in {TIMEOUT:g} s")
