@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import MigrationError, MktmeError, QemuError
 from ..host.host import Host
 from ..host.payload import Payload
+from ..qemu.boot import BootSpec
 from ..qemu.machine import MachineConfig, VmState
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
@@ -66,6 +67,26 @@ class MigrationResult:
     tls: bool
 
 
+def config_to_json(config: MachineConfig) -> dict[str, Any]:
+    """What the destination needs to start the same machine (the kernel command line included:
+    it travels over the 0600 control sockets only)."""
+    boot = config.boot
+    return {"name": config.name, "memory": int(config.memory), "cpus": config.cpus, "accel": config.accel,
+            "cpu": config.cpu, "machine": config.machine, "qemu": config.qemu, "extra_args": list(config.extra_args),
+            "boot": None if boot is None else {"kernel": str(boot.kernel), "initrd": str(boot.initrd) if boot.initrd
+                                               else None, "append": boot.append, "min_memory": boot.min_memory,
+                                               "image": boot.image}}
+
+
+def config_from_json(obj: dict[str, Any]) -> MachineConfig:
+    b = obj.get("boot")
+    boot = None if b is None else BootSpec(Path(b["kernel"]), Path(b["initrd"]) if b.get("initrd") else None,
+                                           b.get("append", ""), int(b.get("min_memory", 0)), b.get("image"))
+    return MachineConfig(boot=boot, memory=int(obj["memory"]), cpus=int(obj["cpus"]), accel=obj["accel"],
+                         cpu=obj.get("cpu"), machine=obj["machine"], name=obj["name"], qemu=obj.get("qemu"),
+                         extra_args=tuple(obj.get("extra_args", ())))
+
+
 def check_tls_dir(pki: Path) -> Path:
     """``pki`` if it holds QEMU's tls-creds-x509 files, else a one-line ``MigrationError``."""
     missing = [n for n in TLS_FILES if not (pki / n).is_file()]
@@ -74,62 +95,119 @@ def check_tls_dir(pki: Path) -> Path:
     return pki
 
 
-async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str, *, tls: Path | None,
-                  insecure: bool = False, dest_tls: Path | None = None, progress: MigrateProgress | None = None,
-                  via: Callable[[int], int] | None = None) -> tuple[EncryptedMachine, MigrationResult]:
-    """Move ``vm`` to host model ``dest`` with key ``payload``; the running destination machine
-    (owned by the caller) and the figures. ``vm`` is closed on success and untouched on failure.
+class Incoming:
+    """The destination side: a bound, paused QEMU waiting for the stream on a port it chose.
 
-    ``tls``: the credentials directory of the source (client end); ``dest_tls`` the destination's
-    (server end; default: the same). ``via(port) -> port``: where the source connects instead of
-    the destination's port (a relay on the path, for captures).
+    ``await Incoming.start(...)`` -> ``.port``; then ``await finish(resume)`` once the source is
+    done (the machine, running), or ``await abort()`` (the destination and its key gone).
     """
+
+    def __init__(self, machine: EncryptedMachine, port: int) -> None:
+        self.machine = machine
+        self.port = port
+
+    @classmethod
+    async def start(cls, dest: Host, config: MachineConfig, payload: Payload | str, *, tenant: str,
+                    tls: Path | None) -> "Incoming":
+        if config.name in dest.guests:
+            raise MigrationError(f"the destination host already has a guest named {config.name!r}")
+        if config.disks:
+            raise MigrationError(f"{config.name}: a VM with disks cannot migrate: the hosts share no storage")
+        try:
+            serial = dest.keys.add(f"{tenant}:{config.name}:migrated", payload, tenant=tenant)
+        except MktmeError as err:
+            raise MigrationError(f"{config.name}: the destination host cannot take the key: {err}") from None
+        config = dataclasses.replace(config, incoming=True, start_paused=True, plugins=())
+        try:
+            target = await launch_machine(config, machine=functools.partial(
+                EncryptedMachine, dest, key_serial=serial, tenant=tenant, revoke_key_on_close=True))
+        except BaseException:
+            with contextlib.suppress(MktmeError):
+                dest.keys.revoke(serial, tenant=tenant)
+            raise
+        try:
+            await _prepare(target, tls, "server")
+            await target.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            return cls(target, await _listening_port(target))
+        except BaseException:
+            await target.close()
+            raise
+
+    async def finish(self, resume: bool = True) -> EncryptedMachine:
+        try:
+            await _wait(self.machine, "destination", None)
+            if resume:
+                await self.machine.resume()
+        except BaseException:
+            await self.abort()
+            raise
+        return self.machine
+
+    async def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.machine.close()
+
+
+async def send(vm: EncryptedMachine, port: int, *, tls: Path | None, progress: MigrateProgress | None = None
+               ) -> dict[str, Any]:
+    """The source side: stream ``vm`` to 127.0.0.1:``port``; the last ``query-migrate`` answer.
+    On failure the migration is cancelled and the source carries on (resumed if it ran)."""
+    was_running = vm.state is VmState.RUNNING
+    try:
+        await _prepare(vm, tls, "client")
+        await vm.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        return await _wait(vm, "source", progress)
+    except BaseException as err:
+        await _carry_on(vm, was_running)
+        if isinstance(err, QemuError) and not isinstance(err, MigrationError):
+            raise MigrationError(f"{vm.name}: migration failed: {err}") from err
+        raise
+
+
+def check_migratable(vm: EncryptedMachine, tls: Path | None, insecure: bool) -> None:
+    """The refusals that need no destination (one-line ``MigrationError``)."""
     if tls is None and not insecure:
         raise MigrationError(f"{vm.name}: refusing to migrate an encrypted VM without TLS: QEMU's migration "
                              "stream carries guest RAM in the clear (give TLS credentials, or --insecure)")
     if tls is not None:
         check_tls_dir(tls)
-        dest_tls = check_tls_dir(dest_tls or tls)
     if vm.state is not VmState.RUNNING and vm.state is not VmState.PAUSED:
         raise MigrationError(f"{vm.name}: cannot migrate a VM in state {vm.state.value}")
     if vm.config.disks:
         raise MigrationError(f"{vm.name}: a VM with disks cannot migrate: the hosts share no storage")
-    if vm.name in dest.guests:
-        raise MigrationError(f"the destination host already has a guest named {vm.name!r}")
+
+
+def result_of(info: dict[str, Any], seconds: float, source_keyid: int, dest_keyid: int, tls: bool) -> MigrationResult:
+    ram = info.get("ram", {})
+    return MigrationResult(seconds, int(info.get("total-time", 0)), int(info.get("downtime", 0)),
+                           int(ram.get("total", 0)), float(ram.get("mbps", 0.0)), source_keyid, dest_keyid, tls)
+
+
+async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str, *, tls: Path | None,
+                  insecure: bool = False, dest_tls: Path | None = None, progress: MigrateProgress | None = None,
+                  via: Callable[[int], int] | None = None) -> tuple[EncryptedMachine, MigrationResult]:
+    """Move ``vm`` to host model ``dest`` (in this process) with key ``payload``; the running
+    destination machine (owned by the caller) and the figures. ``vm`` is closed on success and
+    carries on on failure.
+
+    ``tls``: the credentials directory of the source (client end); ``dest_tls`` the destination's
+    (server end; default: the same). ``via(port) -> port``: where the source connects instead of
+    the destination's port (a relay on the path, for captures).
+    """
+    check_migratable(vm, tls, insecure)
+    if tls is not None:
+        dest_tls = check_tls_dir(dest_tls or tls)
     started = time.monotonic()
-    try:
-        serial = dest.keys.add(f"{vm.tenant}:{vm.name}:migrated", payload, tenant=vm.tenant)
-    except MktmeError as err:
-        raise MigrationError(f"{vm.name}: the destination host cannot take the key: {err}") from None
-    config = dataclasses.replace(vm.config, incoming=True, start_paused=True, plugins=())
-    try:
-        target = await launch_machine(config, machine=functools.partial(
-            EncryptedMachine, dest, key_serial=serial, tenant=vm.tenant, revoke_key_on_close=True))
-    except BaseException:
-        with contextlib.suppress(MktmeError):
-            dest.keys.revoke(serial, tenant=vm.tenant)
-        raise
     was_running = vm.state is VmState.RUNNING
+    incoming = await Incoming.start(dest, vm.config, payload, tenant=vm.tenant, tls=dest_tls)
     try:
-        await _prepare(target, dest_tls, "server")
-        await _prepare(vm, tls, "client")
-        await target.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-        port = await _listening_port(target)
-        if via is not None:
-            port = via(port)
-        await vm.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        info = await _wait(vm, "source", progress)
-        await _wait(target, "destination", None)
-        if was_running:
-            await target.resume()
-    except BaseException as err:
-        await _abandon(vm, target, was_running)
-        if isinstance(err, (QemuError, asyncio.TimeoutError)) and not isinstance(err, MigrationError):
-            raise MigrationError(f"{vm.name}: migration failed: {err}") from err
+        info = await send(vm, via(incoming.port) if via else incoming.port, tls=tls, progress=progress)
+        target = await incoming.finish(resume=was_running)
+    except BaseException:
+        await incoming.abort()
+        await _carry_on(vm, was_running)
         raise
-    result = MigrationResult(time.monotonic() - started, int(info.get("total-time", 0)),
-                             int(info.get("downtime", 0)), int(info.get("ram", {}).get("total", 0)),
-                             float(info.get("ram", {}).get("mbps", 0.0)), vm.keyid, target.keyid, tls is not None)
+    result = result_of(info, time.monotonic() - started, vm.keyid, target.keyid, tls is not None)
     await vm.close()                      # unbinds: the source host's KeyID is free again
     return target, result
 
@@ -177,10 +255,8 @@ async def _wait(vm: EncryptedMachine, side: str, progress: MigrateProgress | Non
         await asyncio.sleep(0.02)
 
 
-async def _abandon(vm: EncryptedMachine, target: EncryptedMachine, was_running: bool) -> None:
-    """The source carries on; the destination goes (its KeyID and key with it)."""
-    with contextlib.suppress(Exception):
-        await target.close()
+async def _carry_on(vm: EncryptedMachine, was_running: bool) -> None:
+    """After a failed or abandoned migration: cancel it if still under way, run the source again."""
     if vm.state is VmState.EXITED:
         return
     with contextlib.suppress(Exception):

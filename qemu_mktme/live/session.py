@@ -13,8 +13,10 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import KeyServiceError, MigrationError
@@ -29,7 +31,8 @@ from .capture import capture
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
-from .migrate import MigrateProgress, MigrationResult, migrate
+from .migrate import (Incoming, MigrateProgress, MigrationResult, check_migratable, check_tls_dir, config_from_json,
+                      config_to_json, migrate, result_of, send)
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -46,12 +49,17 @@ class VmSpec:
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
 
 
+KeySource = Callable[[MachineConfig, str], Awaitable[Payload]]
+"""key_source(config, tenant) -> the key of an incoming VM, obtained by this host (attestation)."""
+
+
 class HostSession:
     """``async with HostSession(specs, keyid_bits=6) as s:`` runs every VM, serves control requests."""
 
     def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
                  control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None,
-                 attestation: dict[str, Any] | None = None) -> None:
+                 attestation: dict[str, Any] | None = None, name: str | None = None,
+                 key_source: KeySource | None = None) -> None:
         names = [s.config.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
@@ -59,11 +67,17 @@ class HostSession:
         self.host = Host(keyid_bits=keyid_bits, packages=packages, integrity=integrity, sanitizer=sanitizer)
         self.machines: dict[str, Machine] = {}
         self.tracers: dict[str, Tracer] = {}
+        self.name = name
+        self.key_source = key_source       # how an incoming VM's key reaches this host (tenant layer)
         self.handlers: dict[str, Handler] = {
-            "query": self._query, "dump": self._dump, "snapshot-save": self._save}
+            "query": self._query, "dump": self._dump, "snapshot-save": self._save,
+            "migrate-describe": self._migrate_describe, "migrate-incoming": self._migrate_incoming,
+            "migrate-send": self._migrate_send, "migrate-finish": self._migrate_finish,
+            "migrate-abort": self._migrate_abort}
+        self._incoming: dict[str, Incoming] = {}
         self._serials: list[tuple[int, str]] = []
         self.attestation = attestation     # how the keys were obtained (tenant/launch.py), for query
-        self._control = ControlServer(self.handlers) if control else None
+        self._control = ControlServer(self.handlers, name=name) if control else None
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> "HostSession":
@@ -142,8 +156,14 @@ class HostSession:
             raise MigrationError(f"the destination already runs a VM named {name!r}")
         target, result = await migrate(vm, dest.host, payload, tls=tls, insecure=insecure, dest_tls=dest_tls,
                                        progress=progress, via=via)
-        del self.machines[name]
-        self.tracers.pop(name, None)
+        self._gone(vm)
+        await dest.adopt(target)
+        return result
+
+    def _gone(self, vm: EncryptedMachine) -> None:
+        """``vm`` left this host: forget it, and revoke its key unless another VM here uses it."""
+        self.machines.pop(vm.name, None)
+        self.tracers.pop(vm.name, None)
         entry = (vm.key_serial, vm.tenant)
         if entry in self._serials and not any(isinstance(m, EncryptedMachine) and m.key_serial == vm.key_serial
                                               for m in self.machines.values()):
@@ -152,8 +172,6 @@ class HostSession:
                 self.host.keys.revoke(vm.key_serial, tenant=vm.tenant)
             except KeyServiceError as err:
                 log.warning("revoking key %#x of tenant %s: %s", vm.key_serial, vm.tenant, err)
-        await dest.adopt(target)
-        return result
 
     async def adopt(self, vm: Machine) -> None:
         """Run ``vm`` (launched, bound to this host) until the session ends."""
@@ -176,6 +194,9 @@ class HostSession:
         return await capture([vm for vm in chosen if isinstance(vm, EncryptedMachine)], path, info, progress)
 
     async def __aexit__(self, *exc: object) -> None:
+        for incoming in list(self._incoming.values()):
+            await incoming.abort()
+        self._incoming.clear()
         try:
             await self._stack.aclose()
         finally:
@@ -225,3 +246,68 @@ class HostSession:
             raise ValueError("snapshot-save needs the key-encryption key (64 hex digits)") from None
         result = await self.save(request.get("vm"), request["path"], kek, progress)
         return dataclasses.asdict(result)
+
+    # ------------------------------------------------------------------ migration between processes
+    # ``qemu-mktme migrate`` drives two hosts: describe (source) -> incoming (destination: attest,
+    # key, bound QEMU listening) -> send (source, progress lines) -> finish or abort (destination).
+
+    def _encrypted(self, name: Any) -> EncryptedMachine:
+        vm = self.machines.get(str(name))
+        if vm is None:
+            raise MigrationError(f"no VM named {name!r} (have: {', '.join(self.machines) or 'none'})")
+        if not isinstance(vm, EncryptedMachine):
+            raise MigrationError(f"{name} does not run under MKTME; migrate it with plain QEMU")
+        return vm
+
+    async def _migrate_describe(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        vm = self._encrypted(request.get("vm"))
+        tls = Path(request["tls"]) if request.get("tls") else None
+        check_migratable(vm, tls, bool(request.get("insecure")))
+        return {"config": config_to_json(vm.config), "tenant": vm.tenant, "keyid": vm.keyid,
+                "running": vm.state.value == "running"}
+
+    async def _migrate_incoming(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        config = config_from_json(request["config"])
+        if config.name in self.machines or config.name in self._incoming:
+            raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
+        if self.key_source is None:
+            raise MigrationError(f"host {self.name or os.getpid()} has no way to obtain the tenant's key: start it "
+                                 "with --tenant-server (the key is released only to an attested host)")
+        tls = Path(request["tls"]) if request.get("tls") else None
+        if tls is not None:
+            check_tls_dir(tls)
+        payload = await self.key_source(config, request["tenant"])
+        incoming = await Incoming.start(self.host, config, payload, tenant=request["tenant"], tls=tls)
+        self._incoming[config.name] = incoming
+        return {"port": incoming.port, "keyid": incoming.machine.keyid}
+
+    async def _migrate_send(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        vm = self._encrypted(request.get("vm"))
+        tls = Path(request["tls"]) if request.get("tls") else None
+        check_migratable(vm, tls, bool(request.get("insecure")))
+        started = time.monotonic()
+
+        def bar(info: dict[str, Any]) -> None:
+            ram = info.get("ram")
+            if progress is not None and ram:
+                progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)) or 1)
+        info = await send(vm, int(request["port"]), tls=tls, progress=bar)
+        result = result_of(info, time.monotonic() - started, vm.keyid, int(request.get("dest_keyid", -1)),
+                           tls is not None)
+        await vm.close()                  # unbinds: this host's KeyID is free again
+        self._gone(vm)
+        return dataclasses.asdict(result)
+
+    async def _migrate_finish(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        incoming = self._incoming.pop(str(request.get("vm")), None)
+        if incoming is None:
+            raise MigrationError(f"no incoming migration of VM {request.get('vm')!r} here")
+        vm = await incoming.finish(resume=bool(request.get("resume", True)))
+        await self.adopt(vm)
+        return vm.query()
+
+    async def _migrate_abort(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        incoming = self._incoming.pop(str(request.get("vm")), None)
+        if incoming is not None:
+            await incoming.abort()
+        return {"aborted": incoming is not None}
