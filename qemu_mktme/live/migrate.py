@@ -158,7 +158,7 @@ async def send(vm: EncryptedMachine, port: int, *, tls: Path | None, progress: M
         await vm.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         return await _wait(vm, "source", progress)
     except BaseException as err:
-        await _carry_on(vm, was_running)
+        await carry_on(vm, was_running)
         if isinstance(err, QemuError) and not isinstance(err, MigrationError):
             raise MigrationError(f"{vm.name}: migration failed: {err}") from err
         raise
@@ -205,7 +205,7 @@ async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str, *, t
         target = await incoming.finish(resume=was_running)
     except BaseException:
         await incoming.abort()
-        await _carry_on(vm, was_running)
+        await carry_on(vm, was_running)
         raise
     result = result_of(info, time.monotonic() - started, vm.keyid, target.keyid, tls is not None)
     await vm.close()                      # unbinds: the source host's KeyID is free again
@@ -255,7 +255,7 @@ async def _wait(vm: EncryptedMachine, side: str, progress: MigrateProgress | Non
         await asyncio.sleep(0.02)
 
 
-async def _carry_on(vm: EncryptedMachine, was_running: bool) -> None:
+async def carry_on(vm: EncryptedMachine, was_running: bool) -> None:
     """After a failed or abandoned migration: cancel it if still under way, run the source again."""
     if vm.state is VmState.EXITED:
         return

@@ -32,7 +32,7 @@ from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
 from .migrate import (Incoming, MigrateProgress, MigrationResult, check_migratable, check_tls_dir, config_from_json,
-                      config_to_json, migrate, result_of, send)
+                      carry_on, config_to_json, migrate, result_of, send)
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class HostSession:
             "query": self._query, "dump": self._dump, "snapshot-save": self._save,
             "migrate-describe": self._migrate_describe, "migrate-incoming": self._migrate_incoming,
             "migrate-send": self._migrate_send, "migrate-finish": self._migrate_finish,
-            "migrate-abort": self._migrate_abort}
+            "migrate-abort": self._migrate_abort, "migrate-release": self._migrate_release}
         self._incoming: dict[str, Incoming] = {}
         self._serials: list[tuple[int, str]] = []
         self.attestation = attestation     # how the keys were obtained (tenant/launch.py), for query
@@ -249,7 +249,8 @@ class HostSession:
 
     # ------------------------------------------------------------------ migration between processes
     # ``qemu-mktme migrate`` drives two hosts: describe (source) -> incoming (destination: attest,
-    # key, bound QEMU listening) -> send (source, progress lines) -> finish or abort (destination).
+    # key, bound QEMU listening) -> send (source, progress lines) -> finish or abort (destination)
+    # -> release (source: closed once the destination runs, else resumed).
 
     def _encrypted(self, name: Any) -> EncryptedMachine:
         vm = self.machines.get(str(name))
@@ -294,9 +295,18 @@ class HostSession:
         info = await send(vm, int(request["port"]), tls=tls, progress=bar)
         result = result_of(info, time.monotonic() - started, vm.keyid, int(request.get("dest_keyid", -1)),
                            tls is not None)
-        await vm.close()                  # unbinds: this host's KeyID is free again
-        self._gone(vm)
-        return dataclasses.asdict(result)
+        return dataclasses.asdict(result)      # the VM stays here (paused) until migrate-release
+
+    async def _migrate_release(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        """After the destination runs the VM (``done``): close it here, freeing its KeyID; else
+        (the destination failed after the stream completed) run it here again."""
+        vm = self._encrypted(request.get("vm"))
+        if request.get("done"):
+            await vm.close()              # unbinds: this host's KeyID is free again
+            self._gone(vm)
+            return {"released": vm.name}
+        await carry_on(vm, bool(request.get("resume", True)))
+        return {"resumed": vm.name}
 
     async def _migrate_finish(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         incoming = self._incoming.pop(str(request.get("vm")), None)

@@ -74,7 +74,8 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                                                     keyid_bits=keyid_bits, packages=packages, trace=trace)
         t2 = time.monotonic()
         async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
-                               attestation=attestation, integrity=integrity, sanitizer=sanitizer) as session:
+                               attestation=attestation, integrity=integrity, sanitizer=sanitizer,
+                               name=launch.host) as session:
             launch.timings["launch"] = time.monotonic() - t2      # QEMU started, LUKS opened, guest running
             yield session
 

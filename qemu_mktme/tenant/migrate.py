@@ -49,6 +49,19 @@ async def attested_migration(source: HostSession, name: str, dest: HostSession, 
                                 progress=progress, via=via)
 
 
+def broker_key_source(session: HostSession, launch: TenantLaunch) -> None:
+    """Let ``session`` (a host started with ``host start NAME --tenant-server URL``) take incoming
+    VMs: each one's key is released by the broker after this host attests for that VM's boot."""
+    layout = session.host.platform.layout
+
+    async def source(config: MachineConfig, tenant: str) -> Payload:
+        payload, attestation = await asyncio.to_thread(_attest, launch, config, keyid_bits=layout.keyid_bits,
+                                                       packages=session.host.platform.packages)
+        session.attestation = attestation
+        return payload
+    session.key_source = source
+
+
 def _attest(launch: TenantLaunch, config: MachineConfig, *, keyid_bits: int,
             packages: int) -> tuple[Payload, dict[str, Any]]:
     """The destination's measured launch and attestation; its memory key and what query shows."""
