@@ -81,6 +81,8 @@ class ControlServer:
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:    # the host is stopping with a client still connected
+            pass
         finally:
             writer.close()
 
