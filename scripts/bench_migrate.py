@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from qemu_mktme import images
-from qemu_mktme.live.migrate import MAX_BANDWIDTH, TLS_ID
+from qemu_mktme.live.migrate import plain_migrate
 from qemu_mktme.live.session import HostSession
 from qemu_mktme.qemu.machine import Machine, MachineConfig
 from qemu_mktme.tenant import admin, keyserver
@@ -49,32 +49,8 @@ def fill(ram, seed: int) -> None:
 
 async def _plain_migrate(src: Machine, tls: Path | None) -> tuple[Machine, dict[str, float]]:
     t0 = time.perf_counter()
-    dst = Machine(dataclasses.replace(src.config, incoming=True))
-    await dst.launch()
-    for vm, endpoint in ((dst, "server"), (src, "client")):
-        params: dict = {"max-bandwidth": MAX_BANDWIDTH, "tls-creds": ""}
-        if tls is not None:
-            try:
-                await vm.qmp.execute("object-del", {"id": TLS_ID})
-            except Exception:  # noqa: BLE001  none yet
-                pass
-            await vm.qmp.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": str(tls),
-                                                "endpoint": endpoint, "verify-peer": True})
-            params["tls-creds"] = TLS_ID
-        await vm.qmp.execute("migrate-set-parameters", params)
-    await dst.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-    port = next(int(a["port"]) for a in (await dst.qmp.execute("query-migrate"))["socket-address"])
-    await src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-    while (info := await src.qmp.execute("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
-        await asyncio.sleep(0.02)
-    if info["status"] != "completed":
-        raise SystemExit(f"plain migration {info['status']}: {info.get('error-desc')}")
-    while (await dst.qmp.execute("query-migrate"))["status"] != "completed":
-        await asyncio.sleep(0.02)
-    await dst.resume()
-    total = time.perf_counter() - t0
-    await src.close()
-    return dst, {"total": total, "downtime": info["downtime"] / 1000, "mbps": info["ram"]["mbps"]}
+    dst, info = await plain_migrate(src, tls=tls)
+    return dst, {"total": time.perf_counter() - t0, "downtime": info["downtime"] / 1000, "mbps": info["ram"]["mbps"]}
 
 
 async def main() -> int:

@@ -37,7 +37,7 @@ from ..errors import MigrationError, MktmeError, QemuError
 from ..host.host import Host
 from ..host.payload import Payload
 from ..qemu.boot import BootSpec
-from ..qemu.machine import MachineConfig, VmState
+from ..qemu.machine import Machine, MachineConfig, VmState
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
 
@@ -212,7 +212,31 @@ async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str, *, t
     return target, result
 
 
-async def _prepare(vm: EncryptedMachine, tls: Path | None, endpoint: str) -> None:
+async def plain_migrate(vm: Machine, *, tls: Path | None) -> tuple[Machine, dict[str, Any]]:
+    """The baseline: stock QEMU migrating ``vm`` into a fresh plain QEMU on this machine (the same
+    steps, no host model, no key); the running destination and the source's last ``query-migrate``."""
+    was_running = vm.state is VmState.RUNNING
+    target = Machine(dataclasses.replace(vm.config, incoming=True, start_paused=True, plugins=()))
+    await target.launch()
+    try:
+        await _prepare(target, tls, "server")
+        await target.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = await _listening_port(target)
+        await _prepare(vm, tls, "client")
+        await vm.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = await _wait(vm, "source", None)
+        await _wait(target, "destination", None)
+        if was_running:
+            await target.resume()
+    except BaseException:
+        await target.close()
+        await carry_on(vm, was_running)
+        raise
+    await vm.close()
+    return target, info
+
+
+async def _prepare(vm: Machine, tls: Path | None, endpoint: str) -> None:
     params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH}
     if tls is not None:
         with contextlib.suppress(QemuError):        # a credentials object left by a failed attempt
@@ -225,7 +249,7 @@ async def _prepare(vm: EncryptedMachine, tls: Path | None, endpoint: str) -> Non
     await vm.qmp.execute("migrate-set-parameters", params)
 
 
-async def _listening_port(target: EncryptedMachine) -> int:
+async def _listening_port(target: Machine) -> int:
     info = await target.qmp.execute("query-migrate")
     for addr in info.get("socket-address", []):
         if addr.get("type") == "inet" and int(addr.get("port", 0)):
@@ -233,7 +257,7 @@ async def _listening_port(target: EncryptedMachine) -> int:
     raise MigrationError(f"{target.name}: the destination QEMU did not report its listening port")
 
 
-async def _wait(vm: EncryptedMachine, side: str, progress: MigrateProgress | None) -> dict[str, Any]:
+async def _wait(vm: Machine, side: str, progress: MigrateProgress | None) -> dict[str, Any]:
     deadline = time.monotonic() + TIMEOUT
     while True:
         if vm.state is VmState.EXITED:
@@ -255,7 +279,7 @@ async def _wait(vm: EncryptedMachine, side: str, progress: MigrateProgress | Non
         await asyncio.sleep(0.02)
 
 
-async def carry_on(vm: EncryptedMachine, was_running: bool) -> None:
+async def carry_on(vm: Machine, was_running: bool) -> None:
     """After a failed or abandoned migration: cancel it if still under way, run the source again."""
     if vm.state is VmState.EXITED:
         return

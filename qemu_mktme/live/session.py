@@ -69,6 +69,7 @@ class HostSession:
         self.tracers: dict[str, Tracer] = {}
         self.name = name
         self.key_source = key_source       # how an incoming VM's key reaches this host (tenant layer)
+        self.identity: Any = None          # the host's attested identity while it runs (tenant layer)
         self.handlers: dict[str, Handler] = {
             "query": self._query, "dump": self._dump, "snapshot-save": self._save,
             "migrate-describe": self._migrate_describe, "migrate-incoming": self._migrate_incoming,
@@ -172,6 +173,10 @@ class HostSession:
                 self.host.keys.revoke(vm.key_serial, tenant=vm.tenant)
             except KeyServiceError as err:
                 log.warning("revoking key %#x of tenant %s: %s", vm.key_serial, vm.tenant, err)
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` when the session ends (after its VMs are gone)."""
+        self._stack.callback(callback)
 
     async def adopt(self, vm: Machine) -> None:
         """Run ``vm`` (launched, bound to this host) until the session ends."""

@@ -41,10 +41,7 @@ async def attested_migration(source: HostSession, name: str, dest: HostSession, 
     if tls is None and not insecure:     # refuse before the broker releases anything
         raise MigrationError(f"{name}: refusing to migrate an encrypted VM without TLS: QEMU's migration "
                              "stream carries guest RAM in the clear (give TLS credentials, or --insecure)")
-    layout = dest.host.platform.layout
-    payload, attestation = await asyncio.to_thread(_attest, launch, vm.config, keyid_bits=layout.keyid_bits,
-                                                   packages=dest.host.platform.packages)
-    dest.attestation = attestation
+    payload = await _key_for(dest, launch, vm.config)
     return await source.migrate(name, dest, payload, tls=tls, insecure=insecure, dest_tls=dest_tls,
                                 progress=progress, via=via)
 
@@ -52,26 +49,42 @@ async def attested_migration(source: HostSession, name: str, dest: HostSession, 
 def broker_key_source(session: HostSession, launch: TenantLaunch) -> None:
     """Let ``session`` (a host started with ``host start NAME --tenant-server URL``) take incoming
     VMs: each one's key is released by the broker after this host attests for that VM's boot."""
-    layout = session.host.platform.layout
-
     async def source(config: MachineConfig, tenant: str) -> Payload:
-        payload, attestation = await asyncio.to_thread(_attest, launch, config, keyid_bits=layout.keyid_bits,
-                                                       packages=session.host.platform.packages)
-        session.attestation = attestation
-        return payload
+        return await _key_for(session, launch, config)
     session.key_source = source
 
 
-def _attest(launch: TenantLaunch, config: MachineConfig, *, keyid_bits: int,
+async def _key_for(dest: HostSession, launch: TenantLaunch, config: MachineConfig) -> Payload:
+    """The destination's key: its running TPM attests again (fresh nonce), or its measured launch
+    happens now, and the TPM stays up for as long as the host runs."""
+    own = dest.identity if isinstance(dest.identity, AttestedHost) and dest.identity.name == launch.host else None
+    host = own or AttestedHost(launch.host, launch.host_dir)
+    layout = dest.host.platform.layout
+    try:
+        payload, attestation = await asyncio.to_thread(_attest, host, launch, config, boot=own is None,
+                                                       keyid_bits=layout.keyid_bits,
+                                                       packages=dest.host.platform.packages)
+    except BaseException:
+        if own is None:
+            host.close()
+        raise
+    if own is None:
+        dest.identity = host
+        dest.on_close(host.close)
+    dest.attestation = attestation
+    return payload
+
+
+def _attest(host: AttestedHost, launch: TenantLaunch, config: MachineConfig, *, boot: bool, keyid_bits: int,
             packages: int) -> tuple[Payload, dict[str, Any]]:
     """The destination's measured launch and attestation; its memory key and what query shows."""
     if config.boot is None:
         raise TenantError("the VM has no boot record to measure on the destination")
     t0 = time.monotonic()
-    host = AttestedHost(launch.host, launch.host_dir)
     client = BrokerClient(launch.url, launch.ca)
     try:
-        host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
+        if boot:
+            host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
         keys = host.fetch(client, [launch.key])
         payload = memory_payload(keys.pop(launch.key))
         keys.clear()
@@ -82,4 +95,3 @@ def _attest(launch: TenantLaunch, config: MachineConfig, *, keyid_bits: int,
         return payload, attestation
     finally:
         client.close()
-        host.close()
