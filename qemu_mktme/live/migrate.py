@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,21 @@ def check_tls_dir(pki: Path) -> Path:
     return pki
 
 
+class _IncomingMachine(EncryptedMachine):
+    """A destination QEMU that starts while the key is still on its way (the destination's
+    attestation runs beside QEMU's start): it binds once the key is in the key service, still
+    before its vCPUs run and before a byte of the stream is accepted."""
+
+    def __init__(self, host: Host, config: MachineConfig, *, key: Awaitable[int], tenant: str) -> None:
+        super().__init__(host, config, key_serial=-1, tenant=tenant)
+        self._key = key
+
+    async def _bind(self) -> None:
+        self.key_serial = await self._key
+        self._revoke_key = True                  # the key was added for this VM: it goes with it
+        await super()._bind()
+
+
 class Incoming:
     """The destination side: a bound, paused QEMU waiting for the stream on a port it chose.
 
@@ -107,23 +122,31 @@ class Incoming:
         self.port = port
 
     @classmethod
-    async def start(cls, dest: Host, config: MachineConfig, payload: Payload | str, *, tenant: str,
+    async def start(cls, dest: Host, config: MachineConfig, payload: Payload | str | Awaitable[Payload], *, tenant: str,
                     tls: Path | None) -> "Incoming":
         if config.name in dest.guests:
             raise MigrationError(f"the destination host already has a guest named {config.name!r}")
         if config.disks:
             raise MigrationError(f"{config.name}: a VM with disks cannot migrate: the hosts share no storage")
-        try:
-            serial = dest.keys.add(f"{tenant}:{config.name}:migrated", payload, tenant=tenant)
-        except MktmeError as err:
-            raise MigrationError(f"{config.name}: the destination host cannot take the key: {err}") from None
+        async def key_serial() -> int:
+            key = payload if isinstance(payload, (Payload, str)) else await payload
+            try:
+                return dest.keys.add(f"{tenant}:{config.name}:migrated", key, tenant=tenant)
+            except MktmeError as err:
+                raise MigrationError(f"{config.name}: the destination host cannot take the key: {err}") from None
         config = dataclasses.replace(config, incoming=True, start_paused=True, plugins=())
+        keyed = asyncio.ensure_future(key_serial())
         try:
             target = await launch_machine(config, machine=functools.partial(
-                EncryptedMachine, dest, key_serial=serial, tenant=tenant, revoke_key_on_close=True))
+                _IncomingMachine, dest, key=keyed, tenant=tenant))
         except BaseException:
-            with contextlib.suppress(MktmeError):
-                dest.keys.revoke(serial, tenant=tenant)
+            if not keyed.done():               # QEMU failed first: the key never arrives here
+                keyed.cancel()
+                with contextlib.suppress(BaseException):
+                    await keyed
+            elif not keyed.cancelled() and keyed.exception() is None:
+                with contextlib.suppress(MktmeError):     # (already gone if the machine had bound)
+                    dest.keys.revoke(keyed.result(), tenant=tenant)
             raise
         try:
             await _prepare(target, tls, "server")
@@ -183,7 +206,7 @@ def result_of(info: dict[str, Any], seconds: float, source_keyid: int, dest_keyi
                            int(ram.get("total", 0)), float(ram.get("mbps", 0.0)), source_keyid, dest_keyid, tls)
 
 
-async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str, *, tls: Path | None,
+async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str | Awaitable[Payload], *, tls: Path | None,
                   insecure: bool = False, dest_tls: Path | None = None, progress: MigrateProgress | None = None,
                   via: Callable[[int], int] | None = None) -> tuple[EncryptedMachine, MigrationResult]:
     """Move ``vm`` to host model ``dest`` (in this process) with key ``payload``; the running

@@ -143,7 +143,7 @@ class HostSession:
             raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
         return await save_snapshot(vm, path, kek, progress=progress)
 
-    async def migrate(self, name: str, dest: "HostSession", payload: Payload | str, *, tls: Any,
+    async def migrate(self, name: str, dest: "HostSession", payload: Payload | str | Awaitable[Payload], *, tls: Any,
                       insecure: bool = False, dest_tls: Any = None, progress: MigrateProgress | None = None,
                       via: Callable[[int], int] | None = None) -> MigrationResult:
         """Live-migrate VM ``name`` to the host of session ``dest`` (see :mod:`.migrate`): on success

@@ -41,9 +41,17 @@ async def attested_migration(source: HostSession, name: str, dest: HostSession, 
     if tls is None and not insecure:     # refuse before the broker releases anything
         raise MigrationError(f"{name}: refusing to migrate an encrypted VM without TLS: QEMU's migration "
                              "stream carries guest RAM in the clear (give TLS credentials, or --insecure)")
-    payload = await _key_for(dest, launch, vm.config)
-    return await source.migrate(name, dest, payload, tls=tls, insecure=insecure, dest_tls=dest_tls,
-                                progress=progress, via=via)
+    # the destination attests while its QEMU starts; it binds (and the stream starts) only once
+    # the broker released the key
+    key = asyncio.ensure_future(_key_for(dest, launch, vm.config))
+    try:
+        return await source.migrate(name, dest, key, tls=tls, insecure=insecure, dest_tls=dest_tls,
+                                    progress=progress, via=via)
+    finally:
+        if not key.done():
+            key.cancel()
+        elif not key.cancelled() and key.exception() is not None:
+            key.exception()                      # retrieved: raised above through the launch
 
 
 def broker_key_source(session: HostSession, launch: TenantLaunch) -> None:
