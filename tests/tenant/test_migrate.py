@@ -136,3 +136,15 @@ def test_relay_forwards_both_ways_and_keeps_the_bytes():
         s.close()
     server.close()
     assert relay.seen(b"ping" * 1000) and relay.seen(b"pong")
+
+
+def test_migrate_command_errors_are_one_line(capsys, tmp_path):
+    from qemu_mktme import cli
+    assert cli.main(["migrate", "vm1", "--from", "no-such-host-15", "--to", "h2"]) == 1
+    err = capsys.readouterr().err
+    assert err == "qemu-mktme: error: no running 'qemu-mktme run' found named 'no-such-host-15'\n"
+    assert cli.main(["migrate", "vm1", "--from", "no-such-host-15", "--to", "h2", "--tls", str(tmp_path)]) == 1
+    assert "no running" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["host", "start", "h2"])               # a host that takes VMs needs the tenant's broker
+    assert exited.value.code == 2 and "--tenant-server" in capsys.readouterr().err
