@@ -2,12 +2,13 @@
 
 The hosts share no memory: QEMU sends all of guest RAM (no ``x-ignore-shared``). The sequence:
 
-1. the destination host programs the tenant key into a KeyID of **its own** choosing (the caller
-   brings the key: :mod:`qemu_mktme.tenant.migrate` gets it from the broker after the
-   destination's attestation);
-2. a fresh QEMU with ``-incoming defer`` is launched and bound to the destination host model (a new
-   :class:`EncryptedMachine`: EPT, VMM page table and IOMMU tagged with the new KeyID) while its
-   vCPUs are held, so every migrated page lands in the CPU view of the new KeyID;
+1. a fresh QEMU with ``-incoming defer`` starts on the destination while its key is on the way
+   (the caller brings the key, or an awaitable of it: :mod:`qemu_mktme.tenant.migrate` gets it
+   from the broker after the destination's attestation, beside QEMU's start);
+2. the destination host programs the key into a KeyID of **its own** choosing and binds the new
+   QEMU to its host model (a new :class:`EncryptedMachine`: EPT, VMM page table and IOMMU tagged
+   with the new KeyID) while its vCPUs are held and before it listens, so every migrated page
+   lands in the CPU view of the new KeyID; no key, no listening port;
 3. ``tls-creds-x509`` objects on both sides (destination ``endpoint=server``, source
    ``endpoint=client``, both ``verify-peer=on``) and ``migrate-set-parameters tls-creds`` and a
    raised ``max-bandwidth`` (QEMU 7.2 caps migration at 128 MiB/s); ``migrate-incoming`` on a
@@ -293,7 +294,7 @@ async def _wait(vm: Machine, side: str, progress: MigrateProgress | None) -> dic
             return info
         if status in ("failed", "cancelled"):
             desc = info.get("error-desc") or status
-            if any(w in desc for w in ("certificate", "TLS", "handshake", "issuer")):
+            if any(w in desc for w in ("certificate", "handshake", "issuer")):
                 raise MigrationError(f"{vm.name}: the TLS handshake between the hosts failed ({side}): {desc} "
                                      "(are both hosts' credentials issued by the same CA?)")
             raise MigrationError(f"{vm.name}: migration {status} on the {side}: {desc}")
