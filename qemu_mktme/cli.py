@@ -209,6 +209,8 @@ async def run_guest(args: argparse.Namespace) -> int:
                                         packages=args.packages, trace=spec.trace, integrity=args.integrity,
                                         sanitizer=sanitizer) as session:
                 print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
+                from .tenant.migrate import broker_key_source
+                broker_key_source(session, launch)        # VMs may migrate here too (keys from the broker)
                 return await attend(session, args)
         async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
                                integrity=args.integrity, sanitizer=sanitizer, name=args.host_name) as session:
