@@ -148,3 +148,25 @@ def test_migrate_command_errors_are_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exited:
         cli.main(["host", "start", "h2"])               # a host that takes VMs needs the tenant's broker
     assert exited.value.code == 2 and "--tenant-server" in capsys.readouterr().err
+
+
+@pytest.mark.qemu
+async def test_vm_migrate_with_a_cpu_key_gets_a_new_cpu_key_on_the_destination(baremetal_image, tmp_path):
+    """``await vm.migrate(dest)``: a CPU-generated key never leaves the CPU; the destination's CPU
+    makes its own, and the guest's memory (plaintext in the TLS stream) is whole there."""
+    from qemu_mktme.host.host import Host
+    from qemu_mktme.live.encrypted import EncryptedMachine
+    tls = create_pki(tmp_path / "pki", client_cn="t").directory
+    src, dst = Host(keyid_bits=BITS), Host(keyid_bits=BITS)
+    serial = src.keys.add("t:bm", "type=cpu", tenant="t")
+    async with EncryptedMachine(src, MachineConfig(boot=baremetal_image.boot(), memory="128M", name="bm"),
+                                key_serial=serial, tenant="t") as vm:
+        await vm.console.wait_for("mktme> ", patience(20))
+        await vm.console.command("writehex 0x200000 00112233445566778899aabbccddeeff", r"ok writehex .*\n")
+        old_dram = vm.guest.dram(0x200000, 64)
+        moved, result = await vm.migrate(dst, tls=tls)
+        async with moved:
+            await moved.console.command("crc 0x200000 16", r"ok crc32 .*\n", patience(20))
+            assert moved.ram.read(0x200000, 16) == bytes.fromhex("00112233445566778899aabbccddeeff")
+            assert moved.guest.query()["key-type"] == "cpu" and moved.guest.dram(0x200000, 64) != old_dram
+            assert src.guests == {} and result.tls
