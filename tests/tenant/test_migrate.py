@@ -88,6 +88,7 @@ async def test_attested_tls_migration_keeps_the_guest_and_hides_its_memory(mktme
         assert "vm1" not in h1.machines and h1.host.keys.keyids.in_use == []     # source KeyID free
         assert source_keyid == result.source_keyid == 1
         assert moved.keyid == result.dest_keyid != 1                               # h2's own choice
+        assert moved.guest.check_consistency() == []           # EPT, VMM page table, IOMMU: that KeyID
         last = int(re.findall(r"count (\d+)", vm.console.transcript)[-1])
         first = await _count(moved)                  # the same shell, carrying on from where it was
         assert last <= first <= last + 5, (last, first)
