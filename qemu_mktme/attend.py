@@ -118,6 +118,9 @@ async def attend(session: HostSession, args: Any) -> int:
         print(f"\n{PROG}: stopped the guest" + ("s" if len(codes) > 1 else ""), file=sys.stderr)
         return 0
     for name, rc in codes.items():
+        if name not in session.machines:          # it left this host: live migration
+            print(f"{PROG}: {name} migrated to another host; this host has nothing left to run", file=sys.stderr)
+            continue
         print(f"{PROG}: {name} powered off (QEMU exit status {rc})", file=sys.stderr)
     return 0 if all(rc == 0 for rc in codes.values()) else 1
 

@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Sequence
 
 from . import demo, verifier
@@ -251,9 +252,11 @@ async def _run_session(args: argparse.Namespace, launch: Any, sanitizer: Sanitiz
                                     packages=args.packages, trace=spec.trace, integrity=args.integrity,
                                     sanitizer=sanitizer) as session:
             print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
+            from .tenant.migrate import broker_key_source
+            broker_key_source(session, launch)        # VMs may migrate here too (keys from the broker)
             return await attend(session, args)
     async with HostSession(_vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
-                           integrity=args.integrity, sanitizer=sanitizer) as session:
+                           integrity=args.integrity, sanitizer=sanitizer, name=args.host_name) as session:
         return await attend(session, args)
 
 
@@ -480,6 +483,81 @@ def _add_attach(sub: Any) -> None:
     at.set_defaults(func=lambda a: run_async(attach_qemu(a)))
 
 
+# ---------------------------------------------------------------------------------- hosts and migration
+
+
+async def host_start(args: argparse.Namespace) -> int:
+    """A host with no VM yet, named, taking incoming migrations with keys from the tenant's broker."""
+    from .tenant.launch import TenantLaunch
+    from .tenant.migrate import broker_key_source
+    from .tenant.store import TenantDir
+    ca = Path(args.tenant_ca) if args.tenant_ca else TenantDir().pki.ca
+    if not ca.is_file():
+        raise UsageError(f"tenant CA certificate {ca} does not exist (give --tenant-ca)")
+    async with HostSession([], keyid_bits=args.keyid_bits, packages=args.packages, name=args.name) as session:
+        broker_key_source(session, TenantLaunch(args.tenant_server, ca, key=args.tenant_key, host=args.name))
+        print(f"{PROG}: host {args.name} ready (pid {os.getpid()}); migrate VMs here with "
+              f"'{PROG} migrate VM --to {args.name}'; Ctrl-C stops it and its VMs", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    return 0
+
+
+async def migrate_vm(args: argparse.Namespace) -> int:
+    """Drive two running hosts: the destination attests and listens, the source streams over TLS."""
+    from .tenant.store import TenantDir
+    tls = Path(args.tls).absolute() if args.tls else None if args.insecure else TenantDir().pki.directory
+    src: dict[str, Any] = {"pid": args.pid, "host": args.source}
+    common = {"vm": args.vm_name, "tls": str(tls) if tls else None, "insecure": args.insecure}
+    d = await control.request("migrate-describe", **src, **common)
+    inc = await control.request("migrate-incoming", host=args.to, config=d["config"], tenant=d["tenant"],
+                                tls=common["tls"])
+    bar = ProgressBar(f"migrating {args.vm_name} to {args.to}")
+    try:
+        r = await control.request("migrate-send", progress=bar, port=inc["port"], dest_keyid=inc["keyid"],
+                                  **src, **common)
+        bar.close()
+        q = await control.request("migrate-finish", host=args.to, vm=args.vm_name, resume=d["running"])
+    except BaseException:
+        bar.close()
+        with contextlib.suppress(Exception):
+            await control.request("migrate-abort", host=args.to, vm=args.vm_name)
+        with contextlib.suppress(Exception):
+            await control.request("migrate-release", **src, vm=args.vm_name, done=False, resume=d["running"])
+        raise
+    await control.request("migrate-release", **src, vm=args.vm_name, done=True)
+    print(f"{args.vm_name}: on {args.to} with KeyID {q['keyid']} (was KeyID {d['keyid']}, now free); "
+          f"{r['transferred'] >> 20} MiB {'over TLS' if r['tls'] else 'IN THE CLEAR (--insecure)'} in "
+          f"{r['total_ms'] / 1000:.2f} s, downtime {r['downtime_ms']} ms, {r['mbps']:.0f} Mb/s")
+    return 0
+
+
+def _add_hosts(sub: Any) -> None:
+    """``host start NAME`` and ``migrate VM --to NAME``."""
+    h = sub.add_parser("host", help="an emulated host that takes incoming migrations")
+    h_sub = h.add_subparsers(dest="action", metavar="ACTION", required=True)
+    st = h_sub.add_parser("start", help="run host NAME in the foreground (no VM yet) until Ctrl-C",
+                          description="Start an emulated MKTME host that VMs migrate to: each incoming VM's key is "
+                                      "released by the tenant's broker after this host attests.")
+    st.add_argument("name", type=_vm_name, help="the host's name (its TPM state and the 'migrate --to' address)")
+    st.add_argument("--tenant-server", required=True, metavar="URL", help="the tenant's key broker")
+    st.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (default: the tenant directory's)")
+    st.add_argument("--tenant-key", default="vm", metavar="NAME", help="the memory key's name (default: vm)")
+    st.add_argument("--keyid-bits", type=_keyid_bits, default=6, metavar="N")
+    st.add_argument("--packages", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    st.set_defaults(func=lambda a: run_async(host_start(a)))
+    m = sub.add_parser("migrate", help="live-migrate a VM to another running host over TLS",
+                       description="Move a running VM to host NAME: the destination attests to the tenant's broker "
+                                   "and gets the key, picks its own KeyID, and QEMU's migration stream goes over TLS "
+                                   "(tls-creds-x509, both ends verified). On any failure the VM runs on here.")
+    m.add_argument("vm_name", metavar="VM")
+    m.add_argument("--to", required=True, metavar="NAME", help="the destination host ('host start NAME')")
+    m.add_argument("--from", dest="source", metavar="NAME", help="the source host's name (default: the only one / --pid)")
+    m.add_argument("--pid", type=int, help="the source host's process")
+    m.add_argument("--tls", metavar="DIR", help="QEMU TLS credentials directory (default: the tenant's PKI)")
+    m.add_argument("--insecure", action="store_true", help="migrate without TLS: guest RAM crosses in the clear")
+    m.set_defaults(func=lambda a: run_async(migrate_vm(a)))
+
+
 def _add_query(sub: Any) -> None:
     """``query``: ask a running host for its encryption state."""
     q = sub.add_parser("query", help="the encryption state of a running host and its VMs (JSON)",
@@ -589,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_attach(sub)
     _add_query(sub)
+    _add_hosts(sub)
     _add_dump(sub)
     _add_snapshot(sub)
     _add_demo(sub)

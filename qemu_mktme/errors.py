@@ -216,6 +216,10 @@ class SnapshotError(MktmeError):
     """A dump or snapshot cannot be written, read or restored."""
 
 
+class MigrationError(MktmeError):
+    """A live migration was refused or failed (the source VM runs on unharmed)."""
+
+
 class IntegrityError(SnapshotError):
     """Authentication or format check failed: tampered, truncated, reordered or wrong key."""
 

@@ -40,7 +40,9 @@ from .live.encrypted import EncryptedMachine
 from .live.launch import launch_machine
 from .qemu.devices import DiskSpec, NetSpec
 from .qemu.machine import Machine, MachineConfig, VmState, parse_size
+from .live.migrate import migrate, plain_migrate
 from .live.snapshot import restore_snapshot, save_snapshot
+from .tenant.pki import create_pki
 from .trace.tracer import Tracer
 
 NORMALISE: list[tuple[str, str, str]] = [
@@ -253,6 +255,30 @@ async def _drive_snapshot_restore(vm: Machine, emu: Emulation | None, run: Run) 
         _unlink(path)
 
 
+async def _drive_migrate(vm: Machine, emu: Emulation | None, run: Run) -> None:
+    """Counter to 30, live-migrated at count 8: plain QEMU into a fresh plain QEMU (no TLS); the
+    emulated VM over TLS (a throwaway CA) to a second host model, which picks its own KeyID."""
+    await vm.console.wait_for(r"^count 8\n", 120)
+    with tempfile.TemporaryDirectory(prefix="qemu-mktme-verify-") as tmp:
+        if emu is None or not isinstance(vm, EncryptedMachine):
+            moved, _ = await plain_migrate(vm, tls=None)
+        else:
+            await emu.touch(vm)
+            create_pki(tmp, client_cn="verify")
+            dest = Host(keyid_bits=6)
+            dest.keys.add("other", "type=cpu", tenant="other")     # the destination's KeyID 1 is taken
+            payload = emu.host.keys.payload(vm.key_serial, vm.tenant)
+            moved, result = await migrate(vm, dest, payload, tls=Path(tmp))
+            emu.notes.append(f"migrated at count 8 over TLS: KeyID {result.source_keyid} -> {result.dest_keyid} on a "
+                             f"second host, {result.transferred >> 20} MiB in {result.total_ms} ms, "
+                             f"downtime {result.downtime_ms} ms (destination not traced)")
+    before = vm.console.transcript
+    async with moved:
+        await moved.console.wait_for(r"workload counter exit=", 600)
+        run.exit_status = await moved.wait(120)
+        run.transcript = before + moved.console.transcript
+
+
 def _tmp_disk(name: str, mib: int) -> str:
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qemu-mktme-verify-{name}-{os.getpid()}.img")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -352,6 +378,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("debian-boot", "full Debian system (systemd) from its qcow2 disk to the login prompt, "
              "banner over virtio-net, logged in, hello, poweroff", "debian", lambda im: im.boot(), _drive_debian,
              timeout=1800, net=True),
+    Workload("linux-migrate", "counter live-migrated mid-run: plain QEMU vs TLS to a second emulated host", "linux",
+             lambda im: im.boot(workload="counter", params={"count": 30, "period": 0.1}), _drive_migrate),
 ]}
 
 

@@ -28,6 +28,7 @@ BENCHES: list[tuple[str, str, tuple[str, float] | None]] = [
     ("dma", "vhost-user-blk sequential read through the IOMMU model / model bypassed", (">=", 0.8)),
     ("attest", "attested launch / launch with local key files, bare-metal guest", ("<=", 1.5)),
     ("sanitizer", "Linux boot + checksum with shim + sanitizer / shim alone", ("<=", 1.2)),
+    ("migrate", "TLS live migration, emulated + attestation + key / plain QEMU", ("<=", 1.2)),
 ]
 
 

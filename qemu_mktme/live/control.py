@@ -43,9 +43,10 @@ def control_dir() -> Path:
 class ControlServer:
     """Serves ``handlers`` (name -> async callable taking the request) on ``<dir>/<pid>.sock``."""
 
-    def __init__(self, handlers: dict[str, Handler], path: Path | None = None) -> None:
+    def __init__(self, handlers: dict[str, Handler], path: Path | None = None, name: str | None = None) -> None:
         self.handlers = handlers
         self.path = path or control_dir() / f"{os.getpid()}.sock"
+        self.name = name                  # the host's name: ``<pid>.name`` beside the socket
         self._server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> "ControlServer":
@@ -53,6 +54,10 @@ class ControlServer:
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST)
         os.chmod(self.path, 0o600)
+        if self.name:
+            tmp = self.path.with_suffix(".name.tmp")
+            tmp.write_text(self.name)
+            os.replace(tmp, self.path.with_suffix(".name"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -62,8 +67,9 @@ class ControlServer:
                 await self._server.wait_closed()
             except Exception as err:  # noqa: BLE001  the socket goes away below either way
                 log.warning("control socket %s: closing: %s", self.path, err)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self.path.with_suffix(".name")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -74,6 +80,8 @@ class ControlServer:
                 writer.write(json.dumps(answer, default=str).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        except asyncio.CancelledError:    # the host is stopping with a client still connected
             pass
         finally:
             writer.close()
@@ -99,22 +107,34 @@ def running_hosts() -> list[Path]:
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             out.append(sock)
         else:
-            with contextlib.suppress(OSError):
-                sock.unlink()
+            for path in (sock, sock.with_suffix(".name")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
     return out
 
 
-async def request(cmd: str, *, pid: int | None = None, timeout: float = 600.0,
+def host_name(sock: Path) -> str | None:
+    """The name a running host was given (``run --host-name``, ``host start NAME``), if any."""
+    try:
+        return sock.with_suffix(".name").read_text()
+    except OSError:
+        return None
+
+
+async def request(cmd: str, *, pid: int | None = None, host: str | None = None, timeout: float = 600.0,
                   progress: Callable[[int, int], None] | None = None, **args: Any) -> Any:
-    """Send one command to a running host (the only one, or ``pid``'s); its result.
+    """Send one command to a running host (the only one, ``pid``'s, or the one named ``host``); its result.
 
     ``AttachError`` when there is no such host or it answers with an error.
     """
     socks = running_hosts()
     if pid is not None:
         socks = [s for s in socks if s.stem == str(pid)]
+    if host is not None:
+        socks = [s for s in socks if host_name(s) == host]
     if not socks:
-        raise AttachError("no running 'qemu-mktme run' found" + (f" with pid {pid}" if pid else ""))
+        raise AttachError("no running 'qemu-mktme run' found" + (f" with pid {pid}" if pid else "")
+                          + (f" named {host!r}" if host else ""))
     if len(socks) > 1:
         raise AttachError(f"{len(socks)} hosts are running (pids {', '.join(s.stem for s in socks)}); choose one with --pid")
     try:

@@ -13,11 +13,13 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..errors import KeyServiceError
+from ..errors import KeyServiceError, MigrationError
 from ..files import Progress
 from ..files.dumpfile import Dump
 from ..host.host import Host
@@ -29,6 +31,8 @@ from .capture import capture
 from .control import ControlServer, Handler
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
+from .migrate import (Incoming, MigrateProgress, MigrationResult, check_migratable, check_tls_dir, config_from_json,
+                      carry_on, config_to_json, migrate, result_of, send)
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -45,12 +49,17 @@ class VmSpec:
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
 
 
+KeySource = Callable[[MachineConfig, str], Awaitable[Payload]]
+"""key_source(config, tenant) -> the key of an incoming VM, obtained by this host (attestation)."""
+
+
 class HostSession:
     """``async with HostSession(specs, keyid_bits=6) as s:`` runs every VM, serves control requests."""
 
     def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
                  control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None,
-                 attestation: dict[str, Any] | None = None) -> None:
+                 attestation: dict[str, Any] | None = None, name: str | None = None,
+                 key_source: KeySource | None = None) -> None:
         names = [s.config.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
@@ -58,11 +67,18 @@ class HostSession:
         self.host = Host(keyid_bits=keyid_bits, packages=packages, integrity=integrity, sanitizer=sanitizer)
         self.machines: dict[str, Machine] = {}
         self.tracers: dict[str, Tracer] = {}
+        self.name = name
+        self.key_source = key_source       # how an incoming VM's key reaches this host (tenant layer)
+        self.identity: Any = None          # the host's attested identity while it runs (tenant layer)
         self.handlers: dict[str, Handler] = {
-            "query": self._query, "dump": self._dump, "snapshot-save": self._save}
+            "query": self._query, "dump": self._dump, "snapshot-save": self._save,
+            "migrate-describe": self._migrate_describe, "migrate-incoming": self._migrate_incoming,
+            "migrate-send": self._migrate_send, "migrate-finish": self._migrate_finish,
+            "migrate-abort": self._migrate_abort, "migrate-release": self._migrate_release}
+        self._incoming: dict[str, Incoming] = {}
         self._serials: list[tuple[int, str]] = []
         self.attestation = attestation     # how the keys were obtained (tenant/launch.py), for query
-        self._control = ControlServer(self.handlers) if control else None
+        self._control = ControlServer(self.handlers, name=name) if control else None
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> "HostSession":
@@ -144,6 +160,46 @@ class HostSession:
             raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
         return await save_snapshot(vm, path, kek, progress=progress)
 
+    async def migrate(self, name: str, dest: "HostSession", payload: Payload | str | Awaitable[Payload], *, tls: Any,
+                      insecure: bool = False, dest_tls: Any = None, progress: MigrateProgress | None = None,
+                      via: Callable[[int], int] | None = None) -> MigrationResult:
+        """Live-migrate VM ``name`` to the host of session ``dest`` (see :mod:`.migrate`): on success
+        it runs there under a KeyID ``dest`` chose, and its key and KeyID here are released."""
+        vm = self.machines.get(name)
+        if vm is None:
+            raise MigrationError(f"no VM named {name!r} (have: {', '.join(self.machines) or 'none'})")
+        if not isinstance(vm, EncryptedMachine):
+            raise MigrationError(f"{name} does not run under MKTME; migrate it with plain QEMU")
+        if name in dest.machines:
+            raise MigrationError(f"the destination already runs a VM named {name!r}")
+        target, result = await migrate(vm, dest.host, payload, tls=tls, insecure=insecure, dest_tls=dest_tls,
+                                       progress=progress, via=via)
+        self._gone(vm)
+        await dest.adopt(target)
+        return result
+
+    def _gone(self, vm: EncryptedMachine) -> None:
+        """``vm`` left this host: forget it, and revoke its key unless another VM here uses it."""
+        self.machines.pop(vm.name, None)
+        self.tracers.pop(vm.name, None)
+        entry = (vm.key_serial, vm.tenant)
+        if entry in self._serials and not any(isinstance(m, EncryptedMachine) and m.key_serial == vm.key_serial
+                                              for m in self.machines.values()):
+            self._serials.remove(entry)
+            try:
+                self.host.keys.revoke(vm.key_serial, tenant=vm.tenant)
+            except KeyServiceError as err:
+                log.warning("revoking key %#x of tenant %s: %s", vm.key_serial, vm.tenant, err)
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` when the session ends (after its VMs are gone)."""
+        self._stack.callback(callback)
+
+    async def adopt(self, vm: Machine) -> None:
+        """Run ``vm`` (launched, bound to this host) until the session ends."""
+        await self._stack.enter_async_context(vm)
+        self.machines[vm.name] = vm
+
     async def dump(self, path: str | os.PathLike[str], vms: Sequence[str] = (),
                    progress: Progress | None = None) -> Dump:
         """A consistent DRAM dump of ``vms`` (default: every VM under MKTME) at ``path``."""
@@ -160,6 +216,9 @@ class HostSession:
         return await capture([vm for vm in chosen if isinstance(vm, EncryptedMachine)], path, info, progress)
 
     async def __aexit__(self, *exc: object) -> None:
+        for incoming in list(self._incoming.values()):
+            await incoming.abort()
+        self._incoming.clear()
         try:
             await self._stack.aclose()
         finally:
@@ -209,3 +268,78 @@ class HostSession:
             raise ValueError("snapshot-save needs the key-encryption key (64 hex digits)") from None
         result = await self.save(request.get("vm"), request["path"], kek, progress)
         return dataclasses.asdict(result)
+
+    # ------------------------------------------------------------------ migration between processes
+    # ``qemu-mktme migrate`` drives two hosts: describe (source) -> incoming (destination: attest,
+    # key, bound QEMU listening) -> send (source, progress lines) -> finish or abort (destination)
+    # -> release (source: closed once the destination runs, else resumed).
+
+    def _encrypted(self, name: Any) -> EncryptedMachine:
+        vm = self.machines.get(str(name))
+        if vm is None:
+            raise MigrationError(f"no VM named {name!r} (have: {', '.join(self.machines) or 'none'})")
+        if not isinstance(vm, EncryptedMachine):
+            raise MigrationError(f"{name} does not run under MKTME; migrate it with plain QEMU")
+        return vm
+
+    async def _migrate_describe(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        vm = self._encrypted(request.get("vm"))
+        tls = Path(request["tls"]) if request.get("tls") else None
+        check_migratable(vm, tls, bool(request.get("insecure")))
+        return {"config": config_to_json(vm.config), "tenant": vm.tenant, "keyid": vm.keyid,
+                "running": vm.state.value == "running"}
+
+    async def _migrate_incoming(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        config = config_from_json(request["config"])
+        if config.name in self.machines or config.name in self._incoming:
+            raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
+        if self.key_source is None:
+            raise MigrationError(f"host {self.name or os.getpid()} has no way to obtain the tenant's key: start it "
+                                 "with --tenant-server (the key is released only to an attested host)")
+        tls = Path(request["tls"]) if request.get("tls") else None
+        if tls is not None:
+            check_tls_dir(tls)
+        payload = await self.key_source(config, request["tenant"])
+        incoming = await Incoming.start(self.host, config, payload, tenant=request["tenant"], tls=tls)
+        self._incoming[config.name] = incoming
+        return {"port": incoming.port, "keyid": incoming.machine.keyid}
+
+    async def _migrate_send(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        vm = self._encrypted(request.get("vm"))
+        tls = Path(request["tls"]) if request.get("tls") else None
+        check_migratable(vm, tls, bool(request.get("insecure")))
+        started = time.monotonic()
+
+        def bar(info: dict[str, Any]) -> None:
+            ram = info.get("ram")
+            if progress is not None and ram:
+                progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)) or 1)
+        info = await send(vm, int(request["port"]), tls=tls, progress=bar)
+        result = result_of(info, time.monotonic() - started, vm.keyid, int(request.get("dest_keyid", -1)),
+                           tls is not None)
+        return dataclasses.asdict(result)      # the VM stays here (paused) until migrate-release
+
+    async def _migrate_release(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        """After the destination runs the VM (``done``): close it here, freeing its KeyID; else
+        (the destination failed after the stream completed) run it here again."""
+        vm = self._encrypted(request.get("vm"))
+        if request.get("done"):
+            await vm.close()              # unbinds: this host's KeyID is free again
+            self._gone(vm)
+            return {"released": vm.name}
+        await carry_on(vm, bool(request.get("resume", True)))
+        return {"resumed": vm.name}
+
+    async def _migrate_finish(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        incoming = self._incoming.pop(str(request.get("vm")), None)
+        if incoming is None:
+            raise MigrationError(f"no incoming migration of VM {request.get('vm')!r} here")
+        vm = await incoming.finish(resume=bool(request.get("resume", True)))
+        await self.adopt(vm)
+        return vm.query()
+
+    async def _migrate_abort(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+        incoming = self._incoming.pop(str(request.get("vm")), None)
+        if incoming is not None:
+            await incoming.abort()
+        return {"aborted": incoming is not None}

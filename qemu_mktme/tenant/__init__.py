@@ -14,6 +14,7 @@ the image encrypted at rest (issue 14; the KVM Forum 2018 "tenant's key" use cas
     image      LUKS-in-qcow2 images and their signed manifests
     admin      the tenant's operations: add keys, record reference values, encrypt images
     launch     an attested launch: measure, attest, release, start the VM
+    migrate    an attested migration: the destination attests and gets the key, then live migration
     command    the tenant's commands and run's --tenant-server options (parsers, thin)
     story      ``demo --tenant``
 

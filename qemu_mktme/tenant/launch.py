@@ -70,17 +70,19 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
     if config.boot is None:
         raise TenantError("an attested launch needs a guest to boot")
     with contextlib.ExitStack() as stack:
-        spec, attestation = await asyncio.to_thread(_prepare, launch, config, stack, tenant=tenant,
-                                                    keyid_bits=keyid_bits, packages=packages, trace=trace)
+        spec, attestation, host = await asyncio.to_thread(_prepare, launch, config, stack, tenant=tenant,
+                                                          keyid_bits=keyid_bits, packages=packages, trace=trace)
         t2 = time.monotonic()
         async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
-                               attestation=attestation, integrity=integrity, sanitizer=sanitizer) as session:
+                               attestation=attestation, integrity=integrity, sanitizer=sanitizer,
+                               name=launch.host) as session:
             launch.timings["launch"] = time.monotonic() - t2      # QEMU started, LUKS opened, guest running
+            session.identity = host        # its TPM runs on: an incoming migration attests with it
             yield session
 
 
 def _prepare(launch: TenantLaunch, config: MachineConfig, stack: contextlib.ExitStack, *, tenant: str,
-             keyid_bits: int, packages: int, trace: bool) -> tuple[VmSpec, dict[str, Any]]:
+             keyid_bits: int, packages: int, trace: bool) -> tuple[VmSpec, dict[str, Any], AttestedHost]:
     """Boot the host (measured launch), attest, unwrap the keys: the VM to start and what to show."""
     assert config.boot is not None
     timings = launch.timings
@@ -128,4 +130,4 @@ def _prepare(launch: TenantLaunch, config: MachineConfig, stack: contextlib.Exit
                           f"tenant key {verified.disk_key!r} released to the TPM")
     attestation: dict[str, Any] = {**host.describe(), "key_origin": origin}
     cfg = dataclasses.replace(config, disks=disks, pass_fds=pass_fds)
-    return VmSpec(cfg, tenant, payload, trace=trace), attestation
+    return VmSpec(cfg, tenant, payload, trace=trace), attestation, host

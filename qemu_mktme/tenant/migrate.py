@@ -1,0 +1,105 @@
+"""An attested migration: the destination host attests to the tenant's broker and receives the
+VM's memory key before a single byte of guest RAM moves (issue 15).
+
+    result = await attested_migration(src, "vm1", dst, TenantLaunch(url, ca, host="h2"), tls=pki)
+
+The destination's measured launch (its QEMU, shim, platform configuration and the VM's boot files)
+is quoted by its own TPM; the broker releases the key wrapped to that TPM; the unwrapped key goes
+straight into the destination's ``mktme`` key service, which picks its own KeyID. A destination the
+broker refuses gets no key and no QEMU is started there: the source never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MigrationError, TenantError
+from ..host.payload import Payload
+from ..live.migrate import MigrateProgress, MigrationResult
+from ..live.session import HostSession
+from ..qemu.machine import MachineConfig
+from .broker import BrokerClient
+from .hostid import AttestedHost
+from .launch import TenantLaunch, memory_payload
+from .measure import measured_set
+
+
+async def attested_migration(source: HostSession, name: str, dest: HostSession, launch: TenantLaunch, *,
+                             tls: Path | None, insecure: bool = False, dest_tls: Path | None = None,
+                             progress: MigrateProgress | None = None,
+                             via: Callable[[int], int] | None = None) -> MigrationResult:
+    """Attest ``launch.host`` (the destination), get key ``launch.key`` released to it, then migrate
+    VM ``name`` from ``source`` to ``dest`` with that key. Raises ``AttestationError`` (nothing
+    started, the source untouched) or ``MigrationError``."""
+    vm = source.machines.get(name)
+    if vm is None:
+        raise MigrationError(f"no VM named {name!r} (have: {', '.join(source.machines) or 'none'})")
+    if tls is None and not insecure:     # refuse before the broker releases anything
+        raise MigrationError(f"{name}: refusing to migrate an encrypted VM without TLS: QEMU's migration "
+                             "stream carries guest RAM in the clear (give TLS credentials, or --insecure)")
+    # the destination attests while its QEMU starts; it binds (and the stream starts) only once
+    # the broker released the key
+    key = asyncio.ensure_future(_key_for(dest, launch, vm.config))
+    try:
+        return await source.migrate(name, dest, key, tls=tls, insecure=insecure, dest_tls=dest_tls,
+                                    progress=progress, via=via)
+    finally:
+        if not key.done():
+            key.cancel()
+        elif not key.cancelled() and key.exception() is not None:
+            key.exception()                      # retrieved: raised above through the launch
+
+
+def broker_key_source(session: HostSession, launch: TenantLaunch) -> None:
+    """Let ``session`` (a host started with ``host start NAME --tenant-server URL``) take incoming
+    VMs: each one's key is released by the broker after this host attests for that VM's boot."""
+    async def source(config: MachineConfig, tenant: str) -> Payload:
+        return await _key_for(session, launch, config)
+    session.key_source = source
+
+
+async def _key_for(dest: HostSession, launch: TenantLaunch, config: MachineConfig) -> Payload:
+    """The destination's key: its running TPM attests again (fresh nonce), or its measured launch
+    happens now, and the TPM stays up for as long as the host runs."""
+    own = dest.identity if isinstance(dest.identity, AttestedHost) and dest.identity.name == launch.host else None
+    host = own or AttestedHost(launch.host, launch.host_dir)
+    layout = dest.host.platform.layout
+    try:
+        payload, attestation = await asyncio.to_thread(_attest, host, launch, config, boot=own is None,
+                                                       keyid_bits=layout.keyid_bits,
+                                                       packages=dest.host.platform.packages)
+    except BaseException:
+        if own is None:
+            host.close()
+        raise
+    if own is None:
+        dest.identity = host
+        dest.on_close(host.close)
+    dest.attestation = attestation
+    return payload
+
+
+def _attest(host: AttestedHost, launch: TenantLaunch, config: MachineConfig, *, boot: bool, keyid_bits: int,
+            packages: int) -> tuple[Payload, dict[str, Any]]:
+    """The destination's measured launch and attestation; its memory key and what query shows."""
+    if config.boot is None:
+        raise TenantError("the VM has no boot record to measure on the destination")
+    t0 = time.monotonic()
+    client = BrokerClient(launch.url, launch.ca)
+    try:
+        if boot:
+            host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
+        keys = host.fetch(client, [launch.key])
+        payload = memory_payload(keys.pop(launch.key))
+        keys.clear()
+        launch.timings["released"] = time.monotonic() - t0
+        attestation: dict[str, Any] = {**host.describe(), "key_origin": {
+            "memory": f"tenant key {launch.key!r} released by {launch.url} to host {launch.host}'s TPM "
+                      "for an incoming migration"}}
+        return payload, attestation
+    finally:
+        client.close()
