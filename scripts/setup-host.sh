@@ -23,7 +23,6 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3
 [ -f /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"
 # The tenant's side (issue 14): each emulated host's TPM, and what tpm2-pytss builds against.
 need swtpm swtpm
-need qemu-img qemu-utils
 need pkg-config pkg-config
 pkg-config --exists tss2-esys tss2-tctildr 2>/dev/null || missing="$missing libtss2-dev"
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
