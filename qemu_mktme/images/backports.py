@@ -16,14 +16,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError
 from ..files.cache import cache_root
-from .catalog import _locked
+from .catalog import _locked, staged_entry
 from .tools import Say, run_tool, sha256_file
 
 
@@ -82,22 +81,9 @@ def fetch(name: str = "qemu10", *, cache: Path | None = None, force: bool = Fals
                 return qemu_path(name, cache=root)
             except ImageError:
                 pass
-        parent = root / "qemu"
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
-        try:
+        with staged_entry(root / "qemu", name) as work:
             manifest = _unpack(release, work, say)
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            os.chmod(work, 0o755)
-            final = parent / name
-            if final.exists():
-                stale = parent / f".{name}-old-{os.getpid()}"
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
     return qemu_path(name, cache=root)
 
 

@@ -191,6 +191,27 @@ def is_current(name: str, *, cache: Path | None = None) -> bool:
     return image.manifest.get("recipe_sha256") == RECIPES[name].digest()
 
 
+@contextlib.contextmanager
+def staged_entry(parent: Path, name: str) -> Iterator[Path]:
+    """A private work directory in ``parent``; when the block completes it becomes ``parent/name``
+    (0755), replacing an older entry in one rename; on any failure it is removed. Callers hold
+    the cache lock (:func:`_locked`)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+    try:
+        yield work
+        os.chmod(work, 0o755)
+        final = parent / name
+        if final.exists():
+            stale = parent / f".{name}-old-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
 def build(name: str, *, cache: Path | None = None, force: bool = False,
           progress: Say | None = None) -> Image:
     """Build ``name`` unless an intact image of the current recipe exists (or ``force``)."""
@@ -203,10 +224,8 @@ def build(name: str, *, cache: Path | None = None, force: bool = False,
     with _locked(root):
         if not force and is_current(name, cache=root):
             return load(name, cache=root)
-        images.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=images))
-        try:
+        with staged_entry(images, name) as work:
             fields = recipe.build(work, root, say)
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -218,16 +237,7 @@ def build(name: str, *, cache: Path | None = None, force: bool = False,
                 "artifacts": {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file()},
             }
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            os.chmod(work, 0o755)
-            final = images / name
-            if final.exists():
-                stale = images / f".{name}-old-{os.getpid()}"
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(work, final)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+        final = images / name
         say(f"built {name} in {time.monotonic() - started:.1f} s into {final}")
         return load(name, cache=root)
 
