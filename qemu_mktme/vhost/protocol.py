@@ -312,11 +312,7 @@ class Server:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        self._stop_listening()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -324,6 +320,9 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
