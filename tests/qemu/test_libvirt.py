@@ -112,9 +112,11 @@ def test_attach_to_a_domain_virsh_started(libvirtd):
                                    "--no-input"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + patience(30)
-        while (r := qm("query", "--pid", str(attach.pid), timeout=10)).returncode != 0:
+        # the host's control socket answers as soon as it listens, before the VM is bound
+        while (r := qm("query", "--pid", str(attach.pid), timeout=10)).returncode != 0 \
+                or "lv" not in json.loads(r.stdout).get("guests", {}):
             assert attach.poll() is None, attach.stderr.read()
-            assert time.monotonic() < deadline, r.stderr
+            assert time.monotonic() < deadline, r.stderr or r.stdout
             time.sleep(0.2)
         guest = json.loads(r.stdout)["guests"]["lv"]
         assert guest["tenant"] == "acme" and guest["key-type"] == "cpu" and guest["keyid"] >= 1
