@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from ..errors import MktmeError, QemuError
@@ -195,6 +195,28 @@ class EncryptedMachine(Machine):
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
         return {**self.guest.query(), "pid": self.pid, "state": self.state.value}
+
+
+class PendingKeyMachine(EncryptedMachine):
+    """A machine whose key is still on its way (the host attests for it while QEMU starts): QEMU
+    starts paused and binds once ``key`` (the key handle, once it is in the key service) is
+    there, still before a vCPU runs. ``spawned(pid)`` runs as soon as QEMU was exec'd (a measured
+    launch hashes the binary that really runs). The key goes with the machine."""
+
+    def __init__(self, host: Host, config: MachineConfig, *, key: Awaitable[int], tenant: str,
+                 iommu_keyid: int | None = None, spawned: Callable[[int], object] | None = None) -> None:
+        super().__init__(host, config, key_serial=-1, tenant=tenant, iommu_keyid=iommu_keyid)
+        self._key = key
+        self._on_spawn = spawned
+
+    def _spawned(self) -> None:
+        if self._on_spawn is not None and self.pid is not None:
+            self._on_spawn(self.pid)
+
+    async def _bind(self) -> None:
+        self.key_serial = await self._key
+        self._revoke_key = True                  # the key was added for this VM: it goes with it
+        await super()._bind()
 
 
 def shim_hint(qemu: QemuBinary) -> str:

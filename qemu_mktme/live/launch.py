@@ -13,8 +13,10 @@ migration.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from ..qemu.machine import Machine, MachineConfig
@@ -44,6 +46,26 @@ async def launch_machine(config: MachineConfig, *, tracer: Tracer | None = None,
         await vm.close()
         raise
     return vm
+
+
+async def launch_with_key(config: MachineConfig, key: Awaitable[int], release: Callable[[int], object], *,
+                          machine: Callable[[MachineConfig, "asyncio.Future[int]"], M],
+                          tracer: Tracer | None = None) -> M:
+    """``machine(config, key)`` launched while its key handle is still on its way (a
+    :class:`~.encrypted.PendingKeyMachine` binds once it arrives). When the launch fails the
+    key is not left behind: still pending, it is cancelled; arrived but never bound, ``release``d."""
+    keyed = asyncio.ensure_future(key)
+    try:
+        return await launch_machine(config, tracer=tracer, machine=lambda cfg: machine(cfg, keyed))
+    except BaseException:
+        if not keyed.done():               # QEMU failed first: the key never arrives here
+            keyed.cancel()
+            with contextlib.suppress(BaseException):
+                await keyed
+        elif not keyed.cancelled() and keyed.exception() is None:
+            with contextlib.suppress(Exception):      # (already gone if the machine had bound)
+                release(keyed.result())
+        raise
 
 
 async def trace(vm: Machine, tracer: Tracer) -> None:

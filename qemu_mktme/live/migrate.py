@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,8 +38,8 @@ from ..host.host import Host
 from ..host.payload import Payload
 from ..qemu.boot import BootSpec
 from ..qemu.machine import Machine, MachineConfig, VmState
-from .encrypted import EncryptedMachine
-from .launch import launch_machine
+from .encrypted import EncryptedMachine, PendingKeyMachine
+from .launch import launch_with_key
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +95,6 @@ def check_tls_dir(pki: Path) -> Path:
     return pki
 
 
-class _IncomingMachine(EncryptedMachine):
-    """A destination QEMU that starts while the key is still on its way (the destination's
-    attestation runs beside QEMU's start): it binds once the key is in the key service, still
-    before its vCPUs run and before a byte of the stream is accepted."""
-
-    def __init__(self, host: Host, config: MachineConfig, *, key: Awaitable[int], tenant: str) -> None:
-        super().__init__(host, config, key_serial=-1, tenant=tenant)
-        self._key = key
-
-    async def _bind(self) -> None:
-        self.key_serial = await self._key
-        self._revoke_key = True                  # the key was added for this VM: it goes with it
-        await super()._bind()
-
-
 class Incoming:
     """The destination side: a bound, paused QEMU waiting for the stream on a port it chose.
 
@@ -136,19 +120,8 @@ class Incoming:
             except MktmeError as err:
                 raise MigrationError(f"{config.name}: the destination host cannot take the key: {err}") from None
         config = dataclasses.replace(config, incoming=True, start_paused=True, plugins=())
-        keyed = asyncio.ensure_future(key_serial())
-        try:
-            target = await launch_machine(config, machine=functools.partial(
-                _IncomingMachine, dest, key=keyed, tenant=tenant))
-        except BaseException:
-            if not keyed.done():               # QEMU failed first: the key never arrives here
-                keyed.cancel()
-                with contextlib.suppress(BaseException):
-                    await keyed
-            elif not keyed.cancelled() and keyed.exception() is None:
-                with contextlib.suppress(MktmeError):     # (already gone if the machine had bound)
-                    dest.keys.revoke(keyed.result(), tenant=tenant)
-            raise
+        target = await launch_with_key(config, key_serial(), lambda serial: dest.keys.revoke(serial, tenant=tenant),
+                                       machine=lambda cfg, key: PendingKeyMachine(dest, cfg, key=key, tenant=tenant))
         try:
             await _prepare(target, tls, "server")
             await target.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})

@@ -29,8 +29,8 @@ from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .capture import capture
 from .control import ControlServer, Handler
-from .encrypted import EncryptedMachine
-from .launch import launch_machine
+from .encrypted import EncryptedMachine, PendingKeyMachine
+from .launch import launch_machine, launch_with_key
 from .migrate import (Incoming, MigrateProgress, MigrationResult, check_migratable, check_tls_dir, config_from_json,
                       carry_on, config_to_json, migrate, result_of, send)
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
@@ -40,13 +40,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class VmSpec:
-    """One VM to run: its machine, its tenant and its ``mktme`` payload (None: no MKTME)."""
+    """One VM to run: its machine, its tenant and its ``mktme`` payload (None: no MKTME).
+
+    The payload may still be on its way (an awaitable: the host attests for it): QEMU then starts
+    paused beside it and binds once it arrived, before any vCPU runs (``spawned(pid)`` is called
+    as soon as QEMU was exec'd)."""
 
     config: MachineConfig
     tenant: str = "default"
-    payload: str | Payload | None = "type=cpu"
+    payload: str | Payload | Awaitable[Payload] | None = "type=cpu"
     trace: bool = False                    # load the TCG plugin shim and attribute every access
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
+    spawned: Callable[[int], object] | None = None
 
 
 KeySource = Callable[[MachineConfig, str], Awaitable[Payload]]
@@ -95,19 +100,37 @@ class HostSession:
     async def _start(self, spec: VmSpec) -> None:
         name = spec.config.name
         tracer = await self._stack.enter_async_context(Tracer()) if spec.trace else None
-        machine: Callable[[MachineConfig], Machine] = Machine
-        if spec.payload is not None:
-            try:
-                serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
-            except KeyServiceError as err:
-                raise self._key_error(name, err) from None
-            self._serials.append((serial, spec.tenant))
-            machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant,
-                                        iommu_keyid=spec.iommu_keyid)
-        vm = await self._stack.enter_async_context(await launch_machine(spec.config, tracer=tracer, machine=machine))
-        self.machines[name] = vm
+        if spec.payload is not None and not isinstance(spec.payload, (str, Payload)):
+            vm = await self._launch_pending(spec, spec.payload, tracer)
+        else:
+            machine: Callable[[MachineConfig], Machine] = Machine
+            if spec.payload is not None:
+                try:
+                    serial = self.host.keys.add(f"{spec.tenant}:{name}", spec.payload, tenant=spec.tenant)
+                except KeyServiceError as err:
+                    raise self._key_error(name, err) from None
+                self._serials.append((serial, spec.tenant))
+                machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant,
+                                            iommu_keyid=spec.iommu_keyid)
+            vm = await launch_machine(spec.config, tracer=tracer, machine=machine)
+        self.machines[name] = await self._stack.enter_async_context(vm)
         if tracer is not None:
             self.tracers[name] = tracer
+
+    async def _launch_pending(self, spec: VmSpec, payload: Awaitable[Payload], tracer: Tracer | None) -> Machine:
+        """QEMU started paused while ``payload`` is on its way; bound once it is in the key service."""
+        name, tenant = spec.config.name, spec.tenant
+
+        async def key() -> int:
+            got = await payload
+            try:
+                return self.host.keys.add(f"{tenant}:{name}", got, tenant=tenant)
+            except KeyServiceError as err:
+                raise self._key_error(name, err) from None
+        return await launch_with_key(spec.config, key(), lambda serial: self.host.keys.revoke(serial, tenant=tenant),
+                                     tracer=tracer, machine=lambda cfg, k: PendingKeyMachine(
+                                         self.host, cfg, key=k, tenant=tenant, iommu_keyid=spec.iommu_keyid,
+                                         spawned=spec.spawned))
 
     def _key_error(self, name: str, err: KeyServiceError) -> KeyServiceError:
         """``err`` naming the VM, and for KeyID exhaustion how to get more KeyIDs."""

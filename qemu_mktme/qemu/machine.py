@@ -298,6 +298,9 @@ class Machine:
     async def _bind(self) -> None:
         """Hook for subclasses: runs after RAM is mapped, while the vCPUs are still held."""
 
+    def _spawned(self) -> None:
+        """Hook for subclasses: QEMU was just exec'd (``pid`` is known), nothing else is set up yet."""
+
     async def _launch(self) -> None:
         cfg = self.config
         if cfg.boot is None and not cfg.incoming:
@@ -338,6 +341,7 @@ class Machine:
             if append_fd is not None:
                 os.close(append_fd)
         self._pid = self._res.pid = self._proc.pid
+        self._spawned()
         assert self._proc.stdout is not None
         self._tasks.append(asyncio.create_task(self._pump_stderr(self._proc.stdout), name=f"{self.name}-stderr"))
         deadline = time.monotonic() + cfg.launch_timeout

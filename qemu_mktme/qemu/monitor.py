@@ -55,6 +55,15 @@ class Monitor:
             raise QemuExited(f"passing a file descriptor to QEMU failed: {err}") from err
         await self.execute("getfd", {"fdname": name})
 
+    async def add_fd(self, fd: int, fdset: int) -> None:
+        """Put a duplicate of ``fd`` (SCM_RIGHTS + ``add-fd``) into QEMU's fd set ``fdset``: QEMU
+        then opens ``/dev/fdset/N`` as that very open file. The caller keeps its own copy."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as err:
+            raise QemuExited(f"passing a file descriptor to QEMU failed: {err}") from err
+        await self.execute("add-fd", {"fdset-id": fdset})
+
     async def hmp(self, command_line: str) -> str:
         """An HMP command through QMP (``info mtree -f``, ``info registers``, ...)."""
         return str(await self.execute("human-monitor-command", {"command-line": command_line}))

@@ -3,7 +3,7 @@
 Our component (small; no library does this flow). One HTTPS endpoint (the tenant's server
 certificate), JSON in and out:
 
-    POST /v1/nonce     {}                                   -> {"nonce": HEX, "manifest_key": HEX}
+    POST /v1/nonce     {"keys": [NAME...]} (optional)       -> {"nonce": HEX, "manifest_key": HEX}
     POST /v1/manifest-key {}                                -> {"key": HEX}  (image manifests' Ed25519 key)
     POST /v1/release   {"nonce", "ak_public", "quote", "binding", "eventlog", "keys": [NAME...]}
                        -> {"keys": {NAME: SEALED}, "host": NAME}   or 403 {"error": "why"}
@@ -13,8 +13,11 @@ was issued here, is fresh and unused (one use, even when refused); the AK is enr
 tenant's policy; the quote's signature, type and nonce; the event log replays to the quoted
 PCR digest (else it is forged); the events match the reference values (PCR and event that
 differ); the binding key is certified by the same AK for the same nonce and fixed to its TPM.
-Only then are the keys fetched from the KMIP server (as the tenant) and each sealed to the
-binding key (:func:`.attest.seal_to`): plaintext keys exist only in the broker's memory.
+Only then are the keys sealed to the binding key (:func:`.attest.seal_to`): plaintext keys exist
+only in the broker's memory. A nonce request may name the keys the host will ask for: the broker
+then fetches them from the KMIP server (as the tenant) while the host measures itself and quotes,
+and keeps them in its memory for that nonce only (dropped with it: used, refused or expired;
+re-fetched when older than :data:`PREFETCH_MAX_AGE`). The decision is the same either way.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import http.client
 import socket
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -45,6 +49,10 @@ NONCE_LIFETIME = 60.0
 MAX_NONCES = 4096
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 15.0
+PREFETCH_MAX_AGE = 10.0
+"""Seconds a key fetched at nonce time may wait for its release (else it is fetched again)."""
+MAX_PREFETCH = 8
+"""Nonces with keys fetched ahead at a time (a flood of nonce requests cannot make it fetch more)."""
 
 
 class Broker:
@@ -54,10 +62,13 @@ class Broker:
         self.tenant = tenant
         self.kmip = kmip
         self._nonces: dict[bytes, float] = {}
+        self._prefetch: dict[bytes, tuple[tuple[str, ...], Future[list[bytes]]]] = {}
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="kmip-prefetch")
         self._lock = threading.Lock()
         self._log = logger or (lambda m: log.info("%s", m))
 
-    def nonce(self) -> bytes:
+    def nonce(self, keys: list[str] | None = None) -> bytes:
+        """A fresh nonce; ``keys``: names the host will ask for, fetched from KMIP from now on."""
         n = os.urandom(32)
         now = time.monotonic()
         with self._lock:
@@ -65,23 +76,50 @@ class Broker:
             while len(self._nonces) >= MAX_NONCES:            # a flood of requests: oldest first out
                 del self._nonces[next(iter(self._nonces))]
             self._nonces[n] = now
+            for gone in [k for k in self._prefetch if k not in self._nonces]:
+                _drop(self._prefetch.pop(gone))
+            if keys and len(self._prefetch) < MAX_PREFETCH:
+                try:
+                    wanted = [(self.tenant.key_uid(name), name) for name in keys]
+                except TenantError:
+                    return n                                  # refused at release, with its reason
+                self._prefetch[n] = (tuple(keys), self._fetcher.submit(self.kmip.get_keys, wanted))
         return n
+
+    def close(self) -> None:
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch(self, names: list[str], ahead: tuple[tuple[str, ...], Future[list[bytes]]] | None,
+               issued: float) -> list[bytes]:
+        """The keys ``names`` from KMIP: those fetched at nonce time when they are the ones asked
+        for and fresh enough, else fetched now."""
+        if ahead is not None and list(ahead[0]) == names and time.monotonic() - issued < PREFETCH_MAX_AGE:
+            try:
+                return ahead[1].result(timeout=REQUEST_TIMEOUT)
+            except Exception:  # noqa: BLE001  (a failed prefetch is retried with its own error)
+                pass
+        _drop(ahead)
+        return self.kmip.get_keys([(self.tenant.key_uid(name), name) for name in names])
 
     def manifest_key(self) -> bytes:
         """The tenant's image-manifest verification key (raw Ed25519), served over the tenant's TLS."""
         from cryptography.hazmat.primitives import serialization
         return self.tenant.verify_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
-    def _take_nonce(self, nonce: bytes) -> None:
+    def _take_nonce(self, nonce: bytes) -> tuple[float, tuple[tuple[str, ...], Future[list[bytes]]] | None]:
+        """The nonce's issue time and its keys fetched ahead (both gone from the broker's tables)."""
         with self._lock:
             issued = self._nonces.pop(nonce, None)
+            ahead = self._prefetch.pop(nonce, None)
         if issued is None:
             raise AttestationError("stale nonce: not issued by this broker, or already used")
         if time.monotonic() - issued > NONCE_LIFETIME:
             raise AttestationError(f"stale nonce: older than {NONCE_LIFETIME:g} s")
+        return issued, ahead
 
     def release(self, request: dict[str, Any]) -> dict[str, Any]:
         host = "unknown host"
+        ahead = None
         try:
             try:
                 nonce = bytes.fromhex(request["nonce"])
@@ -94,7 +132,7 @@ class Broker:
                 events = eventlog.loads(request["eventlog"])
             except (KeyError, TypeError, ValueError):
                 raise AttestationError("malformed release request") from None
-            self._take_nonce(nonce)
+            issued, ahead = self._take_nonce(nonce)
             policy = self.tenant.policy()
             fingerprint = ak_fingerprint(ak)
             host = policy.hosts.get(fingerprint, f"AK {fingerprint[:16]}")
@@ -107,11 +145,12 @@ class Broker:
                 raise AttestationError("forged event log: its replay does not give the quoted PCR digest")
             eventlog.compare(events, policy.reference, policy.pcrs)
             bind_key, bind_name = verify_binding(certify, ak, binding, nonce)
-            secrets = self.kmip.get_keys([(self.tenant.key_uid(name), name) for name in names])
+            secrets = self._fetch(names, ahead, issued)
             released = {name: seal_to(bind_key, secret, nonce + bind_name + name.encode()).to_json()
                         for name, secret in zip(names, secrets)}
             secrets.clear()
         except (AttestationError, TenantError) as err:
+            _drop(ahead)                                # keys fetched for a refused host: gone now
             self._log(f"REFUSED {host}: {err}")
             if isinstance(err, KeyServerError):
                 raise AttestationError(f"no key released: {err}") from None
@@ -120,10 +159,19 @@ class Broker:
         return {"keys": released, "host": host}
 
 
+def _drop(ahead: tuple[tuple[str, ...], Future[list[bytes]]] | None) -> None:
+    """Forget keys fetched ahead: not fetched yet, they never will be; fetched, the list is emptied."""
+    if ahead is not None and not ahead[1].cancel() and ahead[1].done() and ahead[1].exception() is None:
+        ahead[1].result().clear()
+
+
 def _handler(broker: Broker) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "qemu-mktme-broker"
+        # headers and body leave in two writes: with Nagle on, the body waits for the client's
+        # delayed ACK of the headers (~40 ms per request on loopback)
+        disable_nagle_algorithm = True
 
         def log_message(self, fmt: str, *args: Any) -> None:   # no per-request noise
             pass
@@ -147,7 +195,9 @@ def _handler(broker: Broker) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 if self.path == "/v1/nonce":
-                    self._answer(200, {"nonce": broker.nonce().hex(), "manifest_key": broker.manifest_key().hex()})
+                    keys = request.get("keys") if isinstance(request, dict) else None
+                    keys = [str(k) for k in keys] if isinstance(keys, list) and len(keys) <= 16 else None
+                    self._answer(200, {"nonce": broker.nonce(keys).hex(), "manifest_key": broker.manifest_key().hex()})
                 elif self.path == "/v1/manifest-key":
                     self._answer(200, {"key": broker.manifest_key().hex()})
                 elif self.path == "/v1/release":
@@ -166,6 +216,7 @@ class BrokerServer:
     """The broker over HTTPS on 127.0.0.1 (``port`` 0: any free port), in a thread."""
 
     def __init__(self, broker: Broker, tenant: TenantDir, port: int = 0) -> None:
+        self.broker = broker
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(broker))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -182,6 +233,7 @@ class BrokerServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.broker.close()
 
 
 class BrokerClient:
@@ -248,9 +300,10 @@ class BrokerClient:
             raise KeyServerError(f"key broker {self.url}: HTTP {status}: {answer.get('error')}")
         return answer
 
-    def nonce(self) -> bytes:
-        """A fresh nonce (the answer also carries the tenant's manifest key, kept for :meth:`manifest_key`)."""
-        answer = self._post("/v1/nonce", {})
+    def nonce(self, keys: list[str] | None = None) -> bytes:
+        """A fresh nonce (the answer also carries the tenant's manifest key, kept for :meth:`manifest_key`);
+        ``keys``: the names the release will ask for (the broker fetches them meanwhile)."""
+        answer = self._post("/v1/nonce", {"keys": keys} if keys else {})
         try:
             self._manifest_key = bytes.fromhex(answer["manifest_key"])
             return bytes.fromhex(answer["nonce"])

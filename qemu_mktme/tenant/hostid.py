@@ -58,13 +58,23 @@ class AttestedHost:
 
     # ------------------------------------------------------------------ boot
 
-    def boot(self, events: list[Event]) -> "AttestedHost":
-        """Start the TPM (PCRs reset) and extend ``events``: the measured launch."""
+    def power_on(self) -> "AttestedHost":
+        """Start the TPM (PCRs reset): the host's boot, before anything is measured."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.swtpm.start()
         try:
             self.tpm = Tpm(self.swtpm.socket)
-            extend_all(self.tpm, events)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def boot(self, events: list[Event]) -> "AttestedHost":
+        """Start the TPM (unless :meth:`power_on` did) and extend ``events``: the measured launch."""
+        if self.tpm is None:
+            self.power_on()
+        try:
+            extend_all(self._tpm(), events)
         except BaseException:
             self.close()
             raise
@@ -131,12 +141,12 @@ class AttestedHost:
         t2 = time.monotonic()
         tpm = self._tpm()
         bind_name = tpm.binding_name()
-        keys = {}
-        for name in names:
-            if name not in sealed:
-                raise TenantError(f"the broker released no key {name!r}")
-            s = sealed[name]
-            keys[name] = open_sealed(s, tpm.ecdh(s.x, s.y), nonce + bind_name + name.encode())
+        missing = [n for n in names if n not in sealed]
+        if missing:
+            raise TenantError(f"the broker released no key {missing[0]!r}")
+        shared = tpm.ecdh_all([(sealed[n].x, sealed[n].y) for n in names])
+        keys = {name: open_sealed(sealed[name], z, nonce + bind_name + name.encode()) for name, z in zip(names, shared)}
+        shared.clear()
         t3 = time.monotonic()
         self.result.update(attested=True, verdict=f"released by {client.url} to {verdict_host}",
                            keys={n: "released to this host's TPM" for n in names},

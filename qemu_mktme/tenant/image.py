@@ -113,6 +113,16 @@ def write_manifest(image: str | os.PathLike[str], disk_key: str, tenant: str,
     return path
 
 
+def disk_key_hint(image: str | os.PathLike[str]) -> str | None:
+    """The disk-key name the image's manifest gives, unverified (None if unreadable): only a hint
+    for the broker to fetch the key early; what is released is what the verified manifest names."""
+    try:
+        name = json.loads(manifest_path(image).read_text()).get("disk_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
 @dataclass(frozen=True)
 class VerifiedImage:
     """An image whose manifest verified: ``fd`` is the file opened for the check (QEMU reads the

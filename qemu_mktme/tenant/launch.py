@@ -1,38 +1,48 @@
 """An attested launch: measure the host, attest to the tenant's broker, get the VM's memory key
-(and disk key) released to the host's TPM, and start the VM with them.
+(and disk key) released to the host's TPM, and run the VM with them.
 
     async with attested_session(TenantLaunch(url, ca), config, tenant="alice") as session:
         ...
 
-The memory key goes from the TPM unwrap straight into the ``mktme`` key service as a ``type=user``
-payload object (never text, never a file); the disk key reaches QEMU as a LUKS passphrase through
-an inherited pipe. Nothing here writes key bytes anywhere.
+QEMU starts at once, paused (``-S``: no vCPU runs), beside the host's measured launch (PCR 8 is
+the binary that very QEMU process executes; the boot files it loads are sealed memfd copies of
+the hashed bytes, :func:`.measure.sealed_boot`), the broker's nonce, the image check, the quote
+and the key release. QEMU holds nothing secret meanwhile. Once the keys are unwrapped, the memory
+key goes from the TPM unwrap straight into the ``mktme`` key service as a ``type=user`` payload
+object (never text, never a file) and QEMU binds to it; the LUKS disk is plugged in over QMP,
+its passphrase encrypted under a per-launch master secret (:mod:`qemu_mktme.qemu.hotplug`); only
+then do the vCPUs run. A refusal kills the paused QEMU, removes its files and says why.
+Nothing here writes key bytes anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..arch.msr import Algorithm
-from ..errors import TenantError
+from ..errors import AttestationError, TenantError
 from ..host.payload import KeyType, Payload
 from ..host.sanitizer import Sanitizer
 from ..live.session import HostSession, VmSpec
 from ..qemu.devices import DiskSpec
+from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import MachineConfig
 from . import image as image_mod
 from .broker import BrokerClient
 from .hostid import AttestedHost
-from .measure import measured_set
+from .digests import Measured
+from .eventlog import Event
+from .measure import check_running, measure_binary, measured_set, sealed_boot
 
 DEFAULT_KEY = "vm"
 
@@ -57,6 +67,17 @@ def memory_payload(key: bytes) -> Payload:
     return Payload(KeyType.USER, Algorithm.AES_XTS_128, key[:16], key[16:])
 
 
+@dataclass
+class _Released:
+    """What the attestation brought: the memory key, the verified image and its passphrase."""
+
+    payload: Payload
+    attestation: dict[str, Any]
+    binary: Measured
+    image: image_mod.VerifiedImage | None = None
+    passphrase: str | None = None
+
+
 @contextlib.asynccontextmanager
 async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenant: str = "default",
                            keyid_bits: int = 6, packages: int = 1, trace: bool = False,
@@ -64,70 +85,127 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                            sanitizer: Sanitizer | None = None) -> AsyncIterator[HostSession]:
     """A :class:`HostSession` running ``config`` with keys the broker released to this host.
 
-    The host's boot and attestation (blocking: TPM, HTTPS, hashing) run in a worker thread, so
-    the event loop stays free; the TPM stays up for as long as the session runs.
+    The host's boot and attestation (blocking: TPM, HTTPS, hashing) run in a worker thread while
+    QEMU starts paused; the TPM stays up for as long as the session runs.
     """
     if config.boot is None:
         raise TenantError("an attested launch needs a guest to boot")
+    t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
-        spec, attestation, host = await asyncio.to_thread(_prepare, launch, config, stack, tenant=tenant,
-                                                          keyid_bits=keyid_bits, packages=packages, trace=trace)
-        t2 = time.monotonic()
-        async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
-                               attestation=attestation, integrity=integrity, sanitizer=sanitizer,
-                               name=launch.host) as session:
-            launch.timings["launch"] = time.monotonic() - t2      # QEMU started, LUKS opened, guest running
-            session.identity = host        # its TPM runs on: an incoming migration attests with it
-            yield session
+        host = AttestedHost(launch.host, launch.host_dir)
+        stack.callback(host.close)
+        sealed = stack.enter_context(sealed_boot(config.boot))
+        master = stack.enter_context(MasterSecret.for_launch()) if launch.image is not None else None
+        run_config = dataclasses.replace(
+            config, boot=sealed.boot, start_paused=True,
+            pass_fds=(*config.pass_fds, *sealed.fds, *([master.fd] if master and master.fd is not None else [])),
+            extra_args=(*(master.argv() + hotplug_argv(config.machine) if master else ()), *config.extra_args))
+        pid: list[int] = []
+        # submitted now (not at the loop's next turn: QEMU's fork comes first)
+        work = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            _attest, launch, config, host, sealed.digests, keyid_bits=keyid_bits, packages=packages))
+
+        async def payload() -> Payload:
+            released = await asyncio.shield(work)
+            # the QEMU that waits for this key runs the binary measured for PCR 8, unchanged
+            await asyncio.to_thread(check_running, pid[0], released.binary)
+            return released.payload
+        spec = VmSpec(run_config, tenant, payload(), trace=trace, spawned=pid.append)
+        running = False
+        try:
+            async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
+                                   integrity=integrity, sanitizer=sanitizer, name=launch.host) as session:
+                released = work.result()
+                vm = session.machines[config.name]
+                disks = tuple(config.disks)
+                if released.image is not None and master is not None and released.passphrase is not None:
+                    t1 = time.monotonic()
+                    await add_luks_disk(vm, released.image.fd, released.passphrase, master,
+                                        node=f"disk{len(config.disks)}")
+                    released.passphrase = None
+                    launch.timings["disk"] = time.monotonic() - t1
+                    disks += (DiskSpec(released.image.path, "qcow2", dma="qemu", readonly=True),)
+                # what the VM runs: the files it booted (not their memfd copies) and its disks
+                vm.config = dataclasses.replace(config, disks=disks)
+                session.attestation = released.attestation
+                session.identity = host        # its TPM runs on: an incoming migration attests with it
+                if not config.start_paused:
+                    await vm.resume()
+                launch.timings["launch"] = time.monotonic() - t0 - launch.timings["released"]
+                running = True
+                yield session
+        except Exception as err:
+            refusal = None if running else await _refusal(work)
+            if refusal is not None and refusal is not err:
+                raise refusal from err        # QEMU failed first, but the host was refused: that is why
+            raise
+        finally:
+            with contextlib.suppress(BaseException):
+                done = await work              # the worker uses the TPM: it ends before the TPM does
+                if done.image is not None:
+                    os.close(done.image.fd)
 
 
-def _prepare(launch: TenantLaunch, config: MachineConfig, stack: contextlib.ExitStack, *, tenant: str,
-             keyid_bits: int, packages: int, trace: bool) -> tuple[VmSpec, dict[str, Any], AttestedHost]:
-    """Boot the host (measured launch), attest, unwrap the keys: the VM to start and what to show."""
+async def _refusal(work: asyncio.Future[_Released]) -> AttestationError | None:
+    """The broker's refusal, once the attestation (still running when QEMU failed) has ended."""
+    with contextlib.suppress(BaseException):
+        await asyncio.wait([work])
+    if work.done() and not work.cancelled() and isinstance(work.exception(), AttestationError):
+        return work.exception()  # type: ignore[return-value]
+    return None
+
+
+def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boot_digests: dict[Path, bytes], *,
+            keyid_bits: int, packages: int) -> _Released:
+    """Boot the host (measured launch: QEMU's binary, the sealed boot files), attest, unwrap."""
     assert config.boot is not None
     timings = launch.timings
     t0 = time.monotonic()
-    host = AttestedHost(launch.host, launch.host_dir)
-    stack.callback(host.close)
     client = BrokerClient(launch.url, launch.ca)
-    stack.callback(client.close)
-
-    def boot() -> None:
-        assert config.boot is not None
-        host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
+    verified = None
+    try:
+        # The TPM's start and the hashing run beside the broker's nonce and the image check: none
+        # needs another, and the quote waits for all.
+        def measure_all() -> tuple[Measured, list[Event]]:
+            binary = measure_binary(config.qemu)
+            return binary, measured_set(config.boot, keyid_bits=keyid_bits, packages=packages,  # type: ignore[arg-type]
+                                        qemu=config.qemu, binary_file=binary, boot_digests=boot_digests)
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="measure") as pool:
+            powered = pool.submit(host.power_on)
+            events = pool.submit(measure_all)
+            try:
+                hint = image_mod.disk_key_hint(launch.image) if launch.image is not None else None
+                nonce = client.nonce([launch.key] + ([hint] if hint else []))
+                if launch.image is not None:
+                    t1 = time.monotonic()
+                    verified = image_mod.verify(launch.image, client.manifest_key())
+                    timings["image-verify"] = time.monotonic() - t1
+            finally:
+                concurrent.futures.wait([powered, events])
+            powered.result()
+            binary, measured = events.result()
+            host.boot(measured)
         timings["measure"] = time.monotonic() - t0
-    # The host's measured launch (hashing, swtpm, PCR extends) runs beside the broker's nonce and
-    # the image check: neither needs the other, and the quote waits for both.
-    with ThreadPoolExecutor(1, thread_name_prefix="measure") as pool:
-        booted = pool.submit(boot)
-        try:
-            nonce = client.nonce()
-            verified = None
-            if launch.image is not None:
-                t1 = time.monotonic()
-                verified = image_mod.verify(launch.image, client.manifest_key())
-                stack.callback(os.close, verified.fd)
-                timings["image-verify"] = time.monotonic() - t1
-        finally:
-            booted.result()
-    names = [launch.key] + ([verified.disk_key] if verified else [])
-    keys = host.fetch(client, names, nonce)
-    timings["released"] = time.monotonic() - t0
-    seconds = host.result["seconds"]
-    timings["attest"] = seconds["attest"]
-    timings["release"] = seconds["broker"] + seconds["unwrap"]
-    payload = memory_payload(keys.pop(launch.key))
-    disks = tuple(config.disks)
-    pass_fds = tuple(config.pass_fds)
-    if verified is not None:
-        secret = stack.enter_context(image_mod.secret_pipe(image_mod.passphrase(keys.pop(verified.disk_key))))
-        disks += (DiskSpec(Path(f"/dev/fd/{verified.fd}"), "qcow2", dma="qemu", readonly=True, secret_fd=secret),)
-        pass_fds += (verified.fd, secret)
-    keys.clear()
+        names = [launch.key] + ([verified.disk_key] if verified else [])
+        keys = host.fetch(client, names, nonce)
+        timings["released"] = time.monotonic() - t0
+        seconds = host.result["seconds"]
+        timings["attest"] = seconds["attest"]
+        timings["release"] = seconds["broker"] + seconds["unwrap"]
+        released = _Released(memory_payload(keys.pop(launch.key)), {}, binary)
+        if verified is not None:
+            released.image = verified
+            released.passphrase = image_mod.passphrase(keys.pop(verified.disk_key))
+        keys.clear()
+    except BaseException:
+        if verified is not None:
+            os.close(verified.fd)
+        raise
+    finally:
+        client.close()
     origin = {"memory": f"tenant key {launch.key!r} released by {launch.url} to host {launch.host}'s TPM"}
     if verified is not None:
         origin["disk"] = (f"{verified.path} (LUKS, manifest verified, sha256 {verified.sha256[:16]}...): "
                           f"tenant key {verified.disk_key!r} released to the TPM")
-    attestation: dict[str, Any] = {**host.describe(), "key_origin": origin}
-    cfg = dataclasses.replace(config, disks=disks, pass_fds=pass_fds)
-    return VmSpec(cfg, tenant, payload, trace=trace), attestation, host
+    released.attestation = {**host.describe(), "key_origin": origin}
+    return released

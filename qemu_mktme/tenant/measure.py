@@ -10,23 +10,36 @@
 
 The same function computes the events on the host (then extended into its TPM) and for the
 tenant's reference values (``tenant policy``), so the two can only differ where the files do.
+
+What is measured is what runs: an attested launch starts QEMU beside the attestation; before
+any key reaches it, :func:`check_running` proves that the process executes the very file hashed
+for PCR 8, unchanged; the boot files are hashed once and given to QEMU as sealed memfd copies of
+the hashed bytes (:func:`sealed_boot`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import qemu_mktme
 
 from ..arch import msr as msr_bits
+from ..errors import TenantError
 from ..host.host import Host
 from ..qemu.binary import find_qemu
 from ..qemu.boot import BootSpec
 from ..trace.shim import build_shim
 from .eventlog import Event, measure
-from .tpm import Tpm, file_digest
+from .digests import Measured, fd_digest, file_digest, measure_file, state
+from .tpm import Tpm
 
 
 def package_digest(root: Path | None = None) -> tuple[bytes, int]:
@@ -49,21 +62,109 @@ def platform_config(keyid_bits: int, packages: int) -> bytes:
 
 
 def measured_set(boot: BootSpec, *, keyid_bits: int, packages: int = 1, qemu: str | os.PathLike[str] | None = None,
-                 shim: Path | None = None) -> list[Event]:
-    """The events of one host boot, in order."""
+                 shim: Path | None = None, binary_file: Measured | None = None,
+                 boot_digests: dict[Path, bytes] | None = None) -> list[Event]:
+    """The events of one host boot, in order.
+
+    ``binary_file``: the QEMU binary as hashed for a launch (:func:`measure_binary`; a QEMU
+    started from it is checked against it with :func:`check_running`). ``boot_digests``: the
+    boot files' digests, already computed over the bytes QEMU loads (:func:`sealed_boot`).
+    """
     binary = find_qemu(qemu)
     shim_path = shim or build_shim(binary)
     pkg, nfiles = package_digest()
+    known = boot_digests or {}
     events = [
-        Event(8, file_digest(binary.path), f"QEMU binary {binary.path} ({binary.version_str})"),
+        Event(8, (binary_file or measure_file(binary.path)).digest, f"QEMU binary {binary.path} ({binary.version_str})"),
         Event(9, file_digest(shim_path), "TCG plugin shim"),
         Event(10, pkg, f"qemu-mktme {qemu_mktme.__version__} package ({nfiles} files)"),
         measure(11, platform_config(keyid_bits, packages), f"platform: {keyid_bits} KeyID bits, {packages} package(s)"),
-        Event(12, file_digest(boot.kernel), f"guest kernel {boot.kernel.name}"),
+        Event(12, known.get(boot.kernel) or file_digest(boot.kernel), f"guest kernel {boot.kernel.name}"),
     ]
     if boot.initrd is not None:
-        events.append(Event(12, file_digest(boot.initrd), f"guest initrd {boot.initrd.name}"))
+        events.append(Event(12, known.get(boot.initrd) or file_digest(boot.initrd), f"guest initrd {boot.initrd.name}"))
     return events
+
+
+def measure_binary(qemu: str | os.PathLike[str] | None = None) -> Measured:
+    """The QEMU binary a launch will start, hashed (PCR 8)."""
+    return measure_file(find_qemu(qemu).path)
+
+
+def check_running(pid: int, measured: Measured) -> None:
+    """``TenantError`` unless process ``pid`` executes the very file ``measured`` hashed, unchanged.
+
+    ``/proc/PID/exe`` is the inode it runs, whatever the path names now, and while it runs Linux
+    refuses to open it for writing (ETXTBSY). The same device, inode, size, mtime and ctime as
+    when hashed prove it unchanged if its last change was settled then (:mod:`.digests`);
+    otherwise the running binary is hashed again.
+    """
+    try:
+        fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY)
+    except OSError as err:
+        raise TenantError(f"QEMU (pid {pid}) is gone: {err.strerror}") from None
+    try:
+        if state(os.fstat(fd)) != measured.state or (not measured.settled and fd_digest(fd) != measured.digest):
+            raise TenantError(f"QEMU (pid {pid}) does not run the measured {measured.path}: the file changed or "
+                              "was replaced after it was hashed")
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SealedBoot:
+    """The guest's boot files as QEMU loads them: ``boot`` names sealed memfd copies
+    (``/dev/fd/N``, inherited through ``fds``); ``digests`` are those bytes' SHA-256, by the
+    original path (what the measured set describes)."""
+
+    boot: BootSpec
+    fds: tuple[int, ...]
+    digests: dict[Path, bytes]
+
+
+@contextlib.contextmanager
+def sealed_boot(boot: BootSpec) -> Iterator[SealedBoot]:
+    """Copies of ``boot``'s kernel and initrd in memfds sealed against any change, hashed while
+    copied; closed after the block (QEMU has read them once it runs)."""
+    fds: list[int] = []
+    digests: dict[Path, bytes] = {}
+    paths: dict[str, Path] = {}
+    try:
+        for field, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
+            if path is None:
+                continue
+            fd = _sealed_copy(Path(path), digests)
+            fds.append(fd)
+            paths[field] = Path(f"/dev/fd/{fd}")
+        yield SealedBoot(dataclasses.replace(boot, **paths), tuple(fds), digests)  # type: ignore[arg-type]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _sealed_copy(path: Path, digests: dict[Path, bytes]) -> int:
+    try:
+        src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as err:
+        raise TenantError(f"boot file {path}: {err.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            raise TenantError(f"boot file {path} is not a regular file")
+        memfd = os.memfd_create(f"qemu-mktme-boot-{path.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            h = hashlib.sha256()
+            while chunk := os.read(src, 1 << 20):
+                h.update(chunk)
+                os.write(memfd, chunk)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                        | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(memfd)
+            raise
+        digests[path] = h.digest()
+        return memfd
+    finally:
+        os.close(src)
 
 
 def extend_all(tpm: Tpm, events: list[Event]) -> None:

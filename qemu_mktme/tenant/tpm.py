@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -193,6 +192,7 @@ class Tpm:
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
         t = _pytss()
+        self._publics: dict[str, tuple[bytes, bytes]] = {}   # AK and binding key: public area, name
         for attempt in range(20):                # the data channel may listen a moment after ctrl
             try:
                 self._esys = t.ESAPI(t.TCTILdr("swtpm", f"path={socket_path}"))
@@ -247,20 +247,25 @@ class Tpm:
     def _binding(self):
         return self._primary("ecc256:null:null", _BIND_ATTRS, "OWNER")
 
+    def _public(self, which: str) -> tuple[bytes, bytes]:
+        """A primary key's public area and name; kept (a primary from the same template and seed
+        is the same key for as long as this TPM runs, and a seed changes only with TPM2_Clear)."""
+        if which not in self._publics:
+            with (self._ak() if which == "ak" else self._binding()) as (_, public):
+                self._publics[which] = (bytes(public.marshal()), bytes(public.get_name()))
+        return self._publics[which]
+
     def ak_public(self) -> bytes:
         """The attestation key's TPM2B_PUBLIC, marshalled (what a verifier enrols)."""
-        with self._ak() as (_, public):
-            return bytes(public.marshal())
+        return self._public("ak")[0]
 
     def binding_public(self) -> bytes:
         """The key-release (binding) key's TPM2B_PUBLIC, marshalled: keys are released to it."""
-        with self._binding() as (_, public):
-            return bytes(public.marshal())
+        return self._public("binding")[0]
 
     def binding_name(self) -> bytes:
         """The binding key's TPM name (nameAlg || digest of its public area)."""
-        with self._binding() as (_, public):
-            return bytes(public.get_name())
+        return self._public("binding")[1]
 
     def quote(self, nonce: bytes, pcrs: str = PCR_SELECTION) -> Quote:
         """TPM2_Quote over ``pcrs`` with ``nonce`` as qualifying data, signed by the AK."""
@@ -279,11 +284,17 @@ class Tpm:
 
     def ecdh(self, x: bytes, y: bytes) -> bytes:
         """TPM2_ECDH_ZGen with the binding key: the shared secret's x coordinate."""
+        return self.ecdh_all([(x, y)])[0]
+
+    def ecdh_all(self, points: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+        """:meth:`ecdh` for several points, with the binding key loaded once."""
         t = _pytss()
-        point = t.TPM2B_ECC_POINT(t.TPMS_ECC_POINT(x=x, y=y))
+        out = []
         with self._binding() as (bind, _):
-            z = self._call("ECDH_ZGen", self._esys.ecdh_zgen, bind, point)
-        return bytes(z.point.x)
+            for x, y in points:
+                z = self._call("ECDH_ZGen", self._esys.ecdh_zgen, bind, t.TPM2B_ECC_POINT(t.TPMS_ECC_POINT(x=x, y=y)))
+                out.append(bytes(z.point.x))     # z stays referenced: .point.x points into its memory
+        return out
 
     # ------------------------------------------------------------------ sealing
 
@@ -350,12 +361,3 @@ def _der_signature(sig) -> bytes:
     ecdsa = sig.signature.ecdsa
     return encode_dss_signature(int.from_bytes(bytes(ecdsa.signatureR), "big"),
                                 int.from_bytes(bytes(ecdsa.signatureS), "big"))
-
-
-def file_digest(path: str | os.PathLike[str]) -> bytes:
-    """SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.digest()
