@@ -14,6 +14,7 @@ backend, read from ``/proc/PID/maps``) and in an IOMMU domain. What DRAM would h
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -115,6 +116,9 @@ class EncryptedMachine(Machine):
         await super()._launch()
 
     async def _bind(self) -> None:
+        self._bind_now()
+
+    def _bind_now(self) -> None:
         if self.name in self.host.guests:
             raise QemuError(f"the host already has a guest named {self.name!r}")
         ram = self.ram
@@ -201,13 +205,17 @@ class PendingKeyMachine(EncryptedMachine):
     """A machine whose key is still on its way (the host attests for it while QEMU starts): QEMU
     starts paused and binds once ``key`` (the key handle, once it is in the key service) is
     there, still before a vCPU runs. ``spawned(pid)`` runs as soon as QEMU was exec'd (a measured
-    launch hashes the binary that really runs). The key goes with the machine."""
+    launch checks the binary that really runs); ``prepare(machine)`` runs once the key is there,
+    beside the binding (which then runs in a worker thread) and still before a vCPU runs (an
+    attested launch hot-plugs the disk whose key came with it). The key goes with the machine."""
 
     def __init__(self, host: Host, config: MachineConfig, *, key: Awaitable[int], tenant: str,
-                 iommu_keyid: int | None = None, spawned: Callable[[int], object] | None = None) -> None:
+                 iommu_keyid: int | None = None, spawned: Callable[[int], object] | None = None,
+                 prepare: Callable[["PendingKeyMachine"], Awaitable[object]] | None = None) -> None:
         super().__init__(host, config, key_serial=-1, tenant=tenant, iommu_keyid=iommu_keyid)
         self._key = key
         self._on_spawn = spawned
+        self._prepare = prepare
 
     def _spawned(self) -> None:
         if self._on_spawn is not None and self.pid is not None:
@@ -216,7 +224,15 @@ class PendingKeyMachine(EncryptedMachine):
     async def _bind(self) -> None:
         self.key_serial = await self._key
         self._revoke_key = True                  # the key was added for this VM: it goes with it
-        await super()._bind()
+        if self._prepare is None:
+            await super()._bind()
+            return
+        # QEMU's side (QMP) and the host model's side (CPU-bound) at once; both end before the
+        # launch goes on or fails
+        results = await asyncio.gather(asyncio.to_thread(self._bind_now), self._prepare(self), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 def shim_hint(qemu: QemuBinary) -> str:

@@ -44,7 +44,7 @@ class VmSpec:
 
     The payload may still be on its way (an awaitable: the host attests for it): QEMU then starts
     paused beside it and binds once it arrived, before any vCPU runs (``spawned(pid)`` is called
-    as soon as QEMU was exec'd)."""
+    as soon as QEMU was exec'd, ``prepare(machine)`` once the key is there, beside the binding)."""
 
     config: MachineConfig
     tenant: str = "default"
@@ -52,6 +52,7 @@ class VmSpec:
     trace: bool = False                    # load the TCG plugin shim and attribute every access
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
     spawned: Callable[[int], object] | None = None
+    prepare: Callable[[Machine], Awaitable[object]] | None = None
 
 
 KeySource = Callable[[MachineConfig, str], Awaitable[Payload]]
@@ -130,7 +131,7 @@ class HostSession:
         return await launch_with_key(spec.config, key(), lambda serial: self.host.keys.revoke(serial, tenant=tenant),
                                      tracer=tracer, machine=lambda cfg, k: PendingKeyMachine(
                                          self.host, cfg, key=k, tenant=tenant, iommu_keyid=spec.iommu_keyid,
-                                         spawned=spec.spawned))
+                                         spawned=spec.spawned, prepare=spec.prepare))
 
     def _key_error(self, name: str, err: KeyServiceError) -> KeyServiceError:
         """``err`` naming the VM, and for KeyID exhaustion how to get more KeyIDs."""

@@ -36,7 +36,7 @@ from ..host.sanitizer import Sanitizer
 from ..live.session import HostSession, VmSpec
 from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
-from ..qemu.machine import MachineConfig
+from ..qemu.machine import Machine, MachineConfig
 from . import image as image_mod
 from .broker import BrokerClient
 from .hostid import AttestedHost
@@ -110,7 +110,16 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
             # the QEMU that waits for this key runs the binary measured for PCR 8, unchanged
             await asyncio.to_thread(check_running, pid[0], released.binary)
             return released.payload
-        spec = VmSpec(run_config, tenant, payload(), trace=trace, spawned=pid.append)
+
+        async def disk(vm: Machine) -> None:
+            released = work.result()
+            if released.image is None or master is None or released.passphrase is None:
+                return
+            t1 = time.monotonic()
+            await add_luks_disk(vm, released.image.fd, released.passphrase, master, node=f"disk{len(config.disks)}")
+            released.passphrase = None
+            launch.timings["disk"] = time.monotonic() - t1
+        spec = VmSpec(run_config, tenant, payload(), trace=trace, spawned=pid.append, prepare=disk)
         running = False
         try:
             async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
@@ -118,12 +127,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                 released = work.result()
                 vm = session.machines[config.name]
                 disks = tuple(config.disks)
-                if released.image is not None and master is not None and released.passphrase is not None:
-                    t1 = time.monotonic()
-                    await add_luks_disk(vm, released.image.fd, released.passphrase, master,
-                                        node=f"disk{len(config.disks)}")
-                    released.passphrase = None
-                    launch.timings["disk"] = time.monotonic() - t1
+                if released.image is not None:
                     disks += (DiskSpec(released.image.path, "qcow2", dma="qemu", readonly=True),)
                 # what the VM runs: the files it booted (not their memfd copies) and its disks
                 vm.config = dataclasses.replace(config, disks=disks)

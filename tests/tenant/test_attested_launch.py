@@ -1,10 +1,13 @@
 """Attested launches of the bare-metal guest on the distro QEMU: measured host, broker, keys
-released into the TPM, the memory key into the mktme key service, the LUKS disk opened by QEMU
-through an inherited fd; a tampered host and a wrong disk key get nothing and start nothing."""
+released into the TPM, the memory key into the mktme key service, QEMU started paused beside the
+attestation and the LUKS disk hot-plugged over QMP before its vCPUs run; a refused host's QEMU
+never runs and is gone, a wrong disk key opens nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +15,9 @@ import sys
 import pytest
 
 from qemu_mktme.errors import AttestationError, LaunchError
+from qemu_mktme.live.encrypted import PendingKeyMachine
 from qemu_mktme.qemu.machine import MachineConfig
+from qemu_mktme.qemu.monitor import Monitor
 from qemu_mktme.tenant import admin, image
 from qemu_mktme.tenant.launch import TenantLaunch, attested_session
 
@@ -57,7 +62,76 @@ async def test_a_good_host_boots_from_its_encrypted_disk_with_the_tenant_key(wor
         assert payload.key + payload.tweak == mktme_keyserver.kmip().get_key(mktme_keyserver.tenant.key_uid("vm"))
         blocks = await vm.qmp.execute("query-block")
         assert any(b.get("inserted", {}).get("encrypted") for b in blocks)
+        # hot-plugged before the vCPUs ran: the guest's firmware found it and gave it its BARs
+        pci = await vm.qmp.hmp("info pci")
+        assert re.search(r'BAR\d: .*memory at 0x[0-9a-f]+ .*\n\s+id "disk0-dev"', pci), pci
+        # the secrets that carried the passphrase are gone from QEMU once the disk is open
+        objects = await vm.qmp.execute("qom-list", {"path": "/objects"})
+        assert not any(o["name"].endswith("-secret") and o["name"] != "mktme-master-secret" for o in objects)
+        assert "secret" not in " ".join(vm.argv).replace("secret,id=mktme-master-secret,format=raw,file=/dev/fd/", "")
     _assert_no_key_bytes(mktme_keyserver, [base, hostdir], ["vm", "disk-test"])
+
+
+async def test_a_refused_host_s_paused_qemu_never_runs_and_is_gone(world, mktme_keyserver, monkeypatch):
+    """QEMU starts paused beside the attestation. The broker refuses (PCR 11: another platform
+    configuration than the policy's): that QEMU never ran a vCPU, got no key and no disk, and is
+    gone with its files; the error says why."""
+    base, hostdir, boot = world
+    seen: dict = {"commands": []}
+    bind = PendingKeyMachine._bind
+    execute = Monitor.execute
+
+    async def watched_bind(self):
+        seen.update(vm=self, pid=self.pid, rundir=self.runtime_dir)
+        seen["status"] = (await self.qmp.execute("query-status"))["status"]
+        await bind(self)
+
+    async def watched_execute(self, command, arguments=None, timeout=60.0):
+        seen["commands"].append(command)
+        return await execute(self, command, arguments, timeout)
+    monkeypatch.setattr(PendingKeyMachine, "_bind", watched_bind)
+    monkeypatch.setattr(Monitor, "execute", watched_execute)
+    launch = TenantLaunch(mktme_keyserver.url, mktme_keyserver.ca, image=base / "disk.qcow2", host_dir=hostdir)
+    with pytest.raises(AttestationError, match=r"refused this host: PCR 11 differs at event 'platform: 5 KeyID bits"):
+        async with attested_session(launch, MachineConfig(boot=boot, memory="128M", name="bm"), tenant="pytest",
+                                    keyid_bits=5, control=False):
+            pytest.fail("the session must not start")
+    vm = seen["vm"]
+    assert seen["status"] == "prelaunch"                  # -S, never continued
+    assert vm.console.transcript == ""                    # the guest never printed a thing
+    assert not {"cont", "object-add", "blockdev-add", "device_add", "add-fd"} & set(seen["commands"])
+    assert not os.path.exists(f"/proc/{seen['pid']}")
+    assert not seen["rundir"].exists()
+    assert vm.returncode is not None
+
+
+@pytest.fixture
+def linux_policy(world, mktme_keyserver, linux_image):
+    """The tenant's policy for the Linux guest's boot files (PCR 12) on host0; put back after."""
+    _, hostdir, _ = world
+    tenant = mktme_keyserver.tenant
+    before = tenant.policy()
+    boot = linux_image.boot(workload="disk", params={"size_mb": 1})
+    admin.make_policy(tenant, boot, hosts=["host0"], host_dirs={"host0": hostdir})
+    yield boot
+    tenant.save_policy(before)
+
+
+async def test_the_guest_reads_the_disk_plugged_after_the_key_release(world, mktme_keyserver, linux_policy,
+                                                                      tenant_image):
+    """The stock Linux guest's virtio_blk finds the LUKS disk QEMU opened after the release and reads
+    the tenant's plaintext (the workload's write fails: the disk is attached read-only)."""
+    base, hostdir, _ = world
+    launch = TenantLaunch(mktme_keyserver.url, mktme_keyserver.ca, image=base / "disk.qcow2", host_dir=hostdir)
+    async with attested_session(launch, MachineConfig(boot=linux_policy, memory="512M", name="linux"),
+                                tenant="pytest", control=False) as session:
+        vm = session.machines["linux"]
+        await vm.console.wait_for(r"mktme-linux: disk before sha256=\w+", patience(60))
+        text = vm.console.transcript
+    assert "ro=1" in text
+    _assert_no_key_bytes(mktme_keyserver, [base, hostdir], ["vm", "disk-test"])
+    plain = b"TENANT-DISK-PLAINTEXT".ljust(512, b".") * 2048      # what the tenant_image fixture encrypted
+    assert re.search(r"disk before sha256=(\w+)", text)[1] == hashlib.sha256(plain).hexdigest()
 
 
 async def test_a_tampered_host_is_refused_and_starts_nothing(world, mktme_keyserver, tmp_path):
