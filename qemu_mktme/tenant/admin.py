@@ -36,7 +36,8 @@ def add_key(tenant: TenantDir, name: str, kind: str = "memory") -> str:
 
 
 def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bits: int = 6, packages: int = 1,
-                qemu: str | os.PathLike[str] | None = None, host_dirs: dict[str, Path] | None = None) -> Policy:
+                qemu: str | os.PathLike[str] | None = None, host_dirs: dict[str, Path] | None = None,
+                integrity: str | None = None) -> Policy:
     """Reference values from this (known-good) machine's measured set, and each host's AK enrolled.
 
     Enrolling boots the host's TPM briefly to read its attestation key (derived from the TPM's
@@ -45,7 +46,7 @@ def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bi
     tenant.require()
     if not hosts:
         raise TenantError("enrol at least one host (--host NAME)")
-    events = measured_set(boot, keyid_bits=keyid_bits, packages=packages, qemu=qemu)
+    events = measured_set(boot, keyid_bits=keyid_bits, packages=packages, qemu=qemu, integrity=integrity)
     enrolled = {}
     for name in hosts:
         with AttestedHost(name, (host_dirs or {}).get(name)).boot([]) as host:

@@ -67,7 +67,7 @@ def tenant_cmd(args: argparse.Namespace) -> int:
     elif args.action == "policy":
         from .. import images
         boot = images.guest_boot(args.guest)
-        policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits)
+        policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits, integrity=args.integrity)
         print(f"policy: {len(policy.reference)} reference events over PCRs {list(policy.pcrs)}, "
               f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}")
         for e in policy.reference:
@@ -126,6 +126,8 @@ def add_tenant_parsers(sub: Any) -> None:
                      help="emulated host whose TPM attestation key to enrol (repeatable)")
     pol.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH")
     pol.add_argument("--keyid-bits", type=int, default=6, metavar="N")
+    pol.add_argument("--integrity", choices=("mac",), default=None,
+                     help="the hosts run with per-line memory integrity (run --integrity mac)")
     show = tn_sub.add_parser("show", help="the tenant's state (JSON; no key material)")
     for p in (init, ak, pol, show):
         _tenant_dir_option(p)

@@ -103,7 +103,8 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
         pid: list[int] = []
         # submitted now (not at the loop's next turn: QEMU's fork comes first)
         work = asyncio.get_running_loop().run_in_executor(None, functools.partial(
-            _attest, launch, config, host, sealed.digests, keyid_bits=keyid_bits, packages=packages))
+            _attest, launch, config, host, sealed.digests, keyid_bits=keyid_bits, packages=packages,
+            integrity=integrity))
 
         async def payload() -> Payload:
             released = await asyncio.shield(work)
@@ -160,7 +161,7 @@ async def _refusal(work: asyncio.Future[_Released]) -> AttestationError | None:
 
 
 def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boot_digests: dict[Path, bytes], *,
-            keyid_bits: int, packages: int) -> _Released:
+            keyid_bits: int, packages: int, integrity: str | None) -> _Released:
     """Boot the host (measured launch: QEMU's binary, the sealed boot files), attest, unwrap."""
     assert config.boot is not None
     timings = launch.timings
@@ -173,7 +174,8 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
         def measure_all() -> tuple[Measured, list[Event]]:
             binary = measure_binary(config.qemu)
             return binary, measured_set(config.boot, keyid_bits=keyid_bits, packages=packages,  # type: ignore[arg-type]
-                                        qemu=config.qemu, binary_file=binary, boot_digests=boot_digests)
+                                        qemu=config.qemu, binary_file=binary, boot_digests=boot_digests,
+                                        integrity=integrity)
         with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="measure") as pool:
             powered = pool.submit(host.power_on)
             events = pool.submit(measure_all)

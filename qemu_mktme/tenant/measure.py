@@ -4,7 +4,8 @@
     PCR 9   the TCG plugin shim (the built library)
     PCR 10  the qemu-mktme package (every module and the shim's source, by relative path)
     PCR 11  the platform configuration: IA32_TME_CAPABILITY, IA32_TME_ACTIVATE as the BIOS left
-            them (KeyID bits, algorithms), the number of packages
+            them (KeyID bits, algorithms), the number of packages, the memory integrity mode
+            (``integrity="mac"``; absent when off)
     PCR 12  the guest's boot files: kernel and initrd (not the command line, which carries the
             run's commands and workload parameters)
 
@@ -52,18 +53,25 @@ def package_digest(root: Path | None = None) -> tuple[bytes, int]:
     return h.digest(), len(files)
 
 
-def platform_config(keyid_bits: int, packages: int) -> bytes:
-    """The TME MSRs as the modelled BIOS programs them for this configuration."""
-    host = Host(keyid_bits=keyid_bits, packages=packages)
+def platform_config(keyid_bits: int, packages: int, integrity: str | None = None) -> bytes:
+    """The TME MSRs as the modelled BIOS programs them for this configuration, and the memory
+    integrity mode when there is one (a host without its MACs is not the platform the tenant
+    approved for a VM that relies on them)."""
+    host = Host(keyid_bits=keyid_bits, packages=packages, integrity=integrity)
     cap = host.platform.rdmsr(msr_bits.IA32_TME_CAPABILITY)
     act = host.platform.rdmsr(msr_bits.IA32_TME_ACTIVATE)
     return (f"IA32_TME_CAPABILITY={cap:#018x} IA32_TME_ACTIVATE={act:#018x} "
-            f"keyid_bits={keyid_bits} packages={packages}").encode()
+            f"keyid_bits={keyid_bits} packages={packages}" + (f" integrity={integrity}" if integrity else "")).encode()
+
+
+def _platform_description(keyid_bits: int, packages: int, integrity: str | None) -> str:
+    return (f"platform: {keyid_bits} KeyID bits, {packages} package(s)"
+            + (f", integrity {integrity}" if integrity else ""))
 
 
 def measured_set(boot: BootSpec, *, keyid_bits: int, packages: int = 1, qemu: str | os.PathLike[str] | None = None,
                  shim: Path | None = None, binary_file: Measured | None = None,
-                 boot_digests: dict[Path, bytes] | None = None) -> list[Event]:
+                 boot_digests: dict[Path, bytes] | None = None, integrity: str | None = None) -> list[Event]:
     """The events of one host boot, in order.
 
     ``binary_file``: the QEMU binary as hashed for a launch (:func:`measure_binary`; a QEMU
@@ -78,7 +86,7 @@ def measured_set(boot: BootSpec, *, keyid_bits: int, packages: int = 1, qemu: st
         Event(8, (binary_file or measure_file(binary.path)).digest, f"QEMU binary {binary.path} ({binary.version_str})"),
         Event(9, file_digest(shim_path), "TCG plugin shim"),
         Event(10, pkg, f"qemu-mktme {qemu_mktme.__version__} package ({nfiles} files)"),
-        measure(11, platform_config(keyid_bits, packages), f"platform: {keyid_bits} KeyID bits, {packages} package(s)"),
+        measure(11, platform_config(keyid_bits, packages, integrity), _platform_description(keyid_bits, packages, integrity)),
         Event(12, known.get(boot.kernel) or file_digest(boot.kernel), f"guest kernel {boot.kernel.name}"),
     ]
     if boot.initrd is not None:

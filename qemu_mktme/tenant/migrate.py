@@ -71,7 +71,8 @@ async def _key_for(dest: HostSession, launch: TenantLaunch, config: MachineConfi
     try:
         payload, attestation = await asyncio.to_thread(_attest, host, launch, config, boot=own is None,
                                                        keyid_bits=layout.keyid_bits,
-                                                       packages=dest.host.platform.packages)
+                                                       packages=dest.host.platform.packages,
+                                                       integrity=dest.host.platform.integrity)
     except BaseException:
         if own is None:
             host.close()
@@ -84,7 +85,7 @@ async def _key_for(dest: HostSession, launch: TenantLaunch, config: MachineConfi
 
 
 def _attest(host: AttestedHost, launch: TenantLaunch, config: MachineConfig, *, boot: bool, keyid_bits: int,
-            packages: int) -> tuple[Payload, dict[str, Any]]:
+            packages: int, integrity: str | None = None) -> tuple[Payload, dict[str, Any]]:
     """The destination's measured launch and attestation; its memory key and what query shows."""
     if config.boot is None:
         raise TenantError("the VM has no boot record to measure on the destination")
@@ -92,7 +93,8 @@ def _attest(host: AttestedHost, launch: TenantLaunch, config: MachineConfig, *, 
     client = BrokerClient(launch.url, launch.ca)
     try:
         if boot:
-            host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu))
+            host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu,
+                                   integrity=integrity))
         keys = host.fetch(client, [launch.key])
         payload = memory_payload(keys.pop(launch.key))
         keys.clear()

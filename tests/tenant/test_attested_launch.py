@@ -105,6 +105,18 @@ async def test_a_refused_host_s_paused_qemu_never_runs_and_is_gone(world, mktme_
     assert vm.returncode is not None
 
 
+async def test_the_integrity_mode_is_part_of_the_measured_platform(world, mktme_keyserver):
+    """A host that would run the VM with per-line memory integrity is another platform than the
+    policy's (made without): PCR 11 differs, nothing is released."""
+    _, hostdir, boot = world
+    launch = TenantLaunch(mktme_keyserver.url, mktme_keyserver.ca, host_dir=hostdir)
+    with pytest.raises(AttestationError, match=r"PCR 11 differs at event 'platform: 6 KeyID bits, 1 package\(s\), "
+                                               r"integrity mac'"):
+        async with attested_session(launch, MachineConfig(boot=boot, memory="128M", name="bm"), tenant="pytest",
+                                    integrity="mac", control=False):
+            pytest.fail("the session must not start")
+
+
 @pytest.fixture
 def linux_policy(world, mktme_keyserver, linux_image):
     """The tenant's policy for the Linux guest's boot files (PCR 12) on host0; put back after."""
