@@ -141,7 +141,8 @@ def add_mktme_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key", default="cpu", metavar="SPEC",
                    help="the VM's key: cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG] (keeps the "
                         "key out of ps), clear, no-encrypt, or none for plain QEMU (default: cpu)")
-    g.add_argument("--tenant", default="default", help="tenant owning the key (default: default)")
+    g.add_argument("--tenant", default=None,
+                   help="tenant owning the key (default: default; with --tenant-server: the tenant's certificate CN)")
     g.add_argument("--iommu-keyid", type=int, default=None, metavar="N",
                    help="fault injection: program the VM's IOMMU domain with KeyID N (device DMA then "
                         "reads and writes garbage; the DMA sanitizer reports each transfer)")
@@ -221,7 +222,8 @@ def _vm_specs(args: argparse.Namespace) -> list[VmSpec]:
                                  f"(with {args.keyid_bits} KeyID bits)")
             # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
             trace = args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))
-            specs.append(VmSpec(config, entry.get("tenant", args.tenant), payload, trace=trace, iommu_keyid=iommu_keyid))
+            specs.append(VmSpec(config, entry.get("tenant", args.tenant or "default"), payload, trace=trace,
+                                iommu_keyid=iommu_keyid))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return specs

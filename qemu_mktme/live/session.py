@@ -7,6 +7,7 @@ spec is ``none`` runs as plain QEMU next to the others.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -48,11 +49,20 @@ class VmSpec:
 
     config: MachineConfig
     tenant: str = "default"
-    payload: str | Payload | Awaitable[Payload] | None = "type=cpu"
+    payload: str | Payload | Awaitable[Payload | OwnedPayload] | None = "type=cpu"
     trace: bool = False                    # load the TCG plugin shim and attribute every access
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
     spawned: Callable[[int], object] | None = None
     prepare: Callable[[Machine], Awaitable[object]] | None = None
+
+
+@dataclass(frozen=True)
+class OwnedPayload:
+    """A key that arrived for a VM with the name of the tenant that owns it, as the key's source
+    (an attested release) established it: the VM's tenant in the key service."""
+
+    payload: Payload
+    tenant: str
 
 
 KeySource = Callable[[MachineConfig, str], Awaitable[Payload]]
@@ -118,20 +128,32 @@ class HostSession:
         if tracer is not None:
             self.tracers[name] = tracer
 
-    async def _launch_pending(self, spec: VmSpec, payload: Awaitable[Payload], tracer: Tracer | None) -> Machine:
-        """QEMU started paused while ``payload`` is on its way; bound once it is in the key service."""
-        name, tenant = spec.config.name, spec.tenant
+    async def _launch_pending(self, spec: VmSpec, payload: Awaitable[Payload | OwnedPayload],
+                              tracer: Tracer | None) -> Machine:
+        """QEMU started paused while ``payload`` is on its way; bound once it is in the key service
+        (owned by the tenant it names, if it names one: ``spec.tenant`` is then a placeholder)."""
+        name = spec.config.name
+        made: list[PendingKeyMachine] = []
+
+        def machine(cfg: MachineConfig, k: "asyncio.Future[int]") -> PendingKeyMachine:
+            made.append(PendingKeyMachine(self.host, cfg, key=k, tenant=spec.tenant, iommu_keyid=spec.iommu_keyid,
+                                          spawned=spec.spawned, prepare=spec.prepare))
+            return made[-1]
 
         async def key() -> int:
             got = await payload
+            tenant = spec.tenant
+            if isinstance(got, OwnedPayload):
+                got, tenant = got.payload, got.tenant
+            if made:
+                made[-1].tenant = tenant
             try:
                 return self.host.keys.add(f"{tenant}:{name}", got, tenant=tenant)
             except KeyServiceError as err:
                 raise self._key_error(name, err) from None
-        return await launch_with_key(spec.config, key(), lambda serial: self.host.keys.revoke(serial, tenant=tenant),
-                                     tracer=tracer, machine=lambda cfg, k: PendingKeyMachine(
-                                         self.host, cfg, key=k, tenant=tenant, iommu_keyid=spec.iommu_keyid,
-                                         spawned=spec.spawned, prepare=spec.prepare))
+        return await launch_with_key(spec.config, key(),
+                                     lambda serial: self.host.keys.revoke(serial, tenant=made[-1].tenant),
+                                     tracer=tracer, machine=machine)
 
     def _key_error(self, name: str, err: KeyServiceError) -> KeyServiceError:
         """``err`` naming the VM, and for KeyID exhaustion how to get more KeyIDs."""

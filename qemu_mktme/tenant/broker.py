@@ -3,10 +3,13 @@
 Our component (small; no library does this flow). One HTTPS endpoint (the tenant's server
 certificate), JSON in and out:
 
-    POST /v1/nonce     {"keys": [NAME...]} (optional)       -> {"nonce": HEX, "manifest_key": HEX}
+    POST /v1/nonce     {"keys": [NAME...]} (optional)       -> {"nonce": HEX, "manifest_key": HEX, "tenant": CN}
     POST /v1/manifest-key {}                                -> {"key": HEX}  (image manifests' Ed25519 key)
     POST /v1/release   {"nonce", "ak_public", "quote", "binding", "eventlog", "keys": [NAME...]}
-                       -> {"keys": {NAME: SEALED}, "host": NAME}   or 403 {"error": "why"}
+                       -> {"keys": {NAME: SEALED}, "host": NAME, "tenant": CN}   or 403 {"error": "why"}
+
+``tenant`` is the CN of the tenant's client certificate: the owner of its KMIP keys, and the
+tenant a host's key service files the released keys under.
 
 A release is checked in this order, each refusal saying why and logged on the broker: the nonce
 was issued here, is fresh and unused (one use, even when refused); the AK is enrolled in the
@@ -156,7 +159,12 @@ class Broker:
                 raise AttestationError(f"no key released: {err}") from None
             raise
         self._log(f"released {', '.join(names)} to {host}")
-        return {"keys": released, "host": host}
+        return {"keys": released, "host": host, "tenant": self.name}
+
+    @property
+    def name(self) -> str:
+        """The tenant's name: its client certificate's CN (the owner of its keys in KMIP)."""
+        return self.tenant.pki.client_cn()
 
 
 def _drop(ahead: tuple[tuple[str, ...], Future[list[bytes]]] | None) -> None:
@@ -197,7 +205,8 @@ def _handler(broker: Broker) -> type[BaseHTTPRequestHandler]:
                 if self.path == "/v1/nonce":
                     keys = request.get("keys") if isinstance(request, dict) else None
                     keys = [str(k) for k in keys] if isinstance(keys, list) and len(keys) <= 16 else None
-                    self._answer(200, {"nonce": broker.nonce(keys).hex(), "manifest_key": broker.manifest_key().hex()})
+                    self._answer(200, {"nonce": broker.nonce(keys).hex(), "manifest_key": broker.manifest_key().hex(),
+                                       "tenant": broker.name})
                 elif self.path == "/v1/manifest-key":
                     self._answer(200, {"key": broker.manifest_key().hex()})
                 elif self.path == "/v1/release":
@@ -255,6 +264,7 @@ class BrokerClient:
         self.timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
         self._manifest_key: bytes | None = None
+        self.tenant: str | None = None      # the tenant's name, as its broker (authenticated by its CA) says
 
     def close(self) -> None:
         if self._conn is not None:
@@ -306,6 +316,7 @@ class BrokerClient:
         answer = self._post("/v1/nonce", {"keys": keys} if keys else {})
         try:
             self._manifest_key = bytes.fromhex(answer["manifest_key"])
+            self.tenant = str(answer["tenant"]) if answer.get("tenant") else self.tenant
             return bytes.fromhex(answer["nonce"])
         except (KeyError, TypeError, ValueError):
             raise KeyServerError(f"key broker {self.url}: malformed nonce") from None
@@ -322,6 +333,7 @@ class BrokerClient:
     def release(self, request: dict[str, Any]) -> tuple[dict[str, Sealed], str]:
         answer = self._post("/v1/release", request)
         try:
+            self.tenant = str(answer["tenant"]) if answer.get("tenant") else self.tenant
             return {n: Sealed.from_json(s) for n, s in answer["keys"].items()}, str(answer["host"])
         except (KeyError, TypeError, AttributeError):
             raise KeyServerError(f"key broker {self.url}: malformed answer") from None

@@ -33,7 +33,7 @@ from ..arch.msr import Algorithm
 from ..errors import AttestationError, TenantError
 from ..host.payload import KeyType, Payload
 from ..host.sanitizer import Sanitizer
-from ..live.session import HostSession, VmSpec
+from ..live.session import HostSession, OwnedPayload, VmSpec
 from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import Machine, MachineConfig
@@ -74,19 +74,21 @@ class _Released:
     payload: Payload
     attestation: dict[str, Any]
     binary: Measured
+    tenant: str = "default"
     image: image_mod.VerifiedImage | None = None
     passphrase: str | None = None
 
 
 @contextlib.asynccontextmanager
-async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenant: str = "default",
+async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenant: str | None = None,
                            keyid_bits: int = 6, packages: int = 1, trace: bool = False,
                            control: bool = True, integrity: str | None = None,
                            sanitizer: Sanitizer | None = None) -> AsyncIterator[HostSession]:
     """A :class:`HostSession` running ``config`` with keys the broker released to this host.
 
     The host's boot and attestation (blocking: TPM, HTTPS, hashing) run in a worker thread while
-    QEMU starts paused; the TPM stays up for as long as the session runs.
+    QEMU starts paused; the TPM stays up for as long as the session runs. ``tenant``: the VM's
+    tenant in the key service; by default the tenant the broker speaks for (its certificate's CN).
     """
     if config.boot is None:
         raise TenantError("an attested launch needs a guest to boot")
@@ -106,11 +108,11 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
             _attest, launch, config, host, sealed.digests, keyid_bits=keyid_bits, packages=packages,
             integrity=integrity))
 
-        async def payload() -> Payload:
+        async def payload() -> OwnedPayload:
             released = await asyncio.shield(work)
             # the QEMU that waits for this key runs the binary measured for PCR 8, unchanged
             await asyncio.to_thread(check_running, pid[0], released.binary)
-            return released.payload
+            return OwnedPayload(released.payload, tenant or released.tenant)
 
         async def disk(vm: Machine) -> None:
             released = work.result()
@@ -120,7 +122,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
             await add_luks_disk(vm, released.image.fd, released.passphrase, master, node=f"disk{len(config.disks)}")
             released.passphrase = None
             launch.timings["disk"] = time.monotonic() - t1
-        spec = VmSpec(run_config, tenant, payload(), trace=trace, spawned=pid.append, prepare=disk)
+        spec = VmSpec(run_config, tenant or "(attesting)", payload(), trace=trace, spawned=pid.append, prepare=disk)
         running = False
         try:
             async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
@@ -198,7 +200,7 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
         seconds = host.result["seconds"]
         timings["attest"] = seconds["attest"]
         timings["release"] = seconds["broker"] + seconds["unwrap"]
-        released = _Released(memory_payload(keys.pop(launch.key)), {}, binary)
+        released = _Released(memory_payload(keys.pop(launch.key)), {}, binary, client.tenant or "default")
         if verified is not None:
             released.image = verified
             released.passphrase = image_mod.passphrase(keys.pop(verified.disk_key))

@@ -132,12 +132,15 @@ def linux_policy(world, mktme_keyserver, linux_image):
 async def test_the_guest_reads_the_disk_plugged_after_the_key_release(world, mktme_keyserver, linux_policy,
                                                                       tenant_image):
     """The stock Linux guest's virtio_blk finds the LUKS disk QEMU opened after the release and reads
-    the tenant's plaintext (the workload's write fails: the disk is attached read-only)."""
+    the tenant's plaintext (the workload's write fails: the disk is attached read-only). The VM's
+    tenant in the key service is the broker's (its client certificate's CN)."""
     base, hostdir, _ = world
     launch = TenantLaunch(mktme_keyserver.url, mktme_keyserver.ca, image=base / "disk.qcow2", host_dir=hostdir)
     async with attested_session(launch, MachineConfig(boot=linux_policy, memory="512M", name="linux"),
-                                tenant="pytest", control=False) as session:
+                                control=False) as session:
         vm = session.machines["linux"]
+        # no tenant given: the key service files the key under the tenant the broker speaks for
+        assert session.query()["guests"]["linux"]["tenant"] == mktme_keyserver.tenant.pki.client_cn() == "pytest"
         await vm.console.wait_for(r"mktme-linux: disk before sha256=\w+", patience(60))
         text = vm.console.transcript
     assert "ro=1" in text
