@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import TenantError
+from .digests import measure_fd
 
 MANIFEST_SUFFIX = ".manifest.json"
 ITER_TIME_MS = 10
@@ -158,7 +159,8 @@ def verify(image: str | os.PathLike[str], verify_key: ed25519.Ed25519PublicKey) 
         import stat
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise TenantError(f"image {path} is not a regular file")
-        digest, size = _digest_fd(fd)
+        measured = measure_fd(fd, path)          # by file identity, as the measured launch (digests.py)
+        digest, size = measured.digest.hex(), measured.state[2]
         if size != body.get("size") or digest != body.get("sha256"):
             raise TenantError(f"image {path} does not match its signed manifest "
                               f"({'truncated or extended' if size != body.get('size') else 'modified'}: "

@@ -127,6 +127,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
         try:
             async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
                                    integrity=integrity, sanitizer=sanitizer, name=launch.host) as session:
+                sealed.close()                 # loaded by QEMU at its start
                 released = work.result()
                 vm = session.machines[config.name]
                 disks = tuple(config.disks)

@@ -119,35 +119,37 @@ def check_running(pid: int, measured: Measured) -> None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
+@dataclass
 class SealedBoot:
     """The guest's boot files as QEMU loads them: ``boot`` names sealed memfd copies
     (``/dev/fd/N``, inherited through ``fds``); ``digests`` are those bytes' SHA-256, by the
     original path (what the measured set describes)."""
 
     boot: BootSpec
-    fds: tuple[int, ...]
+    fds: list[int]
     digests: dict[Path, bytes]
+
+    def close(self) -> None:
+        """Drop the copies (QEMU has loaded them once it answers QMP); again: nothing."""
+        while self.fds:
+            os.close(self.fds.pop())
 
 
 @contextlib.contextmanager
 def sealed_boot(boot: BootSpec) -> Iterator[SealedBoot]:
     """Copies of ``boot``'s kernel and initrd in memfds sealed against any change, hashed while
     copied; closed after the block (QEMU has read them once it runs)."""
-    fds: list[int] = []
-    digests: dict[Path, bytes] = {}
-    paths: dict[str, Path] = {}
+    sealed = SealedBoot(boot, [], {})
     try:
+        paths: dict[str, Path] = {}
         for field, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
-            if path is None:
-                continue
-            fd = _sealed_copy(Path(path), digests)
-            fds.append(fd)
-            paths[field] = Path(f"/dev/fd/{fd}")
-        yield SealedBoot(dataclasses.replace(boot, **paths), tuple(fds), digests)  # type: ignore[arg-type]
+            if path is not None:
+                sealed.fds.append(_sealed_copy(Path(path), sealed.digests))
+                paths[field] = Path(f"/dev/fd/{sealed.fds[-1]}")
+        sealed.boot = dataclasses.replace(boot, **paths)  # type: ignore[arg-type]
+        yield sealed
     finally:
-        for fd in fds:
-            os.close(fd)
+        sealed.close()
 
 
 def _sealed_copy(path: Path, digests: dict[Path, bytes]) -> int:
