@@ -74,13 +74,14 @@ async def run_tenant_demo(out: Callable[[str], None] = print) -> None:
                 out(f"      disk: {att['key_origin']['disk']}")
                 blocks = await vm.qmp.execute("query-block")
                 _check(out, any(b.get("inserted", {}).get("encrypted") for b in blocks),
-                       "QEMU opened the LUKS disk (secret through an inherited fd); the guest booted")
+                       "QEMU opened the LUKS disk hot-plugged before the vCPUs ran (its secret encrypted under "
+                       "the launch's master secret); the guest booted")
                 g = session.query()["guests"]["vm1"]
                 _check(out, g["key-type"] == "user", f"VM memory under KeyID {g['keyid']} with the tenant's key "
                        "(type=user, straight from the TPM unwrap into the key service)")
             t = launch.timings
-            out(f"      measure {t['measure']:.3f} s, attest {t['attest']:.3f} s, release {t['release']:.3f} s, "
-                f"launch {t['launch']:.3f} s")
+            out(f"      measure {t['measure']:.3f} s, attest {t['attest']:.3f} s, release {t['release']:.3f} s "
+                f"(QEMU starting paused beside), then bind and disk {t['launch']:.3f} s")
             with AttestedHost("host0", hostdir).boot(measured_set(boot, keyid_bits=6)) as good:
                 good.node_key()
             _check(out, (hostdir / "node-key.sealed").is_file(), "node key sealed to host0's PCRs 8-12")
