@@ -106,7 +106,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
         # submitted now (not at the loop's next turn: QEMU's fork comes first)
         work = asyncio.get_running_loop().run_in_executor(None, functools.partial(
             _attest, launch, config, host, sealed.digests, keyid_bits=keyid_bits, packages=packages,
-            integrity=integrity))
+            integrity=integrity, t0=t0))
 
         async def payload() -> OwnedPayload:
             released = await asyncio.shield(work)
@@ -164,11 +164,11 @@ async def _refusal(work: asyncio.Future[_Released]) -> AttestationError | None:
 
 
 def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boot_digests: dict[Path, bytes], *,
-            keyid_bits: int, packages: int, integrity: str | None) -> _Released:
-    """Boot the host (measured launch: QEMU's binary, the sealed boot files), attest, unwrap."""
+            keyid_bits: int, packages: int, integrity: str | None, t0: float) -> _Released:
+    """Boot the host (measured launch: QEMU's binary, the sealed boot files), attest, unwrap.
+    Timings count from ``t0``, the launch's start."""
     assert config.boot is not None
     timings = launch.timings
-    t0 = time.monotonic()
     client = BrokerClient(launch.url, launch.ca)
     verified = None
     try:
