@@ -68,6 +68,12 @@ def _spawn(argv: list[str], **kwargs) -> subprocess.Popen[bytes]:
     with _spawner_lock:
         if _spawner is None:
             _spawner = ThreadPoolExecutor(1, thread_name_prefix="swtpm-spawner")
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        # util-linux's setpriv sets the death signal and execs swtpm: no Python code between fork
+        # and exec, so subprocess can vfork (a fork of this large process, GIL held, costs 10-40 ms
+        # on a busy machine, on the attested launch's critical path)
+        return _spawner.submit(subprocess.Popen, [setpriv, "--pdeathsig", "KILL", "--", *argv], **kwargs).result()
     return _spawner.submit(subprocess.Popen, argv, preexec_fn=_set_pdeathsig, **kwargs).result()
 
 

@@ -7,8 +7,15 @@ broker's rules. Each refusal names its reason, and no key is released.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+
+from helpers import patience
 
 from qemu_mktme.errors import AttestationError, TenantError, TpmError
 from qemu_mktme.tenant import eventlog
@@ -246,3 +253,23 @@ def test_one_running_tpm_per_host_directory(hosts):
     a, _ = hosts
     with pytest.raises(TpmError, match="in use by another running host"):
         AttestedHost("host-a", a.directory).boot(EVENTS)
+
+
+def test_a_hosts_swtpm_dies_with_the_host_process_killed_with_9(tmp_path):
+    """swtpm holds the host's TPM state lock: it must not outlive its host, even one killed with -9."""
+    script = ("import sys, time\n"
+              "from qemu_mktme.tenant.hostid import AttestedHost\n"
+              f"h = AttestedHost('h', {str(tmp_path / 'h')!r}).power_on()\n"
+              "print(h.swtpm.proc.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    host = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        swtpm = int(host.stdout.readline())
+        assert os.path.exists(f"/proc/{swtpm}")
+    finally:
+        host.send_signal(signal.SIGKILL)
+        host.wait()
+    deadline = time.monotonic() + patience(10)
+    while os.path.exists(f"/proc/{swtpm}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{swtpm}")
