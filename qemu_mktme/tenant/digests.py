@@ -76,6 +76,14 @@ def measure_file(path: str | os.PathLike[str]) -> Measured:
         os.close(fd)
 
 
+def path_digest(path: str) -> bytes:
+    """The digest of the file at ``path``: from the cache when its state (``stat``, no open) is a
+    settled one already hashed, else :func:`measure_file`."""
+    with _lock:
+        hit = _cache.get(state(os.stat(path)))
+    return hit if hit is not None else measure_file(path).digest
+
+
 def fd_digest(fd: int) -> bytes:
     return measure_fd(fd).digest
 

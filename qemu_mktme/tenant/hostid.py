@@ -113,8 +113,7 @@ class AttestedHost:
     def evidence(self, nonce: bytes, names: list[str]) -> dict[str, Any]:
         """What the broker needs: quote and binding-key certification for ``nonce``, the event log."""
         tpm = self._tpm()
-        quote = tpm.quote(nonce)
-        certify = tpm.certify_binding(nonce)
+        quote, certify = tpm.quote_and_certify(nonce)
         return {"nonce": nonce.hex(), "ak_public": tpm.ak_public().hex(),
                 "quote": {"attest": quote.attest.hex(), "signature": quote.signature.hex()},
                 "binding": {"public": tpm.binding_public().hex(), "attest": certify.attest.hex(),

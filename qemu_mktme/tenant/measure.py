@@ -39,17 +39,19 @@ from ..qemu.binary import find_qemu
 from ..qemu.boot import BootSpec
 from ..trace.shim import build_shim
 from .eventlog import Event, measure
-from .digests import Measured, fd_digest, file_digest, measure_file, state
+from .digests import Measured, fd_digest, file_digest, measure_file, path_digest, state
 from .tpm import Tpm
 
 
 def package_digest(root: Path | None = None) -> tuple[bytes, int]:
     """SHA-256 over (relative path, SHA-256) of every ``.py``, ``.c`` and ``.h`` of the package."""
-    base = root or Path(qemu_mktme.__file__).parent
+    base = str(root or Path(qemu_mktme.__file__).parent)
+    files = [os.path.relpath(os.path.join(d, n), base) for d, _, names in os.walk(base) for n in names
+             if n.endswith((".py", ".c", ".h")) and os.path.isfile(os.path.join(d, n))]
+    files.sort(key=lambda rel: rel.split(os.sep))          # pathlib's order (by path components)
     h = hashlib.sha256()
-    files = sorted(p for p in base.rglob("*") if p.suffix in (".py", ".c", ".h") and p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(base)).encode() + b"\0" + file_digest(p))
+    for rel in files:                 # plain strings and stat-keyed digests: this runs beside QEMU's start
+        h.update(rel.encode() + b"\0" + path_digest(os.path.join(base, rel)))
     return h.digest(), len(files)
 
 

@@ -288,6 +288,17 @@ class Tpm:
                                      t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL))
         return Quote(bytes(attest.marshal())[2:], _der_signature(sig))
 
+    def quote_and_certify(self, nonce: bytes, pcrs: str = PCR_SELECTION) -> tuple[Quote, Quote]:
+        """:meth:`quote` and :meth:`certify_binding` for one nonce, the AK created once for both."""
+        t = _pytss()
+        with self._ak() as (ak, _):
+            attest, sig = self._call("Quote", self._esys.quote, ak, pcrs, t.TPM2B_DATA(nonce))
+            quote = Quote(bytes(attest.marshal())[2:], _der_signature(sig))
+            with self._binding() as (bind, _):
+                attest, sig = self._call("Certify", self._esys.certify, bind, ak, t.TPM2B_DATA(nonce),
+                                         t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL))
+        return quote, Quote(bytes(attest.marshal())[2:], _der_signature(sig))
+
     def ecdh(self, x: bytes, y: bytes) -> bytes:
         """TPM2_ECDH_ZGen with the binding key: the shared secret's x coordinate."""
         return self.ecdh_all([(x, y)])[0]
