@@ -52,7 +52,7 @@ def measure_fd(fd: int, path: str | os.PathLike[str] = "") -> Measured:
     if hit is not None:
         return Measured(Path(path), hit, key, True)
     started = time.time_ns()
-    h = hashlib.sha256()
+    h = hashlib.sha256()              # pread, not mmap: a file truncated meanwhile would be SIGBUS
     offset = 0
     while chunk := os.pread(fd, 1 << 20, offset):
         h.update(chunk)
@@ -82,6 +82,12 @@ def path_digest(path: str) -> bytes:
     with _lock:
         hit = _cache.get(state(os.stat(path)))
     return hit if hit is not None else measure_file(path).digest
+
+
+def forget() -> None:
+    """Drop every remembered digest (what a new process starts with)."""
+    with _lock:
+        _cache.clear()
 
 
 def fd_digest(fd: int) -> bytes:

@@ -102,16 +102,22 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
             config, boot=sealed.boot, start_paused=True,
             pass_fds=(*config.pass_fds, *sealed.fds, *([master.fd] if master and master.fd is not None else [])),
             extra_args=(*(master.argv() + hotplug_argv(config.machine) if master else ()), *config.extra_args))
-        pid: list[int] = []
+        loop = asyncio.get_running_loop()
+        pid: asyncio.Future[int] = loop.create_future()     # QEMU's, once exec'd
+
+        def spawned(n: int) -> None:
+            if not pid.done():
+                pid.set_result(n)
         # submitted now (not at the loop's next turn: QEMU's fork comes first)
-        work = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+        work = loop.run_in_executor(None, functools.partial(
             _attest, launch, config, host, sealed.digests, keyid_bits=keyid_bits, packages=packages,
             integrity=integrity, t0=t0))
 
         async def payload() -> OwnedPayload:
             released = await asyncio.shield(work)
-            # the QEMU that waits for this key runs the binary measured for PCR 8, unchanged
-            await asyncio.to_thread(check_running, pid[0], released.binary)
+            # the QEMU that waits for this key runs the binary measured for PCR 8, unchanged (the
+            # attestation may end before QEMU is exec'd: a slow start, or its version probe)
+            await asyncio.to_thread(check_running, await pid, released.binary)
             return OwnedPayload(released.payload, tenant or released.tenant)
 
         async def disk(vm: Machine) -> None:
@@ -122,7 +128,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
             await add_luks_disk(vm, released.image.fd, released.passphrase, master, node=f"disk{len(config.disks)}")
             released.passphrase = None
             launch.timings["disk"] = time.monotonic() - t1
-        spec = VmSpec(run_config, tenant or "(attesting)", payload(), trace=trace, spawned=pid.append, prepare=disk)
+        spec = VmSpec(run_config, tenant or "(attesting)", payload(), trace=trace, spawned=spawned, prepare=disk)
         running = False
         try:
             async with HostSession([spec], keyid_bits=keyid_bits, packages=packages, control=control,
