@@ -41,8 +41,8 @@ LAYOUT_VERSION = 1
 HEADER_BYTES = 4096
 NKEYIDS = 1 << 15                      # KeyIDs 0 .. 2^15 - 1 (KEYID_BITS <= 15)
 MAX_RANGES = 8
-STLB_ENTRIES = 4096                    # the shim's software TLB per vCPU (32-byte entries)
-STLB_ENTRY_BYTES = 32
+STLB_ENTRIES = 8192                    # the shim's software TLB per vCPU (16-byte entries)
+STLB_ENTRY_BYTES = 16
 
 KIND_LOAD, KIND_STORE = 0, 1
 WATCH_LOAD, WATCH_STORE = 1 << KIND_LOAD, 1 << KIND_STORE
@@ -73,8 +73,9 @@ HEADER_DTYPE = np.dtype([
 VCPU_DTYPE = np.dtype([
     ("head", u64), ("seq", u64), ("dropped", u64), ("_pad0", u64, (5,)),
     ("tail", u64), ("_pad1", u64, (7,)),
-    # the hit path's line: attr_gen | gen << 32 is the vCPU's TLB stamp; Python writes attr_gen
-    ("attr_gen", u32), ("gen", u32), ("verify_left", u32), ("_pad2", u32, (13,)),
+    # the hit path's line: Python writes attr_gen (after changing watch flags), the shim the rest
+    ("attr_gen", u32), ("gen", u32), ("verify_left", u32), ("_pad2a", u32), ("tlb_key", u64),
+    ("ctr_base", u64), ("_pad2", u32, (8,)),
     ("io", u64, (2,)), ("other", u64), ("lookup_failures", u64), ("tlb_misses", u64),
     ("tlb_flushes", u64), ("verify_checks", u64), ("verify_mismatches", u64),
     ("mismatch_vaddr", u64), ("mismatch_cached", u64), ("mismatch_actual", u64),

@@ -199,17 +199,15 @@ struct shim_vcpu {
     /* written by Python (consumer) */
     uint64_t tail;                               /* records consumed */
     uint64_t pad1[7];
-    /* the hit path's line. Read as one u64, attr_gen | gen << 32 is the vCPU's TLB stamp:
-     * Python writes attr_gen after changing watch flags, the shim bumps gen */
-    union {
-        uint64_t stamp;
-        struct {
-            uint32_t attr_gen;                   /* written by Python */
-            uint32_t gen;                        /* translation generation | STAMP_POISON >> 32 */
-        };
-    };
+    /* the hit path's line: attr_gen is Python's (bumped after it changes watch flags), the
+     * rest the shim's own */
+    uint32_t attr_gen;                           /* written by Python */
+    uint32_t gen;                                /* translation generation (for reading) */
     uint32_t verify_left;                        /* TLB hits until the next verification */
-    uint32_t pad2[13];
+    uint32_t pad2a;
+    uint64_t tlb_key;                            /* gen << KEY_GEN_SHIFT | KEY_POISON */
+    uint64_t ctr_base;                           /* the shim's address of its page counters */
+    uint32_t pad2[8];
     /* statistics, written by the shim */
     uint64_t io[2];                              /* MMIO loads, stores: not RAM, not attributed */
     uint64_t other;                              /* RAM outside the guest-RAM backend (ROMs) */
@@ -224,7 +222,8 @@ struct shim_vcpu {
 };
 _Static_assert(sizeof(struct shim_vcpu) == 384, "vcpu layout");
 _Static_assert(offsetof(struct shim_vcpu, tail) == 64, "consumer index on its own line");
-_Static_assert(offsetof(struct shim_vcpu, attr_gen) == 128, "stamp on its own line");
+_Static_assert(offsetof(struct shim_vcpu, attr_gen) == 128 && offsetof(struct shim_vcpu, pad2) == 160,
+               "the hit path's line");
 
 struct shim_page_attr {
     uint16_t keyid;
@@ -259,27 +258,32 @@ _Static_assert(sizeof(struct shim_record) == 64, "record layout");
  * State (all static). Per-vCPU state is indexed by vCPU index: each vCPU thread touches only
  * its own, so the access path takes no lock.
  *
- * A software-TLB entry maps a virtual page to the counters of its guest-RAM page. It hits
- * while its stamp equals its vCPU's (the u64 at shim_vcpu.attr_gen): translation-changing
- * instructions bump the generation, and Python bumps the attribute half after changing watch
- * flags (then only the attributes are re-read, not the translation). Entries of watched pages
- * carry STAMP_WATCHED so that they never hit: their accesses take the slow path, which
- * records them. STAMP_POISON in the vCPU's stamp sends every access there (decode=api).
+ * A software-TLB entry (16 bytes: four to a cache line) maps a virtual page to its guest-RAM
+ * page. It hits while its key equals the vCPU's (the virtual page number | the vCPU's
+ * tlb_key: the translation generation, which translation-changing instructions bump) and its
+ * attribute generation equals shim_vcpu.attr_gen (Python bumps it after changing watch flags;
+ * then only the attributes are re-read, not the translation). A virtual page number fits in
+ * 45 bits: the guest accesses only canonical addresses, which differ in their low 57 bits.
+ * Entries of watched pages carry KEY_NOHIT so that they never hit: their accesses take the
+ * slow path, which records them. KEY_POISON in the vCPU's key sends every access there
+ * (decode=api).
  */
-#define STLB_BITS 12
+#define STLB_BITS 13
 #define STLB_ENTRIES (1u << STLB_BITS)
-#define GEN_LIMIT (1u << 29)
-#define STAMP_WATCHED (1ull << 62)
-#define STAMP_POISON (1ull << 63)
-#define STAMP_FLAGS (STAMP_WATCHED | STAMP_POISON)
+#define KEY_VPN_BITS 45
+#define KEY_VPN_MASK ((1ull << KEY_VPN_BITS) - 1)
+#define KEY_GEN_SHIFT KEY_VPN_BITS
+#define GEN_LIMIT (1u << 17)                     /* gen in bits 45..61 */
+#define KEY_POISON (1ull << 62)                  /* only in the vCPU's key */
+#define KEY_NOHIT (1ull << 63)                   /* only in entries */
+#define KEY_IDENTITY (~(KEY_POISON | KEY_NOHIT))
 
 struct stlb_entry {
-    uint64_t vpn;
-    uint64_t stamp;                              /* 0: never valid */
-    struct shim_counters *page_ctr;
-    uint64_t page;
+    uint64_t key;                                /* vpn | gen << 45 | KEY_NOHIT; 0: never valid */
+    uint32_t attr_gen;                           /* shim_vcpu.attr_gen at the fill */
+    uint32_t page;                               /* backend page (npages < 2^32) */
 };
-_Static_assert(sizeof(struct stlb_entry) == 32, "software TLB entry");
+_Static_assert(sizeof(struct stlb_entry) == 16, "software TLB entry");
 
 struct vcpu_block {                              /* one per vCPU in the region */
     struct shim_vcpu s;
@@ -305,7 +309,8 @@ struct insn_info {                               /* one per distinct (pc, bytes)
 
 static struct shim_header *hdr;
 static struct shim_page_attr *attrs;
-static struct vcpu_block **vcpu_blocks;          /* the hit path's only table */
+#define MAX_VCPUS 4096                           /* trace/layout.py Geometry's bound */
+static struct vcpu_block *vcpu_blocks[MAX_VCPUS];  /* the hit path's only table: one load */
 static struct vcpu_local *vcpus;
 static unsigned nvcpus;
 static uint64_t npages, ring_mask;
@@ -318,9 +323,9 @@ static struct insn_info untracked_flush_insn = { .flushes_tlb = 1 };
 
 static inline uint64_t align_page(uint64_t n) { return (n + 4095) & ~(uint64_t)4095; }
 
-static inline uint64_t stamp_of(const struct vcpu_block *b)
+static inline uint32_t attr_gen_of(const struct vcpu_block *b)
 {
-    return __atomic_load_n(&b->s.stamp, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&b->s.attr_gen, __ATOMIC_ACQUIRE);
 }
 
 static uint32_t reset_verify(void)
@@ -348,90 +353,110 @@ static uint64_t phys_to_page(uint64_t phys)
     return NO_PAGE;
 }
 
-static uint64_t lookup_page(struct shim_vcpu *s, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind)
+/* Where an access goes, as QEMU says (a full lookup; the statistics are the caller's to count). */
+enum target { TO_PAGE, TO_OTHER, TO_IO, TO_NOTHING };
+
+static enum target lookup_page(qemu_plugin_meminfo_t info, uint64_t vaddr, uint64_t *page)
 {
     struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
-    uint64_t page;
-    if (!hw) {
+    if (!hw)
+        return TO_NOTHING;
+    if (qemu_plugin_hwaddr_is_io(hw))
+        return TO_IO;
+    *page = phys_to_page(qemu_plugin_hwaddr_phys_addr(hw));
+    return *page == NO_PAGE ? TO_OTHER : TO_PAGE;
+}
+
+static void count_target(struct shim_vcpu *s, enum target t, unsigned kind)
+{
+    if (t == TO_NOTHING)
         s->lookup_failures++;
-        return NO_PAGE;
-    }
-    if (qemu_plugin_hwaddr_is_io(hw)) {
+    else if (t == TO_IO)
         s->io[kind]++;
-        return NO_PAGE;
-    }
-    if ((page = phys_to_page(qemu_plugin_hwaddr_phys_addr(hw))) == NO_PAGE)
+    else if (t == TO_OTHER)
         s->other++;
+}
+
+/* An entry for a page under the vCPU's current generations. */
+static void fill_entry(struct stlb_entry *e, uint64_t vpn, uint64_t key, uint32_t attr_gen, uint64_t page)
+{
+    e->page = (uint32_t)page;
+    e->attr_gen = attr_gen;
+    e->key = vpn | (key & KEY_IDENTITY & ~KEY_VPN_MASK) | (attrs[page].watch ? KEY_NOHIT : 0);
+}
+
+/* The backend page this access is to be counted in, or NO_PAGE when it is not to guest RAM
+ * (MMIO, ROMs: counted apart and never cached: the chipset maps RAM over the BIOS ROMs and
+ * back without a translation change). The accesses of a translation-changing instruction are
+ * never cached either: its generation bump comes before it executes, the change after. */
+static uint64_t resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind,
+                        const struct insn_info *insn, bool *watched)
+{
+    struct shim_vcpu *s = &v->block->s;
+    uint64_t vpn = (vaddr >> SHIM_PAGE_SHIFT) & KEY_VPN_MASK;
+    uint32_t attr_gen = attr_gen_of(v->block);
+    uint64_t key = __atomic_load_n(&s->tlb_key, __ATOMIC_RELAXED);
+    bool cacheable = tlb_on && !insn->flushes_tlb;
+    struct stlb_entry *e = cacheable ? &v->block->tlb[vpn & (STLB_ENTRIES - 1)] : &v->scratch;
+    bool translated = cacheable && e->key && (e->key & KEY_IDENTITY) == ((vpn | key) & KEY_IDENTITY);
+    uint64_t page = NO_PAGE;
+    enum target t;
+
+    if (translated && e->attr_gen == attr_gen) {
+        /* A hit that came here because the page is watched or decode=api (verify_left > 0:
+         * count it down here), or because verify_left ran out on the hit path (0). */
+        page = e->page;
+        if (!s->verify_left || !--s->verify_left) {
+            uint64_t actual = NO_PAGE;
+            t = lookup_page(info, vaddr, &actual);
+            s->verify_checks++;
+            s->verify_left = reset_verify();
+            if (t != TO_PAGE || actual != page) {
+                s->verify_mismatches++;
+                s->mismatch_vaddr = vaddr;
+                s->mismatch_cached = page << SHIM_PAGE_SHIFT;
+                s->mismatch_actual = t == TO_PAGE ? actual << SHIM_PAGE_SHIFT : UINT64_MAX;
+                e->key = 0;
+                if (t != TO_PAGE) {
+                    count_target(s, t, kind);
+                    return NO_PAGE;
+                }
+                fill_entry(e, vpn, key, attr_gen, page = actual);
+            }
+        }
+    } else if (translated) {                     /* only the watch flags changed */
+        fill_entry(e, vpn, key, attr_gen, page = e->page);
+    } else {
+        s->tlb_misses++;
+        t = lookup_page(info, vaddr, &page);
+        if (t != TO_PAGE) {
+            count_target(s, t, kind);
+            e->key = 0;
+            return NO_PAGE;
+        }
+        fill_entry(e, vpn, key, attr_gen, page);
+    }
+    *watched = e->key & KEY_NOHIT;
     return page;
 }
 
-static void fill_entry(struct vcpu_local *v, struct stlb_entry *e, uint64_t vpn, uint64_t page, uint64_t stamp)
+static void set_generation(struct vcpu_block *b, uint32_t gen, bool poison)
 {
-    e->vpn = vpn;
-    e->stamp = (stamp & ~STAMP_FLAGS) | (attrs[page].watch ? STAMP_WATCHED : 0);
-    e->page_ctr = &v->page_ctr[page];
-    e->page = page;
-}
-
-/* The entry to count this access in, or NULL when it is not to guest RAM (MMIO, ROMs: counted
- * apart and never cached). The accesses of a translation-changing instruction are never
- * cached either: its generation bump comes before it executes, the change after. */
-static struct stlb_entry *resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind,
-                                  const struct insn_info *insn)
-{
-    struct shim_vcpu *s = &v->block->s;
-    uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
-    uint64_t stamp = stamp_of(v->block) & ~STAMP_FLAGS;
-    bool cacheable = tlb_on && !insn->flushes_tlb;
-    struct stlb_entry *e = cacheable ? &v->block->tlb[vpn & (STLB_ENTRIES - 1)] : &v->scratch;
-    uint64_t estamp = e->stamp & ~STAMP_FLAGS;
-    bool translated = cacheable && e->vpn == vpn && estamp && estamp >> 32 == stamp >> 32;
-
-    if (translated && estamp == stamp) {
-        /* A hit that came here because the page is watched or decode=api (verify_left > 0:
-         * count it down here), or because verify_left ran out on the hit path (0). */
-        if (s->verify_left && --s->verify_left)
-            return e;
-        uint64_t page = lookup_page(s, info, vaddr, kind);
-        s->verify_checks++;
-        s->verify_left = reset_verify();
-        if (page == e->page)
-            return e;
-        s->verify_mismatches++;
-        s->mismatch_vaddr = vaddr;
-        s->mismatch_cached = e->page << SHIM_PAGE_SHIFT;
-        s->mismatch_actual = page == NO_PAGE ? UINT64_MAX : page << SHIM_PAGE_SHIFT;
-        e->stamp = 0;
-        if (page == NO_PAGE)
-            return NULL;
-        fill_entry(v, e, vpn, page, stamp);
-        return e;
-    }
-    if (translated) {                            /* only the watch flags changed */
-        fill_entry(v, e, vpn, e->page, stamp);
-        return e;
-    }
-    s->tlb_misses++;
-    uint64_t page = lookup_page(s, info, vaddr, kind);
-    if (page == NO_PAGE) {
-        e->stamp = 0;
-        return NULL;
-    }
-    fill_entry(v, e, vpn, page, stamp);
-    return e;
+    b->s.gen = gen;
+    __atomic_store_n(&b->s.tlb_key, (uint64_t)gen << KEY_GEN_SHIFT | (poison ? KEY_POISON : 0), __ATOMIC_RELAXED);
 }
 
 static void flush_tlb(unsigned int vcpu_index, void *udata)
 {
-    struct shim_vcpu *s = &vcpus[vcpu_index].block->s;
-    uint32_t gen = (s->gen & ~(uint32_t)(STAMP_POISON >> 32)) + 1;
+    struct vcpu_block *b = vcpu_blocks[vcpu_index];
+    uint32_t gen = b->s.gen + 1;
     (void)udata;
-    if (gen >= GEN_LIMIT) {                      /* keep gen below the stamp flags */
-        memset(vcpus[vcpu_index].block->tlb, 0, sizeof(vcpus[vcpu_index].block->tlb));
+    if (gen >= GEN_LIMIT) {                      /* the generation wraps: forget every entry */
+        memset(b->tlb, 0, sizeof(b->tlb));
         gen = 1;
     }
-    __atomic_store_n(&s->gen, gen | (s->gen & (uint32_t)(STAMP_POISON >> 32)), __ATOMIC_RELAXED);
-    s->tlb_flushes++;
+    set_generation(b, gen, b->s.tlb_key & KEY_POISON);
+    b->s.tlb_flushes++;
 }
 
 /* The GPA at which a backend offset appears (the range table Python filled in). */
@@ -485,8 +510,9 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
     struct shim_vcpu *s = &v->block->s;
     unsigned kind = qemu_plugin_mem_is_store(info);
     unsigned shift = qemu_plugin_mem_size_shift(info);
+    bool watched;
 
-    if (!(s->gen & (uint32_t)(STAMP_POISON >> 32))) {
+    if (!(s->tlb_key & KEY_POISON)) {
         s->decode_checks++;
         if (((info >> MEMINFO_STORE_BIT) & 1) != kind || ((info >> MEMINFO_SIZE_SHIFT) & MEMINFO_SIZE_MASK) != shift) {
             s->decode_mismatches++;
@@ -494,33 +520,35 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
             __atomic_store_n(&hdr->decode_api, 1, __ATOMIC_RELAXED);
         }
         if (__atomic_load_n(&decode_api, __ATOMIC_RELAXED))   /* this vCPU's hits now come here */
-            __atomic_store_n(&s->gen, s->gen | (uint32_t)(STAMP_POISON >> 32), __ATOMIC_RELAXED);
+            set_generation(v->block, s->gen, true);
     }
-    struct stlb_entry *e = resolve(v, info, vaddr, kind, udata);
-    if (!e)
+    uint64_t page = resolve(v, info, vaddr, kind, udata, &watched);
+    if (page == NO_PAGE)
         return;
     unsigned size = 1u << shift;
-    e->page_ctr->n[kind]++;
-    e->page_ctr->bytes[kind] += size;
-    if (e->stamp & STAMP_WATCHED && attrs[e->page].watch & (1u << kind))
-        emit(v, vcpu_index, e->page, vaddr, size, kind, udata);
+    v->page_ctr[page].n[kind]++;
+    v->page_ctr[page].bytes[kind] += size;
+    if (watched && attrs[page].watch & (1u << kind))
+        emit(v, vcpu_index, page, vaddr, size, kind, udata);
 }
 
 /* The memory callback, registered once per instruction for loads and stores together
  * (QEMU_PLUGIN_MEM_RW): QEMU 7.2's filter is off by one (a MEM_R callback also fires on stores
  * and a MEM_W one on loads), so separate registrations would count wrongly there. The hit
- * path is a leaf: the vCPU's stamp line, one TLB entry, one counter line; no calls. */
+ * path is a leaf, one dependent load shorter than a pointer per entry would make it: the
+ * block (a static table), then the vCPU's line and the 16-byte entry side by side, then the
+ * counter line; no calls. */
 static void on_access(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
     struct vcpu_block *b = vcpu_blocks[vcpu_index];
-    uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
+    uint64_t vpn = (vaddr >> SHIM_PAGE_SHIFT) & KEY_VPN_MASK;
     const struct stlb_entry *e = &b->tlb[vpn & (STLB_ENTRIES - 1)];
 
-    if (unlikely(e->vpn != vpn || e->stamp != stamp_of(b) || !--b->s.verify_left))
+    if (unlikely(e->key != (vpn | b->s.tlb_key) || e->attr_gen != attr_gen_of(b) || !--b->s.verify_left))
         return on_access_slow(vcpu_index, info, vaddr, udata);
     uintptr_t k = (info >> (MEMINFO_STORE_BIT - 3)) & 8;     /* byte offset of n[kind] */
     uint64_t size = 1u << ((info >> MEMINFO_SIZE_SHIFT) & MEMINFO_SIZE_MASK);
-    struct shim_counters *c = (struct shim_counters *)((char *)e->page_ctr + k);
+    struct shim_counters *c = (struct shim_counters *)((char *)((struct shim_counters *)b->s.ctr_base + e->page) + k);
     c->n[0]++;
     c->bytes[0] += size;
 }
@@ -889,23 +917,20 @@ static char *map_region(const struct options *o, unsigned max_vcpus)
 /* The per-vCPU state over the region's sections; -1, with nothing left allocated, when out of memory. */
 static int setup_vcpus(char *base)
 {
-    vcpu_blocks = calloc(nvcpus, sizeof(*vcpu_blocks));
+    if (nvcpus > MAX_VCPUS)
+        return fail("%u vCPUs: the shim traces at most %u", nvcpus, MAX_VCPUS);
     vcpus = calloc(nvcpus, sizeof(*vcpus));
-    if (!vcpu_blocks || !vcpus) {
-        free(vcpu_blocks);
-        free(vcpus);
-        vcpu_blocks = NULL;
-        vcpus = NULL;
+    if (!vcpus)
         return fail("out of memory");
-    }
     for (unsigned i = 0; i < nvcpus; i++) {
         struct vcpu_local *v = &vcpus[i];
         struct vcpu_block *b = (struct vcpu_block *)(base + hdr->vcpu_offset + (uint64_t)i * SHIM_VCPU_BLOCK);
         memset(b->tlb, 0, sizeof(b->tlb));
-        b->s.gen = 1 | (decode_api ? (uint32_t)(STAMP_POISON >> 32) : 0);
         b->s.verify_left = reset_verify();
         v->block = b;
         v->page_ctr = (struct shim_counters *)(base + hdr->page_ctr_offset) + (uint64_t)i * npages;
+        b->s.ctr_base = (uint64_t)(uintptr_t)v->page_ctr;
+        set_generation(b, 1, decode_api);
         v->ring = (struct shim_record *)(base + hdr->ring_offset) + (uint64_t)i * hdr->ring_entries;
         v->head = b->s.head;
         v->seq = b->s.seq;
