@@ -206,8 +206,7 @@ struct shim_vcpu {
     uint32_t verify_left;                        /* TLB hits until the next verification */
     uint32_t pad2a;
     uint64_t tlb_key;                            /* gen << KEY_GEN_SHIFT | KEY_POISON */
-    uint64_t ctr_base;                           /* the shim's address of its page counters */
-    uint32_t pad2[8];
+    uint32_t pad2[10];
     /* statistics, written by the shim */
     uint64_t io[2];                              /* MMIO loads, stores: not RAM, not attributed */
     uint64_t other;                              /* RAM outside the guest-RAM backend (ROMs) */
@@ -218,11 +217,16 @@ struct shim_vcpu {
     uint64_t mismatch_vaddr, mismatch_cached, mismatch_actual;  /* the last mismatch */
     uint64_t callbacks;                          /* mode=count only */
     uint64_t decode_checks, decode_mismatches;   /* inline meminfo decoding vs the API */
-    uint64_t pad3[10];
+    /* the TLB's counts: written by the shim, read by Python (SharedRegion.counts) */
+    uint64_t fold_seq;                           /* odd while entries' counts move to the pages' */
+    uint32_t folded_gen;                         /* attr_gen at the last fold of the whole TLB */
+    uint32_t pad3a;
+    uint64_t folds;                              /* whole-TLB folds (Python asked, or the generation wrapped) */
+    uint64_t pad3[7];
 };
 _Static_assert(sizeof(struct shim_vcpu) == 384, "vcpu layout");
 _Static_assert(offsetof(struct shim_vcpu, tail) == 64, "consumer index on its own line");
-_Static_assert(offsetof(struct shim_vcpu, attr_gen) == 128 && offsetof(struct shim_vcpu, pad2) == 160,
+_Static_assert(offsetof(struct shim_vcpu, attr_gen) == 128 && offsetof(struct shim_vcpu, pad2) == 152,
                "the hit path's line");
 
 struct shim_page_attr {
@@ -258,8 +262,13 @@ _Static_assert(sizeof(struct shim_record) == 64, "record layout");
  * State (all static). Per-vCPU state is indexed by vCPU index: each vCPU thread touches only
  * its own, so the access path takes no lock.
  *
- * A software-TLB entry (16 bytes: four to a cache line) maps a virtual page to its guest-RAM
- * page. It hits while its key equals the vCPU's (the virtual page number | the vCPU's
+ * A software-TLB entry (one cache line) maps a virtual page to its guest-RAM page and counts
+ * the hits on it: the hit path touches the vCPU's line and the entry's, nothing else. The
+ * counts move to the page's counters ("fold") before the entry is given another page, when
+ * the generation wraps, and when Python asks (it bumps attr_gen: the next access of the vCPU
+ * folds the whole TLB and sets folded_gen); fold_seq is odd while a fold runs, so Python can
+ * also read page counters + entry counts consistently from a vCPU that is not running.
+ * An entry hits while its key equals the vCPU's (the virtual page number | the vCPU's
  * tlb_key: the translation generation, which translation-changing instructions bump) and its
  * attribute generation equals shim_vcpu.attr_gen (Python bumps it after changing watch flags;
  * then only the attributes are re-read, not the translation). A virtual page number fits in
@@ -268,7 +277,7 @@ _Static_assert(sizeof(struct shim_record) == 64, "record layout");
  * slow path, which records them. KEY_POISON in the vCPU's key sends every access there
  * (decode=api).
  */
-#define STLB_BITS 13
+#define STLB_BITS 12
 #define STLB_ENTRIES (1u << STLB_BITS)
 #define KEY_VPN_BITS 45
 #define KEY_VPN_MASK ((1ull << KEY_VPN_BITS) - 1)
@@ -282,8 +291,10 @@ struct stlb_entry {
     uint64_t key;                                /* vpn | gen << 45 | KEY_NOHIT; 0: never valid */
     uint32_t attr_gen;                           /* shim_vcpu.attr_gen at the fill */
     uint32_t page;                               /* backend page (npages < 2^32) */
-};
-_Static_assert(sizeof(struct stlb_entry) == 16, "software TLB entry");
+    struct shim_counters ctr;                    /* hits not yet folded into page's counters */
+    uint64_t pad[2];
+} __attribute__((aligned(64)));
+_Static_assert(sizeof(struct stlb_entry) == 64, "software TLB entry");
 
 struct vcpu_block {                              /* one per vCPU in the region */
     struct shim_vcpu s;
@@ -377,10 +388,55 @@ static void count_target(struct shim_vcpu *s, enum target t, unsigned kind)
         s->other++;
 }
 
-/* An entry for a page under the vCPU's current generations. */
-static void fill_entry(struct stlb_entry *e, uint64_t vpn, uint64_t key, uint32_t attr_gen, uint64_t page)
+/* Move an entry's counts to its page's counters; inside a fold_seq window (fold_begin/end). */
+static void fold_entry(struct vcpu_local *v, struct stlb_entry *e)
 {
-    e->page = (uint32_t)page;
+    struct shim_counters *c = &v->page_ctr[e->page];
+    if (!(e->ctr.n[0] | e->ctr.n[1]))
+        return;
+    for (int k = 0; k < 2; k++) {
+        c->n[k] += e->ctr.n[k];
+        c->bytes[k] += e->ctr.bytes[k];
+    }
+    memset(&e->ctr, 0, sizeof(e->ctr));
+}
+
+static void fold_begin(struct shim_vcpu *s)
+{
+    __atomic_store_n(&s->fold_seq, s->fold_seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);     /* odd before any counter moves */
+}
+
+static void fold_end(struct shim_vcpu *s)
+{
+    __atomic_store_n(&s->fold_seq, s->fold_seq + 1, __ATOMIC_RELEASE);
+}
+
+/* Every entry's counts to the pages' counters: Python asked (attr_gen moved past folded_gen),
+ * or the generation wraps, or QEMU exits. */
+static void fold_all(struct vcpu_local *v, uint32_t attr_gen)
+{
+    struct shim_vcpu *s = &v->block->s;
+    fold_begin(s);
+    for (unsigned i = 0; i < STLB_ENTRIES; i++)
+        fold_entry(v, &v->block->tlb[i]);
+    fold_end(s);
+    s->folds++;
+    __atomic_store_n(&s->folded_gen, attr_gen, __ATOMIC_RELEASE);
+}
+
+/* An entry for a page under the vCPU's current generations; the counts it holds for another
+ * page go to that page first (Python reads e->page and the counts together: the page changes
+ * inside a fold_seq window). */
+static void fill_entry(struct vcpu_local *v, struct stlb_entry *e, uint64_t vpn, uint64_t key, uint32_t attr_gen,
+                       uint64_t page)
+{
+    if (e->page != page) {
+        fold_begin(&v->block->s);
+        fold_entry(v, e);
+        e->page = (uint32_t)page;
+        fold_end(&v->block->s);
+    }
     e->attr_gen = attr_gen;
     e->key = vpn | (key & KEY_IDENTITY & ~KEY_VPN_MASK) | (attrs[page].watch ? KEY_NOHIT : 0);
 }
@@ -396,6 +452,8 @@ static uint64_t resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64
     uint64_t vpn = (vaddr >> SHIM_PAGE_SHIFT) & KEY_VPN_MASK;
     uint32_t attr_gen = attr_gen_of(v->block);
     uint64_t key = __atomic_load_n(&s->tlb_key, __ATOMIC_RELAXED);
+    if (unlikely(attr_gen != s->folded_gen))
+        fold_all(v, attr_gen);
     bool cacheable = tlb_on && !insn->flushes_tlb;
     struct stlb_entry *e = cacheable ? &v->block->tlb[vpn & (STLB_ENTRIES - 1)] : &v->scratch;
     bool translated = cacheable && e->key && (e->key & KEY_IDENTITY) == ((vpn | key) & KEY_IDENTITY);
@@ -421,11 +479,11 @@ static uint64_t resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64
                     count_target(s, t, kind);
                     return NO_PAGE;
                 }
-                fill_entry(e, vpn, key, attr_gen, page = actual);
+                fill_entry(v, e, vpn, key, attr_gen, page = actual);
             }
         }
     } else if (translated) {                     /* only the watch flags changed */
-        fill_entry(e, vpn, key, attr_gen, page = e->page);
+        fill_entry(v, e, vpn, key, attr_gen, page = e->page);
     } else {
         s->tlb_misses++;
         t = lookup_page(info, vaddr, &page);
@@ -434,7 +492,7 @@ static uint64_t resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64
             e->key = 0;
             return NO_PAGE;
         }
-        fill_entry(e, vpn, key, attr_gen, page);
+        fill_entry(v, e, vpn, key, attr_gen, page);
     }
     *watched = e->key & KEY_NOHIT;
     return page;
@@ -452,7 +510,10 @@ static void flush_tlb(unsigned int vcpu_index, void *udata)
     uint32_t gen = b->s.gen + 1;
     (void)udata;
     if (gen >= GEN_LIMIT) {                      /* the generation wraps: forget every entry */
+        fold_all(&vcpus[vcpu_index], b->s.folded_gen);
+        fold_begin(&b->s);
         memset(b->tlb, 0, sizeof(b->tlb));
+        fold_end(&b->s);
         gen = 1;
     }
     set_generation(b, gen, b->s.tlb_key & KEY_POISON);
@@ -535,20 +596,19 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
 /* The memory callback, registered once per instruction for loads and stores together
  * (QEMU_PLUGIN_MEM_RW): QEMU 7.2's filter is off by one (a MEM_R callback also fires on stores
  * and a MEM_W one on loads), so separate registrations would count wrongly there. The hit
- * path is a leaf, one dependent load shorter than a pointer per entry would make it: the
- * block (a static table), then the vCPU's line and the 16-byte entry side by side, then the
- * counter line; no calls. */
+ * path is a leaf: the block (a static table), then the vCPU's line and the entry's line,
+ * which holds the counts too; no calls. */
 static void on_access(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
     struct vcpu_block *b = vcpu_blocks[vcpu_index];
     uint64_t vpn = (vaddr >> SHIM_PAGE_SHIFT) & KEY_VPN_MASK;
-    const struct stlb_entry *e = &b->tlb[vpn & (STLB_ENTRIES - 1)];
+    struct stlb_entry *e = &b->tlb[vpn & (STLB_ENTRIES - 1)];
 
     if (unlikely(e->key != (vpn | b->s.tlb_key) || e->attr_gen != attr_gen_of(b) || !--b->s.verify_left))
         return on_access_slow(vcpu_index, info, vaddr, udata);
     uintptr_t k = (info >> (MEMINFO_STORE_BIT - 3)) & 8;     /* byte offset of n[kind] */
     uint64_t size = 1u << ((info >> MEMINFO_SIZE_SHIFT) & MEMINFO_SIZE_MASK);
-    struct shim_counters *c = (struct shim_counters *)((char *)((struct shim_counters *)b->s.ctr_base + e->page) + k);
+    struct shim_counters *c = (struct shim_counters *)((char *)&e->ctr + k);
     c->n[0]++;
     c->bytes[0] += size;
 }
@@ -730,6 +790,8 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 static void at_exit(qemu_plugin_id_t id, void *udata)
 {
     (void)id; (void)udata;
+    for (unsigned i = 0; i < nvcpus && mode == MODE_ATTRIBUTE; i++)   /* the vCPUs have stopped */
+        fold_all(&vcpus[i], vcpus[i].block->s.folded_gen);
     __atomic_store_n(&hdr->shim_state, STATE_EXITED, __ATOMIC_RELEASE);
 }
 
@@ -929,7 +991,6 @@ static int setup_vcpus(char *base)
         b->s.verify_left = reset_verify();
         v->block = b;
         v->page_ctr = (struct shim_counters *)(base + hdr->page_ctr_offset) + (uint64_t)i * npages;
-        b->s.ctr_base = (uint64_t)(uintptr_t)v->page_ctr;
         set_generation(b, 1, decode_api);
         v->ring = (struct shim_record *)(base + hdr->ring_offset) + (uint64_t)i * hdr->ring_entries;
         v->head = b->s.head;
