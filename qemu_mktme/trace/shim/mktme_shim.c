@@ -271,24 +271,24 @@ _Static_assert(sizeof(struct shim_record) == 64, "record layout");
  * An entry hits while its key equals the vCPU's (the virtual page number | the vCPU's
  * tlb_key: the translation generation, which translation-changing instructions bump) and its
  * attribute generation equals shim_vcpu.attr_gen (Python bumps it after changing watch flags;
- * then only the attributes are re-read, not the translation). A virtual page number fits in
- * 45 bits: the guest accesses only canonical addresses, which differ in their low 57 bits.
+ * then only the attributes are re-read, not the translation). A 64-bit address's page number
+ * has 52 bits; the generation and the flags take the 12 above them.
  * Entries of watched pages carry KEY_NOHIT so that they never hit: their accesses take the
  * slow path, which records them. KEY_POISON in the vCPU's key sends every access there
  * (decode=api).
  */
 #define STLB_BITS 12
 #define STLB_ENTRIES (1u << STLB_BITS)
-#define KEY_VPN_BITS 45
+#define KEY_VPN_BITS (64 - SHIM_PAGE_SHIFT)
 #define KEY_VPN_MASK ((1ull << KEY_VPN_BITS) - 1)
 #define KEY_GEN_SHIFT KEY_VPN_BITS
-#define GEN_LIMIT (1u << 17)                     /* gen in bits 45..61 */
+#define GEN_LIMIT (1u << 10)                     /* gen in bits 52..61 */
 #define KEY_POISON (1ull << 62)                  /* only in the vCPU's key */
 #define KEY_NOHIT (1ull << 63)                   /* only in entries */
 #define KEY_IDENTITY (~(KEY_POISON | KEY_NOHIT))
 
 struct stlb_entry {
-    uint64_t key;                                /* vpn | gen << 45 | KEY_NOHIT; 0: never valid */
+    uint64_t key;                                /* vpn | gen << 52 | KEY_NOHIT; 0: never valid */
     uint32_t attr_gen;                           /* shim_vcpu.attr_gen at the fill */
     uint32_t page;                               /* backend page (npages < 2^32) */
     struct shim_counters ctr;                    /* hits not yet folded into page's counters */
@@ -449,7 +449,7 @@ static uint64_t resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64
                         const struct insn_info *insn, bool *watched)
 {
     struct shim_vcpu *s = &v->block->s;
-    uint64_t vpn = (vaddr >> SHIM_PAGE_SHIFT) & KEY_VPN_MASK;
+    uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
     uint32_t attr_gen = attr_gen_of(v->block);
     uint64_t key = __atomic_load_n(&s->tlb_key, __ATOMIC_RELAXED);
     if (unlikely(attr_gen != s->folded_gen))
@@ -601,7 +601,7 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
 static void on_access(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
     struct vcpu_block *b = vcpu_blocks[vcpu_index];
-    uint64_t vpn = (vaddr >> SHIM_PAGE_SHIFT) & KEY_VPN_MASK;
+    uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
     struct stlb_entry *e = &b->tlb[vpn & (STLB_ENTRIES - 1)];
 
     if (unlikely(e->key != (vpn | b->s.tlb_key) || e->attr_gen != attr_gen_of(b) || !--b->s.verify_left))
