@@ -19,6 +19,8 @@ would have a 2 GiB hole. :class:`~qemu_mktme.qemu.guestram.GuestRAM` converts be
 The shim does not count per KeyID: on every access that would be one more counter update on
 the hot path, and a page's KeyID is Python's to change anyway. Python folds a page's counters
 into its old KeyID's total when it re-keys the page (:class:`~qemu_mktme.trace.ledger.KeyIdLedger`).
+Nor does its hit path write ``page_ctr``: it counts in the software-TLB entry it has just read
+and moves those counts to the page later; read counters through :meth:`SharedRegion.counts`.
 
 The region lives in a memfd that QEMU inherits (no file to leak, nothing on disk); the shim
 opens it as ``/proc/self/fd/N``.

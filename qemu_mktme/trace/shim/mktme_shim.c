@@ -12,7 +12,7 @@
  *
  * The cost is in the per-access callback (billions per guest boot), so it is built to do
  * little there:
- *  - a per-vCPU software TLB maps the virtual page to the counters of its guest-RAM page;
+ *  - a per-vCPU software TLB maps the virtual page to its guest-RAM page;
  *    qemu_plugin_get_hwaddr + qemu_plugin_hwaddr_phys_addr (a RAMBlock search on 7.2) run
  *    only on a miss. Instructions that can change translations (MOV to CRn, INVLPG,
  *    INVPCID, WRMSR, LMSW, RSM, far JMP/CALL, VMRUN, INVLPGA) are found at translation time
@@ -26,6 +26,9 @@
  *    calling qemu_plugin_mem_size_shift and qemu_plugin_mem_is_store cost more than all the
  *    attribution. Every slow-path access cross-checks the decoding against those calls; on a
  *    disagreement the shim counts it and uses the calls from then on (decode=api forces that).
+ *  - a hit counts in its TLB entry, the line the hit path has just read: a separate counter
+ *    line per page cost a third of the hit path (perf, QEMU 7.2). The counts move to the
+ *    page's counters when the entry changes page and whenever Python reads (see "fold").
  *  - watched pages, verification rounds and misses all leave the hit path by one branch.
  *  - per-KeyID totals are not counted here: a page's KeyID is Python's to change, so Python
  *    folds a page's counters into its old KeyID's total when it re-keys the page.
