@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES: list[tuple[str, str, tuple[str, float] | None]] = [
     ("boot", "launch -> boot marker (no ratio)", None),
     ("engine", "XTS engine encrypt / raw AES-128-ECB throughput, 1 thread", (">=", 0.6)),
-    ("shim", "Linux boot + checksum with the shim / without, wall time", ("<=", 1.5)),
+    ("shim", "Linux boot + checksum with the shim / without, QEMU CPU time", ("<=", 1.5)),
     ("snapshot", "encrypted save / QEMU migrate unthrottled, both fsynced", ("<=", 1.2)),
     ("inspect", "dump inspection throughput (no ratio)", None),
     ("dma", "vhost-user-blk sequential read through the IOMMU model / model bypassed", (">=", 0.8)),
@@ -43,7 +43,7 @@ def run(name: str, quick: bool) -> tuple[int, str | None, float]:
         sys.stdout.write(line)
         sys.stdout.flush()
         if line.startswith("ratio="):
-            ratio = line.strip().removeprefix("ratio=")
+            ratio = line.removeprefix("ratio=").split()[0]      # may be followed by "# what it was measured on"
     return proc.wait(), ratio, time.monotonic() - start
 
 

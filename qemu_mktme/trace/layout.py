@@ -19,6 +19,8 @@ would have a 2 GiB hole. :class:`~qemu_mktme.qemu.guestram.GuestRAM` converts be
 The shim does not count per KeyID: on every access that would be one more counter update on
 the hot path, and a page's KeyID is Python's to change anyway. Python folds a page's counters
 into its old KeyID's total when it re-keys the page (:class:`~qemu_mktme.trace.ledger.KeyIdLedger`).
+Nor does its hit path write ``page_ctr``: it counts in the software-TLB entry it has just read
+and moves those counts to the page later; read counters through :meth:`SharedRegion.counts`.
 
 The region lives in a memfd that QEMU inherits (no file to leak, nothing on disk); the shim
 opens it as ``/proc/self/fd/N``.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,8 +44,8 @@ LAYOUT_VERSION = 1
 HEADER_BYTES = 4096
 NKEYIDS = 1 << 15                      # KeyIDs 0 .. 2^15 - 1 (KEYID_BITS <= 15)
 MAX_RANGES = 8
-STLB_ENTRIES = 4096                    # the shim's software TLB per vCPU (32-byte entries)
-STLB_ENTRY_BYTES = 32
+STLB_ENTRIES = 4096                    # the shim's software TLB per vCPU (64-byte entries)
+STLB_ENTRY_BYTES = 64
 
 KIND_LOAD, KIND_STORE = 0, 1
 WATCH_LOAD, WATCH_STORE = 1 << KIND_LOAD, 1 << KIND_STORE
@@ -73,17 +76,25 @@ HEADER_DTYPE = np.dtype([
 VCPU_DTYPE = np.dtype([
     ("head", u64), ("seq", u64), ("dropped", u64), ("_pad0", u64, (5,)),
     ("tail", u64), ("_pad1", u64, (7,)),
-    # the hit path's line: attr_gen | gen << 32 is the vCPU's TLB stamp; Python writes attr_gen
-    ("attr_gen", u32), ("gen", u32), ("verify_left", u32), ("_pad2", u32, (13,)),
+    # the hit path's line: Python writes attr_gen (after changing watch flags), the shim the rest
+    ("attr_gen", u32), ("gen", u32), ("verify_left", u32), ("_pad2a", u32), ("tlb_key", u64),
+    ("_pad2", u32, (10,)),
     ("io", u64, (2,)), ("other", u64), ("lookup_failures", u64), ("tlb_misses", u64),
     ("tlb_flushes", u64), ("verify_checks", u64), ("verify_mismatches", u64),
     ("mismatch_vaddr", u64), ("mismatch_cached", u64), ("mismatch_actual", u64),
-    ("callbacks", u64), ("decode_checks", u64), ("decode_mismatches", u64), ("_pad3", u64, (10,)),
+    ("callbacks", u64), ("decode_checks", u64), ("decode_mismatches", u64),
+    # the software TLB's counts (see SharedRegion.counts)
+    ("fold_seq", u64), ("folded_gen", u32), ("_pad3a", u32), ("folds", u64), ("_pad3", u64, (7,)),
 ], align=True)
 
 PAGE_ATTR_DTYPE = np.dtype([("keyid", u16), ("watch", u8), ("reserved", u8)], align=True)
 
 COUNTERS_DTYPE = np.dtype([("n", u64, (2,)), ("bytes", u64, (2,))], align=True)
+
+STLB_DTYPE = np.dtype([("key", u64), ("attr_gen", u32), ("page", u32), ("counts", u64, (4,)),
+                       ("_pad", u64, (2,))], align=True)
+"""A software-TLB entry: the shim's own, read by Python only for the hits it holds (``counts``,
+laid out as ``COUNTERS_DTYPE``) that are not yet in ``page``'s counters."""
 
 RECORD_DTYPE = np.dtype([
     ("seq", u64), ("offset", u64), ("gpa", np.int64), ("vaddr", u64), ("pc", u64), ("vcpu", u16),
@@ -98,6 +109,7 @@ assert VCPU_DTYPE.itemsize == 384 and VCPU_DTYPE.fields is not None and VCPU_DTY
 assert VCPU_DTYPE.fields["attr_gen"][1] == 128 and VCPU_DTYPE.fields["gen"][1] == 132
 assert PAGE_ATTR_DTYPE.itemsize == 4
 assert COUNTERS_DTYPE.itemsize == 32
+assert STLB_DTYPE.itemsize == STLB_ENTRY_BYTES
 assert RECORD_DTYPE.itemsize == 64
 
 _SHIM_SIZES = {"sizeof_header": HEADER_DTYPE, "sizeof_vcpu": VCPU_DTYPE, "sizeof_record": RECORD_DTYPE,
@@ -192,6 +204,9 @@ class SharedRegion:
                                 strides=(g.vcpu_block,))
         self.tails = np.ndarray((g.nvcpus,), u64, buf, g.vcpu_offset + field_offset(VCPU_DTYPE, "tail"),
                                 strides=(g.vcpu_block,))
+        self.tlb = np.ndarray((g.nvcpus, STLB_ENTRIES), STLB_DTYPE, buf, g.vcpu_offset + VCPU_DTYPE.itemsize,
+                              strides=(g.vcpu_block, STLB_DTYPE.itemsize))
+        self._attr_gen = 0
         h = self.header
         h["magic"], h["layout_version"], h["header_size"] = MAGIC, LAYOUT_VERSION, HEADER_DTYPE.itemsize
         h["region_size"], h["npages"], h["nvcpus"] = g.region_size, g.npages, g.nvcpus
@@ -234,12 +249,56 @@ class SharedRegion:
         h["nranges"] = len(ranges)
         h["configured"] = 1
 
+    def bump_attr_gen(self) -> int:
+        """Tell every vCPU that watch flags changed, and ask it to fold its TLB's counts; the new
+        generation (the shim sets ``folded_gen`` to it when it has folded)."""
+        self._attr_gen = (self._attr_gen + 1) & 0xFFFF_FFFF    # after the flags: x86 keeps the order
+        self.vcpu["attr_gen"] = self._attr_gen
+        return self._attr_gen
+
+    def counts(self, wait: float = 0.005) -> np.ndarray:
+        """Per vCPU and page: loads, stores, load bytes, store bytes, every access so far counted.
+
+        The shim's hit path counts in its software-TLB entries and moves the counts to the
+        pages' counters later (mktme_shim.c, "fold"). So: ask every vCPU to fold and wait up
+        to ``wait`` seconds; a running vCPU does so at its next access, after which its page
+        counters hold everything until the request. A vCPU that does not answer is not running
+        (paused, halted, QEMU gone): its page counters plus its entries' counts, read between
+        two equal even ``fold_seq``, are exact. A view of the counters when every vCPU folded,
+        else a copy.
+        """
+        gen = self.bump_attr_gen()
+        folded = self.vcpu["folded_gen"]
+        deadline = time.monotonic() + (wait if int(self.header["shim_state"]) == STATE_ATTACHED else 0)
+        while not (folded == gen).all() and time.monotonic() < deadline:
+            time.sleep(0)
+        if (folded == gen).all():
+            return self.page_counts
+        out = self.page_counts.copy()
+        for cpu in np.flatnonzero(folded != gen):
+            while True:
+                seq = int(self.vcpu["fold_seq"][cpu])
+                if int(folded[cpu]) == gen:               # it ran after all, and folded
+                    out[cpu] = self.page_counts[cpu]
+                    break
+                if seq & 1:
+                    time.sleep(0)
+                    continue
+                counts = self.page_counts[cpu].copy()
+                pages = self.tlb["page"][cpu].astype(np.intp)
+                held = self.tlb["counts"][cpu].copy()
+                if int(self.vcpu["fold_seq"][cpu]) == seq:
+                    np.add.at(counts, pages, held)
+                    out[cpu] = counts
+                    break
+        return out
+
     def close(self) -> None:
         """Unmap and close; numpy views taken from this region must be gone first."""
         if self._closed:
             return
         self._closed = True
-        for name in ("header", "vcpu", "attrs", "page_ctr", "rings", "page_counts", "heads", "tails"):
+        for name in ("header", "vcpu", "attrs", "page_ctr", "rings", "page_counts", "heads", "tails", "tlb"):
             self.__dict__.pop(name, None)
         try:
             self._mmap.close()

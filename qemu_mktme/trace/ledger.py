@@ -29,8 +29,8 @@ class KeyIdLedger:
         self._retired = np.zeros((NKEYIDS, 4), dtype=np.uint64)    # folded traffic per KeyID
 
     def counts(self) -> np.ndarray:
-        """Per vCPU and page: loads, stores, load bytes, store bytes (a view, no copy)."""
-        return self._region.page_counts
+        """Per vCPU and page: loads, stores, load bytes, store bytes (SharedRegion.counts)."""
+        return self._region.counts()
 
     def assign(self, pages: slice, keyid: int) -> None:
         """Attribute ``pages`` to ``keyid`` from now on; what they had so far stays with their old KeyIDs."""

@@ -309,7 +309,6 @@ class Tracer:
         self._foreign = ForeignLines()
         self._records = 0
         self._dropped_watches = 0
-        self._attr_gen = 0
         self._final_stats: TracerStats | None = None
 
     def __repr__(self) -> str:
@@ -593,9 +592,9 @@ class Tracer:
         return self._vm.ram
 
     def _counts(self) -> np.ndarray:
-        """Per vCPU and page: loads, stores, load bytes, store bytes (a view, no copy)."""
+        """Per vCPU and page: loads, stores, load bytes, store bytes (SharedRegion.counts)."""
         assert self._region is not None
-        return self._region.page_counts
+        return self._region.counts()
 
     def _gpas(self, offsets: np.ndarray) -> np.ndarray:
         """GPAs of backend offsets (-1 where the offset is not mapped into the guest)."""
@@ -609,8 +608,7 @@ class Tracer:
         if self._foreign:
             flags |= np.array([self._foreign.watch_flags(int(p)) for p in pages], dtype=flags.dtype)
         region.attrs["watch"][pages] = flags
-        self._attr_gen = (self._attr_gen + 1) & 0xFFFF_FFFF    # after the flags: x86 keeps the order
-        region.vcpu["attr_gen"] = self._attr_gen
+        region.bump_attr_gen()
 
     async def _ram_block_address(self, vm: Machine) -> int:
         """Where QEMU's RAMBlock address space puts guest RAM (``info ramblock``)."""

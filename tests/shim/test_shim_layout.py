@@ -119,3 +119,21 @@ def test_ledger_keeps_traffic_with_the_keyid_a_page_had():
     finally:
         del ledger
         region.close()
+
+
+def test_counts_include_what_the_software_tlb_holds():
+    """The hit path counts in TLB entries; a vCPU that folds on request leaves its page counters
+    complete, one that does not (not running) has its entries' counts added, exactly once."""
+    region = L.SharedRegion(L.Geometry(npages=4, nvcpus=2, ring_entries=2))
+    try:
+        region.page_counts[1, 2] = (5, 1, 40, 8)
+        region.tlb[1, 7] = (0, 0, 2, (2, 3, 16, 24), (0, 0))              # vCPU 1: 2 loads, 3 stores held for page 2
+        region.tlb[1, 9] = (0, 0, 2, (1, 0, 8, 0), (0, 0))                # an alias of page 2 (another vaddr)
+        counts = region.counts()                                          # not attached: no waiting
+        assert list(counts[1, 2]) == [8, 4, 64, 32] and not counts[0].any()
+        assert list(region.page_counts[1, 2]) == [5, 1, 40, 8]            # read, not moved
+        region.header["shim_state"] = L.STATE_ATTACHED
+        region.vcpu["folded_gen"] = region._attr_gen + 1                 # both vCPUs answer the next request
+        assert region.counts() is region.page_counts                      # folded: the counters alone
+    finally:
+        region.close()

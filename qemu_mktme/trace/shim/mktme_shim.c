@@ -12,7 +12,7 @@
  *
  * The cost is in the per-access callback (billions per guest boot), so it is built to do
  * little there:
- *  - a per-vCPU software TLB maps the virtual page to the counters of its guest-RAM page;
+ *  - a per-vCPU software TLB maps the virtual page to its guest-RAM page;
  *    qemu_plugin_get_hwaddr + qemu_plugin_hwaddr_phys_addr (a RAMBlock search on 7.2) run
  *    only on a miss. Instructions that can change translations (MOV to CRn, INVLPG,
  *    INVPCID, WRMSR, LMSW, RSM, far JMP/CALL, VMRUN, INVLPGA) are found at translation time
@@ -26,6 +26,9 @@
  *    calling qemu_plugin_mem_size_shift and qemu_plugin_mem_is_store cost more than all the
  *    attribution. Every slow-path access cross-checks the decoding against those calls; on a
  *    disagreement the shim counts it and uses the calls from then on (decode=api forces that).
+ *  - a hit counts in its TLB entry, the line the hit path has just read: a separate counter
+ *    line per page cost a third of the hit path (perf, QEMU 7.2). The counts move to the
+ *    page's counters when the entry changes page and whenever Python reads (see "fold").
  *  - watched pages, verification rounds and misses all leave the hit path by one branch.
  *  - per-KeyID totals are not counted here: a page's KeyID is Python's to change, so Python
  *    folds a page's counters into its old KeyID's total when it re-keys the page.
@@ -199,17 +202,14 @@ struct shim_vcpu {
     /* written by Python (consumer) */
     uint64_t tail;                               /* records consumed */
     uint64_t pad1[7];
-    /* the hit path's line. Read as one u64, attr_gen | gen << 32 is the vCPU's TLB stamp:
-     * Python writes attr_gen after changing watch flags, the shim bumps gen */
-    union {
-        uint64_t stamp;
-        struct {
-            uint32_t attr_gen;                   /* written by Python */
-            uint32_t gen;                        /* translation generation | STAMP_POISON >> 32 */
-        };
-    };
+    /* the hit path's line: attr_gen is Python's (bumped after it changes watch flags), the
+     * rest the shim's own */
+    uint32_t attr_gen;                           /* written by Python */
+    uint32_t gen;                                /* translation generation (for reading) */
     uint32_t verify_left;                        /* TLB hits until the next verification */
-    uint32_t pad2[13];
+    uint32_t pad2a;
+    uint64_t tlb_key;                            /* gen << KEY_GEN_SHIFT | KEY_POISON */
+    uint32_t pad2[10];
     /* statistics, written by the shim */
     uint64_t io[2];                              /* MMIO loads, stores: not RAM, not attributed */
     uint64_t other;                              /* RAM outside the guest-RAM backend (ROMs) */
@@ -220,11 +220,17 @@ struct shim_vcpu {
     uint64_t mismatch_vaddr, mismatch_cached, mismatch_actual;  /* the last mismatch */
     uint64_t callbacks;                          /* mode=count only */
     uint64_t decode_checks, decode_mismatches;   /* inline meminfo decoding vs the API */
-    uint64_t pad3[10];
+    /* the TLB's counts: written by the shim, read by Python (SharedRegion.counts) */
+    uint64_t fold_seq;                           /* odd while entries' counts move to the pages' */
+    uint32_t folded_gen;                         /* attr_gen at the last fold of the whole TLB */
+    uint32_t pad3a;
+    uint64_t folds;                              /* whole-TLB folds (Python asked, or the generation wrapped) */
+    uint64_t pad3[7];
 };
 _Static_assert(sizeof(struct shim_vcpu) == 384, "vcpu layout");
 _Static_assert(offsetof(struct shim_vcpu, tail) == 64, "consumer index on its own line");
-_Static_assert(offsetof(struct shim_vcpu, attr_gen) == 128, "stamp on its own line");
+_Static_assert(offsetof(struct shim_vcpu, attr_gen) == 128 && offsetof(struct shim_vcpu, pad2) == 152,
+               "the hit path's line");
 
 struct shim_page_attr {
     uint16_t keyid;
@@ -259,27 +265,39 @@ _Static_assert(sizeof(struct shim_record) == 64, "record layout");
  * State (all static). Per-vCPU state is indexed by vCPU index: each vCPU thread touches only
  * its own, so the access path takes no lock.
  *
- * A software-TLB entry maps a virtual page to the counters of its guest-RAM page. It hits
- * while its stamp equals its vCPU's (the u64 at shim_vcpu.attr_gen): translation-changing
- * instructions bump the generation, and Python bumps the attribute half after changing watch
- * flags (then only the attributes are re-read, not the translation). Entries of watched pages
- * carry STAMP_WATCHED so that they never hit: their accesses take the slow path, which
- * records them. STAMP_POISON in the vCPU's stamp sends every access there (decode=api).
+ * A software-TLB entry (one cache line) maps a virtual page to its guest-RAM page and counts
+ * the hits on it: the hit path touches the vCPU's line and the entry's, nothing else. The
+ * counts move to the page's counters ("fold") before the entry is given another page, when
+ * the generation wraps, and when Python asks (it bumps attr_gen: the next access of the vCPU
+ * folds the whole TLB and sets folded_gen); fold_seq is odd while a fold runs, so Python can
+ * also read page counters + entry counts consistently from a vCPU that is not running.
+ * An entry hits while its key equals the vCPU's (the virtual page number | the vCPU's
+ * tlb_key: the translation generation, which translation-changing instructions bump) and its
+ * attribute generation equals shim_vcpu.attr_gen (Python bumps it after changing watch flags;
+ * then only the attributes are re-read, not the translation). A 64-bit address's page number
+ * has 52 bits; the generation and the flags take the 12 above them.
+ * Entries of watched pages carry KEY_NOHIT so that they never hit: their accesses take the
+ * slow path, which records them. KEY_POISON in the vCPU's key sends every access there
+ * (decode=api).
  */
 #define STLB_BITS 12
 #define STLB_ENTRIES (1u << STLB_BITS)
-#define GEN_LIMIT (1u << 29)
-#define STAMP_WATCHED (1ull << 62)
-#define STAMP_POISON (1ull << 63)
-#define STAMP_FLAGS (STAMP_WATCHED | STAMP_POISON)
+#define KEY_VPN_BITS (64 - SHIM_PAGE_SHIFT)
+#define KEY_VPN_MASK ((1ull << KEY_VPN_BITS) - 1)
+#define KEY_GEN_SHIFT KEY_VPN_BITS
+#define GEN_LIMIT (1u << 10)                     /* gen in bits 52..61 */
+#define KEY_POISON (1ull << 62)                  /* only in the vCPU's key */
+#define KEY_NOHIT (1ull << 63)                   /* only in entries */
+#define KEY_IDENTITY (~(KEY_POISON | KEY_NOHIT))
 
 struct stlb_entry {
-    uint64_t vpn;
-    uint64_t stamp;                              /* 0: never valid */
-    struct shim_counters *page_ctr;
-    uint64_t page;
-};
-_Static_assert(sizeof(struct stlb_entry) == 32, "software TLB entry");
+    uint64_t key;                                /* vpn | gen << 52 | KEY_NOHIT; 0: never valid */
+    uint32_t attr_gen;                           /* shim_vcpu.attr_gen at the fill */
+    uint32_t page;                               /* backend page (npages < 2^32) */
+    struct shim_counters ctr;                    /* hits not yet folded into page's counters */
+    uint64_t pad[2];
+} __attribute__((aligned(64)));
+_Static_assert(sizeof(struct stlb_entry) == 64, "software TLB entry");
 
 struct vcpu_block {                              /* one per vCPU in the region */
     struct shim_vcpu s;
@@ -305,7 +323,8 @@ struct insn_info {                               /* one per distinct (pc, bytes)
 
 static struct shim_header *hdr;
 static struct shim_page_attr *attrs;
-static struct vcpu_block **vcpu_blocks;          /* the hit path's only table */
+#define MAX_VCPUS 4096                           /* trace/layout.py Geometry's bound */
+static struct vcpu_block *vcpu_blocks[MAX_VCPUS];  /* the hit path's only table: one load */
 static struct vcpu_local *vcpus;
 static unsigned nvcpus;
 static uint64_t npages, ring_mask;
@@ -318,9 +337,9 @@ static struct insn_info untracked_flush_insn = { .flushes_tlb = 1 };
 
 static inline uint64_t align_page(uint64_t n) { return (n + 4095) & ~(uint64_t)4095; }
 
-static inline uint64_t stamp_of(const struct vcpu_block *b)
+static inline uint32_t attr_gen_of(const struct vcpu_block *b)
 {
-    return __atomic_load_n(&b->s.stamp, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&b->s.attr_gen, __ATOMIC_ACQUIRE);
 }
 
 static uint32_t reset_verify(void)
@@ -348,90 +367,162 @@ static uint64_t phys_to_page(uint64_t phys)
     return NO_PAGE;
 }
 
-static uint64_t lookup_page(struct shim_vcpu *s, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind)
+/* Where an access goes, as QEMU says (a full lookup; the statistics are the caller's to count). */
+enum target { TO_PAGE, TO_OTHER, TO_IO, TO_NOTHING };
+
+static enum target lookup_page(qemu_plugin_meminfo_t info, uint64_t vaddr, uint64_t *page)
 {
     struct qemu_plugin_hwaddr *hw = qemu_plugin_get_hwaddr(info, vaddr);
-    uint64_t page;
-    if (!hw) {
-        s->lookup_failures++;
-        return NO_PAGE;
-    }
-    if (qemu_plugin_hwaddr_is_io(hw)) {
-        s->io[kind]++;
-        return NO_PAGE;
-    }
-    if ((page = phys_to_page(qemu_plugin_hwaddr_phys_addr(hw))) == NO_PAGE)
-        s->other++;
-    return page;
+    if (!hw)
+        return TO_NOTHING;
+    if (qemu_plugin_hwaddr_is_io(hw))
+        return TO_IO;
+    *page = phys_to_page(qemu_plugin_hwaddr_phys_addr(hw));
+    return *page == NO_PAGE ? TO_OTHER : TO_PAGE;
 }
 
-static void fill_entry(struct vcpu_local *v, struct stlb_entry *e, uint64_t vpn, uint64_t page, uint64_t stamp)
+static void count_target(struct shim_vcpu *s, enum target t, unsigned kind)
 {
-    e->vpn = vpn;
-    e->stamp = (stamp & ~STAMP_FLAGS) | (attrs[page].watch ? STAMP_WATCHED : 0);
-    e->page_ctr = &v->page_ctr[page];
-    e->page = page;
+    if (t == TO_NOTHING)
+        s->lookup_failures++;
+    else if (t == TO_IO)
+        s->io[kind]++;
+    else if (t == TO_OTHER)
+        s->other++;
 }
 
-/* The entry to count this access in, or NULL when it is not to guest RAM (MMIO, ROMs: counted
- * apart and never cached). The accesses of a translation-changing instruction are never
- * cached either: its generation bump comes before it executes, the change after. */
-static struct stlb_entry *resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind,
-                                  const struct insn_info *insn)
+/* Move an entry's counts to its page's counters; inside a fold_seq window (fold_begin/end). */
+static void fold_entry(struct vcpu_local *v, struct stlb_entry *e)
+{
+    struct shim_counters *c = &v->page_ctr[e->page];
+    if (!(e->ctr.n[0] | e->ctr.n[1]))
+        return;
+    for (int k = 0; k < 2; k++) {
+        c->n[k] += e->ctr.n[k];
+        c->bytes[k] += e->ctr.bytes[k];
+    }
+    memset(&e->ctr, 0, sizeof(e->ctr));
+}
+
+static void fold_begin(struct shim_vcpu *s)
+{
+    __atomic_store_n(&s->fold_seq, s->fold_seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);     /* odd before any counter moves (x86: no instruction) */
+}
+
+static void fold_end(struct shim_vcpu *s)
+{
+    __atomic_store_n(&s->fold_seq, s->fold_seq + 1, __ATOMIC_RELEASE);
+}
+
+/* Every entry's counts to the pages' counters: Python asked (attr_gen moved past folded_gen),
+ * or the generation wraps, or QEMU exits. */
+static void fold_all(struct vcpu_local *v, uint32_t attr_gen)
+{
+    struct shim_vcpu *s = &v->block->s;
+    fold_begin(s);
+    for (unsigned i = 0; i < STLB_ENTRIES; i++)
+        fold_entry(v, &v->block->tlb[i]);
+    fold_end(s);
+    s->folds++;
+    __atomic_store_n(&s->folded_gen, attr_gen, __ATOMIC_RELEASE);
+}
+
+/* An entry for a page under the vCPU's current generations; the counts it holds for another
+ * page go to that page first (Python reads e->page and the counts together: the page changes
+ * inside a fold_seq window). */
+static void fill_entry(struct vcpu_local *v, struct stlb_entry *e, uint64_t vpn, uint64_t key, uint32_t attr_gen,
+                       uint64_t page)
+{
+    if (e->page != page && e == &v->scratch) {   /* tlb=off: never counts, Python never reads it */
+        e->page = (uint32_t)page;
+    } else if (e->page != page) {
+        fold_begin(&v->block->s);
+        fold_entry(v, e);
+        e->page = (uint32_t)page;
+        fold_end(&v->block->s);
+    }
+    e->attr_gen = attr_gen;
+    e->key = vpn | (key & KEY_IDENTITY & ~KEY_VPN_MASK) | (attrs[page].watch ? KEY_NOHIT : 0);
+}
+
+/* The backend page this access is to be counted in, or NO_PAGE when it is not to guest RAM
+ * (MMIO, ROMs: counted apart and never cached: the chipset maps RAM over the BIOS ROMs and
+ * back without a translation change). The accesses of a translation-changing instruction are
+ * never cached either: its generation bump comes before it executes, the change after. */
+static uint64_t resolve(struct vcpu_local *v, qemu_plugin_meminfo_t info, uint64_t vaddr, unsigned kind,
+                        const struct insn_info *insn, bool *watched)
 {
     struct shim_vcpu *s = &v->block->s;
     uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
-    uint64_t stamp = stamp_of(v->block) & ~STAMP_FLAGS;
+    uint32_t attr_gen = attr_gen_of(v->block);
+    uint64_t key = __atomic_load_n(&s->tlb_key, __ATOMIC_RELAXED);
+    if (unlikely(attr_gen != s->folded_gen))
+        fold_all(v, attr_gen);
     bool cacheable = tlb_on && !insn->flushes_tlb;
     struct stlb_entry *e = cacheable ? &v->block->tlb[vpn & (STLB_ENTRIES - 1)] : &v->scratch;
-    uint64_t estamp = e->stamp & ~STAMP_FLAGS;
-    bool translated = cacheable && e->vpn == vpn && estamp && estamp >> 32 == stamp >> 32;
+    bool translated = cacheable && e->key && (e->key & KEY_IDENTITY) == ((vpn | key) & KEY_IDENTITY);
+    uint64_t page = NO_PAGE;
+    enum target t;
 
-    if (translated && estamp == stamp) {
+    if (translated && e->attr_gen == attr_gen) {
         /* A hit that came here because the page is watched or decode=api (verify_left > 0:
          * count it down here), or because verify_left ran out on the hit path (0). */
-        if (s->verify_left && --s->verify_left)
-            return e;
-        uint64_t page = lookup_page(s, info, vaddr, kind);
-        s->verify_checks++;
-        s->verify_left = reset_verify();
-        if (page == e->page)
-            return e;
-        s->verify_mismatches++;
-        s->mismatch_vaddr = vaddr;
-        s->mismatch_cached = e->page << SHIM_PAGE_SHIFT;
-        s->mismatch_actual = page == NO_PAGE ? UINT64_MAX : page << SHIM_PAGE_SHIFT;
-        e->stamp = 0;
-        if (page == NO_PAGE)
-            return NULL;
-        fill_entry(v, e, vpn, page, stamp);
-        return e;
+        page = e->page;
+        if (!s->verify_left || !--s->verify_left) {
+            uint64_t actual = NO_PAGE;
+            t = lookup_page(info, vaddr, &actual);
+            s->verify_checks++;
+            s->verify_left = reset_verify();
+            if (t != TO_PAGE || actual != page) {
+                s->verify_mismatches++;
+                s->mismatch_vaddr = vaddr;
+                s->mismatch_cached = page << SHIM_PAGE_SHIFT;
+                s->mismatch_actual = t == TO_PAGE ? actual << SHIM_PAGE_SHIFT : UINT64_MAX;
+                e->key = 0;
+                if (t != TO_PAGE) {
+                    count_target(s, t, kind);
+                    return NO_PAGE;
+                }
+                fill_entry(v, e, vpn, key, attr_gen, page = actual);
+            }
+        }
+    } else if (translated) {                     /* only the watch flags changed */
+        fill_entry(v, e, vpn, key, attr_gen, page = e->page);
+    } else {
+        s->tlb_misses++;
+        t = lookup_page(info, vaddr, &page);
+        if (t != TO_PAGE) {
+            count_target(s, t, kind);
+            e->key = 0;
+            return NO_PAGE;
+        }
+        fill_entry(v, e, vpn, key, attr_gen, page);
     }
-    if (translated) {                            /* only the watch flags changed */
-        fill_entry(v, e, vpn, e->page, stamp);
-        return e;
-    }
-    s->tlb_misses++;
-    uint64_t page = lookup_page(s, info, vaddr, kind);
-    if (page == NO_PAGE) {
-        e->stamp = 0;
-        return NULL;
-    }
-    fill_entry(v, e, vpn, page, stamp);
-    return e;
+    *watched = e->key & KEY_NOHIT;
+    return page;
+}
+
+static void set_generation(struct vcpu_block *b, uint32_t gen, bool poison)
+{
+    b->s.gen = gen;
+    __atomic_store_n(&b->s.tlb_key, (uint64_t)gen << KEY_GEN_SHIFT | (poison ? KEY_POISON : 0), __ATOMIC_RELAXED);
 }
 
 static void flush_tlb(unsigned int vcpu_index, void *udata)
 {
-    struct shim_vcpu *s = &vcpus[vcpu_index].block->s;
-    uint32_t gen = (s->gen & ~(uint32_t)(STAMP_POISON >> 32)) + 1;
+    struct vcpu_block *b = vcpu_blocks[vcpu_index];
+    uint32_t gen = b->s.gen + 1;
     (void)udata;
-    if (gen >= GEN_LIMIT) {                      /* keep gen below the stamp flags */
-        memset(vcpus[vcpu_index].block->tlb, 0, sizeof(vcpus[vcpu_index].block->tlb));
+    if (gen >= GEN_LIMIT) {                      /* the generation wraps: forget every entry */
+        fold_all(&vcpus[vcpu_index], b->s.folded_gen);
+        fold_begin(&b->s);
+        memset(b->tlb, 0, sizeof(b->tlb));
+        fold_end(&b->s);
         gen = 1;
     }
-    __atomic_store_n(&s->gen, gen | (s->gen & (uint32_t)(STAMP_POISON >> 32)), __ATOMIC_RELAXED);
-    s->tlb_flushes++;
+    set_generation(b, gen, b->s.tlb_key & KEY_POISON);
+    b->s.tlb_flushes++;
 }
 
 /* The GPA at which a backend offset appears (the range table Python filled in). */
@@ -485,8 +576,9 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
     struct shim_vcpu *s = &v->block->s;
     unsigned kind = qemu_plugin_mem_is_store(info);
     unsigned shift = qemu_plugin_mem_size_shift(info);
+    bool watched;
 
-    if (!(s->gen & (uint32_t)(STAMP_POISON >> 32))) {
+    if (!(s->tlb_key & KEY_POISON)) {
         s->decode_checks++;
         if (((info >> MEMINFO_STORE_BIT) & 1) != kind || ((info >> MEMINFO_SIZE_SHIFT) & MEMINFO_SIZE_MASK) != shift) {
             s->decode_mismatches++;
@@ -494,33 +586,34 @@ static __attribute__((noinline)) void on_access_slow(unsigned int vcpu_index, qe
             __atomic_store_n(&hdr->decode_api, 1, __ATOMIC_RELAXED);
         }
         if (__atomic_load_n(&decode_api, __ATOMIC_RELAXED))   /* this vCPU's hits now come here */
-            __atomic_store_n(&s->gen, s->gen | (uint32_t)(STAMP_POISON >> 32), __ATOMIC_RELAXED);
+            set_generation(v->block, s->gen, true);
     }
-    struct stlb_entry *e = resolve(v, info, vaddr, kind, udata);
-    if (!e)
+    uint64_t page = resolve(v, info, vaddr, kind, udata, &watched);
+    if (page == NO_PAGE)
         return;
     unsigned size = 1u << shift;
-    e->page_ctr->n[kind]++;
-    e->page_ctr->bytes[kind] += size;
-    if (e->stamp & STAMP_WATCHED && attrs[e->page].watch & (1u << kind))
-        emit(v, vcpu_index, e->page, vaddr, size, kind, udata);
+    v->page_ctr[page].n[kind]++;
+    v->page_ctr[page].bytes[kind] += size;
+    if (watched && attrs[page].watch & (1u << kind))
+        emit(v, vcpu_index, page, vaddr, size, kind, udata);
 }
 
 /* The memory callback, registered once per instruction for loads and stores together
  * (QEMU_PLUGIN_MEM_RW): QEMU 7.2's filter is off by one (a MEM_R callback also fires on stores
  * and a MEM_W one on loads), so separate registrations would count wrongly there. The hit
- * path is a leaf: the vCPU's stamp line, one TLB entry, one counter line; no calls. */
+ * path is a leaf: the block (a static table), then the vCPU's line and the entry's line,
+ * which holds the counts too; no calls. */
 static void on_access(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
 {
     struct vcpu_block *b = vcpu_blocks[vcpu_index];
     uint64_t vpn = vaddr >> SHIM_PAGE_SHIFT;
-    const struct stlb_entry *e = &b->tlb[vpn & (STLB_ENTRIES - 1)];
+    struct stlb_entry *e = &b->tlb[vpn & (STLB_ENTRIES - 1)];
 
-    if (unlikely(e->vpn != vpn || e->stamp != stamp_of(b) || !--b->s.verify_left))
+    if (unlikely(e->key != (vpn | b->s.tlb_key) || e->attr_gen != attr_gen_of(b) || !--b->s.verify_left))
         return on_access_slow(vcpu_index, info, vaddr, udata);
     uintptr_t k = (info >> (MEMINFO_STORE_BIT - 3)) & 8;     /* byte offset of n[kind] */
     uint64_t size = 1u << ((info >> MEMINFO_SIZE_SHIFT) & MEMINFO_SIZE_MASK);
-    struct shim_counters *c = (struct shim_counters *)((char *)e->page_ctr + k);
+    struct shim_counters *c = (struct shim_counters *)((char *)&e->ctr + k);
     c->n[0]++;
     c->bytes[0] += size;
 }
@@ -702,6 +795,8 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 static void at_exit(qemu_plugin_id_t id, void *udata)
 {
     (void)id; (void)udata;
+    for (unsigned i = 0; i < nvcpus && mode == MODE_ATTRIBUTE; i++)   /* the vCPUs have stopped */
+        fold_all(&vcpus[i], vcpus[i].block->s.folded_gen);
     __atomic_store_n(&hdr->shim_state, STATE_EXITED, __ATOMIC_RELEASE);
 }
 
@@ -889,23 +984,19 @@ static char *map_region(const struct options *o, unsigned max_vcpus)
 /* The per-vCPU state over the region's sections; -1, with nothing left allocated, when out of memory. */
 static int setup_vcpus(char *base)
 {
-    vcpu_blocks = calloc(nvcpus, sizeof(*vcpu_blocks));
+    if (nvcpus > MAX_VCPUS)
+        return fail("%u vCPUs: the shim traces at most %u", nvcpus, MAX_VCPUS);
     vcpus = calloc(nvcpus, sizeof(*vcpus));
-    if (!vcpu_blocks || !vcpus) {
-        free(vcpu_blocks);
-        free(vcpus);
-        vcpu_blocks = NULL;
-        vcpus = NULL;
+    if (!vcpus)
         return fail("out of memory");
-    }
     for (unsigned i = 0; i < nvcpus; i++) {
         struct vcpu_local *v = &vcpus[i];
         struct vcpu_block *b = (struct vcpu_block *)(base + hdr->vcpu_offset + (uint64_t)i * SHIM_VCPU_BLOCK);
         memset(b->tlb, 0, sizeof(b->tlb));
-        b->s.gen = 1 | (decode_api ? (uint32_t)(STAMP_POISON >> 32) : 0);
         b->s.verify_left = reset_verify();
         v->block = b;
         v->page_ctr = (struct shim_counters *)(base + hdr->page_ctr_offset) + (uint64_t)i * npages;
+        set_generation(b, 1, decode_api);
         v->ring = (struct shim_record *)(base + hdr->ring_offset) + (uint64_t)i * hdr->ring_entries;
         v->head = b->s.head;
         v->seq = b->s.seq;
