@@ -2,16 +2,16 @@
  *
  * OpenSSL's libcrypto does every AES block (EVP AES-ECB, its AES-NI code; no AES rounds here).
  * This file makes the tweaks, multiplies them by alpha in GF(2^128) and applies the two
- * whitening XORs. The data goes in small steps (STEP_BYTES) that stay in L1: whiten while
- * reading the input into a scratch step, one ECB call in place there, whiten again into the
- * output while prefetching input further on. Each call is one pass over the caller's buffers
- * (in place allowed), with no allocation after the context exists.
+ * whitening XORs. The data goes in small steps (STEP_BYTES) that stay in L1: ask for the input
+ * some steps ahead, whiten while reading the input into a scratch step, one ECB call in place
+ * there, whiten again into the output. Each call is one pass over the caller's buffers (in place
+ * allowed), with no allocation after the context exists.
  *
- * 64-byte units (the engine's cache lines, HPA or explicit tweaks): per step one ECB call
- * encrypts the step's tweaks, which stay in L1; both passes recompute each line's four
- * whitening values from its tweak (cheaper than storing and reloading them). Other unit sizes:
- * one ECB call per batch of BATCH_UNITS tweaks, the step's whitening kept in scratch between
- * the passes (a unit may span steps).
+ * 64-byte units (the engine's cache lines, HPA or explicit tweaks): one ECB call encrypts the
+ * tweaks of TWEAK_LINES lines (4 KiB, in L1 until their steps are done); both passes recompute
+ * each line's four whitening values from its tweak (cheaper than storing and reloading them).
+ * Other unit sizes: one ECB call per batch of BATCH_UNITS tweaks, the step's whitening kept in
+ * scratch between the passes (a unit may span steps).
  *
  * Two whitening kernels, the same bytes: SSE2 (any x86-64; one block per register) and AVX2
  * (two per register; 64-byte units double two lines' tweaks at once). The best this CPU has is
@@ -41,7 +41,7 @@
 #define BLOCK 16
 #define LINE 64
 #ifndef STEP_BYTES
-#define STEP_BYTES 2048 /* data per AES call (bench_engine.py: 2 KiB beat 4 and 8 on 64 MiB) */
+#define STEP_BYTES 2048 /* data per AES call (64 MiB calls: ~6% faster than with 8 KiB here) */
 #endif
 #define STEP_BLOCKS (STEP_BYTES / BLOCK)
 #ifndef PREFETCH_AHEAD
@@ -52,9 +52,14 @@
                                      is read again at once, by AES-GCM: it had better stay in L3) */
 #endif
 #ifndef BATCH_UNITS
-#define BATCH_UNITS 1024 /* tweaks encrypted per ECB call */
+#define BATCH_UNITS 1024 /* other unit sizes: tweaks encrypted per ECB call */
+#endif
+#ifndef TWEAK_LINES
+#define TWEAK_LINES 256 /* 64-byte units: tweaks encrypted per ECB call (4 KiB) */
 #endif
 #define API_VERSION 2
+
+_Static_assert(TWEAK_LINES <= BATCH_UNITS && TWEAK_LINES % (STEP_BYTES / LINE) == 0, "tweak batches hold whole steps");
 
 enum { ISA_SSE2 = 1, ISA_AVX2 = 2 };
 
@@ -68,7 +73,7 @@ typedef struct {
     EVP_CIPHER_CTX *enc;             /* E_K1, ECB */
     EVP_CIPHER_CTX *dec;             /* D_K1, ECB */
     /* scratch, cache-line aligned (so is the context) */
-    v2u64 tweaks[BATCH_UNITS] __attribute__((aligned(64))); /* encrypted tweaks: this step's or batch's */
+    v2u64 tweaks[BATCH_UNITS] __attribute__((aligned(64))); /* the batch's encrypted tweaks */
     v2u64 white[STEP_BLOCKS] __attribute__((aligned(64)));  /* the step's whitening (not 64-byte units) */
     v2u64 buf[STEP_BLOCKS] __attribute__((aligned(64)));    /* the step between the two whitenings */
 } mktme_xts;
@@ -192,13 +197,18 @@ static void lines_in_sse2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_
     }
 }
 
-/* out = buf ^ whitening, asking for next_bytes of the input at next meanwhile (the AES pass hid
- * nothing). With stream set (large calls, 16-byte aligned out) the stores bypass the cache. */
-static void lines_out_sse2(const v2u64 *t, const uint8_t *buf, uint8_t *out, size_t n, const uint8_t *next,
-                           size_t next_bytes, int stream) {
+/* Ask for the input bytes [next, next + nbytes), some steps ahead: the memory system fetches them
+ * while this step is whitened and encrypted. */
+static inline void prefetch(const uint8_t *next, size_t nbytes) {
+    for (size_t i = 0; i < nbytes; i += LINE)
+        __builtin_prefetch(next + i);
+}
+
+/* out = buf ^ whitening, for n lines with encrypted tweaks t; with stream (large calls, 16-byte
+ * aligned out) the stores bypass the cache. Inlined with stream constant. */
+__attribute__((always_inline)) static inline void lines_out_sse2_as(const v2u64 *t, const uint8_t *buf,
+                                                                    uint8_t *out, size_t n, const int stream) {
     for (size_t i = 0; i < n; i++, buf += LINE, out += LINE) {
-        if (i * LINE < next_bytes)
-            __builtin_prefetch(next + i * LINE);
         v2u64 t0 = t[i], t1 = times_alpha(t0), t2 = times_alpha(t1), t3 = times_alpha(t2);
         v2u64 o0 = load(buf) ^ t0, o1 = load(buf + 16) ^ t1, o2 = load(buf + 32) ^ t2, o3 = load(buf + 48) ^ t3;
         if (stream) {
@@ -212,9 +222,16 @@ static void lines_out_sse2(const v2u64 *t, const uint8_t *buf, uint8_t *out, siz
     }
 }
 
+static void lines_out_sse2(const v2u64 *t, const uint8_t *buf, uint8_t *out, size_t n, int stream) {
+    if (stream)
+        lines_out_sse2_as(t, buf, out, n, 1);
+    else
+        lines_out_sse2_as(t, buf, out, n, 0);
+}
+
 /* Store 32 bytes at p: cached (stream 0), streaming with p 16-byte aligned (1, two halves), or
  * streaming with p 32-byte aligned (2). */
-AVX2 static inline void store2(uint8_t *p, __m256i v, int stream) {
+AVX2 __attribute__((always_inline)) static inline void store2(uint8_t *p, __m256i v, int stream) {
     if (stream == 2) {
         _mm256_stream_si256((__m256i *)p, v);
     } else if (stream) {
@@ -250,22 +267,27 @@ AVX2 static void lines_in_avx2(const v2u64 *t, uint8_t *buf, const uint8_t *in, 
         lines_in_sse2(t + i, buf, in, 1);
 }
 
-/* As lines_out_sse2, stream as for store2. */
-AVX2 static void lines_out_avx2(const v2u64 *t, const uint8_t *buf, uint8_t *out, size_t n, const uint8_t *next,
-                                size_t next_bytes, int stream) {
+/* As lines_out_sse2, stream as for store2; inlined with stream constant. */
+AVX2 __attribute__((always_inline)) static inline void lines_out_avx2_as(const v2u64 *t, const uint8_t *buf,
+                                                                         uint8_t *out, size_t n, const int stream) {
     size_t i = 0;
     for (; i + 2 <= n; i += 2, buf += 2 * LINE, out += 2 * LINE) {
-        if (i * LINE < next_bytes)
-            __builtin_prefetch(next + i * LINE);
-        if ((i + 1) * LINE < next_bytes)
-            __builtin_prefetch(next + (i + 1) * LINE);
         __m256i w[4];
         lines_white2(t + i, w);
         for (int k = 0; k < 4; k++)
             store2(out + 32 * k, _mm256_xor_si256(_mm256_load_si256((const __m256i *)(buf + 32 * k)), w[k]), stream);
     }
-    if (i < n)
-        lines_out_sse2(t + i, buf, out, 1, next + i * LINE, next_bytes > i * LINE ? next_bytes - i * LINE : 0, stream);
+    if (i < n) /* an odd line count: the last line through SSE2 */
+        lines_out_sse2_as(t + i, buf, out, 1, stream != 0);
+}
+
+AVX2 static void lines_out_avx2(const v2u64 *t, const uint8_t *buf, uint8_t *out, size_t n, int stream) {
+    if (stream == 2)
+        lines_out_avx2_as(t, buf, out, n, 2);
+    else if (stream)
+        lines_out_avx2_as(t, buf, out, n, 1);
+    else
+        lines_out_avx2_as(t, buf, out, n, 0);
 }
 
 /* --- any unit size (a multiple of 16 bytes) ----------------------------------------------- */
@@ -293,12 +315,10 @@ static void units_in(mktme_xts *x, cursor *c, size_t unit_blocks, uint8_t *buf, 
     }
 }
 
-static void units_out(mktme_xts *x, uint8_t *out, size_t nblocks, const uint8_t *next, size_t next_bytes,
-                      int stream) {
+/* out = x->buf ^ x->white for nblocks blocks; stream as for lines_out_sse2. */
+static void units_out(mktme_xts *x, uint8_t *out, size_t nblocks, int stream) {
     const v2u64 *buf = x->buf, *w = x->white;
     for (size_t b = 0; b < nblocks; b++) {
-        if (b % 4 == 0 && b * BLOCK < next_bytes)
-            __builtin_prefetch(next + b * BLOCK);
         if (stream)
             _mm_stream_si128((__m128i *)(out + b * BLOCK), (__m128i)(buf[b] ^ w[b]));
         else
@@ -306,13 +326,11 @@ static void units_out(mktme_xts *x, uint8_t *out, size_t nblocks, const uint8_t 
     }
 }
 
-AVX2 static void units_out_avx2(mktme_xts *x, uint8_t *out, size_t nblocks, const uint8_t *next,
-                                size_t next_bytes, int stream) {
+/* The same, two blocks a register; stream as for store2. */
+AVX2 static void units_out_avx2(mktme_xts *x, uint8_t *out, size_t nblocks, int stream) {
     const uint8_t *buf = (const uint8_t *)x->buf, *w = (const uint8_t *)x->white;
     size_t b = 0;
     for (; b + 2 <= nblocks; b += 2) {
-        if (b % 4 == 0 && b * BLOCK < next_bytes)
-            __builtin_prefetch(next + b * BLOCK);
         store2(out + b * BLOCK, _mm256_xor_si256(_mm256_load_si256((const __m256i *)(buf + b * BLOCK)),
                                                  _mm256_load_si256((const __m256i *)(w + b * BLOCK))), stream);
     }
@@ -330,29 +348,34 @@ AVX2 static void units_out_avx2(mktme_xts *x, uint8_t *out, size_t nblocks, cons
 
 typedef void (*tweak_fill)(const void *arg, size_t first, size_t n, v2u64 *dst);
 
-/* 64-byte units, a step at a time: its tweaks (fill, one ECB call), whiten in, AES, whiten out.
- * The step's tweaks stay in L1 from their encryption to the second whitening. */
+/* 64-byte units: per batch of TWEAK_LINES lines one ECB call for their tweaks (4 KiB, in L1 until
+ * the batch is done); then a step at a time: prefetch, whiten in, AES, whiten out. */
 static int run_lines(mktme_xts *x, EVP_CIPHER_CTX *aes, const uint8_t *in, uint8_t *out, size_t nbytes,
                      tweak_fill fill, const void *arg, int avx2, int stream) {
     uint8_t *buf = (uint8_t *)x->buf;
-    for (size_t off = 0; off < nbytes; off += STEP_BYTES) {
-        size_t len = nbytes - off < STEP_BYTES ? nbytes - off : STEP_BYTES, n = len / LINE;
-        size_t ahead = off + PREFETCH_AHEAD, ahead_len = 0;
-        if (ahead < nbytes)
-            ahead_len = nbytes - ahead < len ? nbytes - ahead : len;
-        fill(arg, off / LINE, n, x->tweaks);
-        if (!ecb_update(x->tweak, (uint8_t *)x->tweaks, (const uint8_t *)x->tweaks, n * BLOCK))
+    size_t lines = nbytes / LINE;
+    for (size_t first = 0; first < lines; first += TWEAK_LINES) {
+        size_t nt = lines - first < TWEAK_LINES ? lines - first : TWEAK_LINES;
+        fill(arg, first, nt, x->tweaks);
+        if (!ecb_update(x->tweak, (uint8_t *)x->tweaks, (const uint8_t *)x->tweaks, nt * BLOCK))
             return -1;
-        if (avx2)
-            lines_in_avx2(x->tweaks, buf, in + off, n);
-        else
-            lines_in_sse2(x->tweaks, buf, in + off, n);
-        if (!ecb_update(aes, buf, buf, len))
-            return -1;
-        if (avx2)
-            lines_out_avx2(x->tweaks, buf, out + off, n, in + ahead, ahead_len, stream);
-        else
-            lines_out_sse2(x->tweaks, buf, out + off, n, in + ahead, ahead_len, stream);
+        for (size_t l = 0; l < nt; l += STEP_BYTES / LINE) {
+            size_t n = nt - l < STEP_BYTES / LINE ? nt - l : STEP_BYTES / LINE;
+            size_t off = (first + l) * LINE, len = n * LINE, ahead = off + PREFETCH_AHEAD;
+            const v2u64 *t = x->tweaks + l;
+            if (ahead < nbytes)
+                prefetch(in + ahead, nbytes - ahead < len ? nbytes - ahead : len);
+            if (avx2)
+                lines_in_avx2(t, buf, in + off, n);
+            else
+                lines_in_sse2(t, buf, in + off, n);
+            if (!ecb_update(aes, buf, buf, len))
+                return -1;
+            if (avx2)
+                lines_out_avx2(t, buf, out + off, n, stream);
+            else
+                lines_out_sse2(t, buf, out + off, n, stream);
+        }
     }
     return 0;
 }
@@ -372,17 +395,16 @@ static int run_units(mktme_xts *x, EVP_CIPHER_CTX *aes, const uint8_t *in, uint8
         cursor c = {.u = (size_t)-1, .j = unit_blocks};
         size_t lo = first * unit_bytes, hi = (first + n) * unit_bytes;
         for (size_t off = lo; off < hi; off += STEP_BYTES) {
-            size_t len = hi - off < STEP_BYTES ? hi - off : STEP_BYTES;
-            size_t ahead = off + PREFETCH_AHEAD, ahead_len = 0;
+            size_t len = hi - off < STEP_BYTES ? hi - off : STEP_BYTES, ahead = off + PREFETCH_AHEAD;
             if (ahead < nbytes)
-                ahead_len = nbytes - ahead < len ? nbytes - ahead : len;
+                prefetch(in + ahead, nbytes - ahead < len ? nbytes - ahead : len);
             units_in(x, &c, unit_blocks, buf, in + off, len / BLOCK);
             if (!ecb_update(aes, buf, buf, len))
                 return -1;
             if (avx2)
-                units_out_avx2(x, out + off, len / BLOCK, in + ahead, ahead_len, stream);
+                units_out_avx2(x, out + off, len / BLOCK, stream);
             else
-                units_out(x, out + off, len / BLOCK, in + ahead, ahead_len, stream);
+                units_out(x, out + off, len / BLOCK, stream);
         }
     }
     return 0;
@@ -405,11 +427,9 @@ static int run(mktme_xts *x, const uint8_t *in, uint8_t *out, size_t nbytes, siz
 }
 
 static void fill_lines(const void *arg, size_t first, size_t n, v2u64 *dst) {
-    uint64_t hpa = *(const uint64_t *)arg + (uint64_t)first * LINE;
-    for (size_t i = 0; i < n; i++, hpa += LINE) {
-        v2u64 t = {hpa, 0};
+    v2u64 t = {*(const uint64_t *)arg + (uint64_t)first * LINE, 0}, next = {LINE, 0};
+    for (size_t i = 0; i < n; i++, t += next)
         dst[i] = t;
-    }
 }
 
 static void fill_explicit(const void *arg, size_t first, size_t n, v2u64 *dst) {
