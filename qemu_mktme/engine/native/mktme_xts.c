@@ -2,9 +2,9 @@
  *
  * OpenSSL's libcrypto does every AES block (EVP AES-ECB, its AES-NI code; no AES rounds here).
  * This file makes the tweaks, multiplies them by alpha in GF(2^128) and applies the two
- * whitening XORs. The data goes in small steps (STEP_BYTES) that stay in L1: ask for the input
- * some steps ahead, whiten while reading the input into a scratch step, one ECB call in place
- * there, whiten again into the output. Each call is one pass over the caller's buffers (in place
+ * whitening XORs. The data goes in small steps (STEP_BYTES) that stay in L1: whiten while reading
+ * the input into a scratch step (and asking for the input some steps ahead), one ECB call in
+ * place there, whiten again into the output. Each call is one pass over the caller's buffers (in place
  * allowed), with no allocation after the context exists.
  *
  * 64-byte units (the engine's cache lines, HPA or explicit tweaks): one ECB call encrypts the
@@ -45,7 +45,7 @@
 #endif
 #define STEP_BLOCKS (STEP_BYTES / BLOCK)
 #ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD (16 * 1024) /* how far ahead of the current step the input is asked for */
+#define PREFETCH_AHEAD 4096 /* how far ahead of the current step the input is asked for */
 #endif
 #ifndef STREAM_MIN_BYTES
 #define STREAM_MIN_BYTES (8 << 20) /* calls this large write around the cache (a 1 MiB snapshot chunk
@@ -186,22 +186,32 @@ static int ecb_update(EVP_CIPHER_CTX *ctx, uint8_t *out, const uint8_t *in, size
 
 /* --- 64-byte units ------------------------------------------------------------------------ */
 
-/* buf = in ^ whitening, for n lines with encrypted tweaks t. */
-static void lines_in_sse2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n) {
+/* Where the input is asked for ahead of use (prefetch), and how much of it is left to ask for. */
+typedef struct {
+    const uint8_t *next;
+    size_t left;
+} ahead;
+
+/* Ask for the next line of input ahead, if any: one per line whitened in, spread over the pass
+ * (a burst of a step's worth waited on the cache's miss buffers; measured slower). */
+static inline void ask(ahead *a) {
+    if (a->left) {
+        __builtin_prefetch(a->next);
+        a->next += LINE;
+        a->left = a->left > LINE ? a->left - LINE : 0;
+    }
+}
+
+/* buf = in ^ whitening, for n lines with encrypted tweaks t, asking for input ahead meanwhile. */
+static void lines_in_sse2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, ahead *a) {
     for (size_t i = 0; i < n; i++, in += LINE, buf += LINE) {
+        ask(a);
         v2u64 t0 = t[i], t1 = times_alpha(t0), t2 = times_alpha(t1), t3 = times_alpha(t2);
         store(buf, load(in) ^ t0);
         store(buf + 16, load(in + 16) ^ t1);
         store(buf + 32, load(in + 32) ^ t2);
         store(buf + 48, load(in + 48) ^ t3);
     }
-}
-
-/* Ask for the input bytes [next, next + nbytes), some steps ahead: the memory system fetches them
- * while this step is whitened and encrypted. */
-static inline void prefetch(const uint8_t *next, size_t nbytes) {
-    for (size_t i = 0; i < nbytes; i += LINE)
-        __builtin_prefetch(next + i);
 }
 
 /* out = buf ^ whitening, for n lines with encrypted tweaks t; with stream (large calls, 16-byte
@@ -254,9 +264,10 @@ AVX2 static inline void lines_white2(const v2u64 *t, __m256i w[4]) {
     w[3] = _mm256_permute2x128_si256(c, d, 0x31);
 }
 
-AVX2 static void lines_in_avx2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n) {
+AVX2 static void lines_in_avx2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, ahead *a) {
     size_t i = 0;
     for (; i + 2 <= n; i += 2, in += 2 * LINE, buf += 2 * LINE) {
+        ask(a), ask(a);
         __m256i w[4];
         lines_white2(t + i, w);
         for (int k = 0; k < 4; k++)
@@ -264,7 +275,7 @@ AVX2 static void lines_in_avx2(const v2u64 *t, uint8_t *buf, const uint8_t *in, 
                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(in + 32 * k)), w[k]));
     }
     if (i < n)  /* an odd line count: the last line through SSE2 */
-        lines_in_sse2(t + i, buf, in, 1);
+        lines_in_sse2(t + i, buf, in, 1, a);
 }
 
 /* As lines_out_sse2, stream as for store2; inlined with stream constant. */
@@ -300,9 +311,11 @@ typedef struct {
 
 /* buf = in ^ whitening for nblocks blocks from cursor c, keeping the whitening in x->white. */
 static void units_in(mktme_xts *x, cursor *c, size_t unit_blocks, uint8_t *buf, const uint8_t *in,
-                     size_t nblocks) {
+                     size_t nblocks, ahead *a) {
     v2u64 *w = x->white;
     for (size_t b = 0; b < nblocks; b++) {
+        if (b % 4 == 0)
+            ask(a);
         if (c->j == unit_blocks) {
             c->t = x->tweaks[++c->u];
             c->j = 0;
@@ -348,8 +361,16 @@ AVX2 static void units_out_avx2(mktme_xts *x, uint8_t *out, size_t nblocks, int 
 
 typedef void (*tweak_fill)(const void *arg, size_t first, size_t n, v2u64 *dst);
 
+/* The input to ask for while a step of len bytes is whitened: [from, from + len) of in[0, nbytes). */
+static ahead ask_for(const uint8_t *in, size_t nbytes, size_t from, size_t len) {
+    ahead a = {in + from, 0};
+    if (from < nbytes)
+        a.left = nbytes - from < len ? nbytes - from : len;
+    return a;
+}
+
 /* 64-byte units: per batch of TWEAK_LINES lines one ECB call for their tweaks (4 KiB, in L1 until
- * the batch is done); then a step at a time: prefetch, whiten in, AES, whiten out. */
+ * the batch is done); then a step at a time: whiten in, AES, whiten out. */
 static int run_lines(mktme_xts *x, EVP_CIPHER_CTX *aes, const uint8_t *in, uint8_t *out, size_t nbytes,
                      tweak_fill fill, const void *arg, int avx2, int stream) {
     uint8_t *buf = (uint8_t *)x->buf;
@@ -361,14 +382,13 @@ static int run_lines(mktme_xts *x, EVP_CIPHER_CTX *aes, const uint8_t *in, uint8
             return -1;
         for (size_t l = 0; l < nt; l += STEP_BYTES / LINE) {
             size_t n = nt - l < STEP_BYTES / LINE ? nt - l : STEP_BYTES / LINE;
-            size_t off = (first + l) * LINE, len = n * LINE, ahead = off + PREFETCH_AHEAD;
+            size_t off = (first + l) * LINE, len = n * LINE;
             const v2u64 *t = x->tweaks + l;
-            if (ahead < nbytes)
-                prefetch(in + ahead, nbytes - ahead < len ? nbytes - ahead : len);
+            ahead a = ask_for(in, nbytes, off + PREFETCH_AHEAD, len);
             if (avx2)
-                lines_in_avx2(t, buf, in + off, n);
+                lines_in_avx2(t, buf, in + off, n, &a);
             else
-                lines_in_sse2(t, buf, in + off, n);
+                lines_in_sse2(t, buf, in + off, n, &a);
             if (!ecb_update(aes, buf, buf, len))
                 return -1;
             if (avx2)
@@ -395,10 +415,9 @@ static int run_units(mktme_xts *x, EVP_CIPHER_CTX *aes, const uint8_t *in, uint8
         cursor c = {.u = (size_t)-1, .j = unit_blocks};
         size_t lo = first * unit_bytes, hi = (first + n) * unit_bytes;
         for (size_t off = lo; off < hi; off += STEP_BYTES) {
-            size_t len = hi - off < STEP_BYTES ? hi - off : STEP_BYTES, ahead = off + PREFETCH_AHEAD;
-            if (ahead < nbytes)
-                prefetch(in + ahead, nbytes - ahead < len ? nbytes - ahead : len);
-            units_in(x, &c, unit_blocks, buf, in + off, len / BLOCK);
+            size_t len = hi - off < STEP_BYTES ? hi - off : STEP_BYTES;
+            ahead a = ask_for(in, nbytes, off + PREFETCH_AHEAD, len);
+            units_in(x, &c, unit_blocks, buf, in + off, len / BLOCK, &a);
             if (!ecb_update(aes, buf, buf, len))
                 return -1;
             if (avx2)
