@@ -34,9 +34,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's qemu_mktme
 
-import benchlib  # noqa: E402
-from qemu_mktme.engine import native, xts  # noqa: E402
-from qemu_mktme.engine.xts import XtsKey, decrypt_lines, encrypt_lines  # noqa: E402
+import benchlib
+
+from qemu_mktme.engine import native, xts
+from qemu_mktme.engine.xts import XtsKey, decrypt_lines, encrypt_lines
 
 HPA = 0x1_0000_0000
 

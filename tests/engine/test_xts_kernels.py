@@ -13,7 +13,13 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qemu_mktme.engine import native, xts
-from qemu_mktme.engine.xts import XtsKey, decrypt_lines, decrypt_units, encrypt_lines, encrypt_units
+from qemu_mktme.engine.xts import (
+    XtsKey,
+    decrypt_lines,
+    decrypt_units,
+    encrypt_lines,
+    encrypt_units,
+)
 
 KERNELS = ["sse2", "avx2"]
 STREAM_MIN = 8 << 20  # the helper's STREAM_MIN_BYTES
@@ -115,12 +121,12 @@ def test_large_calls_both_kernels_agree_with_the_reference(lib, out_off) -> None
     lines, lines_ct, units, tweaks, units_ct = _large()
     for kernel in KERNELS:
         out = _buffer(bytes(len(lines)), out_off)
-        _on(lib, kernel, lambda: encrypt_lines(key, _buffer(lines, 16), HPA, out=out))
+        _on(lib, kernel, lambda out=out: encrypt_lines(key, _buffer(lines, 16), HPA, out=out))
         assert out.tobytes() == lines_ct, kernel
-        _on(lib, kernel, lambda: decrypt_lines(key, out, HPA, out=out))  # in place
+        _on(lib, kernel, lambda out=out: decrypt_lines(key, out, HPA, out=out))  # in place
         assert out.tobytes() == lines, kernel
         out = _buffer(bytes(len(units)), out_off)
-        _on(lib, kernel, lambda: encrypt_units(key, units, tweaks, 48, out=out))
+        _on(lib, kernel, lambda out=out: encrypt_units(key, units, tweaks, 48, out=out))
         assert out.tobytes() == units_ct, kernel
     last = len(lines) - 64  # and the reference itself, on the last line
     assert lines_ct[last:] == _xts(16, (HPA + last).to_bytes(16, "little"), lines[last:])
