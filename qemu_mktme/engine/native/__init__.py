@@ -27,6 +27,8 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+from ...errors import MktmeError
+
 SOURCE_NAME = "mktme_xts.c"
 LIBRARY_NAME = "mktme_xts.so"
 API_VERSION = 2
@@ -41,8 +43,9 @@ ISAS = {"sse2": 1, "avx2": 2}
 OPENSSL_HEADER = Path("/usr/include/openssl/opensslv.h")
 
 
-class HelperUnavailable(RuntimeError):
-    """The helper cannot be built or loaded here (the message says why, in one line)."""
+class HelperUnavailable(MktmeError, RuntimeError):
+    """The helper cannot be built or loaded here, or QEMU_MKTME_XTS asks for what cannot be had
+    (the message says why, in one line; the CLI prints it as its error)."""
 
 
 def source_path() -> Path:
