@@ -186,26 +186,24 @@ static int ecb_update(EVP_CIPHER_CTX *ctx, uint8_t *out, const uint8_t *in, size
 
 /* --- 64-byte units ------------------------------------------------------------------------ */
 
-/* Where the input is asked for ahead of use (prefetch), and how much of it is left to ask for. */
+/* The input to ask for (prefetch) ahead of use while a step is whitened: lines lines from next. */
 typedef struct {
     const uint8_t *next;
-    size_t left;
+    size_t lines;
 } ahead;
 
-/* Ask for the next line of input ahead, if any: one per line whitened in, spread over the pass
- * (a burst of a step's worth waited on the cache's miss buffers; measured slower). */
-static inline void ask(ahead *a) {
-    if (a->left) {
-        __builtin_prefetch(a->next);
-        a->next += LINE;
-        a->left = a->left > LINE ? a->left - LINE : 0;
-    }
+/* Ask for line i of it, if it has one: one line per line whitened in, spread over the pass (a
+ * burst of a step's worth waited on the cache's miss buffers; measured slower). Always inlined:
+ * GCC deems a function that only prefetches free of effects and drops the calls. */
+__attribute__((always_inline)) static inline void ask(const ahead *a, size_t i) {
+    if (i < a->lines)
+        __builtin_prefetch(a->next + i * LINE);
 }
 
 /* buf = in ^ whitening, for n lines with encrypted tweaks t, asking for input ahead meanwhile. */
-static void lines_in_sse2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, ahead *a) {
+static void lines_in_sse2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, const ahead *a) {
     for (size_t i = 0; i < n; i++, in += LINE, buf += LINE) {
-        ask(a);
+        ask(a, i);
         v2u64 t0 = t[i], t1 = times_alpha(t0), t2 = times_alpha(t1), t3 = times_alpha(t2);
         store(buf, load(in) ^ t0);
         store(buf + 16, load(in + 16) ^ t1);
@@ -264,18 +262,20 @@ AVX2 static inline void lines_white2(const v2u64 *t, __m256i w[4]) {
     w[3] = _mm256_permute2x128_si256(c, d, 0x31);
 }
 
-AVX2 static void lines_in_avx2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, ahead *a) {
+AVX2 static void lines_in_avx2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, const ahead *a) {
     size_t i = 0;
     for (; i + 2 <= n; i += 2, in += 2 * LINE, buf += 2 * LINE) {
-        ask(a), ask(a);
+        ask(a, i), ask(a, i + 1);
         __m256i w[4];
         lines_white2(t + i, w);
         for (int k = 0; k < 4; k++)
             _mm256_store_si256((__m256i *)(buf + 32 * k),
                                _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(in + 32 * k)), w[k]));
     }
-    if (i < n)  /* an odd line count: the last line through SSE2 */
-        lines_in_sse2(t + i, buf, in, 1, a);
+    if (i < n) { /* an odd line count: the last line through SSE2 */
+        ahead last = {a->next + i * LINE, a->lines > i ? a->lines - i : 0};
+        lines_in_sse2(t + i, buf, in, 1, &last);
+    }
 }
 
 /* As lines_out_sse2, stream as for store2; inlined with stream constant. */
@@ -311,11 +311,11 @@ typedef struct {
 
 /* buf = in ^ whitening for nblocks blocks from cursor c, keeping the whitening in x->white. */
 static void units_in(mktme_xts *x, cursor *c, size_t unit_blocks, uint8_t *buf, const uint8_t *in,
-                     size_t nblocks, ahead *a) {
+                     size_t nblocks, const ahead *a) {
     v2u64 *w = x->white;
     for (size_t b = 0; b < nblocks; b++) {
         if (b % 4 == 0)
-            ask(a);
+            ask(a, b / 4);
         if (c->j == unit_blocks) {
             c->t = x->tweaks[++c->u];
             c->j = 0;
@@ -365,7 +365,7 @@ typedef void (*tweak_fill)(const void *arg, size_t first, size_t n, v2u64 *dst);
 static ahead ask_for(const uint8_t *in, size_t nbytes, size_t from, size_t len) {
     ahead a = {in + from, 0};
     if (from < nbytes)
-        a.left = nbytes - from < len ? nbytes - from : len;
+        a.lines = ((nbytes - from < len ? nbytes - from : len) + LINE - 1) / LINE;
     return a;
 }
 
