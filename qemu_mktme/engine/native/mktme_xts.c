@@ -184,8 +184,6 @@ static int ecb_update(EVP_CIPHER_CTX *ctx, uint8_t *out, const uint8_t *in, size
     return EVP_CipherUpdate(ctx, out, &outl, in, (int)nbytes) == 1 && (size_t)outl == nbytes;
 }
 
-/* --- 64-byte units ------------------------------------------------------------------------ */
-
 /* The input to ask for (prefetch) ahead of use while a step is whitened: lines lines from next. */
 typedef struct {
     const uint8_t *next;
@@ -199,6 +197,8 @@ __attribute__((always_inline)) static inline void ask(const ahead *a, size_t i) 
     if (i < a->lines)
         __builtin_prefetch(a->next + i * LINE);
 }
+
+/* --- 64-byte units ------------------------------------------------------------------------ */
 
 /* buf = in ^ whitening, for n lines with encrypted tweaks t, asking for input ahead meanwhile. */
 static void lines_in_sse2(const v2u64 *t, uint8_t *buf, const uint8_t *in, size_t n, const ahead *a) {
@@ -250,9 +250,9 @@ AVX2 __attribute__((always_inline)) static inline void store2(uint8_t *p, __m256
     }
 }
 
-/* Two lines' whitening from their encrypted tweaks t[0], t[1]: one register per two blocks,
- * (w[0], w[1]) and (w[2], w[3]) for the first line, (w[4], w[5]) and (w[6], w[7]) for the second;
- * the doublings run on both lines at once. */
+/* Two lines' whitening from their encrypted tweaks t[0], t[1] (t 32-byte aligned), two blocks a
+ * register: w[0] = (t0, t0 alpha), w[1] = (t0 alpha^2, t0 alpha^3), w[2] and w[3] the same for
+ * t1. The doublings run on both lines at once. */
 AVX2 static inline void lines_white2(const v2u64 *t, __m256i w[4]) {
     __m256i a = _mm256_load_si256((const __m256i *)t), b = times_alpha2(a), c = times_alpha2(b),
             d = times_alpha2(c);
