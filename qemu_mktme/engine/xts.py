@@ -10,10 +10,13 @@ Two implementations, the same bytes:
 
 * the compiled helper (``native/mktme_xts.c``, built on first use with the system gcc against
   OpenSSL's libcrypto): EVP AES-ECB does every AES block, C makes the tweaks, the alpha
-  sequence and both whitening XORs, fused over 8 KiB steps that stay in L1; ctypes releases
-  the GIL for the call. About 0.6x raw AES-128-ECB (``scripts/bench_engine.py``; README).
+  sequence and both whitening XORs (an AVX2 or an SSE2 kernel, chosen at run time), fused over
+  2 KiB steps that stay in L1; ctypes releases the GIL for the call. 0.6-0.8x raw AES-128-ECB
+  on 64 MiB calls (large calls stream their output), 0.5-0.65x on 1 MiB ones
+  (``scripts/bench_engine.py``; README).
 * the numpy path below, the reference and the fallback when the helper cannot be built (one
-  warning line; ``qemu-mktme doctor`` says which is in use; ``QEMU_MKTME_XTS=numpy`` forces it).
+  warning line; ``qemu-mktme doctor`` says which is in use; ``QEMU_MKTME_XTS=numpy`` forces it,
+  ``sse2``/``avx2`` force the helper and its kernel).
   OpenSSL does every AES block (the tweak encryptions in one ECB call, the data in one call per
   chunk), numpy the multiply-by-alpha sequence and the two whitening XORs for a whole chunk. The
   data pass uses OpenSSL's XTS code path as a plain ECB: with a tweak key K' and an IV chosen so

@@ -1,9 +1,10 @@
 """The XTS engine against outside references: NIST CAVP vectors, cryptography's XTS unit by unit,
 and (for equal key halves, which cryptography refuses) XTS built from single AES blocks.
 
-Every test runs twice, on the compiled helper and on the numpy reference path (the ``impl``
-fixture); the helper must build here (gcc and libssl-dev come from scripts/setup-host.sh).
-test_xts_native.py compares the two paths with hypothesis and tests the build and fallback."""
+Every test runs three times: on the compiled helper with each of its whitening kernels (AVX2,
+SSE2) and on the numpy reference path (the ``impl`` fixture); the helper must build here (gcc and
+libssl-dev come from scripts/setup-host.sh). test_xts_native.py compares the paths with
+hypothesis and tests the build and fallback; test_xts_kernels.py the kernels' edge cases."""
 
 import os
 from importlib import resources
@@ -31,12 +32,24 @@ def helper_lib():
     return native.load(native.build())
 
 
-@pytest.fixture(params=["native", "numpy"], autouse=True)
-def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    lib = request.getfixturevalue("helper_lib") if request.param == "native" else None
+@pytest.fixture(params=["avx2", "sse2", "numpy"], autouse=True)
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Each of the helper's whitening kernels, then the numpy path."""
+    if request.param == "numpy":
+        monkeypatch.setattr(xts, "_helper", lambda: None)
+        assert xts.implementation() == "numpy"
+        yield "numpy"
+        return
+    lib = request.getfixturevalue("helper_lib")
+    before = native.isa(lib)
+    try:
+        native.set_isa(lib, request.param)
+    except native.HelperUnavailable as err:
+        pytest.skip(str(err))  # a CPU without AVX2: the SSE2 kernel is the one in use there
     monkeypatch.setattr(xts, "_helper", lambda: lib)
-    assert xts.implementation() == request.param
-    return request.param
+    assert xts.implementation() == "native"
+    yield request.param
+    native.set_isa(lib, before)
 
 
 def _vectors(name: str) -> list[dict[str, str]]:

@@ -8,7 +8,9 @@ the GIL for every call into it, so threads encrypt in parallel.
 
 :func:`helper` returns the loaded library, or ``None`` when it cannot be built or loaded (no gcc,
 no OpenSSL headers, ``QEMU_MKTME_XTS=numpy``); then the engine uses its numpy path and
-:func:`status` says why. The cache directory follows the same rule as ``files.cache`` (which
+:func:`status` says why. The library has two whitening kernels, SSE2 and AVX2, and picks the best
+the CPU has; ``QEMU_MKTME_XTS=sse2`` or ``avx2`` chooses one (an error if the CPU lacks it), and
+:func:`set_isa` switches a loaded library (tests, benchmarks). The cache directory follows the same rule as ``files.cache`` (which
 sits above this layer and so cannot be imported here).
 """
 
@@ -25,19 +27,25 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+from ...errors import MktmeError
+
 SOURCE_NAME = "mktme_xts.c"
 LIBRARY_NAME = "mktme_xts.so"
-API_VERSION = 1
+API_VERSION = 2
 CFLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-plt",
           "-Wall", "-Wextra", "-Werror")
 LIBS = ("-lcrypto",)
 ENV_SELECT = "QEMU_MKTME_XTS"
-"""``numpy`` forces the reference path; ``native`` makes a build failure an error, not a fallback."""
+"""``numpy`` forces the reference path; ``native`` makes a build failure an error, not a fallback;
+``sse2`` / ``avx2`` do the same and choose the helper's whitening kernel."""
+ISAS = {"sse2": 1, "avx2": 2}
+"""The helper's whitening kernels, by the numbers its C API uses."""
 OPENSSL_HEADER = Path("/usr/include/openssl/opensslv.h")
 
 
-class HelperUnavailable(RuntimeError):
-    """The helper cannot be built or loaded here (the message says why, in one line)."""
+class HelperUnavailable(MktmeError, RuntimeError):
+    """The helper cannot be built or loaded here, or QEMU_MKTME_XTS asks for what cannot be had
+    (the message says why, in one line; the CLI prints it as its error)."""
 
 
 def source_path() -> Path:
@@ -113,7 +121,26 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mktme_xts_lines.restype = c_int
     lib.mktme_xts_units.argtypes = [vp, vp, vp, sz, sz, vp, c_int]
     lib.mktme_xts_units.restype = c_int
+    lib.mktme_xts_isa.argtypes = []
+    lib.mktme_xts_isa.restype = c_int
+    lib.mktme_xts_set_isa.argtypes = [c_int]
+    lib.mktme_xts_set_isa.restype = c_int
     return lib
+
+
+def isa(lib: ctypes.CDLL) -> str:
+    """The whitening kernel ``lib`` uses now: ``sse2`` or ``avx2``."""
+    number = lib.mktme_xts_isa()
+    return next(name for name, n in ISAS.items() if n == number)
+
+
+def set_isa(lib: ctypes.CDLL, name: str) -> None:
+    """Make ``lib`` use whitening kernel ``name`` (``sse2``, ``avx2``) from its next call on, in
+    every thread; ``HelperUnavailable`` if this CPU lacks it."""
+    if name not in ISAS:
+        raise ValueError(f"unknown XTS kernel {name!r} (one of {', '.join(ISAS)})")
+    if lib.mktme_xts_set_isa(ISAS[name]) != 0:
+        raise HelperUnavailable(f"this CPU has no {name.upper()} for the XTS helper")
 
 
 _lock = threading.Lock()
@@ -129,6 +156,8 @@ def helper() -> ctypes.CDLL | None:
         if "lib" not in _state:
             choice = os.environ.get(ENV_SELECT, "").strip().lower()
             lib: ctypes.CDLL | None = None
+            if choice not in ("", "numpy", "native", *ISAS):
+                raise HelperUnavailable(f"{ENV_SELECT}={choice}: expected numpy, native, {' or '.join(ISAS)}")
             if choice == "numpy":
                 reason = f"{ENV_SELECT}=numpy"
             else:
@@ -137,9 +166,11 @@ def helper() -> ctypes.CDLL | None:
                         lib = load(build())
                     except HelperUnavailable:   # a damaged cached library: build it once more
                         lib = load(build(force=True))
+                    if choice in ISAS:
+                        set_isa(lib, choice)
                     reason = ""
                 except HelperUnavailable as err:
-                    if choice == "native":
+                    if choice == "native" or choice in ISAS:
                         raise
                     reason = str(err)
                     print(f"qemu-mktme: warning: compiled XTS helper unavailable ({reason}); "
@@ -153,5 +184,5 @@ def status() -> str:
     """One line: which XTS implementation the engine uses, and why when it is the fallback."""
     lib = helper()
     if lib is not None:
-        return f"compiled helper over OpenSSL libcrypto ({lib._name})"
+        return f"compiled helper over OpenSSL libcrypto, native ({isa(lib)}) ({lib._name})"
     return f"numpy reference path ({_state['reason']})"
