@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import IntegrityError, SnapshotError
+from .regular import open_regular
 
 MAGIC = b"QMKTSNAP"
 END_MAGIC = b"QMKTEND\0"
@@ -233,16 +233,7 @@ def _pread_exact(fd: int, nbytes: int, offset: int, path: str) -> bytes:
 
 
 def _open_regular(p: str) -> int:
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)      # a FIFO must not block us
-    except FileNotFoundError:
-        raise SnapshotError(f"{p}: no such snapshot") from None
-    except OSError as err:
-        raise SnapshotError(f"{p}: {err.strerror}") from err
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotError(f"{p}: not a regular file")
-    return fd
+    return open_regular(p, SnapshotError, p, missing=f"{p}: no such snapshot")
 
 
 def _authenticate(fd: int, p: str, header: bytes, size: int, kek: bytes) -> tuple[Keys, bytes, int]:

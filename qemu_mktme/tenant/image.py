@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import TenantError
+from ..files.regular import open_regular
 from .digests import measure_fd
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -151,14 +152,8 @@ def verify(image: str | os.PathLike[str], verify_key: ed25519.Ed25519PublicKey) 
         verify_key.verify(signature, _canonical(body))
     except InvalidSignature:
         raise TenantError(f"manifest {mpath}: bad signature (not signed by the tenant, or modified)") from None
+    fd = open_regular(path, TenantError, f"image {path}", nofollow=True)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as err:
-        raise TenantError(f"image {path}: {err.strerror}") from None
-    try:
-        import stat
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TenantError(f"image {path} is not a regular file")
         measured = measure_fd(fd, path)          # by file identity, as the measured launch (digests.py)
         digest, size = measured.digest.hex(), measured.state[2]
         if size != body.get("size") or digest != body.get("sha256"):

@@ -82,12 +82,17 @@ def _leftovers(tenant: TenantDir, pgid: int) -> list[int]:
     return mine
 
 
-def _reap_group(tenant: TenantDir, info: KeyServerInfo | None) -> None:
+def _reap_group(tenant: TenantDir, info: KeyServerInfo | None, timeout: float = 5.0) -> None:
+    """SIGKILL what a dead key server left of its process group, and wait (up to ``timeout``)
+    until it is gone: a signal is delivered, not acted on, by the time kill() returns."""
     if info is None:
         return
-    for pid in _leftovers(tenant, info.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while (left := _leftovers(tenant, info.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.01)
 
 
 def kmip_client(tenant: TenantDir, info: KeyServerInfo | None = None, **kw: float) -> KmipClient:

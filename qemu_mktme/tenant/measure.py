@@ -25,7 +25,6 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,13 @@ import qemu_mktme
 
 from ..arch import msr as msr_bits
 from ..errors import TenantError
+from ..files.regular import open_regular
 from ..host.host import Host
 from ..qemu.binary import find_qemu
 from ..qemu.boot import BootSpec
 from ..trace.shim import build_shim
-from .eventlog import Event, measure
 from .digests import Measured, fd_digest, file_digest, measure_file, path_digest, state
+from .eventlog import Event, measure
 from .tpm import Tpm
 
 
@@ -155,13 +155,8 @@ def sealed_boot(boot: BootSpec) -> Iterator[SealedBoot]:
 
 
 def _sealed_copy(path: Path, digests: dict[Path, bytes]) -> int:
+    src = open_regular(path, TenantError, f"boot file {path}")
     try:
-        src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError as err:
-        raise TenantError(f"boot file {path}: {err.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(src).st_mode):
-            raise TenantError(f"boot file {path} is not a regular file")
         memfd = os.memfd_create(f"qemu-mktme-boot-{path.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             h = hashlib.sha256()
