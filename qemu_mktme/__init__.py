@@ -17,7 +17,8 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     inspect   offline tools over dumps
     verifier, demo, attack, attend, cli, pytest_plugin    what users run
 
-``errors`` is shared by all.
+``errors`` is shared by all, and ``compiled`` (a C source built into the cache: the XTS
+helper, the shim) by the layers that build.
 """
 
 import logging

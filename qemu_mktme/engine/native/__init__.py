@@ -2,16 +2,14 @@
 libcrypto on first use, cached, loaded with ctypes.
 
 Built once per (source sha256, compiler flags, OpenSSL header version) into
-``$QEMU_MKTME_CACHE/xts/<key>/mktme_xts.so`` (written to a temporary file and renamed, so
-concurrent and interrupted builds never leave half a library), like the TCG shim. ctypes drops
-the GIL for every call into it, so threads encrypt in parallel.
+``$QEMU_MKTME_CACHE/xts/<key>/mktme_xts.so`` by :func:`qemu_mktme.compiled.compile_library`, like
+the TCG shim. ctypes drops the GIL for every call into it, so threads encrypt in parallel.
 
 :func:`helper` returns the loaded library, or ``None`` when it cannot be built or loaded (no gcc,
 no OpenSSL headers, ``QEMU_MKTME_XTS=numpy``); then the engine uses its numpy path and
 :func:`status` says why. The library has two whitening kernels, SSE2 and AVX2, and picks the best
 the CPU has; ``QEMU_MKTME_XTS=sse2`` or ``avx2`` chooses one (an error if the CPU lacks it), and
-:func:`set_isa` switches a loaded library (tests, benchmarks). The cache directory follows the same rule as ``files.cache`` (which
-sits above this layer and so cannot be imported here).
+:func:`set_isa` switches a loaded library (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -20,13 +18,12 @@ import ctypes
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
 
+from ...compiled import CompileFailed, cache_root, compile_library
 from ...errors import MktmeError
 
 SOURCE_NAME = "mktme_xts.c"
@@ -53,12 +50,6 @@ def source_path() -> Path:
     return Path(str(resources.files(__package__).joinpath(SOURCE_NAME)))
 
 
-def _cache_root() -> Path:
-    if os.environ.get("QEMU_MKTME_CACHE"):
-        return Path(os.environ["QEMU_MKTME_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "qemu-mktme"
-
-
 def build(*, source: Path | None = None, cache: Path | None = None, cc: str | None = None,
           force: bool = False) -> Path:
     """Path of the helper library, compiled if needed (or ``force``: again, replacing a cached
@@ -77,31 +68,14 @@ def build(*, source: Path | None = None, cache: Path | None = None, cc: str | No
         raise HelperUnavailable(f"OpenSSL headers not found ({OPENSSL_HEADER}; apt-get install libssl-dev)") from None
     flags = (*CFLAGS, *LIBS)
     key = hashlib.sha256(text + b"\0" + " ".join(flags).encode() + b"\0" + openssl).hexdigest()[:24]
-    out_dir = (cache or _cache_root()) / "xts" / key
-    library = out_dir / LIBRARY_NAME
-    if library.is_file() and not force:
-        return library
+    library = (cache or cache_root()) / "xts" / key / LIBRARY_NAME
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+        return compile_library(library, compiler, src, CFLAGS, LIBS, force=force)
     except OSError as err:
-        raise HelperUnavailable(f"cannot write to {out_dir}: {err.strerror}") from err
-    os.close(fd)
-    try:
-        try:
-            proc = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(src), *LIBS], capture_output=True,
-                                  text=True, timeout=120, check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise HelperUnavailable(f"cannot run {compiler}: {err}") from err
-        if proc.returncode != 0:
-            last = (proc.stderr or proc.stdout).strip().splitlines()
-            raise HelperUnavailable(f"{compiler} failed on {src.name}: {last[-1] if last else proc.returncode}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return library
+        raise HelperUnavailable(f"cannot write to {library.parent}: {err.strerror}") from err
+    except CompileFailed as err:
+        last = err.output.splitlines()
+        raise HelperUnavailable(f"{compiler} failed on {src.name}: {last[-1] if last else err}") from None
 
 
 def load(path: Path) -> ctypes.CDLL:

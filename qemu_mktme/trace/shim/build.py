@@ -2,8 +2,7 @@
 
 No distribution ships QEMU's plugin header, so ``mktme_shim.c`` declares the ABI itself and is
 compiled here, once per (source sha256, compiler flags, plugin API variant), into
-``$QEMU_MKTME_CACHE/shim/<key>/mktme_shim.so``. The output is written to a temporary file and
-renamed into place, so concurrent builds and interrupted ones never leave half a library.
+``$QEMU_MKTME_CACHE/shim/<key>/mktme_shim.so`` (:func:`qemu_mktme.compiled.compile_library`).
 
 Plugin API variants (QEMU's ``QEMU_PLUGIN_VERSION``), chosen from ``qemu-system-x86_64 --version``:
 
@@ -23,16 +22,13 @@ address (``ram_addr``: the guest-RAM backend offset for our RAM, not the GPA abo
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
-import tempfile
 from importlib import resources
 from pathlib import Path
 
+from ...compiled import CompileFailed, cache_root, compile_library
 from ...errors import ShimError
 from ...qemu.binary import QemuBinary, find_qemu
-from ...files.cache import cache_root
 
 SOURCE_NAME = "mktme_shim.c"
 LIBRARY_NAME = "mktme_shim.so"
@@ -88,25 +84,8 @@ def build_shim(qemu: QemuBinary | None = None, *, abi: int | None = None, source
         raise ShimError("gcc not found: it builds the TCG plugin shim (apt-get install gcc)")
     flags = (*CFLAGS, f"-DMKTME_PLUGIN_ABI={abi}")
     key = hashlib.sha256(text + b"\0" + " ".join(flags).encode()).hexdigest()[:24]
-    out_dir = (cache or cache_root()) / "shim" / f"{key}-abi{abi}"
-    library = out_dir / LIBRARY_NAME
-    if library.is_file():
-        return library
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
+    library = (cache or cache_root()) / "shim" / f"{key}-abi{abi}" / LIBRARY_NAME
     try:
-        try:
-            proc = subprocess.run([compiler, *flags, "-o", tmp, str(src)], capture_output=True, text=True,
-                                  timeout=120, check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise ShimError(f"cannot run {compiler} to build the shim: {err}") from err
-        if proc.returncode != 0:
-            raise ShimError(f"building the shim ({src.name}, plugin API {abi}) failed:\n"
-                            f"{(proc.stderr or proc.stdout).strip()[-3000:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, library)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return library
+        return compile_library(library, compiler, src, flags)
+    except CompileFailed as err:
+        raise ShimError(f"building the shim ({src.name}, plugin API {abi}) failed:\n{err.output[-3000:]}") from None
