@@ -1,19 +1,30 @@
-"""The tenant's own operations: create keys, record reference values, encrypt an image.
+"""The tenant's own operations: create keys, record reference values, enrol and revoke hosts,
+encrypt an image.
 
 What ``qemu-mktme tenant init|add-key|policy`` and ``image encrypt`` call. Keys are created in
 (and read back from) the running KMIP server; only names and unique identifiers are stored.
+Enrolling a host records its TPM's attestation key and gives it its own client certificate
+(:func:`enrol_credentials`); revoking it (:func:`revoke_host`) puts its certificates in the
+tenant's CRL and takes its AK out of the policy: the running broker refuses it at the handshake.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import NameOID
 
 from ..errors import TenantError
 from ..qemu.boot import BootSpec
 from . import image as image_mod
 from . import keyserver
-from .hostid import AttestedHost
+from . import pki as pki_mod
+from .hostid import AttestedHost, host_credentials, host_dir
 from .measure import measured_set
 from .store import KEY_NAME_CHARS, Policy, TenantDir
 from .tpm import PCRS
@@ -49,11 +60,71 @@ def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bi
     events = measured_set(boot, keyid_bits=keyid_bits, packages=packages, qemu=qemu, integrity=integrity)
     enrolled = {}
     for name in hosts:
-        with AttestedHost(name, (host_dirs or {}).get(name)).boot([]) as host:
+        directory = (host_dirs or {}).get(name) or host_dir(name)
+        with AttestedHost(name, directory).boot([]) as host:
             enrolled[host.ak_fingerprint()] = name
+        enrol_credentials(tenant, name, host_credentials(Path(directory)))
     policy = Policy(PCRS, events, enrolled)
     tenant.save_policy(policy)
     return policy
+
+
+RENEW_BEFORE = datetime.timedelta(days=30)
+
+
+def enrol_credentials(tenant: TenantDir, host: str, directory: str | os.PathLike[str]) -> Path:
+    """Host ``host``'s own client certificate of the tenant's CA in ``directory`` (QEMU's file
+    names, with the CA certificate that authenticates the broker). A certificate already there
+    for that host, from this CA, not revoked and valid for another 30 days is kept (enrolling
+    again changes nothing); else a new one is issued. Copy the directory to the host's machine."""
+    d = Path(directory)
+    current = _current_certificate(tenant.pki, host, d)
+    if current is None:
+        pki_mod.issue_host(tenant.pki, d, host)
+    return d
+
+
+def _current_certificate(pki: pki_mod.Pki, host: str, directory: Path) -> x509.Certificate | None:
+    try:
+        cert = x509.load_pem_x509_certificate((directory / pki_mod.CLIENT_CERT).read_bytes())
+        ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+        cert.verify_directly_issued_by(ca)
+        if not (directory / pki_mod.CLIENT_KEY).is_file():
+            return None
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    fresh = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > RENEW_BEFORE
+    if not cn or cn[0].value != host or not fresh or cert.serial_number in pki_mod.revoked(pki):
+        return None
+    return cert
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What ``tenant policy --revoke HOST`` did."""
+
+    host: str
+    serials: list[int]
+    unenrolled: list[str]           # AK fingerprints taken out of the policy
+
+
+def revoke_host(tenant: TenantDir, host: str) -> Revocation:
+    """Revoke every certificate issued to ``host`` (the broker refuses it at the handshake from
+    its next connection on) and take its attestation keys out of the tenant's policy."""
+    tenant.require()
+    serials = pki_mod.revoke_host(tenant.pki, host)
+    gone: list[str] = []
+    try:
+        policy = tenant.policy()
+    except TenantError:
+        policy = None
+    if policy is not None:
+        gone = [fp for fp, name in policy.hosts.items() if name == host]
+        if gone:
+            tenant.save_policy(Policy(policy.pcrs, policy.reference,
+                                      {fp: n for fp, n in policy.hosts.items() if n != host}))
+    return Revocation(host, serials, gone)
 
 
 def encrypt_image(tenant: TenantDir, source: str | os.PathLike[str], target: str | os.PathLike[str],

@@ -25,24 +25,29 @@ re-fetched when older than :data:`PREFETCH_MAX_AGE`). The decision is the same e
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
-import http.client
-import socket
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import h11
 
 from ..errors import AttestationError, KeyServerError, TenantError
 from . import eventlog
 from .attest import Sealed, ak_fingerprint, seal_to, verify_binding, verify_quote
 from .kmip import KmipClient
+from .pki import write_crl
 from .store import TenantDir
 from .tpm import Quote
 
@@ -173,94 +178,337 @@ def _drop(ahead: tuple[tuple[str, ...], Future[list[bytes]]] | None) -> None:
         ahead[1].result().clear()
 
 
-def _handler(broker: Broker) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "qemu-mktme-broker"
-        # headers and body leave in two writes: with Nagle on, the body waits for the client's
-        # delayed ACK of the headers (~40 ms per request on loopback)
-        disable_nagle_algorithm = True
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a broker connection: its client certificate (the tenant's CA
+    checked it at the handshake). ``cn`` is the host's name for a host certificate."""
 
-        def log_message(self, fmt: str, *args: Any) -> None:   # no per-request noise
-            pass
+    cn: str
+    serial: int
+    address: str
 
-        def _answer(self, status: int, obj: dict[str, Any]) -> None:
-            body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def do_POST(self) -> None:  # noqa: N802  (http.server's name)
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-                if not 0 <= length <= MAX_BODY:
-                    raise ValueError
-                request = json.loads(self.rfile.read(length) or b"{}")
-            except ValueError:
-                self._answer(400, {"error": "malformed request"})
-                return
-            try:
-                if self.path == "/v1/nonce":
-                    keys = request.get("keys") if isinstance(request, dict) else None
-                    keys = [str(k) for k in keys] if isinstance(keys, list) and len(keys) <= 16 else None
-                    self._answer(200, {"nonce": broker.nonce(keys).hex(), "manifest_key": broker.manifest_key().hex(),
-                                       "tenant": broker.name})
-                elif self.path == "/v1/manifest-key":
-                    self._answer(200, {"key": broker.manifest_key().hex()})
-                elif self.path == "/v1/release":
-                    self._answer(200, broker.release(request))
-                else:
-                    self._answer(404, {"error": f"no such endpoint {self.path}"})
-            except (AttestationError, TenantError) as err:
-                self._answer(403, {"error": str(err)})
-            except Exception as err:  # noqa: BLE001  the broker stays up; the host learns it failed
-                log.exception("broker: %s", err)
-                self._answer(500, {"error": f"broker failure: {type(err).__name__}"})
-    return Handler
+Route = Callable[[Any, Peer], dict[str, Any]]
+"""A broker endpoint: the request's JSON body and the peer -> the answer's JSON body (run in a
+worker thread; raise ``AttestationError``/``TenantError`` for a 403, ``BadRequest`` for a 400)."""
+
+
+class BadRequest(ValueError):
+    """A request the broker cannot read (answered 400 with its message)."""
+
+
+def routes(broker: Broker) -> dict[str, Route]:
+    """The broker's endpoints; add one here (or to :attr:`BrokerServer.routes`) to extend it."""
+    def nonce(request: Any, peer: Peer) -> dict[str, Any]:
+        keys = request.get("keys")
+        keys = [str(k) for k in keys] if isinstance(keys, list) and len(keys) <= 16 else None
+        return {"nonce": broker.nonce(keys).hex(), "manifest_key": broker.manifest_key().hex(), "tenant": broker.name}
+
+    def manifest_key(request: Any, peer: Peer) -> dict[str, Any]:
+        return {"key": broker.manifest_key().hex()}
+
+    def release(request: Any, peer: Peer) -> dict[str, Any]:
+        return broker.release(request)
+    return {"/v1/nonce": nonce, "/v1/manifest-key": manifest_key, "/v1/release": release}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much a connection may cost the broker.
+
+    ``handshake``: seconds for the TLS handshake; ``request``: seconds from a request's first byte
+    to its last (headers and body); ``idle``: seconds a kept-alive connection may wait for its
+    next request; ``connections``: connections at a time (past it, the oldest that is not being
+    answered is closed for the newcomer); ``workers``: requests the broker works on at a time
+    (the others wait their turn); ``header``/``body``: bytes.
+    """
+
+    handshake: float = 5.0
+    request: float = REQUEST_TIMEOUT
+    idle: float = 30.0
+    connections: int = 64
+    workers: int = 4
+    header: int = 16 << 10
+    body: int = MAX_BODY
+
+
+class _Conn:
+    """One client connection's bookkeeping: busy while its request is being answered."""
+
+    __slots__ = ("task", "opened", "busy")
+
+    def __init__(self, task: asyncio.Task[None] | None) -> None:
+        self.task = task
+        self.opened = time.monotonic()
+        self.busy = False
 
 
 class BrokerServer:
-    """The broker over HTTPS on 127.0.0.1 (``port`` 0: any free port), in a thread."""
+    """The broker over HTTPS with mutual TLS, on ``host`` (default 127.0.0.1) and ``port`` (0:
+    any free port), served by an asyncio loop in a thread.
 
-    def __init__(self, broker: Broker, tenant: TenantDir, port: int = 0) -> None:
+    Written on asyncio's own TLS streams with h11 (python-hyper's HTTP/1.1 parser; it bounds the
+    header size and frames bodies): no maintained asyncio HTTP server lets each connection's
+    handshake run under its own deadline with an SSL context chosen at accept time (a revocation
+    list that changes while the server runs), nor bounds the connections it keeps. Every
+    connection runs as its own task under the deadlines of :class:`Limits`: a silent, slow or
+    half-sending client costs only its own connection, a flood only the connections past the
+    bound (oldest first). Clients must present a certificate of the tenant's CA that is not in
+    its CRL; everything else is refused at the handshake. A request the broker cannot read gets
+    one 4xx answer with a JSON ``error``, then the connection closes.
+    """
+
+    def __init__(self, broker: Broker, tenant: TenantDir, port: int = 0, *, host: str = "127.0.0.1",
+                 limits: Limits = Limits()) -> None:
         self.broker = broker
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(broker))
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        cert, key = tenant.pki.server
-        ctx.load_cert_chain(cert, key)
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="broker", daemon=True)
+        self.pki = tenant.pki
+        self.limits = limits
+        self.routes: dict[str, Route] = routes(broker)
+        if not self.pki.crl.exists():                 # a tenant made before revocation existed
+            write_crl(self.pki, [])
+        self._ctx: ssl.SSLContext | None = None
+        self._ctx_stamp: tuple[int, int, int] | None = None
+        self._conns: list[_Conn] = []
+        self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="broker")
+        self._loop = asyncio.new_event_loop()
+        self._context()                              # a bad certificate fails here, not at the first client
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(self._serve, host, port, backlog=max(128, limits.connections)))
+        except OSError as err:
+            self._loop.close()
+            raise KeyServerError(f"the broker cannot listen on {host}:{port}: {err.strerror or err}") from None
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        self._thread = threading.Thread(target=self._loop.run_forever, name="broker", daemon=True)
+        self.stats = {"connections": 0, "evicted": 0, "handshake_failed": 0, "timeouts": 0}
 
     def start(self) -> "BrokerServer":
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        async def shut() -> None:
+            self._server.close()
+            for c in list(self._conns):
+                if c.task is not None:
+                    c.task.cancel()
+            await asyncio.sleep(0)
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.broker.close()
+
+    # ------------------------------------------------------------------ TLS
+
+    def _context(self) -> ssl.SSLContext:
+        """The server's SSL context, rebuilt when the CRL changed (one stat per connection)."""
+        st = os.stat(self.pki.crl)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._ctx is None or stamp != self._ctx_stamp:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            cert, key = self.pki.server
+            ctx.load_cert_chain(cert, key)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(self.pki.ca))
+            ctx.load_verify_locations(cafile=str(self.pki.crl))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            self._ctx, self._ctx_stamp = ctx, stamp
+        return self._ctx
+
+    # ------------------------------------------------------------------ connections
+
+    def _admit(self, conn: _Conn) -> None:
+        """Make room for ``conn``: past the bound, the oldest connection not being answered goes."""
+        if len(self._conns) >= self.limits.connections:
+            victim = next((c for c in self._conns if not c.busy), None)
+            if victim is not None and victim.task is not None:
+                victim.task.cancel()
+                self._conns.remove(victim)
+                self.stats["evicted"] += 1
+        self._conns.append(conn)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(asyncio.current_task())
+        self._admit(conn)
+        self.stats["connections"] += 1
+        address = str(writer.get_extra_info("peername", ("?",))[0])
+        try:
+            if len(self._conns) > self.limits.connections:       # every other one is being answered
+                return
+            try:
+                async with asyncio.timeout(self.limits.handshake):
+                    await writer.start_tls(self._context(), ssl_handshake_timeout=self.limits.handshake)
+            except (TimeoutError, ssl.SSLError, OSError):
+                self.stats["handshake_failed"] += 1
+                return
+            cert = writer.get_extra_info("peercert") or {}
+            cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "?")
+            await self._http(reader, writer, conn, Peer(cn, int(cert.get("serialNumber", "0"), 16), address))
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass                                         # the peer went away: its loss only
+        finally:
+            if conn in self._conns:
+                self._conns.remove(conn)
+            writer.transport.abort()
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn, peer: Peer) -> None:
+        """HTTP/1.1 requests on one connection, kept alive, each under the deadlines."""
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.header)
+        while True:
+            try:
+                path, body = await self._read_request(reader, h)
+            except _Closed:
+                return
+            except TimeoutError:
+                self.stats["timeouts"] += 1
+                if h.their_state is h11.SEND_BODY or (h.their_state is h11.IDLE and h.trailing_data[0]):
+                    await self._send(writer, h, 408, {"error": f"request not complete within {self.limits.request:g} s"})
+                return
+            except _Refused as refusal:
+                await self._send(writer, h, refusal.status, {"error": str(refusal)}, refusal.headers)
+                return
+            conn.busy = True
+            status, answer = await self._dispatch(path, body, peer)
+            conn.busy = False
+            if not await self._send(writer, h, status, answer) or h.our_state is not h11.DONE \
+                    or h.their_state is not h11.DONE:
+                return
+            h.start_next_cycle()
+
+    async def _read_request(self, reader: asyncio.StreamReader, h: h11.Connection) -> tuple[str, bytes]:
+        """One request's target and body; ``_Refused`` for what the broker does not take."""
+        body = bytearray()
+        path = ""
+        deadline: float | None = None            # from the request's first byte
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as err:
+                raise _Refused(err.error_status_hint if 400 <= err.error_status_hint < 500 else 400,
+                               f"malformed HTTP request: {err}") from None
+            if event is h11.NEED_DATA:
+                if deadline is None and (h.their_state is not h11.IDLE or h.trailing_data[0]):
+                    deadline = loop.time() + self.limits.request
+                wait = self.limits.idle if deadline is None else deadline - loop.time()
+                async with asyncio.timeout(max(wait, 0)):
+                    data = await reader.read(64 << 10)
+                if not data and h.their_state is h11.IDLE and not h.trailing_data[0]:
+                    raise _Closed
+                if deadline is None:
+                    deadline = loop.time() + self.limits.request
+                h.receive_data(data)
+            elif isinstance(event, h11.Request):
+                path = event.target.decode("ascii", "replace")
+                if event.method != b"POST":
+                    raise _Refused(405, f"method {event.method.decode('ascii', 'replace')} not allowed: POST only",
+                                   [("Allow", "POST")])
+                if path not in self.routes:
+                    raise _Refused(404, f"no such endpoint {path}")
+                length = dict(event.headers).get(b"content-length")
+                if length is not None and int(length) > self.limits.body:
+                    raise _Refused(413, f"request body of {int(length)} bytes, more than {self.limits.body}")
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.limits.body:
+                    raise _Refused(413, f"request body over {self.limits.body} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return path, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _Closed
+
+    async def _dispatch(self, path: str, body: bytes, peer: Peer) -> tuple[int, dict[str, Any]]:
+        def work() -> tuple[int, dict[str, Any]]:
+            try:
+                try:
+                    request = json.loads(body or b"{}")
+                except RecursionError:
+                    raise BadRequest("malformed request: JSON nested too deeply") from None
+                except ValueError as err:
+                    raise BadRequest(f"malformed request: not JSON ({err})") from None
+                if not isinstance(request, dict):
+                    raise BadRequest("malformed request: the body must be a JSON object")
+                return 200, self.routes[path](request, peer)
+            except BadRequest as err:
+                return 400, {"error": str(err)}
+            except (AttestationError, TenantError) as err:
+                return 403, {"error": str(err)}
+            except Exception as err:  # noqa: BLE001  the broker stays up; the host learns it failed
+                log.exception("broker: %s", err)
+                return 500, {"error": f"broker failure: {type(err).__name__}"}
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    async def _send(self, writer: asyncio.StreamWriter, h: h11.Connection, status: int, obj: dict[str, Any],
+                    headers: list[tuple[str, str]] | None = None) -> bool:
+        """One JSON answer (closing the connection after a 4xx/5xx); False when it cannot be sent."""
+        if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return False
+        body = json.dumps(obj).encode()
+        hdrs = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                ("Server", "qemu-mktme-broker"), *(headers or [])]
+        if status >= 400:
+            hdrs.append(("Connection", "close"))
+        try:
+            data = h.send(h11.Response(status_code=status, headers=hdrs)) + h.send(h11.Data(data=body)) \
+                + h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return False
+        writer.write(data)
+        async with asyncio.timeout(self.limits.request):
+            await writer.drain()
+        return True
+
+
+class _Closed(Exception):
+    """The client closed its connection between requests."""
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+REFUSALS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate (the tenant enrols each host with its own)",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "its certificate was revoked by the tenant",
+    "TLSV1_ALERT_UNKNOWN_CA": "its certificate is not from the tenant's CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "its certificate is not acceptable (another CA, or not a client certificate)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "its certificate has expired",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "its certificate is not a client certificate",
+}
+"""TLS alerts a broker sends at the handshake (OpenSSL's reason names), as the host is told."""
 
 
 class BrokerClient:
-    """The host's side of the HTTPS protocol; the broker is authenticated by the tenant's CA.
+    """The host's side of the HTTPS protocol: the broker is authenticated by the tenant's CA and
+    the name dialled; the host by ``cert`` (its own client certificate and key, issued when the
+    tenant enrolled it: :func:`.pki.issue_host`).
 
     One kept-alive connection serves a client's requests (nonce, release): one TLS handshake.
     """
 
-    def __init__(self, url: str, ca: str | os.PathLike[str], *, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, url: str, ca: str | os.PathLike[str], *, cert: tuple[Path, Path] | None = None,
+                 timeout: float = REQUEST_TIMEOUT) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" or not parsed.hostname:
             raise TenantError(f"tenant server URL must be https://HOST:PORT, got {url!r}")
         self.url = url.rstrip("/")
         self._host, self._port = parsed.hostname, parsed.port or 443
         try:
-            self._ctx = ssl.create_default_context(cafile=str(ca))
+            self._ctx = ssl.create_default_context(cafile=str(ca))      # the tenant's CA and the dialled name
         except (OSError, ssl.SSLError) as err:
             raise TenantError(f"tenant CA certificate {ca}: {getattr(err, 'strerror', None) or err}") from None
+        if cert is not None:
+            try:
+                self._ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+            except (OSError, ssl.SSLError) as err:
+                raise TenantError(f"host certificate {cert[0]}: {getattr(err, 'strerror', None) or err}") from None
         self.timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
         self._manifest_key: bytes | None = None
@@ -294,8 +542,17 @@ class BrokerClient:
         try:
             status, data = self._exchange(path, json.dumps(obj).encode())
         except ssl.SSLCertVerificationError as err:
+            if "Hostname mismatch" in str(err.verify_message) or "IP address mismatch" in str(err.verify_message):
+                raise KeyServerError(f"key broker {self.url}: its certificate does not name {self._host} "
+                                     f"({err.verify_message})") from None
             raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
                                  f"({err.verify_message})") from None
+        except ssl.SSLError as err:
+            reason = REFUSALS.get(str(err.reason))
+            if reason is not None:
+                raise AttestationError(f"the key broker {self.url} refused this host at the TLS handshake: "
+                                       f"{reason}") from None
+            raise KeyServerError(f"key broker {self.url}: TLS failed: {err.reason or err}") from None
         except (TimeoutError, socket.timeout) as err:
             raise KeyServerError(f"key broker {self.url} did not answer within {self.timeout:g} s: {err}") from None
         except (OSError, http.client.HTTPException) as err:

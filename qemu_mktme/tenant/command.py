@@ -36,8 +36,13 @@ def _tenant_dir_option(p: argparse.ArgumentParser) -> None:
 def keyserver_cmd(args: argparse.Namespace) -> int:
     tenant = _tenant(args)
     if args.action == "start":
-        info = keyserver.start(tenant)
-        print(f"key server running (pid {info.pid}): KMIP on 127.0.0.1:{info.kmip_port}, broker {info.url}")
+        info = keyserver.start(tenant, args.listen, kmip_port=args.kmip_port)
+        print(f"key server running (pid {info.pid}): KMIP on {info.address}:{info.kmip_port}, broker on "
+              f"{info.address}:{info.broker_port}")
+        names = tenant.pki.server_names()
+        if info.address not in ("0.0.0.0", *names):
+            print(f"  note: its certificate names {', '.join(names)}, not {info.address}: hosts dialling "
+                  f"{info.address} will refuse it (tenant init --server-name)")
         print(f"  run a VM with:  qemu-mktme run --tenant-server {info.url} --tenant-ca {tenant.pki.ca} ...")
         return 0
     if args.action == "stop":
@@ -49,7 +54,7 @@ def keyserver_cmd(args: argparse.Namespace) -> int:
     elif info is None:
         print(f"no key server runs for the tenant in {tenant.path}")
     else:
-        print(f"running (pid {info.pid}): KMIP on 127.0.0.1:{info.kmip_port}, broker {info.url}")
+        print(f"running (pid {info.pid}): KMIP on {info.address}:{info.kmip_port}, broker {info.url}")
     return 0 if info else 3
 
 
@@ -59,17 +64,26 @@ def keyserver_cmd(args: argparse.Namespace) -> int:
 def tenant_cmd(args: argparse.Namespace) -> int:
     tenant = _tenant(args)
     if args.action == "init":
-        tenant.init(args.name)
-        print(f"tenant {args.name}: PKI and manifest-signing key in {tenant.path}")
+        tenant.init(args.name, args.server_name)
+        print(f"tenant {args.name}: PKI and manifest-signing key in {tenant.path}; the key server's certificate "
+              f"names {', '.join(tenant.pki.server_names())}")
     elif args.action == "add-key":
         uid = admin.add_key(tenant, args.name, args.kind)
         print(f"key {args.name!r} ({args.kind}, AES-256) created in the key server: KMIP id {uid}")
+    elif args.action == "policy" and args.revoke:
+        for host in args.revoke:
+            done = admin.revoke_host(tenant, host)
+            print(f"host {host}: certificate(s) {', '.join(format(n, 'x') for n in done.serials)} revoked "
+                  f"(the broker refuses it from its next connection), {len(done.unenrolled)} AK(s) unenrolled")
     elif args.action == "policy":
+        if not args.host:
+            raise TenantError("enrol at least one host (--host NAME) or revoke one (--revoke NAME)")
         from .. import images
         boot = images.guest_boot(args.guest)
         policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits, integrity=args.integrity)
         print(f"policy: {len(policy.reference)} reference events over PCRs {list(policy.pcrs)}, "
-              f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}")
+              f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}, each with its own client "
+              "certificate in its host directory's tls/")
         for e in policy.reference:
             print(f"  PCR {e.pcr:2}  {e.digest.hex()[:16]}...  {e.description}")
     else:
@@ -111,6 +125,9 @@ def add_tenant_parsers(sub: Any) -> None:
                                     "broker that releases keys only to attested hosts, as one background process.")
     ks.add_argument("action", choices=("start", "stop", "status"))
     ks.add_argument("--json", action="store_true", help="status as JSON")
+    ks.add_argument("--listen", default="127.0.0.1", metavar="ADDR[:PORT]",
+                    help="address for KMIP and the broker, PORT the broker's (default: 127.0.0.1, any free port)")
+    ks.add_argument("--kmip-port", type=int, default=0, metavar="N", help="KMIP's port (default: any free port)")
     _tenant_dir_option(ks)
     ks.set_defaults(func=keyserver_cmd)
 
@@ -118,12 +135,17 @@ def add_tenant_parsers(sub: Any) -> None:
     tn_sub = tn.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = tn_sub.add_parser("init", help="create the tenant's CA, certificates and manifest-signing key")
     init.add_argument("name", help="the tenant (the client certificate's CN, owner of its KMIP keys)")
+    init.add_argument("--server-name", action="append", default=[], metavar="NAME_OR_ADDR",
+                      help="a name or address hosts dial the key server by (repeatable; default: localhost, 127.0.0.1)")
     ak = tn_sub.add_parser("add-key", help="create an AES-256 key in the key server")
     ak.add_argument("name", help=f"key name (the VM memory key is {DEFAULT_KEY!r} by default)")
     ak.add_argument("--kind", choices=admin.KINDS, default="memory")
     pol = tn_sub.add_parser("policy", help="record reference values from this known-good machine and enrol hosts")
-    pol.add_argument("--host", action="append", default=[], metavar="NAME", required=True,
-                     help="emulated host whose TPM attestation key to enrol (repeatable)")
+    pol.add_argument("--host", action="append", default=[], metavar="NAME",
+                     help="emulated host whose TPM attestation key to enrol, with its own client certificate "
+                          "(repeatable)")
+    pol.add_argument("--revoke", action="append", default=[], metavar="NAME",
+                     help="revoke host NAME: its certificates and its AK (repeatable)")
     pol.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH")
     pol.add_argument("--keyid-bits", type=int, default=6, metavar="N")
     pol.add_argument("--integrity", choices=("mac",), default=None,

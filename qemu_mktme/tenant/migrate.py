@@ -22,7 +22,6 @@ from ..host.payload import Payload
 from ..live.migrate import MigrateProgress, MigrationResult
 from ..live.session import HostSession
 from ..qemu.machine import MachineConfig
-from .broker import BrokerClient
 from .hostid import AttestedHost
 from .launch import TenantLaunch, memory_payload
 from .measure import measured_set
@@ -90,7 +89,7 @@ def _attest(host: AttestedHost, launch: TenantLaunch, config: MachineConfig, *, 
     if config.boot is None:
         raise TenantError("the VM has no boot record to measure on the destination")
     t0 = time.monotonic()
-    client = BrokerClient(launch.url, launch.ca)
+    client = launch.client()
     try:
         if boot:
             host.boot(measured_set(config.boot, keyid_bits=keyid_bits, packages=packages, qemu=config.qemu,

@@ -31,7 +31,7 @@ from helpers import patience
 def test_pki_has_qemus_file_names_and_usable_certificates(tmp_path):
     pki = create_pki(tmp_path / "pki", client_cn="acme")
     names = sorted(p.name for p in pki.directory.iterdir())
-    assert names == ["ca-cert.pem", "ca-key.pem", "client-cert.pem", "client-key.pem", "server-cert.pem",
+    assert names == ["ca-cert.pem", "ca-crl.pem", "ca-key.pem", "client-cert.pem", "client-key.pem", "server-cert.pem",
                      "server-key.pem"]
     for key in ("ca-key.pem", "client-key.pem", "server-key.pem"):
         assert (pki.directory / key).stat().st_mode & 0o077 == 0
