@@ -26,6 +26,7 @@ re-fetched when older than :data:`PREFETCH_MAX_AGE`). The decision is the same e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -339,15 +340,20 @@ class BrokerServer:
         try:
             if len(self._conns) > self.limits.connections:       # every other one is being answered
                 return
+            stream = _TlsStream(reader, writer, self._context())
             try:
                 async with asyncio.timeout(self.limits.handshake):
-                    await writer.start_tls(self._context(), ssl_handshake_timeout=self.limits.handshake)
-            except (TimeoutError, ssl.SSLError, OSError):
+                    await stream.handshake()
+            except ssl.SSLError:
+                self.stats["handshake_failed"] += 1
+                await _linger(reader, writer)              # the alert reaches the client before the close
+                return
+            except (TimeoutError, OSError):
                 self.stats["handshake_failed"] += 1
                 return
-            cert = writer.get_extra_info("peercert") or {}
+            cert = stream.tls.getpeercert() or {}
             cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "?")
-            await self._http(reader, writer, conn, Peer(cn, int(cert.get("serialNumber", "0"), 16), address))
+            await self._http(stream, conn, Peer(str(cn), int(str(cert.get("serialNumber", "0")), 16), address))
         except (ConnectionError, ssl.SSLError, OSError):
             pass                                         # the peer went away: its loss only
         finally:
@@ -355,31 +361,31 @@ class BrokerServer:
                 self._conns.remove(conn)
             writer.transport.abort()
 
-    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn, peer: Peer) -> None:
+    async def _http(self, stream: "_TlsStream", conn: _Conn, peer: Peer) -> None:
         """HTTP/1.1 requests on one connection, kept alive, each under the deadlines."""
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.header)
         while True:
             try:
-                path, body = await self._read_request(reader, h)
+                path, body = await self._read_request(stream, h)
             except _Closed:
                 return
             except TimeoutError:
                 self.stats["timeouts"] += 1
                 if h.their_state is h11.SEND_BODY or (h.their_state is h11.IDLE and h.trailing_data[0]):
-                    await self._send(writer, h, 408, {"error": f"request not complete within {self.limits.request:g} s"})
+                    await self._send(stream, h, 408, {"error": f"request not complete within {self.limits.request:g} s"})
                 return
             except _Refused as refusal:
-                await self._send(writer, h, refusal.status, {"error": str(refusal)}, refusal.headers)
+                await self._send(stream, h, refusal.status, {"error": str(refusal)}, refusal.headers)
                 return
             conn.busy = True
             status, answer = await self._dispatch(path, body, peer)
             conn.busy = False
-            if not await self._send(writer, h, status, answer) or h.our_state is not h11.DONE \
+            if not await self._send(stream, h, status, answer) or h.our_state is not h11.DONE \
                     or h.their_state is not h11.DONE:
                 return
             h.start_next_cycle()
 
-    async def _read_request(self, reader: asyncio.StreamReader, h: h11.Connection) -> tuple[str, bytes]:
+    async def _read_request(self, stream: "_TlsStream", h: h11.Connection) -> tuple[str, bytes]:
         """One request's target and body; ``_Refused`` for what the broker does not take."""
         body = bytearray()
         path = ""
@@ -396,7 +402,7 @@ class BrokerServer:
                     deadline = loop.time() + self.limits.request
                 wait = self.limits.idle if deadline is None else deadline - loop.time()
                 async with asyncio.timeout(max(wait, 0)):
-                    data = await reader.read(64 << 10)
+                    data = await stream.read()
                 if not data and h.their_state is h11.IDLE and not h.trailing_data[0]:
                     raise _Closed
                 if deadline is None:
@@ -442,7 +448,7 @@ class BrokerServer:
                 return 500, {"error": f"broker failure: {type(err).__name__}"}
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
-    async def _send(self, writer: asyncio.StreamWriter, h: h11.Connection, status: int, obj: dict[str, Any],
+    async def _send(self, stream: "_TlsStream", h: h11.Connection, status: int, obj: dict[str, Any],
                     headers: list[tuple[str, str]] | None = None) -> bool:
         """One JSON answer (closing the connection after a 4xx/5xx); False when it cannot be sent."""
         if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -457,10 +463,76 @@ class BrokerServer:
                 + h.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             return False
-        writer.write(data)
         async with asyncio.timeout(self.limits.request):
-            await writer.drain()
+            await stream.write(data)
         return True
+
+
+class _TlsStream:
+    """TLS over an asyncio TCP stream through OpenSSL's memory BIOs (``SSLContext.wrap_bio``).
+
+    Not asyncio's ``start_tls``: on a failed handshake (no client certificate, another CA, a
+    revoked one) asyncio drops the connection before OpenSSL's alert is sent, so the host would
+    only see an EOF; here the alert leaves first and the host is told why."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext) -> None:
+        self.reader, self.writer = reader, writer
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self._in, self._out, server_side=True)
+
+    async def _flush(self) -> None:
+        if self._out.pending:
+            self.writer.write(self._out.read())
+            await self.writer.drain()
+
+    async def _fill(self) -> bool:
+        data = await self.reader.read(64 << 10)
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionError("the client closed during the TLS handshake") from None
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    await self._flush()              # the alert: why the client is refused
+                raise
+        await self._flush()
+
+    async def read(self) -> bytes:
+        """Decrypted bytes (b"" when the client closed)."""
+        while True:
+            try:
+                return self.tls.read(64 << 10)
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    return b""
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 1.0) -> None:
+    """Close our side gently and read what the client still sends for up to ``seconds``: closing
+    a socket with unread input sends a reset, which takes the alert just sent with it."""
+    with contextlib.suppress(OSError, TimeoutError):
+        writer.write_eof()
+        async with asyncio.timeout(seconds):
+            while await reader.read(64 << 10):
+                pass
 
 
 class _Closed(Exception):
