@@ -28,6 +28,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,6 +121,52 @@ def nested(levels: int = 100_000) -> bytes:
     return b"[" * levels + b"]" * levels
 
 
+class Siege:
+    """Attackers kept connected for as long as it runs: ``idle`` silent TCP connections to each of
+    ``ports`` and as many half ClientHellos, each one opened again as soon as the server drops it
+    (``reopened`` counts those). ``with Siege([broker, kmip]): ...``."""
+
+    def __init__(self, ports: list[int], idle: int = 4, host: str = HOST) -> None:
+        self.ports, self.idle, self.host = ports, idle, host
+        self.reopened = 0
+        self._socks: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="siege", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for i, sock in enumerate(self._socks):
+                sock.setblocking(False)
+                try:
+                    dropped = sock.recv(1, socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    dropped = False
+                except OSError:
+                    dropped = True
+                if dropped and not self._stop.is_set():
+                    sock.close()
+                    port = self._ports_of[i]
+                    with contextlib.suppress(OSError):
+                        self._socks[i] = idle_tcp(port, 1, self.host)[0] if i % 2 == 0 else half_hello(port, self.host)
+                        self.reopened += 1
+
+    def __enter__(self) -> "Siege":
+        self._socks = []
+        self._ports_of: list[int] = []
+        for port in self.ports:
+            for _ in range(self.idle):
+                self._socks += [idle_tcp(port, 1, self.host)[0], half_hello(port, self.host)]
+                self._ports_of += [port, port]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self._socks:
+            sock.close()
+
+
 # ---------------------------------------------------------------------------------- good clients
 
 
@@ -181,8 +228,9 @@ def refusals(broker_port: int, ca: Path, host_cert: tuple[Path, Path],
 
 
 def run(tenant: TenantDir, info: keyserver.KeyServerInfo, work: Path, *, bound: float = 5.0, flood: int = 100,
-        close_margin: float = 3.0, idle_tls_wait: float = 0.0) -> dict[str, object]:
-    """Every case against a running key server; the report lists each case and its problems."""
+        close_margin: float = 3.0, idle_tls_wait: float = 0.0, wait_close: bool = True) -> dict[str, object]:
+    """Every case against a running key server; the report lists each case and its problems.
+    ``wait_close``: also wait for the server to drop each attacker at its deadline (5-15 s each)."""
     host_cert = tuple(admin.enrol_credentials(tenant, "probe-host", work / "probe-host") / n
                       for n in (pki.CLIENT_CERT, pki.CLIENT_KEY))
     other = pki.create_pki(work / "stranger", client_cn=tenant.pki.client_cn())
@@ -208,7 +256,7 @@ def run(tenant: TenantDir, info: keyserver.KeyServerInfo, work: Path, *, bound: 
             problems = [] if outcome == "ok" and seconds < bound else [f"good client: {outcome} in {seconds:.2f} s"]
             closed: float | None = None
             limit = next((v for k, v in deadlines.items() if k in name), None)
-            if limit is not None and (name != "broker: idle after TLS" or idle_tls_wait):
+            if wait_close and limit is not None and (name != "broker: idle after TLS" or idle_tls_wait):
                 wait = (idle_tls_wait if "after TLS" in name else limit) + close_margin
                 closed, sent = closed_within(socks[0], wait)
                 if closed is None:
