@@ -15,7 +15,10 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     tenant    the tenant's side: key server (PyKMIP), host TPMs (swtpm), attestation, key broker,
               node key, images encrypted at rest
     inspect   offline tools over dumps
-    verifier, demo, attack, attend, cli, pytest_plugin    what users run
+    verifier, demo, attack, attend    what users run, as library calls
+    commands  one module per top-level command: argparse in, typed library calls, printing
+    cli       the command table, main, the exit policy
+    pytest_plugin    fixtures for tests of guests under MKTME
 
 ``errors`` is shared by all, and ``compiled`` (a C source built into the cache: the XTS
 helper, the shim) by the layers that build.

@@ -14,7 +14,6 @@ import sys
 import termios
 import tty
 from collections.abc import Callable
-from typing import Any
 
 from .errors import MktmeError
 from .qemu.machine import Machine
@@ -69,10 +68,14 @@ async def _stream_console(vm: Machine, out: Callable[[str], None], prefix: str =
             return
 
 
-async def attend(session: HostSession, args: Any) -> int:
-    """Show the host's VMs, stream their consoles, forward input, until they stop or Ctrl-]."""
+async def attend(session: HostSession, *, no_input: bool, trace_interval: float | None = None) -> int:
+    """Show the host's VMs, stream their consoles, forward input, until they stop or Ctrl-].
+
+    ``no_input``: leave standard input alone; ``trace_interval``: print each traced VM's memory
+    traffic every so many seconds.
+    """
     machines = list(session.machines.values())
-    interactive = sys.stdin.isatty() and not args.no_input and len(machines) == 1
+    interactive = sys.stdin.isatty() and not no_input and len(machines) == 1
     def write(text: str) -> None:
         sys.stdout.write(text.replace("\n", "\r\n") if interactive else text)
         sys.stdout.flush()
@@ -88,9 +91,9 @@ async def attend(session: HostSession, args: Any) -> int:
     prefix = len(machines) > 1
     background = [asyncio.create_task(_stream_console(vm, write, f"[{vm.name}] " if prefix else ""))
                   for vm in machines]
-    if getattr(args, "trace", False):
-        background.append(asyncio.create_task(_trace_summary(session, args.trace_interval)))
-    if not args.no_input and len(machines) == 1:
+    if trace_interval is not None:
+        background.append(asyncio.create_task(_trace_summary(session, trace_interval)))
+    if not no_input and len(machines) == 1:
         background.append(asyncio.create_task(_forward_stdin(machines[0], interactive, stop)))
     ended = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
              asyncio.create_task(stop.wait())]

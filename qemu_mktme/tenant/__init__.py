@@ -15,8 +15,8 @@ the image encrypted at rest (issue 14; the KVM Forum 2018 "tenant's key" use cas
     admin      the tenant's operations: add keys, record reference values, encrypt images
     launch     an attested launch: measure, attest, release, start the VM
     migrate    an attested migration: the destination attests and gets the key, then live migration
-    command    the tenant's commands and run's --tenant-server options (parsers, thin)
     story      ``demo --tenant``
 
-The layer sits above ``live`` (it starts HostSessions) and below ``inspect`` and the commands.
+The layer sits above ``live`` (it starts HostSessions) and below ``inspect``; its commands are in
+``qemu_mktme.commands`` (keyserver, tenant, image, and run's --tenant-server options).
 """
