@@ -31,8 +31,8 @@ from qemu_mktme.live.migrate import plain_migrate
 from qemu_mktme.live.session import HostSession
 from qemu_mktme.qemu.machine import Machine, MachineConfig
 from qemu_mktme.tenant import admin, keyserver
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session
-from qemu_mktme.tenant.migrate import attested_migration
+from qemu_mktme.attest.launch import TenantLaunch, attested_session
+from qemu_mktme.attest.migrate import attested_migration
 from qemu_mktme.tenant.store import TenantDir
 
 MEMORY = 512 << 20

@@ -15,8 +15,8 @@ from .options import PROG, UsageError, keyid_bits, vm_name
 
 async def host_start(args: argparse.Namespace) -> int:
     """A host with no VM yet, named, taking incoming migrations with keys from the tenant's broker."""
-    from ..tenant.launch import TenantLaunch
-    from ..tenant.migrate import broker_key_source
+    from ..attest.launch import TenantLaunch
+    from ..attest.migrate import broker_key_source
     from ..tenant.store import TenantDir
     ca = Path(args.tenant_ca) if args.tenant_ca else TenantDir().pki.ca
     if not ca.is_file():

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from ..tenant import admin
-from ..tenant import image as image_mod
+from ..attest import image as image_mod
 from .tenant import add_tenant_dir_option, tenant_dir
 
 

@@ -17,7 +17,7 @@ from ..live.session import HostSession, VmSpec
 from ..qemu.binary import find_qemu
 from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import check_passthrough, refusal_table
-from ..tenant.launch import DEFAULT_KEY, TenantLaunch
+from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
 from .options import PROG, UsageError, add_guest_options, add_mktme_options, vm_name
 
@@ -136,13 +136,13 @@ async def _run_session(args: argparse.Namespace, launch: TenantLaunch | None, sa
     """The host session ``run`` asked for: attested through the tenant's broker, or local keys."""
     trace_interval = args.trace_interval if args.trace else None
     if launch is not None:
-        from ..tenant.launch import attested_session
+        from ..attest.launch import attested_session
         spec = vm_specs(args)[0]
         async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
                                     packages=args.packages, trace=spec.trace, integrity=args.integrity,
                                     sanitizer=sanitizer) as session:
             print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
-            from ..tenant.migrate import broker_key_source
+            from ..attest.migrate import broker_key_source
             broker_key_source(session, launch)        # VMs may migrate here too (keys from the broker)
             return await attend(session, no_input=args.no_input, trace_interval=trace_interval)
     async with HostSession(vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,

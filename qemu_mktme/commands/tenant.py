@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import TenantError
 from ..tenant import admin, keyserver
-from ..tenant.launch import DEFAULT_KEY
+from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
 from .options import print_json
 

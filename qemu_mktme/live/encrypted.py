@@ -188,7 +188,7 @@ class EncryptedMachine(Machine):
         ``payload``: the destination's key. Default: a tenant (``user``) key is the same key again;
         a CPU-generated key never leaves the CPU, so the destination's CPU generates its own (the
         stream carries plaintext under TLS either way, as on hardware). To have the destination
-        attest for the key, use :func:`qemu_mktme.tenant.migrate.attested_migration`.
+        attest for the key, use :func:`qemu_mktme.attest.migrate.attested_migration`.
         """
         from .migrate import migrate      # migrate builds on this module
         if payload is None:

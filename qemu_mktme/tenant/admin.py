@@ -11,12 +11,12 @@ from pathlib import Path
 
 from ..errors import TenantError
 from ..qemu.boot import BootSpec
-from . import image as image_mod
+from ..attest import image as image_mod
 from . import keyserver
-from .hostid import AttestedHost
-from .measure import measured_set
+from ..attest.hostid import AttestedHost
+from ..attest.measure import measured_set
 from .store import KEY_NAME_CHARS, Policy, TenantDir
-from .tpm import PCRS
+from ..attest.tpm import PCRS
 
 KINDS = ("memory", "disk")
 

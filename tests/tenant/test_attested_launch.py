@@ -18,8 +18,9 @@ from qemu_mktme.errors import AttestationError, LaunchError
 from qemu_mktme.live.encrypted import PendingKeyMachine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.qemu.monitor import Monitor
-from qemu_mktme.tenant import admin, image
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session
+from qemu_mktme.attest import image
+from qemu_mktme.tenant import admin
+from qemu_mktme.attest.launch import TenantLaunch, attested_session
 
 from helpers import patience
 

@@ -38,7 +38,7 @@ from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import Machine, MachineConfig
 from . import image as image_mod
-from .broker import BrokerClient
+from .client import BrokerClient
 from .hostid import AttestedHost
 from .digests import Measured
 from .eventlog import Event

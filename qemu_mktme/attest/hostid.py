@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import TenantError, TpmError
 from . import eventlog
-from .attest import ak_fingerprint, open_sealed
-from .broker import BrokerClient
+from .quote import ak_fingerprint, open_sealed
+from .client import BrokerClient
 from .eventlog import Event
 from .measure import extend_all
 from .tpm import PCRS, SealedBlob, Swtpm, Tpm
