@@ -72,6 +72,8 @@ def run_async(coro: Any) -> Any:
             terminated.set()
             task.cancel()
 
+        beat: asyncio.TimerHandle
+
         def heartbeat() -> None:
             nonlocal beat
             beat = loop.call_later(0.5, heartbeat)

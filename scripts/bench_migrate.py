@@ -72,7 +72,7 @@ async def main() -> int:
             admin.make_policy(tenant, boot, hosts=list(dirs), host_dirs=dirs)
             tls = tenant.pki.directory
             plain = {"a": Machine(config), "b": Machine(dataclasses.replace(config, name="vm2"))}
-            for k, vm in plain.items():
+            for vm in plain.values():
                 await vm.launch()
                 fill(vm.ram, 0)
             launch = {h: TenantLaunch(ks.url, tenant.pki.ca, host=h, host_dir=d) for h, d in dirs.items()}

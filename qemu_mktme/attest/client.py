@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import ssl
 import urllib.parse
 from typing import Any
@@ -72,7 +71,7 @@ class BrokerClient:
         except ssl.SSLCertVerificationError as err:
             raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
                                  f"({err.verify_message})") from None
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise KeyServerError(f"key broker {self.url} did not answer within {self.timeout:g} s: {err}") from None
         except (OSError, http.client.HTTPException) as err:
             raise KeyServerError(f"key broker {self.url} is not reachable: {err}") from None

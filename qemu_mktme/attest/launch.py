@@ -196,7 +196,8 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
                     verified = image_mod.verify(launch.image, client.manifest_key())
                     timings["image-verify"] = time.monotonic() - t1
             finally:
-                concurrent.futures.wait([powered, events])
+                started: list[concurrent.futures.Future[Any]] = [powered, events]
+                concurrent.futures.wait(started)
             powered.result()
             binary, measured = events.result()
             host.boot(measured)

@@ -13,9 +13,9 @@ from .tenant import add_tenant_dir_option, tenant_dir
 def keyserver_cmd(args: argparse.Namespace) -> int:
     tenant = tenant_dir(args)
     if args.action == "start":
-        info = keyserver.start(tenant)
-        print(f"key server running (pid {info.pid}): KMIP on 127.0.0.1:{info.kmip_port}, broker {info.url}")
-        print(f"  run a VM with:  qemu-mktme run --tenant-server {info.url} --tenant-ca {tenant.pki.ca} ...")
+        started = keyserver.start(tenant)
+        print(f"key server running (pid {started.pid}): KMIP on 127.0.0.1:{started.kmip_port}, broker {started.url}")
+        print(f"  run a VM with:  qemu-mktme run --tenant-server {started.url} --tenant-ca {tenant.pki.ca} ...")
         return 0
     if args.action == "stop":
         print("key server stopped" if keyserver.stop(tenant) else "no key server was running")

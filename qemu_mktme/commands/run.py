@@ -141,7 +141,7 @@ async def _run_session(args: argparse.Namespace, launch: TenantLaunch | None, sa
         async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
                                     packages=args.packages, trace=spec.trace, integrity=args.integrity,
                                     sanitizer=sanitizer) as session:
-            print(f"{PROG}: host {launch.host} attested: {session.attestation['verdict']}", file=sys.stderr)
+            print(f"{PROG}: host {launch.host} attested: {(session.attestation or {}).get('verdict')}", file=sys.stderr)
             from ..attest.migrate import broker_key_source
             broker_key_source(session, launch)        # VMs may migrate here too (keys from the broker)
             return await attend(session, no_input=args.no_input, trace_interval=trace_interval)

@@ -10,6 +10,7 @@ from ..tenant import admin, keyserver
 from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
 from .options import print_json
+import contextlib
 
 
 def tenant_dir(args: argparse.Namespace) -> TenantDir:
@@ -40,12 +41,11 @@ def tenant_cmd(args: argparse.Namespace) -> int:
     else:
         tenant.require()
         pol = None
-        try:
+        with contextlib.suppress(TenantError):
             pol = tenant.policy().to_json()
-        except TenantError:
-            pass
+        running = keyserver.status(tenant)
         print_json({"directory": str(tenant.path), "client_cn": tenant.pki.client_cn(), "keys": tenant.keys(),
-                    "policy": pol, "keyserver": (keyserver.status(tenant) or None) and keyserver.status(tenant).to_json()})
+                    "policy": pol, "keyserver": running.to_json() if running else None})
     return 0
 
 

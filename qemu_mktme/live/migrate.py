@@ -108,7 +108,7 @@ class Incoming:
 
     @classmethod
     async def start(cls, dest: Host, config: MachineConfig, payload: Payload | str | Awaitable[Payload], *, tenant: str,
-                    tls: Path | None) -> "Incoming":
+                    tls: Path | None) -> Incoming:
         if config.name in dest.guests:
             raise MigrationError(f"the destination host already has a guest named {config.name!r}")
         if config.disks:

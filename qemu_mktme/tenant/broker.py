@@ -80,7 +80,7 @@ class Broker:
                 _drop(self._prefetch.pop(gone))
             if keys and len(self._prefetch) < MAX_PREFETCH:
                 try:
-                    wanted = [(self.tenant.key_uid(name), name) for name in keys]
+                    wanted: list[tuple[str, str | None]] = [(self.tenant.key_uid(name), name) for name in keys]
                 except TenantError:
                     return n                                  # refused at release, with its reason
                 self._prefetch[n] = (tuple(keys), self._fetcher.submit(self.kmip.get_keys, wanted))
@@ -232,7 +232,7 @@ class BrokerServer:
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="broker", daemon=True)
 
-    def start(self) -> "BrokerServer":
+    def start(self) -> BrokerServer:
         self._thread.start()
         return self
 

@@ -19,7 +19,6 @@ from helpers import patience
 
 from qemu_mktme.errors import AttestationError, TenantError, TpmError
 from qemu_mktme.attest import eventlog
-from qemu_mktme.attest.quote import ak_fingerprint
 from qemu_mktme.attest.eventlog import Event
 from qemu_mktme.attest.hostid import AttestedHost
 from qemu_mktme.tenant.store import Policy
@@ -231,7 +230,6 @@ def test_a_key_server_answering_for_the_wrong_key_is_refused(tenant, hosts):
 
 def test_a_broker_that_is_down_or_silent_is_a_clear_error(tenant):
     import socket
-    import threading
     from qemu_mktme.errors import KeyServerError
     from qemu_mktme.attest.client import BrokerClient
     with socket.socket() as s:
