@@ -32,7 +32,7 @@ from qemu_mktme import images  # noqa: E402
 from qemu_mktme.errors import MktmeError  # noqa: E402
 from qemu_mktme.qemu.machine import MachineConfig  # noqa: E402
 from qemu_mktme.tenant import admin, keyserver  # noqa: E402
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session  # noqa: E402
+from qemu_mktme.attest.launch import TenantLaunch, attested_session  # noqa: E402
 from qemu_mktme.tenant.store import TenantDir  # noqa: E402
 
 FIRST_LINE = r"mktme-baremetal \d+ ready"

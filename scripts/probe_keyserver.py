@@ -35,8 +35,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # this checkout's package
 
+from qemu_mktme.attest.client import BrokerClient  # noqa: E402
 from qemu_mktme.errors import TenantError  # noqa: E402
-from qemu_mktme.tenant import admin, broker, keyserver, kmip, pki  # noqa: E402
+from qemu_mktme.tenant import admin, broker, keyserver, pki  # noqa: E402
 from qemu_mktme.tenant.store import TenantDir  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -211,10 +212,10 @@ def refusals(broker_port: int, ca: Path, host_cert: tuple[Path, Path],
     """Requests the broker must refuse, with what the refusal must say."""
     good = client_context(ca, host_cert)
     return {
-        "no client certificate": (lambda: broker.BrokerClient(f"https://{HOST}:{broker_port}", ca).nonce(),
+        "no client certificate": (lambda: BrokerClient(f"https://{HOST}:{broker_port}", ca).nonce(),
                                   "refused this host at the TLS handshake: no client certificate"),
         "certificate of another CA": (
-            lambda: broker.BrokerClient(f"https://{HOST}:{broker_port}", ca, cert=stranger).nonce(),
+            lambda: BrokerClient(f"https://{HOST}:{broker_port}", ca, cert=stranger).nonce(),
             "refused this host at the TLS handshake"),
         "nested JSON (100,000 levels)": (lambda: raw_request(broker_port, good, post("/v1/nonce", nested())),
                                          "400 JSON nested too deeply"),
@@ -237,7 +238,7 @@ def run(tenant: TenantDir, info: keyserver.KeyServerInfo, work: Path, *, bound: 
     stranger = other.client
     key_name = next(iter(tenant.keys()), None)
     kmip_client = keyserver.kmip_client(tenant, info, retries=0)
-    client = broker.BrokerClient(info.url, tenant.pki.ca, cert=host_cert)    # type: ignore[arg-type]
+    client = BrokerClient(info.url, tenant.pki.ca, cert=host_cert)    # type: ignore[arg-type]
 
     def good() -> None:
         client.close()                                           # a new connection, a new handshake

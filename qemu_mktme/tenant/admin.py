@@ -21,13 +21,13 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import TenantError
 from ..qemu.boot import BootSpec
-from . import image as image_mod
+from ..attest import image as image_mod
 from . import keyserver
+from ..attest.hostid import AttestedHost, host_credentials, host_dir
+from ..attest.measure import measured_set
 from . import pki as pki_mod
-from .hostid import AttestedHost, host_credentials, host_dir
-from .measure import measured_set
 from .store import KEY_NAME_CHARS, Policy, TenantDir
-from .tpm import PCRS
+from ..attest.tpm import PCRS
 
 KINDS = ("memory", "disk")
 
@@ -39,7 +39,7 @@ def add_key(tenant: TenantDir, name: str, kind: str = "memory") -> str:
         raise TenantError(f"invalid key name {name!r}: letters, digits, '_', '.', '-'")
     if kind not in KINDS:
         raise TenantError(f"key kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if name in tenant.keys():
+    if name in tenant.keys():  # noqa: SIM118 - the tenant directory, not a dict
         raise TenantError(f"the tenant has a key named {name!r} already")
     uid = keyserver.kmip_client(tenant).create_key(name)
     tenant.record_key(name, uid, kind)

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import TenantError
 from ..files.atomic import write_synced
-from . import eventlog
-from .eventlog import Event
+from ..attest import eventlog
+from ..attest.eventlog import Event
 from .pki import Pki, create_pki, parse_server_name
 
 ENV_TENANT = "QEMU_MKTME_TENANT_DIR"
@@ -66,7 +66,7 @@ class Policy:
         return {"pcrs": list(self.pcrs), "reference": [e.to_json() for e in self.reference], "hosts": self.hosts}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Policy":
+    def from_json(cls, obj: Any) -> Policy:
         try:
             return cls(tuple(int(p) for p in obj["pcrs"]), eventlog.loads(obj["reference"]), dict(obj["hosts"]))
         except (KeyError, TypeError, ValueError):
@@ -94,7 +94,7 @@ class TenantDir:
     def exists(self) -> bool:
         return (self.pki.ca).is_file()
 
-    def require(self) -> "TenantDir":
+    def require(self) -> TenantDir:
         if not self.exists():
             raise TenantError(f"no tenant in {self.path} (run 'qemu-mktme tenant init')")
         self.pki.check()

@@ -21,7 +21,8 @@ from helpers import patience
 
 from qemu_mktme.errors import AttestationError, KeyServerError
 from qemu_mktme.tenant import admin
-from qemu_mktme.tenant.broker import Broker, BrokerClient, BrokerServer, Limits
+from qemu_mktme.attest.client import BrokerClient
+from qemu_mktme.tenant.broker import Broker, BrokerServer, Limits
 from qemu_mktme.tenant.kmip import KmipClient, KmipEndpoint
 from qemu_mktme.tenant.pki import CLIENT_CERT, CLIENT_KEY, create_pki
 from qemu_mktme.tenant.store import TenantDir

@@ -38,9 +38,8 @@ from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import Machine, MachineConfig
 from . import image as image_mod
-from .broker import BrokerClient
+from .client import BrokerClient
 from .hostid import AttestedHost, host_credentials, host_dir
-from .pki import CLIENT_CERT, CLIENT_KEY
 from .digests import Measured
 from .eventlog import Event
 from .measure import check_running, measure_binary, measured_set, sealed_boot
@@ -66,7 +65,7 @@ class TenantLaunch:
     def client(self) -> BrokerClient:
         """A client of the broker presenting this host's own certificate."""
         directory = self.credentials or host_credentials(self.host_dir or host_dir(self.host))
-        cert, key = directory / CLIENT_CERT, directory / CLIENT_KEY
+        cert, key = directory / "client-cert.pem", directory / "client-key.pem"     # as tenant.pki writes them
         if not cert.is_file() or not key.is_file():
             raise AttestationError(f"host {self.host} was never enrolled by the tenant: no client certificate in "
                                    f"{directory} (the tenant runs 'qemu-mktme tenant policy --host {self.host}')")
@@ -209,7 +208,8 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
                     verified = image_mod.verify(launch.image, client.manifest_key())
                     timings["image-verify"] = time.monotonic() - t1
             finally:
-                concurrent.futures.wait([powered, events])
+                started: list[concurrent.futures.Future[Any]] = [powered, events]
+                concurrent.futures.wait(started)
             powered.result()
             binary, measured = events.result()
             host.boot(measured)
