@@ -88,7 +88,7 @@ def closed_within(sock: socket.socket, seconds: float) -> tuple[float | None, by
     while time.monotonic() - t0 < seconds:
         try:
             data = sock.recv(65536)
-        except (TimeoutError, socket.timeout, ssl.SSLWantReadError):
+        except (TimeoutError, ssl.SSLWantReadError):
             continue
         except (OSError, ssl.SSLError):
             return time.monotonic() - t0, got
@@ -151,7 +151,7 @@ class Siege:
                         self._socks[i] = idle_tcp(port, 1, self.host)[0] if i % 2 == 0 else half_hello(port, self.host)
                         self.reopened += 1
 
-    def __enter__(self) -> "Siege":
+    def __enter__(self) -> Siege:
         self._socks = []
         self._ports_of: list[int] = []
         for port in self.ports:

@@ -94,7 +94,7 @@ def _current_certificate(pki: pki_mod.Pki, host: str, directory: Path) -> x509.C
     except (OSError, ValueError, TypeError, InvalidSignature):
         return None
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    fresh = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > RENEW_BEFORE
+    fresh = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) > RENEW_BEFORE
     if not cn or cn[0].value != host or not fresh or cert.serial_number in pki_mod.revoked(pki):
         return None
     return cert

@@ -347,9 +347,7 @@ class BrokerServer:
             except (TimeoutError, OSError):
                 self.stats["handshake_failed"] += 1
                 return
-            cert = stream.tls.getpeercert() or {}
-            cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "?")
-            await self._http(stream, conn, Peer(str(cn), int(str(cert.get("serialNumber", "0")), 16), address))
+            await self._http(stream, conn, _peer(stream.tls.getpeercert() or {}, address))
         except (ConnectionError, ssl.SSLError, OSError):
             pass                                         # the peer went away: its loss only
         finally:
@@ -357,7 +355,7 @@ class BrokerServer:
                 self._conns.remove(conn)
             writer.transport.abort()
 
-    async def _http(self, stream: "_TlsStream", conn: _Conn, peer: Peer) -> None:
+    async def _http(self, stream: _TlsStream, conn: _Conn, peer: Peer) -> None:
         """HTTP/1.1 requests on one connection, kept alive, each under the deadlines."""
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.header)
         while True:
@@ -381,7 +379,7 @@ class BrokerServer:
                 return
             h.start_next_cycle()
 
-    async def _read_request(self, stream: "_TlsStream", h: h11.Connection) -> tuple[str, bytes]:
+    async def _read_request(self, stream: _TlsStream, h: h11.Connection) -> tuple[str, bytes]:
         """One request's target and body; ``_Refused`` for what the broker does not take."""
         body = bytearray()
         path = ""
@@ -444,7 +442,7 @@ class BrokerServer:
                 return 500, {"error": f"broker failure: {type(err).__name__}"}
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
-    async def _send(self, stream: "_TlsStream", h: h11.Connection, status: int, obj: dict[str, Any],
+    async def _send(self, stream: _TlsStream, h: h11.Connection, status: int, obj: dict[str, Any],
                     headers: list[tuple[str, str]] | None = None) -> bool:
         """One JSON answer (closing the connection after a 4xx/5xx); False when it cannot be sent."""
         if h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -519,6 +517,12 @@ class _TlsStream:
     async def write(self, data: bytes) -> None:
         self.tls.write(data)
         await self._flush()
+
+
+def _peer(cert: dict[str, Any], address: str) -> Peer:
+    """The peer of a verified client certificate (``SSLObject.getpeercert()``'s dictionary)."""
+    cn = next((value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"), "?")
+    return Peer(str(cn), int(str(cert.get("serialNumber", "0")), 16), address)
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float = 1.0) -> None:

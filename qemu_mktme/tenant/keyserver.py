@@ -251,7 +251,7 @@ def _serve(tenant: TenantDir, address: str = "127.0.0.1", broker_port: int = 0, 
                 raise
     kmip = KmipClient(KmipEndpoint(port, pki, local), persistent=True)
     broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant, broker_port, host=address).start()
-    info = KeyServerInfo(os.getpid(), process_start_time(os.getpid()), port, broker.port, address).to_json()
+    info = KeyServerInfo(os.getpid(), process_start_time(os.getpid()) or 0, port, broker.port, address).to_json()
     tmp = tenant.path / (STATE + ".tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, tenant.path / STATE)
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     warnings.simplefilter("ignore")
     args = argv if argv is not None else sys.argv[1:]
-    _serve(TenantDir(Path(args[0])), *args[1:2], *map(int, args[2:4]))
+    address, broker_port, kmip_port = (args[1:] + ["127.0.0.1", "0", "0"][len(args) - 1:])[:3]
+    _serve(TenantDir(Path(args[0])), address, int(broker_port), int(kmip_port))
     return 0
 
 

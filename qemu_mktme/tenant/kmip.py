@@ -335,5 +335,8 @@ def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
 
 
 class _BoundedSessionBase:
+    """What :func:`serve_bounded` adds to PyKMIP's session: whether it is inside a request."""
+
     busy = False
     _deadline = 0.0
+    _connection: ssl.SSLSocket

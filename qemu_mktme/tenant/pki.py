@@ -237,7 +237,7 @@ def write_crl(pki: Pki, serials: Iterable[int]) -> Path:
     """``ca-crl.pem``: ``serials`` revoked, signed by the CA, valid as long as the CA (a CRL past
     its nextUpdate would make OpenSSL refuse every client). Replaced atomically."""
     ca_key, ca_cert = _ca(pki)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
                .last_update(now - datetime.timedelta(minutes=5)).next_update(ca_cert.not_valid_after_utc))
     for serial in sorted(set(serials)):
