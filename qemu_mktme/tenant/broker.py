@@ -370,6 +370,7 @@ class BrokerServer:
                 return
             except _Refused as refusal:
                 await self._send(stream, h, refusal.status, {"error": str(refusal)}, refusal.headers)
+                await _linger(stream.reader, stream.writer)   # a client still sending reads its answer
                 return
             conn.busy = True
             status, answer = await self._dispatch(path, body, peer)
