@@ -186,3 +186,53 @@ def test_a_key_server_killed_with_9_leaves_nothing_after_the_next_stop(tmp_path)
     assert keyserver.status(tenant) is None
     assert keyserver.stop(tenant) is False                       # and it cleans up what the server left
     assert _recorded(tenant) is None and not _leftovers(tenant, info.pid)
+
+
+def test_keyserver_listens_where_told_and_revokes_a_host_while_running(tmp_path, capsys):
+    """``tenant init --server-name``, ``keyserver start --listen 127.0.0.2``: the broker and KMIP
+    listen there, the certificate names it; ``tenant policy --revoke`` takes effect in the
+    running broker at the next handshake, another host is served on."""
+    from qemu_mktme import cli
+    from qemu_mktme.attest.client import BrokerClient
+    from qemu_mktme.errors import AttestationError
+    from qemu_mktme.tenant import admin
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "net", "--server-name", "127.0.0.2", "--server-name", "keys.example", *d]) == 0
+    assert "certificate names keys.example, 127.0.0.2" in capsys.readouterr().out
+    tenant = TenantDir(tmp_path / "t")
+    assert cli.main(["keyserver", "start", "--listen", "127.0.0.2", *d]) == 0
+    try:
+        assert "note:" not in capsys.readouterr().out
+        assert cli.main(["keyserver", "status", "--json", *d]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["address"] == "127.0.0.2" and status["url"] == f"https://127.0.0.2:{status['broker_port']}"
+        uid = admin.add_key(tenant, "vm")                                  # KMIP on 127.0.0.2 too
+        assert len(keyserver.kmip_client(tenant).get_key(uid)) == 32
+        hosts = {h: admin.enrol_credentials(tenant, h, tmp_path / h) for h in ("ha", "hb")}
+
+        def client(h):
+            return BrokerClient(status["url"], tenant.pki.ca,
+                                cert=(hosts[h] / "client-cert.pem", hosts[h] / "client-key.pem"))
+        assert len(client("ha").nonce()) == 32 and len(client("hb").nonce()) == 32
+        assert cli.main(["tenant", "policy", "--revoke", "nohost", *d]) == 1
+        assert "never issued a certificate to host 'nohost'" in capsys.readouterr().err
+        assert cli.main(["tenant", "policy", "--revoke", "hb", *d]) == 0
+        assert "host hb: certificate(s)" in capsys.readouterr().out
+        with pytest.raises(AttestationError, match="revoked by the tenant"):
+            client("hb").nonce()
+        assert len(client("ha").nonce()) == 32
+        assert "refused" not in (tenant.path / "broker.log").read_text()    # refused at the handshake, not later
+    finally:
+        assert cli.main(["keyserver", "stop", *d]) == 0
+
+
+@pytest.mark.parametrize("listen, message", [
+    ("nonsense", "with an IP address"), ("127.0.0.1:99999", "not in 0..65535"), ("[::1]:8443", "IPv4 only"),
+])
+def test_keyserver_listen_values_that_cannot_work(tmp_path, listen, message, capsys):
+    from qemu_mktme import cli
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "x", *d]) == 0
+    assert cli.main(["keyserver", "start", "--listen", listen, *d]) == 1
+    assert message in capsys.readouterr().err
+    assert keyserver.status(TenantDir(tmp_path / "t")) is None
