@@ -1,4 +1,5 @@
-"""``qemu-mktme tenant init|add-key|policy|show``: the tenant's PKI, keys and reference values."""
+"""``qemu-mktme tenant init|server-cert|add-key|policy|show``: the tenant's PKI, keys, reference
+values, enrolled and revoked hosts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 from typing import Any
 
 from ..errors import TenantError
-from ..tenant import admin, keyserver
+from ..tenant import admin, keyserver, pki
 from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
 from .options import print_json
@@ -28,6 +29,10 @@ def tenant_cmd(args: argparse.Namespace) -> int:
         tenant.init(args.name, args.server_name)
         print(f"tenant {args.name}: PKI and manifest-signing key in {tenant.path}; the key server's certificate "
               f"names {', '.join(tenant.pki.server_names())}")
+    elif args.action == "server-cert":
+        names = pki.reissue_server(tenant.require().pki, args.server_name)
+        print(f"the key server's certificate now names {', '.join(names)} (a running key server uses it after "
+              "'keyserver stop' and 'start')")
     elif args.action == "add-key":
         uid = admin.add_key(tenant, args.name, args.kind)
         print(f"key {args.name!r} ({args.kind}, AES-256) created in the key server: KMIP id {uid}")
@@ -65,6 +70,9 @@ def register(sub: Any) -> None:
     init.add_argument("name", help="the tenant (the client certificate's CN, owner of its KMIP keys)")
     init.add_argument("--server-name", action="append", default=[], metavar="NAME_OR_ADDR",
                       help="a name or address hosts dial the key server by (repeatable; default: localhost, 127.0.0.1)")
+    sc = tn_sub.add_parser("server-cert", help="issue the key server a new certificate naming other names")
+    sc.add_argument("--server-name", action="append", required=True, metavar="NAME_OR_ADDR",
+                    help="a name or address hosts dial the key server by (repeatable)")
     ak = tn_sub.add_parser("add-key", help="create an AES-256 key in the key server")
     ak.add_argument("name", help=f"key name (the VM memory key is {DEFAULT_KEY!r} by default)")
     ak.add_argument("--kind", choices=admin.KINDS, default="memory")
@@ -79,6 +87,6 @@ def register(sub: Any) -> None:
     pol.add_argument("--integrity", choices=("mac",), default=None,
                      help="the hosts run with per-line memory integrity (run --integrity mac)")
     show = tn_sub.add_parser("show", help="the tenant's state (JSON; no key material)")
-    for p in (init, ak, pol, show):
+    for p in (init, sc, ak, pol, show):
         add_tenant_dir_option(p)
     tn.set_defaults(func=tenant_cmd)

@@ -1,7 +1,9 @@
 """The key broker: releases a tenant's keys only to a host whose TPM proves a good launch.
 
-Our component (small; no library does this flow). One HTTPS endpoint (the tenant's server
-certificate), JSON in and out:
+Our component (small; no library does this flow). One HTTPS endpoint with mutual TLS: the
+broker presents the tenant's server certificate, each host its own client certificate of the
+tenant's CA (issued when the tenant enrolled it; one in the tenant's CRL, another CA's, or none
+is refused at the handshake). JSON in and out:
 
     POST /v1/nonce     {"keys": [NAME...]} (optional)       -> {"nonce": HEX, "manifest_key": HEX, "tenant": CN}
     POST /v1/manifest-key {}                                -> {"key": HEX}  (image manifests' Ed25519 key)
@@ -9,7 +11,9 @@ certificate), JSON in and out:
                        -> {"keys": {NAME: SEALED}, "host": NAME, "tenant": CN}   or 403 {"error": "why"}
 
 ``tenant`` is the CN of the tenant's client certificate: the owner of its KMIP keys, and the
-tenant a host's key service files the released keys under.
+tenant a host's key service files the released keys under. Endpoints are :data:`Route`
+functions in :func:`routes` (``BrokerServer.routes``), each given the request and the
+:class:`Peer` (its certificate's CN and serial): a new endpoint is one more entry there.
 
 A release is checked in this order, each refusal saying why and logged on the broker: the nonce
 was issued here, is fresh and unused (one use, even when refused); the AK is enrolled in the
@@ -122,7 +126,10 @@ class Broker:
             raise AttestationError(f"stale nonce: older than {NONCE_LIFETIME:g} s")
         return issued, ahead
 
-    def release(self, request: dict[str, Any]) -> dict[str, Any]:
+    def release(self, request: dict[str, Any], peer: str | None = None) -> dict[str, Any]:
+        """Check the evidence, release the keys sealed to the host's TPM; ``peer``: the name in the
+        client certificate of the connection (logged with the verdict)."""
+        via = f" (certificate {peer})" if peer else ""
         host = "unknown host"
         ahead = None
         try:
@@ -156,11 +163,11 @@ class Broker:
             secrets.clear()
         except (AttestationError, TenantError) as err:
             _drop(ahead)                                # keys fetched for a refused host: gone now
-            self._log(f"REFUSED {host}: {err}")
+            self._log(f"REFUSED {host}: {err}{via}")
             if isinstance(err, KeyServerError):
                 raise AttestationError(f"no key released: {err}") from None
             raise
-        self._log(f"released {', '.join(names)} to {host}")
+        self._log(f"released {', '.join(names)} to {host}{via}")
         return {"keys": released, "host": host, "tenant": self.name}
 
     @property
@@ -205,7 +212,7 @@ def routes(broker: Broker) -> dict[str, Route]:
         return {"key": broker.manifest_key().hex()}
 
     def release(request: Any, peer: Peer) -> dict[str, Any]:
-        return broker.release(request)
+        return broker.release(request, peer.cn)
     return {"/v1/nonce": nonce, "/v1/manifest-key": manifest_key, "/v1/release": release}
 
 

@@ -61,7 +61,7 @@ def test_a_good_host_gets_the_tenants_key_through_its_tpm(tenant, hosts):
     keys = a.fetch(tenant.client, ["vm"])
     assert keys["vm"] == tenant.kmip().get_key(tenant.tenant.key_uid("vm"))
     assert a.result["attested"] and a.result["keys"] == {"vm": "released to this host's TPM"}
-    assert "released vm to host-a" in (tenant.tenant.path / "broker.log").read_text()
+    assert "released vm to host-a (certificate pytest)" in (tenant.tenant.path / "broker.log").read_text()
 
 
 def _refused(tenant, request, match):

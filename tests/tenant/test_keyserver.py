@@ -236,3 +236,15 @@ def test_keyserver_listen_values_that_cannot_work(tmp_path, listen, message, cap
     assert cli.main(["keyserver", "start", "--listen", listen, *d]) == 1
     assert message in capsys.readouterr().err
     assert keyserver.status(TenantDir(tmp_path / "t")) is None
+
+
+def test_tenant_server_names_at_init_and_later(tmp_path, capsys):
+    from qemu_mktme import cli
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "x", "--server-name", "bad..name", *d]) == 1
+    assert "neither an IP address nor a DNS name" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "pki" / "ca-cert.pem").exists()
+    assert cli.main(["tenant", "init", "x", *d]) == 0
+    assert TenantDir(tmp_path / "t").pki.server_names() == ["localhost", "127.0.0.1"]
+    assert cli.main(["tenant", "server-cert", "--server-name", "10.0.0.1", "--server-name", "kms.example", *d]) == 0
+    assert "now names kms.example, 10.0.0.1" in capsys.readouterr().out
