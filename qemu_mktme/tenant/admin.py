@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,16 +73,26 @@ def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bi
 RENEW_BEFORE = datetime.timedelta(days=30)
 
 
-def enrol_credentials(tenant: TenantDir, host: str, directory: str | os.PathLike[str]) -> Path:
+def enrol_credentials(tenant: TenantDir, host: str, directory: str | os.PathLike[str], *,
+                      server_names: Sequence[str] = ()) -> Path:
     """Host ``host``'s own client certificate of the tenant's CA in ``directory`` (QEMU's file
-    names, with the CA certificate that authenticates the broker). A certificate already there
-    for that host, from this CA, not revoked and valid for another 30 days is kept (enrolling
-    again changes nothing); else a new one is issued. Copy the directory to the host's machine."""
+    names, with the CA certificate that authenticates the broker); with ``server_names`` (the
+    host's addresses), a server certificate for migrations to it too (:func:`.pki.issue_host`).
+    A certificate already there for that host, from this CA, not revoked and valid for another
+    30 days (and, with ``server_names``, a server certificate naming them) is kept: enrolling
+    again changes nothing; else new ones are issued. Copy the directory to the host's machine."""
     d = Path(directory)
     current = _current_certificate(tenant.pki, host, d)
-    if current is None:
-        pki_mod.issue_host(tenant.pki, d, host)
+    if current is None or (server_names and not _names_served(d, server_names)):
+        pki_mod.issue_host(tenant.pki, d, host, server_names=server_names)
     return d
+
+
+def _names_served(directory: Path, names: Sequence[str]) -> bool:
+    try:
+        return set(pki_mod.Pki(directory).server_names()) >= {str(pki_mod.parse_server_name(n).value) for n in names}
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
 
 
 def _current_certificate(pki: pki_mod.Pki, host: str, directory: Path) -> x509.Certificate | None:

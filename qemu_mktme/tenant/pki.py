@@ -203,21 +203,29 @@ def _issued(pki: Pki) -> dict[str, list[str]]:
 
 
 def issue_host(pki: Pki, directory: str | os.PathLike[str], host: str, *,
-               validity: datetime.timedelta = VALIDITY) -> Pki:
+               validity: datetime.timedelta = VALIDITY, server_names: Sequence[str] = ()) -> Pki:
     """Host ``host``'s own client certificate (CN = ``host``) in ``directory``, in QEMU's names
     (``client-cert.pem``, ``client-key.pem`` 0600, and ``ca-cert.pem`` to check the broker by);
-    its serial is recorded so that :func:`revoke_host` can revoke it. The directory is what the
-    host machine keeps (copy it there); nothing in it opens another host's certificate."""
+    with ``server_names``, also a server certificate naming them (``server-cert.pem``,
+    ``server-key.pem``): the directory is then a whole ``tls-creds-x509`` / libvirt
+    ``migrate_tls_x509_cert_dir`` for migrations to and from that host. The serials are recorded
+    so that :func:`revoke_host` can revoke them. The directory is what the host machine keeps
+    (copy it there); nothing in it opens another host's certificate."""
     if not host or set(host) - _DNS_CHARS - {"_"}:
         raise TenantError(f"invalid host name {host!r}: letters, digits, '-', '_', '.'")
+    for name in server_names:
+        parse_server_name(name)
     ca_key, ca_cert = _ca(pki)
     d = Path(directory)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cert = issue(d, ca_key, ca_cert, host, server=False, cert_name=CLIENT_CERT, key_name=CLIENT_KEY,
-                 validity=validity)
+    certs = [issue(d, ca_key, ca_cert, host, server=False, cert_name=CLIENT_CERT, key_name=CLIENT_KEY,
+                   validity=validity)]
+    if server_names:
+        certs.append(issue(d, ca_key, ca_cert, host, server=True, cert_name=SERVER_CERT, key_name=SERVER_KEY,
+                           validity=validity, names=server_names))
     _write_cert(d / CA_CERT, ca_cert)
     issued = _issued(pki)
-    issued.setdefault(host, []).append(format(cert.serial_number, "x"))
+    issued.setdefault(host, []).extend(format(c.serial_number, "x") for c in certs)
     tmp = pki.path(ISSUED + ".tmp")
     tmp.write_text(json.dumps(issued, indent=1, sort_keys=True))
     os.replace(tmp, pki.path(ISSUED))

@@ -248,3 +248,31 @@ def test_tenant_server_names_at_init_and_later(tmp_path, capsys):
     assert TenantDir(tmp_path / "t").pki.server_names() == ["localhost", "127.0.0.1"]
     assert cli.main(["tenant", "server-cert", "--server-name", "10.0.0.1", "--server-name", "kms.example", *d]) == 0
     assert "now names kms.example, 10.0.0.1" in capsys.readouterr().out
+
+
+def test_a_hosts_credentials_are_its_own_and_serve_qemus_tls(tmp_path):
+    """Enrolment writes host h1 a client certificate (CN h1) and, given its addresses, a server
+    certificate naming them: a directory QEMU's tls-creds-x509 takes as either end. Enrolling
+    again keeps them; revoking h1 puts both serials in the CRL."""
+    from qemu_mktme.tenant import admin
+    from qemu_mktme.tenant.pki import Pki, revoked
+    tenant = TenantDir(tmp_path / "t")
+    tenant.init("acme")
+    d = admin.enrol_credentials(tenant, "h1", tmp_path / "h1", server_names=["10.0.0.1", "h1.example"])
+    creds = Pki(d)
+    assert sorted(p.name for p in d.iterdir()) == ["ca-cert.pem", "client-cert.pem", "client-key.pem",
+                                                   "server-cert.pem", "server-key.pem"]
+    assert creds.client_cn() == "h1" and creds.server_names() == ["h1.example", "10.0.0.1"]
+    assert not (d / "ca-key.pem").exists()
+    for end in ("server", "client"):
+        out = subprocess.run(["qemu-img", "info", "--object", f"tls-creds-x509,id=t0,dir={d},endpoint={end},"
+                              "verify-peer=on", "--image-opts", "driver=null-co"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    before = creds.client[0].read_bytes()
+    admin.enrol_credentials(tenant, "h1", d, server_names=["10.0.0.1"])
+    assert creds.client[0].read_bytes() == before                         # kept
+    serials = {x509.load_pem_x509_certificate(p.read_bytes()).serial_number
+               for p in (creds.client[0], creds.server[0])}
+    assert set(admin.revoke_host(tenant, "h1").serials) == serials == revoked(tenant.pki)
+    admin.enrol_credentials(tenant, "h1", d)                              # revoked: a new one
+    assert x509.load_pem_x509_certificate(creds.client[0].read_bytes()).serial_number not in serials
