@@ -30,6 +30,7 @@ re-fetched when older than :data:`PREFETCH_MAX_AGE`). The decision is the same e
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -222,15 +223,22 @@ class Limits:
 
     ``handshake``: seconds for the TLS handshake; ``request``: seconds from a request's first byte
     to its last (headers and body); ``idle``: seconds a kept-alive connection may wait for its
-    next request; ``connections``: connections at a time (past it, the oldest that is not being
-    answered is closed for the newcomer); ``workers``: requests the broker works on at a time
-    (the others wait their turn); ``header``/``body``: bytes.
+    next request; ``connections``: connections served at a time. Past it a newcomer waits (up to
+    ``handshake`` seconds; at most ``waiting`` wait, newest first, the oldest waiter is closed
+    when more come) for a slot that frees, or for the oldest connection that is not being
+    answered to have held its slot for ``grace`` seconds (an honest host handshakes and asks well
+    within that): then that one is closed for it. A burst of honest hosts is served as slots
+    free; a flood of silent ones is recycled every ``grace``.
+    ``workers``: requests the broker works on at a time (the others wait their turn);
+    ``header``/``body``: bytes.
     """
 
     handshake: float = 5.0
     request: float = REQUEST_TIMEOUT
     idle: float = 30.0
     connections: int = 64
+    waiting: int = 1024
+    grace: float = 1.0
     workers: int = 4
     header: int = 16 << 10
     body: int = MAX_BODY
@@ -256,8 +264,8 @@ class BrokerServer:
     handshake run under its own deadline with an SSL context chosen at accept time (a revocation
     list that changes while the server runs), nor bounds the connections it keeps. Every
     connection runs as its own task under the deadlines of :class:`Limits`: a silent, slow or
-    half-sending client costs only its own connection, a flood only the connections past the
-    bound (oldest first). Clients must present a certificate of the tenant's CA that is not in
+    half-sending client costs only its own connection, a flood of them is recycled (oldest first)
+    while honest hosts wait their turn. Clients must present a certificate of the tenant's CA that is not in
     its CRL; everything else is refused at the handshake. A request the broker cannot read gets
     one 4xx answer with a JSON ``error``, then the connection closes.
     """
@@ -273,6 +281,8 @@ class BrokerServer:
         self._ctx: ssl.SSLContext | None = None
         self._ctx_stamp: tuple[int, int, int] | None = None
         self._conns: list[_Conn] = []
+        self._waiting: collections.deque[tuple[_Conn, asyncio.Future[None]]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="broker")
         self._loop = asyncio.new_event_loop()
         self._context()                              # a bad certificate fails here, not at the first client
@@ -284,7 +294,7 @@ class BrokerServer:
             raise KeyServerError(f"the broker cannot listen on {host}:{port}: {err.strerror or err}") from None
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         self._thread = threading.Thread(target=self._loop.run_forever, name="broker", daemon=True)
-        self.stats = {"connections": 0, "evicted": 0, "handshake_failed": 0, "timeouts": 0}
+        self.stats = {"connections": 0, "evicted": 0, "turned_away": 0, "handshake_failed": 0, "timeouts": 0}
 
     def start(self) -> BrokerServer:
         self._thread.start()
@@ -293,7 +303,9 @@ class BrokerServer:
     def stop(self) -> None:
         async def shut() -> None:
             self._server.close()
-            for c in list(self._conns):
+            if self._timer is not None:
+                self._timer.cancel()
+            for c in [*self._conns, *(w for w, _ in self._waiting)]:
                 if c.task is not None:
                     c.task.cancel()
             await asyncio.sleep(0)
@@ -325,23 +337,64 @@ class BrokerServer:
 
     # ------------------------------------------------------------------ connections
 
-    def _admit(self, conn: _Conn) -> None:
-        """Make room for ``conn``: past the bound, the oldest connection not being answered goes."""
-        if len(self._conns) >= self.limits.connections:
-            victim = next((c for c in self._conns if not c.busy), None)
-            if victim is not None and victim.task is not None:
-                victim.task.cancel()
-                self._conns.remove(victim)
-                self.stats["evicted"] += 1
-        self._conns.append(conn)
+    def _free_slot(self) -> bool:
+        """Whether a connection may start: under the bound, or past it once the oldest connection
+        that is not being answered has held its slot for ``limits.grace`` (it is closed)."""
+        if len(self._conns) < self.limits.connections:
+            return True
+        now = time.monotonic()
+        victim = next((c for c in self._conns if not c.busy and now - c.opened >= self.limits.grace), None)
+        if victim is None:
+            return False
+        self._conns.remove(victim)
+        if victim.task is not None:
+            victim.task.cancel()
+        self.stats["evicted"] += 1
+        return True
+
+    def _kick(self) -> None:
+        """Hand free slots to the waiting connections, the newest first (under a flood, the older
+        waiters are the flood; an honest burst frees its slots within milliseconds anyway); while
+        some wait, look again every quarter of ``limits.grace``."""
+        while self._waiting and self._free_slot():
+            conn, admitted = self._waiting.pop()
+            if not admitted.done():
+                conn.opened = time.monotonic()
+                self._conns.append(conn)
+                admitted.set_result(None)
+        if self._waiting and self._timer is None:
+            def again() -> None:
+                self._timer = None
+                self._kick()
+            self._timer = self._loop.call_later(self.limits.grace / 4, again)
+
+    async def _admit(self, conn: _Conn) -> bool:
+        """A slot for ``conn``, waited for (up to the handshake deadline) when all are taken;
+        False when the wait ran out or newer connections pushed this one out of the queue."""
+        if not self._waiting and self._free_slot():
+            self._conns.append(conn)
+            return True
+        if len(self._waiting) >= self.limits.waiting:
+            stale, _ = self._waiting.popleft()
+            if stale.task is not None:
+                stale.task.cancel()
+        admitted: asyncio.Future[None] = self._loop.create_future()
+        self._waiting.append((conn, admitted))
+        self._kick()
+        try:
+            async with asyncio.timeout(self.limits.handshake):
+                await admitted
+        except TimeoutError:
+            return False
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(asyncio.current_task())
-        self._admit(conn)
         self.stats["connections"] += 1
         address = str(writer.get_extra_info("peername", ("?",))[0])
         try:
-            if len(self._conns) > self.limits.connections:       # every other one is being answered
+            if not await self._admit(conn):
+                self.stats["turned_away"] += 1
                 return
             stream = _TlsStream(reader, writer, self._context())
             try:
@@ -360,6 +413,7 @@ class BrokerServer:
         finally:
             if conn in self._conns:
                 self._conns.remove(conn)
+                self._kick()
             writer.transport.abort()
 
     async def _http(self, stream: _TlsStream, conn: _Conn, peer: Peer) -> None:
