@@ -247,7 +247,8 @@ def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
     listen backlog is 5). This loop accepts on PyKMIP's socket and runs PyKMIP's session class
     with deadlines (handshake, first byte, whole request), a size bound, and at most
     ``limits.sessions`` sessions: past that, the oldest session that is not inside a request is
-    shut down for the newcomer.
+    shut down for the newcomer (one that never finished its handshake first); when every one is
+    inside a request, the newcomer is closed.
     """
     import signal
     with quiet():
@@ -264,6 +265,7 @@ def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
                 self._deadline = time.monotonic() + limits.handshake
                 self._connection.settimeout(limits.handshake)
                 self._connection.do_handshake()
+                self.established = True
                 while True:
                     self._handle_message_loop()
             except Exception as err:  # noqa: BLE001  any failure ends this session only
@@ -318,7 +320,10 @@ def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
             continue
         with lock:
             if len(live) >= limits.sessions:
-                victim = next((s for s in live if not s.busy), None)
+                idle = [s for s in live if not s.busy]
+                # sessions that never finished their handshake first (no certificate shown yet): the
+                # broker's kept-alive session outlives a flood of silent peers
+                victim = next((s for s in idle if not s.established), None) or next(iter(idle), None)
                 if victim is None:
                     conn.close()
                     continue
@@ -335,8 +340,10 @@ def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
 
 
 class _BoundedSessionBase:
-    """What :func:`serve_bounded` adds to PyKMIP's session: whether it is inside a request."""
+    """What :func:`serve_bounded` adds to PyKMIP's session: whether it is inside a request and
+    whether it finished its handshake."""
 
     busy = False
+    established = False
     _deadline = 0.0
     _connection: ssl.SSLSocket
