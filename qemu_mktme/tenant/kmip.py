@@ -136,10 +136,13 @@ class KmipClient:
     def _call(self, what: str, fn):
         enums, client_mod, pie_exc, kmip_exc = _kmip()
         last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while attempt <= self.retries:
             if attempt:
                 time.sleep(RETRY_DELAY * attempt)
+            attempt += 1
             with self._lock, quiet():
+                reused = self._conn is not None
                 try:
                     if self._conn is None:
                         self._conn = self._open(client_mod, enums)
@@ -149,17 +152,27 @@ class KmipClient:
                         if not self.persistent:
                             self._drop()
                 except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:
+                    if reused and not isinstance(err, pie_exc.KmipOperationFailure):
+                        self._drop()                     # a kept session the server closed (idle deadline)
+                        attempt -= 1
+                        continue
                     reason = getattr(err, "reason", None)
                     name = getattr(reason, "name", None) or type(err).__name__
                     raise KeyServerError(f"key server refused {what}: {name}: {getattr(err, 'message', err)}") from None
                 except ssl.SSLError as err:
                     self._drop()
+                    if reused:
+                        attempt -= 1
+                        continue
                     raise KeyServerError(f"key server {self._where()}: TLS failed for {what}: {err.reason or err}") from None
                 except (ConnectionError, TimeoutError, OSError) as err:
                     self._drop()
                     last = err
                 except Exception as err:  # noqa: BLE001  PyKMIP wraps socket trouble in its own exceptions
                     self._drop()
+                    if reused:                           # a kept session gone stale: once more on a new one
+                        attempt -= 1
+                        continue
                     if "timed out" in str(err) or "Connection" in type(err).__name__ or "closed" in str(err):
                         last = err
                         continue
@@ -237,8 +250,9 @@ class SessionLimits:
     message: int = 1 << 20
 
 
-def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
-    """PyKMIP's ``KmipServer`` (started) served with bounds, until SIGTERM or SIGINT.
+def serve_bounded(server, limits: SessionLimits = SessionLimits(), stop: threading.Event | None = None) -> None:
+    """PyKMIP's ``KmipServer`` (started) served with bounds, until SIGTERM or SIGINT (on the
+    main thread) or until ``stop`` is set.
 
     PyKMIP's own ``serve()`` hands each accepted connection to a session thread whose only bound
     is the process-wide 10 s socket timeout it sets: the TLS handshake ends after 10 s, but an
@@ -303,17 +317,17 @@ def serve_bounded(server, limits: SessionLimits = SessionLimits()) -> None:
                 got += len(part)
             return b"".join(parts)
 
-    serving = [True]
-
-    def stop(signum: int, frame: object) -> None:
-        serving[0] = False
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stopping = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, frame: object) -> None:
+            stopping.set()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
     sock = server._socket
     sock.listen(128)
     sock.settimeout(0.5)
     number = 0
-    while serving[0]:
+    while not stopping.is_set():
         try:
             conn, address = sock.accept()
         except OSError:                      # the 0.5 s tick (to see SIGTERM), or a failed accept
