@@ -279,7 +279,7 @@ class BrokerServer:
         if not self.pki.crl.exists():                 # a tenant made before revocation existed
             write_crl(self.pki, [])
         self._ctx: ssl.SSLContext | None = None
-        self._ctx_stamp: tuple[int, int, int] | None = None
+        self._ctx_stamp: tuple[int, int, int] | None = None     # (0, 0, 0): the CRL is unusable
         self._conns: list[_Conn] = []
         self._waiting: collections.deque[tuple[_Conn, asyncio.Future[None]]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -320,20 +320,33 @@ class BrokerServer:
     # ------------------------------------------------------------------ TLS
 
     def _context(self) -> ssl.SSLContext:
-        """The server's SSL context, rebuilt when the CRL changed (one stat per connection)."""
-        st = os.stat(self.pki.crl)
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._ctx is None or stamp != self._ctx_stamp:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            cert, key = self.pki.server
-            ctx.load_cert_chain(cert, key)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cafile=str(self.pki.ca))
-            ctx.load_verify_locations(cafile=str(self.pki.crl))
-            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-            self._ctx, self._ctx_stamp = ctx, stamp
-        return self._ctx
+        """The server's SSL context, rebuilt when the CRL changed (one stat per connection).
+        A CRL that is gone or unreadable refuses every client (logged once per change): a
+        revocation never lapses by accident."""
+        try:
+            st = os.stat(self.pki.crl)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            ctx = self._ctx
+            if ctx is None or stamp != self._ctx_stamp:
+                ctx = self._build_context()
+                self._ctx, self._ctx_stamp = ctx, stamp
+        except (OSError, ssl.SSLError) as err:
+            if self._ctx_stamp != (0, 0, 0):
+                self.broker._log(f"REFUSING every host: the tenant's CRL {self.pki.crl} cannot be used ({err})")
+            self._ctx, self._ctx_stamp = None, (0, 0, 0)
+            raise
+        return ctx
+
+    def _build_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        cert, key = self.pki.server
+        ctx.load_cert_chain(cert, key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(self.pki.ca))
+        ctx.load_verify_locations(cafile=str(self.pki.crl))
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        return ctx
 
     # ------------------------------------------------------------------ connections
 

@@ -49,7 +49,9 @@ class Served:
         self.tenant = TenantDir(base / "tenant")
         self.tenant.init("hostile", server_names)
         kmip = KmipClient(KmipEndpoint(1, self.tenant.pki))        # never called: no case names a key
-        self.server = BrokerServer(Broker(self.tenant, kmip), self.tenant, host=host, limits=_limits()).start()
+        self.notes: list[str] = []
+        self.server = BrokerServer(Broker(self.tenant, kmip, logger=self.notes.append), self.tenant, host=host,
+                                   limits=_limits()).start()
         self.host = host
         self.base = base
         self.certs = {h: self.enrol(h) for h in ("h1", "h2")}
@@ -213,6 +215,19 @@ def test_a_revoked_host_is_refused_at_the_handshake_while_another_is_served(serv
     # enrolling h3 again gives it a new certificate (the revoked one stays revoked)
     served.certs["h3"] = served.enrol("h3")
     assert len(served.client("h3").nonce()) == 32
+
+
+def test_an_unusable_crl_refuses_every_host_until_it_is_fixed(served):
+    crl = served.tenant.pki.crl
+    good = crl.read_bytes()
+    try:
+        crl.write_bytes(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+        with pytest.raises(KeyServerError):
+            served.client().nonce()
+        assert any("REFUSING every host" in n for n in served.notes)
+    finally:
+        crl.write_bytes(good)
+    assert len(served.client().nonce()) == 32
 
 
 def test_nested_json_gets_400(served):
