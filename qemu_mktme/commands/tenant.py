@@ -59,7 +59,8 @@ def tenant_cmd(args: argparse.Namespace) -> int:
             pol = tenant.policy().to_json()
         running = keyserver.status(tenant)
         print_json({"directory": str(tenant.path), "client_cn": tenant.pki.client_cn(), "keys": tenant.keys(),
-                    "policy": pol, "keyserver": running.to_json() if running else None})
+                    "policy": pol, "keyserver": running.to_json() if running else None,
+                    "server_names": tenant.pki.server_names(), "host_certificates": pki.host_certificates(tenant.pki)})
     return 0
 
 

@@ -232,6 +232,14 @@ def issue_host(pki: Pki, directory: str | os.PathLike[str], host: str, *,
     return Pki(d)
 
 
+def host_certificates(pki: Pki) -> dict[str, dict[str, list[str]]]:
+    """Per host the serials (hex) issued to it: ``{"valid": [...], "revoked": [...]}``."""
+    gone = revoked(pki)
+    return {host: {"valid": [s for s in serials if int(s, 16) not in gone],
+                   "revoked": [s for s in serials if int(s, 16) in gone]}
+            for host, serials in sorted(_issued(pki).items())}
+
+
 def revoked(pki: Pki) -> set[int]:
     """Serial numbers in the tenant's CRL."""
     try:

@@ -218,6 +218,10 @@ def test_keyserver_listens_where_told_and_revokes_a_host_while_running(tmp_path,
         assert "never issued a certificate to host 'nohost'" in capsys.readouterr().err
         assert cli.main(["tenant", "policy", "--revoke", "hb", *d]) == 0
         assert "host hb: certificate(s)" in capsys.readouterr().out
+        assert cli.main(["tenant", "show", *d]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["server_names"] == ["keys.example", "127.0.0.2"]
+        assert [len(shown["host_certificates"][h]["revoked"]) for h in ("ha", "hb")] == [0, 1]
         with pytest.raises(AttestationError, match="revoked by the tenant"):
             client("hb").nonce()
         assert len(client("ha").nonce()) == 32
