@@ -17,9 +17,9 @@ functions in :func:`routes` (``BrokerServer.routes``), each given the request an
 
 A release is checked in this order, each refusal saying why and logged on the broker: the nonce
 was issued here, is fresh and unused (one use, even when refused); the AK is enrolled in the
-tenant's policy; the quote's signature, type and nonce; the event log replays to the quoted
-PCR digest (else it is forged); the events match the reference values (PCR and event that
-differ); the binding key is certified by the same AK for the same nonce and fixed to its TPM.
+tenant's policy, as the host whose certificate the connection shows (or the tenant's own); the
+quote's signature, type and nonce; the event log replays to the quoted PCR digest (else it is
+forged); the events match the reference values (PCR and event that differ); the binding key is certified by the same AK for the same nonce and fixed to its TPM.
 Only then are the keys sealed to the binding key (:func:`.attest.seal_to`): plaintext keys exist
 only in the broker's memory. A nonce request may name the keys the host will ask for: the broker
 then fetches them from the KMIP server (as the tenant) while the host measures itself and quotes,
@@ -129,7 +129,8 @@ class Broker:
 
     def release(self, request: dict[str, Any], peer: str | None = None) -> dict[str, Any]:
         """Check the evidence, release the keys sealed to the host's TPM; ``peer``: the name in the
-        client certificate of the connection (logged with the verdict)."""
+        client certificate of the connection, which must be the host the AK was enrolled as (or
+        the tenant itself); logged with the verdict."""
         via = f" (certificate {peer})" if peer else ""
         host = "unknown host"
         ahead = None
@@ -151,6 +152,9 @@ class Broker:
             host = policy.hosts.get(fingerprint, f"AK {fingerprint[:16]}")
             if fingerprint not in policy.hosts:
                 raise AttestationError(f"quote from a TPM the tenant never enrolled (AK {fingerprint[:16]}...)")
+            if peer is not None and peer not in (host, self.name):
+                raise AttestationError(f"the quote comes from {host}'s TPM, the connection from host {peer}'s "
+                                       "certificate: a host asks for its own keys")
             pcrs, digest = verify_quote(quote, ak, nonce)
             if tuple(sorted(pcrs)) != tuple(sorted(policy.pcrs)):
                 raise AttestationError(f"the quote covers PCRs {list(pcrs)}, the policy needs {list(policy.pcrs)}")
