@@ -21,7 +21,7 @@ from ..files import runtime
 from ..host.dma import AssignedDevice
 from ..qemu.devices import DiskSpec
 from ..vhost.blk import Transfer, VhostUserBlk
-from ..vhost.memory import DirectMemory, IommuMemory
+from ..vhost.memory import DirectMemory, IommuMemory, check_region
 from ..vhost.protocol import MemRegion, ProtocolError, Server
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class VhostDisks:
                 st = os.fstat(r.fd)
                 if (st.st_dev, st.st_ino) != (ram.st_dev, ram.st_ino):
                     raise ProtocolError(f"memory region at GPA {r.guest_phys_addr:#x} is not the VM's RAM backend")
+                check_region(r, unsealed_ok=True)       # QEMU's memfd is sealed; a RAM file is ours
                 for g in guest.ranges:                    # type: ignore[attr-defined]
                     overlaps = g.gpa < r.guest_phys_addr + r.memory_size and r.guest_phys_addr < g.gpa + g.size
                     if overlaps and g.offset - (g.gpa - r.guest_phys_addr) != r.mmap_offset:
@@ -83,7 +84,7 @@ class VhostDisks:
             if self.bypass:
                 log.warning("%s/%s: DMA BYPASSES the MKTME model (direct memfd mapping, benchmark baseline)",
                             self.name, dev_name)
-                return DirectMemory(regions)
+                return DirectMemory(regions, unsealed_ok=True)
             device = self.assigned.get(dev_name)
             if device is None or device.guest is not guest:
                 device = self.assigned[dev_name] = AssignedDevice(guest, dev_name)  # type: ignore[arg-type]

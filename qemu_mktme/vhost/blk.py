@@ -203,6 +203,9 @@ class VhostUserBlk(p.Handler):
                 raise p.ProtocolError(f"{req.name} with NOFD={int(nofd)} and {len(msg.fds)} fds")
             fd = msg.fds[0] if msg.fds else -1
             attr = {p.Req.SET_VRING_KICK: "kick", p.Req.SET_VRING_CALL: "call", p.Req.SET_VRING_ERR: "err"}[req]
+            if fd >= 0:
+                _check_notifier(fd, req.name)
+                os.set_blocking(fd, False)     # a full call counter or a drained kick never blocks us
             if attr == "kick":
                 self._stop(q)
             old = getattr(q, attr)
@@ -226,14 +229,18 @@ class VhostUserBlk(p.Handler):
         raise p.ProtocolError(f"{req.name} is not supported by this device (never offered)")
 
     def _set_memory(self, regions: list[p.MemRegion]) -> None:
-        if self.memory is not None and hasattr(self.memory, "close"):
-            self.memory.close()
-        self.table = MemTable(regions)
-        self.memory = self.memory_for(regions)
-        for q in self.queues:
-            if q.started:
-                self._stop(q)
-                self._start(q)
+        """A new memory table replaces the old: the queues let go of the old memory, which is
+        closed (unmapped) before the new one is built; they restart on the new one."""
+        running = [q for q in self.queues if q.started]
+        for q in running:
+            self._stop(q)
+        old, self.memory, self.table = self.memory, None, None
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        memory = self.memory_for(regions)
+        self.table, self.memory = MemTable(regions), memory
+        for q in running:
+            self._start(q)
 
     def reset(self) -> None:
         """Back to the state before negotiation (RESET_OWNER, RESET_DEVICE, a new front end)."""
@@ -287,11 +294,35 @@ class VhostUserBlk(p.Handler):
 
     def _kicked(self, q: Queue) -> None:
         try:
-            os.eventfd_read(q.kick)
-        except (BlockingIOError, OSError):
-            pass
+            got = os.read(q.kick, 512)          # an eventfd gives its 8-byte counter, a pipe its bytes
+        except (BlockingIOError, InterruptedError):
+            return                              # someone else drained it: nothing to do
+        except OSError as err:
+            self._kick_gone(q, f"reading it failed: {err.strerror}")
+            return
+        if not got:
+            self._kick_gone(q, "its writer hung up")
+            return
         if q.started:
             self._process(q)
+
+    def _kick_gone(self, q: Queue, why: str) -> None:
+        """The kick fd can never signal again (EOF/HUP): the queue is stopped until a new one."""
+        self._log_once(f"kick{q.index}", f"queue {q.index}: kick fd unusable ({why}): queue stopped", logging.WARNING)
+        self._stop(q)
+
+    def _signal(self, q: Queue) -> None:
+        """Interrupt the driver through the call fd without ever blocking: a counter at its
+        maximum (EAGAIN) has a signal pending already; a dead fd is dropped."""
+        try:
+            os.write(q.call, _ONE)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as err:
+            self._log_once(f"call{q.index}", f"queue {q.index}: call fd unusable ({err.strerror}): "
+                           "completions go unsignalled", logging.WARNING)
+            os.close(q.call)
+            q.call = -1
 
     def _log_once(self, kind: str, message: str, level: int = logging.ERROR) -> None:
         if kind not in self._logged:
@@ -319,7 +350,7 @@ class VhostUserBlk(p.Handler):
                     notify = True
                 ring.enable_kicks()
                 if notify and ring.should_notify() and q.call >= 0:
-                    os.eventfd_write(q.call, 1)
+                    self._signal(q)
                 if not ring.pending():
                     break
         except RingError as err:
@@ -439,6 +470,22 @@ class VhostUserBlk(p.Handler):
                      direction, status, latency)
         for hook in list(self.transfer_hooks):
             hook(t)
+
+
+_ONE = (1).to_bytes(8, "little")
+
+
+def _check_notifier(fd: int, what: str) -> None:
+    """Kick, call and error fds are eventfds (QEMU's ``event_notifier``) or pipes (its fallback)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
+        return
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = ""
+    if kind != "anon_inode:[eventfd]":
+        raise p.ProtocolError(f"{what} passes {kind or 'a file'} (an eventfd or a pipe expected)")
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:

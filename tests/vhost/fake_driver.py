@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import mmap
 import os
 import socket
@@ -23,13 +24,21 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 EVENT_IDX, INDIRECT, VERSION_1 = 1 << 29, 1 << 28, 1 << 32
 
 
+def sealed_memfd(size: int, *, seal: bool = True) -> int:
+    """Guest RAM as QEMU's memory-backend-memfd makes it: sealed against growing and shrinking."""
+    fd = os.memfd_create("fake-guest-ram", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
 class FakeDriver:
     """Front end + driver for one queue of ``num`` entries over ``ram_size`` bytes of RAM."""
 
     def __init__(self, socket_path: str, ram_size: int = 8 << 20, num: int = 64) -> None:
         self.path, self.size, self.num = socket_path, ram_size, num
-        self.memfd = os.memfd_create("fake-guest-ram")
-        os.ftruncate(self.memfd, ram_size)
+        self.memfd = sealed_memfd(ram_size)
         self.ram = mmap.mmap(self.memfd, ram_size)
         self.sock: socket.socket | None = None
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
