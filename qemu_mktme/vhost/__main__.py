@@ -21,7 +21,7 @@ from ..host.dma import AssignedDevice
 from ..host.host import Host
 from .blk import VhostUserBlk
 from .memory import IommuMemory, map_region, unmap
-from .protocol import MemRegion, ProtocolError, Server
+from .protocol import IDLE_DEADLINE, MAX_CONNECTIONS, MESSAGE_DEADLINE, MemRegion, ProtocolError, Server
 
 log = logging.getLogger("qemu_mktme.vhost")
 
@@ -66,7 +66,8 @@ class StandaloneMemory:
 
 async def serve(args: argparse.Namespace) -> None:
     device = VhostUserBlk(args.disk, StandaloneMemory(args.keyid_bits), readonly=args.readonly)
-    server = Server(args.socket, device, name="vhost-blk")
+    server = Server(args.socket, device, name="vhost-blk", max_connections=args.max_connections,
+                    message_deadline=args.message_deadline, idle_deadline=args.idle_deadline)
     await server.start()
     print(f"listening on {args.socket}", flush=True)
     stop = asyncio.Event()
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk", required=True)
     ap.add_argument("--readonly", action="store_true")
     ap.add_argument("--keyid-bits", type=int, default=6)
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help="connections served at once (default %(default)s)")
+    ap.add_argument("--message-deadline", type=float, default=MESSAGE_DEADLINE, metavar="SECONDS",
+                    help="time a peer has to finish a message or take a reply (default %(default)s)")
+    ap.add_argument("--idle-deadline", type=float, default=IDLE_DEADLINE, metavar="SECONDS",
+                    help="silence allowed to a connection that does not own the device (default %(default)s)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:

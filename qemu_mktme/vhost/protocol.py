@@ -203,6 +203,7 @@ class Connection:
         self.handler = server.handler
         self.name = name
         self.last_active = asyncio.get_running_loop().time()
+        self.busy = False             # inside a message or a reply (their deadline applies)
         sock.setblocking(False)
 
     async def _readable(self, timeout: float | None) -> None:
@@ -241,6 +242,7 @@ class Connection:
                     raise EOFError
                 if deadline is None:
                     deadline = loop.time() + self.server.message_deadline
+                    self.busy = True
                 data += chunk
             if fds and not fds_ok:
                 raise ProtocolError("file descriptors passed outside a message header")
@@ -270,10 +272,13 @@ class Connection:
             close_all(fds)
             raise
         self.last_active = asyncio.get_running_loop().time()
+        self.busy = False
         return Message(request, flags, payload, fds)
 
     async def send(self, data: bytes) -> None:
+        self.busy = True
         await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, data), self.server.message_deadline)
+        self.busy = False
 
     def alive(self) -> bool:
         """Whether the peer is still there (no hang-up waiting to be read)."""
@@ -306,8 +311,8 @@ class Connection:
             log.info("%s: front end disconnected", self.name)
         except TimeoutError:
             log.warning("%s: closing the connection: %s", self.name,
-                        "idle without owning the device" if self.server.owner is not self
-                        else "a message or reply missed its deadline")
+                        "a message or a reply missed its deadline" if self.busy
+                        else "silent too long without owning the device")
         except ProtocolError as err:
             log.error("%s: closing the connection, the front end broke the vhost-user protocol: %s", self.name, err)
         except (ConnectionError, OSError) as err:
@@ -316,8 +321,12 @@ class Connection:
             log.error("%s: closing the connection after a request failed: %s: %s", self.name,
                       type(err).__name__, err)
         finally:
-            self.server.release(self)
-            self.sock.close()
+            self.closed()
+
+    def closed(self) -> None:
+        """The connection is over: release the device if it owned it, close the socket."""
+        self.server.release(self)
+        self.sock.close()
 
 
 def close_all(fds: list[int]) -> None:
@@ -360,7 +369,7 @@ class Server:
         try:
             sock.bind(str(self.path))
             os.chmod(self.path, 0o600)
-            sock.listen(self.max_connections)
+            sock.listen(64)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -406,7 +415,8 @@ class Server:
                 self._drop(victim)
             conn = Connection(sock, self, f"{self.name}#{self.connections}")
             log.info("%s: front end connected", conn.name)
-            self._open[conn] = asyncio.create_task(conn.serve(), name=conn.name)
+            task = self._open[conn] = asyncio.create_task(conn.serve(), name=conn.name)
+            task.add_done_callback(lambda _, c=conn: c.closed())    # also when cancelled before it ran
 
     @property
     def open_connections(self) -> int:
