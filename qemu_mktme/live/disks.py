@@ -4,7 +4,11 @@ For each ``dma=vhost`` disk (the default under emulation) a backend listens on a
 socket before QEMU starts, and QEMU gets ``-chardev socket,...,reconnect=1 -device
 vhost-user-blk-pci``. When QEMU passes its memory table, the backend checks that the memfd is
 the RAM backend the host model has bound (same file, same offsets) and from then on reaches
-guest memory only through an ``AssignedDevice`` in the VM's IOMMU domain. With ``bypass`` (the
+guest memory only through an ``AssignedDevice`` in the VM's IOMMU domain. QEMU sends a new table
+whenever the guest changes its memory map (SeaBIOS turning 0xC0000-0xFFFFF into RAM through
+the PAM registers before it drives the disk): the host model's EPT and IOMMU domain follow it
+(:meth:`~qemu_mktme.host.guest.EncryptedGuest.follow`), as VFIO's DMA mappings follow QEMU's
+memory listener. With ``bypass`` (the
 benchmark's baseline only) it maps the memfd directly instead, around the model.
 """
 
@@ -17,6 +21,8 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from ..arch.guestmap import GuestRange
+from ..errors import AddressError
 from ..files import runtime
 from ..host.dma import AssignedDevice
 from ..qemu.devices import DiskSpec
@@ -81,6 +87,11 @@ class VhostDisks:
                     if overlaps and g.offset - (g.gpa - r.guest_phys_addr) != r.mmap_offset:
                         raise ProtocolError(f"memory region at GPA {r.guest_phys_addr:#x} disagrees with "
                                             "QEMU's memory map")
+            try:       # QEMU's memory listener tells us the map now: firmware's PAM RAM included
+                guest.follow([GuestRange(r.guest_phys_addr, r.memory_size, r.mmap_offset)   # type: ignore[attr-defined]
+                              for r in regions])
+            except AddressError as err:
+                raise ProtocolError(f"memory table refused: {err}") from None
             if self.bypass:
                 log.warning("%s/%s: DMA BYPASSES the MKTME model (direct memfd mapping, benchmark baseline)",
                             self.name, dev_name)
