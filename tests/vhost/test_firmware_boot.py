@@ -12,6 +12,7 @@ import pytest
 
 from helpers import patience
 from qemu_mktme.host.host import Host
+from qemu_mktme.images import backports
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.devices import DiskSpec
 from qemu_mktme.qemu.machine import MachineConfig
@@ -27,7 +28,18 @@ BOOT_SECTOR = bytes.fromhex(
     "0d0a00")
 
 
-async def test_seabios_boots_from_a_vhost_disk_through_the_iommu(tmp_path):
+@pytest.fixture(params=["system", "qemu10"])
+def qemu(request) -> str | None:
+    """The system's QEMU 7.2, and QEMU 10 when ``images build qemu10`` has unpacked it."""
+    if request.param == "system":
+        return None
+    path = backports.qemu_path("qemu10")
+    if not path.exists():
+        pytest.skip("QEMU 10 is not unpacked (images build qemu10)")
+    return str(path)
+
+
+async def test_seabios_boots_from_a_vhost_disk_through_the_iommu(tmp_path, qemu):
     text = f"mktme-fw-boot {os.urandom(8).hex()}\r\n".encode()
     image = bytearray(1 << 20)
     image[:len(BOOT_SECTOR)] = BOOT_SECTOR
@@ -37,7 +49,8 @@ async def test_seabios_boots_from_a_vhost_disk_through_the_iommu(tmp_path):
     disk.write_bytes(image)
     host = Host(keyid_bits=6)
     serial = host.keys.add("vm", "type=cpu", tenant="acme")
-    config = MachineConfig(memory="128M", name="fw-boot", disks=(DiskSpec.parse(str(disk)),), firmware_boot=True)
+    config = MachineConfig(memory="128M", name="fw-boot", disks=(DiskSpec.parse(str(disk)),), firmware_boot=True,
+                           qemu=qemu)
     async with EncryptedMachine(host, config, key_serial=serial, tenant="acme") as vm:
         assert vm.config.disks[0].dma == "vhost" and not any(a == "-kernel" for a in vm.argv)
         await vm.console.wait_for(text.decode().strip(), timeout=patience(30))
