@@ -59,7 +59,6 @@ class VhostDisks:
                 device = VhostUserBlk(disk.path, self._memory_for(dev_name), readonly=disk.readonly,
                                       name=dev_name, serial=f"qemu-mktme-{dev_name}")
                 self.devices.append(device)
-                device.transfer_hooks.append(self._publish)
                 sock = self.dir / f"{dev_name}.sock"
                 server = Server(sock, device, name=f"{self.name}/{dev_name}")
                 await server.start()
@@ -114,12 +113,18 @@ class VhostDisks:
     async def trace(self, maxsize: int = 65536) -> AsyncIterator[Transfer]:
         """Transfers as the devices complete them (a slow consumer drops the overflow)."""
         q: asyncio.Queue[Transfer] = asyncio.Queue(maxsize)
+        if not self._subscribers:            # no listener, no per-request record (the fast path)
+            for device in self.devices:
+                device.transfer_hooks.append(self._publish)
         self._subscribers.append(q)
         try:
             while True:
                 yield await q.get()
         finally:
             self._subscribers.remove(q)
+            if not self._subscribers:
+                for device in self.devices:
+                    device.transfer_hooks.remove(self._publish)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per device: DMA counters (reads, writes, bytes, faults, foreign, sanitizer reports)

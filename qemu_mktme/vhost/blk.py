@@ -42,6 +42,7 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 TYPE_NAMES = {T_IN: "in", T_OUT: "out", T_FLUSH: "flush", T_GET_ID: "get-id", T_DISCARD: "discard",
               T_WRITE_ZEROES: "write-zeroes"}
 SEG_MAX = 126
+IOV_MAX = 1024
 MAX_DISCARD_SECTORS = 1 << 22
 STATUS_NEEDS_RESET = 0x40
 
@@ -363,18 +364,24 @@ class VhostUserBlk(p.Handler):
         mem: Memory = self.memory
         start = time.perf_counter()
         self.counters["requests"] += 1
-        if chain.error is None and (chain.readable_len < 16 or chain.writable_len < 1):
-            chain.error = f"request of {chain.readable_len} readable / {chain.writable_len} writable bytes"
+        rlen, wlen = chain.readable_len, chain.writable_len
+        if chain.error is None and (rlen < 16 or wlen < 1):
+            chain.error = f"request of {rlen} readable / {wlen} writable bytes"
         if chain.error is not None:
             self.counters["errors"] += 1
             self._log_once(f"chain:{chain.error.split(':')[0]}", f"queue {q.index}: bad descriptor chain: {chain.error}")
             return self._status(mem, chain, S_IOERR, 0)
         try:
-            header = b"".join(mem.read(a, n) for a, n in gather(chain.readable, 0, 16))
+            r, w = chain.readable, chain.writable
+            if r[0][1] == 16:                       # the usual layout: header, data..., status
+                header, data_out = mem.read(*r[0]), r[1:]
+            else:
+                header = b"".join(mem.read(a, n) for a, n in gather(r, 0, 16))
+                data_out = gather(r, 16, rlen - 16)
             rtype, _ioprio, sector = struct.unpack("<IIQ", header)
-            data_in = gather(chain.writable, 0, chain.writable_len - 1)     # all but the status byte
-            data_out = gather(chain.readable, 16, chain.readable_len - 16)
-            status, written = self._serve(mem, rtype, sector, data_in, data_out, chain)
+            data_in = w[:-1] if w[-1][1] == 1 else gather(w, 0, wlen - 1)     # all but the status byte
+            status, written = self._serve(mem, rtype, sector, data_in, data_out, chain,
+                                          wlen - 1 if rtype == T_IN else rlen - 16)
         except DmaFault as err:
             self.counters["errors"] += 1
             self._log_once("fault", f"queue {q.index}: DMA fault, request failed with IOERR: {err}", logging.WARNING)
@@ -399,28 +406,26 @@ class VhostUserBlk(p.Handler):
         return written + 1
 
     def _serve(self, mem: Memory, rtype: int, sector: int, data_in: list[tuple[int, int]],
-               data_out: list[tuple[int, int]], chain: Chain) -> tuple[int, int]:
+               data_out: list[tuple[int, int]], chain: Chain, nbytes: int) -> tuple[int, int]:
+        """Serve one request; ``nbytes``: its data bytes (IN: device-writable, else readable)."""
         if rtype in (T_IN, T_OUT):
-            nbytes = sum(n for _, n in (data_in if rtype == T_IN else data_out))
             if nbytes % SECTOR or sector > self.capacity or sector + nbytes // SECTOR > self.capacity:
                 self._log_once("range", f"{TYPE_NAMES[rtype]} of {nbytes} bytes at sector {sector} "
                                         f"(capacity {self.capacity}, {SECTOR}-byte sectors)")
                 return S_IOERR, 0
             if rtype == T_IN:
+                views = mem.write_views(data_in)          # zero copy: the file straight into guest RAM
+                if views is not None:
+                    self._readv(views, sector * SECTOR, nbytes)
+                    return S_OK, nbytes
                 buf = np.empty(nbytes, np.uint8)
-                got = os.preadv(self.fd, [buf], sector * SECTOR)
-                if got < nbytes:
-                    buf[got:] = 0
+                self._readv([buf], sector * SECTOR, nbytes)
                 mem.write_sg(data_in, buf)
                 return S_OK, nbytes
             if self.readonly:
                 self._log_once("ro", "write to a read-only disk")
                 return S_IOERR, 0
-            arrays = mem.read_sg(data_out)
-            offset = sector * SECTOR
-            for i in range(0, len(arrays), 1024):              # IOV_MAX
-                os.pwritev(self.fd, arrays[i:i + 1024], offset)
-                offset += sum(a.size for a in arrays[i:i + 1024])
+            self._writev(mem.read_sg(data_out), sector * SECTOR, nbytes)
             return S_OK, 0
         if rtype == T_FLUSH:
             if not self.readonly:
@@ -454,6 +459,32 @@ class VhostUserBlk(p.Handler):
         self._log_once(f"type{rtype}", f"unknown request type {rtype}: UNSUPP")
         return S_UNSUPP, 0
 
+    def _readv(self, arrays: list[np.ndarray], offset: int, nbytes: int) -> None:
+        """Fill ``arrays`` (``nbytes`` in all) from the disk at ``offset`` (in IOV_MAX pieces);
+        past the end of the file reads zeros."""
+        for i in range(0, len(arrays), IOV_MAX):
+            part = arrays[i:i + IOV_MAX]
+            want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
+            got = os.preadv(self.fd, part, offset)
+            while got < want:                           # short: the end of the file, or a retry
+                rest = _after(part, got)
+                more = os.preadv(self.fd, rest, offset + got)
+                if more <= 0:
+                    for a in rest:
+                        a[:] = 0
+                    break
+                got += more
+            offset += want
+
+    def _writev(self, arrays: list[np.ndarray], offset: int, nbytes: int) -> None:
+        for i in range(0, len(arrays), IOV_MAX):
+            part = arrays[i:i + IOV_MAX]
+            want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
+            got = os.pwritev(self.fd, part, offset)
+            while got < want:                           # short write: finish what is left
+                got += os.pwritev(self.fd, _after(part, got), offset + got)
+            offset += want
+
     def _emit(self, q: Queue, rtype: int, sector: int, data: list[tuple[int, int]], status: int,
               latency: float) -> None:
         """Tell the trace hooks about one request; ``data`` is its data segments (IN: written by
@@ -473,6 +504,18 @@ class VhostUserBlk(p.Handler):
 
 
 _ONE = (1).to_bytes(8, "little")
+
+
+def _after(arrays: list[np.ndarray], skip: int) -> list[np.ndarray]:
+    """The views of ``arrays`` after their first ``skip`` bytes."""
+    out = []
+    for a in arrays:
+        if skip >= a.size:
+            skip -= a.size
+            continue
+        out.append(a[skip:])
+        skip = 0
+    return out
 
 
 def _check_notifier(fd: int, what: str) -> None:

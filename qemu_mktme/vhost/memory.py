@@ -123,6 +123,9 @@ class IommuMemory:
     def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
         return self.device.dma_read_sg(segments)
 
+    def write_views(self, segments: list[tuple[int, int]]) -> list[np.ndarray] | None:
+        return self.device.dma_write_views(segments)
+
     def close(self) -> None:
         """Let go of the memory (this object is unusable after)."""
         on_close, self._on_close = self._on_close, None
@@ -167,6 +170,9 @@ class DirectMemory:
             pos += n
 
     def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
+        return [self._array(iova, n) for iova, n in segments]
+
+    def write_views(self, segments: list[tuple[int, int]]) -> list[np.ndarray] | None:
         return [self._array(iova, n) for iova, n in segments]
 
     def close(self) -> None:
