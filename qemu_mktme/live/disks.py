@@ -57,6 +57,7 @@ class VhostDisks:
             for n, disk in self.disks:
                 dev_name = f"disk{n}"
                 device = VhostUserBlk(disk.path, self._memory_for(dev_name), readonly=disk.readonly,
+                                      direct=disk.cache == "none",
                                       name=dev_name, serial=f"qemu-mktme-{dev_name}")
                 self.devices.append(device)
                 sock = self.dir / f"{dev_name}.sock"

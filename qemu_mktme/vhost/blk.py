@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -94,19 +95,28 @@ class VhostUserBlk(p.Handler):
 
     def __init__(self, path: str | os.PathLike[str], memory_for: Callable[[list[p.MemRegion]], Any], *,
                  readonly: bool = False, num_queues: int = 4, name: str = "vhost-blk0",
-                 serial: str = "qemu-mktme-vhost") -> None:
+                 serial: str = "qemu-mktme-vhost", direct: bool = False) -> None:
         self.path = Path(path)
         self.name = name
         self.readonly = readonly
         self.num_queues = num_queues
         self.serial = serial.encode()[:20]
         self.memory_for = memory_for
-        flags = os.O_RDONLY if readonly else os.O_RDWR
-        self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags)
+        self.direct = direct
+        self.buffered_fd = self.fd      # requests O_DIRECT cannot take (unaligned buffers) go here
         st = os.fstat(self.fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(self.fd)
             raise ValueError(f"disk {self.path} is not a regular file or block device")
+        if direct:                      # cache=none as QEMU's: the host page cache is bypassed
+            try:
+                self.fd = os.open(self.path, flags | os.O_DIRECT)
+            except OSError as err:
+                os.close(self.buffered_fd)
+                raise ValueError(f"disk {self.path}: cache=none (O_DIRECT) is not possible here: "
+                                 f"{err.strerror}") from None
         size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self.fd, 0, os.SEEK_END)
         self.capacity = size // SECTOR
         self.features = ((1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH) | (1 << F_MQ)
@@ -262,10 +272,11 @@ class VhostUserBlk(p.Handler):
 
     def close(self) -> None:
         self.disconnected()
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        for fd in {self.fd, self.buffered_fd}:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.buffered_fd = -1
 
     # ------------------------------------------------------------------ queues
 
@@ -429,7 +440,7 @@ class VhostUserBlk(p.Handler):
             return S_OK, 0
         if rtype == T_FLUSH:
             if not self.readonly:
-                os.fsync(self.fd)
+                os.fdatasync(self.fd)          # as QEMU's file driver flushes (qemu_fdatasync)
             return S_OK, 0
         if rtype == T_GET_ID:
             n = min(20, sum(n for _, n in data_in))
@@ -465,10 +476,10 @@ class VhostUserBlk(p.Handler):
         for i in range(0, len(arrays), IOV_MAX):
             part = arrays[i:i + IOV_MAX]
             want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
-            got = os.preadv(self.fd, part, offset)
+            got = self._io(os.preadv, part, offset)
             while got < want:                           # short: the end of the file, or a retry
                 rest = _after(part, got)
-                more = os.preadv(self.fd, rest, offset + got)
+                more = self._io(os.preadv, rest, offset + got)
                 if more <= 0:
                     for a in rest:
                         a[:] = 0
@@ -480,10 +491,20 @@ class VhostUserBlk(p.Handler):
         for i in range(0, len(arrays), IOV_MAX):
             part = arrays[i:i + IOV_MAX]
             want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
-            got = os.pwritev(self.fd, part, offset)
+            got = self._io(os.pwritev, part, offset)
             while got < want:                           # short write: finish what is left
-                got += os.pwritev(self.fd, _after(part, got), offset + got)
+                got += self._io(os.pwritev, _after(part, got), offset + got)
             offset += want
+
+    def _io(self, call: Callable[[int, list[np.ndarray], int], int], arrays: list[np.ndarray], offset: int) -> int:
+        """``call`` (preadv/pwritev) on the disk; with cache=none, buffers O_DIRECT refuses
+        (EINVAL: not aligned to the device's block) go through the page cache instead."""
+        try:
+            return call(self.fd, arrays, offset)
+        except OSError as err:
+            if err.errno != errno.EINVAL or self.fd == self.buffered_fd:
+                raise
+        return call(self.buffered_fd, arrays, offset)
 
     def _emit(self, q: Queue, rtype: int, sector: int, data: list[tuple[int, int]], status: int,
               latency: float) -> None:
