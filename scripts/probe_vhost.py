@@ -31,7 +31,6 @@ import os
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import time

@@ -496,7 +496,7 @@ class VhostUserBlk(p.Handler):
                 got += self._io(os.pwritev, _after(part, got), offset + got)
             offset += want
 
-    def _io(self, call: Callable[[int, list[np.ndarray], int], int], arrays: list[np.ndarray], offset: int) -> int:
+    def _io(self, call: Callable[..., int], arrays: list[np.ndarray], offset: int) -> int:
         """``call`` (preadv/pwritev) on the disk; with cache=none, buffers O_DIRECT refuses
         (EINVAL: not aligned to the device's block) go through the page cache instead."""
         try:

@@ -14,6 +14,7 @@ into guest-physical ones with the memory table.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import logging
@@ -185,7 +186,5 @@ class DirectMemory:
 def close_fds(regions: Sequence[MemRegion]) -> None:
     for r in regions:
         if r.fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(r.fd)
-            except OSError:
-                pass

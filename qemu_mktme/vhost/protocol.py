@@ -147,8 +147,11 @@ class Message:
             raise ProtocolError(f"SET_MEM_TABLE with {nregions} regions in {len(self.payload)} bytes")
         if len(self.fds) != nregions:
             raise ProtocolError(f"SET_MEM_TABLE names {nregions} regions but passes {len(self.fds)} fds")
-        return [MemRegion(*struct.unpack_from("<QQQQ", self.payload, 8 + 32 * i), fd=self.fds[i])
-                for i in range(nregions)]
+        regions = []
+        for i in range(nregions):
+            gpa, size, uaddr, offset = struct.unpack_from("<QQQQ", self.payload, 8 + 32 * i)
+            regions.append(MemRegion(gpa, size, uaddr, offset, fd=self.fds[i]))
+        return regions
 
     def config(self) -> tuple[int, int, int]:
         """GET/SET_CONFIG's (offset, size, flags)."""
@@ -197,7 +200,7 @@ MAX_CONNECTIONS = 8
 class Connection:
     """One front end (QEMU) on the unix socket, served in its own task (:meth:`serve`)."""
 
-    def __init__(self, sock: socket.socket, server: "Server", name: str) -> None:
+    def __init__(self, sock: socket.socket, server: Server, name: str) -> None:
         self.sock = sock
         self.server = server
         self.handler = server.handler
@@ -209,7 +212,7 @@ class Connection:
     async def _readable(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self.sock.fileno(), lambda: fut.done() or fut.set_result(None))
+        loop.add_reader(self.sock.fileno(), _wake, fut)
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
@@ -317,16 +320,25 @@ class Connection:
             log.error("%s: closing the connection, the front end broke the vhost-user protocol: %s", self.name, err)
         except (ConnectionError, OSError) as err:
             log.error("%s: connection lost: %s", self.name, err)
-        except Exception as err:                    # a request the device could not take: this peer only
+        except Exception as err:  # noqa: BLE001 - logged; a request the device could not take: this peer only
             log.error("%s: closing the connection after a request failed: %s: %s", self.name,
                       type(err).__name__, err)
         finally:
             self.closed()
 
+    def task_done(self, _task: asyncio.Task[None]) -> None:
+        self.closed()
+
     def closed(self) -> None:
         """The connection is over: release the device if it owned it, close the socket."""
         self.server.release(self)
         self.sock.close()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    """The reader callback of a receive: the socket is readable."""
+    if not fut.done():
+        fut.set_result(None)
 
 
 def close_all(fds: list[int]) -> None:
@@ -416,7 +428,7 @@ class Server:
             conn = Connection(sock, self, f"{self.name}#{self.connections}")
             log.info("%s: front end connected", conn.name)
             task = self._open[conn] = asyncio.create_task(conn.serve(), name=conn.name)
-            task.add_done_callback(lambda _, c=conn: c.closed())    # also when cancelled before it ran
+            task.add_done_callback(conn.task_done)       # also when cancelled before it ran
 
     @property
     def open_connections(self) -> int:
