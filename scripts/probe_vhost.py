@@ -247,14 +247,29 @@ async def case_half_sent(b: Backend, within: float, count: int = 4) -> list[str]
             s.close()
 
 
+async def _attack(b: Backend, within: float, what: str, d: FakeDriver,
+                  body: Callable[[list[str]], Awaitable[None]]) -> list[str]:
+    """Run ``body`` (which notes problems) with front end ``d``, close it, then check that a
+    well-behaved front end is served."""
+    problems: list[str] = []
+    try:
+        await body(problems)
+    except (TimeoutError, AssertionError, OSError, EOFError) as err:
+        problems.append(f"{what}: {type(err).__name__}: {err}")
+    finally:
+        d.close()
+    why = await served(b, within)
+    return problems + ([f"after {what}: {why}"] if why else [])
+
+
 async def case_dead_kick(b: Backend, within: float, watch: float = 1.5) -> list[str]:
     """A kick pipe whose writer closed: the queue stops, no core spins, others are served."""
-    problems = []
     d = FakeDriver(str(b.sock))
     r, w = os.pipe()
     os.close(d.kick)
     d.kick = r
-    try:
+
+    async def body(problems: list[str]) -> None:
         await asyncio.wait_for(d.setup(), within)
         os.close(w)
         before, t0 = b.cpu_seconds(), time.monotonic()
@@ -264,19 +279,14 @@ async def case_dead_kick(b: Backend, within: float, watch: float = 1.5) -> list[
             problems.append(f"the backend spun at {busy:.0%} of a core on a hung-up kick pipe")
         if not await query(b, within):
             problems.append("a second connection got no answer after the kick pipe hung up")
-    except (TimeoutError, AssertionError, OSError, EOFError) as err:
-        problems.append(f"front end with a pipe as kick fd: {type(err).__name__}: {err}")
-    finally:
-        d.close()
-    why = await served(b, within)
-    return problems + ([f"after a dead kick pipe: {why}"] if why else [])
+    return await _attack(b, within, "a dead kick pipe", d, body)
 
 
 async def case_tables(b: Backend, within: float, tables: int = 30, size: int = 64 << 20) -> list[str]:
     """``tables`` memory tables of ``size`` bytes each: VmSize stays flat, the device serves."""
-    problems = []
     d = FakeDriver(str(b.sock), ram_size=size)
-    try:
+
+    async def body(problems: list[str]) -> None:
         await asyncio.wait_for(d.setup(), within)
         first = b.vmsize()
         for _ in range(tables):
@@ -290,12 +300,7 @@ async def case_tables(b: Backend, within: float, tables: int = 30, size: int = 6
         grew = b.vmsize() - first
         if grew > size // 2:
             problems.append(f"VmSize grew by {grew >> 20} MiB over {tables} tables of {size >> 20} MiB")
-    except (TimeoutError, AssertionError, OSError, EOFError) as err:
-        problems.append(f"memory tables: {type(err).__name__}: {err}")
-    finally:
-        d.close()
-    why = await served(b, within)
-    return problems + ([f"after {tables} memory tables: {why}"] if why else [])
+    return await _attack(b, within, f"{tables} memory tables", d, body)
 
 
 async def case_truncated(b: Backend, within: float) -> list[str]:
