@@ -9,7 +9,7 @@ The guest's shell (workload ``shell``) is driven over the console, phases timed 
 SIZE MiB sequential write then read with dd (direct I/O, 1 MiB requests; the write ends with
 fsync, i.e. a FLUSH), then COUNT random 4 KiB direct reads, COUNT random 4 KiB direct writes and
 COUNT mixed ones (70 % reads), one dd per I/O (busybox has no fio: IOPS include the guest's
-process start-up, identically for every path). Both paths use the same host cache mode
+process start-up, identically for every path), after an untimed 32 MiB warm-up read. Both paths use the same host cache mode
 (``--cache writeback``, QEMU's default, or ``--cache none``: O_DIRECT on both).
 
 Cost: CPU seconds per MiB moved, of the backend (this process, which runs it for (a) and (b);
@@ -65,13 +65,13 @@ def commands(size_mb: int, count: int) -> dict[str, str]:
     }
 
 
-def qemu_io_cpu(pid: int) -> float:
-    """CPU seconds of QEMU's threads other than its vCPUs."""
+def qemu_io_cpu(pid: int, vcpus: set[int]) -> float:
+    """CPU seconds of QEMU's threads other than its vCPUs (thread ids from query-cpus-fast)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
+        if int(task.name) in vcpus:
+            continue
         try:
-            if (task / "comm").read_text().startswith("CPU "):
-                continue
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
@@ -96,14 +96,18 @@ async def one(mode: str, disk: str, size_mb: int, count: int, cache: str) -> dic
         await vm.console.wait_for("mktme-linux: shell", 600)
         await vm.console.command("while [ ! -b /dev/vda ]; do sleep 0.1; done; " + cmds["setup"] + "; echo done=$((6*7))",
                                  DONE, 600)
+        # untimed warm-up: this process maps the dd buffers' guest pages on first touch (QEMU's
+        # own mapping was populated while the guest booted)
+        await vm.console.command(f"{commands(min(size_mb, 32), 0)['seqread']}; echo done=$((6*7))", DONE, 600)
         assert vm.pid is not None
-        cpu0, io0 = time.process_time(), qemu_io_cpu(vm.pid)
+        vcpus = {int(c["thread-id"]) for c in await vm.qmp.execute("query-cpus-fast")}
+        cpu0, io0 = time.process_time(), qemu_io_cpu(vm.pid, vcpus)
         for phase in PHASES:
             start = time.perf_counter()
             await vm.console.command(f"{cmds[phase]}; echo done=$((6*7))", DONE, 3600)
             out[phase] = time.perf_counter() - start
         out["backend_cpu"] = time.process_time() - cpu0
-        out["qemu_io_cpu"] = qemu_io_cpu(vm.pid) - io0
+        out["qemu_io_cpu"] = qemu_io_cpu(vm.pid, vcpus) - io0
         if isinstance(vm, EncryptedMachine):
             c = vm.dma_counters()["disk0"]
             assert c.get("sanitizer", 0) == 0, "DMA through a foreign KeyID during the benchmark"
@@ -128,10 +132,13 @@ async def main() -> None:
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-dma-") as tmp:
         disk = os.path.join(tmp, "disk.img")
-        with open(disk, "wb") as f:
-            f.truncate((args.size_mb + 16) << 20)
-        for _ in range(args.rounds):
-            for mode in MODES:
+        with open(disk, "wb") as f:                 # allocated, not sparse: every path rewrites blocks
+            for _ in range(args.size_mb + 16):
+                f.write(bytes(1 << 20))
+            os.fsync(f.fileno())
+        order = list(MODES)
+        for r in range(args.rounds):                  # interleaved, each round starting elsewhere
+            for mode in order[r % 3:] + order[:r % 3]:
                 results[mode].append(await one(mode, disk, args.size_mb, args.count, args.cache))
     keys = (*PHASES, "backend_cpu", "qemu_io_cpu")
     med = {m: {k: statistics.median(r[k] for r in runs) for k in keys} for m, runs in results.items()}
