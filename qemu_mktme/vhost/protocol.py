@@ -207,6 +207,7 @@ class Connection:
         self.name = name
         self.last_active = asyncio.get_running_loop().time()
         self.busy = False             # inside a message or a reply (their deadline applies)
+        self.deadline = 0.0           # loop time by which the message begun must be whole
         sock.setblocking(False)
 
     async def _readable(self, timeout: float | None) -> None:
@@ -244,7 +245,7 @@ class Connection:
                 if not chunk:
                     raise EOFError
                 if deadline is None:
-                    deadline = loop.time() + self.server.message_deadline
+                    deadline = self.deadline = loop.time() + self.server.message_deadline
                     self.busy = True
                 data += chunk
             if fds and not fds_ok:
@@ -257,7 +258,7 @@ class Connection:
     async def receive(self) -> Message:
         """The next whole message (``TimeoutError`` if it does not arrive in time)."""
         head, fds = await self._recv(HEADER.size, True, None)
-        deadline = asyncio.get_running_loop().time() + self.server.message_deadline
+        deadline = self.deadline                # the payload is due by the same time as the header
         request, flags, size = HEADER.unpack(head)
         try:
             if flags & 0x3 != VERSION:
