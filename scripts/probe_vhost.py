@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import mmap
 import os
 import socket
 import stat
@@ -40,8 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "vhost"))
 sys.path.insert(0, str(ROOT))
-from fake_driver import FakeDriver, connect_unix, sealed_memfd  # noqa: E402
+from fake_driver import F_NEXT, F_WRITE, HEADER, FakeDriver, connect_unix, sealed_memfd  # noqa: E402
 
+from qemu_mktme.qemu.machine import _set_pdeathsig  # noqa: E402
 from qemu_mktme.vhost import protocol as p  # noqa: E402
 
 T_IN, T_OUT, T_FLUSH = 0, 1, 4
@@ -74,7 +76,7 @@ class Backend:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "qemu_mktme.vhost", "--socket", str(self.sock), "--disk", str(self.disk),
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=self.dir,
-            env=dict(os.environ, PYTHONPATH=str(code)))
+            env=dict(os.environ, PYTHONPATH=str(code)), preexec_fn=_set_pdeathsig)   # dies with the probe
         assert self.proc.stdout is not None
         while b"listening" not in (line := await asyncio.wait_for(self.proc.stdout.readline(), 20 * _scale())):
             if not line:
@@ -311,9 +313,18 @@ async def case_truncated(b: Backend, within: float) -> list[str]:
     try:
         with contextlib.suppress(TimeoutError, AssertionError, OSError, EOFError):
             await asyncio.wait_for(d.setup(), within)
+            # a request made available (rings at 64 KiB and up), then the memory cut to 64 KiB
+            d.write(HEADER, struct.pack("<IIQ", T_IN, 0, 0))
+            d.desc(0, HEADER, 16, F_NEXT, 1)
+            d.desc(1, HEADER + 0x200, 4096, F_WRITE | F_NEXT, 2)
+            d.desc(2, HEADER + 0x100, 1, F_WRITE)
+            d.make_available(0, kick=False)
+            d.ram.close()                          # this process no longer touches that memory
             os.ftruncate(d.memfd, 64 << 10)
-            await d.request(T_IN, 0, length=4096, seconds=min(within, 2.0))
+            os.eventfd_write(d.kick, 1)
+            await asyncio.sleep(min(within, 2.0))
     finally:
+        d.ram = mmap.mmap(-1, 4096) if d.ram.closed else d.ram
         d.close()
     await asyncio.sleep(0.2)
     if not b.alive:
