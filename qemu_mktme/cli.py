@@ -505,31 +505,19 @@ async def host_start(args: argparse.Namespace) -> int:
 
 
 async def migrate_vm(args: argparse.Namespace) -> int:
-    """Drive two running hosts: the destination attests and listens, the source streams over TLS."""
+    """Ask the source host to move the VM (it drives the destination itself: live/p2p.py)."""
+    from .live.p2p import migrate_between
     from .tenant.store import TenantDir
     tls = Path(args.tls).absolute() if args.tls else None if args.insecure else TenantDir().pki.directory
-    src: dict[str, Any] = {"pid": args.pid, "host": args.source}
-    common = {"vm": args.vm_name, "tls": str(tls) if tls else None, "insecure": args.insecure}
-    d = await control.request("migrate-describe", **src, **common)
-    inc = await control.request("migrate-incoming", host=args.to, config=d["config"], tenant=d["tenant"],
-                                tls=common["tls"])
     bar = ProgressBar(f"migrating {args.vm_name} to {args.to}")
     try:
-        r = await control.request("migrate-send", progress=bar, port=inc["port"], dest_keyid=inc["keyid"],
-                                  **src, **common)
+        r = await migrate_between(args.vm_name, source=args.source, pid=args.pid, to=args.to, tls=tls,
+                                  insecure=args.insecure, progress=bar)
+    finally:
         bar.close()
-        q = await control.request("migrate-finish", host=args.to, vm=args.vm_name, resume=d["running"])
-    except BaseException:
-        bar.close()
-        with contextlib.suppress(Exception):
-            await control.request("migrate-abort", host=args.to, vm=args.vm_name)
-        with contextlib.suppress(Exception):
-            await control.request("migrate-release", **src, vm=args.vm_name, done=False, resume=d["running"])
-        raise
-    await control.request("migrate-release", **src, vm=args.vm_name, done=True)
-    print(f"{args.vm_name}: on {args.to} with KeyID {q['keyid']} (was KeyID {d['keyid']}, now free); "
-          f"{r['transferred'] >> 20} MiB {'over TLS' if r['tls'] else 'IN THE CLEAR (--insecure)'} in "
-          f"{r['total_ms'] / 1000:.2f} s, downtime {r['downtime_ms']} ms, {r['mbps']:.0f} Mb/s")
+    print(f"{args.vm_name}: on {args.to} with KeyID {r.dest_keyid} (was KeyID {r.source_keyid}, now free); "
+          f"{r.transferred >> 20} MiB {'over TLS' if r.tls else 'IN THE CLEAR (--insecure)'} in "
+          f"{r.total_ms / 1000:.2f} s, downtime {r.downtime_ms} ms, {r.mbps:.0f} Mb/s")
     return 0
 
 
