@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -178,6 +179,19 @@ class _Refused(Exception):
         self.kind = kind
 
 
+_servers = itertools.count()
+
+
+def _free_path() -> Path:
+    """``<dir>/<pid>.sock``, or ``<pid>-<n>.sock`` for a further host in this process (a test harness)."""
+    n = next(_servers)
+    return control_dir() / (f"{os.getpid()}.sock" if n == 0 else f"{os.getpid()}-{n}.sock")
+
+
+def _pid_of(sock: Path) -> str:
+    return sock.stem.split("-", 1)[0]
+
+
 class ControlServer:
     """Serves ``commands`` (name -> :class:`Command`) on ``<dir>/<pid>.sock``."""
 
@@ -185,7 +199,7 @@ class ControlServer:
                  idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS) -> None:
         self.commands = commands
-        self.path = path or control_dir() / f"{os.getpid()}.sock"
+        self.path = path or _free_path()
         self.name = name                  # the host's name: ``<pid>.name`` beside the socket
         self.idle_timeout = idle_timeout
         self.request_timeout = request_timeout
@@ -308,7 +322,7 @@ def running_hosts() -> list[Path]:
     """Control sockets of live ``qemu-mktme run`` processes of this user (stale ones removed)."""
     out = []
     for sock in sorted(control_dir().glob("*.sock")):
-        pid = sock.stem
+        pid = _pid_of(sock)
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             out.append(sock)
         else:
@@ -331,7 +345,7 @@ def find_host(*, pid: int | None = None, host: str | None = None) -> Path:
     (``AttachError`` when there is none, or several)."""
     socks = running_hosts()
     if pid is not None:
-        socks = [s for s in socks if s.stem == str(pid)]
+        socks = [s for s in socks if _pid_of(s) == str(pid)]
     if host is not None:
         socks = [s for s in socks if host_name(s) == host]
     if not socks:

@@ -47,6 +47,9 @@ TLS_ID = "mktme-migrate-tls"
 MAX_BANDWIDTH = 1 << 40
 """``max-bandwidth`` in bytes/s: in effect unlimited (QEMU 7.2's default is 128 MiB/s)."""
 TIMEOUT = 600.0
+STALL_BYTES = 64 << 10
+"""Bytes an incoming QEMU must read to count as progress (a stalled stream reads none; QMP and
+its own event loop read a few bytes now and then)."""
 TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
 
 MigrateProgress = Callable[[dict[str, Any]], None]
@@ -105,6 +108,7 @@ class Incoming:
     def __init__(self, machine: EncryptedMachine, port: int) -> None:
         self.machine = machine
         self.port = port
+        self.closing = False              # being torn down (abort called)
         self._watchdog: asyncio.Task[None] | None = None
 
     @classmethod
@@ -134,15 +138,16 @@ class Incoming:
 
     def watch(self, stalled: Callable[[], Awaitable[object]], timeout: float) -> None:
         """Call ``stalled()`` once the incoming migration has made no progress for ``timeout``
-        seconds (its QMP status unchanged and its QEMU reading no byte: ``/proc/PID/io``); until
-        :meth:`finish` or :meth:`abort`."""
+        seconds: its QMP status unchanged and its QEMU reading less than :data:`STALL_BYTES`
+        (``rchar`` of ``/proc/PID/io``: the stream, beside QMP's and the event loop's small reads);
+        until :meth:`finish` or :meth:`abort`."""
         async def watchdog() -> None:
-            last, since = None, time.monotonic()
+            last, since = ("", -STALL_BYTES), time.monotonic()
             while True:
                 await asyncio.sleep(min(1.0, timeout / 4))
-                seen = await self._progress()
-                if seen != last:
-                    last, since = seen, time.monotonic()
+                status, read = await self._progress()
+                if status != last[0] or read - last[1] >= STALL_BYTES or read < last[1]:
+                    last, since = (status, read), time.monotonic()
                 elif time.monotonic() - since > timeout:
                     self._watchdog = None          # not cancelled by the abort it leads to
                     await stalled()
@@ -180,6 +185,7 @@ class Incoming:
 
     async def abort(self) -> None:
         """Tear the destination down: QEMU gone, its KeyID and key released."""
+        self.closing = True
         self._stop_watching()
         try:
             await self.machine.close()

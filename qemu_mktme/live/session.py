@@ -323,6 +323,8 @@ class HostSession:
             return self._vm(vm)
         state = self.host.query()
         state["guests"] = {n: self._vm(vm) for n, vm in self.machines.items()}
+        state["incoming"] = {n: {"keyid": i.machine.keyid, "port": i.port, "pid": i.machine.pid,
+                                 "state": "closing" if i.closing else "waiting"} for n, i in self._incoming.items()}
         if self.attestation is not None:
             state["attestation"] = self.attestation
         return state
@@ -389,21 +391,26 @@ class HostSession:
         self._incoming[config.name] = incoming
 
         async def abandon(why: str) -> None:
-            if self._incoming.get(config.name) is incoming:
-                del self._incoming[config.name]
+            if self._incoming.get(config.name) is incoming and not incoming.closing:
                 log.warning("incoming VM %s abandoned (%s): torn down, KeyID %d and its key released",
                             config.name, why, incoming.machine.keyid)
-                await incoming.abort()
+                try:
+                    await incoming.abort()
+                finally:
+                    if self._incoming.get(config.name) is incoming:
+                        del self._incoming[config.name]
         incoming.watch(lambda: abandon(f"no progress for {self.stall_timeout:g} s"), self.stall_timeout)
         conn.own(f"incoming:{config.name}", lambda: abandon("the source host's connection closed"))
         return {"port": incoming.port, "keyid": incoming.machine.keyid}
 
     async def _migrate_finish(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
         name = args["vm"]
-        conn.disown(f"incoming:{name}")
-        incoming = self._incoming.pop(name, None)
-        if incoming is None:
+        incoming = self._incoming.get(name)
+        if incoming is None or incoming.closing:
             raise MigrationError(f"no incoming migration of VM {name!r} here (torn down, or never prepared)")
+        if conn.disown(f"incoming:{name}") is None:
+            raise MigrationError(f"the incoming migration of VM {name!r} belongs to another connection")
+        del self._incoming[name]
         if not args["run"]:
             await incoming.abort()
             return {"aborted": name}
