@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -37,7 +37,7 @@ async def _exchange(path, raw: bytes, *, lines: int = 1) -> list[dict]:
 
 @pytest.fixture
 async def host():
-    async with HostSession([], keyid_bits=4) as session:
+    async with HostSession([], keyid_bits=4, name=f"control-{os.getpid()}") as session:
         yield session
 
 
@@ -78,12 +78,11 @@ async def test_a_request_too_long_is_answered_then_closed(host):
 
 
 async def test_the_client_keeps_the_error_class(host):
-    pid = int(Path(host.control_path).stem)
     with pytest.raises(ValueError, match="all zeros") as refused:
-        await control.request("snapshot-save", pid=pid, path="/tmp/nowhere.snap", kek="00" * 32)
+        await control.request("snapshot-save", host=host.name, path="/tmp/nowhere.snap", kek="00" * 32)
     assert isinstance(refused.value, RemoteError) and not isinstance(refused.value, AttachError)
     with pytest.raises(MigrationError, match="no incoming migration of VM 'ghost'") as unknown:
-        await control.request("migrate-finish", pid=pid, vm="ghost", run=True)
+        await control.request("migrate-finish", host=host.name, vm="ghost", run=True)
     assert isinstance(unknown.value, RemoteError) and unknown.value.remote_type == "MigrationError"
     assert isinstance(remote_error("SnapshotError", "host x: refused"), SnapshotError)
 
