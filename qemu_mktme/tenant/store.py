@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import TenantError
 from ..files.atomic import write_synced
-from . import eventlog
-from .eventlog import Event
+from ..attest import eventlog
+from ..attest.eventlog import Event
 from .pki import Pki, create_pki
 
 ENV_TENANT = "QEMU_MKTME_TENANT_DIR"
@@ -104,7 +104,7 @@ class TenantDir:
     def exists(self) -> bool:
         return (self.pki.ca).is_file()
 
-    def require(self) -> "TenantDir":
+    def require(self) -> TenantDir:
         if not self.exists():
             raise TenantError(f"no tenant in {self.path} (run 'qemu-mktme tenant init')")
         self.pki.check()

@@ -25,7 +25,7 @@ WORD = "0011223344556677"
 
 
 async def _cpu_key(config, tenant, key_name):
-    """The destination's key source: its own CPU makes a key (the tenant's broker, in tenant/migrate.py)."""
+    """The destination's key source: its own CPU makes a key (the tenant's broker, in attest/migrate.py)."""
     return "type=cpu"
 
 

@@ -39,7 +39,7 @@ from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import Machine, MachineConfig
 from . import image as image_mod
-from .broker import BrokerClient
+from .client import BrokerClient
 from .hostid import AttestedHost
 from .digests import Measured
 from .eventlog import Event
@@ -143,7 +143,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                 # what the VM runs: the files it booted (not their memfd copies) and its disks
                 vm.config = dataclasses.replace(config, disks=disks)
                 if isinstance(vm, EncryptedMachine):
-                    vm.key_name = launch.key           # travels with a migration (tenant/migrate.py)
+                    vm.key_name = launch.key           # travels with a migration (attest/migrate.py)
                 session.attestation = released.attestation
                 session.identity = host        # its TPM runs on: an incoming migration attests with it
                 if not config.start_paused:
@@ -199,7 +199,8 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
                     verified = image_mod.verify(launch.image, client.manifest_key())
                     timings["image-verify"] = time.monotonic() - t1
             finally:
-                concurrent.futures.wait([powered, events])
+                started: list[concurrent.futures.Future[Any]] = [powered, events]
+                concurrent.futures.wait(started)
             powered.result()
             binary, measured = events.result()
             host.boot(measured)
