@@ -8,6 +8,7 @@ from typing import Any
 
 from ..attend import ProgressBar
 from ..live.p2p import migrate_between
+from .options import pid
 
 
 async def migrate_vm(args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def register(sub: Any) -> None:
     m.add_argument("vm_name", metavar="VM")
     m.add_argument("--to", required=True, metavar="NAME", help="the destination host ('host start NAME')")
     m.add_argument("--from", dest="source", metavar="NAME", help="the source host's name (default: the only one / --pid)")
-    m.add_argument("--pid", type=int, help="the source host's process")
+    m.add_argument("--pid", type=pid, help="the source host's process")
     m.add_argument("--tls", metavar="DIR", help="QEMU TLS credentials directory (default: the tenant's PKI)")
     m.add_argument("--insecure", action="store_true", help="migrate without TLS: guest RAM crosses in the clear")
     m.set_defaults(func=migrate_vm)

@@ -9,7 +9,7 @@ from ..errors import TenantError
 from ..tenant import admin, keyserver
 from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
-from .options import print_json
+from .options import keyid_bits, print_json
 import contextlib
 
 
@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
     pol.add_argument("--host", action="append", default=[], metavar="NAME", required=True,
                      help="emulated host whose TPM attestation key to enrol (repeatable)")
     pol.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH")
-    pol.add_argument("--keyid-bits", type=int, default=6, metavar="N")
+    pol.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
     pol.add_argument("--integrity", choices=("mac",), default=None,
                      help="the hosts run with per-line memory integrity (run --integrity mac)")
     show = tn_sub.add_parser("show", help="the tenant's state (JSON; no key material)")
