@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttachError, MktmeError, remote_error
+from ..errors import AttachError, MktmeError, RemoteError, remote_error
 from ..files import runtime
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,8 @@ class ControlServer:
             args = command.parse(name, request)
             return {"ok": True, "result": await command.handler(args, conn)}
         except (MktmeError, ValueError, OSError) as err:
-            return {"ok": False, "error": str(err), "type": type(err).__name__}
+            kind = err.remote_type if isinstance(err, RemoteError) and err.remote_type else type(err).__name__
+            return {"ok": False, "error": str(err), "type": kind}       # (a refusal passed on keeps its class)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001  logged with its traceback; the client gets one answer
