@@ -5,28 +5,14 @@ killed), no host without it keeps a KeyID, a key or an incoming VM, and a retry 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPTS = Path(__file__).parents[2] / "scripts"
-
-
-def _load(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 @pytest.mark.qemu
 def test_kill_9_during_a_migration_between_hosts(baremetal_image):
-    probe = _load("probe_migrate")
+    probe = load_script("probe_migrate")
     report = probe.run([("client", "prepared"), ("client", "when-done"), ("source", "prepared")])
     assert [t["problems"] for t in report["trials"]] == [[], [], []]
     assert report["shm_left"] == []
