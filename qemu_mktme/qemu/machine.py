@@ -68,7 +68,7 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         size = value
     else:
-        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)i?[bB]?\s*", value)
+        m = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", value, re.ASCII)
         if not m:
             raise ValueError(f"not a size: {value!r} (examples: 512M, 1G)")
         size = int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m[2].lower()]
@@ -91,6 +91,12 @@ def requires(*states: VmState) -> Callable[[_Method], _Method]:
             return await method(self, *args, **kwargs)
         return guarded  # type: ignore[return-value]
     return decorator
+
+
+MAX_CPUS = 288
+"""vCPUs QEMU's q35 machine accepts (``-smp``), the bound a configuration is checked against."""
+MAX_MEMORY = 1 << 40
+"""Guest RAM a configuration may ask for (1 TiB): the host model builds its tables over all of it."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +133,10 @@ class MachineConfig:
             raise ValueError(f"ram_backend must be memfd or file, got {self.ram_backend!r}")
         if int(self.memory) % (1 << 20):
             raise ValueError(f"memory must be a whole number of MiB, got {self.memory} bytes")
-        if self.cpus < 1:
-            raise ValueError(f"cpus must be >= 1, got {self.cpus}")
+        if isinstance(self.cpus, bool) or not 1 <= self.cpus <= MAX_CPUS:
+            raise ValueError(f"cpus must be in 1..{MAX_CPUS} (QEMU's q35 limit), got {self.cpus}")
+        if int(self.memory) > MAX_MEMORY:
+            raise ValueError(f"memory must be at most {MAX_MEMORY >> 30} GiB, got {int(self.memory) >> 30} GiB")
         object.__setattr__(self, "disks", tuple(self.disks))
         if any(not isinstance(d, DiskSpec) for d in self.disks):
             raise ValueError("disks must be DiskSpec objects (qemu_mktme.qemu.devices)")
