@@ -33,9 +33,9 @@ Model decisions, all documented here once:
   TD-owner bit (zeros), SNP's ciphertext hiding (0xFF). Under a MAC mode, only reads through a
   private KeyID are checked (as TDX checks only TD private KeyIDs).
 * **Freshness** (``integrity.freshness``): a per-address version in the tweak and the MAC.
-  Versions of attached lines advance at each DRAM-side observation (model decision: the guest
-  writes its RAM unseen, so every observation is taken to follow a write-back; a line read twice
-  with no store between would give one ciphertext on hardware, two here).
+  Versions of attached lines advance at each DRAM-side access (model decision: the guest writes
+  its RAM unseen, so every DRAM-side read or write of its lines is taken to follow a write-back;
+  a line read twice with no store between would give one ciphertext on hardware, two here).
 * **Observer** (``observer``): an object told of every CPU read and write (HPA, length, KeyID)
   before it happens, e.g. the KeyID-aliasing sanitizer (:mod:`qemu_mktme.host.sanitizer`).
   ``None`` costs one attribute test per access.
@@ -651,6 +651,7 @@ class PhysicalMemory:
             raise ValueError("write_dram(meta=...) writes exactly one whole line")
         hpa = self._cell_range(int(hpa), src.size)
         start, lines = self._patched(hpa, src, self._dram_lines)
+        self._observe(start, start + lines.size)           # freshness: the guest wrote back since
         if self.integrity is not None:
             self._write_dram_checked(start, lines, meta)
         else:
