@@ -223,9 +223,16 @@ class PhysicalMemory:
             for ps, pe, att in self._pieces(s, e):
                 if att is not None:
                     tweaks[(ps - s) // _LINE : (pe - s) // _LINE, 1] = integ.epoch
-            for h, v in integ.versions.items():
-                if s <= h < e:
-                    tweaks[(h - s) // _LINE, 1] = v
+            versions = integ.versions
+            if n <= len(versions):
+                for i, h in enumerate(range(s, e, _LINE)):
+                    v = versions.get(h)
+                    if v is not None:
+                        tweaks[i, 1] = v
+            else:
+                for h, v in versions.items():
+                    if s <= h < e:
+                        tweaks[(h - s) // _LINE, 1] = v
             (encrypt_units if encrypt else decrypt_units)(cipher.key, src[a:b], tweaks.view(np.uint8), _LINE, out=out[a:b])
 
     def _same(self, keyid: int, att: Attachment, start: int, end: int) -> bool:
