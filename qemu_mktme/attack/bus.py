@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arch.addresses import CACHE_LINE_SIZE, KeyID
+from ..arch.addresses import CACHE_LINE_SIZE, HPA, KeyID
 from ..engine.memory import LineMeta
 from ..errors import AddressError, MktmeError
 from ..host.guest import EncryptedGuest
@@ -93,7 +93,7 @@ class HostMapping:
         self.host = host
         self.alias_bit = alias_bit
         self.serial = host.keys.add(name, "type=no-encrypt", tenant="host")
-        self.keyid = KeyID(host.keys.describe(self.serial)["keyid"])
+        self.keyid = KeyID(int(str(host.keys.describe(self.serial)["keyid"])))
 
     def address(self, guest: EncryptedGuest, gpa: int) -> tuple[int, int]:
         """(line GPA, the physical address this mapping uses for it)."""
@@ -104,12 +104,12 @@ class HostMapping:
         """A host load of ``nbytes`` at ``gpa``'s line (through the ghost address with an alias)."""
         line, pa = self.address(guest, gpa)
         memory = guest.platform.memory
-        return memory.read(guest.layout.compose(pa + (gpa - line), self.keyid), nbytes)
+        return memory.read(guest.layout.compose(HPA(pa + (gpa - line)), self.keyid), nbytes)
 
     def write(self, guest: EncryptedGuest, gpa: int, data: bytes) -> None:
         """A host store of ``data`` at ``gpa``'s line (through the ghost address with an alias)."""
         line, pa = self.address(guest, gpa)
-        guest.platform.memory.write(guest.layout.compose(pa + (gpa - line), self.keyid), data)
+        guest.platform.memory.write(guest.layout.compose(HPA(pa + (gpa - line)), self.keyid), data)
 
     def close(self) -> None:
         self.host.keys.revoke(self.serial, tenant="host")

@@ -38,6 +38,7 @@ from ..host.host import Host
 from ..live.encrypted import EncryptedMachine
 from ..live.launch import launch_machine
 from ..live.machinecheck import MachineCheckEvent
+from ..qemu.machine import MachineConfig
 from ..trace.tracer import Tracer
 from .bus import AttackError, HostMapping, LineRecord, hidden, record_line, replay_line
 from .victims import PIN_LIMIT, Answer, PinVictim
@@ -163,7 +164,8 @@ async def rollback(*, attack: str, mitigation: str, victim: PinVictim, guesses: 
         return r
     serial = host.keys.add("pin-victim", "type=cpu", tenant="victim")
     cap = _Capture(attack, host, alias_bit)
-    machine = functools.partial(EncryptedMachine, host, key_serial=serial, tenant="victim")
+    machine: Callable[[MachineConfig], EncryptedMachine] = functools.partial(
+        EncryptedMachine, host, key_serial=serial, tenant="victim")
     traced = host.platform.memory.integrity is not None   # the shim sees the guest consume poison
     async with Tracer() as tracer, await launch_machine(victim.config(), tracer=tracer if traced else None,
                                                         machine=machine) as vm:

@@ -32,6 +32,7 @@ from ..errors import AccessTimeout
 from ..host.host import Host
 from ..live.encrypted import EncryptedMachine
 from ..live.launch import launch_machine
+from ..qemu.machine import MachineConfig
 from ..trace.tracer import Tracer
 from .bus import AttackError, HostMapping, check_target, hidden
 from .victims import TableVictim
@@ -131,7 +132,7 @@ async def _observe_run(vm: EncryptedMachine, tracer: Tracer, victim: TableVictim
         for n in range(victim.stores):
             try:
                 await asyncio.wait_for(anext(stores), timeout)
-            except (asyncio.TimeoutError, StopAsyncIteration, AccessTimeout):
+            except (TimeoutError, StopAsyncIteration, AccessTimeout):
                 raise AttackError(f"the guest made {n} of {victim.stores} stores") from None
             for r in results:
                 r.samples.append(sample[r.channel]())
@@ -149,7 +150,8 @@ async def table_leak(*, mitigation: str, victim: TableVictim, channels: Sequence
     host = Host(keyid_bits=6, mitigation=mitigation)
     serial = host.keys.add("table-victim", "type=cpu", tenant="victim")
     mapping = HostMapping(host)
-    machine = functools.partial(EncryptedMachine, host, key_serial=serial, tenant="victim")
+    machine: Callable[[MachineConfig], EncryptedMachine] = functools.partial(
+        EncryptedMachine, host, key_serial=serial, tenant="victim")
     results = [DictionaryResult(c, mitigation, victim.secret, victim.width) for c in channels]
     async with Tracer() as tracer, await launch_machine(victim.config(), tracer=tracer, machine=machine) as vm:
         gpa = await victim.ready(vm, timeout)

@@ -366,13 +366,10 @@ class PhysicalMemory:
             for hpa in range(s, e, _LINE):
                 new = lines[hpa - start : hpa - start + _LINE]
                 version = self._version(hpa)
-                if meta is not None and meta.tag is not None:
-                    stored = meta.tag
-                else:
-                    stored = integ.tags.get(hpa)
-                    if stored is None:
-                        self._dram_lines(hpa, hpa + _LINE, old)
-                        stored = integ.tag(att.keyid, hpa, old.tobytes(), version)
+                stored = meta.tag if meta is not None and meta.tag is not None else integ.tags.get(hpa)
+                if stored is None:
+                    self._dram_lines(hpa, hpa + _LINE, old)
+                    stored = integ.tag(att.keyid, hpa, old.tobytes(), version)
                 if integ.tag(att.keyid, hpa, new.tobytes(), version) == stored:
                     self._store_dram_lines(hpa, new)
                     integ.forget(hpa, hpa + _LINE)             # a consistent line: implicit again
