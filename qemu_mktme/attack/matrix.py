@@ -37,6 +37,46 @@ from .wiretap import ATTACK_OF_CHANNEL, DictionaryResult, table_leak
 ATTACKS = (*ROLLBACKS, "wiretap", "cipherleak")
 VERDICTS = ("succeeded", "detected", "blocked", "failed")
 
+CONTROLS: dict[str, str] = {
+    "replay-data": (
+        "What the attacker controls: an interposer on the DIMM's data pins (a bus agent between the "
+        "memory controller and DRAM). It reads and writes the data bits of any line of the victim's "
+        "RAM, never the ECC/metadata bits, never a CPU instruction or a key. It records the line "
+        "holding the victim's wrong-PIN counter while it is 0 and writes it back whenever one try is "
+        "left; the attacker also types PINs on the victim's console, as any user could."),
+    "replay-meta": (
+        "What the attacker controls: an interposer on the DIMM's data and ECC pins. It records a "
+        "line's data bits together with its metadata bits (where a per-line MAC and owner bit live, "
+        "as on TDX) and writes both back; no CPU instruction, no key, nothing on the die (a version "
+        "counter there is out of its reach). It rolls the victim's wrong-PIN counter back and types "
+        "PINs on its console."),
+    "badram": (
+        "What the attacker controls: the host's software (ring 0: it programs a no-encrypt KeyID and "
+        "maps any physical address) and, once before boot, the DIMM's SPD chip, rewritten to "
+        "declare one more address bit than the module has (BadRAM's ~$5 microcontroller), so two "
+        "physical addresses reach one DRAM cell. No bus probe, no key: it loads the victim's "
+        "counter line through the ghost address (its ciphertext) and later stores it back there. "
+        "The memory controller checks and tags the ghost address, as hardware does."),
+    "batteringram": (
+        "What the attacker controls: the host's software and a DIMM interposer with analog "
+        "switches (Battering RAM's < $50 board) that makes a DRAM address bit alias at will, after "
+        "the boot-time memory checks. It switches the alias on only to load the victim's counter "
+        "line through the ghost address and to store it back later, and off in between."),
+    "wiretap": (
+        "What the attacker controls: a passive interposer on the DRAM bus (WireTap's < $1000 "
+        "probe) that reads what the bus carries at chosen addresses: it never writes, runs no code "
+        "on the host and holds no key. It knows the victim's program (public): the victim stores "
+        "a public table into one variable in order, then the entry each secret window indexes. "
+        "From the first stores it builds an (address, ciphertext) -> value dictionary and looks "
+        "each later store up."),
+    "cipherleak": (
+        "What the attacker controls: the hypervisor's software. It loads the victim's memory "
+        "through a KeyID it programmed no-encrypt (as SEV's hypervisor reads guest pages): it sees "
+        "what DRAM holds unless the memory controller hides it, and decodes the victim's "
+        "secret-indexed stores with the same dictionary as wiretap. No bus access, no key."),
+}
+"""The one-paragraph threat model of each attack (the CLI's ``--help`` prints it)."""
+
 EXPECTED: dict[str, dict[str, str]] = {
     "replay-data": dict(zip(MITIGATIONS, ("succeeded", "detected", "detected", "succeeded", "succeeded", "detected"))),
     "replay-meta": dict(zip(MITIGATIONS, ("succeeded", "succeeded", "succeeded", "succeeded", "succeeded", "detected"))),
@@ -242,10 +282,12 @@ def _load() -> str:
 
 async def run_matrix(*, guest: str = "baremetal", attacks: Sequence[str] = ATTACKS,
                      mitigations: Sequence[str] = MITIGATIONS, pin: str = "4711", wrong: int = 4,
-                     secret: str | None = None, width: int = 2, period: float | None = None,
-                     out: Callable[[str], None] = print, timeout: float = 60.0) -> Matrix:
+                     secret: str | None = None, width: int = 2, period: float = 0.05,
+                     out: Callable[[str], None] = print, detail: Callable[[str], None] | None = None,
+                     timeout: float = 60.0) -> Matrix:
     """Run ``attacks`` against ``mitigations`` on ``guest`` victims; one host boot per cell (the
-    two dictionary attacks share theirs)."""
+    two dictionary attacks share theirs). ``out`` hears one line per cell, ``detail`` (when
+    given) every step of every attack."""
     for a in attacks:
         if a not in ATTACKS:
             raise AttackError(f"unknown attack {a!r} (have: {', '.join(ATTACKS)})")
@@ -254,8 +296,6 @@ async def run_matrix(*, guest: str = "baremetal", attacks: Sequence[str] = ATTAC
             raise AttackError(f"unknown mitigation {m!r} (have: {', '.join(MITIGATIONS)})")
     if secret is None:
         secret = "".join(random.SystemRandom().choice("01") for _ in range(32 if guest == "baremetal" else 64))
-    if period is None:
-        period = 0.05 if guest == "baremetal" else 0.05
     started = time.monotonic()
     cells: list[Cell] = []
     guesses = default_guesses(pin, wrong)
@@ -264,15 +304,16 @@ async def run_matrix(*, guest: str = "baremetal", attacks: Sequence[str] = ATTAC
     def quiet(_: str) -> None:
         pass
 
+    log = detail or quiet
     for mitigation in mitigations:
         for attack in (a for a in ROLLBACKS if a in attacks):
             r = await rollback(attack=attack, mitigation=mitigation, victim=PinVictim(guest, pin),
-                               guesses=guesses, out=quiet, timeout=timeout)
+                               guesses=guesses, out=log, timeout=timeout)
             cells.append(rollback_cell(r))
             _report(cells[-1], out)
         if channels:
             for r2 in await table_leak(mitigation=mitigation, victim=TableVictim(guest, secret, width, period),
-                                       channels=channels, out=quiet, timeout=timeout):
+                                       channels=channels, out=log, timeout=timeout):
                 cells.append(leak_cell(r2))
                 _report(cells[-1], out)
     return Matrix(guest, cells, time.monotonic() - started, _load())
@@ -284,4 +325,4 @@ def _report(c: Cell, out: Callable[[str], None]) -> None:
         f"{c.evidence}{mark}")
 
 
-__all__ = ["ATTACKS", "EXPECTED", "MODEL_DECISIONS", "VERDICTS", "Cell", "Matrix", "run_matrix"]
+__all__ = ["ATTACKS", "CONTROLS", "EXPECTED", "MODEL_DECISIONS", "VERDICTS", "Cell", "Matrix", "run_matrix"]
