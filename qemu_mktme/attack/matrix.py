@@ -30,7 +30,7 @@ from typing import Any
 
 from ..engine.platform import MITIGATIONS
 from .bus import AttackError
-from .replay import ROLLBACKS, ReplayResult, default_guesses, rollback
+from .replay import DEFAULT_ALIAS_BIT, ROLLBACKS, ReplayResult, default_guesses, rollback
 from .victims import PIN_LIMIT, PinVictim, TableVictim
 from .wiretap import ATTACK_OF_CHANNEL, DictionaryResult, table_leak
 
@@ -284,7 +284,7 @@ async def run_matrix(*, guest: str = "baremetal", attacks: Sequence[str] = ATTAC
                      mitigations: Sequence[str] = MITIGATIONS, pin: str = "4711", wrong: int = 4,
                      secret: str | None = None, width: int = 2, period: float = 0.05,
                      out: Callable[[str], None] = print, detail: Callable[[str], None] | None = None,
-                     timeout: float = 60.0) -> Matrix:
+                     alias_bit: int = DEFAULT_ALIAS_BIT, timeout: float = 60.0) -> Matrix:
     """Run ``attacks`` against ``mitigations`` on ``guest`` victims; one host boot per cell (the
     two dictionary attacks share theirs). ``out`` hears one line per cell, ``detail`` (when
     given) every step of every attack."""
@@ -308,7 +308,7 @@ async def run_matrix(*, guest: str = "baremetal", attacks: Sequence[str] = ATTAC
     for mitigation in mitigations:
         for attack in (a for a in ROLLBACKS if a in attacks):
             r = await rollback(attack=attack, mitigation=mitigation, victim=PinVictim(guest, pin),
-                               guesses=guesses, out=log, timeout=timeout)
+                               guesses=guesses, out=log, alias_bit=alias_bit, timeout=timeout)
             cells.append(rollback_cell(r))
             _report(cells[-1], out)
         if channels:
