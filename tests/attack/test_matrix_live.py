@@ -16,7 +16,7 @@ from qemu_mktme.attack.matrix import ATTACKS, EXPECTED, MODEL_DECISIONS, Matrix,
 from qemu_mktme.attack.victims import BAREMETAL_PIN_COUNTER, PIN_LIMIT
 from qemu_mktme.engine.platform import MITIGATIONS
 
-from helpers import patience
+from helpers import Once, patience, qm
 
 SECRET = "01101100011110000101001110100101"
 
@@ -33,9 +33,15 @@ BLOCKED_BECAUSE = {
 }
 
 
+_MATRIX = Once(lambda: asyncio.run(run_matrix(guest="baremetal", secret=SECRET, out=lambda _: None,
+                                              timeout=patience(20))))
+
+
 @pytest.fixture(scope="module")
 def matrix(baremetal_image) -> Matrix:
-    return asyncio.run(run_matrix(guest="baremetal", secret=SECRET, out=lambda _: None, timeout=patience(20)))
+    m = _MATRIX.get()
+    assert isinstance(m, Matrix)
+    return m
 
 
 def check_cell(m: Matrix, attack: str, mitigation: str) -> None:
@@ -84,3 +90,47 @@ def test_matrix_json_and_png(matrix: Matrix, tmp_path) -> None:
         colours = {img.getpixel((200, 100)), img.getpixel((370, 100))}   # replay-data: none, mac
         assert (231, 76, 60) in colours and (243, 156, 18) in colours
     assert "*" in matrix.table() and "!" not in matrix.table().splitlines()[1]
+
+
+def test_attack_matrix_command_writes_json_and_png_and_checks(baremetal_image, tmp_path) -> None:
+    out = qm("attack", "matrix", "--attacks", "badram,cipherleak", "--mitigation", "alias-check,mac+owner",
+             "--json", str(tmp_path / "m.json"), "--png", str(tmp_path / "m.png"), "--check", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert [(c["attack"], c["mitigation"], c["verdict"]) for c in data["cells"]] == [
+        ("badram", "alias-check", "blocked"), ("cipherleak", "alias-check", "succeeded"),
+        ("badram", "mac+owner", "blocked"), ("cipherleak", "mac+owner", "blocked")]
+    assert "4 cells in" in out.stdout and "0 not as expected" in out.stdout
+    with Image.open(tmp_path / "m.png") as img:
+        assert img.format == "PNG"
+
+
+def test_one_attack_command_prints_the_log_and_a_verdict_per_mode(baremetal_image) -> None:
+    out = qm("attack", "replay", "--variant", "data+meta", "--guest", "baremetal", "--mitigation", "mac,freshness",
+             "--pin", "1234", "--wrong", "4", timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PIN 1234: guest: ok pin unlocked" in out.stdout
+    assert re.search(r"^   mac +succeeded: PIN accepted after its counter was rolled back 2 times", out.stdout, re.M)
+    assert re.search(r"^   freshness +detected: #MC in VM victim", out.stdout, re.M)
+
+
+def test_attack_commands_refuse_bad_arguments_with_status_2() -> None:
+    for args, message in ((("badram", "--mitigation", "tdx"), "expected 'all' or modes from none, mac"),
+                          (("badram", "--alias-bit", "30"), "the alias bit must be in 33..39"),
+                          (("wiretap", "--bits", "5", "--width", "2"), "not whole 2-bit windows"),
+                          (("matrix", "--attacks", "rowhammer"), "expected attacks from replay-data"),
+                          (("matrix", "--png", "-"), "the PNG goes to a file")):
+        out = qm("attack", *args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    out = qm("run", "--guest", "baremetal", "--dimm-alias", "12")
+    assert out.returncode == 2 and "the alias bit must be in 33..39" in out.stderr
+    out = qm("run", "--guest", "baremetal", "--integrity", "mac", "--mitigation", "freshness")
+    assert out.returncode == 2 and "disagree" in out.stderr
+
+
+def test_run_refuses_an_aliased_dimm_under_alias_check(baremetal_image) -> None:
+    out = qm("run", "--guest", "baremetal", "--mitigation", "alias-check", "--dimm-alias", "36", "--no-input",
+             "-c", "poweroff")
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("qemu-mktme: error: BIOS alias check: DIMM address bit 36 aliases two physical "
+                                  "addresses to one DRAM cell: the memory configuration is refused at boot")
