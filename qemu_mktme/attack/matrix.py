@@ -210,7 +210,7 @@ class Matrix:
         ! = not the expected verdict."""
         modes = [m for m in MITIGATIONS if any(c.mitigation == m for c in self.cells)]
         attacks = [a for a in ATTACKS if any(c.attack == a for c in self.cells)]
-        width = 26
+        width = 29
         lines = ["attack".ljust(14) + "".join(m.ljust(width) for m in modes)]
         for a in attacks:
             row = a.ljust(14)
@@ -221,10 +221,10 @@ class Matrix:
                     row += "-".ljust(width)
                     continue
                 mark = ("*" if c.model_decision else "") + ("!" if not c.as_expected else "")
-                row += f"{c.verdict}{mark} {c.attempts} {c.unit[0]}, {c.seconds:.1f}s".ljust(width)
+                row += f"{c.verdict}{mark} {c.attempts} {c.unit}, {c.seconds:.1f}s".ljust(width)
             lines.append(row)
         lines.append("* depends on a model decision (docs/attacks.md); ! not the expected verdict; "
-                     "P = PINs typed, s = stores observed")
+                     "PINs typed or stores observed, and seconds")
         return "\n".join(lines)
 
     def png(self, path: str | os.PathLike[str]) -> Path:
