@@ -22,7 +22,7 @@ from ..attack.matrix import ATTACKS, CONTROLS, Matrix, run_matrix
 from ..attack.replay import DEFAULT_ALIAS_BIT, random_pin
 from ..attack.victims import GUESTS
 from ..engine.platform import MITIGATIONS
-from .options import UsageError
+from .options import UsageError, alias_bit
 
 
 def _pin(text: str) -> str:
@@ -70,13 +70,6 @@ def _attacks(text: str) -> list[str]:
     if not names or wrong:
         raise argparse.ArgumentTypeError(f"expected attacks from {', '.join(ATTACKS)}, got {text!r}")
     return names
-
-
-def _alias_bit(text: str) -> int:
-    if not re.fullmatch(r"\d+", text) or not 33 <= int(text) <= 39:
-        raise argparse.ArgumentTypeError(f"the alias bit must be in 33..39 (above the VMs' RAM from 4 GiB, "
-                                         f"below the 40-bit physical space), got {text!r}")
-    return int(text)
 
 
 def _out_file(text: str) -> str:
@@ -223,7 +216,7 @@ def register(sub: Any) -> None:
             p.add_argument("--integrity", choices=("none", "mac", "both"), default=None,
                            help="the older spelling of --mitigation none / mac / none,mac")
         if name in ("badram", "batteringram"):
-            p.add_argument("--alias-bit", type=_alias_bit, default=DEFAULT_ALIAS_BIT, metavar="BIT",
+            p.add_argument("--alias-bit", type=alias_bit, default=DEFAULT_ALIAS_BIT, metavar="BIT",
                            help=f"the DIMM address bit that aliases (default {DEFAULT_ALIAS_BIT}: 64 GiB)")
         if name == "cipherleak":
             p.add_argument("--counter", choices=("off", "on", "both"), default=None,
@@ -243,7 +236,7 @@ def register(sub: Any) -> None:
                     help=f"comma-separated subset of: {', '.join(ATTACKS)}")
     mx.add_argument("--mitigation", type=_modes, default=list(MITIGATIONS), metavar="MODES",
                     help="comma-separated platform modes, or 'all' (default)")
-    mx.add_argument("--alias-bit", type=_alias_bit, default=DEFAULT_ALIAS_BIT, metavar="BIT", help=argparse.SUPPRESS)
+    mx.add_argument("--alias-bit", type=alias_bit, default=DEFAULT_ALIAS_BIT, metavar="BIT", help=argparse.SUPPRESS)
     mx.add_argument("--json", type=_out_file, metavar="FILE", help="write the matrix as JSON (- for standard output)")
     mx.add_argument("--png", type=_png_file, metavar="FILE", help="draw the matrix into a PNG file")
     mx.add_argument("--check", action="store_true", help="exit 1 when a cell is not the expected verdict")

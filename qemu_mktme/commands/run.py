@@ -20,7 +20,7 @@ from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import check_passthrough, refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
-from .options import PROG, UsageError, add_guest_options, add_mktme_options, vm_name
+from .options import PROG, UsageError, add_guest_options, add_mktme_options, alias_bit, vm_name
 
 
 def vm_entry(text: str) -> dict[str, str]:
@@ -73,13 +73,6 @@ def _mitigation(args: argparse.Namespace) -> str | None:
     if integrity and mitigation and integrity != mitigation:
         raise UsageError(f"--integrity {integrity} and --mitigation {mitigation} disagree: give one")
     return mitigation or integrity
-
-
-def _alias_bit(text: str) -> int:
-    if not text.isdigit() or not 33 <= int(text) <= 39:
-        raise argparse.ArgumentTypeError(f"the alias bit must be in 33..39 (above the VMs' RAM from 4 GiB, "
-                                         f"below the 40-bit physical space), got {text!r}")
-    return int(text)
 
 
 def vm_specs(args: argparse.Namespace) -> list[VmSpec]:
@@ -211,7 +204,7 @@ def register(sub: Any) -> None:
                      help="platform mode (docs/attacks.md): none (MKTME as shipped), mac (= --integrity mac), "
                           "mac+owner (TDX's TD-owner bit), alias-check (the BIOS refuses an aliased DIMM), "
                           "ciphertext-hiding (SNP's), freshness (SGX-MEE-like version counters)")
-    run.add_argument("--dimm-alias", type=_alias_bit, default=None, metavar="BIT",
+    run.add_argument("--dimm-alias", type=alias_bit, default=None, metavar="BIT",
                      help="BadRAM: the DIMMs decode one address bit less than declared, so host physical "
                           "addresses differing in BIT reach one DRAM cell (33..39)")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
