@@ -20,6 +20,7 @@ The two dictionary rows watch one run of the table victim through both channels.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.platform import MITIGATIONS
+from ..files.atomic import atomic_output
 from .bus import AttackError
 from .replay import DEFAULT_ALIAS_BIT, ROLLBACKS, ReplayResult, default_guesses, rollback
 from .victims import PIN_LIMIT, PinVictim, TableVictim
@@ -228,7 +230,8 @@ class Matrix:
         return "\n".join(lines)
 
     def png(self, path: str | os.PathLike[str]) -> Path:
-        """Draw the matrix (pillow): one coloured cell per verdict, attempts and time in it."""
+        """Draw the matrix (pillow) into ``path`` (all or nothing, replacing it): one coloured cell
+        per verdict, attempts and time in it."""
         from PIL import Image, ImageDraw, ImageFont
 
         modes = [m for m in MITIGATIONS if any(c.mitigation == m for c in self.cells)]
@@ -268,9 +271,15 @@ class Matrix:
             draw.text((x + 20, y), legend[verdict], fill="black", font=small)
             x += 130
         draw.text((x, y), "* depends on a model decision (docs/attacks.md)", fill="black", font=small)
-        out = Path(path)
-        img.save(out, "PNG")
-        return out
+        with atomic_output(path, force=True, what="matrix PNG") as f:
+            img.save(f, "PNG")
+        return Path(path)
+
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_json` to ``path`` (all or nothing, replacing it)."""
+        with atomic_output(path, force=True, what="matrix JSON") as f:
+            f.write((json.dumps(self.to_json(), indent=2) + "\n").encode())
+        return Path(path)
 
 
 def _load() -> str:

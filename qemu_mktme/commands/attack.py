@@ -154,7 +154,7 @@ async def _matrix(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(json.dumps(m.to_json(), indent=2))
     elif args.json:
-        Path(args.json).write_text(json.dumps(m.to_json(), indent=2) + "\n")
+        m.save_json(args.json)
     if args.png:
         m.png(args.png)
     return 1 if args.check and m.unexpected else 0
