@@ -123,8 +123,9 @@ class _Capture:
         with self._alias():
             line, ghost = self.mapping.address(guest, gpa)
             self.data = self.mapping.read(guest, line)
-        where = (f"through the ghost HPA {ghost:#x} (alias bit {self.alias_bit}) and no-encrypt KeyID "
-                 f"{self.mapping.keyid}")
+        where = (f"through the ghost HPA {ghost:#x} (alias bit {self.alias_bit}"
+                 + (", switched on for this access only" if self.attack == "batteringram" else "")
+                 + f") and no-encrypt KeyID {self.mapping.keyid}")
         if hidden(self.data):
             raise AttackError(f"the capture {where} read {self.data[:8].hex()}... (64 bytes of {self.data[0]:#04x}): "
                               "no ciphertext")
@@ -162,6 +163,9 @@ async def rollback(*, attack: str, mitigation: str, victim: PinVictim, guesses: 
         say(r.blocked)
         r.seconds = time.monotonic() - started
         return r
+    if mitigation == "alias-check":
+        say("the BIOS alias check found no alias at boot" + (
+            f" (the interposer will alias bit {alias_bit} later)" if attack == "batteringram" else ""))
     serial = host.keys.add("pin-victim", "type=cpu", tenant="victim")
     cap = _Capture(attack, host, alias_bit)
     machine: Callable[[MachineConfig], EncryptedMachine] = functools.partial(
@@ -207,7 +211,8 @@ async def rollback(*, attack: str, mitigation: str, victim: PinVictim, guesses: 
                 r.replays += 1
                 after = _counter(vm, r.line_gpa)
                 poisoned = r.line_gpa in vm.guest.poisoned_lines
-                say(f"wrote the capture back at GPA {r.line_gpa:#x}: counter as the guest sees it {before} -> {after}"
+                via = "" if cap.mapping is None else " through the ghost address"
+                say(f"wrote the capture back at GPA {r.line_gpa:#x}{via}: counter as the guest sees it {before} -> {after}"
                     + ("; the line is poisoned (MAC mismatch)" if poisoned else ""))
     r.seconds = time.monotonic() - started
     return r

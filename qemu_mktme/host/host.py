@@ -181,6 +181,7 @@ class Host:
                 "keyids-usable": self.keyids.max_keyid, "keyids-free": self.keyids.free_count,
                 "boot-log": self.boot_log,
                 "inconsistent-keyids": [i.keyid for i in self.platform.inconsistencies()],
+                "mitigation": self.platform.mitigation, "dimm-alias-bit": self.platform.dimm.alias_bit,
             },
             "keyids": self.keys.table(),
             "guests": {name: g.query() for name, g in sorted(self.guests.items())},

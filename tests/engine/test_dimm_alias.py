@@ -181,3 +181,13 @@ def test_none_mode_is_deterministic_and_unchanged() -> None:
     assert p.memory.read_dram(GUEST, 64) == p.memory.read_dram(GUEST, 64) == xts(bytes([5]) * 64, GUEST)
     with pytest.raises(ValueError, match="mitigation"):
         Platform(mitigation="tdx")
+
+
+def test_the_host_reports_its_mode_and_dimm_map() -> None:
+    from qemu_mktme.host.host import Host
+
+    host = Host(mitigation="ciphertext-hiding", dimm_alias=BIT)
+    assert host.query()["platform"]["mitigation"] == "ciphertext-hiding"
+    assert host.query()["platform"]["dimm-alias-bit"] == BIT
+    host.platform.set_dimm_alias(None)
+    assert host.query()["platform"]["dimm-alias-bit"] is None
