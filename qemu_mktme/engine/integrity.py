@@ -132,7 +132,8 @@ class Poison:
 
     hpa: int
     keyid: int
-    cause: str          # "dram-write" (bus tampering / replay) or "foreign-write" (another KeyID)
+    cause: str          # "dram-write" (bus tampering / replay), "foreign-write" (another KeyID) or
+                        # "alias-write" (a write through another address reaching the cell: a DIMM alias)
 
 
 PoisonHook = Callable[[Poison], None]
