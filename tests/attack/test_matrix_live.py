@@ -138,3 +138,22 @@ def test_run_refuses_an_aliased_dimm_under_alias_check(baremetal_image) -> None:
     assert out.returncode == 1
     assert out.stderr.strip() == ("qemu-mktme: error: BIOS alias check: DIMM address bit 36 aliases two physical "
                                   "addresses to one DRAM cell: the memory configuration is refused at boot")
+
+
+async def test_a_freshness_platform_refuses_a_snapshot(baremetal_image, tmp_path) -> None:
+    import os
+
+    from qemu_mktme.errors import SnapshotError
+    from qemu_mktme.host.host import Host
+    from qemu_mktme.live.encrypted import EncryptedMachine
+    from qemu_mktme.live.snapshot import save_snapshot
+    from qemu_mktme.qemu.machine import MachineConfig
+
+    host = Host(mitigation="freshness")
+    serial = host.keys.add("vm", f"type=user key={os.urandom(16).hex()} tweak={os.urandom(16).hex()}", tenant="acme")
+    config = MachineConfig(boot=baremetal_image.boot(), memory="128M", name="vm")
+    async with EncryptedMachine(host, config, key_serial=serial, tenant="acme") as vm:
+        await vm.console.wait_for("mktme> ", patience(10))
+        with pytest.raises(SnapshotError, match="version kept on the die"):
+            await save_snapshot(vm, tmp_path / "vm.snap", os.urandom(32))
+    assert not (tmp_path / "vm.snap").exists()
