@@ -141,14 +141,15 @@ class TableVictim:
         await vm.console.wait_for("mktme> ", timeout)
         return BAREMETAL_TABLE_VARIABLE
 
-    async def run(self, vm) -> None:  # type: ignore[no-untyped-def]
-        """Start one run (the stores follow; :meth:`done` waits for its end)."""
+    async def run(self, vm, slower: int = 1) -> None:  # type: ignore[no-untyped-def]
+        """Start one run (the stores follow; :meth:`done` waits for its end). The bare-metal
+        victim's steps can be made ``slower`` times longer (the Linux one's period is fixed at boot)."""
         self._mark = vm.console.mark()
         if self.guest == "linux":
             await vm.console.write("r\n")
         else:
             # busy rounds between stores: about ``period`` seconds under TCG with the shim
-            delay = max(1, int(self.period * BAREMETAL_ROUNDS_PER_SECOND))
+            delay = max(1, int(self.period * slower * BAREMETAL_ROUNDS_PER_SECOND))
             await vm.console.write(f"table {BAREMETAL_TABLE_VARIABLE:#x} {self.secret} {self.width} {delay}\r")
 
     async def done(self, vm, timeout: float) -> None:  # type: ignore[no-untyped-def]
