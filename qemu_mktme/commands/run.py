@@ -20,11 +20,7 @@ from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import check_passthrough, refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
-<<<<<<< HEAD
-from .options import PROG, UsageError, add_guest_options, add_mktme_options, alias_bit, vm_name
-=======
-from .options import PROG, UsageError, add_guest_options, add_mktme_options, seconds, vm_name
->>>>>>> main
+from .options import PROG, UsageError, add_guest_options, add_mktme_options, alias_bit, seconds, vm_name
 
 
 def vm_entry(text: str) -> dict[str, str]:
