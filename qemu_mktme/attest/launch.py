@@ -33,6 +33,7 @@ from ..arch.msr import Algorithm
 from ..errors import AttestationError, TenantError
 from ..host.payload import KeyType, Payload
 from ..host.sanitizer import Sanitizer
+from ..live.encrypted import EncryptedMachine
 from ..live.session import HostSession, OwnedPayload, VmSpec
 from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
@@ -153,6 +154,8 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                     disks += (DiskSpec(released.image.path, "qcow2", dma="qemu", readonly=True),)
                 # what the VM runs: the files it booted (not their memfd copies) and its disks
                 vm.config = dataclasses.replace(config, disks=disks)
+                if isinstance(vm, EncryptedMachine):
+                    vm.key_name = launch.key           # travels with a migration (attest/migrate.py)
                 session.attestation = released.attestation
                 session.identity = host        # its TPM runs on: an incoming migration attests with it
                 if not config.start_paused:

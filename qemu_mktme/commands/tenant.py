@@ -10,7 +10,7 @@ from ..errors import TenantError
 from ..tenant import admin, keyserver, pki
 from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
-from .options import print_json
+from .options import keyid_bits, print_json
 import contextlib
 
 
@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
     pol.add_argument("--revoke", action="append", default=[], metavar="NAME",
                      help="revoke host NAME: its certificates and its AK (repeatable)")
     pol.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH")
-    pol.add_argument("--keyid-bits", type=int, default=6, metavar="N")
+    pol.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
     pol.add_argument("--integrity", choices=("mac",), default=None,
                      help="the hosts run with per-line memory integrity (run --integrity mac)")
     show = tn_sub.add_parser("show", help="the tenant's state (JSON; no key material)")

@@ -49,8 +49,9 @@ def add_key(tenant: TenantDir, name: str, kind: str = "memory") -> str:
 
 def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bits: int = 6, packages: int = 1,
                 qemu: str | os.PathLike[str] | None = None, host_dirs: dict[str, Path] | None = None,
-                integrity: str | None = None) -> Policy:
+                integrity: str | None = None, key_hosts: dict[str, list[str]] | None = None) -> Policy:
     """Reference values from this (known-good) machine's measured set, and each host's AK enrolled.
+    ``key_hosts``: key name -> the enrolled hosts it may be released to (others: every host).
 
     Enrolling boots the host's TPM briefly to read its attestation key (derived from the TPM's
     seed, so it is the same at every boot).
@@ -58,6 +59,9 @@ def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bi
     tenant.require()
     if not hosts:
         raise TenantError("enrol at least one host (--host NAME)")
+    strangers = sorted({h for names in (key_hosts or {}).values() for h in names} - set(hosts))
+    if strangers:
+        raise TenantError(f"a key is allowed on host {strangers[0]!r}, which is not enrolled (--host)")
     events = measured_set(boot, keyid_bits=keyid_bits, packages=packages, qemu=qemu, integrity=integrity)
     enrolled = {}
     for name in hosts:
@@ -65,7 +69,7 @@ def make_policy(tenant: TenantDir, boot: BootSpec, *, hosts: list[str], keyid_bi
         with AttestedHost(name, directory).boot([]) as host:
             enrolled[host.ak_fingerprint()] = name
         enrol_credentials(tenant, name, host_credentials(Path(directory)))
-    policy = Policy(PCRS, events, enrolled)
+    policy = Policy(PCRS, events, enrolled, dict(key_hosts or {}))
     tenant.save_policy(policy)
     return policy
 

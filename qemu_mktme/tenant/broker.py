@@ -162,6 +162,10 @@ class Broker:
                 raise AttestationError("forged event log: its replay does not give the quoted PCR digest")
             eventlog.compare(events, policy.reference, policy.pcrs)
             bind_key, bind_name = verify_binding(certify, ak, binding, nonce)
+            barred = [name for name in names if not policy.allows(host, name)]
+            if barred:
+                raise AttestationError(f"key {barred[0]!r} is not for host {host} (the tenant's policy allows it "
+                                       f"on {', '.join(policy.key_hosts[barred[0]]) or 'no host'})")
             secrets = self._fetch(names, ahead, issued)
             released = {name: seal_to(bind_key, secret, nonce + bind_name + name.encode()).to_json()
                         for name, secret in zip(names, secrets)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +56,32 @@ def _read_json(path: Path, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class Policy:
-    """What the broker checks: the PCRs quoted, the reference events, the enrolled AKs."""
+    """What the broker checks: the PCRs quoted, the reference events, the enrolled AKs, and which
+    hosts each key may go to (``key_hosts``: key name -> host names; a key not named there goes to
+    every enrolled host)."""
 
     pcrs: tuple[int, ...]
     reference: list[Event]
     hosts: dict[str, str]           # AK fingerprint -> host name
+    key_hosts: dict[str, list[str]] = field(default_factory=dict)
+
+    def allows(self, host: str, key: str) -> bool:
+        """Whether key ``key`` may be released to enrolled host ``host``."""
+        allowed = self.key_hosts.get(key)
+        return allowed is None or host in allowed
 
     def to_json(self) -> dict[str, Any]:
-        return {"pcrs": list(self.pcrs), "reference": [e.to_json() for e in self.reference], "hosts": self.hosts}
+        return {"pcrs": list(self.pcrs), "reference": [e.to_json() for e in self.reference], "hosts": self.hosts,
+                "key_hosts": self.key_hosts}
 
     @classmethod
     def from_json(cls, obj: Any) -> Policy:
         try:
-            return cls(tuple(int(p) for p in obj["pcrs"]), eventlog.loads(obj["reference"]), dict(obj["hosts"]))
-        except (KeyError, TypeError, ValueError):
-            raise TenantError("policy.json is malformed (pcrs, reference, hosts)") from None
+            key_hosts = {str(k): [str(h) for h in v] for k, v in dict(obj.get("key_hosts") or {}).items()}
+            return cls(tuple(int(p) for p in obj["pcrs"]), eventlog.loads(obj["reference"]), dict(obj["hosts"]),
+                       key_hosts)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise TenantError("policy.json is malformed (pcrs, reference, hosts, key_hosts)") from None
 
 
 class TenantDir:
