@@ -22,7 +22,6 @@ from ..host.payload import Payload
 from ..live.migrate import MigrateProgress, MigrationResult
 from ..live.session import HostSession
 from ..qemu.machine import MachineConfig
-from .client import BrokerClient
 from .hostid import AttestedHost
 from .launch import TenantLaunch, memory_payload
 from .measure import measured_set
@@ -104,7 +103,7 @@ def _attest(host: AttestedHost, launch: TenantLaunch, config: MachineConfig, key
     if config.boot is None:
         raise TenantError("the VM has no boot record to measure on the destination")
     t0 = time.monotonic()
-    client = BrokerClient(launch.url, launch.ca)
+    client = launch.client()
     try:
         nonce = client.nonce([key_name])
         if tenant is not None and client.tenant is not None and client.tenant != tenant:

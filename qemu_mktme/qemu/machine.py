@@ -101,7 +101,8 @@ MAX_MEMORY = 1 << 40
 
 @dataclass(frozen=True)
 class MachineConfig:
-    """How to start QEMU. ``boot`` may be None only for an incoming-migration target."""
+    """How to start QEMU. ``boot`` may be None only for an incoming-migration target, or with
+    ``firmware_boot`` (no kernel: the firmware, SeaBIOS, boots the first disk)."""
 
     boot: BootSpec | None = None
     memory: int | str = 512 << 20
@@ -114,6 +115,7 @@ class MachineConfig:
     ram_dir: Path = Path("/dev/shm")       # for ram_backend="file"
     start_paused: bool = False
     incoming: bool = False                 # -incoming defer: wait for a migration stream
+    firmware_boot: bool = False            # no -kernel: the firmware boots the first disk
     disks: tuple[DiskSpec, ...] = ()       # virtio block devices (qemu/devices.py)
     nets: tuple[NetSpec, ...] = ()         # virtio NICs on QEMU's user networking (qemu/devices.py)
     plugins: tuple[str, ...] = ()          # -plugin arguments (the shim adds its own)
@@ -311,8 +313,9 @@ class Machine:
 
     async def _launch(self) -> None:
         cfg = self.config
-        if cfg.boot is None and not cfg.incoming:
-            raise ValueError("a machine needs a boot (kernel) unless it is an incoming-migration target")
+        if cfg.boot is None and not cfg.incoming and not (cfg.firmware_boot and cfg.disks):
+            raise ValueError("a machine needs a boot (kernel) unless it is an incoming-migration target "
+                             "or boots a disk through its firmware")
         self.qemu = find_qemu(cfg.qemu)
         if cfg.boot is not None:
             for path in (cfg.boot.kernel, cfg.boot.initrd):

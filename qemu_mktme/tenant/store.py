@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ..errors import TenantError
 from ..files.atomic import write_synced
 from ..attest import eventlog
 from ..attest.eventlog import Event
-from .pki import Pki, create_pki
+from .pki import Pki, create_pki, parse_server_name
 
 ENV_TENANT = "QEMU_MKTME_TENANT_DIR"
 KEY_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -110,13 +111,16 @@ class TenantDir:
         self.pki.check()
         return self
 
-    def init(self, name: str) -> None:
-        """PKI with client CN ``name`` (the KMIP owner of this tenant's keys) and a signing key."""
+    def init(self, name: str, server_names: Sequence[str] = ()) -> None:
+        """PKI with client CN ``name`` (the KMIP owner of this tenant's keys) and a signing key;
+        the key server's certificate names ``server_names`` (default localhost and 127.0.0.1)."""
         if not name or set(name) - KEY_NAME_CHARS:
             raise TenantError(f"invalid tenant name {name!r}: letters, digits, '_', '.', '-'")
+        for n in server_names:
+            parse_server_name(n)
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
-        create_pki(self.path / "pki", client_cn=name)
+        create_pki(self.path / "pki", client_cn=name, server_names=server_names)
         self.kmip_dir.mkdir(mode=0o700, exist_ok=True)
         key = ed25519.Ed25519PrivateKey.generate()
         fd = os.open(self.signing_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
