@@ -70,6 +70,10 @@ KeySource = Callable[[MachineConfig, str, "str | None"], Awaitable[Payload]]
 tenant calls ``key_name`` (None: the host's own choice), obtained by this host (attestation)."""
 
 
+MAX_INCOMING = 8
+"""Incoming migrations a host prepares at a time (each is a QEMU with guest RAM and a KeyID)."""
+
+
 def _hex_kek(text: str) -> bytes:
     """A KEK sent over the control socket: 64 hex digits, checked as every KEK is (:func:`check_kek`)."""
     try:
@@ -381,6 +385,9 @@ class HostSession:
         tenant: str = args["tenant"]
         if config.name in self.machines or config.name in self._incoming:
             raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
+        if len(self._incoming) >= MAX_INCOMING:
+            raise MigrationError(f"host {self.name or os.getpid()} takes {MAX_INCOMING} incoming migrations at a "
+                                 "time; try again once one ended")
         if self.key_source is None:
             raise MigrationError(f"host {self.name or os.getpid()} has no way to obtain the tenant's key: start it "
                                  "with --tenant-server (the key is released only to an attested host)")
