@@ -26,7 +26,7 @@ from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
 from ..host.payload import Payload
-from ..qemu.machine import Machine, MachineConfig
+from ..qemu.machine import Machine, MachineConfig, VmState
 from ..trace.tracer import Tracer
 from .capture import capture
 from .control import BOOL, STR, STR_LIST, Arg, Command, Connection, ControlServer
@@ -377,7 +377,8 @@ class HostSession:
                                        progress=conn.progress, here=self.control_path)
         finally:
             self._migrating.discard(name)
-        self._gone(vm)                       # closed by perform: its KeyID is free, its key goes now
+            if vm.state is VmState.EXITED:   # closed by perform (or gone): its KeyID is free, its key goes now
+                self._gone(vm)
         return dataclasses.asdict(result)
 
     async def _migrate_prepare(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
