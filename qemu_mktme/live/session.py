@@ -26,7 +26,7 @@ from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
 from ..host.payload import Payload
-from ..qemu.machine import Machine, MachineConfig
+from ..qemu.machine import Machine, MachineConfig, VmState
 from ..trace.tracer import Tracer
 from .capture import capture
 from .control import BOOL, STR, STR_LIST, Arg, Command, Connection, ControlServer
@@ -68,6 +68,10 @@ class OwnedPayload:
 KeySource = Callable[[MachineConfig, str, "str | None"], Awaitable[Payload]]
 """key_source(config, tenant, key_name) -> the key of an incoming VM of ``tenant`` whose key the
 tenant calls ``key_name`` (None: the host's own choice), obtained by this host (attestation)."""
+
+
+MAX_INCOMING = 8
+"""Incoming migrations a host prepares at a time (each is a QEMU with guest RAM and a KeyID)."""
 
 
 def _hex_kek(text: str) -> bytes:
@@ -375,7 +379,8 @@ class HostSession:
                                        progress=conn.progress, here=self.control_path)
         finally:
             self._migrating.discard(name)
-        self._gone(vm)                       # closed by perform: its KeyID is free, its key goes now
+            if vm.state is VmState.EXITED:   # closed by perform (or gone): its KeyID is free, its key goes now
+                self._gone(vm)
         return dataclasses.asdict(result)
 
     async def _migrate_prepare(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -383,6 +388,9 @@ class HostSession:
         tenant: str = args["tenant"]
         if config.name in self.machines or config.name in self._incoming:
             raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
+        if len(self._incoming) >= MAX_INCOMING:
+            raise MigrationError(f"host {self.name or os.getpid()} takes {MAX_INCOMING} incoming migrations at a "
+                                 "time; try again once one ended")
         if self.key_source is None:
             raise MigrationError(f"host {self.name or os.getpid()} has no way to obtain the tenant's key: start it "
                                  "with --tenant-server (the key is released only to an attested host)")
