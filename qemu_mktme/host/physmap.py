@@ -49,6 +49,7 @@ class HpaRange:
     owner: str
     hpa: int
     nbytes: int
+    kind: str = "RAM"                   # or "NVDIMM": persistent memory, placed like RAM
 
     @property
     def end(self) -> int:
@@ -62,7 +63,7 @@ class HpaRanges:
         self.limit, self.base, self.align = limit, base, align
         self._ranges: list[HpaRange] = []
 
-    def reserve(self, owner: str, nbytes: int, hpa: int | None = None) -> HpaRange:
+    def reserve(self, owner: str, nbytes: int, hpa: int | None = None, *, kind: str = "RAM") -> HpaRange:
         """``nbytes`` at ``hpa``, or at the lowest free aligned address. ``AddressError`` when
         the range overlaps another, leaves physical memory, or nothing is free."""
         if nbytes <= 0 or nbytes % PAGE_SIZE:
@@ -78,7 +79,7 @@ class HpaRanges:
         conflict = self._conflict(hpa, nbytes)
         if conflict:
             raise AddressError(f"HPA {hpa:#x}+{nbytes:#x} {conflict}", address=hpa, nbytes=nbytes)
-        rng = HpaRange(owner, hpa, nbytes)
+        rng = HpaRange(owner, hpa, nbytes, kind)
         self._ranges.append(rng)
         return rng
 
@@ -93,7 +94,7 @@ class HpaRanges:
             return f"exceeds physical memory ({self.limit:#x} bytes addressable with these KeyID bits)"
         for r in self._ranges:
             if r.hpa < hpa + nbytes and hpa < r.end:
-                return f"overlaps {r.owner}'s RAM at {r.hpa:#x}+{r.nbytes:#x}"
+                return f"overlaps {r.owner}'s {r.kind} at {r.hpa:#x}+{r.nbytes:#x}"
         return None
 
     def release(self, rng: HpaRange) -> None:

@@ -1,0 +1,277 @@
+"""The NVDIMM media image: what a persistent-memory module would hold, ciphertext, in one file.
+
+Under MKTME the memory controller encrypts every line on its way to the module, so the media
+holds AES-XTS ciphertext under the VM's key with the line's host physical address as the tweak
+(mktme.md §4). This file is that media: a 4 KiB header, then the module's bytes exactly as DRAM
+would carry them (never plaintext). Layout, version 1 (integers little-endian)::
+
+    "QMKTNVDM" | u32 version | u32 line size (64) | u64 size | u64 HPA written at | u32 KeyID
+    | u32 0 | 16s algorithm | 16s reason | u64 written (ns since the epoch) | 16s image id
+    | 32-byte SHA-256 of the body | 32-byte SHA-256 of the header      zero-padded to 4096 bytes
+    body: ``size`` bytes of ciphertext, the line at offset o encrypted with tweak HPA + o
+
+**What the header's digest is, and why it is not keyed** (the decision docs/nvdimm.md explains):
+the header and the body are bound by SHA-256 digests, checked in full before QEMU starts, so a
+changed byte anywhere (a flipped bit, an edited HPA, a truncated or spliced file) is refused
+with one line. No key goes into them, and no key check value either: anything computed under
+the VM's key would fail for a wrong key and so tell "wrong key" from "moved image", which the
+hardware cannot do; with these digests a wrong key decrypts, as on hardware, to garbage. The
+price: the digests stop accidents and edits made without recomputing them, not a forger who
+rewrites the file and its digests. Such a forger gains nothing the bus already gives him (MKTME
+has no integrity: he could write any ciphertext to the module itself), and nothing secret.
+
+The image is written all or nothing (:func:`.atomic.atomic_output`: temporary, fsync, rename),
+so ``kill -9`` at any moment leaves the last complete image. :class:`MediaLock` keeps two VMs
+off one image (an ``flock`` on ``.NAME.lock`` beside it, held while the VM runs). Offline
+:func:`rekey_media` re-encrypts an image for another HPA and/or key (plaintext only in memory,
+one chunk at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.xts import XtsKey, decrypt_lines, encrypt_lines
+from ..errors import NvdimmError, SnapshotError
+from .atomic import atomic_output, starts_with
+from .regular import open_regular
+
+MAGIC = b"QMKTNVDM"
+VERSION = 1
+LINE_NBYTES = 64
+HEADER_NBYTES = 4096
+ALIGN = 2 << 20
+"""Media sizes are whole 2 MiB: EPT, VMM and IOMMU map them with 2 MiB leaves."""
+_FIELDS = struct.Struct("<8sIIQQII16s16sQ16s32s")
+_DIGEST_AT = _FIELDS.size
+CHUNK_NBYTES = 8 << 20
+REASONS = ("shutdown", "dump", "rekey", "flush")
+
+
+@dataclass(frozen=True)
+class MediaHeader:
+    """Where and how an image was written (nothing secret: no key, no key fingerprint)."""
+
+    size: int
+    hpa: int
+    algorithm: str
+    keyid: int
+    reason: str
+    written_ns: int
+    image_id: bytes
+    body_sha256: bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": f"qemu-mktme NVDIMM media v{VERSION}", "size": self.size, "hpa": f"{self.hpa:#x}",
+                "tweak": f"HPA of each 64-byte line ({self.hpa:#x} + offset), KeyID bits removed",
+                "algorithm": self.algorithm, "keyid": self.keyid, "reason": self.reason,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.written_ns / 1e9)),
+                "image-id": self.image_id.hex(), "body-sha256": self.body_sha256.hex()}
+
+    def pack(self) -> bytes:
+        fields = _FIELDS.pack(MAGIC, VERSION, LINE_NBYTES, self.size, self.hpa, self.keyid, 0,
+                              self.algorithm.encode(), self.reason.encode(), self.written_ns, self.image_id,
+                              self.body_sha256)
+        return fields + hashlib.sha256(fields).digest() + bytes(HEADER_NBYTES - _DIGEST_AT - 32)
+
+
+def check_size(size: int, label: str) -> None:
+    """``NvdimmError`` unless ``size`` is a positive multiple of 2 MiB."""
+    if size <= 0 or size % ALIGN:
+        raise NvdimmError(f"{label}: size {size:#x} is not a positive multiple of 2 MiB")
+
+
+def _unpack(raw: bytes, label: str) -> MediaHeader:
+    if len(raw) < HEADER_NBYTES or raw[:8] != MAGIC:
+        raise NvdimmError(f"{label} is not a qemu-mktme NVDIMM media image (no {MAGIC.decode()} header)")
+    (_, version, line, size, hpa, keyid, zero, alg, reason, written, image_id, body) = _FIELDS.unpack_from(raw)
+    if version != VERSION:
+        raise NvdimmError(f"{label}: media format version {version}, this qemu-mktme reads {VERSION}")
+    if (raw[_DIGEST_AT:_DIGEST_AT + 32] != hashlib.sha256(raw[:_DIGEST_AT]).digest()
+            or any(raw[_DIGEST_AT + 32:HEADER_NBYTES]) or zero or line != LINE_NBYTES):
+        raise NvdimmError(f"{label}: the media header fails its digest (tampered or corrupt): refused")
+    try:
+        header = MediaHeader(size, hpa, alg.rstrip(b"\0").decode("ascii"), keyid,
+                             reason.rstrip(b"\0").decode("ascii"), written, image_id, body)
+    except UnicodeDecodeError:
+        raise NvdimmError(f"{label}: the media header is malformed: refused") from None
+    check_size(size, label)
+    if hpa % ALIGN:
+        raise NvdimmError(f"{label}: the media header's HPA {hpa:#x} is not 2 MiB aligned: refused")
+    return header
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[int, MediaHeader]:
+    label = f"NVDIMM media {path}"
+    if Path(path).is_dir():
+        raise NvdimmError(f"{label} is a directory")
+    fd = open_regular(path, NvdimmError, label)
+    try:
+        header = _unpack(os.pread(fd, HEADER_NBYTES, 0), label)
+        actual = os.fstat(fd).st_size - HEADER_NBYTES
+        if actual != header.size:
+            raise NvdimmError(f"{label} holds {max(actual, 0)} bytes of media, its header says {header.size}: "
+                              "truncated or extended, refused")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, header
+
+
+def read_header(path: str | os.PathLike[str]) -> MediaHeader:
+    """The header of the image at ``path``, its own digest and the file's length checked (the
+    body's digest is not: :func:`verify_media`)."""
+    fd, header = _open(path)
+    os.close(fd)
+    return header
+
+
+def _chunks(fd: int, header: MediaHeader, chunk_nbytes: int = CHUNK_NBYTES) -> Iterator[tuple[int, np.ndarray]]:
+    """(media offset, bytes) of the body, in one reused buffer; the body's digest is checked once
+    the last chunk was read (``NvdimmError`` then: consume every chunk before trusting any)."""
+    buf = np.empty(min(chunk_nbytes, header.size), np.uint8)
+    digest = hashlib.sha256()
+    for off in range(0, header.size, chunk_nbytes):
+        n = min(chunk_nbytes, header.size - off)
+        view = memoryview(buf)[:n]
+        got = os.preadv(fd, [view], HEADER_NBYTES + off)
+        if got != n:
+            raise NvdimmError(f"NVDIMM media: short read at {off:#x}")
+        digest.update(view)
+        yield off, buf[:n]
+    if digest.digest() != header.body_sha256:
+        raise NvdimmError("the media image fails its digest (tampered or corrupt): refused")
+
+
+def verify_media(path: str | os.PathLike[str]) -> MediaHeader:
+    """The header of the image at ``path`` once header and body passed their digests; else one
+    ``NvdimmError`` line (not a media image, truncated, tampered, a directory, a FIFO...)."""
+    fd, header = _open(path)
+    try:
+        for _ in _chunks(fd, header):
+            pass
+    except NvdimmError as err:
+        raise NvdimmError(f"NVDIMM media {path}: {err}") from None
+    finally:
+        os.close(fd)
+    return header
+
+
+@contextlib.contextmanager
+def read_media(path: str | os.PathLike[str], chunk_nbytes: int = CHUNK_NBYTES
+               ) -> Iterator[tuple[MediaHeader, Iterator[tuple[int, np.ndarray]]]]:
+    """``with read_media(p) as (header, chunks):`` the body streamed; the digest is checked at
+    the end of the stream (verify first with :func:`verify_media` to refuse before using any)."""
+    fd, header = _open(path)
+    try:
+        yield header, _chunks(fd, header, chunk_nbytes)
+    finally:
+        os.close(fd)
+
+
+def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.ndarray]], *, size: int, hpa: int,
+                algorithm: str, keyid: int, reason: str) -> MediaHeader:
+    """Write a new image at ``path`` (replacing the old one atomically) from ``chunks``: (media
+    offset, ciphertext) in order covering ``[0, size)``. The old image stays until the new one
+    is complete and on disk. ``NvdimmError`` if the chunks do not cover the size or writing fails."""
+    check_size(size, f"NVDIMM media {path}")
+    if reason not in REASONS:
+        raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
+    digest = hashlib.sha256()
+    try:
+        with atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)) as f:
+            f.write(bytes(HEADER_NBYTES))
+            pos = 0
+            for off, data in chunks:
+                if off != pos:
+                    raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
+                view = memoryview(data).cast("B")
+                digest.update(view)
+                f.write(view)
+                pos += len(view)
+            if pos != size:
+                raise NvdimmError(f"NVDIMM media {path}: {pos} bytes written, size is {size}")
+            header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digest.digest())
+            f.seek(0)
+            f.write(header.pack())
+    except SnapshotError as err:
+        raise NvdimmError(str(err)) from None
+    return header
+
+
+def rekey_media(path: str | os.PathLike[str], key: XtsKey, *, to_hpa: int | None = None,
+                to_key: XtsKey | None = None, algorithm: str | None = None) -> tuple[MediaHeader, MediaHeader]:
+    """Re-encrypt the image at ``path`` offline for HPA ``to_hpa`` and/or key ``to_key`` (what
+    software must do before an NVDIMM moves): each chunk is decrypted with ``key`` at the HPA
+    recorded in the header and encrypted with the new key at the new HPA; the file is replaced
+    atomically. A wrong ``key`` is not detected (garbage in, garbage out, as on hardware).
+    Returns (old header, new header)."""
+    old = verify_media(path)
+    new_hpa = old.hpa if to_hpa is None else to_hpa
+    if new_hpa % ALIGN or new_hpa < 0:
+        raise NvdimmError(f"--to-hpa {new_hpa:#x} is not a 2 MiB aligned host physical address")
+    new_key = key if to_key is None else to_key
+
+    def recrypted(chunks: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+        plain = np.empty(min(CHUNK_NBYTES, old.size), np.uint8)
+        out = np.empty_like(plain)
+        try:
+            for off, data in chunks:
+                n = data.size
+                decrypt_lines(key, data, old.hpa + off, out=plain[:n])
+                encrypt_lines(new_key, plain[:n], new_hpa + off, out=out[:n])
+                yield off, out[:n]
+        finally:
+            plain.fill(0)                           # the only plaintext: scrubbed
+
+    with read_media(path) as (header, chunks):
+        new = write_media(path, recrypted(chunks), size=header.size, hpa=new_hpa,
+                          algorithm=algorithm or header.algorithm, keyid=header.keyid, reason="rekey")
+    return old, new
+
+
+class MediaLock:
+    """One VM per image: an exclusive ``flock`` on ``.NAME.lock`` beside the image, held until
+    :meth:`release` (the kernel drops it when the holder dies, even by ``kill -9``). The lock
+    file stays (removing it would race with the next holder); it holds nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], holder: str) -> None:
+        media = Path(path).absolute()
+        lock = media.with_name(f".{media.name}.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise NvdimmError(f"NVDIMM media {path}: cannot open its lock {lock}: {err.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NvdimmError(f"NVDIMM media {path}: its lock {lock} is not a regular file")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another VM"
+            os.close(fd)
+            raise NvdimmError(f"NVDIMM media {path} is in use by {other}: one VM per media image") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = -1
