@@ -69,11 +69,7 @@ class HpaRanges:
         if nbytes <= 0 or nbytes % PAGE_SIZE:
             raise ValueError(f"nbytes must be a positive multiple of 4 KiB, got {nbytes:#x}")
         if hpa is None:
-            hpa = self.base
-            for r in sorted(self._ranges, key=lambda r: r.hpa):
-                if hpa + nbytes <= r.hpa:
-                    break
-                hpa = max(hpa, -(-r.end // self.align) * self.align)
+            hpa = self.place(nbytes)
         if hpa % PAGE_SIZE:
             raise ValueError(f"hpa {hpa:#x} is not 4 KiB aligned")
         conflict = self._conflict(hpa, nbytes)
@@ -82,6 +78,20 @@ class HpaRanges:
         rng = HpaRange(owner, hpa, nbytes, kind)
         self._ranges.append(rng)
         return rng
+
+    def place(self, nbytes: int) -> int:
+        """Where ``reserve(owner, nbytes)`` without an address would put the range: the lowest
+        free ``align``-aligned address (checked by ``reserve``, not here)."""
+        hpa = self.base
+        for r in sorted(self._ranges, key=lambda r: r.hpa):
+            if hpa + nbytes <= r.hpa:
+                break
+            hpa = max(hpa, -(-r.end // self.align) * self.align)
+        return hpa
+
+    def why_not(self, hpa: int, nbytes: int) -> str | None:
+        """Why ``[hpa, hpa + nbytes)`` cannot be reserved (overlap, beyond memory), or None."""
+        return self._conflict(hpa, nbytes)
 
     def is_free(self, hpa: int, nbytes: int) -> bool:
         """Whether ``reserve(owner, nbytes, hpa)`` would succeed."""

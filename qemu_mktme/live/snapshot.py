@@ -166,6 +166,7 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
                         progress: Progress | None = None) -> SaveResult:
     """Save ``vm`` to ``path`` (replacing an existing snapshot atomically). See the module doc."""
     started = time.monotonic()
+    vm.refuse_nvdimm("a snapshot")
     target = check_target(Path(path).absolute(), force=True)
     payload = vm.host.keys.payload(vm.key_serial, vm.tenant)
     if payload.type.value != "user" or not payload.key or not payload.tweak:

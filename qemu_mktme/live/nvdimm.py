@@ -1,0 +1,190 @@
+"""A VM's NVDIMM bound to its media image: ciphertext at rest, plaintext only in QEMU's backend.
+
+The life of one module (:class:`MediaBinding`), driven by :class:`.encrypted.EncryptedMachine`:
+
+1. **before QEMU starts** (:meth:`~MediaBinding.prepare`): the media image is locked (one VM per
+   image), verified in full (header and body digests: a tampered or truncated image is refused
+   here), its size decided; a bad path (a directory, a FIFO, ``/dev/zero``, a file that is no
+   media image or holds less than its size), an ``hpa=`` overlapping the VM's RAM or another of
+   its NVDIMMs, or (``strict``) an ``hpa=`` other than the one the image was written at: one
+   line, and nothing started. QEMU gets a private, empty backend file (0600, removed on teardown).
+2. **bound** (:meth:`~MediaBinding.bind`, QEMU paused): the host model places the module in the
+   host physical map (``hpa=``, else where the image was written if free, else the next free
+   range) and tags it like RAM; the image's bytes go into DRAM as they are and the memory
+   controller decrypts them through the VM's KeyID at *this* HPA. At another HPA than the image
+   was written at the guest reads garbage, exactly as the talk warns; a warning says so.
+3. **written** (:meth:`~MediaBinding.store`, on shutdown, ``dump`` and any flush): the DRAM view
+   (AES-XTS under the VM's key, tweak = HPA) replaces the image atomically, with this HPA in its
+   header. A module attached at another HPA than its image is *not* written back: its untouched
+   lines still hold the old address's ciphertext, and one header can name one address; writing
+   would destroy the data that ``nvdimm rekey`` can still recover (a warning says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NvdimmError
+from ..files.nvdimmfile import ALIGN, MediaHeader, MediaLock, check_size, read_media, verify_media, write_media
+from ..host.guest import EncryptedGuest
+from ..host.host import Host
+from ..qemu.guestram import GuestRAM
+from ..qemu.machine import parse_size
+from ..qemu.nvdimm import NvdimmBackend
+
+log = logging.getLogger(__name__)
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class NvdimmMedia:
+    """What ``run --nvdimm PATH[,size=SIZE][,hpa=ADDR]`` asks for."""
+
+    path: Path
+    size: int | None = None
+    hpa: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> NvdimmMedia:
+        """``PATH[,size=SIZE][,hpa=ADDR]`` (``ValueError`` with one line for anything else)."""
+        path, *opts = text.split(",")
+        if not path:
+            raise ValueError(f"--nvdimm needs a media path first, got {text!r}")
+        fields: dict[str, int] = {}
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            if not sep or key not in ("size", "hpa") or key in fields:
+                raise ValueError(f"--nvdimm {text}: expected PATH[,size=SIZE][,hpa=ADDR], got {opt!r}")
+            if key == "size":
+                fields[key] = parse_size(value)
+            elif re.fullmatch(r"0[xX][0-9a-fA-F]+|\d+", value):
+                fields[key] = int(value, 0)
+            else:
+                raise ValueError(f"--nvdimm {text}: hpa= must be an address (0x hex or decimal), got {value!r}")
+        if "size" in fields and fields["size"] % ALIGN:
+            raise ValueError(f"--nvdimm {text}: size must be a multiple of 2 MiB")
+        if "hpa" in fields and fields["hpa"] % ALIGN:
+            raise ValueError(f"--nvdimm {text}: hpa= must be 2 MiB aligned")
+        return cls(Path(path), fields.get("size"), fields.get("hpa"))
+
+
+class MediaBinding:
+    """One NVDIMM of VM ``vm`` and its media image (see the module docstring)."""
+
+    def __init__(self, media: NvdimmMedia, vm: str, *, strict: bool = False, warn: Warn | None = None) -> None:
+        self.media = media
+        self.vm = vm
+        self.strict = strict
+        self.warn: Warn = warn or (lambda line: log.warning("%s", line))
+        self.header: MediaHeader | None = None        # the image as found (None: a new module)
+        self.size = 0
+        self.hpa: int | None = None                   # where the module sits once bound
+        self.loaded = False                           # the backend holds what the media holds
+        self.write_back = False
+        self._lock: MediaLock | None = None
+        self._index = -1
+
+    @property
+    def label(self) -> str:
+        return f"{self.vm}: NVDIMM media {self.media.path}"
+
+    def prepare(self, index: int) -> NvdimmBackend:
+        """Lock and verify the image before QEMU starts; the QEMU backend it needs."""
+        path = self.media.path
+        self._index = index
+        if not path.parent.is_dir():
+            raise NvdimmError(f"{self.label}: no directory {path.parent}")
+        self._lock = MediaLock(path, f"VM {self.vm}")
+        exists = os.path.lexists(path)
+        if exists:
+            self.header = verify_media(path)
+            if self.media.size is not None and self.media.size != self.header.size:
+                raise NvdimmError(f"{self.label} holds {self.header.size >> 20} MiB, size= asks for "
+                                  f"{self.media.size >> 20} MiB: refused (a module does not change size)")
+            self.size = self.header.size
+            if self.media.hpa is not None and self.media.hpa != self.header.hpa:
+                self._misplaced(self.media.hpa)
+        else:
+            if self.media.size is None:
+                raise NvdimmError(f"{self.label} does not exist: give size= to create a new module")
+            check_size(self.media.size, self.label)
+            self.size = self.media.size
+        return NvdimmBackend(self.size)
+
+    def _misplaced(self, hpa: int) -> None:
+        assert self.header is not None
+        line = (f"{self.label} was written at HPA {self.header.hpa:#x}, attached at {hpa:#x}: AES-XTS takes the "
+                "physical address as its tweak, so the guest will read garbage (re-encrypt it first: "
+                f"qemu-mktme nvdimm rekey {self.media.path} --to-hpa {hpa:#x} --key ...)")
+        if self.strict:
+            raise NvdimmError(line.replace(": AES-XTS", ": refused (--nvdimm-strict); AES-XTS", 1))
+        self.warn(line)
+
+    def bind(self, host: Host, guest: EncryptedGuest, backend: GuestRAM, hva: int | None) -> None:
+        """Place and tag the module, then load the image's ciphertext into its DRAM (QEMU paused)."""
+        if len(backend.ranges) != 1:
+            raise NvdimmError(f"{self.label}: QEMU maps the module at {backend.map.describe()}, expected one range")
+        hpa = self.media.hpa
+        if hpa is None and self.header is not None and host.hpa_ranges.is_free(self.header.hpa, self.size):
+            hpa = self.header.hpa                      # pinned where it was written
+        nv = host.add_nvdimm(guest.name, backend.backend, backend.ranges[0].gpa, hpa=hpa, hva=hva)
+        self.hpa = nv.hpa
+        key_type = guest.describe_key().get("type")
+        if key_type == "cpu":
+            self.warn(f"{self.label}: the VM's key is CPU-generated and dies with the VM; what the guest writes "
+                      "to this module cannot be read by any later boot (use a user key: --key type=user ...)")
+        if self.header is None:
+            self.loaded = self.write_back = True        # a new module: zeros through the KeyID
+            return
+        if self.media.hpa is None and nv.hpa != self.header.hpa:
+            self._misplaced(nv.hpa)
+        with read_media(self.media.path) as (_header, chunks):
+            for off, data in chunks:
+                guest.load_nvdimm(nv.index, off, data)
+        self.loaded = True
+        self.write_back = nv.hpa == self.header.hpa
+
+    def store(self, guest: EncryptedGuest, reason: str) -> MediaHeader | None:
+        """Write the module's DRAM view to the image (atomically); None when it must not be."""
+        if not self.loaded or self._index < 0 or self._index >= len(guest.nvdimms):
+            return None
+        if not self.write_back:
+            assert self.header is not None
+            self.warn(f"{self.label}: not written back ({reason}): the module sat at HPA {self.hpa:#x}, its image "
+                      f"was written at {self.header.hpa:#x}; the image keeps what it held")
+            return None
+        nv = guest.nvdimms[self._index]
+        header = write_media(self.media.path, guest.nvdimm_dram(self._index), size=nv.size, hpa=nv.hpa,
+                             algorithm=str(guest.describe_key().get("algorithm", "")), keyid=int(guest.keyid),
+                             reason=reason)
+        self.header = header
+        log.info("%s: written (%s) at HPA %#x", self.label, reason, nv.hpa)
+        return header
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def check_placement(bindings: list[MediaBinding], host: Host, ram_hpa: int | None, ram_size: int) -> None:
+    """Before QEMU starts: every ``hpa=`` must be free, off the VM's RAM (where it will be placed)
+    and off the VM's other NVDIMMs; one ``NvdimmError`` line naming the overlap otherwise."""
+    ram = ram_hpa if ram_hpa is not None else host.hpa_ranges.place(ram_size)
+    taken: list[tuple[int, int, str]] = [(ram, ram_size, "the VM's RAM")]
+    for b in bindings:
+        if b.media.hpa is None:
+            continue
+        start, end = b.media.hpa, b.media.hpa + b.size
+        for other, size, what in taken:
+            if start < other + size and other < end:
+                raise NvdimmError(f"{b.label}: hpa={start:#x}+{b.size:#x} overlaps {what} at {other:#x}+{size:#x}")
+        if not host.hpa_ranges.is_free(start, b.size):
+            raise NvdimmError(f"{b.label}: hpa={start:#x}+{b.size:#x} {host.hpa_ranges.why_not(start, b.size)}")
+        taken.append((start, b.size, f"NVDIMM media {b.media.path}"))
