@@ -113,10 +113,25 @@ def _unpack(raw: bytes, label: str) -> MediaHeader:
     return header
 
 
+def check_kind(path: str | os.PathLike[str], label: str) -> None:
+    """``NvdimmError`` when ``path`` exists and is not a regular file (a directory, a FIFO, a
+    device such as ``/dev/zero``), without opening it; a missing path passes."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise NvdimmError(f"{label}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise NvdimmError(f"{label} is a directory")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
+        raise NvdimmError(f"{label} is {kind}, not a regular file: a media image is a file")
+
+
 def _open(path: str | os.PathLike[str]) -> tuple[int, MediaHeader]:
     label = f"NVDIMM media {path}"
-    if Path(path).is_dir():
-        raise NvdimmError(f"{label} is a directory")
+    check_kind(path, label)
     fd = open_regular(path, NvdimmError, label)
     try:
         header = _unpack(os.pread(fd, HEADER_NBYTES, 0), label)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NvdimmError
-from ..files.nvdimmfile import ALIGN, MediaHeader, MediaLock, check_size, read_media, verify_media, write_media
+from ..files.nvdimmfile import (ALIGN, MediaHeader, MediaLock, check_kind, check_size, read_media, verify_media,
+                               write_media)
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
 from ..qemu.guestram import GuestRAM
@@ -100,9 +101,9 @@ class MediaBinding:
         self._index = index
         if not path.parent.is_dir():
             raise NvdimmError(f"{self.label}: no directory {path.parent}")
+        check_kind(path, self.label)               # before the lock file is made beside it
         self._lock = MediaLock(path, f"VM {self.vm}")
-        exists = os.path.lexists(path)
-        if exists:
+        if os.path.lexists(path):
             self.header = verify_media(path)
             if self.media.size is not None and self.media.size != self.header.size:
                 raise NvdimmError(f"{self.label} holds {self.header.size >> 20} MiB, size= asks for "

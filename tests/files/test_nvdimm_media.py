@@ -1,0 +1,220 @@
+"""The NVDIMM media image: ciphertext only, digests that refuse tampering, atomic writes, offline
+re-encryption checked against `cryptography`, one VM per image, bad paths refused in one line.
+None of these start QEMU: every refusal comes before it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qemu_mktme.engine.xts import XtsKey
+from qemu_mktme.errors import NvdimmError
+from qemu_mktme.files.nvdimmfile import (HEADER_NBYTES, MediaLock, read_header, read_media, rekey_media,
+                                         verify_media, write_media)
+from qemu_mktme.host.host import Host
+from qemu_mktme.live.encrypted import EncryptedMachine
+from qemu_mktme.live.nvdimm import NvdimmMedia
+from qemu_mktme.qemu.boot import BootSpec
+from qemu_mktme.qemu.machine import MachineConfig
+from tests.reference import user_payload, xts_lines
+
+SIZE = 2 << 20
+HPA = 0x1_4000_0000
+
+
+def _key(seed: int) -> tuple[bytes, bytes]:
+    rng = np.random.default_rng(seed)
+    return rng.bytes(16), rng.bytes(16)
+
+
+def _media(path: Path, plain: bytes, key: tuple[bytes, bytes], hpa: int = HPA) -> bytes:
+    """A media image of ``plain`` written as the DRAM view would be: reference XTS at ``hpa``."""
+    cipher = xts_lines(*key, hpa, plain)
+    write_media(path, [(0, np.frombuffer(cipher, np.uint8))], size=len(plain), hpa=hpa,
+                algorithm="aes-xts-128", keyid=1, reason="shutdown")
+    return cipher
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_image_holds_the_ciphertext_and_says_where(tmp_path: Path) -> None:
+    plain = b"SECRET-PMEM-LINE" * (SIZE // 16)
+    cipher = _media(tmp_path / "m", plain, _key(1))
+    data = (tmp_path / "m").read_bytes()
+    assert data[HEADER_NBYTES:] == cipher and b"SECRET-PMEM" not in data
+    assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o600
+    header = verify_media(tmp_path / "m")
+    assert (header.hpa, header.size, header.algorithm) == (HPA, SIZE, "aes-xts-128")
+    assert header.describe()["hpa"] == hex(HPA)
+
+
+@pytest.mark.parametrize("where", ["magic", "hpa", "padding", "body", "truncated", "extended"])
+def test_tampered_images_are_refused(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "m"
+    _media(path, bytes(SIZE), _key(2))
+    data = bytearray(path.read_bytes())
+    offsets = {"magic": 0, "hpa": 24, "padding": 3000, "body": HEADER_NBYTES + 12345}
+    if where in offsets:
+        data[offsets[where]] ^= 0x10
+    elif where == "truncated":
+        del data[-4096:]
+    else:
+        data += bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(NvdimmError) as err:
+        verify_media(path)
+    assert "\n" not in str(err.value)
+    assert {"magic": "not a qemu-mktme NVDIMM media image", "hpa": "header fails its digest",
+            "padding": "header fails its digest", "body": "fails its digest",
+            "truncated": "truncated", "extended": "truncated or extended"}[where] in str(err.value)
+
+
+def test_rekey_moves_an_image_to_another_hpa_and_key(tmp_path: Path) -> None:
+    path, key, new_key = tmp_path / "m", _key(3), _key(4)
+    plain = np.random.default_rng(5).bytes(SIZE)
+    _media(path, plain, key)
+    old, new = rekey_media(path, XtsKey(*key), to_hpa=HPA + (1 << 30))
+    assert (old.hpa, new.hpa, new.reason) == (HPA, HPA + (1 << 30), "rekey")
+    assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*key, HPA + (1 << 30), plain)
+    rekey_media(path, XtsKey(*key), to_key=XtsKey(*new_key))
+    assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*new_key, HPA + (1 << 30), plain)
+    # a wrong key is not detected: the result is garbage, not an error
+    rekey_media(path, XtsKey(*key), to_hpa=HPA)
+    assert path.read_bytes()[HEADER_NBYTES:] != xts_lines(*new_key, HPA, plain)
+
+
+def test_a_killed_writer_leaves_the_last_complete_image(tmp_path: Path) -> None:
+    """kill -9 in the middle of writing a new image: the old one stays, whole and verified."""
+    path = tmp_path / "m"
+    _media(path, bytes(SIZE), _key(6))
+    before = _sha(path)
+    script = (
+        "import sys, time, numpy as np\n"
+        "from qemu_mktme.files.nvdimmfile import write_media\n"
+        "def chunks():\n"
+        "    yield 0, np.zeros(1 << 20, np.uint8)\n"
+        "    print('half', flush=True); time.sleep(60)\n"
+        "    yield 1 << 20, np.zeros(1 << 20, np.uint8)\n"
+        f"write_media({str(path)!r}, chunks(), size={SIZE}, hpa=0, algorithm='x', keyid=1, reason='shutdown')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "half"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _sha(path) == before and verify_media(path).hpa == HPA
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]      # its temporary...
+    _media(path, bytes(SIZE), _key(6))
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]  # ...gone at the next write
+
+
+def test_one_vm_per_image(tmp_path: Path) -> None:
+    lock = MediaLock(tmp_path / "m", "VM one")
+    with pytest.raises(NvdimmError, match=r"in use by VM one \(pid \d+\): one VM per media image"):
+        MediaLock(tmp_path / "m", "VM two")
+    lock.release()
+    MediaLock(tmp_path / "m", "VM two").release()
+
+
+def test_media_option_parsing() -> None:
+    assert NvdimmMedia.parse("/x/m,size=16M,hpa=0x200000000") == NvdimmMedia(Path("/x/m"), 16 << 20, 0x2_0000_0000)
+    assert NvdimmMedia.parse("m") == NvdimmMedia(Path("m"))
+    for bad, why in [("m,size=3M", "multiple of 2 MiB"), ("m,hpa=0x1000", "2 MiB aligned"),
+                     ("m,colour=red", "expected PATH"), ("m,hpa=zz", "an address"), (",size=2M", "media path")]:
+        with pytest.raises(ValueError, match=why):
+            NvdimmMedia.parse(bad)
+
+
+# --------------------------------------------------------------------------- refused before QEMU
+
+def _launch(tmp_path: Path, *media: NvdimmMedia, strict: bool = False, ram_hpa: int | None = None) -> str:
+    """Launch a VM with ``media``: the one-line error (QEMU is hidden from this test: reaching it fails)."""
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("t:vm", user_payload(*_key(7)), tenant="t")
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"")
+    config = MachineConfig(name="vm", boot=BootSpec(kernel, None, "", 0, "test"), memory="1G")
+    vm = EncryptedMachine(host, config, key_serial=serial, tenant="t", nvdimms=media, nvdimm_strict=strict,
+                          hpa=ram_hpa)
+
+    async def go() -> str:
+        with pytest.raises(NvdimmError) as err:
+            await vm.launch()
+        return str(err.value)
+    line = asyncio.run(go())
+    assert "\n" not in line and vm.pid is None, "refused after QEMU started"
+    assert not host.guests and not host.hpa_ranges._ranges          # nothing left taken in the host
+    assert not list(Path("/dev/shm").glob(f"qemu-mktme-vm-{os.getpid()}-*"))
+    return line
+
+
+def test_bad_media_paths_are_one_line_each_and_lose_nothing(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    _media(good, bytes(SIZE), _key(7))
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"precious data" * 1000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    short = tmp_path / "short"
+    short.write_bytes(good.read_bytes()[:-8192])
+    sums = {p: _sha(p) for p in (good, raw, short)}
+    cases = [
+        (NvdimmMedia(tmp_path), "is a directory"),
+        (NvdimmMedia(fifo), "is a FIFO, not a regular file"),
+        (NvdimmMedia(Path("/dev/zero"), SIZE), "is a device, not a regular file"),
+        (NvdimmMedia(raw, SIZE), "is not a qemu-mktme NVDIMM media image"),
+        (NvdimmMedia(short, SIZE), "truncated"),
+        (NvdimmMedia(good, 2 * SIZE), "a module does not change size"),
+        (NvdimmMedia(tmp_path / "new"), "give size= to create a new module"),
+        (NvdimmMedia(tmp_path / "nodir" / "m", SIZE), "no directory"),
+    ]
+    for media, why in cases:
+        assert why in _launch(tmp_path, media), media
+    assert {p: _sha(p) for p in sums} == sums
+    assert not Path("/dev/.zero.lock").exists()
+
+
+def test_placement_refused_before_qemu_starts(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _media(a, bytes(SIZE), _key(7))
+    line = _launch(tmp_path, NvdimmMedia(a, hpa=1 << 32))          # the VM's RAM goes to 4 GiB
+    assert f"hpa={1 << 32:#x}+{SIZE:#x} overlaps the VM's RAM at {1 << 32:#x}" in line
+    line = _launch(tmp_path, NvdimmMedia(a, hpa=HPA), NvdimmMedia(b, SIZE, hpa=HPA))
+    assert f"overlaps NVDIMM media {a}" in line
+    line = _launch(tmp_path, NvdimmMedia(a, hpa=HPA + (1 << 30)), strict=True)
+    assert f"was written at HPA {HPA:#x}, attached at {HPA + (1 << 30):#x}: refused (--nvdimm-strict)" in line
+    line = _launch(tmp_path, NvdimmMedia(a), NvdimmMedia(a))
+    assert "in use by VM vm" in line
+
+
+def test_two_vms_on_one_media(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    _media(a, bytes(SIZE), _key(7))
+    before = _sha(a)
+    lock = MediaLock(a, "VM other")                     # another VM runs on it
+    try:
+        assert "in use by VM other" in _launch(tmp_path, NvdimmMedia(a))
+    finally:
+        lock.release()
+    assert _sha(a) == before
+
+
+def test_reader_checks_the_body_digest_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    _media(path, bytes(SIZE), _key(8))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert read_header(path).size == SIZE                 # the header alone is fine
+    with pytest.raises(NvdimmError, match="fails its digest"), read_media(path, 1 << 20) as (_h, chunks):
+        for _ in chunks:
+            pass
