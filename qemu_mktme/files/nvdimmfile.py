@@ -160,7 +160,7 @@ def _chunks(fd: int, header: MediaHeader, chunk_nbytes: int = CHUNK_NBYTES) -> I
     digest = hashlib.sha256()
     for off in range(0, header.size, chunk_nbytes):
         n = min(chunk_nbytes, header.size - off)
-        view = memoryview(buf)[:n]
+        view = buf.data[:n]
         got = os.preadv(fd, [view], HEADER_NBYTES + off)
         if got != n:
             raise NvdimmError(f"NVDIMM media: short read at {off:#x}")
@@ -212,7 +212,7 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
             for off, data in chunks:
                 if off != pos:
                     raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
-                view = memoryview(data).cast("B")
+                view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
                 digest.update(view)
                 f.write(view)
                 pos += len(view)

@@ -138,7 +138,7 @@ class EncryptedMachine(Machine):
         self._guest = self.host.add_guest(self.name, ram.backend, list(ram.ranges), key_serial=self.key_serial,
                                           tenant=self.tenant, hva=hva or DEFAULT_VMM_HVA, hpa=self._hpa,
                                           extents=ram.data_extents)
-        for binding, backend in zip(self.media, self.nvdimms):
+        for binding, backend in zip(self.media, self.nvdimms, strict=True):
             nv_hva = backend_hva(self.pid, backend.size, str(backend.backend_path)) if self.pid else None
             binding.bind(self.host, self._guest, backend, nv_hva)
         if self.iommu_keyid is not None and self.iommu_keyid != self._guest.keyid:
@@ -236,7 +236,7 @@ class EncryptedMachine(Machine):
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
         state = {**self.guest.query(), "pid": self.pid, "state": self.state.value}
-        for entry, binding in zip(state.get("nvdimms", []), self.media):
+        for entry, binding in zip(state.get("nvdimms", []), self.media, strict=True):
             entry["media"] = str(binding.media.path)
             entry["media-hpa"] = f"{binding.header.hpa:#x}" if binding.header else None
         return state

@@ -24,7 +24,7 @@ from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.nvdimm import NvdimmMedia
 from qemu_mktme.qemu.boot import BootSpec
 from qemu_mktme.qemu.machine import MachineConfig
-from tests.reference import user_payload, xts_lines
+from reference import user_payload, xts_lines
 
 SIZE = 2 << 20
 HPA = 0x1_4000_0000

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.nvdimm import NvdimmMedia
 from qemu_mktme.qemu.machine import MachineConfig
-from tests.reference import user_payload, xts_lines
+from reference import user_payload, xts_lines
 
 pytestmark = pytest.mark.qemu
 
