@@ -160,11 +160,9 @@ def _chunks(fd: int, header: MediaHeader, chunk_nbytes: int = CHUNK_NBYTES) -> I
     digest = hashlib.sha256()
     for off in range(0, header.size, chunk_nbytes):
         n = min(chunk_nbytes, header.size - off)
-        view = buf.data[:n]
-        got = os.preadv(fd, [view], HEADER_NBYTES + off)
-        if got != n:
+        if os.preadv(fd, [buf[:n].data], HEADER_NBYTES + off) != n:
             raise NvdimmError(f"NVDIMM media: short read at {off:#x}")
-        digest.update(view)
+        digest.update(buf[:n].data)
         yield off, buf[:n]
     if digest.digest() != header.body_sha256:
         raise NvdimmError("the media image fails its digest (tampered or corrupt): refused")
@@ -188,7 +186,7 @@ def verify_media(path: str | os.PathLike[str]) -> MediaHeader:
 def read_media(path: str | os.PathLike[str], chunk_nbytes: int = CHUNK_NBYTES
                ) -> Iterator[tuple[MediaHeader, Iterator[tuple[int, np.ndarray]]]]:
     """``with read_media(p) as (header, chunks):`` the body streamed; the digest is checked at
-    the end of the stream (verify first with :func:`verify_media` to refuse before using any)."""
+    the end of the stream: consume it all before trusting any of it (or :func:`verify_media`)."""
     fd, header = _open(path)
     try:
         yield header, _chunks(fd, header, chunk_nbytes)

@@ -273,6 +273,13 @@ class EncryptedGuest:
                                "whole lines of the module", address=offset, nbytes=ciphertext.size)
         self.platform.memory.write_dram(nv.hpa + offset, ciphertext)
 
+    def load_nvdimm_in_place(self, index: int, chunk_nbytes: int = 8 << 20) -> None:
+        """NVDIMM ``index``'s backend holds the media's bytes (ciphertext, as DRAM would): make
+        them the CPU view, i.e. :meth:`load_nvdimm` of the backend's own content, in place."""
+        nv = self.nvdimms[index]
+        for off in range(0, nv.size, chunk_nbytes):
+            self.load_nvdimm(index, off, nv.buffer[off:off + min(chunk_nbytes, nv.size - off)])
+
     def load_dram_image(self, offset: int, image: bytes | bytearray | memoryview | np.ndarray, image_hpa: int,
                         key: XtsKey) -> None:
         """Bring back a DRAM image of this VM's RAM taken at HPA ``image_hpa`` (a snapshot) into

@@ -119,7 +119,7 @@ class EncryptedMachine(Machine):
 
     async def _launch(self) -> None:
         if self.media:                  # media locked and verified, placement checked: before QEMU starts
-            backends = tuple(b.prepare(i) for i, b in enumerate(self.media))
+            backends = tuple(b.prepare(i, self.config.ram_dir) for i, b in enumerate(self.media))
             check_placement(self.media, self.host, self._hpa, int(self.config.memory))
             self.config = dataclasses.replace(self.config, nvdimms=backends)
         if self.vhost.disks:
@@ -138,7 +138,8 @@ class EncryptedMachine(Machine):
         self._guest = self.host.add_guest(self.name, ram.backend, list(ram.ranges), key_serial=self.key_serial,
                                           tenant=self.tenant, hva=hva or DEFAULT_VMM_HVA, hpa=self._hpa,
                                           extents=ram.data_extents)
-        for binding, backend in zip(self.media, self.nvdimms, strict=True):
+        # (a configuration's own plain NVDIMMs, without media, stay QEMU's: unencrypted, untagged)
+        for binding, backend in zip(self.media, self.nvdimms, strict=False):
             nv_hva = backend_hva(self.pid, backend.size, str(backend.backend_path)) if self.pid else None
             binding.bind(self.host, self._guest, backend, nv_hva)
         if self.iommu_keyid is not None and self.iommu_keyid != self._guest.keyid:

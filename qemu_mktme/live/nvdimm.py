@@ -3,15 +3,16 @@
 The life of one module (:class:`MediaBinding`), driven by :class:`.encrypted.EncryptedMachine`:
 
 1. **before QEMU starts** (:meth:`~MediaBinding.prepare`): the media image is locked (one VM per
-   image), verified in full (header and body digests: a tampered or truncated image is refused
-   here), its size decided; a bad path (a directory, a FIFO, ``/dev/zero``, a file that is no
-   media image or holds less than its size), an ``hpa=`` overlapping the VM's RAM or another of
-   its NVDIMMs, or (``strict``) an ``hpa=`` other than the one the image was written at: one
-   line, and nothing started. QEMU gets a private, empty backend file (0600, removed on teardown).
+   image) and copied, ciphertext as it is, into QEMU's private backend file (0600, removed on
+   teardown) while its digests are checked: a tampered or truncated image is refused here, in
+   the same pass. A bad path (a directory, a FIFO, ``/dev/zero``, a file that is no media image
+   or holds less than its size), an ``hpa=`` overlapping the VM's RAM or another of its NVDIMMs,
+   or (``strict``) an ``hpa=`` other than the one the image was written at: one line, and
+   nothing started.
 2. **bound** (:meth:`~MediaBinding.bind`, QEMU paused): the host model places the module in the
    host physical map (``hpa=``, else where the image was written if free, else the next free
-   range) and tags it like RAM; the image's bytes go into DRAM as they are and the memory
-   controller decrypts them through the VM's KeyID at *this* HPA. At another HPA than the image
+   range) and tags it like RAM; the backend's bytes are what DRAM holds, and the memory
+   controller decrypts them (in place) through the VM's KeyID at *this* HPA. At another HPA than the image
    was written at the guest reads garbage, exactly as the talk warns; a warning says so.
 3. **written** (:meth:`~MediaBinding.store`, on shutdown, ``dump`` and any flush): the DRAM view
    (AES-XTS under the VM's key, tweak = HPA) replaces the image atomically, with this HPA in its
@@ -22,6 +23,7 @@ The life of one module (:class:`MediaBinding`), driven by :class:`.encrypted.Enc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -30,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NvdimmError
-from ..files.nvdimmfile import (ALIGN, MediaHeader, MediaLock, check_kind, check_size, read_media, verify_media,
+from ..files.nvdimmfile import (ALIGN, MediaHeader, MediaLock, check_kind, check_size, read_header, read_media,
                                write_media)
+from ..files.runtime import safe_label
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
 from ..qemu.guestram import GuestRAM
@@ -90,13 +93,16 @@ class MediaBinding:
         self.write_back = False
         self._lock: MediaLock | None = None
         self._index = -1
+        self.backend: Path | None = None              # QEMU's private backend file (0600)
 
     @property
     def label(self) -> str:
         return f"{self.vm}: NVDIMM media {self.media.path}"
 
-    def prepare(self, index: int) -> NvdimmBackend:
-        """Lock and verify the image before QEMU starts; the QEMU backend it needs."""
+    def prepare(self, index: int, backend_dir: Path) -> NvdimmBackend:
+        """Before QEMU starts: lock the image, copy its ciphertext into a new private backend file
+        in ``backend_dir`` (0600) while checking its digests (one pass), size it; the QEMU backend
+        on that file. The backend holds ciphertext until :meth:`bind` decrypts it in place."""
         path = self.media.path
         self._index = index
         if not path.parent.is_dir():
@@ -104,7 +110,7 @@ class MediaBinding:
         check_kind(path, self.label)               # before the lock file is made beside it
         self._lock = MediaLock(path, f"VM {self.vm}")
         if os.path.lexists(path):
-            self.header = verify_media(path)
+            self.header = read_header(path)
             if self.media.size is not None and self.media.size != self.header.size:
                 raise NvdimmError(f"{self.label} holds {self.header.size >> 20} MiB, size= asks for "
                                   f"{self.media.size >> 20} MiB: refused (a module does not change size)")
@@ -116,7 +122,22 @@ class MediaBinding:
                 raise NvdimmError(f"{self.label} does not exist: give size= to create a new module")
             check_size(self.media.size, self.label)
             self.size = self.media.size
-        return NvdimmBackend(self.size)
+        self.backend = backend_dir / f"qemu-mktme-{safe_label(self.vm)}-{os.getpid()}-{os.urandom(4).hex()}.nvdimm{index}"
+        try:
+            fd = os.open(self.backend, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise NvdimmError(f"{self.label}: cannot create its backend {self.backend}: {err.strerror}") from None
+        try:
+            os.ftruncate(fd, self.size)
+            if self.header is not None:
+                with read_media(path) as (_header, chunks):
+                    for off, data in chunks:           # the digest is checked after the last chunk
+                        os.pwrite(fd, data.data, off)
+        except NvdimmError as err:
+            raise NvdimmError(f"{self.label}: {err}") from None
+        finally:
+            os.close(fd)
+        return NvdimmBackend(self.size, path=self.backend)
 
     def _misplaced(self, hpa: int) -> None:
         assert self.header is not None
@@ -145,9 +166,7 @@ class MediaBinding:
             return
         if self.media.hpa is None and nv.hpa != self.header.hpa:
             self._misplaced(nv.hpa)
-        with read_media(self.media.path) as (_header, chunks):
-            for off, data in chunks:
-                guest.load_nvdimm(nv.index, off, data)
+        guest.load_nvdimm_in_place(nv.index)
         self.loaded = True
         self.write_back = nv.hpa == self.header.hpa
 
@@ -169,6 +188,11 @@ class MediaBinding:
         return header
 
     def release(self) -> None:
+        """Remove the backend (after QEMU is gone) and give the image's lock back."""
+        if self.backend is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.backend)
+            self.backend = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -339,9 +339,10 @@ class Machine:
             raise LaunchError(f"{self.name}: {err}") from None
         if cfg.ram_backend == "file":
             self._res.ram_file = self._create_ram_file()
-        for nv in cfg.nvdimms:
-            self._res.nvdimm_files.append(self._create_ram_file(f"nvdimm{len(self._res.nvdimm_files)}"))
-            os.truncate(self._res.nvdimm_files[-1], nv.size)
+        for i, nv in enumerate(cfg.nvdimms):
+            if nv.path is None:
+                self._res.nvdimm_files.append(self._create_ram_file(f"nvdimm{i}"))
+                os.truncate(self._res.nvdimm_files[-1], nv.size)
         append_fd = _append_config(cfg.boot.append if cfg.boot else "", self.log)
         try:
             self.argv = self._argv(append_fd)
@@ -376,9 +377,14 @@ class Machine:
         self.console.attach(reader, writer, self._exit_error_when_reaped)
         self._tasks.append(asyncio.create_task(self._watch_events(), name=f"{self.name}-events"))
         self._ram = await self._map_ram(self._ram_path(), int(cfg.memory))
-        for i, (nv, path) in enumerate(zip(cfg.nvdimms, self._res.nvdimm_files)):
+        for i, (nv, path) in enumerate(zip(cfg.nvdimms, self._nvdimm_paths(), strict=True)):
             self._nvdimm_ram.append(await self._map_ram(str(path), nv.size, backend_id(i)))
         self._set_state(VmState.PAUSED)
+
+    def _nvdimm_paths(self) -> list[Path]:
+        """Each NVDIMM's backend file: its own ``path``, else the private file made for it."""
+        private = iter(self._res.nvdimm_files)
+        return [nv.path if nv.path is not None else next(private) for nv in self.config.nvdimms]
 
     def _create_ram_file(self, kind: str = "ram") -> Path:
         label = runtime.safe_label(self.name)
@@ -420,7 +426,7 @@ class Machine:
                 argv += ["-append", cfg.boot.append]
         argv += disk_args(cfg.disks)
         argv += net_args(cfg.nets)
-        argv += nvdimm_args(cfg.nvdimms, self._res.nvdimm_files)
+        argv += nvdimm_args(cfg.nvdimms, self._nvdimm_paths())
         for plugin in cfg.plugins:
             argv += ["-plugin", plugin]
         if cfg.incoming:

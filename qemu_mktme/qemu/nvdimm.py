@@ -17,9 +17,12 @@ NVDIMM_ALIGN = 2 << 20
 
 @dataclass(frozen=True)
 class NvdimmBackend:
-    """One guest NVDIMM of ``size`` bytes (whole 2 MiB)."""
+    """One guest NVDIMM of ``size`` bytes (whole 2 MiB). ``path``: a plain, unencrypted NVDIMM on
+    that file, which QEMU reads and writes itself (stock QEMU's NVDIMM, the benchmark's baseline);
+    None: a private backend file that the driver creates and removes."""
 
     size: int
+    path: Path | None = None
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % NVDIMM_ALIGN:
