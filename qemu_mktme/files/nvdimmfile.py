@@ -37,6 +37,7 @@ import stat
 import struct
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,13 +208,15 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
         with atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)) as f:
             f.write(bytes(HEADER_NBYTES))
             pos = 0
-            for off, data in chunks:
-                if off != pos:
-                    raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
-                view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
-                digest.update(view)
-                f.write(view)
-                pos += len(view)
+            with ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher:
+                for off, data in chunks:
+                    if off != pos:
+                        raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
+                    view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
+                    hashed = hasher.submit(digest.update, view)      # beside the write: both drop the GIL
+                    f.write(view)
+                    hashed.result()
+                    pos += len(view)
             if pos != size:
                 raise NvdimmError(f"NVDIMM media {path}: {pos} bytes written, size is {size}")
             header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digest.digest())
