@@ -32,11 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NvdimmError
+from ..engine.xts import XtsKey
+from ..files.keyfile import key_payload
 from ..files.nvdimmfile import (ALIGN, MediaHeader, MediaLock, check_kind, check_size, read_header, read_media,
-                               write_media)
+                               rekey_media, verify_media, write_media)
 from ..files.runtime import safe_label
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
+from ..host.payload import KeyType
+from ..host.payload import parse as parse_payload
 from ..qemu.guestram import GuestRAM
 from ..qemu.machine import parse_size
 from ..qemu.nvdimm import NvdimmBackend
@@ -213,3 +217,39 @@ def check_placement(bindings: list[MediaBinding], host: Host, ram_hpa: int | Non
         if not host.hpa_ranges.is_free(start, b.size):
             raise NvdimmError(f"{b.label}: hpa={start:#x}+{b.size:#x} {host.hpa_ranges.why_not(start, b.size)}")
         taken.append((start, b.size, f"NVDIMM media {b.media.path}"))
+
+
+def media_key(spec: str) -> XtsKey:
+    """The AES-XTS key of a ``--key`` spec (``user:KEYHEX:TWEAKHEX[:ALG]`` or ``user:@FILE``):
+    media is re-encrypted offline, so only a tenant key, never a CPU-generated one, will do."""
+    payload_text = key_payload(spec)
+    payload = parse_payload(payload_text) if payload_text else None
+    if payload is None or payload.type is not KeyType.USER or not payload.key or not payload.tweak:
+        raise NvdimmError("an NVDIMM image is re-encrypted with the tenant's key: give --key user:KEYHEX:TWEAKHEX "
+                          "or user:@FILE (a CPU-generated key never leaves the CPU)")
+    return XtsKey(payload.key, payload.tweak)
+
+
+def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = None,
+          to_key_spec: str | None = None) -> tuple[MediaHeader, MediaHeader]:
+    """``qemu-mktme nvdimm rekey``: re-encrypt the image at ``path`` (not in use by a VM: its lock
+    is taken) for HPA ``to_hpa`` and/or the key ``to_key_spec``; (old header, new header)."""
+    if to_hpa is None and to_key_spec is None:
+        raise NvdimmError("nvdimm rekey needs --to-hpa ADDR and/or --to-key SPEC")
+    if to_hpa is not None and (to_hpa < 0 or to_hpa % ALIGN):
+        raise NvdimmError(f"--to-hpa {to_hpa:#x} is not a 2 MiB aligned host physical address")
+    check_kind(path, f"NVDIMM media {path}")
+    key = media_key(key_spec)
+    to_key = media_key(to_key_spec) if to_key_spec is not None else None
+    lock = MediaLock(path, "nvdimm rekey")
+    try:
+        return rekey_media(path, key, to_hpa=to_hpa, to_key=to_key)
+    finally:
+        lock.release()
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, object]:
+    """``qemu-mktme nvdimm show``: where and how the image was written, once its digests passed."""
+    header = verify_media(path)
+    return {"path": str(path), **header.describe(), "digests": "ok (header and body)",
+            "plaintext": "none: the body is AES-XTS ciphertext; only this key at this HPA reads it"}

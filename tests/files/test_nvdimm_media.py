@@ -21,7 +21,7 @@ from qemu_mktme.files.nvdimmfile import (HEADER_NBYTES, MediaLock, read_header, 
                                          verify_media, write_media)
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
-from qemu_mktme.live.nvdimm import NvdimmMedia
+from qemu_mktme.live.nvdimm import NvdimmMedia, describe, rekey
 from qemu_mktme.qemu.boot import BootSpec
 from qemu_mktme.qemu.machine import MachineConfig
 from reference import user_payload, xts_lines
@@ -218,3 +218,27 @@ def test_reader_checks_the_body_digest_at_the_end(tmp_path: Path) -> None:
     with pytest.raises(NvdimmError, match="fails its digest"), read_media(path, 1 << 20) as (_h, chunks):
         for _ in chunks:
             pass
+
+
+def test_rekey_and_show_as_the_cli_does(tmp_path: Path) -> None:
+    path, key = tmp_path / "m", _key(9)
+    plain = np.random.default_rng(9).bytes(SIZE)
+    _media(path, plain, key)
+    shown = describe(path)
+    assert shown["hpa"] == hex(HPA) and shown["digests"].startswith("ok") and key[0].hex() not in str(shown)
+    spec = f"user:{key[0].hex()}:{key[1].hex()}"
+    with pytest.raises(NvdimmError, match="tenant's key"):
+        rekey(path, "cpu", to_hpa=2 * HPA)
+    with pytest.raises(NvdimmError, match="--to-hpa ADDR and/or --to-key"):
+        rekey(path, spec)
+    with pytest.raises(NvdimmError, match="2 MiB aligned"):
+        rekey(path, spec, to_hpa=HPA + 4096)
+    lock = MediaLock(path, "VM busy")
+    with pytest.raises(NvdimmError, match="in use by VM busy"):
+        rekey(path, spec, to_hpa=2 * HPA)
+    lock.release()
+    new_key = _key(10)
+    old, new = rekey(path, spec, to_hpa=2 * HPA, to_key_spec=f"user:{new_key[0].hex()}:{new_key[1].hex()}")
+    assert (old.hpa, new.hpa) == (HPA, 2 * HPA)
+    assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*new_key, 2 * HPA, plain)
+    assert describe(path)["reason"] == "rekey"
