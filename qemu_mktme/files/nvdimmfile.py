@@ -7,13 +7,14 @@ would carry them (never plaintext). Layout, version 1 (integers little-endian)::
 
     "QMKTNVDM" | u32 version | u32 line size (64) | u64 size | u64 HPA written at | u32 KeyID
     | u32 0 | 16s algorithm | 16s reason | u64 written (ns since the epoch) | 16s image id
-    | 32-byte SHA-256 of the body | 32-byte SHA-256 of the header      zero-padded to 4096 bytes
+    | 32-byte body digest | 32-byte SHA-256 of the header                 zero-padded to 4096 bytes
     body: ``size`` bytes of ciphertext, the line at offset o encrypted with tweak HPA + o
 
 **What the header's digest is, and why it is not keyed** (the decision docs/nvdimm.md explains):
-the header and the body are bound by SHA-256 digests, checked in full before QEMU starts, so a
-changed byte anywhere (a flipped bit, an edited HPA, a truncated or spliced file) is refused
-with one line. No key goes into them, and no key check value either: anything computed under
+the header and the body are bound by SHA-256 digests (the body's: SHA-256 over the SHA-256 of
+each 8 MiB unit, so that a writer can tell unchanged units), checked in full before QEMU starts,
+so a changed byte anywhere (a flipped bit, an edited HPA, a truncated or spliced file) is
+refused with one line. No key goes into them, and no key check value either: anything computed under
 the VM's key would fail for a wrong key and so tell "wrong key" from "moved image", which the
 hardware cannot do; with these digests a wrong key decrypts, as on hardware, to garbage. The
 price: the digests stop accidents and edits made without recomputing them, not a forger who
@@ -21,7 +22,8 @@ rewrites the file and its digests. Such a forger gains nothing the bus already g
 has no integrity: he could write any ciphertext to the module itself), and nothing secret.
 
 The image is written all or nothing (:func:`.atomic.atomic_output`: temporary, fsync, rename),
-so ``kill -9`` at any moment leaves the last complete image. :class:`MediaLock` keeps two VMs
+so ``kill -9`` at any moment leaves the last complete image; a module whose every unit is as
+it was read is not rewritten at all. :class:`MediaLock` keeps two VMs
 off one image (an ``flock`` on ``.NAME.lock`` beside it, held while the VM runs). Offline
 :func:`rekey_media` re-encrypts an image for another HPA and/or key (plaintext only in memory,
 one chunk at a time).
@@ -40,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -58,6 +60,8 @@ ALIGN = 2 << 20
 _FIELDS = struct.Struct("<8sIIQQII16s16sQ16s32s")
 _DIGEST_AT = _FIELDS.size
 CHUNK_NBYTES = 8 << 20
+DIGEST_UNIT = 8 << 20
+"""The body's digest is over the SHA-256 of each 8 MiB unit (:class:`UnitDigests`)."""
 REASONS = ("shutdown", "dump", "rekey", "flush")
 
 
@@ -154,18 +158,24 @@ def read_header(path: str | os.PathLike[str]) -> MediaHeader:
     return header
 
 
-def _chunks(fd: int, header: MediaHeader, chunk_nbytes: int = CHUNK_NBYTES) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(fd: int, header: MediaHeader, chunk_nbytes: int = CHUNK_NBYTES,
+            digests: UnitDigests | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(media offset, bytes) of the body, in one reused buffer; the body's digest is checked once
-    the last chunk was read (``NvdimmError`` then: consume every chunk before trusting any)."""
+    the last chunk was read (``NvdimmError`` then: consume every chunk before trusting any). Each
+    chunk is hashed while the caller uses it (the buffer is reused only after both are done)."""
     buf = np.empty(min(chunk_nbytes, header.size), np.uint8)
-    digest = hashlib.sha256()
-    for off in range(0, header.size, chunk_nbytes):
-        n = min(chunk_nbytes, header.size - off)
-        if os.preadv(fd, [buf[:n].data], HEADER_NBYTES + off) != n:
-            raise NvdimmError(f"NVDIMM media: short read at {off:#x}")
-        digest.update(buf[:n].data)
-        yield off, buf[:n]
-    if digest.digest() != header.body_sha256:
+    digests = digests if digests is not None else UnitDigests()
+    with ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher:
+        for off in range(0, header.size, chunk_nbytes):
+            n = min(chunk_nbytes, header.size - off)
+            if os.preadv(fd, [buf[:n].data], HEADER_NBYTES + off) != n:
+                raise NvdimmError(f"NVDIMM media: short read at {off:#x}")
+            hashed = hasher.submit(digests.update, buf[:n].data, final=off + n >= header.size)
+            try:
+                yield off, buf[:n]
+            finally:
+                hashed.result()
+    if digests.digest() != header.body_sha256:
         raise NvdimmError("the media image fails its digest (tampered or corrupt): refused")
 
 
@@ -184,47 +194,138 @@ def verify_media(path: str | os.PathLike[str]) -> MediaHeader:
 
 
 @contextlib.contextmanager
-def read_media(path: str | os.PathLike[str], chunk_nbytes: int = CHUNK_NBYTES
-               ) -> Iterator[tuple[MediaHeader, Iterator[tuple[int, np.ndarray]]]]:
+def read_media(path: str | os.PathLike[str], chunk_nbytes: int = CHUNK_NBYTES, *,
+               digests: UnitDigests | None = None) -> Iterator[tuple[MediaHeader, Iterator[tuple[int, np.ndarray]]]]:
     """``with read_media(p) as (header, chunks):`` the body streamed; the digest is checked at
-    the end of the stream: consume it all before trusting any of it (or :func:`verify_media`)."""
+    the end of the stream: consume it all before trusting any of it (or :func:`verify_media`).
+    ``digests`` receives the body's unit digests (for :func:`write_media`'s ``previous``)."""
     fd, header = _open(path)
     try:
-        yield header, _chunks(fd, header, chunk_nbytes)
+        yield header, _chunks(fd, header, chunk_nbytes, digests)
     finally:
         os.close(fd)
 
 
+class UnitDigests:
+    """The body's digest as this format defines it: SHA-256 over the list of the SHA-256 of each
+    :data:`DIGEST_UNIT` of the body (the last one may be shorter). The same cost as one SHA-256 of
+    the body, and a writer can tell which units changed since the image was read."""
+
+    def __init__(self) -> None:
+        self.units: list[bytes] = []
+        self._hash = hashlib.sha256()
+        self._nbytes = 0
+
+    def update(self, view: memoryview, *, final: bool = False) -> None:
+        pos = 0
+        while pos < len(view):
+            take = min(DIGEST_UNIT - self._nbytes, len(view) - pos)
+            self._hash.update(view[pos:pos + take])
+            self._nbytes += take
+            pos += take
+            if self._nbytes == DIGEST_UNIT:
+                self._close_unit()
+        if final and self._nbytes:
+            self._close_unit()
+
+    def _close_unit(self) -> None:
+        self.units.append(self._hash.digest())
+        self._hash, self._nbytes = hashlib.sha256(), 0
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(b"".join(self.units)).digest()
+
+
 def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.ndarray]], *, size: int, hpa: int,
-                algorithm: str, keyid: int, reason: str) -> MediaHeader:
+                algorithm: str, keyid: int, reason: str, previous: list[bytes] | None = None) -> MediaHeader | None:
     """Write a new image at ``path`` (replacing the old one atomically) from ``chunks``: (media
     offset, ciphertext) in order covering ``[0, size)``. The old image stays until the new one
-    is complete and on disk. ``NvdimmError`` if the chunks do not cover the size or writing fails."""
+    is complete and on disk. ``NvdimmError`` if the chunks do not cover the size or writing fails.
+
+    ``previous``: the unit digests of the image at ``path`` as it was read (:func:`read_media`'s
+    ``digests``). When the header's fields and every unit are the same again, nothing is written
+    and None is returned (the image on disk already holds exactly this); when some unit changed,
+    the unchanged units before it are copied from the old image in the kernel. With
+    ``previous``, chunks must start on :data:`DIGEST_UNIT` boundaries."""
     check_size(size, f"NVDIMM media {path}")
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
-    digest = hashlib.sha256()
+    old_fd = _previous_image(path, previous, (size, hpa, algorithm, keyid))
+    digests = UnitDigests()
     try:
-        with atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)) as f:
-            f.write(bytes(HEADER_NBYTES))
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher:
+            out: BinaryIO | None = None
             pos = 0
-            with ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher:
-                for off, data in chunks:
-                    if off != pos:
-                        raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
-                    view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
-                    hashed = hasher.submit(digest.update, view)      # beside the write: both drop the GIL
-                    f.write(view)
-                    hashed.result()
-                    pos += len(view)
+            for off, data in chunks:
+                if off != pos:
+                    raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
+                view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
+                pos, final = off + len(view), off + len(view) >= size
+                if out is None and old_fd is not None and previous is not None:
+                    if off % DIGEST_UNIT or (len(view) % DIGEST_UNIT and not final):
+                        raise ValueError("with previous=, chunks must be whole DIGEST_UNITs")
+                    first = len(digests.units)
+                    digests.update(view, final=final)
+                    if digests.units[first:] == previous[first:len(digests.units)]:
+                        continue                      # the same as on disk so far: nothing to write yet
+                    out = _start_output(stack, path)
+                    _copy_range(old_fd, out, off)     # the unchanged units before this chunk
+                    out.write(view)
+                    continue
+                if out is None:
+                    out = _start_output(stack, path)
+                hashed = hasher.submit(digests.update, view, final=final)   # beside the write: both drop the GIL
+                out.write(view)
+                hashed.result()
             if pos != size:
-                raise NvdimmError(f"NVDIMM media {path}: {pos} bytes written, size is {size}")
-            header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digest.digest())
-            f.seek(0)
-            f.write(header.pack())
+                raise NvdimmError(f"NVDIMM media {path}: {pos} bytes given, size is {size}")
+            if out is None:
+                return None                           # the image on disk is exactly this one
+            header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digests.digest())
+            out.seek(0)
+            out.write(header.pack())
     except SnapshotError as err:
         raise NvdimmError(str(err)) from None
+    finally:
+        if old_fd is not None:
+            os.close(old_fd)
     return header
+
+
+def _start_output(stack: contextlib.ExitStack, path: str | os.PathLike[str]) -> BinaryIO:
+    out = stack.enter_context(atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)))
+    out.write(bytes(HEADER_NBYTES))
+    return out
+
+
+def _copy_range(old_fd: int, out: BinaryIO, nbytes: int) -> None:
+    """The first ``nbytes`` of the old image's body into ``out`` (positioned after its header),
+    copied by the kernel."""
+    out.flush()
+    done = 0
+    while done < nbytes:
+        n = os.copy_file_range(old_fd, out.fileno(), nbytes - done, HEADER_NBYTES + done, HEADER_NBYTES + done)
+        if n <= 0:
+            raise NvdimmError("NVDIMM media: the old image ended while its start was copied")
+        done += n
+    out.seek(HEADER_NBYTES + nbytes)
+
+
+def _previous_image(path: str | os.PathLike[str], previous: list[bytes] | None,
+                    fields: tuple[int, int, str, int]) -> int | None:
+    """A descriptor of the image at ``path`` when it is the one ``previous`` describes, with the
+    same size, HPA, algorithm and KeyID (so its units can stand for unchanged ones); else None."""
+    if previous is None:
+        return None
+    try:
+        fd, header = _open(path)
+    except NvdimmError:
+        return None
+    if (header.size, header.hpa, header.algorithm, header.keyid) != fields or \
+            header.body_sha256 != hashlib.sha256(b"".join(previous)).digest():
+        os.close(fd)
+        return None
+    return fd
 
 
 def rekey_media(path: str | os.PathLike[str], key: XtsKey, *, to_hpa: int | None = None,
@@ -255,6 +356,7 @@ def rekey_media(path: str | os.PathLike[str], key: XtsKey, *, to_hpa: int | None
     with read_media(path) as (header, chunks):
         new = write_media(path, recrypted(chunks), size=header.size, hpa=new_hpa,
                           algorithm=algorithm or header.algorithm, keyid=header.keyid, reason="rekey")
+    assert new is not None                          # (None only for an unchanged write with previous=)
     return old, new
 
 

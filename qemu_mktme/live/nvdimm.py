@@ -34,8 +34,8 @@ from pathlib import Path
 from ..errors import NvdimmError
 from ..engine.xts import XtsKey
 from ..files.keyfile import key_payload
-from ..files.nvdimmfile import (ALIGN, MediaHeader, MediaLock, check_kind, check_size, read_header, read_media,
-                               rekey_media, verify_media, write_media)
+from ..files.nvdimmfile import (ALIGN, DIGEST_UNIT, MediaHeader, MediaLock, UnitDigests, check_kind, check_size,
+                               read_header, read_media, rekey_media, verify_media, write_media)
 from ..files.runtime import safe_label
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
@@ -98,6 +98,7 @@ class MediaBinding:
         self._lock: MediaLock | None = None
         self._index = -1
         self.backend: Path | None = None              # QEMU's private backend file (0600)
+        self._digests: UnitDigests | None = None      # the image's unit digests as read at launch
 
     @property
     def label(self) -> str:
@@ -134,7 +135,8 @@ class MediaBinding:
         try:
             os.ftruncate(fd, self.size)
             if self.header is not None:
-                with read_media(path) as (_header, chunks):
+                self._digests = UnitDigests()
+                with read_media(path, digests=self._digests) as (_header, chunks):
                     for off, data in chunks:           # the digest is checked after the last chunk
                         os.pwrite(fd, data.data, off)
         except NvdimmError as err:
@@ -184,10 +186,14 @@ class MediaBinding:
                       f"was written at {self.header.hpa:#x}; the image keeps what it held")
             return None
         nv = guest.nvdimms[self._index]
-        header = write_media(self.media.path, guest.nvdimm_dram(self._index), size=nv.size, hpa=nv.hpa,
+        previous = self._digests.units if self._digests is not None else None
+        header = write_media(self.media.path, guest.nvdimm_dram(self._index, DIGEST_UNIT), size=nv.size, hpa=nv.hpa,
                              algorithm=str(guest.describe_key().get("algorithm", "")), keyid=int(guest.keyid),
-                             reason=reason)
-        self.header = header
+                             reason=reason, previous=previous)
+        if header is None:
+            log.info("%s: unchanged (%s): the image already holds it", self.label, reason)
+            return self.header
+        self.header, self._digests = header, None
         log.info("%s: written (%s) at HPA %#x", self.label, reason, nv.hpa)
         return header
 

@@ -17,8 +17,9 @@ import pytest
 
 from qemu_mktme.engine.xts import XtsKey
 from qemu_mktme.errors import NvdimmError
-from qemu_mktme.files.nvdimmfile import (HEADER_NBYTES, MediaLock, read_header, read_media, rekey_media,
-                                         verify_media, write_media)
+from qemu_mktme.files import nvdimmfile
+from qemu_mktme.files.nvdimmfile import (HEADER_NBYTES, MediaLock, UnitDigests, read_header, read_media,
+                                         rekey_media, verify_media, write_media)
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.nvdimm import NvdimmMedia, describe, rekey
@@ -242,3 +243,30 @@ def test_rekey_and_show_as_the_cli_does(tmp_path: Path) -> None:
     assert (old.hpa, new.hpa) == (HPA, 2 * HPA)
     assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*new_key, 2 * HPA, plain)
     assert describe(path)["reason"] == "rekey"
+
+
+def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that read the image gives its unit digests back: all the same, nothing is written;
+    one unit changed, the units before it come from the old image and the result is exact."""
+    monkeypatch.setattr(nvdimmfile, "DIGEST_UNIT", 2 << 20)      # small units: a quick reference XTS
+    unit = nvdimmfile.DIGEST_UNIT
+    path, key, size = tmp_path / "m", _key(11), 3 * unit
+    plain = bytearray(np.random.default_rng(11).bytes(size))
+    _media(path, bytes(plain), key)
+    digests = UnitDigests()
+    with read_media(path, digests=digests) as (header, chunks):
+        body = b"".join(c.tobytes() for _, c in chunks)
+    inode = path.stat().st_ino
+
+    def chunked(data: bytes):
+        for off in range(0, len(data), unit):
+            yield off, np.frombuffer(data[off:off + unit], np.uint8)
+    fields = dict(size=size, hpa=header.hpa, algorithm=header.algorithm, keyid=header.keyid, reason="shutdown")
+    assert write_media(path, chunked(body), previous=digests.units, **fields) is None
+    assert path.stat().st_ino == inode
+    assert write_media(path, chunked(body), previous=digests.units, **{**fields, "keyid": 2}) is not None
+    plain[2 * unit + 5] ^= 0xFF                           # the guest changed the last unit
+    cipher = xts_lines(*key, HPA, bytes(plain))
+    fields["keyid"] = 2                                           # (as the file now says)
+    assert write_media(path, chunked(cipher), previous=digests.units, **fields) is not None
+    assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
