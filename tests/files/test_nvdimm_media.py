@@ -23,6 +23,7 @@ from qemu_mktme.files.nvdimmfile import (HEADER_NBYTES, MediaLock, UnitDigests, 
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.nvdimm import NvdimmMedia, describe, rekey
+from qemu_mktme.live.snapshot import save_snapshot
 from qemu_mktme.qemu.boot import BootSpec
 from qemu_mktme.qemu.machine import MachineConfig
 from reference import user_payload, xts_lines
@@ -270,3 +271,23 @@ def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.M
     fields["keyid"] = 2                                           # (as the file now says)
     assert write_media(path, chunked(cipher), previous=digests.units, **fields) is not None
     assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
+
+
+def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Path) -> None:
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("t:vm", user_payload(*_key(12)), tenant="t")
+    vm = EncryptedMachine(host, MachineConfig(name="vm"), key_serial=serial, tenant="t",
+                          nvdimms=[NvdimmMedia(tmp_path / "m", SIZE)])
+
+    async def go() -> list[str]:
+        lines = []
+        for attempt in (lambda: save_snapshot(vm, tmp_path / "snap", bytes(32)),
+                        lambda: vm.migrate(Host(keyid_bits=6), tls=None, insecure=True)):
+            with pytest.raises(NvdimmError) as err:
+                await attempt()
+            lines.append(str(err.value))
+        return lines
+    snap, migration = asyncio.run(go())
+    assert snap.startswith("vm: a snapshot of a VM with an NVDIMM is refused") and "\n" not in snap
+    assert migration.startswith("vm: live migration of a VM with an NVDIMM is refused") and "nvdimm rekey" in migration
+    assert not (tmp_path / "snap").exists() and not (tmp_path / "m").exists()
