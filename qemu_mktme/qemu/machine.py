@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
 from ..files import runtime
@@ -154,7 +154,7 @@ class _Owned:
     nvdimm_files: list[Path] = dataclasses.field(default_factory=list)
 
 
-_live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_live: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
 @atexit.register
@@ -279,7 +279,7 @@ class Machine:
 
     # ------------------------------------------------------------------ context manager
 
-    async def __aenter__(self) -> "Machine":
+    async def __aenter__(self) -> Self:
         if self.state is VmState.IDLE:
             await self.launch()
         return self
@@ -507,7 +507,7 @@ class Machine:
 
     @classmethod
     async def attach(cls, qmp_socket: str | os.PathLike[str], *, ram_path: str | os.PathLike[str] | None = None,
-                     console_socket: str | os.PathLike[str] | None = None, name: str = "attached") -> "Machine":
+                     console_socket: str | os.PathLike[str] | None = None, name: str = "attached") -> Machine:
         """Drive a QEMU that someone else started; its RAM backend must be shared (``share=on``).
 
         ``ram_path`` overrides discovery (``memory-backend-file`` paths and memfds are found
@@ -601,7 +601,7 @@ class Machine:
             raise QemuError(f"{self.name}: no process of ours to wait for")
         try:
             rc = await asyncio.wait_for(self._proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LaunchError(f"{self.name}: QEMU still running after {timeout:g} s",
                               stderr_tail=self.stderr_tail()) from None
         self._set_state(VmState.EXITED)
@@ -663,7 +663,7 @@ class Machine:
             try:
                 await asyncio.wait_for(self._proc.wait(), grace)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     def _kill_now(self) -> None:

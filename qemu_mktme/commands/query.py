@@ -1,0 +1,24 @@
+"""``qemu-mktme query``: ask a running host for its encryption state."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..live import control
+from .options import print_json
+
+
+async def query(args: argparse.Namespace) -> int:
+    result = await control.request("query", pid=args.pid, **({"name": args.vm_name} if args.vm_name else {}))
+    print_json(result)
+    return 0
+
+
+def register(sub: Any) -> None:
+    q = sub.add_parser("query", help="the encryption state of a running host and its VMs (JSON)",
+                       description="Ask a running 'qemu-mktme run' for its host's KeyID table and every "
+                                   "VM's encryption state (like QEMU's query-sev).")
+    q.add_argument("vm_name", nargs="?", metavar="VM", help="only this VM")
+    q.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    q.set_defaults(func=query)
