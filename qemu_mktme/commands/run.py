@@ -19,6 +19,7 @@ from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import check_passthrough, refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
+from .nvdimm import nvdimm_option
 from .options import PROG, UsageError, add_guest_options, add_mktme_options, vm_name
 
 
@@ -90,8 +91,14 @@ def vm_specs(args: argparse.Namespace) -> list[VmSpec]:
                                  f"(with {args.keyid_bits} KeyID bits)")
             # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
             trace = args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))
+            nvdimms = tuple(getattr(args, "nvdimm", ()))
+            if nvdimms and payload is None:
+                raise ValueError("--nvdimm needs the MKTME host model (the module is encrypted): not with --key none")
+            if nvdimms and len(entries) > 1:
+                raise ValueError("--nvdimm with several --vm: one media image per VM, run them separately")
             specs.append(VmSpec(config, entry.get("tenant", args.tenant or "default"), payload, trace=trace,
-                                iommu_keyid=iommu_keyid))
+                                iommu_keyid=iommu_keyid, nvdimms=nvdimms,
+                                nvdimm_strict=getattr(args, "nvdimm_strict", False)))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return specs
@@ -107,6 +114,8 @@ def tenant_launch(args: argparse.Namespace) -> TenantLaunch | None:
         raise ValueError("--key and --tenant-server exclude each other: the key comes from the tenant server")
     if args.vm:
         raise ValueError("--tenant-server runs one VM (no --vm)")
+    if getattr(args, "nvdimm", None):
+        raise ValueError("--nvdimm is not supported with --tenant-server yet: run with --key user:...")
     ca = Path(args.tenant_ca) if args.tenant_ca else TenantDir().pki.ca
     if not ca.is_file():
         raise ValueError(f"tenant CA certificate {ca} does not exist (give --tenant-ca)")
@@ -183,5 +192,10 @@ def register(sub: Any) -> None:
     run.add_argument("--integrity", choices=("mac",), default=None,
                      help="per-line MAC (TDX-like, not MKTME): tampered lines poison, consuming them stops the VM")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    run.add_argument("--nvdimm", type=nvdimm_option, action="append", default=[], metavar="PATH[,size=SIZE][,hpa=ADDR]",
+                     help="persistent memory on media image PATH (created with size=; ciphertext under the VM's key, "
+                          "HPA as tweak; repeatable): the Linux guest's /dev/pmem0")
+    run.add_argument("--nvdimm-strict", action="store_true",
+                     help="refuse a media image written at another HPA (default: attach it, warn: garbage)")
     add_tenant_options(run)
     run.set_defaults(func=run_guest, qemu_passthrough=True)
