@@ -38,8 +38,8 @@ from .nvdimm import MediaBinding, NvdimmMedia, Warn, check_placement
 log = logging.getLogger(__name__)
 
 
-def backend_hva(pid: int, backend_size: int, backend_path: str | None = None) -> int | None:
-    """Where QEMU process ``pid`` maps its guest-RAM memfd/file, or the file ``backend_path``
+def backend_hva(pid: int, backend_size: int, memfd: str | None = None) -> int | None:
+    """Where QEMU process ``pid`` maps its guest-RAM memfd/file, or the memfd named ``memfd``
     (an NVDIMM's backend) (``None`` if not found)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
@@ -49,7 +49,7 @@ def backend_hva(pid: int, backend_size: int, backend_path: str | None = None) ->
         start, end, path = int(m[1], 16), int(m[2], 16), m[3]
         if end - start != backend_size:
             continue
-        if path == backend_path if backend_path else ("memfd:memory-backend" in path or path.endswith(".ram")):
+        if path.startswith(f"/memfd:{memfd} ") if memfd else ("memfd:memory-backend" in path or path.endswith(".ram")):
             return start
     return None
 
@@ -119,7 +119,7 @@ class EncryptedMachine(Machine):
 
     async def _launch(self) -> None:
         if self.media:                  # media locked and verified, placement checked: before QEMU starts
-            backends = tuple(b.prepare(i, self.config.ram_dir) for i, b in enumerate(self.media))
+            backends = tuple(b.prepare(i) for i, b in enumerate(self.media))
             check_placement(self.media, self.host, self._hpa, int(self.config.memory))
             self.config = dataclasses.replace(self.config, nvdimms=backends)
         if self.vhost.disks:
@@ -140,7 +140,7 @@ class EncryptedMachine(Machine):
                                           extents=ram.data_extents)
         # (a configuration's own plain NVDIMMs, without media, stay QEMU's: unencrypted, untagged)
         for binding, backend in zip(self.media, self.nvdimms, strict=False):
-            nv_hva = backend_hva(self.pid, backend.size, str(backend.backend_path)) if self.pid else None
+            nv_hva = backend_hva(self.pid, backend.size, binding.memfd_name) if self.pid else None
             binding.bind(self.host, self._guest, backend, nv_hva)
         if self.iommu_keyid is not None and self.iommu_keyid != self._guest.keyid:
             self._guest.set_iommu_keyid(self.iommu_keyid)     # fault injection: the VMM's bug

@@ -3,8 +3,8 @@
 The life of one module (:class:`MediaBinding`), driven by :class:`.encrypted.EncryptedMachine`:
 
 1. **before QEMU starts** (:meth:`~MediaBinding.prepare`): the media image is locked (one VM per
-   image) and copied, ciphertext as it is, into QEMU's private backend file (0600, removed on
-   teardown) while its digests are checked: a tampered or truncated image is refused here, in
+   image) and copied, ciphertext as it is, into QEMU's backend, a memfd of this process (never
+   in the file system; gone when the VM ends, even by ``kill -9``) while its digests are checked: a tampered or truncated image is refused here, in
    the same pass. A bad path (a directory, a FIFO, ``/dev/zero``, a file that is no media image
    or holds less than its size), an ``hpa=`` overlapping the VM's RAM or another of its NVDIMMs,
    or (``strict``) an ``hpa=`` other than the one the image was written at: one line, and
@@ -23,7 +23,6 @@ The life of one module (:class:`MediaBinding`), driven by :class:`.encrypted.Enc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -36,7 +35,6 @@ from ..engine.xts import XtsKey
 from ..files.keyfile import key_payload
 from ..files.nvdimmfile import (ALIGN, DIGEST_UNIT, MediaHeader, MediaLock, UnitDigests, check_kind, check_size,
                                read_header, read_media, rekey_media, verify_media, write_media)
-from ..files.runtime import safe_label
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
 from ..host.payload import KeyType
@@ -97,17 +95,20 @@ class MediaBinding:
         self.write_back = False
         self._lock: MediaLock | None = None
         self._index = -1
-        self.backend: Path | None = None              # QEMU's private backend file (0600)
+        self.backend: Path | None = None              # QEMU's backend: /proc/OURPID/fd/N of a memfd
+        self.memfd_name = ""
+        self._fd = -1
         self._digests: UnitDigests | None = None      # the image's unit digests as read at launch
 
     @property
     def label(self) -> str:
         return f"{self.vm}: NVDIMM media {self.media.path}"
 
-    def prepare(self, index: int, backend_dir: Path) -> NvdimmBackend:
-        """Before QEMU starts: lock the image, copy its ciphertext into a new private backend file
-        in ``backend_dir`` (0600) while checking its digests (one pass), size it; the QEMU backend
-        on that file. The backend holds ciphertext until :meth:`bind` decrypts it in place."""
+    def prepare(self, index: int) -> NvdimmBackend:
+        """Before QEMU starts: lock the image, copy its ciphertext into a new memfd (the backend:
+        never in the file system, gone with the last process that holds it, even after ``kill
+        -9``) while checking its digests (one pass), size it; the QEMU backend on that memfd
+        (``/proc/OURPID/fd/N``). It holds ciphertext until :meth:`bind` decrypts it in place."""
         path = self.media.path
         self._index = index
         if not path.parent.is_dir():
@@ -127,22 +128,18 @@ class MediaBinding:
                 raise NvdimmError(f"{self.label} does not exist: give size= to create a new module")
             check_size(self.media.size, self.label)
             self.size = self.media.size
-        self.backend = backend_dir / f"qemu-mktme-{safe_label(self.vm)}-{os.getpid()}-{os.urandom(4).hex()}.nvdimm{index}"
+        self.memfd_name = f"qemu-mktme-nvdimm{index}"
+        self._fd = os.memfd_create(self.memfd_name, os.MFD_CLOEXEC)   # gone with the last process holding it
         try:
-            fd = os.open(self.backend, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise NvdimmError(f"{self.label}: cannot create its backend {self.backend}: {err.strerror}") from None
-        try:
-            os.ftruncate(fd, self.size)
+            os.ftruncate(self._fd, self.size)
             if self.header is not None:
                 self._digests = UnitDigests()
                 with read_media(path, digests=self._digests) as (_header, chunks):
                     for off, data in chunks:           # the digest is checked after the last chunk
-                        os.pwrite(fd, data.data, off)
+                        os.pwrite(self._fd, data.data, off)
         except NvdimmError as err:
             raise NvdimmError(f"{self.label}: {err}") from None
-        finally:
-            os.close(fd)
+        self.backend = Path(f"/proc/{os.getpid()}/fd/{self._fd}")
         return NvdimmBackend(self.size, path=self.backend)
 
     def _misplaced(self, hpa: int) -> None:
@@ -198,11 +195,11 @@ class MediaBinding:
         return header
 
     def release(self) -> None:
-        """Remove the backend (after QEMU is gone) and give the image's lock back."""
-        if self.backend is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.backend)
-            self.backend = None
+        """Drop the backend (after QEMU is gone) and give the image's lock back."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.backend = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,10 @@ async def _boot(image: images.Image, media: NvdimmMedia, mode: str, secret: str,
                                 warn=warnings.append) as vm:
         nv = vm.query()["nvdimms"][0]
         assert not vm.guest.check_consistency()            # EPT, VMM and IOMMU tag the module with the KeyID
+        maps = Path(f"/proc/{vm.pid}/maps").read_text()      # QEMU maps our memfd: the VMM table covers it
+        mapped = re.search(r"^([0-9a-f]+)-[0-9a-f]+ rw.s .*/memfd:qemu-mktme-nvdimm0 ", maps, re.M)
+        assert mapped and int(mapped[1], 16) == vm.guest.nvdimms[0].hva
+        assert not [p for p in Path("/dev/shm").iterdir() if "nvdimm" in p.name]
         m = await vm.console.wait_for(_RESULT, timeout=120)
         await vm.wait(60)
     return {"pattern": m[2], "secret": m[3], "hpa": int(nv["hpa"], 16), "warnings": warnings}
