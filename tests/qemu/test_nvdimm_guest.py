@@ -131,3 +131,34 @@ def test_wrong_key_gives_garbage_not_an_error(story: dict[str, Any]) -> None:
     assert not boot5["warnings"]                         # nothing tells a wrong key from a right one
     # a guest that only read leaves the media's bytes as they were (the ciphertext round-trips)
     assert story["media5"][HEADER_NBYTES:] == story["media4"][HEADER_NBYTES:]
+
+
+def test_dump_writes_the_media_and_the_session_refuses_snapshots(linux_image: images.Image, tmp_path) -> None:
+    """A dump is a persist point: the media image is written from the DRAM view then (a new
+    module's: the encryption of zeros at its HPA), and again at shutdown with what the guest wrote."""
+    from qemu_mktme.errors import NvdimmError
+    from qemu_mktme.live.session import HostSession, VmSpec
+    media = tmp_path / "pm.img"
+    secret = "DUMP-" + os.urandom(6).hex()
+    config = MachineConfig(name="pm", memory="1G", boot=linux_image.boot(
+        workload="pmem", params={"mode": "write", "size_mb": 1, "secret": secret, "hold": 1}))
+
+    async def run() -> tuple[Any, Any, str]:
+        async with HostSession([VmSpec(config, "acme", user_payload(*KEY), nvdimms=(NvdimmMedia(media, 4 * MiB),))],
+                               control=False) as session:
+            vm = session.machines["pm"]
+            await vm.console.wait_for("mktme-linux: holding", timeout=120)
+            with pytest.raises(NvdimmError, match="a snapshot of a VM with an NVDIMM is refused"):
+                await session.save("pm", str(tmp_path / "snap"), bytes(range(32)))
+            await session.dump(tmp_path / "dump")
+            at_dump = read_header(media)
+            hpa = vm.query()["nvdimms"][0]["hpa"]
+            assert media.read_bytes()[HEADER_NBYTES:] == xts_lines(*KEY, int(hpa, 16), bytes(4 * MiB))
+            await vm.console.write("go\n")
+            await vm.console.wait_for(_RESULT, timeout=120)
+            await vm.wait(60)
+        return at_dump, read_header(media), hpa
+    at_dump, at_shutdown, hpa = asyncio.run(run())
+    assert (at_dump.reason, at_shutdown.reason) == ("dump", "shutdown")
+    assert at_shutdown.hpa == int(hpa, 16) and secret.encode() not in media.read_bytes()
+    assert not (tmp_path / "snap").exists()
