@@ -39,6 +39,7 @@ from ..host.guest import EncryptedGuest
 from ..host.host import Host
 from ..host.payload import KeyType
 from ..host.payload import parse as parse_payload
+from ..qemu.devices import split_options
 from ..qemu.guestram import GuestRAM
 from ..qemu.machine import parse_size
 from ..qemu.nvdimm import NvdimmBackend
@@ -59,20 +60,14 @@ class NvdimmMedia:
     @classmethod
     def parse(cls, text: str) -> NvdimmMedia:
         """``PATH[,size=SIZE][,hpa=ADDR]`` (``ValueError`` with one line for anything else)."""
-        path, *opts = text.split(",")
-        if not path:
-            raise ValueError(f"--nvdimm needs a media path first, got {text!r}")
+        path, opts = split_options(text, "nvdimm", ("size", "hpa"), "PATH[,size=SIZE][,hpa=ADDR]")
         fields: dict[str, int] = {}
-        for opt in opts:
-            key, sep, value = opt.partition("=")
-            if not sep or key not in ("size", "hpa") or key in fields:
-                raise ValueError(f"--nvdimm {text}: expected PATH[,size=SIZE][,hpa=ADDR], got {opt!r}")
-            if key == "size":
-                fields[key] = parse_size(value)
-            elif re.fullmatch(r"0[xX][0-9a-fA-F]+|\d+", value):
-                fields[key] = int(value, 0)
-            else:
-                raise ValueError(f"--nvdimm {text}: hpa= must be an address (0x hex or decimal), got {value!r}")
+        if "size" in opts:
+            fields["size"] = parse_size(opts["size"])
+        if "hpa" in opts:
+            if not re.fullmatch(r"0[xX][0-9a-fA-F]+|\d+", opts["hpa"]):
+                raise ValueError(f"--nvdimm {text}: hpa= must be an address (0x hex or decimal), got {opts['hpa']!r}")
+            fields["hpa"] = int(opts["hpa"], 0)
         if "size" in fields and fields["size"] % ALIGN:
             raise ValueError(f"--nvdimm {text}: size must be a multiple of 2 MiB")
         if "hpa" in fields and fields["hpa"] % ALIGN:

@@ -131,7 +131,8 @@ def test_media_option_parsing() -> None:
     assert NvdimmMedia.parse("/x/m,size=16M,hpa=0x200000000") == NvdimmMedia(Path("/x/m"), 16 << 20, 0x2_0000_0000)
     assert NvdimmMedia.parse("m") == NvdimmMedia(Path("m"))
     for bad, why in [("m,size=3M", "multiple of 2 MiB"), ("m,hpa=0x1000", "2 MiB aligned"),
-                     ("m,colour=red", "expected PATH"), ("m,hpa=zz", "an address"), (",size=2M", "media path")]:
+                     ("m,colour=red", "expected PATH"), ("m,hpa=zz", "an address"), (",size=2M", "needs a file"),
+                     ("m,size=2M,size=4M", "given twice")]:
         with pytest.raises(ValueError, match=why):
             NvdimmMedia.parse(bad)
 
