@@ -90,6 +90,7 @@ class MediaBinding:
         self.write_back = False
         self._lock: MediaLock | None = None
         self._index = -1
+        self.path = media.path                        # the image's real path (symlinks resolved by prepare)
         self.backend: Path | None = None              # QEMU's backend: /proc/OURPID/fd/N of a memfd
         self.memfd_name = ""
         self._fd = -1
@@ -104,7 +105,7 @@ class MediaBinding:
         never in the file system, gone with the last process that holds it, even after ``kill
         -9``) while checking its digests (one pass), size it; the QEMU backend on that memfd
         (``/proc/OURPID/fd/N``). It holds ciphertext until :meth:`bind` decrypts it in place."""
-        path = self.media.path
+        path = self.path = Path(os.path.realpath(self.media.path))   # a symlink stays one: its target is written
         self._index = index
         if not path.parent.is_dir():
             raise NvdimmError(f"{self.label}: no directory {path.parent}")
@@ -158,7 +159,7 @@ class MediaBinding:
         key_type = guest.describe_key().get("type")
         if key_type == "cpu":
             self.warn(f"{self.label}: the VM's key is CPU-generated and dies with the VM; what the guest writes "
-                      "to this module cannot be read by any later boot (use a user key: --key type=user ...)")
+                      "to this module cannot be read by any later boot (use a tenant key: --key user:KEYHEX:TWEAKHEX)")
         if self.header is None:
             self.loaded = self.write_back = True        # a new module: zeros through the KeyID
             return
@@ -179,7 +180,7 @@ class MediaBinding:
             return None
         nv = guest.nvdimms[self._index]
         previous = self._digests.units if self._digests is not None else None
-        header = write_media(self.media.path, guest.nvdimm_dram(self._index, DIGEST_UNIT), size=nv.size, hpa=nv.hpa,
+        header = write_media(self.path, guest.nvdimm_dram(self._index, DIGEST_UNIT), size=nv.size, hpa=nv.hpa,
                              algorithm=str(guest.describe_key().get("algorithm", "")), keyid=int(guest.keyid),
                              reason=reason, previous=previous)
         if header is None:
@@ -237,6 +238,7 @@ def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = N
     if to_hpa is not None and (to_hpa < 0 or to_hpa % ALIGN):
         raise NvdimmError(f"--to-hpa {to_hpa:#x} is not a 2 MiB aligned host physical address")
     check_kind(path, f"NVDIMM media {path}")
+    path = os.path.realpath(path)                     # a symlink stays one: its target is re-encrypted
     key = media_key(key_spec)
     to_key = media_key(to_key_spec) if to_key_spec is not None else None
     lock = MediaLock(path, "nvdimm rekey")

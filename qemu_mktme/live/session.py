@@ -265,9 +265,16 @@ class HostSession:
         if unknown:
             raise ValueError(f"no VM named {unknown[0]!r} (have: {', '.join(self.machines)})")
         chosen = [self.machines[n] for n in vms] or list(self.machines.values())
-        for vm in chosen:                 # a dump is a persist point: NVDIMM media written too
+        for vm in chosen:                 # a dump is a persist point: NVDIMM media written too, paused
             if isinstance(vm, EncryptedMachine) and vm.media:
-                await asyncio.to_thread(vm.flush_nvdimms, "dump")
+                running = vm.state.value == "running"
+                if running:
+                    await vm.pause()
+                try:
+                    await asyncio.to_thread(vm.flush_nvdimms, "dump")
+                finally:
+                    if running:
+                        await vm.resume()
         layout = self.host.platform.layout
         info = {"maxphyaddr": layout.maxphyaddr, "keyid_bits": layout.keyid_bits,
                 "packages": self.host.platform.packages}

@@ -292,3 +292,15 @@ def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Pat
     assert snap.startswith("vm: a snapshot of a VM with an NVDIMM is refused") and "\n" not in snap
     assert migration.startswith("vm: live migration of a VM with an NVDIMM is refused") and "nvdimm rekey" in migration
     assert not (tmp_path / "snap").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_symlinked_image_stays_a_symlink(tmp_path: Path) -> None:
+    real, link, key = tmp_path / "real.img", tmp_path / "link.img", _key(13)
+    plain = np.random.default_rng(13).bytes(SIZE)
+    _media(real, plain, key)
+    link.symlink_to(real)
+    rekey(link, f"user:{key[0].hex()}:{key[1].hex()}", to_hpa=2 * HPA)
+    assert link.is_symlink() and read_header(real).hpa == 2 * HPA
+    assert real.read_bytes()[HEADER_NBYTES:] == xts_lines(*key, 2 * HPA, plain)
+    (tmp_path / "to-zero").symlink_to("/dev/zero")
+    assert "is a device" in _launch(tmp_path, NvdimmMedia(tmp_path / "to-zero", SIZE))
