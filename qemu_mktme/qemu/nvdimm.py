@@ -1,10 +1,11 @@
 """Guest NVDIMMs on stock QEMU: ``-machine nvdimm=on``, one ``memory-backend-file`` and one
 ``-device nvdimm`` per module, the memory slots ``-m`` must then announce.
 
-The backend is a private file (0600, in the RAM directory, removed on teardown) shared with
-QEMU (``share=on``) so that the host model maps it like guest RAM: it is the module's **CPU
-view**, plaintext as the caches see it. What the module holds at rest (ciphertext) is the live
-layer's business (:mod:`qemu_mktme.live.nvdimm`); QEMU never sees the media image.
+The backend is shared with QEMU (``share=on``) so that the host model maps it like guest RAM:
+it is the module's **CPU view**, plaintext as the caches see it. Under MKTME the live layer
+(:mod:`qemu_mktme.live.nvdimm`) gives a memfd of its own (``path=/proc/PID/fd/N``) and keeps
+what the module holds at rest (ciphertext) in the media image, which QEMU never sees; without a
+``path`` the driver makes a private file (0600, in the RAM directory, removed on teardown).
 """
 
 from __future__ import annotations
