@@ -216,8 +216,15 @@ class UnitDigests:
         self._hash = hashlib.sha256()
         self._nbytes = 0
 
-    def update(self, view: memoryview, *, final: bool = False) -> None:
+    def update(self, view: memoryview, *, final: bool = False, pool: ThreadPoolExecutor | None = None) -> None:
+        """Hash ``view``, the body's next bytes (``final``: its last). With ``pool``, the whole
+        units that start on a unit boundary are hashed concurrently (hashlib drops the GIL)."""
         pos = 0
+        if pool is not None and self._nbytes == 0 and len(view) > DIGEST_UNIT:
+            whole = len(view) if final else len(view) - len(view) % DIGEST_UNIT
+            units = [view[i:i + DIGEST_UNIT] for i in range(0, whole, DIGEST_UNIT)]
+            self.units += pool.map(lambda unit: hashlib.sha256(unit).digest(), units)
+            pos = whole
         while pos < len(view):
             take = min(DIGEST_UNIT - self._nbytes, len(view) - pos)
             self._hash.update(view[pos:pos + take])
@@ -253,7 +260,8 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
     old_fd = _previous_image(path, previous, (size, hpa, algorithm, keyid))
     digests = UnitDigests()
     try:
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher, \
+                ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as units:
             out: BinaryIO | None = None
             pos = 0
             for off, data in chunks:
@@ -265,7 +273,7 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
                     if off % DIGEST_UNIT or (len(view) % DIGEST_UNIT and not final):
                         raise ValueError("with previous=, chunks must be whole DIGEST_UNITs")
                     first = len(digests.units)
-                    digests.update(view, final=final)
+                    digests.update(view, final=final, pool=units)
                     if digests.units[first:] == previous[first:len(digests.units)]:
                         continue                      # the same as on disk so far: nothing to write yet
                     out = _start_output(stack, path)
@@ -274,7 +282,7 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
                     continue
                 if out is None:
                     out = _start_output(stack, path)
-                hashed = hasher.submit(digests.update, view, final=final)   # beside the write: both drop the GIL
+                hashed = hasher.submit(digests.update, view, final=final, pool=units)   # beside the write
                 out.write(view)
                 hashed.result()
             if pos != size:

@@ -180,7 +180,7 @@ class MediaBinding:
             return None
         nv = guest.nvdimms[self._index]
         previous = self._digests.units if self._digests is not None else None
-        header = write_media(self.path, guest.nvdimm_dram(self._index, DIGEST_UNIT), size=nv.size, hpa=nv.hpa,
+        header = write_media(self.path, guest.nvdimm_dram(self._index, 4 * DIGEST_UNIT), size=nv.size, hpa=nv.hpa,
                              algorithm=str(guest.describe_key().get("algorithm", "")), keyid=int(guest.keyid),
                              reason=reason, previous=previous)
         if header is None:
