@@ -18,7 +18,7 @@ import pytest
 from qemu_mktme.engine.xts import XtsKey
 from qemu_mktme.errors import NvdimmError
 from qemu_mktme.files import nvdimmfile
-from qemu_mktme.files.nvdimmfile import (HEADER_NBYTES, MediaLock, UnitDigests, read_header, read_media,
+from qemu_mktme.files.nvdimmfile import (DIGEST_UNIT, HEADER_NBYTES, MediaLock, UnitDigests, read_header, read_media,
                                          rekey_media, verify_media, write_media)
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
@@ -304,3 +304,14 @@ def test_a_symlinked_image_stays_a_symlink(tmp_path: Path) -> None:
     assert real.read_bytes()[HEADER_NBYTES:] == xts_lines(*key, 2 * HPA, plain)
     (tmp_path / "to-zero").symlink_to("/dev/zero")
     assert "is a device" in _launch(tmp_path, NvdimmMedia(tmp_path / "to-zero", SIZE))
+
+
+def test_unit_digests_the_same_on_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    data = memoryview(np.random.default_rng(14).bytes(3 * DIGEST_UNIT + (2 << 20)))
+    one, two = UnitDigests(), UnitDigests()
+    one.update(data, final=True)
+    with ThreadPoolExecutor(2) as pool:
+        two.update(data[:2 * DIGEST_UNIT + 4096], pool=pool)
+        two.update(data[2 * DIGEST_UNIT + 4096:], final=True, pool=pool)
+    assert one.units == two.units and len(one.units) == 4 and one.digest() == two.digest()
