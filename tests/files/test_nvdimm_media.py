@@ -282,7 +282,7 @@ def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Pat
 
     async def go() -> list[str]:
         lines = []
-        for attempt in (lambda: save_snapshot(vm, tmp_path / "snap", bytes(32)),
+        for attempt in (lambda: save_snapshot(vm, tmp_path / "snap", bytes(range(32))),
                         lambda: vm.migrate(Host(keyid_bits=6), tls=None, insecure=True)):
             with pytest.raises(NvdimmError) as err:
                 await attempt()
