@@ -33,7 +33,7 @@ def test_run_writes_then_show_and_rekey(linux_image, tmp_path):
     """One boot through the command line (the guest-side proof is tests/qemu/test_nvdimm_guest.py)."""
     key = f"user:{os.urandom(16).hex()}:{os.urandom(16).hex()}"
     media = tmp_path / "pm.img"
-    first = qm("run", "--guest", "linux", "--key", key, "--workload", "pmem", "--param", "mode=write",
+    first = qm("run", "--guest", "linux", "--memory", "512M", "--key", key, "--workload", "pmem", "--param", "mode=write",
                "--nvdimm", f"{media},size=16M,hpa=0x200000000", "--nvdimm-strict", "--no-input", timeout=120)
     assert first.returncode == 0, first.stderr
     assert re.search(r"pmem write pattern sha256=\w{64} secret sha256=\w{64}", first.stdout)

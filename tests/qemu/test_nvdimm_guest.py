@@ -42,7 +42,7 @@ async def _boot(image: images.Image, media: NvdimmMedia, mode: str, secret: str,
     host = Host(keyid_bits=6)
     serial = host.keys.add("acme:pmem", user_payload(*key), tenant="acme")
     warnings: list[str] = []
-    config = MachineConfig(name="pmem", memory="1G", boot=image.boot(
+    config = MachineConfig(name="pmem", memory="512M", boot=image.boot(
         workload="pmem", params={"mode": mode, "size_mb": PATTERN_MB, "secret": secret}))
     async with EncryptedMachine(host, config, key_serial=serial, tenant="acme", nvdimms=[media],
                                 warn=warnings.append) as vm:
@@ -140,7 +140,7 @@ def test_dump_writes_the_media_and_the_session_refuses_snapshots(linux_image: im
     from qemu_mktme.live.session import HostSession, VmSpec
     media = tmp_path / "pm.img"
     secret = "DUMP-" + os.urandom(6).hex()
-    config = MachineConfig(name="pm", memory="1G", boot=linux_image.boot(
+    config = MachineConfig(name="pm", memory="512M", boot=linux_image.boot(
         workload="pmem", params={"mode": "write", "size_mb": 1, "secret": secret, "hold": 1}))
 
     async def run() -> tuple[Any, Any, str]:
