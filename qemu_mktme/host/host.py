@@ -164,7 +164,8 @@ class Host:
         The tables are freed with the guest (``remove_guest``); the range and view here first."""
         guest = self.guests[name]
         if self.platform.memory.integrity is not None:
-            raise HostError(f"{name}: an NVDIMM under integrity (--integrity mac) is not modelled")
+            raise HostError(f"{name}: an NVDIMM under a MAC mode (--integrity, --mitigation mac, mac+owner, "
+                            "freshness) is not modelled: its media would need the tags too")
         buf = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
         buf = buf.reshape(-1).view(np.uint8)
         index = len(guest.nvdimms)
