@@ -244,7 +244,8 @@ class UnitDigests:
 
 
 def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.ndarray]], *, size: int, hpa: int,
-                algorithm: str, keyid: int, reason: str, previous: list[bytes] | None = None) -> MediaHeader | None:
+                algorithm: str, keyid: int, reason: str, previous: list[bytes] | None = None,
+                units: list[bytes] | None = None) -> MediaHeader | None:
     """Write a new image at ``path`` (replacing the old one atomically) from ``chunks``: (media
     offset, ciphertext) in order covering ``[0, size)``. The old image stays until the new one
     is complete and on disk. ``NvdimmError`` if the chunks do not cover the size or writing fails.
@@ -253,7 +254,8 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
     ``digests``). When the header's fields and every unit are the same again, nothing is written
     and None is returned (the image on disk already holds exactly this); when some unit changed,
     the unchanged units before it are copied from the old image in the kernel. With
-    ``previous``, chunks must start on :data:`DIGEST_UNIT` boundaries."""
+    ``previous``, chunks must start on :data:`DIGEST_UNIT` boundaries. ``units`` receives the unit
+    digests of what was given (the ``previous`` of the next write)."""
     check_size(size, f"NVDIMM media {path}")
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
@@ -261,7 +263,7 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
     digests = UnitDigests()
     try:
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher, \
-                ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as units:
+                ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as unit_pool:
             out: BinaryIO | None = None
             pos = 0
             for off, data in chunks:
@@ -273,7 +275,7 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
                     if off % DIGEST_UNIT or (len(view) % DIGEST_UNIT and not final):
                         raise ValueError("with previous=, chunks must be whole DIGEST_UNITs")
                     first = len(digests.units)
-                    digests.update(view, final=final, pool=units)
+                    digests.update(view, final=final, pool=unit_pool)
                     if digests.units[first:] == previous[first:len(digests.units)]:
                         continue                      # the same as on disk so far: nothing to write yet
                     out = _start_output(stack, path)
@@ -282,11 +284,13 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
                     continue
                 if out is None:
                     out = _start_output(stack, path)
-                hashed = hasher.submit(digests.update, view, final=final, pool=units)   # beside the write
+                hashed = hasher.submit(digests.update, view, final=final, pool=unit_pool)   # beside the write
                 out.write(view)
                 hashed.result()
             if pos != size:
                 raise NvdimmError(f"NVDIMM media {path}: {pos} bytes given, size is {size}")
+            if units is not None and out is not None:
+                units[:] = digests.units
             if out is None:
                 return None                           # the image on disk is exactly this one
             header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digests.digest())

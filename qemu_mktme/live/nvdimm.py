@@ -180,13 +180,16 @@ class MediaBinding:
             return None
         nv = guest.nvdimms[self._index]
         previous = self._digests.units if self._digests is not None else None
+        units: list[bytes] = []
         header = write_media(self.path, guest.nvdimm_dram(self._index, 4 * DIGEST_UNIT), size=nv.size, hpa=nv.hpa,
                              algorithm=str(guest.describe_key().get("algorithm", "")), keyid=int(guest.keyid),
-                             reason=reason, previous=previous)
+                             reason=reason, previous=previous, units=units)
         if header is None:
             log.info("%s: unchanged (%s): the image already holds it", self.label, reason)
             return self.header
-        self.header, self._digests = header, None
+        self.header = header
+        self._digests = UnitDigests()
+        self._digests.units = units                     # the next flush compares with this image
         log.info("%s: written (%s) at HPA %#x", self.label, reason, nv.hpa)
         return header
 

@@ -270,8 +270,10 @@ def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.M
     plain[2 * unit + 5] ^= 0xFF                           # the guest changed the last unit
     cipher = xts_lines(*key, HPA, bytes(plain))
     fields["keyid"] = 2                                           # (as the file now says)
-    assert write_media(path, chunked(cipher), previous=digests.units, **fields) is not None
+    units: list[bytes] = []
+    assert write_media(path, chunked(cipher), previous=digests.units, units=units, **fields) is not None
     assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
+    assert write_media(path, chunked(cipher), previous=units, **fields) is None     # the next flush: unchanged
 
 
 def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Path) -> None:
