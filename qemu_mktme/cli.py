@@ -29,12 +29,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .attend import TERMINATED
-from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, migrate, query,
-                       run, snapshot, tenant, verify)
+from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, migrate, nvdimm,
+                       query, run, snapshot, tenant, verify)
 from .commands.options import PROG, UsageError
 from .errors import MktmeError
 
-COMMANDS = (run, attach, query, host, migrate, dump, snapshot, demo, attack, verify, inspect, images, doctor,
+COMMANDS = (run, attach, query, host, migrate, dump, snapshot, nvdimm, demo, attack, verify, inspect, images, doctor,
             keyserver, tenant, image)
 """The top-level commands, in the order ``--help`` lists them."""
 
