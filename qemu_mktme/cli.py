@@ -377,6 +377,9 @@ def verify_cmd(args: argparse.Namespace) -> int:
 
 
 def query(args: argparse.Namespace) -> int:
+    if args.libvirt:
+        from .virt.command import query_libvirt
+        return query_libvirt(args.libvirt)
     result = run_async(control.request("query", pid=args.pid, **({"name": args.vm_name} if args.vm_name else {})))
     _print_json(result)
     return 0
@@ -536,7 +539,12 @@ async def migrate_vm(args: argparse.Namespace) -> int:
 def _add_hosts(sub: Any) -> None:
     """``host start NAME`` and ``migrate VM --to NAME``."""
     h = sub.add_parser("host", help="an emulated host that takes incoming migrations")
-    h_sub = h.add_subparsers(dest="action", metavar="ACTION", required=True)
+    h_sub = h.add_subparsers(dest="action", metavar="ACTION")
+    from .virt import command as virt_command
+    virt_command.add_host_options(h)
+    h.add_argument("--keyid-bits", type=_keyid_bits, default=6, metavar="N", help=argparse.SUPPRESS)
+    h.set_defaults(func=lambda a: run_async(virt_command.host_libvirt(a)) if a.libvirt
+                   else h.error("give an ACTION (start) or --libvirt URI"))
     st = h_sub.add_parser("start", help="run host NAME in the foreground (no VM yet) until Ctrl-C",
                           description="Start an emulated MKTME host that VMs migrate to: each incoming VM's key is "
                                       "released by the tenant's broker after this host attests.")
@@ -567,6 +575,8 @@ def _add_query(sub: Any) -> None:
                                    "VM's encryption state (like QEMU's query-sev).")
     q.add_argument("vm_name", nargs="?", metavar="VM", help="only this VM")
     q.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    q.add_argument("--libvirt", metavar="URI", help="libvirt's domains at URI with their KeyID, key handle and "
+                                                    "tagging state from this machine's host model")
     q.set_defaults(func=query)
 
 
@@ -678,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     _add_images(sub)
     _add_doctor(sub)
+    from .virt.command import add_libvirt_parser
+    add_libvirt_parser(sub, run_async)
     tenant_command.add_tenant_parsers(sub)
     return parser
 

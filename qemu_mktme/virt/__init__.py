@@ -1,0 +1,1 @@
+"""libvirt runs the hosts."""
