@@ -14,6 +14,8 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
     tenant    the tenant's side: key server (PyKMIP), host TPMs (swtpm), attestation, key broker,
               node key, images encrypted at rest
+    virt      libvirt runs the hosts: domains that opt in, the qemu hook, the host model that
+              follows a libvirtd ('host --libvirt'), namespaced test machines
     inspect   offline tools over dumps
     verifier, demo, attack, attend, cli, pytest_plugin    what users run
 

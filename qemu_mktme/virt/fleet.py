@@ -74,12 +74,9 @@ def host_request(cmd: str, *, socket: Path | None = None, timeout: float = 60.0,
     try:
         s.connect(str(path))
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
+        with s.makefile("rb") as f:
+            while (data := f.readline()).startswith(b'{"progress"'):     # long commands stream progress first
+                pass
     except OSError as err:
         raise FleetError(f"the host model at {path} is not reachable ({err.strerror or err}): is "
                          "'qemu-mktme host --libvirt URI' running on that machine?") from None
