@@ -124,8 +124,24 @@ class LibvirtHost:
             await self.__aexit__(None, None, None)
             raise
         self._note(f"host {self.host_name}: following {self.uri}; hook socket {self.socket_path}")
+        await self._adopt_running()
         return self
 
+    async def _adopt_running(self) -> None:
+        """Bind the domains that opt in and already run (this host model was restarted, or was
+        not running when they started): their RAM holds what the guest wrote, taken as plaintext
+        under the key (the CPU view is the truth; DRAM is derived from it). One that cannot be
+        bound is reported, and left to its owner."""
+        def running() -> list[str]:
+            return [d.XMLDesc(0) for d in self._conn.listAllDomains(1)]      # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+        for xml in await asyncio.to_thread(running):
+            d = parse(xml)
+            if not d.opted_in:
+                continue
+            try:
+                await self.adopt(d)
+            except MktmeError as err:
+                self._note(f"domain {d.name} runs without the host model and could not be bound: {err}")
     async def __aexit__(self, *exc: object) -> None:
         await self._server.__aexit__(None, None, None)
         for task in list(self._tasks):
@@ -199,11 +215,22 @@ class LibvirtHost:
             return {}
         if op == "started":
             return await self._started(d)
-        if op in ("reconnect", "attach", "restore"):
-            if name not in self._vms:
-                raise DomainError(f"domain {name} runs without this host model (it was started while the host model "
-                                  "was not running, or restored): destroy it and start it again")
+        if op in ("reconnect", "attach") and name not in self._vms:
+            await self.adopt(d)        # libvirtd restarted (or attached a QEMU) while we were not following it
+        if op == "restore":
+            raise DomainError(f"domain {name}: restoring a saved domain is not supported under MKTME (its memory "
+                              "image would be written to disk in the clear): start it again")
         return {}
+
+    async def adopt(self, d: Domain) -> None:
+        """Attest for and bind a domain whose QEMU already runs."""
+        if d.name in self._vms:
+            return
+        found = problems(d)
+        if found:
+            raise DomainError("\n".join(found))
+        await self._prepare(d)
+        await self._started(d, adopt=True)
 
     async def _prepare(self, d: Domain) -> None:
         """Attest for ``d`` and keep the released key until QEMU exists."""
@@ -225,7 +252,7 @@ class LibvirtHost:
         self._note(f"domain {d.name}: key {d.opt.key!r} of tenant {d.opt.tenant} released to host {self.host_name}"
                    + (" (incoming migration)" if incoming else ""))
 
-    async def _started(self, d: Domain) -> dict[str, Any]:
+    async def _started(self, d: Domain, *, adopt: bool = False) -> dict[str, Any]:
         """Bind ``d``'s QEMU (no vCPU has run) to this host with the released key."""
         assert d.opt is not None and d.qmp is not None
         released = self._released.pop(d.name, None)
@@ -254,7 +281,7 @@ class LibvirtHost:
             assert vm.pid is not None and d.emulator is not None
             await asyncio.to_thread(check_running, vm.pid, measure_binary(d.emulator))
             status = str((await vm.qmp.execute("query-status")).get("status"))
-            if status == "running":
+            if status == "running" and not adopt:
                 raise DomainError(
                     f"domain {d.name} opts into MKTME but its vCPUs ran before its KeyID was bound (a plain start: "
                     "libvirt runs its 'started' hook after the vCPUs): start it paused, 'virsh start --paused "
@@ -267,10 +294,12 @@ class LibvirtHost:
         self._vms[d.name] = (vm, binding)
         self.session.machines[d.name] = vm
         self._spawn(self._watch(d.name, vm), f"{d.name}-watch")
-        if status != "inmigrate":
+        if status not in ("inmigrate", "running"):
             self._spawn(self._resume(d.name), f"{d.name}-resume")
         self._note(f"domain {d.name}: bound to KeyID {vm.keyid} (key handle {serial:#x}) on host {self.host_name}"
-                   + (", awaiting the migration stream" if status == "inmigrate" else "; resuming it"))
+                   + {"inmigrate": ", awaiting the migration stream",
+                      "running": " (it was running: what it wrote is taken as plaintext under the key)"}.get(
+                          status, "; resuming it"))
         return {"keyid": vm.keyid, "handle": f"{serial:#x}", "status": status}
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -281,7 +310,12 @@ class LibvirtHost:
     async def _resume(self, name: str) -> None:
         """Resume a start bound here, through libvirt, once libvirt finished starting it (after the hook)."""
         def resume() -> None:
-            dom = self._conn.lookupByName(name)
+            import libvirt
+            try:
+                dom = self._conn.lookupByName(name)
+            except libvirt.libvirtError:                  # libvirtd was restarted: connect again
+                self._conn = libvirt.open(self.uri)
+                dom = self._conn.lookupByName(name)
             for _ in range(600):
                 state = dom.state()[0]
                 if state == 3:                      # VIR_DOMAIN_PAUSED

@@ -135,7 +135,7 @@ class Testbed:
             if a not in names or b not in names or a == b:
                 raise ValueError(f"a link joins two machines of the testbed, got {a!r}-{b!r}")
         self.hook = hook
-        self.start_libvirtd = libvirtd
+        self._with_libvirtd = libvirtd
         self.top = Path(tempfile.mkdtemp(prefix="qemu-mktme-testbed-", dir=base))
         os.chmod(self.top, 0o700)
         self.machines: dict[str, NsMachine] = {}
@@ -153,7 +153,7 @@ class Testbed:
             for n, (a, b) in enumerate(self.links):
                 self._link(n, self.machines[a], self.machines[b])
             self._pki()
-            if self.start_libvirtd:
+            if self._with_libvirtd:
                 for m in self.machines.values():
                     self._configure(m)
                 starting = {m.name: self._libvirtd(m) for m in self.machines.values()}
@@ -236,13 +236,15 @@ class Testbed:
         with open(m.etc / "libvirtd.conf", "a") as f:
             f.write(f'\n# qemu-mktme testbed machine {m.name}\nlisten_tls = 0\nlisten_tcp = 1\n'
                     f'listen_addr = "{m.address}"\nauth_tcp = "none"\nauth_unix_rw = "none"\n'
-                    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+                    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+                    'keepalive_interval = 1\nkeepalive_count = 3\n')
         with open(m.etc / "qemu.conf", "a") as f:
             f.write(f'\n# qemu-mktme testbed machine {m.name}\nuser = "root"\ngroup = "root"\n'
                     'dynamic_ownership = 0\nremember_owner = 0\nstdio_handler = "file"\n'
                     'cgroup_controllers = [ ]\nnamespaces = [ ]\nsecurity_driver = "none"\n'
                     f'migration_address = "{m.address}"\nmigration_host = "{m.address}"\n'
-                    'migrate_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"\nmigrate_tls_x509_verify = 1\n')
+                    'migrate_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"\nmigrate_tls_x509_verify = 1\n'
+                    'keepalive_interval = 1\nkeepalive_count = 3\n')
         if self.hook:
             from .hooks import install
             install(m.etc)
@@ -264,10 +266,16 @@ class Testbed:
             if time.monotonic() > deadline:
                 raise TestbedError(f"machine {m.name}: libvirtd did not listen within {START_TIMEOUT:g} s")
             time.sleep(0.02)
-        r = m.virsh("version", timeout=START_TIMEOUT)
-        if r.returncode != 0:
-            raise TestbedError(f"machine {m.name}: libvirtd does not answer on {m.uri}: {r.stderr.strip()}")
+        while (r := m.virsh("version", timeout=START_TIMEOUT)).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TestbedError(f"machine {m.name}: libvirtd does not answer on {m.uri}: {r.stderr.strip()}")
+            time.sleep(0.05)
         self._keep_caps(m)
+
+    def start_libvirtd(self, name: str) -> None:
+        """(Re)start machine ``name``'s libvirtd (after a test killed it) and wait until it answers."""
+        m = self.machines[name]
+        self._wait_libvirtd(m, self._libvirtd(m))
 
     # QEMU's capabilities, probed once by a machine's libvirtd, are kept for the next machines
     # (libvirt checks them against the binary and itself, and probes again when stale).

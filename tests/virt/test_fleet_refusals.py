@@ -133,3 +133,96 @@ def test_a_destination_failing_attestation_gets_no_ram_and_the_guest_runs_on(fle
     assert fleet.bindings("a")["domains"]["vm3"]["keyid"] == source["keyid"]
     b = fleet.bindings("b")
     assert b["keyids_in_use"] == [] and b["keys"] == 0
+
+
+def _migrating(fleet, name: str, bandwidth: int = 4) -> subprocess.Popen:
+    """``virsh migrate --tls`` from a to b, slowed to ``bandwidth`` MiB/s, running in the background
+    once b's host model bound its QEMU (the stream is flowing)."""
+    pid = fleet.bindings("a")["domains"][name]["pid"]
+    with open(_memfd(pid, 64 << 20), "r+b") as ram:          # 40 MiB the stream must carry (not zero pages)
+        ram.seek(8 << 20)
+        ram.write(os.urandom(40 << 20))
+    proc = fleet["a"].popen(["virsh", "-c", fleet["a"].uri, "migrate", "--live", "--p2p", "--tls", "--bandwidth",
+                             str(bandwidth), name, fleet["b"].uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait(lambda: name in fleet.bindings("b")["domains"] or proc.poll() is not None, 30, "b bound the incoming QEMU")
+    _wait(lambda: "migrat" in fleet["a"].virsh("domjobinfo", name).stdout.lower() or proc.poll() is not None, 30,
+          "the stream started")
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.5)
+    return proc
+
+
+def _memfd(pid: int, size: int) -> str:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        if os.readlink(path).startswith("/memfd:") and os.stat(path).st_size == size:
+            return path
+    raise AssertionError(f"no memfd of {size} bytes in {pid}")
+
+
+def _running_on_a(fleet, name: str) -> None:
+    if _state(fleet, "a", name) == "paused":
+        assert fleet["a"].virsh("resume", name).returncode == 0         # resumable
+    _wait(lambda: _state(fleet, "a", name) == "running", 30, f"{name} running on a")
+    before = _ticks(fleet, "a", name)
+    _wait(lambda: _ticks(fleet, "a", name) > before, 20, f"{name} ticking on a")
+    assert fleet.bindings("a")["domains"][name]["tagged"]
+
+
+@pytest.mark.parametrize("what", ["destination libvirtd", "link", "source libvirtd"])
+def test_an_interrupted_migration_leaves_the_guest_on_its_source(fleet, what):
+    name = "vm" + what.split()[0][:4]
+    fleet.define("a", name, memory=64 << 20)
+    assert fleet["a"].virsh("start", "--paused", name).returncode == 0
+    _wait(lambda: _ticks(fleet, "a", name) > 2, 30, "ticking on a")
+    proc = _migrating(fleet, name)
+    if what == "destination libvirtd":
+        os.kill(fleet["b"].libvirtd, signal.SIGKILL)
+    elif what == "source libvirtd":
+        os.kill(fleet["a"].libvirtd, signal.SIGKILL)
+    else:
+        fleet["a"].run(["ip", "link", "set", fleet["a"].links["b"], "down"])
+    try:
+        out, err = proc.communicate(timeout=patience(60))
+        assert proc.returncode != 0, out
+        assert err.strip(), "virsh said nothing"
+    finally:
+        if what == "link":
+            fleet["a"].run(["ip", "link", "set", fleet["a"].links["b"], "up"])
+            fleet["a"].run(["ip", "route", "replace", f"{fleet['b'].address}/32", "via",
+                            _peer(fleet), "src", fleet["a"].address])
+        else:
+            fleet.bed.start_libvirtd("b" if what.startswith("destination") else "a")
+    _running_on_a(fleet, name)
+    _wait(lambda: fleet.bindings("b")["keyids_in_use"] == [] and fleet.bindings("b")["keys"] == 0, 60,
+          "nothing left on b")
+    assert _state(fleet, "b", name) != "running"
+    assert len(fleet.bindings("a")["keyids_in_use"]) == 1
+
+
+def _peer(fleet) -> str:
+    route = fleet["a"].run(["ip", "-o", "addr", "show", fleet["a"].links["b"]]).stdout
+    mine = re.search(r"inet (\S+)/24", route)[1]
+    return mine.rsplit(".", 1)[0] + (".2" if mine.endswith(".1") else ".1")
+
+
+def test_the_destination_host_model_killed_mid_migration(fleet):
+    fleet.define("a", "vm9", memory=64 << 20)
+    assert fleet["a"].virsh("start", "--paused", "vm9").returncode == 0
+    _wait(lambda: _ticks(fleet, "a", "vm9") > 2, 30, "ticking on a")
+    proc = _migrating(fleet, "vm9")
+    fleet.daemons["b"].kill()                                    # -9: its bindings die with it
+    fleet.daemons["b"].wait()
+    out, err = proc.communicate(timeout=patience(120))
+    fleet.start_daemon("b")                                      # adopts what runs there
+    where = "b" if proc.returncode == 0 else "a"
+    _wait(lambda: _state(fleet, where, "vm9") == "running", 30, f"vm9 running on {where}")
+    before = _ticks(fleet, where, "vm9")
+    _wait(lambda: _ticks(fleet, where, "vm9") > before, 20, f"vm9 ticking on {where}")
+    other = "a" if where == "b" else "b"
+    _wait(lambda: fleet.bindings(other)["keyids_in_use"] == [] and fleet.bindings(other)["keys"] == 0, 30,
+          f"nothing left on {other}")
+    _wait(lambda: fleet.bindings(where)["domains"].get("vm9", {}).get("tagged"), 30, f"vm9 bound on {where}")
+    if where == "b":
+        assert "it was running" in fleet.log("b").read_text()   # bound again by the restarted host model
