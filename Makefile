@@ -2,7 +2,8 @@
 # Debian packages (scripts/setup-host.sh), a virtualenv in .venv, guest images in the cache
 # ($QEMU_MKTME_CACHE, default ~/.cache/qemu-mktme). All steps are skipped when already done.
 #
-#   make test        the whole suite (QEMU, guests, a fresh-virtualenv install)
+#   make test        make lint, then the whole suite (QEMU, guests, a fresh-virtualenv install)
+#   make lint        ruff and mypy (configured in pyproject.toml): no finding allowed
 #   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
 #   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
 #   make verify      every verifier workload, plain vs emulated (qemu-mktme verify)
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 # takes 3.5 min instead of 6 (QEMU under TCG and the Python driving it overlap across workers).
 XDIST := -n 2 --dist loadscope
 
-.PHONY: all setup host venv images demo test test-pure test-busy test-qemu10 verify bench clean
+.PHONY: all setup host venv images demo lint test test-pure test-busy test-qemu10 verify bench clean
 
 all: test
 
@@ -41,7 +42,11 @@ images: venv
 demo: setup
 	$(BIN)/qemu-mktme demo
 
-test: setup
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-pure: venv

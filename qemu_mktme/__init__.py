@@ -12,12 +12,16 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     trace     the TCG plugin shim and the tracer
     vhost     device models outside QEMU whose DMA goes through the IOMMU: vhost-user-blk
     live      QEMU bound to the host model: encrypted machines, sessions, snapshots, dumps
-    tenant    the tenant's side: key server (PyKMIP), host TPMs (swtpm), attestation, key broker,
-              node key, images encrypted at rest
+    attest    the host's side of attestation: TPMs (swtpm), measured launch, quotes, the broker
+              client, node key, images encrypted at rest, attested launch and migration
+    tenant    the tenant's side: key server (PyKMIP), key broker, PKI, keys and policy
     virt      libvirt runs the hosts: domains that opt in, the qemu hook, the host model that
               follows a libvirtd ('host --libvirt'), namespaced test machines
     inspect   offline tools over dumps
-    verifier, demo, attack, attend, cli, pytest_plugin    what users run
+    verifier, demo, attack, attend    what users run, as library calls
+    commands  one module per top-level command: argparse in, typed library calls, printing
+    cli       the command table, main, the exit policy
+    pytest_plugin    fixtures for tests of guests under MKTME
 
 ``errors`` is shared by all, and ``compiled`` (a C source built into the cache: the XTS
 helper, the shim) by the layers that build.

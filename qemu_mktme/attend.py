@@ -13,8 +13,8 @@ import stat
 import sys
 import termios
 import tty
-from collections.abc import Callable
 from typing import Any
+from collections.abc import Awaitable, Callable
 
 from .errors import MktmeError
 from .qemu.machine import Machine
@@ -35,7 +35,7 @@ async def _forward_stdin(vm: Machine, raw: bool, stop: asyncio.Event) -> None:
     if raw or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        read = lambda: reader.read(1024)  # noqa: E731
+        read: Callable[[], Awaitable[bytes]] = lambda: reader.read(1024)  # noqa: E731
     else:  # a regular file or /dev/null cannot be polled: read it in a thread
         read = lambda: loop.run_in_executor(None, os.read, sys.stdin.fileno(), 1024)  # noqa: E731
     while data := await read():
@@ -69,10 +69,14 @@ async def _stream_console(vm: Machine, out: Callable[[str], None], prefix: str =
             return
 
 
-async def attend(session: HostSession, args: Any) -> int:
-    """Show the host's VMs, stream their consoles, forward input, until they stop or Ctrl-]."""
+async def attend(session: HostSession, *, no_input: bool, trace_interval: float | None = None) -> int:
+    """Show the host's VMs, stream their consoles, forward input, until they stop or Ctrl-].
+
+    ``no_input``: leave standard input alone; ``trace_interval``: print each traced VM's memory
+    traffic every so many seconds.
+    """
     machines = list(session.machines.values())
-    interactive = sys.stdin.isatty() and not args.no_input and len(machines) == 1
+    interactive = sys.stdin.isatty() and not no_input and len(machines) == 1
     def write(text: str) -> None:
         sys.stdout.write(text.replace("\n", "\r\n") if interactive else text)
         sys.stdout.flush()
@@ -88,11 +92,11 @@ async def attend(session: HostSession, args: Any) -> int:
     prefix = len(machines) > 1
     background = [asyncio.create_task(_stream_console(vm, write, f"[{vm.name}] " if prefix else ""))
                   for vm in machines]
-    if getattr(args, "trace", False):
-        background.append(asyncio.create_task(_trace_summary(session, args.trace_interval)))
-    if not args.no_input and len(machines) == 1:
+    if trace_interval is not None:
+        background.append(asyncio.create_task(_trace_summary(session, trace_interval)))
+    if not no_input and len(machines) == 1:
         background.append(asyncio.create_task(_forward_stdin(machines[0], interactive, stop)))
-    ended = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
+    ended: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.gather(*(vm.wait() for vm in machines))),
              asyncio.create_task(stop.wait())]
     terminated = TERMINATED.get(None)
     if terminated is not None:

@@ -115,7 +115,7 @@ async def _tenant_vm(s: Story, host: Host, linux: images.Image, tenant: _Tenant)
               f"({q['algorithm']}, {host.keys.pconfig_calls} PCONFIG KEYID_SET_KEY_DIRECT)")
         s.say(f"EPT {q['eptp']}, QEMU's page table over its RAM at {q['vmm-hva']}, IOMMU {q['iommu-slptptr']}: "
               f"all tagged with KeyID {q['keyid']}")
-        s.check(q["consistent"], "EPT, VMM page table and IOMMU agree on the KeyID of every page")
+        s.check(bool(q["consistent"]), "EPT, VMM page table and IOMMU agree on the KeyID of every page")
         yield vm
 
 

@@ -161,7 +161,8 @@ class Emulation:
     async def foreign_write(self, vm: Machine, gpa: int, nbytes: int) -> None:
         if self.inject == "foreign-write" and isinstance(vm, EncryptedMachine):
             other = self.host.keys.add("intruder", "type=cpu", tenant="intruder")
-            keyid = int(self.host.keys.describe(other)["keyid"])
+            keyid = self.host.keys.describe(other)["keyid"]
+            assert isinstance(keyid, int)
             vm.guest.write(gpa, os.urandom(nbytes), keyid=keyid)
             self.notes.append(f"injected: {nbytes} bytes written at GPA {gpa:#x} through KeyID {keyid}")
 
@@ -354,10 +355,8 @@ def _tmp_snapshot(name: str) -> str:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -397,15 +396,15 @@ def check_stock(image: images.Image) -> list[str]:
     if image.disk is not None:             # the Debian system: every file is from a package mmdebstrap installed
         release = image.manifest.get("kernel_release")
         pkg = next((p for p in image.manifest.get("packages", []) if p["name"] == f"linux-image-{release}"), None)
-        digest = dict(image.manifest.get("artifacts", {}))
+        artifacts = dict(image.manifest.get("artifacts", {}))
         return [f"{image.kernel.name}: stock linux-image-{release} {pkg['version'] if pkg else '?'} (installed by "
-                f"mmdebstrap), sha256 {str(digest.get(image.kernel.name))[:16]}...",
+                f"mmdebstrap), sha256 {str(artifacts.get(image.kernel.name))[:16]}...",
                 f"{image.disk.name}: {len(image.manifest.get('packages', []))} stock packages, sha256 "
-                f"{str(digest.get(image.disk.name))[:16]}..."]
+                f"{str(artifacts.get(image.disk.name))[:16]}..."]
     if not image.manifest.get("stock_files"):
-        digest = dict(image.manifest.get("artifacts", {})).get(image.kernel.name, "?")
+        built = dict(image.manifest.get("artifacts", {})).get(image.kernel.name, "?")
         return [f"{image.kernel.name}: built here from guest_images/{image.name} with "
-                f"{image.manifest.get('toolchain', 'the system toolchain')}, sha256 {str(digest)[:16]}..."]
+                f"{image.manifest.get('toolchain', 'the system toolchain')}, sha256 {str(built)[:16]}..."]
     for name, rec in dict(image.manifest.get("stock_files", {})).items():
         digest = hashlib.sha256(images.read_stock_file(image, name)).hexdigest()
         if digest != rec["sha256"]:
@@ -431,7 +430,7 @@ async def run_once(work: Workload, emu: Emulation | None) -> Run:
             # plain: QEMU's virtio-blk; emulated: the default under emulation, our backend
             disks += (DiskSpec(Path(disk), dma="qemu" if emu is None else None),)
             stack.push_async_callback(_hash_disk, disk, run)
-        nets = ()
+        nets: tuple[NetSpec, ...] = ()
         if work.net:
             run.hostfwd_port = _free_port()
             nets = (NetSpec("user", (f"tcp:127.0.0.1:{run.hostfwd_port}-:7777",)),)

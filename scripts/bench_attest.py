@@ -37,8 +37,9 @@ from qemu_mktme.qemu import binary, passthrough
 from qemu_mktme.live.session import HostSession, VmSpec
 from qemu_mktme.qemu.devices import DiskSpec
 from qemu_mktme.qemu.machine import MachineConfig
-from qemu_mktme.tenant import admin, digests, image, keyserver
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session, memory_payload
+from qemu_mktme.attest import digests, image
+from qemu_mktme.tenant import admin, keyserver
+from qemu_mktme.attest.launch import TenantLaunch, attested_session, memory_payload
 from qemu_mktme.tenant.store import TenantDir
 
 FIRST_LINE = r"mktme-baremetal \d+ ready"
@@ -47,7 +48,7 @@ VARIANTS = ["attested first", "local first", "attested again", "local again"]
 
 def forget_process_state() -> None:
     """What a new ``qemu-mktme`` process starts without: the measured digests (kept in memory
-    only, :mod:`qemu_mktme.tenant.digests`) and QEMU's version/option probes."""
+    only, :mod:`qemu_mktme.attest.digests`) and QEMU's version/option probes."""
     digests.forget()
     binary._probe.cache_clear()
     binary.kvm_works.cache_clear()

@@ -31,8 +31,8 @@ from qemu_mktme.live.migrate import plain_migrate
 from qemu_mktme.live.session import HostSession
 from qemu_mktme.qemu.machine import Machine, MachineConfig
 from qemu_mktme.tenant import admin, keyserver
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session
-from qemu_mktme.tenant.migrate import attested_migration
+from qemu_mktme.attest.launch import TenantLaunch, attested_session
+from qemu_mktme.attest.migrate import attested_migration
 from qemu_mktme.tenant.store import TenantDir
 
 MEMORY = 512 << 20
@@ -72,7 +72,7 @@ async def main() -> int:
             admin.make_policy(tenant, boot, hosts=list(dirs), host_dirs=dirs)
             tls = tenant.pki.directory
             plain = {"a": Machine(config), "b": Machine(dataclasses.replace(config, name="vm2"))}
-            for k, vm in plain.items():
+            for vm in plain.values():
                 await vm.launch()
                 fill(vm.ram, 0)
             launch = {h: TenantLaunch(ks.url, tenant.pki.ca, host=h, host_dir=d) for h, d in dirs.items()}

@@ -124,7 +124,7 @@ async def watched_traffic(seconds: float) -> list[str]:
             consumed = 0
             watch = tracer.watch(page, nbytes, on="store")
 
-            async def consume() -> None:
+            async def consume(watch=watch) -> None:
                 nonlocal consumed
                 async for batch in watch.batches():
                     consumed += len(batch)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 SECRET = "PROBE-GUEST-SECRET-7f3a"
 MAX_SCAN = 2 << 30          # bytes per file; guest RAM files are scanned whole up to this

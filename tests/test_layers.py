@@ -12,8 +12,8 @@ import qemu_mktme
 
 ROOT = Path(qemu_mktme.__file__).parent
 # Lowest first; a module may import its own layer and any layer before it. ``errors`` is shared.
-ORDER = ["errors", "compiled", "arch", "engine", "host", "files", "qemu", "images", "trace", "vhost", "live", "tenant",
-         "virt", "inspect", "verifier", "demo", "attack", "attend", "cli", "pytest_plugin"]
+ORDER = ["errors", "compiled", "arch", "engine", "host", "files", "qemu", "images", "trace", "vhost", "live", "attest", "tenant",
+         "virt", "inspect", "verifier", "demo", "attack", "attend", "commands", "cli", "pytest_plugin"]
 SIDEWAYS_OK: set[tuple[str, str]] = set()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from .addresses import KeyIdLayout
+from .addresses import KeyIdLayout, PhysAddr
 from .bitfield import BitLayout, Bits
 from .entry import address_rows, entry_address, entry_keyid, make_entry
 from .paging import PAGE_SIZE_1G, PAGE_SIZE_2M, PAGE_SIZE_4K
@@ -118,7 +118,7 @@ def walk_vtd_second_level(
         raise ValueError(f"levels must be 3, 4 or 5, got {levels}")
     if iova < 0 or iova >> (12 + 9 * levels):
         return WalkFault(FaultKind.BAD_ADDRESS, "SLPTPTR", iova, (), f"wider than a {levels}-level walk")
-    hpa, keyid = layout.split(slptptr & ~0xFFF)
+    hpa, keyid = layout.split(PhysAddr(slptptr & ~0xFFF))
     table: list[Level] = []
     if levels == 5:
         table.append(Level("SL_PML5E", 48, lambda raw: (sl_pml5e_layout(layout), None)))

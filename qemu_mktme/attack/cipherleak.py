@@ -120,7 +120,7 @@ async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), per
 async def _next(stores, timeout: float):  # type: ignore[no-untyped-def]
     try:
         return await asyncio.wait_for(anext(stores), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AccessTimeout(stores.gpa, stores.nbytes, "store", timeout) from None
 
 

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from ..arch.addresses import CACHE_LINE_SIZE, HPA, PAGE_SHIFT, PAGE_SIZE, KeyIdLayout
+from ..arch.addresses import CACHE_LINE_SIZE, HPA, PAGE_SHIFT, PAGE_SIZE, KeyIdLayout, PhysAddr
 from ..errors import AddressError, MachineCheck
 from .integrity import LineIntegrity, Poison
 from .keytable import LineCipher
@@ -109,7 +109,7 @@ class PhysicalMemory:
             raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
         if pa < 0 or pa >> layout.maxphyaddr:
             raise AddressError(f"physical address {pa:#x} exceeds MAXPHYADDR {layout.maxphyaddr}", address=pa, nbytes=nbytes)
-        hpa, keyid = layout.split(pa)
+        hpa, keyid = layout.split(PhysAddr(pa))
         self._check_hpa(hpa, nbytes)
         return hpa, keyid
 

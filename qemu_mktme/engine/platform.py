@@ -198,7 +198,7 @@ class Platform:
     def _check_homes(self, homes: Sequence[tuple[int, int, int]] | None) -> tuple[tuple[int, int, int], ...]:
         if homes is None:
             return ((0, 1 << self.maxphyaddr, 0),)
-        out = []
+        out: list[tuple[int, int, int]] = []
         for start, end, package in sorted(homes):
             if start % PAGE_SIZE or end % PAGE_SIZE or not 0 <= start < end <= 1 << self.maxphyaddr:
                 raise ValueError(f"memory home {start:#x}..{end:#x} must be page-aligned and inside the physical space")

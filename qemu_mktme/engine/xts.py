@@ -133,7 +133,8 @@ class XtsKey:
         if ctx is None:
             ctx = (_ecb(self._tweak_key).encryptor(), *_block_cipher(self._data_key))
             self._local.ctx = ctx
-        return ctx  # type: ignore[no-any-return]
+        contexts: tuple[Any, Any, Any] = ctx
+        return contexts
 
     def _native(self, lib: Any) -> int:
         """This thread's context in the compiled helper (freed with the key or the thread)."""
@@ -141,7 +142,8 @@ class XtsKey:
         if ctx is None:
             ctx = _NativeContext(lib, self._data_key, self._tweak_key)
             self._local.native = ctx
-        return ctx.ptr
+        ptr: int = ctx.ptr
+        return ptr
 
 
 class _NativeContext:

@@ -133,7 +133,7 @@ def holds_only(names: Iterable[str]) -> Proof:
 def remove_stale_partials(target: Path, *, proof: Proof | None = None) -> list[str]:
     """Remove the temporaries of writers killed earlier: those of ``target`` and, with ``proof``,
     those of any other name in its directory that it proves ours. The names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(target.parent))
     except OSError:
@@ -152,7 +152,7 @@ def remove_stale_partials(target: Path, *, proof: Proof | None = None) -> list[s
     return removed
 
 
-def _stale(entry: os.DirEntry, m: re.Match, proof: Proof | None) -> bool:
+def _stale(entry: os.DirEntry[str], m: re.Match[str], proof: Proof | None) -> bool:
     """A regular file or directory of this user (never a symlink), proven ours when ``proof`` is
     given, whose writer is dead."""
     st = entry.stat(follow_symlinks=False)

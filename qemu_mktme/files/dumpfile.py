@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,7 +65,7 @@ class Region:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Region":
+    def from_json(cls, d: dict[str, Any]) -> Region:
         return cls(str(d["vm"]), str(d["tenant"]), int(d["hpa"], 16), int(d["nbytes"]), int(d["file_offset"]),
                    int(d["keyid"]), d.get("algorithm"), str(d["key_type"]),
                    tuple((int(r["gpa"], 16), int(r["size"]), int(r["hpa"], 16)) for r in d["gpa_ranges"]),
@@ -96,7 +96,7 @@ def _keyid_runs(guest: EncryptedGuest) -> tuple[tuple[int, int, int], ...]:
 
 
 def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *,
-               host_info: dict[str, Any] | None = None, progress: Progress | None = None) -> "Dump":
+               host_info: dict[str, Any] | None = None, progress: Progress | None = None) -> Dump:
     """Write the DRAM image of ``guests`` to directory ``path`` (which must not exist).
 
     The caller pauses the VMs (as :func:`qemu_mktme.live.capture.capture` does). On any
@@ -131,7 +131,7 @@ def _write_regions(out: BinaryIO, guests: Sequence[EncryptedGuest], progress: Pr
     for guest in guests:
         offset = out.tell()
         for _, chunk in guest.iter_dram(chunk_nbytes=CHUNK_NBYTES):
-            out.write(memoryview(chunk))
+            out.write(chunk.data)
             done += chunk.size
             if progress:
                 progress(done, total)
@@ -163,7 +163,9 @@ def _check_regions(path: Path, regions: Sequence[Region]) -> None:
         for h, n, k in r.keyid_runs:
             if n <= 0 or k < 0 or h % PAGE_SIZE or not r.hpa <= h <= h + n * PAGE_SIZE <= r.end:
                 raise bad(r, f"KeyID run {h:#x}+{n} pages outside HPA {r.hpa:#x}+{r.nbytes:#x}")
-    for key, what in ((lambda r: r.file_offset, "file ranges"), (lambda r: r.hpa, "HPA ranges")):
+    starts: tuple[tuple[Callable[[Region], int], str], ...] = ((lambda r: r.file_offset, "file ranges"),
+                                                               (lambda r: r.hpa, "HPA ranges"))
+    for key, what in starts:
         ordered = sorted(regions, key=key)
         for a, b in zip(ordered, ordered[1:]):
             if key(a) + a.nbytes > key(b):

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import IntegrityError, SnapshotError
 from .regular import open_regular
+import contextlib
 
 MAGIC = b"QMKTSNAP"
 END_MAGIC = b"QMKTEND\0"
@@ -72,10 +73,8 @@ def load_kek(text: bytes | str, source: str = "key-encryption key") -> bytes:
     words = data.split()
     kek = b""
     if len(words) == 1 and words[0].isascii():
-        try:
+        with contextlib.suppress(ValueError):
             kek = bytes.fromhex(words[0].decode("ascii"))
-        except ValueError:
-            pass
     if len(kek) != KEK_NBYTES or len(words[0]) != 2 * KEK_NBYTES:
         if not words:
             found = "nothing"

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..arch.addresses import PAGE_SIZE, KeyID
+from ..arch.addresses import HPA, KeyID
 from ..arch.walk import WalkFault
 from ..errors import AddressError
 from .guest import EncryptedGuest
@@ -61,11 +61,11 @@ class Dma:
 DmaObserver = Callable[[Dma], None]
 
 
-def dma_quiet(guest: EncryptedGuest) -> "nullcontext[None] | Iterator[None]":
+def dma_quiet(guest: EncryptedGuest) -> AbstractContextManager[None]:
     """Context for the memory accesses of a DMA: the sanitizer's rule (a) stays quiet there, as
     rule (c) has reported the transfer."""
     sanitizer = sanitizer_of(guest.platform.memory)
-    return sanitizer.quiet() if sanitizer is not None else nullcontext()  # type: ignore[return-value]
+    return sanitizer.quiet() if sanitizer is not None else nullcontext()
 
 
 class DmaSanitizer:
@@ -189,7 +189,7 @@ class AssignedDevice:
         with dma_quiet(self.guest):
             for hpa, k, _, _, n in runs:
                 window = mem.cpu_window(hpa, k, n)
-                out.append(window if window is not None else mem.read_array(self.guest.layout.compose(hpa, KeyID(k)), n))
+                out.append(window if window is not None else mem.read_array(self.guest.layout.compose(HPA(hpa), KeyID(k)), n))
         self.counters.reads += 1
         self.counters.read_bytes += nbytes
         self._observe("read", runs)
@@ -224,7 +224,7 @@ class AssignedDevice:
                 window[:] = view[off:off + n]
                 continue
             with dma_quiet(guest):
-                mem.write(guest.layout.compose(hpa, KeyID(keyid)), view[off:off + n])
+                mem.write(guest.layout.compose(HPA(hpa), KeyID(keyid)), view[off:off + n])
             if keyid != guest.keyid:
                 self.counters.foreign += 1
                 guest.foreign_write(guest.gpa_of(hpa), n, keyid)
@@ -264,7 +264,7 @@ class AssignedDevice:
                 if hit[1] != keyid or off + n > 1 << shift:
                     return -1
                 pos = hit[0] + off - base
-                return pos if 0 <= pos and pos + n <= size else -1
+                return pos if pos >= 0 and pos + n <= size else -1
         return -1
 
     def dma_write_sg(self, segments: list[tuple[int, int]], data: np.ndarray) -> None:

@@ -105,19 +105,19 @@ def parse(payload: str | bytes) -> Payload:
         if "key" not in options or "tweak" not in options:
             raise _einval("type=user needs key= and tweak=")
         key, tweak = _hex("key", options["key"], n), _hex("tweak", options["tweak"], n)
-        for name, value in (("key", key), ("tweak", tweak)):
-            if not any(value):
-                raise _einval(f"{name}= is all zeros")
+        for what, secret in (("key", key), ("tweak", tweak)):
+            if not any(secret):
+                raise _einval(f"{what}= is all zeros")
         if key == tweak:
             raise _einval("key= and tweak= are equal (IEEE 1619 forbids equal XTS keys)")
         return Payload(kind, algorithm, key, tweak)
     # cpu: optional entropy, at most the key length
-    key = _hex("key", options["key"], None) if "key" in options else None
-    tweak = _hex("tweak", options["tweak"], None) if "tweak" in options else None
-    for name, value in (("key", key), ("tweak", tweak)):
-        if value is not None and len(value) > n:
-            raise _einval(f"{name}= entropy is at most {n} bytes for {algorithm_name(algorithm)}")
-    return Payload(kind, algorithm, key, tweak)
+    entropy = _hex("key", options["key"], None) if "key" in options else None
+    tweak_entropy = _hex("tweak", options["tweak"], None) if "tweak" in options else None
+    for what, given in (("key", entropy), ("tweak", tweak_entropy)):
+        if given is not None and len(given) > n:
+            raise _einval(f"{what}= entropy is at most {n} bytes for {algorithm_name(algorithm)}")
+    return Payload(kind, algorithm, entropy, tweak_entropy)
 
 
 def payload_from_spec(spec: str, read_file: Callable[[str], str] | None = None) -> str | None:

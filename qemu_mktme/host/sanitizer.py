@@ -127,7 +127,7 @@ class Sanitizer:
 
     # ------------------------------------------------------------------ installation
 
-    def install(self, host: Any) -> "Sanitizer":
+    def install(self, host: Any) -> Sanitizer:
         """Watch ``host`` (a :class:`~qemu_mktme.host.host.Host`) from now on."""
         memory = host.platform.memory
         if memory.observer is not None and memory.observer is not self:
@@ -196,7 +196,7 @@ class Sanitizer:
         if self._memory is not None:
             for att in self._memory.attachments:
                 if att.hpa <= hpa < att.end:
-                    return att.keyid
+                    return int(att.keyid)
         return -1
 
     @staticmethod

@@ -197,7 +197,7 @@ class TranslationTable:
 
     def walk(self, address: int) -> Translation | WalkFault:
         """The architectural walk of ``address`` over the entries in memory."""
-        root = self.root
+        root: int = self.root
         if self.format is EPT:
             root = ept.make_eptp(self.layout, self.root)
         return self.format.walk(self.memory.read_qword, root, address, self.layout)
@@ -277,4 +277,5 @@ class TranslationTable:
 def _present_mask(fmt: Format, raw: np.ndarray) -> np.ndarray:
     """The present entries of a table page (EPT: any of R/W/X; IA-32e: P; VT-d: R or W)."""
     bits = {"EPT": 7, "VMM page table": 1, "IOMMU second-level": 3}[fmt.name]
-    return (raw & np.uint64(bits)) != 0
+    present: np.ndarray = (raw & np.uint64(bits)) != 0
+    return present

@@ -31,7 +31,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from ..errors import ImageError
 from ..files.cache import cache_root
@@ -51,7 +52,7 @@ class Image:
 
     name: str
     directory: Path
-    manifest: Mapping[str, object]
+    manifest: Mapping[str, Any]
 
     @property
     def kernel(self) -> Path:
@@ -120,7 +121,7 @@ class Image:
 
     @property
     def workloads(self) -> list[str]:
-        return list(self.manifest.get("workloads", []))  # type: ignore[arg-type]
+        return list(self.manifest.get("workloads", []))
 
 
 def _kernel_word(value: str) -> str:
@@ -140,7 +141,7 @@ def _locked(root: Path) -> Iterator[None]:
         yield
 
 
-def _verify(name: str, directory: Path) -> dict[str, object]:
+def _verify(name: str, directory: Path) -> dict[str, Any]:
     """The manifest of an intact image; ``ImageError`` saying what is wrong otherwise."""
     hint = f"(run 'qemu-mktme images build {name}')"
     path = directory / MANIFEST
@@ -249,7 +250,7 @@ class ImageStatus:
     directory: Path
     state: str            # "ok", "stale" (recipe changed), "missing" or "corrupt"
     detail: str
-    manifest: Mapping[str, object] | None
+    manifest: Mapping[str, Any] | None
 
 
 def status(*, cache: Path | None = None) -> list[ImageStatus]:
@@ -265,7 +266,7 @@ def status(*, cache: Path | None = None) -> list[ImageStatus]:
             out.append(ImageStatus(name, recipe.description, directory, state, str(err), None))
             continue
         current = manifest.get("recipe_sha256") == recipe.digest()
-        packages = [p for p in manifest.get("packages", []) if isinstance(p, dict)]  # type: ignore[union-attr]
+        packages = [p for p in manifest.get("packages", []) if isinstance(p, dict)]
         if len(packages) > 5:
             detail = f"{len(packages)} packages, kernel {manifest.get('kernel_release')}"
         else:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
+from collections.abc import Iterable
 
 TRAILER = "TRAILER!!!"
 

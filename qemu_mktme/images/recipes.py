@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import ImageError
 from . import cpio
@@ -128,8 +128,8 @@ class BaremetalRecipe(Recipe):
               "--no-warn-rwx-segments", "-T", str(src / "link.ld"), "-o", str(elf), *objs],
              image=self.name, what="link")
         run_tool(["objcopy", "-O", "binary", str(elf), str(work / "baremetal.bin")], image=self.name)
-        for obj in objs:
-            os.unlink(obj)
+        for path in objs:
+            os.unlink(path)
         nm = run_tool(["nm", str(elf)], image=self.name)
         symbols = {m[2]: int(m[1], 16) for m in re.finditer(r"^([0-9a-f]+) \w (\w+)$", nm, re.M)}
         compiler = run_tool([gcc, "--version"], image=self.name).splitlines()[0]
@@ -156,6 +156,7 @@ class LinuxRecipe(Recipe):
             raise ImageError(f"{LINUX_KERNEL_METAPACKAGE} depends on {depends!r}, not a kernel", image=self.name)
         kernel = apt_download(kernel_pkg, debs, progress)
         busybox = apt_download(LINUX_BUSYBOX_PACKAGE, debs, progress)
+        assert kernel.path is not None and busybox.path is not None       # set by a download
 
         progress(f"extracting the kernel from {kernel.path.name}")
         release = kernel_pkg.removeprefix("linux-image-")

@@ -7,7 +7,7 @@ import hashlib
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import ImageError
 

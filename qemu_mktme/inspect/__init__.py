@@ -1,4 +1,5 @@
-"""The inspect layer: DRAM dumps, and the tools to study them as a physical attacker would.
+"""The inspect layer: DRAM dumps, and the tools to study them as a physical attacker would
+(``qemu-mktme inspect DUMP ACTION`` is :mod:`qemu_mktme.commands.inspect`).
 
 One job per module::
 
@@ -12,7 +13,6 @@ One job per module::
     diff       two dumps of one VM compared per 16-byte block: what deterministic XTS leaks
     plot       PNG panels (Pillow): KeyID map, entropy, changed blocks
     output     all-or-nothing 0600 output files
-    command    ``qemu-mktme inspect DUMP ACTION`` (``add_inspect_parser``)
 
 From Python::
 

@@ -144,7 +144,7 @@ def extract(dump: Dump, path: str | os.PathLike[str], *, key: XtsKey | None, nby
             hints.append(sample_entropy(chunk, stride) if stride > 1 else page_entropy(chunk))
             a, b = max(pos, start), min(pos + chunk.size, start + nbytes)
             if a < b:
-                f.write(memoryview(chunk[a - pos:b - pos]))
+                f.write(chunk[a - pos:b - pos].data)
     ent = np.concatenate(hints)
     return Extract(str(path), region.vm, start, gpa_of(region, start), nbytes, key is not None, int(ent.size),
                    int(np.count_nonzero(ent < threshold)), float(ent.mean()), threshold)

@@ -49,7 +49,7 @@ class ControlServer:
         self.name = name                  # the host's name: ``<pid>.name`` beside the socket
         self._server: asyncio.AbstractServer | None = None
 
-    async def __aenter__(self) -> "ControlServer":
+    async def __aenter__(self) -> ControlServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST)

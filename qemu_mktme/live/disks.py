@@ -23,6 +23,7 @@ from ..qemu.devices import DiskSpec
 from ..vhost.blk import Transfer, VhostUserBlk
 from ..vhost.memory import DirectMemory, IommuMemory
 from ..vhost.protocol import MemRegion, ProtocolError, Server
+import contextlib
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,8 @@ class VhostDisks:
 
     def _publish(self, t: Transfer) -> None:
         for q in list(self._subscribers):
-            try:
+            with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(t)
-            except asyncio.QueueFull:
-                pass
 
     async def trace(self, maxsize: int = 65536) -> AsyncIterator[Transfer]:
         """Transfers as the devices complete them (a slow consumer drops the overflow)."""

@@ -81,7 +81,7 @@ class EncryptedMachine(Machine):
     async def attach(cls, host: Host, qmp_socket: str | os.PathLike[str], *,  # type: ignore[override]
                      key_serial: int, tenant: str, ram_path: str | os.PathLike[str] | None = None,
                      console_socket: str | os.PathLike[str] | None = None, name: str = "attached",
-                     hpa: int | None = None, revoke_key_on_close: bool = False) -> "EncryptedMachine":
+                     hpa: int | None = None, revoke_key_on_close: bool = False) -> EncryptedMachine:
         """Bind a QEMU that someone else started (libvirt, a script) to ``host``: its shared RAM
         backend becomes the CPU view of an HPA range with the VM's KeyID in the EPT, QEMU's page
         table and an IOMMU domain, so the DRAM view, dumps and host-model accesses work as for a
@@ -181,14 +181,14 @@ class EncryptedMachine(Machine):
             self.guest.poison_hooks.append(self.poison_watch.poisoned)
 
     async def migrate(self, dest: Host, payload: object = None, *, tls: Path | None, insecure: bool = False,
-                      progress: object = None) -> tuple["EncryptedMachine", object]:
+                      progress: object = None) -> tuple[EncryptedMachine, object]:
         """``moved, result = await vm.migrate(dest_host, tls=PKI_DIR)``: live migration to host
         model ``dest`` (:mod:`.migrate`); this machine is closed once ``moved`` runs there.
 
         ``payload``: the destination's key. Default: a tenant (``user``) key is the same key again;
         a CPU-generated key never leaves the CPU, so the destination's CPU generates its own (the
         stream carries plaintext under TLS either way, as on hardware). To have the destination
-        attest for the key, use :func:`qemu_mktme.tenant.migrate.attested_migration`.
+        attest for the key, use :func:`qemu_mktme.attest.migrate.attested_migration`.
         """
         from .migrate import migrate      # migrate builds on this module
         if payload is None:
@@ -211,7 +211,7 @@ class PendingKeyMachine(EncryptedMachine):
 
     def __init__(self, host: Host, config: MachineConfig, *, key: Awaitable[int], tenant: str,
                  iommu_keyid: int | None = None, spawned: Callable[[int], object] | None = None,
-                 prepare: Callable[["PendingKeyMachine"], Awaitable[object]] | None = None) -> None:
+                 prepare: Callable[[PendingKeyMachine], Awaitable[object]] | None = None) -> None:
         super().__init__(host, config, key_serial=-1, tenant=tenant, iommu_keyid=iommu_keyid)
         self._key = key
         self._on_spawn = spawned

@@ -49,7 +49,7 @@ async def launch_machine(config: MachineConfig, *, tracer: Tracer | None = None,
 
 
 async def launch_with_key(config: MachineConfig, key: Awaitable[int], release: Callable[[int], object], *,
-                          machine: Callable[[MachineConfig, "asyncio.Future[int]"], M],
+                          machine: Callable[[MachineConfig, asyncio.Future[int]], M],
                           tracer: Tracer | None = None) -> M:
     """``machine(config, key)`` launched while its key handle is still on its way (a
     :class:`~.encrypted.PendingKeyMachine` binds once it arrives). When the launch fails the

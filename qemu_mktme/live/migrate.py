@@ -3,7 +3,7 @@
 The hosts share no memory: QEMU sends all of guest RAM (no ``x-ignore-shared``). The sequence:
 
 1. a fresh QEMU with ``-incoming defer`` starts on the destination while its key is on the way
-   (the caller brings the key, or an awaitable of it: :mod:`qemu_mktme.tenant.migrate` gets it
+   (the caller brings the key, or an awaitable of it: :mod:`qemu_mktme.attest.migrate` gets it
    from the broker after the destination's attestation, beside QEMU's start);
 2. the destination host programs the key into a KeyID of **its own** choosing and binds the new
    QEMU to its host model (a new :class:`EncryptedMachine`: EPT, VMM page table and IOMMU tagged
@@ -108,7 +108,7 @@ class Incoming:
 
     @classmethod
     async def start(cls, dest: Host, config: MachineConfig, payload: Payload | str | Awaitable[Payload], *, tenant: str,
-                    tls: Path | None) -> "Incoming":
+                    tls: Path | None) -> Incoming:
         if config.name in dest.guests:
             raise MigrationError(f"the destination host already has a guest named {config.name!r}")
         if config.disks:

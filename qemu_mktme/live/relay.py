@@ -25,7 +25,7 @@ class Relay:
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
 
-    def __enter__(self) -> "Relay":
+    def __enter__(self) -> Relay:
         self._thread.start()
         return self
 
@@ -62,11 +62,11 @@ class Relay:
                     chunk = b""
                 other = peers.get(sock)
                 if not chunk or other is None:
-                    for s in (sock, other):
-                        if s is not None and s in peers:
-                            sel.unregister(s)
-                            peers.pop(s, None)
-                            s.close()
+                    for end in (sock, other):
+                        if end is not None and end in peers:
+                            sel.unregister(end)
+                            peers.pop(end, None)
+                            end.close()
                     continue
                 self.data += chunk
                 other.setblocking(True)

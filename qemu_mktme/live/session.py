@@ -97,7 +97,7 @@ class HostSession:
         self._control = ControlServer(self.handlers, name=name) if control else None
         self._stack = contextlib.AsyncExitStack()
 
-    async def __aenter__(self) -> "HostSession":
+    async def __aenter__(self) -> HostSession:
         try:
             for spec in self.specs:
                 await self._start(spec)
@@ -135,7 +135,7 @@ class HostSession:
         name = spec.config.name
         made: list[PendingKeyMachine] = []
 
-        def machine(cfg: MachineConfig, k: "asyncio.Future[int]") -> PendingKeyMachine:
+        def machine(cfg: MachineConfig, k: asyncio.Future[int]) -> PendingKeyMachine:
             made.append(PendingKeyMachine(self.host, cfg, key=k, tenant=spec.tenant, iommu_keyid=spec.iommu_keyid,
                                           spawned=spec.spawned, prepare=spec.prepare))
             return made[-1]
@@ -144,7 +144,8 @@ class HostSession:
             got = await payload
             tenant = spec.tenant
             if isinstance(got, OwnedPayload):
-                got, tenant = got.payload, got.tenant
+                tenant = got.tenant
+                got = got.payload
             if made:
                 made[-1].tenant = tenant
             try:
@@ -206,7 +207,7 @@ class HostSession:
             raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
         return await save_snapshot(vm, path, kek, progress=progress)
 
-    async def migrate(self, name: str, dest: "HostSession", payload: Payload | str | Awaitable[Payload], *, tls: Any,
+    async def migrate(self, name: str, dest: HostSession, payload: Payload | str | Awaitable[Payload], *, tls: Any,
                       insecure: bool = False, dest_tls: Any = None, progress: MigrateProgress | None = None,
                       via: Callable[[int], int] | None = None) -> MigrationResult:
         """Live-migrate VM ``name`` to the host of session ``dest`` (see :mod:`.migrate`): on success

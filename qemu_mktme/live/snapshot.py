@@ -230,7 +230,7 @@ def _write_chunks(writer: Writer, vm: EncryptedMachine, progress: Progress | Non
     the bytes stored."""
     stored = 0
     for offset, dram in vm.guest.iter_dram(chunk_nbytes=CHUNK_NBYTES, skip_zero=True):
-        writer.add_chunk(offset, memoryview(dram))
+        writer.add_chunk(offset, dram.data)
         stored += dram.size
         if progress:
             progress(offset + dram.size, vm.ram.size)

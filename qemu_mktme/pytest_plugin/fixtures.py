@@ -25,7 +25,7 @@ from .options import Settings, settings
 try:
     import pytest_asyncio
 except ImportError:  # the async fixtures need pytest-asyncio: the extra qemu-mktme[pytest]
-    pytest_asyncio = None
+    pytest_asyncio = None  # type: ignore[assignment]  # tested below before each use
 
 MISSING_ASYNCIO = "qemu-mktme's mktme_vm fixture needs pytest-asyncio: pip install 'qemu-mktme[pytest]'"
 

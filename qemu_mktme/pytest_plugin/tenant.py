@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from ..tenant import admin, keyserver
-from ..tenant.broker import BrokerClient
-from ..tenant.hostid import AttestedHost
+from ..attest.client import BrokerClient
+from ..attest.hostid import AttestedHost
 from ..tenant.keyserver import KeyServerInfo
 from ..tenant.store import TenantDir
 
@@ -64,7 +64,7 @@ def mktme_attested_host(mktme_keyserver: KeyServerFixture, tmp_path_factory: pyt
                         mktme_settings) -> Iterator[AttestedHost]:
     """Host ``host0`` booted with the bare-metal guest's measured set, enrolled in the tenant's policy."""
     from .. import images
-    from ..tenant.measure import measured_set
+    from ..attest.measure import measured_set
     directory = tmp_path_factory.getbasetemp() / "mktme-hosts" / "host0"
     boot = images.build("baremetal").boot()
     admin.make_policy(mktme_keyserver.tenant, boot, hosts=["host0"], keyid_bits=mktme_settings.keyid_bits,

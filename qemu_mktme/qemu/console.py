@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..errors import ConsoleTimeout, QemuExited
+import contextlib
 
 TAIL_CHARS = 2000
 
@@ -73,10 +74,8 @@ class Console:
             self._reader_task = None
         if self._writer is not None:
             self._writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
             self._writer = None
         if self._closed_reason is None:
             self._closed_reason = "console closed"
@@ -124,10 +123,8 @@ class Console:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise ConsoleTimeout(regex.pattern, timeout, self.tail())
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
 
     async def _gone(self, doing: str) -> QemuExited:
         if self._exit_info is not None:

@@ -53,7 +53,7 @@ class DiskSpec:
                              f"driver): use dma=qemu, or qemu-img convert -O raw")
 
     @classmethod
-    def parse(cls, text: str) -> "DiskSpec":
+    def parse(cls, text: str) -> DiskSpec:
         """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]``; the format is read from the
         file's header when not given (a qcow2 header means qcow2, anything else raw), never left to
         QEMU's probing (which would let a raw guest-written disk turn itself into a qcow2 one)."""
@@ -174,7 +174,7 @@ class NetSpec:
             _check_hostfwd(rule)
 
     @classmethod
-    def parse(cls, text: str) -> "NetSpec":
+    def parse(cls, text: str) -> NetSpec:
         """``user[,hostfwd=tcp:[HOSTADDR]:HOSTPORT-[GUESTADDR]:GUESTPORT]...`` (QEMU's syntax)."""
         mode, *opts = text.split(",")
         if mode not in NET_MODES:

@@ -44,7 +44,7 @@ class MasterSecret:
 
     @classmethod
     @contextlib.contextmanager
-    def for_launch(cls) -> Iterator["MasterSecret"]:
+    def for_launch(cls) -> Iterator[MasterSecret]:
         """A fresh secret and the read end of a pipe holding it (closed after the block)."""
         master = cls(os.urandom(32))
         r, w = os.pipe()

@@ -33,7 +33,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
 from ..files import runtime
@@ -147,7 +147,7 @@ class _Owned:
     ram_file: Path | None = None
 
 
-_live: "weakref.WeakSet[Machine]" = weakref.WeakSet()
+_live: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
 @atexit.register
@@ -266,7 +266,7 @@ class Machine:
 
     # ------------------------------------------------------------------ context manager
 
-    async def __aenter__(self) -> "Machine":
+    async def __aenter__(self) -> Self:
         if self.state is VmState.IDLE:
             await self.launch()
         return self
@@ -482,7 +482,7 @@ class Machine:
 
     @classmethod
     async def attach(cls, qmp_socket: str | os.PathLike[str], *, ram_path: str | os.PathLike[str] | None = None,
-                     console_socket: str | os.PathLike[str] | None = None, name: str = "attached") -> "Machine":
+                     console_socket: str | os.PathLike[str] | None = None, name: str = "attached") -> Machine:
         """Drive a QEMU that someone else started; its RAM backend must be shared (``share=on``).
 
         ``ram_path`` overrides discovery (``memory-backend-file`` paths and memfds are found
@@ -576,7 +576,7 @@ class Machine:
             raise QemuError(f"{self.name}: no process of ours to wait for")
         try:
             rc = await asyncio.wait_for(self._proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LaunchError(f"{self.name}: QEMU still running after {timeout:g} s",
                               stderr_tail=self.stderr_tail()) from None
         self._set_state(VmState.EXITED)
@@ -638,7 +638,7 @@ class Machine:
             try:
                 await asyncio.wait_for(self._proc.wait(), grace)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
 
     def _kill_now(self) -> None:

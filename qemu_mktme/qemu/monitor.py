@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
@@ -22,7 +23,7 @@ class Monitor:
         """Connect and negotiate; ``AttachError`` if nobody answers (dead or busy socket)."""
         try:
             await asyncio.wait_for(self._client.connect(socket_path), timeout)
-        except asyncio.TimeoutError as err:
+        except TimeoutError as err:
             await self._abort()
             raise AttachError(f"QMP socket {socket_path}: no greeting within {timeout:g} s "
                               "(another client connected, or not a QMP socket?)") from err

@@ -1,22 +1,15 @@
-"""The tenant's side: a key server, TPM-rooted host attestation, a key broker, the node key and
-the image encrypted at rest (issue 14; the KVM Forum 2018 "tenant's key" use case).
+"""The tenant's side: a key server, a key broker that releases keys only to attested hosts, the
+tenant's PKI, keys and policy (issue 14; the KVM Forum 2018 "tenant's key" use case).
 
     pki        CA, server and client certificates in QEMU's file names (``cryptography``)
     kmip       PyKMIP's server configuration and a bounded, quiet client
     keyserver  ``keyserver start|stop|status``: PyKMIP and the broker as one background process
     store      the tenant's state directory: key names, policy, manifest-signing key
-    tpm        each emulated host's TPM: swtpm driven through tpm2-pytss
-    eventlog   measured-launch events, replay, comparison with reference values (pure)
-    measure    what a host boot measures: QEMU, shim, package, platform config, guest boot files
-    attest     checking quotes and binding-key certifications; sealing a key to a TPM key
-    broker     nonce, verify, release (HTTPS), and the host's client
-    hostid     a host's state directory, its TPM, node key and fetch of released keys
-    image      LUKS-in-qcow2 images and their signed manifests
+    broker     nonce, verify, release (HTTPS); the host's client is ``attest.client``
     admin      the tenant's operations: add keys, record reference values, encrypt images
-    launch     an attested launch: measure, attest, release, start the VM
-    migrate    an attested migration: the destination attests and gets the key, then live migration
-    command    the tenant's commands and run's --tenant-server options (parsers, thin)
     story      ``demo --tenant``
 
-The layer sits above ``live`` (it starts HostSessions) and below ``inspect`` and the commands.
+The layer sits above ``attest`` (the host's side: TPMs, measurement, attested launch and
+migration, whose evidence the broker checks) and below ``inspect``; its commands are in
+``qemu_mktme.commands`` (keyserver, tenant, image, and run's --tenant-server options).
 """

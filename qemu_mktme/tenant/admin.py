@@ -11,12 +11,12 @@ from pathlib import Path
 
 from ..errors import TenantError
 from ..qemu.boot import BootSpec
-from . import image as image_mod
+from ..attest import image as image_mod
 from . import keyserver
-from .hostid import AttestedHost
-from .measure import measured_set
+from ..attest.hostid import AttestedHost
+from ..attest.measure import measured_set
 from .store import KEY_NAME_CHARS, Policy, TenantDir
-from .tpm import PCRS
+from ..attest.tpm import PCRS
 
 KINDS = ("memory", "disk")
 
@@ -28,7 +28,7 @@ def add_key(tenant: TenantDir, name: str, kind: str = "memory") -> str:
         raise TenantError(f"invalid key name {name!r}: letters, digits, '_', '.', '-'")
     if kind not in KINDS:
         raise TenantError(f"key kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if name in tenant.keys():
+    if name in tenant.keys():  # noqa: SIM118 - the tenant directory, not a dict
         raise TenantError(f"the tenant has a key named {name!r} already")
     uid = keyserver.kmip_client(tenant).create_key(name)
     tenant.record_key(name, uid, kind)

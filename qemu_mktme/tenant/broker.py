@@ -31,27 +31,24 @@ import os
 import ssl
 import threading
 import time
-import http.client
-import socket
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ..attest import eventlog
+from ..attest.client import REQUEST_TIMEOUT
+from ..attest.quote import ak_fingerprint, seal_to, verify_binding, verify_quote
+from ..attest.tpm import Quote
 from ..errors import AttestationError, KeyServerError, TenantError
-from . import eventlog
-from .attest import Sealed, ak_fingerprint, seal_to, verify_binding, verify_quote
 from .kmip import KmipClient
 from .store import TenantDir
-from .tpm import Quote
 
 log = logging.getLogger(__name__)
 
 NONCE_LIFETIME = 60.0
 MAX_NONCES = 4096
 MAX_BODY = 1 << 20
-REQUEST_TIMEOUT = 15.0
 PREFETCH_MAX_AGE = 10.0
 """Seconds a key fetched at nonce time may wait for its release (else it is fetched again)."""
 MAX_PREFETCH = 8
@@ -83,7 +80,7 @@ class Broker:
                 _drop(self._prefetch.pop(gone))
             if keys and len(self._prefetch) < MAX_PREFETCH:
                 try:
-                    wanted = [(self.tenant.key_uid(name), name) for name in keys]
+                    wanted: list[tuple[str, str | None]] = [(self.tenant.key_uid(name), name) for name in keys]
                 except TenantError:
                     return n                                  # refused at release, with its reason
                 self._prefetch[n] = (tuple(keys), self._fetcher.submit(self.kmip.get_keys, wanted))
@@ -235,7 +232,7 @@ class BrokerServer:
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="broker", daemon=True)
 
-    def start(self) -> "BrokerServer":
+    def start(self) -> BrokerServer:
         self._thread.start()
         return self
 
@@ -243,97 +240,3 @@ class BrokerServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.broker.close()
-
-
-class BrokerClient:
-    """The host's side of the HTTPS protocol; the broker is authenticated by the tenant's CA.
-
-    One kept-alive connection serves a client's requests (nonce, release): one TLS handshake.
-    """
-
-    def __init__(self, url: str, ca: str | os.PathLike[str], *, timeout: float = REQUEST_TIMEOUT) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme != "https" or not parsed.hostname:
-            raise TenantError(f"tenant server URL must be https://HOST:PORT, got {url!r}")
-        self.url = url.rstrip("/")
-        self._host, self._port = parsed.hostname, parsed.port or 443
-        try:
-            self._ctx = ssl.create_default_context(cafile=str(ca))
-        except (OSError, ssl.SSLError) as err:
-            raise TenantError(f"tenant CA certificate {ca}: {getattr(err, 'strerror', None) or err}") from None
-        self.timeout = timeout
-        self._conn: http.client.HTTPSConnection | None = None
-        self._manifest_key: bytes | None = None
-        self.tenant: str | None = None      # the tenant's name, as its broker (authenticated by its CA) says
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
-        reused = self._conn is not None
-        for attempt in (0, 1):
-            if self._conn is None:
-                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout,
-                                                         context=self._ctx)
-            try:
-                self._conn.request("POST", path, body, {"Content-Type": "application/json"})
-                resp = self._conn.getresponse()
-                return resp.status, resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self.close()
-                if not reused or attempt:          # a kept-alive connection the broker closed: once more
-                    raise
-            except BaseException:
-                self.close()
-                raise
-        raise AssertionError("unreachable")
-
-    def _post(self, path: str, obj: dict[str, Any]) -> dict[str, Any]:
-        try:
-            status, data = self._exchange(path, json.dumps(obj).encode())
-        except ssl.SSLCertVerificationError as err:
-            raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
-                                 f"({err.verify_message})") from None
-        except (TimeoutError, socket.timeout) as err:
-            raise KeyServerError(f"key broker {self.url} did not answer within {self.timeout:g} s: {err}") from None
-        except (OSError, http.client.HTTPException) as err:
-            raise KeyServerError(f"key broker {self.url} is not reachable: {err}") from None
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            raise KeyServerError(f"key broker {self.url}: HTTP {status}, not JSON") from None
-        if status == 403:
-            raise AttestationError(f"the key broker refused this host: {answer.get('error')}")
-        if status != 200:
-            raise KeyServerError(f"key broker {self.url}: HTTP {status}: {answer.get('error')}")
-        return answer
-
-    def nonce(self, keys: list[str] | None = None) -> bytes:
-        """A fresh nonce (the answer also carries the tenant's manifest key, kept for :meth:`manifest_key`);
-        ``keys``: the names the release will ask for (the broker fetches them meanwhile)."""
-        answer = self._post("/v1/nonce", {"keys": keys} if keys else {})
-        try:
-            self._manifest_key = bytes.fromhex(answer["manifest_key"])
-            self.tenant = str(answer["tenant"]) if answer.get("tenant") else self.tenant
-            return bytes.fromhex(answer["nonce"])
-        except (KeyError, TypeError, ValueError):
-            raise KeyServerError(f"key broker {self.url}: malformed nonce") from None
-
-    def manifest_key(self):
-        """The tenant's Ed25519 manifest key, as the broker (authenticated by the tenant's CA) serves it."""
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-        try:
-            raw = self._manifest_key or bytes.fromhex(self._post("/v1/manifest-key", {})["key"])
-            return ed25519.Ed25519PublicKey.from_public_bytes(raw)
-        except (KeyError, TypeError, ValueError):
-            raise KeyServerError(f"key broker {self.url}: malformed manifest key") from None
-
-    def release(self, request: dict[str, Any]) -> tuple[dict[str, Sealed], str]:
-        answer = self._post("/v1/release", request)
-        try:
-            self.tenant = str(answer["tenant"]) if answer.get("tenant") else self.tenant
-            return {n: Sealed.from_json(s) for n, s in answer["keys"].items()}, str(answer["host"])
-        except (KeyError, TypeError, AttributeError):
-            raise KeyServerError(f"key broker {self.url}: malformed answer") from None

@@ -111,7 +111,7 @@ def start(tenant: TenantDir) -> KeyServerInfo:
     _reap_group(tenant, _recorded(tenant))          # a server killed with -9 may have left its helper
     (tenant.path / STATE).unlink(missing_ok=True)
     tenant.kmip_dir.mkdir(mode=0o700, exist_ok=True)
-    log = open(tenant.kmip_dir / "daemon.log", "ab")
+    log = open(tenant.kmip_dir / "daemon.log", "ab")  # noqa: SIM115 - closed in the finally below, after Popen
     # The same qemu_mktme as ours, wherever it was imported from (a checkout, a virtualenv).
     package_root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
@@ -183,7 +183,7 @@ def _serve(tenant: TenantDir) -> None:
         from kmip.services.server.server import KmipServer
     state = tenant.kmip_dir
     pki = tenant.pki.check()
-    broker_log = open(tenant.path / "broker.log", "a", buffering=1)
+    broker_log = open(tenant.path / "broker.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the server
 
     def note(message: str) -> None:
         broker_log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")

@@ -155,7 +155,7 @@ class KmipClient:
                 except ssl.SSLError as err:
                     self._drop()
                     raise KeyServerError(f"key server {self._where()}: TLS failed for {what}: {err.reason or err}") from None
-                except (ConnectionError, socket.timeout, TimeoutError, OSError) as err:
+                except (ConnectionError, TimeoutError, OSError) as err:
                     self._drop()
                     last = err
                 except Exception as err:  # noqa: BLE001  PyKMIP wraps socket trouble in its own exceptions

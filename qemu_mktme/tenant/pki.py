@@ -49,7 +49,7 @@ class Pki:
     def client(self) -> tuple[Path, Path]:
         return self.path(CLIENT_CERT), self.path(CLIENT_KEY)
 
-    def check(self, names: tuple[str, ...] = (CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)) -> "Pki":
+    def check(self, names: tuple[str, ...] = (CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY)) -> Pki:
         missing = [n for n in names if not self.path(n).is_file()]
         if missing:
             raise TenantError(f"PKI directory {self.directory} lacks {', '.join(missing)} (run 'qemu-mktme tenant init')")
@@ -82,7 +82,7 @@ def issue(directory: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Cer
           validity: datetime.timedelta = VALIDITY) -> None:
     """A leaf certificate for ``cn`` signed by the CA, written as ``cert_name`` / ``key_name``."""
     key = ec.generate_private_key(ec.SECP256R1())
-    start = not_before or datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    start = not_before or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(start).not_valid_after(start + validity)
@@ -110,7 +110,7 @@ def create_pki(directory: str | os.PathLike[str], *, client_cn: str, ca_cn: str 
     if (d / CA_CERT).exists():
         raise TenantError(f"{d} already holds a PKI ({CA_CERT}); remove it first or use another directory")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     ca_cert = (x509.CertificateBuilder().subject_name(_name(ca_cn)).issuer_name(_name(ca_cn))
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now).not_valid_after(now + VALIDITY * 5)

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from ..errors import TenantError
 from ..files.atomic import write_synced
-from . import eventlog
-from .eventlog import Event
+from ..attest import eventlog
+from ..attest.eventlog import Event
 from .pki import Pki, create_pki
 
 ENV_TENANT = "QEMU_MKTME_TENANT_DIR"
@@ -65,7 +65,7 @@ class Policy:
         return {"pcrs": list(self.pcrs), "reference": [e.to_json() for e in self.reference], "hosts": self.hosts}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Policy":
+    def from_json(cls, obj: Any) -> Policy:
         try:
             return cls(tuple(int(p) for p in obj["pcrs"]), eventlog.loads(obj["reference"]), dict(obj["hosts"]))
         except (KeyError, TypeError, ValueError):
@@ -93,7 +93,7 @@ class TenantDir:
     def exists(self) -> bool:
         return (self.pki.ca).is_file()
 
-    def require(self) -> "TenantDir":
+    def require(self) -> TenantDir:
         if not self.exists():
             raise TenantError(f"no tenant in {self.path} (run 'qemu-mktme tenant init')")
         self.pki.check()

@@ -18,10 +18,11 @@ from pathlib import Path
 from ..errors import AttestationError, TpmError
 from ..qemu.binary import find_qemu
 from ..qemu.machine import MachineConfig
-from . import admin, image, keyserver
-from .hostid import AttestedHost
-from .launch import TenantLaunch, attested_session
-from .measure import measured_set
+from ..attest import image
+from . import admin, keyserver
+from ..attest.hostid import AttestedHost
+from ..attest.launch import TenantLaunch, attested_session
+from ..attest.measure import measured_set
 from .store import TenantDir
 
 

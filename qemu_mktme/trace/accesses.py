@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -83,14 +84,14 @@ class Access(NamedTuple):
     insn_bytes: bytes
 
     @classmethod
-    def from_tuple(cls, t: tuple) -> "Access":  # type: ignore[type-arg]
+    def from_tuple(cls, t: tuple) -> Access:  # type: ignore[type-arg]
         """From one item of :func:`access_tuples` (the field order of :data:`ACCESS_DTYPE`)."""
         seq, offset, gpa, vaddr, pc, vcpu, keyid, size, kind, insn_len, _flags, insn = t
         return tuple.__new__(cls, (vcpu, gpa if gpa >= 0 else None, vaddr, size, KINDS[kind], pc, seq,
                                    keyid, offset, insn[:insn_len]))
 
     @classmethod
-    def from_row(cls, row: np.void) -> "Access":
+    def from_row(cls, row: np.void) -> Access:
         return cls.from_tuple(access_tuples(np.array([row], dtype=ACCESS_DTYPE))[0])
 
     @property
@@ -143,7 +144,7 @@ class Traffic:
     store_bytes: int = 0
 
     @classmethod
-    def from_counters(cls, c: np.ndarray) -> "Traffic":
+    def from_counters(cls, c: np.ndarray) -> Traffic:
         """From a row ``[loads, stores, load_bytes, store_bytes]``."""
         return cls(int(c[0]), int(c[1]), int(c[2]), int(c[3]))
 
@@ -155,11 +156,11 @@ class Traffic:
     def bytes(self) -> int:
         return self.load_bytes + self.store_bytes
 
-    def __add__(self, other: "Traffic") -> "Traffic":
+    def __add__(self, other: Traffic) -> Traffic:
         return Traffic(self.loads + other.loads, self.stores + other.stores,
                        self.load_bytes + other.load_bytes, self.store_bytes + other.store_bytes)
 
-    def __sub__(self, other: "Traffic") -> "Traffic":
+    def __sub__(self, other: Traffic) -> Traffic:
         return Traffic(self.loads - other.loads, self.stores - other.stores,
                        self.load_bytes - other.load_bytes, self.store_bytes - other.store_bytes)
 
@@ -236,7 +237,7 @@ class TrafficSnapshot:
     gpas: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     seconds: float = 0.0
 
-    def __sub__(self, older: "TrafficSnapshot") -> "TrafficSnapshot":
+    def __sub__(self, older: TrafficSnapshot) -> TrafficSnapshot:
         totals = {k: self.keyid_totals.get(k, Traffic()) - older.keyid_totals.get(k, Traffic())
                   for k in set(self.keyid_totals) | set(older.keyid_totals)}
         return TrafficSnapshot(self.time, self.counts - older.counts, self.keyids,

@@ -28,6 +28,7 @@ opens it as ``/proc/self/fd/N``.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -300,8 +301,6 @@ class SharedRegion:
         self._closed = True
         for name in ("header", "vcpu", "attrs", "page_ctr", "rings", "page_counts", "heads", "tails", "tlb"):
             self.__dict__.pop(name, None)
-        try:
+        with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes with the last one
             self._mmap.close()
-        except BufferError:
-            pass            # a caller still holds a view: the mapping goes with the last one
         os.close(self.fd)

@@ -34,7 +34,8 @@ import platform
 import re
 import weakref
 from collections import deque
-from typing import Any, AsyncIterator, Callable, Generator
+from typing import Any
+from collections.abc import AsyncIterator, Callable, Generator
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def _check_on(on: str) -> tuple[int, ...]:
 class _Subscription:
     """Items delivered by the tracer's consumer to one reader, in a bounded queue."""
 
-    def __init__(self, tracer: "Tracer", limit: int) -> None:
+    def __init__(self, tracer: Tracer, limit: int) -> None:
         self._tracer: Tracer | None = tracer
         self._items: deque[object] = deque()
         self._pending = 0
@@ -118,7 +119,7 @@ class _Subscription:
             await self._wakeup.wait()
         return self._items.popleft()
 
-    def _unregister(self, tracer: "Tracer") -> None:
+    def _unregister(self, tracer: Tracer) -> None:
         """Tell ``tracer`` to stop delivering to this subscription (subclasses)."""
         raise NotImplementedError
 
@@ -151,7 +152,7 @@ class Watch(_Subscription):
     ``async for`` loop releases it).
     """
 
-    def __init__(self, tracer: "Tracer", gpa: int, nbytes: int, offset: int, kinds: tuple[int, ...],
+    def __init__(self, tracer: Tracer, gpa: int, nbytes: int, offset: int, kinds: tuple[int, ...],
                  limit: int) -> None:
         super().__init__(tracer, limit)
         self.gpa, self.nbytes, self.kinds = gpa, nbytes, kinds
@@ -176,7 +177,7 @@ class Watch(_Subscription):
             sub = batch[mask]
             self._push(sub, len(sub))
 
-    def __aiter__(self) -> "Watch":
+    def __aiter__(self) -> Watch:
         return self
 
     async def __anext__(self) -> Access:
@@ -206,20 +207,20 @@ class Watch(_Subscription):
             except StopAsyncIteration:
                 return
 
-    def _unregister(self, tracer: "Tracer") -> None:
+    def _unregister(self, tracer: Tracer) -> None:
         tracer._release(self)
 
-    async def __aenter__(self) -> "Watch":
+    async def __aenter__(self) -> Watch:
         return self
 
 
 class ForeignReads(_Subscription):
     """Foreign-KeyID reads as an async iterator of :class:`ForeignRead`; scoped like :class:`Watch`."""
 
-    def __init__(self, tracer: "Tracer", limit: int) -> None:
+    def __init__(self, tracer: Tracer, limit: int) -> None:
         super().__init__(tracer, limit)
 
-    def __aiter__(self) -> "ForeignReads":
+    def __aiter__(self) -> ForeignReads:
         return self
 
     async def __anext__(self) -> ForeignRead:
@@ -228,10 +229,10 @@ class ForeignReads(_Subscription):
         assert isinstance(item, ForeignRead)
         return item
 
-    def _unregister(self, tracer: "Tracer") -> None:
+    def _unregister(self, tracer: Tracer) -> None:
         tracer._foreign_subs.discard(self)
 
-    async def __aenter__(self) -> "ForeignReads":
+    async def __aenter__(self) -> ForeignReads:
         return self
 
 
@@ -249,7 +250,7 @@ class AccessWaiter:
         w = self._watch
         try:
             return await asyncio.wait_for(anext(w), self._timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AccessTimeout(w.gpa, w.nbytes, "both" if len(w.kinds) == 2 else ("load", "store")[w.kinds[0]],
                                 self._timeout) from None
         except StopAsyncIteration:
@@ -304,8 +305,8 @@ class Tracer:
         self._consumer: asyncio.Task[None] | None = None
         self._consumer_error: BaseException | None = None
         self._consuming = asyncio.Event()
-        self._watches: "weakref.WeakSet[Watch]" = weakref.WeakSet()
-        self._foreign_subs: "weakref.WeakSet[ForeignReads]" = weakref.WeakSet()
+        self._watches: weakref.WeakSet[Watch] = weakref.WeakSet()
+        self._foreign_subs: weakref.WeakSet[ForeignReads] = weakref.WeakSet()
         self._foreign = ForeignLines()
         self._records = 0
         self._dropped_watches = 0
@@ -396,7 +397,7 @@ class Tracer:
         if self._consumer_error is not None:
             raise ShimError(f"the tracer's consumer failed: {self._consumer_error}") from self._consumer_error
 
-    async def __aenter__(self) -> "Tracer":
+    async def __aenter__(self) -> Tracer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -626,7 +627,7 @@ class Tracer:
                 await asyncio.sleep(0 if n else self.poll_interval)
         except asyncio.CancelledError:
             raise
-        except Exception as err:                        # surfaces in close() and in the readers
+        except Exception as err:  # noqa: BLE001 - logged; surfaces in close() and in the readers
             log.error("shim consumer failed: %s", err)
             self._consumer_error = err
             for sub in [*self._watches, *self._foreign_subs]:

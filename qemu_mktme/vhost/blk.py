@@ -286,10 +286,8 @@ class VhostUserBlk(p.Handler):
             q.ring = None
 
     def _kicked(self, q: Queue) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):
             os.eventfd_read(q.kick)
-        except (BlockingIOError, OSError):
-            pass
         if q.started:
             self._process(q)
 
@@ -377,7 +375,7 @@ class VhostUserBlk(p.Handler):
                 return S_IOERR, 0
             if rtype == T_IN:
                 buf = np.empty(nbytes, np.uint8)
-                got = os.preadv(self.fd, [buf], sector * SECTOR)
+                got = os.preadv(self.fd, [buf.data], sector * SECTOR)
                 if got < nbytes:
                     buf[got:] = 0
                 mem.write_sg(data_in, buf)
@@ -388,7 +386,7 @@ class VhostUserBlk(p.Handler):
             arrays = mem.read_sg(data_out)
             offset = sector * SECTOR
             for i in range(0, len(arrays), 1024):              # IOV_MAX
-                os.pwritev(self.fd, arrays[i:i + 1024], offset)
+                os.pwritev(self.fd, [a.data for a in arrays[i:i + 1024]], offset)
                 offset += sum(a.size for a in arrays[i:i + 1024])
             return S_OK, 0
         if rtype == T_FLUSH:

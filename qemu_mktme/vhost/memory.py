@@ -22,6 +22,7 @@ import numpy as np
 
 from ..host.dma import AssignedDevice, DmaFault
 from .protocol import MemRegion
+import contextlib
 
 
 class MemTable:
@@ -109,16 +110,12 @@ class DirectMemory:
         maps, self._maps = self._maps, []
         for *_, m, _arr in maps:
             del _arr
-            try:
+            with contextlib.suppress(BufferError):
                 m.close()
-            except BufferError:
-                pass
 
 
 def close_fds(regions: Sequence[MemRegion]) -> None:
     for r in regions:
         if r.fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(r.fd)
-            except OSError:
-                pass

@@ -147,8 +147,11 @@ class Message:
             raise ProtocolError(f"SET_MEM_TABLE with {nregions} regions in {len(self.payload)} bytes")
         if len(self.fds) != nregions:
             raise ProtocolError(f"SET_MEM_TABLE names {nregions} regions but passes {len(self.fds)} fds")
-        return [MemRegion(*struct.unpack_from("<QQQQ", self.payload, 8 + 32 * i), fd=self.fds[i])
-                for i in range(nregions)]
+        regions = []
+        for i in range(nregions):
+            gpa, size, uaddr, offset = struct.unpack_from("<QQQQ", self.payload, 8 + 32 * i)
+            regions.append(MemRegion(gpa, size, uaddr, offset, fd=self.fds[i]))
+        return regions
 
     def config(self) -> tuple[int, int, int]:
         """GET/SET_CONFIG's (offset, size, flags)."""
@@ -179,6 +182,12 @@ class Handler:
         """The front end went away: stop the queues (a reconnecting QEMU sets everything again)."""
 
 
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    """The reader callback of a receive: the socket is readable."""
+    if not fut.done():
+        fut.set_result(None)
+
 class Connection:
     """One front end (QEMU) on the unix socket."""
 
@@ -193,7 +202,7 @@ class Connection:
         data, fds = b"", []
         while len(data) < nbytes:
             fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self.sock.fileno(), lambda: fut.done() or fut.set_result(None))
+            loop.add_reader(self.sock.fileno(), _wake, fut)
             try:
                 await fut
             finally:
@@ -266,7 +275,7 @@ class Connection:
             log.error("%s: closing the connection, the front end broke the vhost-user protocol: %s", self.name, err)
         except (ConnectionError, OSError) as err:
             log.error("%s: connection lost: %s", self.name, err)
-        except Exception as err:                    # a request the device could not take: this peer only
+        except Exception as err:  # noqa: BLE001 - logged; a request the device could not take: this peer only
             log.error("%s: closing the connection after a request failed: %s: %s", self.name,
                       type(err).__name__, err)
         finally:

@@ -8,5 +8,4 @@ MKTME host model of that machine follows it.
     fleet       start / migrate / stop across machines through libvirt, typed results
     testbed     machines for tests: network + mount namespaces with a libvirtd each, veth links
     lab         the tenant and two hosts in a testbed, with the host models (the pytest fixture)
-    command     the CLI's 'libvirt' group and 'host --libvirt'
 """

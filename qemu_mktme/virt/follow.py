@@ -47,9 +47,9 @@ from ..live.control import ControlServer
 from ..live.encrypted import EncryptedMachine
 from ..live.session import HostSession
 from ..qemu.machine import MachineConfig
-from ..tenant.launch import TenantLaunch
-from ..tenant.measure import check_running, measure_binary
-from ..tenant.migrate import broker_key_source
+from ..attest.launch import TenantLaunch
+from ..attest.measure import check_running, measure_binary
+from ..attest.migrate import broker_key_source
 from .domain import RUN_DIR, Domain, DomainError, parse, problems
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class LibvirtHost:
         self._note = log_event or (lambda m: log.warning("%s", m))
         self.stopped = asyncio.Event()
 
-    async def __aenter__(self) -> "LibvirtHost":
+    async def __aenter__(self) -> LibvirtHost:
         import libvirt                 # libvirt-python (the 'libvirt' extra)
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self.session.__aenter__()

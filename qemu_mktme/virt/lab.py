@@ -49,7 +49,7 @@ class FleetLab:
         self.host_dirs = {h: self.work / "hosts" / h for h in HOSTS}
         self.timings: dict[str, float] = {}
 
-    def __enter__(self) -> "FleetLab":
+    def __enter__(self) -> FleetLab:
         t0 = time.monotonic()
         try:
             self.bed.__enter__()

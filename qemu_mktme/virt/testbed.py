@@ -145,7 +145,7 @@ class Testbed:
     def __getitem__(self, name: str) -> NsMachine:
         return self.machines[name]
 
-    def __enter__(self) -> "Testbed":
+    def __enter__(self) -> Testbed:
         t0 = time.monotonic()
         try:
             for n, name in enumerate(self.names):
@@ -250,9 +250,9 @@ class Testbed:
             install(m.etc)
 
     def _libvirtd(self, m: NsMachine) -> subprocess.Popen[bytes]:
-        proc = m.popen(["libvirtd", "--listen", "--pid-file", "/run/libvirtd.pid"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=open(m.root / "libvirtd.stderr", "wb"),
-                       start_new_session=True)
+        with open(m.root / "libvirtd.stderr", "ab") as err:
+            proc = m.popen(["libvirtd", "--listen", "--pid-file", "/run/libvirtd.pid"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         m.libvirtd = proc.pid               # nsenter execs libvirtd: the same process
         return proc
 
@@ -355,7 +355,7 @@ def _name(cn: str) -> x509.Name:
 def _cert(subject: x509.Name, public: ec.EllipticCurvePublicKey, signer: ec.EllipticCurvePrivateKey,
           issuer: x509.Name, *, ca: bool = False, eku: x509.ObjectIdentifier | None = None,
           address: str | None = None, names: Sequence[str] = (), extra: Sequence[str] = ()) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public)
          .serial_number(x509.random_serial_number()).not_valid_before(now)
          .not_valid_after(now + datetime.timedelta(days=7))

@@ -52,17 +52,16 @@ async def test_sanitizer_reports_a_guest_load_of_a_foreign_line_with_its_instruc
     serial = host.keys.add("vm", "type=cpu", tenant="acme")
     other = host.keys.describe(host.keys.add("dev", "type=cpu", tenant="other"))["keyid"]
     config = MachineConfig(boot=baremetal_image.boot(), memory="256M", name="vm")
-    async with Tracer() as tracer:
-        async with await launch_machine(config, tracer=tracer, machine=lambda c: EncryptedMachine(
-                host, c, key_serial=serial, tenant="acme")) as vm:
-            await vm.console.wait_for("mktme> ", patience(10))
-            await vm.console.command("crc 0x500000 64", r"ok crc32 .*\n")       # correct use: silent
-            await tracer.flush()
-            assert_no_sanitizer_reports(vm)
-            vm.guest.write(0x500040, os.urandom(64), keyid=other)               # a VMM bug
-            await vm.console.command("crc 0x500040 64", r"ok crc32 .*\n")
-            await eventually(lambda: bool(heard), 5, "a sanitizer report")
-            keyid = vm.keyid
+    async with Tracer() as tracer, await launch_machine(config, tracer=tracer, machine=lambda c: EncryptedMachine(
+            host, c, key_serial=serial, tenant="acme")) as vm:
+        await vm.console.wait_for("mktme> ", patience(10))
+        await vm.console.command("crc 0x500000 64", r"ok crc32 .*\n")       # correct use: silent
+        await tracer.flush()
+        assert_no_sanitizer_reports(vm)
+        vm.guest.write(0x500040, os.urandom(64), keyid=other)               # a VMM bug
+        await vm.console.command("crc 0x500040 64", r"ok crc32 .*\n")
+        await eventually(lambda: bool(heard), 5, "a sanitizer report")
+        keyid = vm.keyid
     (r,) = heard
     assert r.rule == "a" and r.vm == "vm" and r.keyid == keyid and r.expected_keyid == other
     assert r.site.startswith("guest 0x") and "movzx" in r.site and "GPA 0x500040" in r.message

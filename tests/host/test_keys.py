@@ -138,18 +138,16 @@ def test_entropy_error_is_retried_then_enokey(host):
         serial = host.keys.add("vm", "type=cpu", tenant="acme")         # fails, retried, succeeds
     assert 1 <= host.keys.retries <= 3 and host.keys.describe(serial)["type"] == "cpu"
     assert host.platform.key_entry(host.keys.describe(serial)["keyid"]).mode is KeyMode.ENCRYPT
-    with host.platform.entropy_failure():
-        with pytest.raises(KeyServiceError, match="ENTROPY_ERROR") as e:
-            host.keys.add("vm2", "type=cpu", tenant="acme")
+    with host.platform.entropy_failure(), pytest.raises(KeyServiceError, match="ENTROPY_ERROR") as e:
+        host.keys.add("vm2", "type=cpu", tenant="acme")
     assert errno_of(e) == errno.ENOKEY and host.keyids.free_count == free - 1
 
 
 def test_device_busy_on_one_package_rolls_back_the_others():
     host = Host(keyid_bits=6, packages=2)
     free = host.keyids.free_count
-    with host.platform.key_table_lock(package=1):
-        with pytest.raises(KeyServiceError, match="DEVICE_BUSY") as e:
-            host.keys.add("vm", user_payload(K16, T16), tenant="acme")
+    with host.platform.key_table_lock(package=1), pytest.raises(KeyServiceError, match="DEVICE_BUSY") as e:
+        host.keys.add("vm", user_payload(K16, T16), tenant="acme")
     assert errno_of(e) == errno.ENOKEY
     assert host.keyids.free_count == free                               # KeyID given back
     assert host.platform.key_entry(1, 0).mode is KeyMode.CLEAR          # package 0 undone

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from qemu_mktme.cli import main
-from qemu_mktme.inspect.command import add_inspect_parser
+from qemu_mktme.commands.inspect import register as add_inspect_parser
 from qemu_mktme.files.dumpfile import write_dump
 from qemu_mktme.inspect.plot import ENTROPY_ANCHORS, PALETTE, UNTAGGED_RGB
 

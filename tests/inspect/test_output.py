@@ -14,50 +14,45 @@ from qemu_mktme.files.runtime import process_start_time
 
 def test_a_file_that_appears_meanwhile_is_kept(tmp_path):
     target = tmp_path / "o"
-    with pytest.raises(SnapshotError, match="exists already"):
-        with atomic_output(target) as f:
-            f.write(b"ours")
-            target.write_bytes(b"theirs")              # another writer, after our first check
+    with pytest.raises(SnapshotError, match="exists already"), atomic_output(target) as f:
+        f.write(b"ours")
+        target.write_bytes(b"theirs")              # another writer, after our first check
     assert target.read_bytes() == b"theirs" and list(tmp_path.iterdir()) == [target]
 
 
 def test_failure_in_the_body_leaves_nothing_and_force_replaces(tmp_path):
     target = tmp_path / "o"
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as f:
-            f.write(b"half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_output(target) as f:
+        f.write(b"half")
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     target.write_bytes(b"old")
     os.chmod(target, 0o644)
     with atomic_output(target, force=True) as f:
         f.write(b"new")
     assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
-    with pytest.raises(SnapshotError, match="is a directory"):
-        with atomic_output(tmp_path):
-            pass
-    with pytest.raises(SnapshotError, match="no directory"):
-        with atomic_output(tmp_path / "missing" / "o"):
-            pass
+    with pytest.raises(SnapshotError, match="is a directory"), atomic_output(tmp_path):
+        pass
+    with pytest.raises(SnapshotError, match="no directory"), atomic_output(tmp_path / "missing" / "o"):
+        pass
 
 
 def test_a_directory_appears_whole_and_is_never_replaced(tmp_path):
     target = tmp_path / "d"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target, what="dump") as partial:
-            (partial / "a").write_bytes(b"half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_directory(target, what="dump") as partial:
+        (partial / "a").write_bytes(b"half")
+        raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
     with atomic_directory(target, what="dump") as partial:
         (partial / "a").write_bytes(b"whole")
     assert (target / "a").read_bytes() == b"whole" and stat.S_IMODE(target.stat().st_mode) == 0o700
-    with pytest.raises(SnapshotError, match="exists already; dumps never overwrite"):
-        with atomic_directory(target, what="dump"):
-            pass
+    with pytest.raises(SnapshotError, match="exists already; dumps never overwrite"), \
+            atomic_directory(target, what="dump"):
+        pass
     other = tmp_path / "e"
-    with pytest.raises(SnapshotError, match="exists already; dumps never overwrite"):
-        with atomic_directory(other, what="dump"):
-            other.mkdir()                              # another writer, after our first check
+    with pytest.raises(SnapshotError, match="exists already; dumps never overwrite"), \
+            atomic_directory(other, what="dump"):
+        other.mkdir()                                  # another writer, after our first check
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "e"]
 
 

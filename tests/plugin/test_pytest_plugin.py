@@ -46,7 +46,8 @@ async def test_x(mktme_vm): pass
 
 
 def _readme_example() -> str:
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as f:
+        readme = f.read()
     start = readme.index("```python\n# test_mktme.py")
     return readme[start + len("```python\n"):readme.index("```", start + 10)]
 

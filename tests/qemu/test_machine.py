@@ -262,7 +262,7 @@ async def test_cancellation_during_launch_leaves_nothing(baremetal_image):
             await vm.close()                    # launch won the race; close it as a user would
         assert vm.runtime_dir is None, f"runtime dir left after cancel at {delay}s"
         if vm.pid is not None:
-            await eventually(lambda: _gone(vm.pid), 1, f"QEMU gone after cancel at {delay}s")
+            await eventually(lambda vm=vm: _gone(vm.pid), 1, f"QEMU gone after cancel at {delay}s")
     assert cancelled >= 3, "the test must really cancel launches midway"
 
 

@@ -25,27 +25,26 @@ async def test_host_write_through_foreign_keyid_is_a_foreign_read(baremetal_imag
     intruder = host.keys.add("dev", "type=cpu", tenant="other")
     other = host.keys.describe(intruder)["keyid"]
     config = MachineConfig(boot=baremetal_image.boot(), memory="256M", name="vm")
-    async with Tracer() as tracer:
-        async with await launch_machine(config, tracer=tracer, machine=lambda c: EncryptedMachine(
-                host, c, key_serial=serial, tenant="acme")) as vm:
-            await vm.console.wait_for("mktme> ", patience(10))
-            assert tracer.keyid_of(LINE) == vm.keyid
-            async with tracer.foreign_reads() as reads:
-                vm.guest.write(LINE, os.urandom(64), keyid=other)            # a VMM bug, through the engine
-                m = await vm.console.command(f"crc {LINE:#x} 64", r"ok crc32 \S+ 64 0x(\w{8})\n")
-                read = await anext(reads)
-            assert int(m[1], 16) == zlib.crc32(vm.ram.read(LINE, 64))       # the guest read garbage ...
-            assert (read.foreign_keyid, read.line_gpa) == (other, LINE)     # ... and it was seen
-            assert read.access.kind == "load" and read.instruction.mnemonic == "movzx"
-            # the same through an assigned device whose IOMMU domain carries the wrong KeyID
-            vm.guest.iommu.retag(0x600000, other)
-            async with tracer.foreign_reads() as reads:
-                AssignedDevice(vm.guest).dma_write(0x600000, b"\x5a" * 64)
-                await vm.console.command("crc 0x600000 16", r"ok crc32 .*\n")
-                read = await anext(reads)
-            assert (read.foreign_keyid, read.line_gpa) == (other, 0x600000)
-            totals = tracer.keyid_totals()
-            assert totals[vm.keyid].loads >= 64 and set(totals) == {vm.keyid}
+    async with Tracer() as tracer, await launch_machine(config, tracer=tracer, machine=lambda c: EncryptedMachine(
+            host, c, key_serial=serial, tenant="acme")) as vm:
+        await vm.console.wait_for("mktme> ", patience(10))
+        assert tracer.keyid_of(LINE) == vm.keyid
+        async with tracer.foreign_reads() as reads:
+            vm.guest.write(LINE, os.urandom(64), keyid=other)            # a VMM bug, through the engine
+            m = await vm.console.command(f"crc {LINE:#x} 64", r"ok crc32 \S+ 64 0x(\w{8})\n")
+            read = await anext(reads)
+        assert int(m[1], 16) == zlib.crc32(vm.ram.read(LINE, 64))       # the guest read garbage ...
+        assert (read.foreign_keyid, read.line_gpa) == (other, LINE)     # ... and it was seen
+        assert read.access.kind == "load" and read.instruction.mnemonic == "movzx"
+        # the same through an assigned device whose IOMMU domain carries the wrong KeyID
+        vm.guest.iommu.retag(0x600000, other)
+        async with tracer.foreign_reads() as reads:
+            AssignedDevice(vm.guest).dma_write(0x600000, b"\x5a" * 64)
+            await vm.console.command("crc 0x600000 16", r"ok crc32 .*\n")
+            read = await anext(reads)
+        assert (read.foreign_keyid, read.line_gpa) == (other, 0x600000)
+        totals = tracer.keyid_totals()
+        assert totals[vm.keyid].loads >= 64 and set(totals) == {vm.keyid}
 
 
 def test_run_trace_prints_per_keyid_traffic(baremetal_image):

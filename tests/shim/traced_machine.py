@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 from qemu_mktme.live.launch import launch_machine
 from qemu_mktme.qemu.machine import Machine, MachineConfig

@@ -18,12 +18,11 @@ import pytest
 from helpers import patience
 
 from qemu_mktme.errors import AttestationError, TenantError, TpmError
-from qemu_mktme.tenant import eventlog
-from qemu_mktme.tenant.attest import ak_fingerprint
-from qemu_mktme.tenant.eventlog import Event
-from qemu_mktme.tenant.hostid import AttestedHost
+from qemu_mktme.attest import eventlog
+from qemu_mktme.attest.eventlog import Event
+from qemu_mktme.attest.hostid import AttestedHost
 from qemu_mktme.tenant.store import Policy
-from qemu_mktme.tenant.tpm import PCRS
+from qemu_mktme.attest.tpm import PCRS
 
 EVENTS = [Event(8, hashlib.sha256(b"qemu").digest(), "QEMU binary"),
           Event(9, hashlib.sha256(b"shim").digest(), "TCG plugin shim"),
@@ -146,7 +145,7 @@ def test_a_released_key_opens_only_in_its_tpm(tenant, hosts):
     nonce = tenant.client.nonce()
     sealed, _ = tenant.client.release(a.evidence(nonce, ["vm"]))
     s = sealed["vm"]
-    from qemu_mktme.tenant.attest import open_sealed
+    from qemu_mktme.attest.quote import open_sealed
     context = nonce + a.tpm.binding_name() + b"vm"
     assert len(open_sealed(s, a.tpm.ecdh(s.x, s.y), context)) == 32
     with pytest.raises(AttestationError, match="does not open with this host's TPM"):
@@ -160,7 +159,7 @@ def test_the_broker_refuses_garbage(tenant):
 
 def test_an_unknown_broker_certificate_is_refused(tenant, tmp_path):
     from qemu_mktme.errors import KeyServerError
-    from qemu_mktme.tenant.broker import BrokerClient
+    from qemu_mktme.attest.client import BrokerClient
     from qemu_mktme.tenant.pki import create_pki
     other = create_pki(tmp_path / "other", client_cn="x")
     with pytest.raises(KeyServerError, match="not from the tenant's CA"):
@@ -231,9 +230,8 @@ def test_a_key_server_answering_for_the_wrong_key_is_refused(tenant, hosts):
 
 def test_a_broker_that_is_down_or_silent_is_a_clear_error(tenant):
     import socket
-    import threading
     from qemu_mktme.errors import KeyServerError
-    from qemu_mktme.tenant.broker import BrokerClient
+    from qemu_mktme.attest.client import BrokerClient
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -258,7 +256,7 @@ def test_one_running_tpm_per_host_directory(hosts):
 def test_a_hosts_swtpm_dies_with_the_host_process_killed_with_9(tmp_path):
     """swtpm holds the host's TPM state lock: it must not outlive its host, even one killed with -9."""
     script = ("import sys, time\n"
-              "from qemu_mktme.tenant.hostid import AttestedHost\n"
+              "from qemu_mktme.attest.hostid import AttestedHost\n"
               f"h = AttestedHost('h', {str(tmp_path / 'h')!r}).power_on()\n"
               "print(h.swtpm.proc.pid, flush=True)\n"
               "time.sleep(60)\n")

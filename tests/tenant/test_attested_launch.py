@@ -18,8 +18,9 @@ from qemu_mktme.errors import AttestationError, LaunchError
 from qemu_mktme.live.encrypted import PendingKeyMachine
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.qemu.monitor import Monitor
-from qemu_mktme.tenant import admin, image
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session
+from qemu_mktme.attest import image
+from qemu_mktme.tenant import admin
+from qemu_mktme.attest.launch import TenantLaunch, attested_session
 
 from helpers import patience
 
@@ -57,7 +58,7 @@ async def test_a_good_host_boots_from_its_encrypted_disk_with_the_tenant_key(wor
         assert "manifest verified" in att["key_origin"]["disk"] and "'vm'" in att["key_origin"]["memory"]
         g = q["guests"]["bm"]
         assert g["key-type"] == "user" and g["enabled"]
-        serial = next(k.serial for k in session.host.keys.keys())
+        serial = next(k.serial for k in session.host.keys.keys())  # noqa: SIM118 - the key service, not a dict
         payload = session.host.keys.payload(serial, "pytest")
         assert payload.key + payload.tweak == mktme_keyserver.kmip().get_key(mktme_keyserver.tenant.key_uid("vm"))
         blocks = await vm.qmp.execute("query-block")

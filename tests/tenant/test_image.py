@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from qemu_mktme.errors import TenantError
-from qemu_mktme.tenant import image
+from qemu_mktme.attest import image
 from qemu_mktme.qemu.devices import DiskSpec, disk_args
 
 MARK = b"TENANT-DISK-PLAINTEXT"

@@ -26,6 +26,7 @@ from qemu_mktme.tenant.pki import create_pki, issue_client
 from qemu_mktme.tenant.store import TenantDir
 
 from helpers import patience
+import contextlib
 
 
 def test_pki_has_qemus_file_names_and_usable_certificates(tmp_path):
@@ -80,7 +81,7 @@ def test_wrong_ca_and_expired_certificates_are_refused(mktme_keyserver, tmp_path
     (stranger.directory / "ca-cert.pem").write_bytes(mktme_keyserver.ca.read_bytes())  # trusts the server
     with pytest.raises(KeyServerError, match="TLS|refused|not reachable"):
         KmipClient(KmipEndpoint(mktme_keyserver.info.kmip_port, stranger), retries=0).get_key(uid)
-    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
     expired = issue_client(mktme_keyserver.tenant.pki, tmp_path / "expired", "pytest", not_before=past,
                            validity=datetime.timedelta(days=1))
     _copy_server_files(mktme_keyserver.tenant.pki.directory, expired.directory)
@@ -109,10 +110,8 @@ def test_a_server_that_never_answers_times_out(mktme_keyserver):
     def accept():                                        # accepts, then says nothing
         listener.settimeout(0.2)
         while not stop.is_set():
-            try:
+            with contextlib.suppress(OSError):
                 held.append(listener.accept()[0])
-            except OSError:
-                pass
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:

@@ -14,8 +14,8 @@ import pytest
 
 from qemu_mktme.errors import TenantError
 from qemu_mktme.qemu.boot import BootSpec
-from qemu_mktme.tenant import digests
-from qemu_mktme.tenant.measure import check_running, sealed_boot
+from qemu_mktme.attest import digests
+from qemu_mktme.attest.measure import check_running, sealed_boot
 
 
 def _settled_copy(src: str, dst) -> None:

@@ -16,8 +16,8 @@ from qemu_mktme.live.relay import Relay
 from qemu_mktme.live.session import HostSession
 from qemu_mktme.qemu.machine import MachineConfig
 from qemu_mktme.tenant import admin
-from qemu_mktme.tenant.launch import TenantLaunch, attested_session
-from qemu_mktme.tenant.migrate import attested_migration
+from qemu_mktme.attest.launch import TenantLaunch, attested_session
+from qemu_mktme.attest.migrate import attested_migration
 from qemu_mktme.tenant.pki import create_pki
 
 from helpers import patience

@@ -10,9 +10,8 @@ import os
 import socket
 import struct
 
-import pytest
 
-from fake_driver import AVAIL, DATA, DESC, F_INDIRECT, F_NEXT, F_WRITE, USED, FakeDriver
+from fake_driver import DATA, F_INDIRECT, F_NEXT, F_WRITE, FakeDriver
 from helpers import patience
 from qemu_mktme.vhost.__main__ import StandaloneMemory
 from qemu_mktme.vhost.blk import STATUS_NEEDS_RESET, VhostUserBlk
@@ -36,7 +35,7 @@ class Rig:
         self.server = Server(tmp_path / "blk.sock", self.device)
         self.driver = FakeDriver(str(tmp_path / "blk.sock"))
 
-    async def __aenter__(self) -> "Rig":
+    async def __aenter__(self) -> Rig:
         await self.server.start()
         await self.driver.setup()
         return self

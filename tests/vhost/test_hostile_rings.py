@@ -9,7 +9,7 @@ import struct
 
 from hypothesis import given, settings, strategies as st
 
-from fake_driver import AVAIL, DESC, FakeDriver
+from fake_driver import AVAIL, FakeDriver
 from helpers import patience
 from qemu_mktme.vhost.__main__ import StandaloneMemory
 from qemu_mktme.vhost.blk import STATUS_NEEDS_RESET, VhostUserBlk
@@ -60,7 +60,7 @@ async def _random_ring(tmp, descs, heads, headers, jump):
             assert loop.time() < deadline, "the device neither served the buffers nor asked for a reset"
             await asyncio.sleep(0.002)
         for t in touched:                                  # every access inside the VM's RAM
-            assert 0 <= t.iova and t.iova + t.nbytes <= RAM
+            assert t.iova >= 0 and t.iova + t.nbytes <= RAM
         assert server._task is not None and not server._task.done()
     finally:
         d.close()

@@ -28,7 +28,7 @@ class Event:
         return {"pcr": self.pcr, "digest": self.digest.hex(), "description": self.description}
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Event":
+    def from_json(cls, obj: Any) -> Event:
         try:
             pcr, digest, description = int(obj["pcr"]), bytes.fromhex(obj["digest"]), str(obj["description"])
         except (KeyError, TypeError, ValueError):

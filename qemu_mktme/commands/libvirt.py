@@ -1,4 +1,4 @@
-"""The ``libvirt`` command group and ``host --libvirt``: parse, call :mod:`qemu_mktme.virt`, print.
+"""``qemu-mktme libvirt ...`` and ``host --libvirt``: parse, call :mod:`qemu_mktme.virt`, print.
 
     qemu-mktme host --libvirt qemu:///system --host-name a --tenant-ca ca-cert.pem
     qemu-mktme libvirt domain-xml --guest linux --tenant acme --key vm --broker https://... > vm1.xml
@@ -19,11 +19,10 @@ from typing import Any
 from .. import images
 from ..qemu.binary import find_qemu
 from ..qemu.machine import parse_size
-from . import domain as dom
-from . import hooks
-from .fleet import FleetError, domain_bindings, start_domain
-
-PROG = "qemu-mktme"
+from ..virt import domain as dom
+from ..virt import hooks
+from ..virt.fleet import domain_bindings, start_domain
+from .options import PROG, UsageError
 
 
 def add_host_options(p: argparse.ArgumentParser) -> None:
@@ -39,9 +38,9 @@ def add_host_options(p: argparse.ArgumentParser) -> None:
 
 
 async def host_libvirt(args: argparse.Namespace) -> int:
-    from .follow import LibvirtHost
+    from ..virt.follow import LibvirtHost
     if not args.host_name or not args.tenant_ca:
-        raise ValueError("host --libvirt needs --host-name NAME and --tenant-ca PATH")
+        raise UsageError("host --libvirt needs --host-name NAME and --tenant-ca PATH")
 
     def note(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
@@ -57,7 +56,7 @@ def query_libvirt(uri: str, socket: str | None = None) -> int:
     return 0
 
 
-def add_libvirt_parser(sub: Any, run_async: Any) -> None:
+def register(sub: Any) -> None:
     lv = sub.add_parser("libvirt", help="libvirt domains under the MKTME host model: XML, hook, start",
                         description="Domains that libvirt runs, under the MKTME host model of each machine "
                                     "('qemu-mktme host --libvirt URI').")
@@ -93,7 +92,7 @@ def add_libvirt_parser(sub: Any, run_async: Any) -> None:
                                        "refused: its vCPUs would run before its KeyID is bound).")
     st.add_argument("domain")
     st.add_argument("--connect", "-c", default="qemu:///system", metavar="URI")
-    st.set_defaults(func=lambda a: _start(a))
+    st.set_defaults(func=_start)
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -122,7 +121,7 @@ def domain_xml(args: argparse.Namespace) -> int:
     opt = None
     if args.tenant or args.key or args.broker:
         if not (args.tenant and args.key and args.broker):
-            raise ValueError("opting in needs --tenant, --key and --broker")
+            raise UsageError("opting in needs --tenant, --key and --broker")
         opt = dom.Opt(args.tenant, args.key, args.broker, args.keyid_policy)
     if args.check:
         d = dom.parse(Path(args.check).read_text())
@@ -135,16 +134,16 @@ def domain_xml(args: argparse.Namespace) -> int:
         return 1 if found else 0
     if args.opt_in:
         if opt is None:
-            raise ValueError("--opt-in needs --tenant, --key and --broker")
+            raise UsageError("--opt-in needs --tenant, --key and --broker")
         print(dom.opt_in(Path(args.opt_in).read_text(), opt))
         return 0
     if not args.guest:
-        raise ValueError("give --guest NAME, --check FILE or --opt-in FILE")
+        raise UsageError("give --guest NAME, --check FILE or --opt-in FILE")
     if opt is None and not args.plain:
-        raise ValueError("give --tenant, --key and --broker (or --plain for a domain that does not opt in)")
+        raise UsageError("give --tenant, --key and --broker (or --plain for a domain that does not opt in)")
     image = images.load(args.guest) if args.guest in images.RECIPES else None
     if image is None:
-        raise ValueError(f"unknown guest {args.guest!r} (known: {', '.join(images.RECIPES)})")
+        raise UsageError(f"unknown guest {args.guest!r} (known: {', '.join(images.RECIPES)})")
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(p.split("=", 1) for p in args.param), append=args.append, initrd=None)
     memory = parse_size(args.memory) if args.memory else images.default_memory(args.guest)

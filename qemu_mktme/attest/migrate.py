@@ -22,7 +22,7 @@ from ..host.payload import Payload
 from ..live.migrate import MigrateProgress, MigrationResult
 from ..live.session import HostSession
 from ..qemu.machine import MachineConfig
-from .broker import BrokerClient
+from .client import BrokerClient
 from .hostid import AttestedHost
 from .launch import TenantLaunch, memory_payload
 from .measure import measured_set

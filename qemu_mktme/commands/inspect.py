@@ -21,15 +21,15 @@ import sys
 from typing import Any
 
 from ..arch.addresses import PAGE_SIZE
-from .decrypt import extract
-from .diff import BLOCKS_PER_LINE, diff_dumps
+from ..inspect.decrypt import extract
+from ..inspect.diff import BLOCKS_PER_LINE, diff_dumps
 from ..files.dumpfile import Dump
-from .entropy import DEFAULT_THRESHOLD, HISTOGRAM_EDGES, dump_entropy
-from .keyspec import parse_key_spec
+from ..inspect.entropy import DEFAULT_THRESHOLD, HISTOGRAM_EDGES, dump_entropy
+from ..inspect.keyspec import parse_key_spec
 from ..files.atomic import check_target
-from .layout import UNTAGGED, keyid_map
-from .plot import diff_png, entropy_png, map_png
-from .search import DEFAULT_MAX_MATCHES, DEFAULT_WINDOW, Pattern, search
+from ..inspect.layout import UNTAGGED, keyid_map
+from ..inspect.plot import diff_png, entropy_png, map_png
+from ..inspect.search import DEFAULT_MAX_MATCHES, DEFAULT_WINDOW, Pattern, search
 
 PROG = "qemu-mktme"
 KEY_HELP = ("KEYHEX:TWEAKHEX[:aes-xts-128|aes-xts-256], or @FILE holding 'KEYHEX TWEAKHEX' (keeps the key "
@@ -252,7 +252,7 @@ def do_diff(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- parser
 
 
-def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``inspect`` to a CLI's subparsers; each action sets ``func(args) -> int``."""
     p = subparsers.add_parser(
         "inspect", help="study a DRAM dump: KeyID map, entropy, search, decrypt, diff",
@@ -322,4 +322,4 @@ def add_inspect_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 
-__all__ = ["add_inspect_parser"]
+__all__ = ["register"]

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import TenantError, TpmError
 from . import eventlog
-from .attest import ak_fingerprint, open_sealed
-from .broker import BrokerClient
+from .quote import ak_fingerprint, open_sealed
+from .client import BrokerClient
 from .eventlog import Event
 from .measure import extend_all
 from .tpm import PCRS, SealedBlob, Swtpm, Tpm
@@ -58,7 +58,7 @@ class AttestedHost:
 
     # ------------------------------------------------------------------ boot
 
-    def power_on(self) -> "AttestedHost":
+    def power_on(self) -> AttestedHost:
         """Start the TPM (PCRs reset): the host's boot, before anything is measured."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.swtpm.start()
@@ -69,7 +69,7 @@ class AttestedHost:
             raise
         return self
 
-    def boot(self, events: list[Event]) -> "AttestedHost":
+    def boot(self, events: list[Event]) -> AttestedHost:
         """Start the TPM (unless :meth:`power_on` did) and extend ``events``: the measured launch."""
         if self.tpm is None:
             self.power_on()
@@ -91,7 +91,7 @@ class AttestedHost:
             self.tpm = None
         self.swtpm.stop()
 
-    def __enter__(self) -> "AttestedHost":
+    def __enter__(self) -> AttestedHost:
         return self
 
     def __exit__(self, *exc: object) -> None:

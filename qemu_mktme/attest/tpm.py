@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import subprocess
@@ -24,10 +25,13 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import TpmError
 from ..files import runtime
 from ..qemu.machine import _set_pdeathsig
+
+log = logging.getLogger(__name__)
 
 PCRS = (8, 9, 10, 11, 12)
 """PCRs measured launch extends (8-15 are free for OS use; 16 is the resettable debug PCR)."""
@@ -55,7 +59,7 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _spawn(argv: list[str], **kwargs) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """``Popen`` with PR_SET_PDEATHSIG, from one thread that lives as long as this process.
 
     The kernel sends the death signal when the *thread* that forked the child exits, so a
@@ -73,8 +77,12 @@ def _spawn(argv: list[str], **kwargs) -> subprocess.Popen[bytes]:
         # util-linux's setpriv sets the death signal and execs swtpm: no Python code between fork
         # and exec, so subprocess can vfork (a fork of this large process, GIL held, costs 10-40 ms
         # on a busy machine, on the attested launch's critical path)
-        return _spawner.submit(subprocess.Popen, [setpriv, "--pdeathsig", "KILL", "--", *argv], **kwargs).result()
-    return _spawner.submit(subprocess.Popen, argv, preexec_fn=_set_pdeathsig, **kwargs).result()
+        return _spawner.submit(_popen, [setpriv, "--pdeathsig", "KILL", "--", *argv], **kwargs).result()
+    return _spawner.submit(_popen, argv, preexec_fn=_set_pdeathsig, **kwargs).result()
+
+
+def _popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, **kwargs)
 
 
 class Swtpm:
@@ -107,7 +115,7 @@ class Swtpm:
         assert self._rundir is not None, "swtpm not started"
         return self._rundir / "tpm.sock"
 
-    def start(self) -> "Swtpm":
+    def start(self) -> Swtpm:
         binary = shutil.which("swtpm")
         if binary is None:
             raise TpmError("swtpm is not installed (Debian package swtpm); run scripts/setup-host.sh")
@@ -159,7 +167,7 @@ class Swtpm:
             os.close(self._lock_fd)                # releases the flock
             self._lock_fd = None
 
-    def __enter__(self) -> "Swtpm":
+    def __enter__(self) -> Swtpm:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -186,7 +194,7 @@ class SealedBlob:
         return len(self.public).to_bytes(2, "big") + self.public + self.private
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SealedBlob":
+    def from_bytes(cls, data: bytes) -> SealedBlob:
         if len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
             raise TpmError("sealed blob is truncated")
         n = int.from_bytes(data[:2], "big")
@@ -199,11 +207,11 @@ class Tpm:
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
         t = _pytss()
         self._publics: dict[str, tuple[bytes, bytes]] = {}   # AK and binding key: public area, name
-        for attempt in range(100):               # the data channel may listen a moment after ctrl
+        for _attempt in range(100):              # the data channel may listen a moment after ctrl
             try:
                 self._esys = t.ESAPI(t.TCTILdr("swtpm", f"path={socket_path}"))
                 return
-            except Exception as err:  # noqa: BLE001  tpm2-tss raises its own types
+            except Exception as err:  # noqa: BLE001 - tpm2-tss raises its own types
                 last = err
                 time.sleep(0.002)
         raise TpmError(f"cannot open the TPM at {socket_path}: {last}")
@@ -213,11 +221,11 @@ class Tpm:
         t = _pytss()
         try:
             self._esys.shutdown(t.TPM2_SU.CLEAR)
-        except Exception:  # noqa: BLE001  a TPM already gone needs no shutdown
-            pass
+        except Exception as err:  # noqa: BLE001 - a TPM already gone needs no shutdown
+            log.debug("TPM2_Shutdown: %s", err)
         self._esys.close()
 
-    def __enter__(self) -> "Tpm":
+    def __enter__(self) -> Tpm:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -368,7 +376,7 @@ class Tpm:
             return fn(*args)
         except TpmError:
             raise
-        except Exception as err:  # noqa: BLE001  TSS2_Exception and friends
+        except Exception as err:  # noqa: BLE001 - tpm2-tss raises TSS2_Exception and friends
             raise TpmError(f"TPM2_{name}: {err}") from None
 
 

@@ -38,7 +38,7 @@ from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import Machine, MachineConfig
 from . import image as image_mod
-from .broker import BrokerClient
+from .client import BrokerClient
 from .hostid import AttestedHost
 from .digests import Measured
 from .eventlog import Event
@@ -196,7 +196,8 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
                     verified = image_mod.verify(launch.image, client.manifest_key())
                     timings["image-verify"] = time.monotonic() - t1
             finally:
-                concurrent.futures.wait([powered, events])
+                started: list[concurrent.futures.Future[Any]] = [powered, events]
+                concurrent.futures.wait(started)
             powered.result()
             binary, measured = events.result()
             host.boot(measured)

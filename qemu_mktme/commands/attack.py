@@ -1,4 +1,6 @@
-"""``qemu-mktme attack replay|cipherleak``: the attacks as commands (argparse glue only)."""
+"""``qemu-mktme attack replay|cipherleak``: the attacks as commands (argparse glue only).
+
+Each action's ``func`` returns a coroutine, which the CLI runs (``cli.run_async``)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import json
 import re
 from typing import Any
 
-from .cipherleak import cipherleak, random_secret
-from .replay import default_guesses, pin_replay, random_pin
+from ..attack.cipherleak import cipherleak, random_secret
+from ..attack.replay import default_guesses, pin_replay, random_pin
 
 
 def _pin(text: str) -> str:
@@ -75,8 +77,8 @@ async def _cipherleak(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_attack_parser(sub: Any, run_async: Any) -> None:
-    """``attack replay`` and ``attack cipherleak`` (``run_async`` runs a coroutine as the CLI does)."""
+def register(sub: Any) -> None:
+    """``attack replay`` and ``attack cipherleak``."""
     at = sub.add_parser("attack", help="attacks on memory encryption without integrity, on a running guest",
                         description="What MKTME does not protect, shown on an unmodified Linux guest.")
     asub = at.add_subparsers(dest="attack", required=True, metavar="ATTACK")
@@ -89,7 +91,7 @@ def add_attack_parser(sub: Any, run_async: Any) -> None:
     rp.add_argument("--pin", type=_pin, help="the guest's PIN (default: random)")
     rp.add_argument("--wrong", type=_positive, default=6, metavar="N", help="wrong PINs before the right one (default 6)")
     rp.add_argument("--json", action="store_true", help="machine-readable results at the end")
-    rp.set_defaults(func=lambda a: run_async(_replay(a)))
+    rp.set_defaults(func=_replay)
     cl = asub.add_parser("cipherleak", help="recover a secret from ciphertext equality alone",
                          description="Watch the guest's stores to a variable it writes once per secret bit and "
                                      "decode the bits from the DRAM ciphertext, without the key; then again with "
@@ -100,8 +102,8 @@ def add_attack_parser(sub: Any, run_async: Any) -> None:
                     help="without the per-write counter, with it, or both (default)")
     cl.add_argument("--period", type=_period, default=0.05, metavar="S", help="seconds per bit in the guest (default 0.05)")
     cl.add_argument("--json", action="store_true", help="machine-readable results at the end")
-    cl.set_defaults(func=lambda a: run_async(_cipherleak(a)))
+    cl.set_defaults(func=_cipherleak)
 
 
-__all__ = ["add_attack_parser"]
+__all__ = ["register"]
 

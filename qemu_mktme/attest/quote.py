@@ -112,7 +112,7 @@ class Sealed:
         return {k: getattr(self, k).hex() for k in ("x", "y", "iv", "ciphertext")}
 
     @classmethod
-    def from_json(cls, obj: dict[str, str]) -> "Sealed":
+    def from_json(cls, obj: dict[str, str]) -> Sealed:
         try:
             return cls(*(bytes.fromhex(obj[k]) for k in ("x", "y", "iv", "ciphertext")))
         except (KeyError, TypeError, ValueError):

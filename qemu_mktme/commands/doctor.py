@@ -1,0 +1,32 @@
+"""``qemu-mktme doctor``: which QEMU, shim plugin API and AES-XTS implementation are in use."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..errors import MktmeError
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Which QEMU, shim ABI and XTS implementation this machine uses; 1 when one is unusable."""
+    from ..engine import native
+    from ..qemu.binary import find_qemu
+    from ..trace.shim import abi_for, build_shim, phys_mode_for
+
+    ok = True
+    try:
+        qemu = find_qemu()
+        print(f"qemu   {qemu.path} {qemu.version_str}")
+        abi = abi_for(qemu.version)
+        print(f"shim   plugin API {abi}, phys_addr = {phys_mode_for(qemu.version)}, {build_shim(qemu)}")
+    except MktmeError as err:
+        print(f"qemu/shim  unusable: {str(err).splitlines()[0]}")
+        ok = False
+    print(f"xts    {native.status()}")
+    return 0 if ok else 1
+
+
+def register(sub: Any) -> None:
+    d = sub.add_parser("doctor", help="which QEMU, shim plugin API and AES-XTS implementation are in use")
+    d.set_defaults(func=doctor)

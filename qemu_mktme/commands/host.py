@@ -1,0 +1,53 @@
+"""``qemu-mktme host start NAME``: an emulated host that takes incoming migrations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..live.session import HostSession
+from .options import PROG, UsageError, keyid_bits, vm_name
+
+
+async def host_start(args: argparse.Namespace) -> int:
+    """A host with no VM yet, named, taking incoming migrations with keys from the tenant's broker."""
+    from ..attest.launch import TenantLaunch
+    from ..attest.migrate import broker_key_source
+    from ..tenant.store import TenantDir
+    ca = Path(args.tenant_ca) if args.tenant_ca else TenantDir().pki.ca
+    if not ca.is_file():
+        raise UsageError(f"tenant CA certificate {ca} does not exist (give --tenant-ca)")
+    async with HostSession([], keyid_bits=args.keyid_bits, packages=args.packages, name=args.name) as session:
+        broker_key_source(session, TenantLaunch(args.tenant_server, ca, key=args.tenant_key, host=args.name))
+        print(f"{PROG}: host {args.name} ready (pid {os.getpid()}); migrate VMs here with "
+              f"'{PROG} migrate VM --to {args.name}'; Ctrl-C stops it and its VMs", file=sys.stderr, flush=True)
+        await asyncio.Event().wait()
+    return 0
+
+
+def register(sub: Any) -> None:
+    h = sub.add_parser("host", help="an emulated host that takes incoming migrations")
+    h_sub = h.add_subparsers(dest="action", metavar="ACTION")
+    from .libvirt import add_host_options, host_libvirt
+    add_host_options(h)
+    h.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N", help=argparse.SUPPRESS)
+
+    def follow(args: argparse.Namespace) -> Any:
+        if not args.libvirt:
+            raise UsageError("give an ACTION (start) or --libvirt URI")
+        return host_libvirt(args)
+    h.set_defaults(func=follow)
+    st = h_sub.add_parser("start", help="run host NAME in the foreground (no VM yet) until Ctrl-C",
+                          description="Start an emulated MKTME host that VMs migrate to: each incoming VM's key is "
+                                      "released by the tenant's broker after this host attests.")
+    st.add_argument("name", type=vm_name, help="the host's name (its TPM state and the 'migrate --to' address)")
+    st.add_argument("--tenant-server", required=True, metavar="URL", help="the tenant's key broker")
+    st.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (default: the tenant directory's)")
+    st.add_argument("--tenant-key", default="vm", metavar="NAME", help="the memory key's name (default: vm)")
+    st.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
+    st.add_argument("--packages", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    st.set_defaults(func=host_start)

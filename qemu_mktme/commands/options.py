@@ -1,0 +1,119 @@
+"""What several commands share: argument types, option groups, the usage error, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+from .. import images
+from ..qemu.devices import DiskSpec, NetSpec
+from ..qemu.machine import parse_size
+
+PROG = "qemu-mktme"
+VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+KEK_HELP = ("file holding the 32-byte key-encryption key as 64 hex digits (a regular file, or <(...)); "
+            "never stored")
+
+
+class UsageError(Exception):
+    """A command line that cannot work, found before anything starts: exit 2, as argparse does."""
+
+
+def param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key, value
+
+
+def vm_name(text: str) -> str:
+    if not VM_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid VM name {text!r}: use up to 64 letters, digits, '_', '.' and '-', not starting with '.' or '-'")
+    return text
+
+
+def command(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty bare-metal command")
+    return text
+
+
+def keyid_bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= bits <= 15:
+        raise argparse.ArgumentTypeError(f"KeyID bits must be 1..15, got {bits}")
+    return bits
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def disk(text: str) -> DiskSpec:
+    try:
+        return DiskSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def net(text: str) -> NetSpec:
+    try:
+        return NetSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def add_guest_options(p: argparse.ArgumentParser) -> None:
+    """Options that choose and boot a guest (shared by run and the commands that boot one)."""
+    g = p.add_argument_group("guest")
+    g.add_argument("--guest", default="baremetal", metavar="baremetal|linux|debian|PATH",
+                   help="image to boot, or a kernel file (default: baremetal)")
+    g.add_argument("--memory", "-m", type=size, default=None, metavar="SIZE",
+                   help=f"guest RAM, e.g. 512M or 5G (default: {images.default_memory_help()})")
+    g.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default: 1)")
+    g.add_argument("--workload", metavar="NAME", help="Linux guest: workload to run (default: hello)")
+    g.add_argument("--param", type=param, action="append", default=[], metavar="NAME=VALUE",
+                   help="Linux guest: workload parameter (repeatable), e.g. --param secret=abc")
+    g.add_argument("--command", "-c", type=command, action="append", default=[], metavar="CMD",
+                   help="bare-metal guest: command to run at boot (repeatable), e.g. -c 'crc 0x200000 4096'")
+    g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
+    g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
+    g.add_argument("--disk", type=disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]",
+                   help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk. "
+                        "The debian guest boots from the first disk, or from a throwaway overlay on its image")
+    g.add_argument("--net", type=net, action="append", default=[], metavar="user[,hostfwd=tcp:ADDR:PORT-:PORT]",
+                   help="a virtio NIC on QEMU's user networking (repeatable), e.g. "
+                        "--net user,hostfwd=tcp:127.0.0.1:2222-:22")
+    g.add_argument("--qemu", metavar="PATH|qemu10", default=None,
+                   help="the qemu-system-x86_64 binary, or qemu10 for the one 'images build qemu10' unpacked "
+                        "(default: $QEMU_MKTME_QEMU, else the one in PATH)")
+    g.add_argument("--accel", choices=("tcg", "kvm", "auto"), default="tcg",
+                   help="accelerator (default: tcg; auto uses KVM only when it works)")
+
+
+def add_mktme_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MKTME")
+    g.add_argument("--key", default="cpu", metavar="SPEC",
+                   help="the VM's key: cpu[:ALG], user:KEYHEX:TWEAKHEX[:ALG], user:@FILE[:ALG] (keeps the "
+                        "key out of ps), clear, no-encrypt, or none for plain QEMU (default: cpu)")
+    g.add_argument("--tenant", default=None,
+                   help="tenant owning the key (default: default; with --tenant-server: the tenant's certificate CN)")
+    g.add_argument("--iommu-keyid", type=int, default=None, metavar="N",
+                   help="fault injection: program the VM's IOMMU domain with KeyID N (device DMA then "
+                        "reads and writes garbage; the DMA sanitizer reports each transfer)")
+    g.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N",
+                   help="MK_TME_KEYID_BITS the BIOS activates (default 6: 63 KeyIDs)")
+    g.add_argument("--packages", type=int, default=1, metavar="N", help="CPU packages (key tables), default 1")
