@@ -196,6 +196,7 @@ def opt_in(xml: str, opt: Opt) -> str:
         for value in ("-chardev", f"socket,id={QMP_ID},path={qmp_path(name)},server=on,wait=off",
                       "-mon", f"chardev={QMP_ID},mode=control"):
             ET.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
+    ET.indent(root)
     out = ET.tostring(root, encoding="unicode")
     d = parse(out)
     if d.boot is None:
