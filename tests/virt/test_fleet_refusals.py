@@ -5,10 +5,12 @@ KeyID or key left behind on either machine."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 
@@ -95,9 +97,12 @@ def test_a_plain_start_is_refused_and_destroy_and_crash_release(fleet):
     assert r.returncode != 0 and "vCPUs ran before its KeyID was bound" in r.stderr, r.stderr
     assert _state(fleet, "a", "vm2") == "shut off"
     _clean(fleet)
-    assert fleet["a"].virsh("start", "--paused", "vm2").returncode == 0
-    _wait(lambda: _state(fleet, "a", "vm2") == "running", 30, "vm2 resumed")
-    assert fleet.bindings("a")["keyids_in_use"] != []
+    r = fleet["a"].run([sys.executable, "-m", "qemu_mktme.cli", "libvirt", "start", "vm2"], check=False)
+    assert r.returncode == 0 and re.match(r"vm2: running on a with KeyID \d+ \(key handle 0x", r.stdout), r.stderr
+    assert _state(fleet, "a", "vm2") == "running"
+    r = fleet["a"].run([sys.executable, "-m", "qemu_mktme.cli", "query", "--libvirt", "qemu:///system"])
+    shown = json.loads(r.stdout)["vm2"]
+    assert shown["state"] == "running" and shown["tagged"] and shown["keyid"] == fleet.bindings("a")["keyids_in_use"][0]
     assert fleet["a"].virsh("destroy", "vm2").returncode == 0
     _wait(lambda: fleet.bindings("a")["keyids_in_use"] == [], 10, "KeyID released at destroy")
     assert fleet["a"].virsh("start", "--paused", "vm2").returncode == 0
