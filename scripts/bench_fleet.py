@@ -30,17 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import add_common, interleave, median, ratio_spread, spread  # noqa: E402
 
 from qemu_mktme import images  # noqa: E402
-from qemu_mktme.virt.lab import FleetLab  # noqa: E402
+from qemu_mktme.virt.lab import FleetLab, guest_ram  # noqa: E402
 
 FILL_AT = 32 << 20
 
-
-def _memfd(pid: int, size: int) -> str:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        if os.readlink(path).startswith("/memfd:") and os.stat(path).st_size == size:
-            return path
-    raise RuntimeError(f"no memfd of {size} bytes in QEMU {pid}")
 
 
 def _qemu_pid(lab: FleetLab, host: str, name: str) -> int:
@@ -74,7 +67,7 @@ def bench_migration(work: Path, rounds: int, memory: int, data: int) -> dict[str
             if r.returncode:
                 raise RuntimeError(r.stderr)
             _wait(lambda n=name: lab["a"].virsh("domstate", n).stdout.strip() == "running")
-            with open(_memfd(_qemu_pid(lab, "a", name), memory), "r+b") as ram:
+            with open(guest_ram(_qemu_pid(lab, "a", name), memory), "r+b") as ram:
                 ram.seek(FILL_AT)
                 for _ in range(data >> 24):
                     ram.write(os.urandom(16 << 20))

@@ -84,12 +84,7 @@ def qmp_path(name: str) -> Path:
 
 def parse(xml: str) -> Domain:
     """The parts of a domain's XML the host model uses (``DomainError`` if it is not a domain)."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise DomainError(f"not XML: {err}") from None
-    if root.tag != "domain":
-        raise DomainError(f"not a libvirt domain: the root element is <{root.tag}>")
+    root = _root(xml)
     name = root.findtext("name")
     if not name:
         raise DomainError("the domain has no <name>")
@@ -116,6 +111,16 @@ def parse(xml: str) -> Domain:
             qmp = next((p[5:] for p in value.split(",") if p.startswith("path=")), None)
     return Domain(name=name, uuid=root.findtext("uuid"), opt=opt, emulator=root.findtext("devices/emulator"),
                   boot=boot, memory=_memory(root), memfd_shared=memfd_shared, qmp=qmp)
+
+
+def _root(xml: str) -> ET.Element:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise DomainError(f"not XML: {err}") from None
+    if root.tag != "domain":
+        raise DomainError(f"not a libvirt domain: the root element is <{root.tag}>")
+    return root
 
 
 def _memory(root: ET.Element) -> int:
@@ -167,12 +172,7 @@ def opt_in(xml: str, opt: Opt) -> str:
     """``xml`` made to opt in: our metadata (replacing any), shared memfd RAM, the host model's QMP
     monitor. Everything else of the user's domain is kept. ``DomainError`` when it has no direct
     kernel boot (that cannot be added for them)."""
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError as err:
-        raise DomainError(f"not XML: {err}") from None
-    if root.tag != "domain":
-        raise DomainError(f"not a libvirt domain: the root element is <{root.tag}>")
+    root = _root(xml)
     name = root.findtext("name") or ""
     meta = root.find("metadata")
     if meta is None:

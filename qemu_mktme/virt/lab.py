@@ -15,6 +15,7 @@ unix socket (``/proc/HOLDER/root/run/libvirt``) and each host model through its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,6 +34,16 @@ from .testbed import NsMachine, TenantService, Testbed, TestbedError, serve_tena
 
 HOSTS = ("a", "b")
 DAEMON_TIMEOUT = 60.0
+
+
+def guest_ram(pid: int, size: int) -> Path:
+    """The guest-RAM memfd of QEMU ``pid`` (``size`` bytes), as a path this process can open."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = Path(f"/proc/{pid}/fd/{fd}")
+        with contextlib.suppress(OSError):
+            if os.readlink(path).startswith("/memfd:") and path.stat().st_size == size:
+                return path
+    raise TestbedError(f"QEMU {pid} has no guest-RAM memfd of {size >> 20} MiB")
 
 
 class FleetLab:
@@ -153,6 +164,10 @@ class FleetLab:
             return (self.bed[host].root / "log/qemu" / f"{name}-serial.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def state(self, host: str, name: str) -> str:
+        """libvirt's state of domain ``name`` on ``host`` (``virsh domstate``)."""
+        return self.bed[host].virsh("domstate", name).stdout.strip()
 
     def bindings(self, host: str) -> dict[str, Any]:
         return host_request("bindings", socket=self.socket(host))  # type: ignore[no-any-return]

@@ -6,7 +6,6 @@ secret, the tenant links no key in the clear. Then what bad input gets."""
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import signal
@@ -17,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from fleet_helpers import wait_for
 from helpers import patience
+from qemu_mktme.virt.lab import guest_ram
 from reference import xts_lines
 
 pytestmark = pytest.mark.qemu
@@ -28,16 +29,6 @@ def _counts(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"^count (\d+)", text, re.M)]
 
 
-def _wait(condition, seconds: float, what: str):
-    deadline = time.monotonic() + patience(seconds)
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"not true after {patience(seconds):g} s: {what}"
-        time.sleep(0.1)
-    return value
-
-
-def _state(lab, host: str, name: str) -> str:
-    return lab[host].virsh("domstate", name).stdout.strip()
 
 
 def _tenant_key(lab, name: str = "vm") -> bytes:
@@ -47,13 +38,6 @@ def _tenant_key(lab, name: str = "vm") -> bytes:
     return bytes.fromhex(lab["tenant"].run([sys.executable, "-c", script]).stdout.strip().splitlines()[-1])
 
 
-def _memfd(pid: int, size: int) -> Path:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        if link.startswith("/memfd:") and os.stat(f"/proc/{pid}/fd/{fd}").st_size == size:
-            return Path(f"/proc/{pid}/fd/{fd}")
-    raise AssertionError(f"no {size >> 20} MiB memfd in QEMU {pid}")
-
 
 class Capture:
     """tcpdump on an interface of a machine, into a file."""
@@ -62,7 +46,7 @@ class Capture:
         self.path = path
         self.proc = lab[host].popen(["tcpdump", "-i", lab[host].links[peer], "-w", str(path), "-U", "-B", "16384",
                                      "-s", "0", "-n"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait(lambda: path.exists() and path.stat().st_size > 0, 10, f"tcpdump on {host}-{peer}")
+        wait_for(lambda: path.exists() and path.stat().st_size > 0, 10, f"tcpdump on {host}-{peer}")
 
     def stop(self) -> bytes:
         self.proc.send_signal(signal.SIGINT)
@@ -100,7 +84,7 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         # a plain virsh start is refused: its vCPUs would run before the KeyID is bound
         r = a.virsh("start", "vm1")
         assert r.returncode != 0 and "start it paused" in r.stderr, r.stderr
-        assert _state(lab, "a", "vm1") == "shut off"
+        assert lab.state("a", "vm1") == "shut off"
         assert lab.bindings("a")["keyids_in_use"] == []
 
         captures = {"tenant-a": Capture(lab, "tenant", "a", tmp_path / "ta.pcap"),
@@ -108,14 +92,14 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         t0 = time.monotonic()
         r = a.virsh("start", "--paused", "vm1")
         assert r.returncode == 0, r.stderr
-        _wait(lambda: _state(lab, "a", "vm1") == "running", 30, "vm1 resumed by the host model on a")
+        wait_for(lambda: lab.state("a", "vm1") == "running", 30, "vm1 resumed by the host model on a")
         started = time.monotonic() - t0
-        _wait(lambda: len(_counts(lab.serial("a", "vm1"))) >= 3, 60, "vm1 counting on a")
+        wait_for(lambda: len(_counts(lab.serial("a", "vm1"))) >= 3, 60, "vm1 counting on a")
         bound = lab.bindings("a")["domains"]["vm1"]
         assert bound["tagged"] and bound["keyid"] >= 1 and not bound["incoming"]
         q = lab.domains("a")["vm1"]
         assert q["state"] == "running" and q["keyid"] == bound["keyid"] and q["handle"] == bound["handle"]
-        with open(_memfd(bound["pid"], 512 << 20), "r+b") as ram:      # the CPU view: what the guest sees
+        with open(guest_ram(bound["pid"], 512 << 20), "r+b") as ram:      # the CPU view: what the guest sees
             ram.seek(RESERVED)                                        # memmap= keeps Linux off it
             ram.write(secret)
 
@@ -125,9 +109,9 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         migrated = time.monotonic() - t1
         assert r.returncode == 0, r.stderr
         print(f"start {started:.2f} s, migration {migrated:.2f} s")
-        assert _state(lab, "b", "vm1") == "running" and _state(lab, "a", "vm1") == "shut off"
+        assert lab.state("b", "vm1") == "running" and lab.state("a", "vm1") == "shut off"
         last_a = _counts(lab.serial("a", "vm1"))[-1]
-        on_b = _wait(lambda: _counts(lab.serial("b", "vm1")), 30, "vm1 counting on b")
+        on_b = wait_for(lambda: _counts(lab.serial("b", "vm1")), 30, "vm1 counting on b")
         assert last_a <= on_b[0] <= last_a + 5, (last_a, on_b[:3])        # the same shell, carrying on
 
         # A's KeyID and key are gone; B bound its own before the stream
@@ -141,7 +125,7 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         from qemu_mktme.virt.fleet import host_request
         host_request("dump", socket=lab.socket("b"), path=str(dump), vms=["vm1"])
         region = Dump(dump).region("vm1")
-        ram = _memfd(moved["pid"], 512 << 20).read_bytes()
+        ram = guest_ram(moved["pid"], 512 << 20).read_bytes()
         assert ram[RESERVED:RESERVED + len(secret)] == secret
         page = RESERVED
         hpa = region.gpa_to_hpa(page)
@@ -162,7 +146,7 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         assert r.returncode == 0, r.stderr
         assert secret in plain.stop()
         last_b = _counts(lab.serial("b", "vm1"))[-1]
-        _wait(lambda: _counts(lab.serial("a", "vm1"))[-1] > last_b, 30, "vm1 counting on a again")
+        wait_for(lambda: _counts(lab.serial("a", "vm1"))[-1] > last_b, 30, "vm1 counting on a again")
         assert lab.bindings("b")["keyids_in_use"] == [] and lab.bindings("a")["domains"]["vm1"]["tagged"]
     finally:
         for h in ("a", "b"):

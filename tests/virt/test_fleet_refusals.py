@@ -16,7 +16,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from fleet_helpers import wait_for
 from helpers import patience
+from qemu_mktme.virt.lab import guest_ram
 from qemu_mktme.tenant.store import TenantDir
 
 pytestmark = pytest.mark.qemu
@@ -28,16 +30,6 @@ def mktme_fleet_boot():
     return images.build("baremetal").boot(commands=["ticks 0 2000000"])
 
 
-def _wait(condition, seconds: float, what: str):
-    deadline = time.monotonic() + patience(seconds)
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"not true after {patience(seconds):g} s: {what}"
-        time.sleep(0.1)
-    return value
-
-
-def _state(lab, host: str, name: str) -> str:
-    return lab[host].virsh("domstate", name).stdout.strip()
 
 
 def _ticks(lab, host: str, name: str) -> int:
@@ -64,7 +56,7 @@ def fleet(mktme_fleet):
         for name in mktme_fleet[h].virsh("list", "--all", "--name").stdout.split():
             mktme_fleet[h].virsh("destroy", name)
             mktme_fleet[h].virsh("undefine", name)
-    _wait(lambda: all(not mktme_fleet.bindings(h)["domains"] for h in ("a", "b")), 10, "bindings released")
+    wait_for(lambda: all(not mktme_fleet.bindings(h)["domains"] for h in ("a", "b")), 10, "bindings released")
 
 
 def test_a_domain_without_shared_memfd_ram_never_starts(fleet):
@@ -74,7 +66,7 @@ def test_a_domain_without_shared_memfd_ram_never_starts(fleet):
     r = fleet["a"].virsh("start", "--paused", "nomemfd")
     assert r.returncode != 0
     assert "guest RAM must be a shared memfd" in r.stderr and "<memoryBacking>" in r.stderr, r.stderr
-    assert _state(fleet, "a", "nomemfd") == "shut off"
+    assert fleet.state("a", "nomemfd") == "shut off"
     _clean(fleet)
     r = fleet["a"].run(["virsh", "-c", fleet["a"].uri, "dumpxml", "nomemfd"])
     from qemu_mktme.virt import domain as dom
@@ -86,7 +78,7 @@ def test_no_reachable_broker_refuses_the_start(fleet):
     _define(fleet, "a", "nobroker", xml)
     r = fleet["a"].virsh("start", "--paused", "nobroker")
     assert r.returncode != 0 and "key broker" in r.stderr and "not reachable" in r.stderr, r.stderr
-    assert _state(fleet, "a", "nobroker") == "shut off"
+    assert fleet.state("a", "nobroker") == "shut off"
     assert "nobroker: prepare: refused" in fleet.log("a").read_text()
     _clean(fleet)
 
@@ -95,20 +87,20 @@ def test_a_plain_start_is_refused_and_destroy_and_crash_release(fleet):
     fleet.define("a", "vm2", memory=64 << 20)
     r = fleet["a"].virsh("start", "vm2")
     assert r.returncode != 0 and "vCPUs ran before its KeyID was bound" in r.stderr, r.stderr
-    assert _state(fleet, "a", "vm2") == "shut off"
+    assert fleet.state("a", "vm2") == "shut off"
     _clean(fleet)
     r = fleet["a"].run([sys.executable, "-m", "qemu_mktme.cli", "libvirt", "start", "vm2"], check=False)
     assert r.returncode == 0 and re.match(r"vm2: running on a with KeyID \d+ \(key handle 0x", r.stdout), r.stderr
-    assert _state(fleet, "a", "vm2") == "running"
+    assert fleet.state("a", "vm2") == "running"
     r = fleet["a"].run([sys.executable, "-m", "qemu_mktme.cli", "query", "--libvirt", "qemu:///system"])
     shown = json.loads(r.stdout)["vm2"]
     assert shown["state"] == "running" and shown["tagged"] and shown["keyid"] == fleet.bindings("a")["keyids_in_use"][0]
     assert fleet["a"].virsh("destroy", "vm2").returncode == 0
-    _wait(lambda: fleet.bindings("a")["keyids_in_use"] == [], 10, "KeyID released at destroy")
+    wait_for(lambda: fleet.bindings("a")["keyids_in_use"] == [], 10, "KeyID released at destroy")
     assert fleet["a"].virsh("start", "--paused", "vm2").returncode == 0
-    _wait(lambda: "vm2" in fleet.bindings("a")["domains"], 30, "vm2 bound again")
+    wait_for(lambda: "vm2" in fleet.bindings("a")["domains"], 30, "vm2 bound again")
     os.kill(fleet.bindings("a")["domains"]["vm2"]["pid"], signal.SIGKILL)           # QEMU crashes
-    _wait(lambda: fleet.bindings("a")["keyids_in_use"] == [] and _state(fleet, "a", "vm2") == "shut off", 20,
+    wait_for(lambda: fleet.bindings("a")["keyids_in_use"] == [] and fleet.state("a", "vm2") == "shut off", 20,
           "KeyID released after QEMU crashed")
     _clean(fleet)
 
@@ -116,7 +108,7 @@ def test_a_plain_start_is_refused_and_destroy_and_crash_release(fleet):
 def test_a_destination_failing_attestation_gets_no_ram_and_the_guest_runs_on(fleet, tmp_path):
     fleet.define("a", "vm3", memory=64 << 20)
     assert fleet["a"].virsh("start", "--paused", "vm3").returncode == 0
-    _wait(lambda: _ticks(fleet, "a", "vm3") > 2, 30, "vm3 ticking on a")
+    wait_for(lambda: _ticks(fleet, "a", "vm3") > 2, 30, "vm3 ticking on a")
     source = fleet.bindings("a")["domains"]["vm3"]
     tenant = TenantDir(fleet.tenant.directory)
     policy = tenant.policy()
@@ -124,7 +116,7 @@ def test_a_destination_failing_attestation_gets_no_ram_and_the_guest_runs_on(fle
     try:
         dump = fleet["a"].popen(["tcpdump", "-i", fleet["a"].links["b"], "-w", str(tmp_path / "ab.pcap"), "-U", "-n"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: (tmp_path / "ab.pcap").exists(), 10, "capture")
+        wait_for(lambda: (tmp_path / "ab.pcap").exists(), 10, "capture")
         r = fleet["a"].virsh("migrate", "--live", "--p2p", "--tls", "vm3", fleet["b"].uri)
         dump.send_signal(signal.SIGINT)
         dump.wait(patience(10))
@@ -132,9 +124,9 @@ def test_a_destination_failing_attestation_gets_no_ram_and_the_guest_runs_on(fle
         tenant.save_policy(policy)                                        # b enrolled again
     assert r.returncode != 0 and "refused this host" in r.stderr and "never enrolled" in r.stderr, r.stderr
     assert (tmp_path / "ab.pcap").stat().st_size < 1 << 20          # libvirt's calls only: no guest RAM moved
-    assert _state(fleet, "a", "vm3") == "running" and _state(fleet, "b", "vm3") != "running"
+    assert fleet.state("a", "vm3") == "running" and fleet.state("b", "vm3") != "running"
     before = _ticks(fleet, "a", "vm3")
-    _wait(lambda: _ticks(fleet, "a", "vm3") > before, 20, "vm3 ticking on a after the refusal")
+    wait_for(lambda: _ticks(fleet, "a", "vm3") > before, 20, "vm3 ticking on a after the refusal")
     assert fleet.bindings("a")["domains"]["vm3"]["keyid"] == source["keyid"]
     b = fleet.bindings("b")
     assert b["keyids_in_use"] == [] and b["keys"] == 0
@@ -144,34 +136,27 @@ def _migrating(fleet, name: str, bandwidth: int = 4) -> subprocess.Popen:
     """``virsh migrate --tls`` from a to b, slowed to ``bandwidth`` MiB/s, running in the background
     once b's host model bound its QEMU (the stream is flowing)."""
     pid = fleet.bindings("a")["domains"][name]["pid"]
-    with open(_memfd(pid, 64 << 20), "r+b") as ram:          # 40 MiB the stream must carry (not zero pages)
+    with open(guest_ram(pid, 64 << 20), "r+b") as ram:          # 40 MiB the stream must carry (not zero pages)
         ram.seek(8 << 20)
         ram.write(os.urandom(40 << 20))
     proc = fleet["a"].popen(["virsh", "-c", fleet["a"].uri, "migrate", "--live", "--p2p", "--tls", "--bandwidth",
                              str(bandwidth), name, fleet["b"].uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    _wait(lambda: name in fleet.bindings("b")["domains"] or proc.poll() is not None, 30, "b bound the incoming QEMU")
-    _wait(lambda: "migrat" in fleet["a"].virsh("domjobinfo", name).stdout.lower() or proc.poll() is not None, 30,
+    wait_for(lambda: name in fleet.bindings("b")["domains"] or proc.poll() is not None, 30, "b bound the incoming QEMU")
+    wait_for(lambda: "migrat" in fleet["a"].virsh("domjobinfo", name).stdout.lower() or proc.poll() is not None, 30,
           "the stream started")
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.5)
     return proc
 
 
-def _memfd(pid: int, size: int) -> str:
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        path = f"/proc/{pid}/fd/{fd}"
-        if os.readlink(path).startswith("/memfd:") and os.stat(path).st_size == size:
-            return path
-    raise AssertionError(f"no memfd of {size} bytes in {pid}")
-
 
 def _running_on_a(fleet, name: str) -> None:
-    if _state(fleet, "a", name) == "paused":
+    if fleet.state("a", name) == "paused":
         assert fleet["a"].virsh("resume", name).returncode == 0         # resumable
-    _wait(lambda: _state(fleet, "a", name) == "running", 30, f"{name} running on a")
+    wait_for(lambda: fleet.state("a", name) == "running", 30, f"{name} running on a")
     before = _ticks(fleet, "a", name)
-    _wait(lambda: _ticks(fleet, "a", name) > before, 20, f"{name} ticking on a")
+    wait_for(lambda: _ticks(fleet, "a", name) > before, 20, f"{name} ticking on a")
     assert fleet.bindings("a")["domains"][name]["tagged"]
 
 
@@ -180,7 +165,7 @@ def test_an_interrupted_migration_leaves_the_guest_on_its_source(fleet, what):
     name = "vm" + what.split()[0][:4]
     fleet.define("a", name, memory=64 << 20)
     assert fleet["a"].virsh("start", "--paused", name).returncode == 0
-    _wait(lambda: _ticks(fleet, "a", name) > 2, 30, "ticking on a")
+    wait_for(lambda: _ticks(fleet, "a", name) > 2, 30, "ticking on a")
     proc = _migrating(fleet, name)
     if what == "destination libvirtd":
         os.kill(fleet["b"].libvirtd, signal.SIGKILL)
@@ -200,9 +185,9 @@ def test_an_interrupted_migration_leaves_the_guest_on_its_source(fleet, what):
         else:
             fleet.bed.start_libvirtd("b" if what.startswith("destination") else "a")
     _running_on_a(fleet, name)
-    _wait(lambda: fleet.bindings("b")["keyids_in_use"] == [] and fleet.bindings("b")["keys"] == 0, 60,
+    wait_for(lambda: fleet.bindings("b")["keyids_in_use"] == [] and fleet.bindings("b")["keys"] == 0, 60,
           "nothing left on b")
-    assert _state(fleet, "b", name) != "running"
+    assert fleet.state("b", name) != "running"
     assert len(fleet.bindings("a")["keyids_in_use"]) == 1
 
 
@@ -215,19 +200,19 @@ def _peer(fleet) -> str:
 def test_the_destination_host_model_killed_mid_migration(fleet):
     fleet.define("a", "vm9", memory=64 << 20)
     assert fleet["a"].virsh("start", "--paused", "vm9").returncode == 0
-    _wait(lambda: _ticks(fleet, "a", "vm9") > 2, 30, "ticking on a")
+    wait_for(lambda: _ticks(fleet, "a", "vm9") > 2, 30, "ticking on a")
     proc = _migrating(fleet, "vm9")
     fleet.daemons["b"].kill()                                    # -9: its bindings die with it
     fleet.daemons["b"].wait()
     out, err = proc.communicate(timeout=patience(120))
     fleet.start_daemon("b")                                      # adopts what runs there
     where = "b" if proc.returncode == 0 else "a"
-    _wait(lambda: _state(fleet, where, "vm9") == "running", 30, f"vm9 running on {where}")
+    wait_for(lambda: fleet.state(where, "vm9") == "running", 30, f"vm9 running on {where}")
     before = _ticks(fleet, where, "vm9")
-    _wait(lambda: _ticks(fleet, where, "vm9") > before, 20, f"vm9 ticking on {where}")
+    wait_for(lambda: _ticks(fleet, where, "vm9") > before, 20, f"vm9 ticking on {where}")
     other = "a" if where == "b" else "b"
-    _wait(lambda: fleet.bindings(other)["keyids_in_use"] == [] and fleet.bindings(other)["keys"] == 0, 30,
+    wait_for(lambda: fleet.bindings(other)["keyids_in_use"] == [] and fleet.bindings(other)["keys"] == 0, 30,
           f"nothing left on {other}")
-    _wait(lambda: fleet.bindings(where)["domains"].get("vm9", {}).get("tagged"), 30, f"vm9 bound on {where}")
+    wait_for(lambda: fleet.bindings(where)["domains"].get("vm9", {}).get("tagged"), 30, f"vm9 bound on {where}")
     if where == "b":
         assert "it was running" in fleet.log("b").read_text()   # bound again by the restarted host model
