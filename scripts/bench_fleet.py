@@ -36,16 +36,6 @@ FILL_AT = 32 << 20
 
 
 
-def _qemu_pid(lab: FleetLab, host: str, name: str) -> int:
-    for pid in lab[host].processes():
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"qemu-system-x86_64") and f"guest={name}".encode() in b" ".join(cmd):
-            return pid
-    raise RuntimeError(f"no QEMU of {name} on {host}")
-
 
 def _wait(condition, seconds: float = 120.0) -> None:
     deadline = time.monotonic() + seconds
@@ -67,7 +57,7 @@ def bench_migration(work: Path, rounds: int, memory: int, data: int) -> dict[str
             if r.returncode:
                 raise RuntimeError(r.stderr)
             _wait(lambda n=name: lab["a"].virsh("domstate", n).stdout.strip() == "running")
-            with open(guest_ram(_qemu_pid(lab, "a", name), memory), "r+b") as ram:
+            with open(guest_ram(lab.qemu_pid("a", name), memory), "r+b") as ram:
                 ram.seek(FILL_AT)
                 for _ in range(data >> 24):
                     ram.write(os.urandom(16 << 20))

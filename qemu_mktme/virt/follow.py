@@ -294,6 +294,7 @@ class LibvirtHost:
         self._vms[d.name] = (vm, binding)
         self.session.machines[d.name] = vm
         self._spawn(self._watch(d.name, vm), f"{d.name}-watch")
+        self._spawn(self._guard(d.name, vm), f"{d.name}-guard")
         if status not in ("inmigrate", "running"):
             self._spawn(self._resume(d.name), f"{d.name}-resume")
         self._note(f"domain {d.name}: bound to KeyID {vm.keyid} (key handle {serial:#x}) on host {self.host_name}"
@@ -336,6 +337,19 @@ class LibvirtHost:
         entry = self._vms.get(name)
         if entry is not None and entry[0] is vm:
             await self.release(name, why="its QEMU exited")
+
+    async def _guard(self, name: str, vm: EncryptedMachine) -> None:
+        """Cancel an outgoing migration without TLS at its setup, before any RAM moves: QEMU's
+        stream would carry the guest's RAM in the clear (libvirt turns QEMU's migration events on)."""
+        with contextlib.suppress(MktmeError, ConnectionError, EOFError), vm.qmp.listen("MIGRATION") as events:
+            async for event in events:
+                if (event.get("data") or {}).get("status") != "setup":
+                    continue
+                params = await vm.qmp.execute("query-migrate-parameters")
+                if not params.get("tls-creds"):
+                    await vm.qmp.execute("migrate_cancel")
+                    self._note(f"domain {name}: refused a migration without TLS (its RAM would cross the network in "
+                               "the clear): migrate it with 'virsh migrate --tls'")
 
     async def release(self, name: str, *, why: str) -> bool:
         """Unbind domain ``name``: its KeyID and key released here. False when nothing was bound."""

@@ -165,6 +165,17 @@ class FleetLab:
         except FileNotFoundError:
             return ""
 
+    def qemu_pid(self, host: str, name: str) -> int:
+        """The QEMU process of domain ``name`` on ``host``."""
+        for pid in self.bed[host].processes():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"qemu-system-x86_64") and f"guest={name}".encode() in b" ".join(argv):
+                return pid
+        raise TestbedError(f"no QEMU of domain {name} on {host}")
+
     def state(self, host: str, name: str) -> str:
         """libvirt's state of domain ``name`` on ``host`` (``virsh domstate``)."""
         return self.bed[host].virsh("domstate", name).stdout.strip()
