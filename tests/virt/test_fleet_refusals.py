@@ -216,3 +216,26 @@ def test_the_destination_host_model_killed_mid_migration(fleet):
     wait_for(lambda: fleet.bindings(where)["domains"].get("vm9", {}).get("tagged"), 30, f"vm9 bound on {where}")
     if where == "b":
         assert "it was running" in fleet.log("b").read_text()   # bound again by the restarted host model
+
+
+def test_silent_half_sent_and_flooding_peers_do_not_stall_the_hook(fleet):
+    import socket
+    import stat
+    path = fleet.socket("a")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    peers = []
+    for n in range(200):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        if n == 0:
+            s.sendall(b'{"cmd": "hook", "domain": "vmx", "op": "prep')          # half a request, never ended
+        peers.append(s)
+    try:
+        fleet.define("a", "vm5", memory=64 << 20)
+        t0 = time.monotonic()
+        assert fleet["a"].virsh("start", "--paused", "vm5").returncode == 0
+        wait_for(lambda: fleet.state("a", "vm5") == "running", 30, "vm5 started beside 200 idle peers")
+        assert time.monotonic() - t0 < patience(10)
+    finally:
+        for s in peers:
+            s.close()
