@@ -16,6 +16,8 @@ Users catch by meaning, not by cause::
     │   ├── QmpCommandError         QEMU refused a QMP command
     │   └── ShimError               the TCG plugin shim or its tracer: cannot build, load, read
     │       └── AccessTimeout       a watched guest access did not happen in time
+    ├── RemoteError                 a running host refused a control request (carries its class:
+    │                               a remote SnapshotError is also a SnapshotError here)
     ├── AddressError                an address outside the memory it was used on (carries gpa/hpa)
     ├── HostError                   the host software model
     │   └── KeyServiceError         the mktme key service, with the kernel's errno (EINVAL, ...)
@@ -35,6 +37,7 @@ through untouched.
 from __future__ import annotations
 
 import errno as _errno
+import sys as _sys
 
 
 class MktmeError(Exception):
@@ -241,3 +244,46 @@ class TpmError(TenantError):
 
 class AttestationError(TenantError):
     """The key broker refused to release a key to a host; the message says why."""
+
+
+# --- answers of a running host ----------------------------------------------------------------
+
+
+class RemoteError(MktmeError):
+    """A running host (over its control socket) answered a request with an error.
+
+    ``remote_type`` is the class name the host raised; :func:`remote_error` makes the exception
+    an instance of that class too when it is one of this tree (or ``ValueError``), so callers
+    catch a refused snapshot as ``SnapshotError`` and a dead host (``AttachError``) apart.
+    """
+
+    def __init__(self, message: str, *, remote_type: str = "", host: str = "") -> None:
+        Exception.__init__(self, message)       # the remote class's own constructor does not apply
+        self.remote_type = remote_type
+        self.host = host
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+_REMOTE: dict[str, type[RemoteError]] = {}
+
+
+def remote_error(remote_type: str, message: str, *, host: str = "") -> RemoteError:
+    """A :class:`RemoteError` that is also an instance of the class named ``remote_type`` (a
+    class of this module, or ``ValueError``), as a host's control socket reported it."""
+    cls = _REMOTE.get(remote_type)
+    if cls is None:
+        base = getattr(_sys.modules[__name__], remote_type, None)
+        if remote_type == "ValueError":
+            base = ValueError
+        if isinstance(base, type) and issubclass(base, Exception) and base is not RemoteError and \
+                (issubclass(base, MktmeError) or base is ValueError):
+            cls = type(f"Remote{remote_type}", (RemoteError, base), {"__module__": __name__})
+        else:
+            cls = RemoteError
+        _REMOTE[remote_type] = cls
+    err = cls(message, remote_type=remote_type, host=host)
+    if isinstance(err, KeyServiceError):
+        err.errno = 0
+    return err

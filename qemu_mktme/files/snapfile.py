@@ -85,6 +85,15 @@ def load_kek(text: bytes | str, source: str = "key-encryption key") -> bytes:
         else:
             found = f"{len(data)} bytes of binary data"
         raise ValueError(f"{source}: not a key-encryption key: expected {2 * KEK_NBYTES} hex digits, found {found}")
+    return check_kek(kek, source)
+
+
+def check_kek(kek: bytes, source: str = "key-encryption key") -> bytes:
+    """``kek`` if it can seal a snapshot: 32 bytes, not all zero; else a ``ValueError`` starting with
+    ``source``. The one check of a KEK, whatever the door it came through (key file, control socket,
+    library call): :class:`Keys` applies it, and so does ``save_snapshot`` before it pauses the VM."""
+    if not isinstance(kek, bytes) or len(kek) != KEK_NBYTES:
+        raise ValueError(f"{source}: a key-encryption key is {KEK_NBYTES} bytes")
     if not any(kek):
         raise ValueError(f"{source}: the key-encryption key is all zeros")
     return kek
@@ -94,8 +103,7 @@ class Keys:
     """The per-snapshot keys derived from the KEK, the salt and the snapshot id."""
 
     def __init__(self, kek: bytes, salt: bytes, snapshot_id: bytes) -> None:
-        if len(kek) != KEK_NBYTES:
-            raise ValueError(f"the KEK must be {KEK_NBYTES} bytes")
+        check_kek(kek)
 
         def derive(purpose: bytes) -> AESGCM:
             return AESGCM(HKDF(hashes.SHA256(), 32, salt, _INFO + purpose + snapshot_id).derive(kek))

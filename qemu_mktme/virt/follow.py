@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MktmeError, KeyServiceError
-from ..files import Progress
 from ..host.payload import Payload
-from ..live.control import ControlServer
+from ..live.control import STR, STR_REQUIRED, Command, Connection, ControlServer
 from ..live.encrypted import EncryptedMachine
 from ..live.session import HostSession
 from ..qemu.machine import MachineConfig
@@ -55,6 +54,10 @@ from .domain import RUN_DIR, Domain, DomainError, parse, problems
 log = logging.getLogger(__name__)
 
 SOCKET = RUN_DIR / "host.sock"
+HOOK_IDLE = 10.0
+"""Seconds a peer of the hook socket may stay silent (libvirt's hook writes its request at once)."""
+MAX_PEERS = 256
+"""Connections served at a time (every domain operation of the machine is one while it runs)."""
 
 
 @dataclass
@@ -100,9 +103,11 @@ class LibvirtHost:
         self.host_dir = Path(host_dir) if host_dir else None
         self.session = HostSession([], keyid_bits=keyid_bits, control=False, name=host_name)
         self.socket_path = Path(socket_path)
-        self._server = ControlServer({"hook": self._hook, "query": self._query, "bindings": self._bindings,
-                                      "dump": self.session.handlers["dump"]},
-                                     path=self.socket_path)
+        self._server = ControlServer({
+            "hook": Command(self._hook, {"domain": STR_REQUIRED, "op": STR_REQUIRED, "sub": STR, "xml": STR_REQUIRED}),
+            "query": Command(self._query, {"name": STR}), "bindings": Command(self._bindings),
+            "dump": self.session.commands["dump"]},
+            path=self.socket_path, idle_timeout=HOOK_IDLE, max_connections=MAX_PEERS)
         self._released: dict[str, Released] = {}
         self._incoming_names: set[str] = set()   # told by the 'migrate' operation: QEMU will take a stream
         self._vms: dict[str, tuple[EncryptedMachine, Binding]] = {}
@@ -172,19 +177,19 @@ class LibvirtHost:
             out[name] = Binding(**{**asdict(b), "state": vm.state.value, "tagged": tagged, "keyid": keyid})
         return out
 
-    async def _bindings(self, request: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    async def _bindings(self, request: dict[str, Any], conn: Connection) -> dict[str, Any]:
         return {"host": self.host_name, "uri": self.uri,
                 "keyids_in_use": [a.keyid for a in self.session.host.keys.keyids.in_use],
                 "keys": len(self.session.host.keys.keys()),
                 "domains": {n: b.to_json() for n, b in self.bindings().items()},
                 "attestation": self.session.attestation}
 
-    async def _query(self, request: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    async def _query(self, request: dict[str, Any], conn: Connection) -> dict[str, Any]:
         return self.session.query(request.get("name"))
 
     # ------------------------------------------------------------------ the hook
 
-    async def _hook(self, request: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    async def _hook(self, request: dict[str, Any], conn: Connection) -> dict[str, Any]:
         name, op = str(request.get("domain")), str(request.get("op"))
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -245,7 +250,7 @@ class LibvirtHost:
             broker_key_source(self.session, launch)
             assert self.session.key_source is not None
             try:
-                payload = await self.session.key_source(config, d.opt.tenant)
+                payload = await self.session.key_source(config, d.opt.tenant, d.opt.key)
             except MktmeError as err:
                 raise type(err)(f"domain {d.name}: host {self.host_name}: {err}") from None
         self._released[d.name] = Released(payload, dict(self.session.attestation or {}), incoming)

@@ -391,42 +391,13 @@ class TenantService:
 
 
 def serve_tenant(machine: NsMachine, directory: Path, *, name: str = "pytest", keys: Sequence[str] = ("vm",)) -> TenantService:
-    """A tenant ``name`` in ``directory`` with its key server started inside ``machine`` and
-    memory keys ``keys``; its broker reachable at the machine's own address.
-
-    Until ``keyserver start --listen`` exists, the broker listens on the machine's loopback and
-    the machine forwards its own address's port there (a DNAT rule inside its namespace), and
-    the tenant's server certificate is issued again naming that address: TLS stays end to end
-    between each host and the broker, KMIP never leaves the tenant machine.
-    """
+    """A tenant ``name`` in ``directory`` with its key server (``keyserver start --listen``) inside
+    ``machine`` on the machine's own address (its certificate names it), and memory keys ``keys``."""
     import sys
     from ..tenant.store import TenantDir
-    tenant = TenantDir(directory)
-    tenant.init(name)
-    _name_server(tenant.pki.directory, machine.address)
-    script = ("import sys; from qemu_mktme.tenant import admin, keyserver; from qemu_mktme.tenant.store import TenantDir; "
-              f"t = TenantDir({str(directory)!r}); info = keyserver.start(t); "
-              f"[admin.add_key(t, k) for k in {list(keys)!r}]; print(info.broker_port)")
-    r = machine.run([sys.executable, "-c", script], timeout=120)
-    port = int(r.stdout.strip().splitlines()[-1])
-    machine.run(["sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"])
-    machine.run(["iptables", "-t", "nat", "-A", "PREROUTING", "-d", machine.address, "-p", "tcp", "--dport", str(port),
-                 "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}"])
-    return TenantService(machine, directory, f"https://{machine.address}:{port}", port)
-
-
-def _name_server(pki_dir: Path, address: str) -> None:
-    """The tenant's server certificate again, naming ``address`` too (``localhost``, 127.0.0.1 kept)."""
-    ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca-cert.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki_dir / "ca-key.pem").read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _cert(_name("localhost"), key.public_key(), ca_key, ca_cert.subject, eku=ExtendedKeyUsageOID.SERVER_AUTH,
-                 address=address, names=("localhost",), extra=("127.0.0.1",))
-    tmp = pki_dir / ".server-key.pem.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    os.replace(tmp, pki_dir / "server-key.pem")
-    (pki_dir / "server-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    TenantDir(directory).init(name, server_names=[machine.address])
+    script = ("from qemu_mktme.tenant import admin, keyserver; from qemu_mktme.tenant.store import TenantDir; "
+              f"t = TenantDir({str(directory)!r}); info = keyserver.start(t, {machine.address!r}); "
+              f"[admin.add_key(t, k) for k in {list(keys)!r}]; print(info.url)")
+    url = machine.run([sys.executable, "-c", script], timeout=120).stdout.strip().splitlines()[-1]
+    return TenantService(machine, directory, url, int(url.rsplit(":", 1)[1]))

@@ -4,7 +4,6 @@ KeyID or key left behind on either machine."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -19,6 +18,8 @@ import pytest
 from fleet_helpers import wait_for
 from helpers import patience
 from qemu_mktme.virt.lab import guest_ram
+from qemu_mktme.attest.hostid import host_credentials
+from qemu_mktme.tenant import admin
 from qemu_mktme.tenant.store import TenantDir
 
 pytestmark = pytest.mark.qemu
@@ -105,14 +106,15 @@ def test_a_plain_start_is_refused_and_destroy_and_crash_release(fleet):
     _clean(fleet)
 
 
-def test_a_destination_failing_attestation_gets_no_ram_and_the_guest_runs_on(fleet, tmp_path):
+def test_a_revoked_destination_gets_no_ram_and_the_guest_runs_on(fleet, tmp_path):
     fleet.define("a", "vm3", memory=64 << 20)
     assert fleet["a"].virsh("start", "--paused", "vm3").returncode == 0
     wait_for(lambda: _ticks(fleet, "a", "vm3") > 2, 30, "vm3 ticking on a")
     source = fleet.bindings("a")["domains"]["vm3"]
     tenant = TenantDir(fleet.tenant.directory)
     policy = tenant.policy()
-    tenant.save_policy(dataclasses.replace(policy, hosts={k: v for k, v in policy.hosts.items() if v != "b"}))
+    revoked = admin.revoke_host(tenant, "b")           # tenant policy --revoke b: its certificate, its AK
+    assert revoked.serials and revoked.unenrolled
     try:
         dump = fleet["a"].popen(["tcpdump", "-i", fleet["a"].links["b"], "-w", str(tmp_path / "ab.pcap"), "-U", "-n"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -121,8 +123,9 @@ def test_a_destination_failing_attestation_gets_no_ram_and_the_guest_runs_on(fle
         dump.send_signal(signal.SIGINT)
         dump.wait(patience(10))
     finally:
-        tenant.save_policy(policy)                                        # b enrolled again
-    assert r.returncode != 0 and "refused this host" in r.stderr and "never enrolled" in r.stderr, r.stderr
+        tenant.save_policy(policy)                                        # b enrolled again, a new certificate
+        admin.enrol_credentials(tenant, "b", host_credentials(fleet.host_dirs["b"]))
+    assert r.returncode != 0 and "host b" in r.stderr and "revoked" in r.stderr, r.stderr
     assert (tmp_path / "ab.pcap").stat().st_size < 1 << 20          # libvirt's calls only: no guest RAM moved
     assert fleet.state("a", "vm3") == "running" and fleet.state("b", "vm3") != "running"
     before = _ticks(fleet, "a", "vm3")
