@@ -24,14 +24,16 @@ import time
 from pathlib import Path
 
 from qemu_mktme import images
+from qemu_mktme.attest.hostid import host_credentials
 from qemu_mktme.virt.lab import FleetLab
 
 PROBE = r'''
 import concurrent.futures, json, sys, time
+from pathlib import Path
 from qemu_mktme.attest.client import BrokerClient
-url, ca, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, creds, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 def one(i):
-    c = BrokerClient(url, ca, timeout=120)
+    c = BrokerClient(url, creds / "ca-cert.pem", cert=(creds / "client-cert.pem", creds / "client-key.pem"), timeout=120)
     try:
         t0 = time.monotonic(); c.nonce(); return time.monotonic() - t0
     except Exception as err:
@@ -97,7 +99,8 @@ def run(domains: int, migrations: int, requests: int, parallel: int = 2) -> list
                 failures.append(f"{host}: KeyIDs {b['keyids_in_use']} / {b['keys']} keys left with {len(here)} domains")
         assert lab.tenant is not None
         outs = {}
-        procs = {h: lab[h].popen([sys.executable, "-c", PROBE, lab.url, str(lab.tenant.ca), str(requests // 2)],
+        procs = {h: lab[h].popen([sys.executable, "-c", PROBE, lab.url, str(host_credentials(lab.host_dirs[h])),
+                                  str(requests // 2)],
                                  stdout=-1, stderr=-1) for h in ("a", "b")}
         for h, p in procs.items():
             out, err = p.communicate(timeout=600)
