@@ -252,7 +252,7 @@ class LibvirtHost:
             try:
                 payload = await self.session.key_source(config, d.opt.tenant, d.opt.key)
             except MktmeError as err:
-                raise type(err)(f"domain {d.name}: host {self.host_name}: {err}") from None
+                raise DomainError(f"domain {d.name}: host {self.host_name}: {err}") from err
         self._released[d.name] = Released(payload, dict(self.session.attestation or {}), incoming)
         self._note(f"domain {d.name}: key {d.opt.key!r} of tenant {d.opt.tenant} released to host {self.host_name}"
                    + (" (incoming migration)" if incoming else ""))

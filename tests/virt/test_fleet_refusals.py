@@ -242,3 +242,19 @@ def test_silent_half_sent_and_flooding_peers_do_not_stall_the_hook(fleet):
     finally:
         for s in peers:
             s.close()
+
+
+async def test_the_library_starts_migrates_and_stops_across_machines(fleet):
+    from qemu_mktme.virt.fleet import FleetError
+    fleet.define("a", "vm7", memory=64 << 20)
+    started = await fleet.start("a", "vm7")
+    assert started.domain == "vm7" and started.host == "a" and started.keyid >= 1 and started.handle.startswith("0x")
+    moved = await fleet.migrate("vm7", "a", "b")
+    assert moved.dest == fleet["b"].uri and fleet.state("b", "vm7") == "running"
+    assert fleet.bindings("a")["keyids_in_use"] == [] and fleet.bindings("b")["domains"]["vm7"]["tagged"]
+    with pytest.raises(FleetError, match="vm7"):
+        await fleet.migrate("vm7", "a", "b")                 # not on a any more: libvirt's message
+    await fleet.stop("b", "vm7")
+    wait_for(lambda: fleet.bindings("b")["keyids_in_use"] == [], 10, "KeyID released after stop")
+    with pytest.raises(FleetError, match="no domain"):
+        await fleet.start("a", "nosuch")
