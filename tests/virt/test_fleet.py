@@ -6,6 +6,7 @@ secret, the tenant links no key in the clear. Then what bad input gets."""
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -165,3 +166,22 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
                 lab[h].virsh("destroy", name)
                 lab[h].virsh("undefine", name)
     assert lab.bindings("b")["keyids_in_use"] == [] and lab.bindings("b")["keys"] == 0
+
+
+def test_a_testbed_leaves_nothing_behind_even_after_a_failure():
+    import shutil
+    if os.geteuid() != 0 or shutil.which("libvirtd") is None:
+        pytest.skip("namespaced machines with their own libvirtd need root and libvirtd")
+    from qemu_mktme.virt.testbed import Testbed
+    seen = {}
+    with pytest.raises(RuntimeError, match="the test failed"), Testbed(["x", "y"], links=[("x", "y")]) as bed:
+        seen["top"] = bed.top
+        seen["holders"] = [bed[n].pid for n in ("x", "y")]
+        seen["daemons"] = [bed[n].libvirtd for n in ("x", "y")]
+        seen["sleeper"] = bed["y"].popen(["sleep", "1000"]).pid
+        r = bed["x"].virsh("version", uri=bed["y"].uri)
+        assert r.returncode == 0, r.stderr
+        raise RuntimeError("the test failed")
+    assert not seen["top"].exists()
+    for pid in [*seen["holders"], *seen["daemons"], seen["sleeper"]]:
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
