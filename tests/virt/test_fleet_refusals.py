@@ -258,3 +258,17 @@ async def test_the_library_starts_migrates_and_stops_across_machines(fleet):
     wait_for(lambda: fleet.bindings("b")["keyids_in_use"] == [], 10, "KeyID released after stop")
     with pytest.raises(FleetError, match="no domain"):
         await fleet.start("a", "nosuch")
+
+
+def test_virsh_save_of_an_opted_in_domain_is_cancelled(fleet, tmp_path):
+    """libvirt saves through QEMU's migration stream, to a file: its RAM would land on disk in the
+    clear. (``virsh dump --memory-only`` is QEMU's dump-guest-memory: the host's software reading
+    the guest, which MKTME does not prevent, as on hardware.)"""
+    fleet.define("a", "vm8", memory=64 << 20)
+    assert fleet["a"].virsh("start", "--paused", "vm8").returncode == 0
+    wait_for(lambda: fleet.state("a", "vm8") == "running", 30, "vm8 running")
+    r = fleet["a"].virsh("save", "vm8", str(tmp_path / "vm8.save"))
+    assert r.returncode != 0 and "cancel" in r.stderr.lower(), r.stderr
+    assert not (tmp_path / "vm8.save").exists()
+    assert fleet.state("a", "vm8") == "running" and fleet.bindings("a")["domains"]["vm8"]["tagged"]
+    assert "refused a migration without TLS" in fleet.log("a").read_text()
