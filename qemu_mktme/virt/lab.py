@@ -16,7 +16,9 @@ unix socket (``/proc/HOLDER/root/run/libvirt``) and each host model through its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +38,18 @@ HOSTS = ("a", "b")
 DAEMON_TIMEOUT = 60.0
 
 
+def _own_copy(boot: BootSpec, directory: Path) -> BootSpec:
+    """``boot`` with its kernel and initrd copied into ``directory``: what the hosts measure and the
+    tenant's policy names stays the same while the lab runs, whoever rebuilds the image cache."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for field, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
+        if path is not None:
+            files[field] = directory / Path(path).name
+            shutil.copyfile(path, files[field])
+    return dataclasses.replace(boot, **files)  # type: ignore[arg-type]
+
+
 def guest_ram(pid: int, size: int) -> Path:
     """The guest-RAM memfd of QEMU ``pid`` (``size`` bytes), as a path this process can open."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -51,7 +65,7 @@ class FleetLab:
 
     def __init__(self, work: Path, boot: BootSpec, *, keyid_bits: int = 6, tenant: str = "pytest") -> None:
         self.work = Path(work)
-        self.boot = boot
+        self.boot = _own_copy(boot, self.work / "boot")
         self.keyid_bits = keyid_bits
         self.tenant_name = tenant
         self.bed = Testbed(["tenant", *HOSTS], links=[("tenant", "a"), ("tenant", "b"), ("a", "b")], hook=True)

@@ -65,6 +65,7 @@ class NsMachine:
     holder: subprocess.Popen[bytes] | None = None
     libvirtd: int | None = None
     links: dict[str, str] = field(default_factory=dict)     # peer machine -> this machine's interface
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)   # reaped at teardown
 
     @property
     def uri(self) -> str:
@@ -254,6 +255,7 @@ class Testbed:
             proc = m.popen(["libvirtd", "--listen", "--pid-file", "/run/libvirtd.pid"], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         m.libvirtd = proc.pid               # nsenter execs libvirtd: the same process
+        m.started = [p for p in m.started if p.poll() is None] + [proc]      # a killed one is reaped here
         return proc
 
     def _wait_libvirtd(self, m: NsMachine, proc: subprocess.Popen[bytes]) -> None:
@@ -308,6 +310,9 @@ class Testbed:
                 continue
             _stop(m.processes())
         for m in self.machines.values():
+            for proc in m.started:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(1)
             if m.holder is not None and m.holder.poll() is None:
                 m.holder.kill()
                 m.holder.wait()
