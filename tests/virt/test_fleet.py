@@ -145,8 +145,8 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         # a migration without --tls is cancelled at its setup by B's host model: nothing crosses
         plain = Capture(lab, "a", "b", tmp_path / "plain.pcap")
         r = b.virsh("migrate", "--live", "--p2p", "vm1", a.uri, timeout=patience(120))
-        assert r.returncode != 0 and "cancel" in r.stderr.lower(), r.stderr
-        assert "refused a migration without TLS" in lab.log("b").read_text()
+        assert r.returncode != 0, r.stdout     # virsh shows the source's cancel or the destination's end of stream
+        assert "refused a migration without TLS" in lab.log("b").read_text()      # the reason, in the host's log
         assert secret not in plain.stop() and lab.state("b", "vm1") == "running"
         assert lab.bindings("a")["keyids_in_use"] == [] and lab.bindings("b")["domains"]["vm1"]["tagged"]
 
