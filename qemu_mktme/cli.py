@@ -29,13 +29,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from .attend import TERMINATED
-from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, migrate, nvdimm,
+from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, libvirt, migrate,
+                       nvdimm,
                        query, run, snapshot, tenant, verify)
 from .commands.options import PROG, UsageError
 from .errors import MktmeError
 
 COMMANDS = (run, attach, query, host, migrate, dump, snapshot, nvdimm, demo, attack, verify, inspect, images, doctor,
-            keyserver, tenant, image)
+            keyserver, tenant, image, libvirt)
 """The top-level commands, in the order ``--help`` lists them."""
 
 

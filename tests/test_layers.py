@@ -13,7 +13,7 @@ import qemu_mktme
 ROOT = Path(qemu_mktme.__file__).parent
 # Lowest first; a module may import its own layer and any layer before it. ``errors`` is shared.
 ORDER = ["errors", "compiled", "arch", "engine", "host", "files", "qemu", "images", "trace", "vhost", "live", "attest", "tenant",
-         "inspect", "verifier", "demo", "attack", "attend", "commands", "cli", "pytest_plugin"]
+         "virt", "inspect", "verifier", "demo", "attack", "attend", "commands", "cli", "pytest_plugin"]
 SIDEWAYS_OK: set[tuple[str, str]] = set()
 
 
