@@ -30,8 +30,7 @@ from typing import Any
 
 from .attend import TERMINATED
 from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, libvirt, migrate,
-                       nvdimm,
-                       query, run, snapshot, tenant, verify)
+                       nvdimm, query, run, snapshot, tenant, verify)
 from .commands.options import PROG, UsageError
 from .errors import MktmeError
 
