@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
                                     "broker that releases keys only to attested hosts, as one background process.")
     ks.add_argument("action", choices=("start", "stop", "status"))
     ks.add_argument("--json", action="store_true", help="status as JSON")
-    ks.add_argument("--listen", default="127.0.0.1", metavar="ADDR[:PORT]",
+    ks.add_argument("--listen", metavar="ADDR[:PORT]",
                     help="address for KMIP and the broker, PORT the broker's (default: 127.0.0.1, any free port)")
     ks.add_argument("--kmip-port", type=int, default=0, metavar="N", help="KMIP's port (default: any free port)")
     add_tenant_dir_option(ks)

@@ -76,6 +76,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     host = "127.0.0.1" if host == "localhost" else host
     try:
         addr = ipaddress.ip_address(host)
+        if not (port.isascii() and port.isdigit()):   # int() takes "１", " 1", "+1", "1_0"
+            raise ValueError(port)
         number = int(port)
     except ValueError:
         raise TenantError(f"--listen wants ADDR[:PORT] with an IP address, got {text!r}") from None
@@ -143,19 +145,24 @@ def kmip_client(tenant: TenantDir, info: KeyServerInfo | None = None, **kw: floa
     return KmipClient(KmipEndpoint(info.kmip_port, tenant.pki, info.local_address), **kw)  # type: ignore[arg-type]
 
 
-def start(tenant: TenantDir, listen: str = "127.0.0.1", *, kmip_port: int = 0) -> KeyServerInfo:
+def start(tenant: TenantDir, listen: str | None = None, *, kmip_port: int = 0) -> KeyServerInfo:
     """Start the key server in the background (or return the one running); waits until it listens.
 
-    ``listen``: ``ADDR[:PORT]`` for both services (PORT: the broker's); ``kmip_port``: KMIP's
-    (0: any free port). Clients check the broker's certificate against the name they dial: give
+    ``listen``: ``ADDR[:PORT]`` for both services (PORT: the broker's; None: 127.0.0.1, or
+    wherever the running one listens); ``kmip_port``: KMIP's (0: any free port). A running key
+    server elsewhere than an explicit ``listen``/``kmip_port`` asks is ``KeyServerError``. Clients check the broker's certificate against the name they dial: give
     the tenant's server certificate that name (``tenant init --server-name``).
     """
     tenant.require()
-    address, broker_port = parse_listen(listen)
+    address, broker_port = parse_listen(listen or "127.0.0.1")
     if not 0 <= kmip_port <= 65535:
         raise TenantError(f"KMIP port {kmip_port} is not in 0..65535")
     running = status(tenant)
     if running is not None:
+        if (listen is not None and (address, broker_port or running.broker_port) != (running.address, running.broker_port)) \
+                or kmip_port not in (0, running.kmip_port):
+            raise KeyServerError(f"the key server already runs (pid {running.pid}) on {running.address}: KMIP port "
+                                 f"{running.kmip_port}, broker port {running.broker_port}; stop it to listen elsewhere")
         return running
     _reap_group(tenant, _recorded(tenant))          # a server killed with -9 may have left its helper
     (tenant.path / STATE).unlink(missing_ok=True)

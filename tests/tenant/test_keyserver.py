@@ -206,6 +206,10 @@ def test_keyserver_listens_where_told_and_revokes_a_host_while_running(tmp_path,
         assert cli.main(["keyserver", "status", "--json", *d]) == 0
         status = json.loads(capsys.readouterr().out)
         assert status["address"] == "127.0.0.2" and status["url"] == f"https://127.0.0.2:{status['broker_port']}"
+        assert cli.main(["keyserver", "start", *d]) == 0                  # the running one, wherever it is
+        assert f"broker on 127.0.0.2:{status['broker_port']}" in capsys.readouterr().out
+        assert cli.main(["keyserver", "start", "--listen", "127.0.0.3", *d]) == 1   # not "running" elsewhere
+        assert "already runs" in capsys.readouterr().err
         uid = admin.add_key(tenant, "vm")                                  # KMIP on 127.0.0.2 too
         assert len(keyserver.kmip_client(tenant).get_key(uid)) == 32
         hosts = {h: admin.enrol_credentials(tenant, h, tmp_path / h) for h in ("ha", "hb")}
@@ -232,6 +236,7 @@ def test_keyserver_listens_where_told_and_revokes_a_host_while_running(tmp_path,
 
 @pytest.mark.parametrize("listen, message", [
     ("nonsense", "with an IP address"), ("127.0.0.1:99999", "not in 0..65535"), ("[::1]:8443", "IPv4 only"),
+    ("127.0.0.1:\uff11", "with an IP address"), ("127.0.0.1:+1", "with an IP address"),
 ])
 def test_keyserver_listen_values_that_cannot_work(tmp_path, listen, message, capsys):
     from qemu_mktme import cli
