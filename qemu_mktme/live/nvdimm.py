@@ -47,6 +47,8 @@ from ..qemu.nvdimm import NvdimmBackend
 log = logging.getLogger(__name__)
 
 Warn = Callable[[str], None]
+PHYS_LIMIT = 1 << 52
+"""No host physical address reaches this (MAXPHYADDR is at most 52): a larger size or HPA is a typo."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class NvdimmMedia:
             raise ValueError(f"--nvdimm {text}: size must be a multiple of 2 MiB")
         if "hpa" in fields and fields["hpa"] % ALIGN:
             raise ValueError(f"--nvdimm {text}: hpa= must be 2 MiB aligned")
+        if fields.get("hpa", 0) + fields.get("size", 0) > PHYS_LIMIT:
+            raise ValueError(f"--nvdimm {text}: beyond any host physical address (MAXPHYADDR is at most 52)")
         return cls(Path(path), fields.get("size"), fields.get("hpa"))
 
 
@@ -238,7 +242,7 @@ def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = N
     is taken) for HPA ``to_hpa`` and/or the key ``to_key_spec``; (old header, new header)."""
     if to_hpa is None and to_key_spec is None:
         raise NvdimmError("nvdimm rekey needs --to-hpa ADDR and/or --to-key SPEC")
-    if to_hpa is not None and (to_hpa < 0 or to_hpa % ALIGN):
+    if to_hpa is not None and (to_hpa < 0 or to_hpa % ALIGN or to_hpa >= PHYS_LIMIT):
         raise NvdimmError(f"--to-hpa {to_hpa:#x} is not a 2 MiB aligned host physical address")
     check_kind(path, f"NVDIMM media {path}")
     path = os.path.realpath(path)                     # a symlink stays one: its target is re-encrypted

@@ -22,6 +22,8 @@ def test_show_rekey_and_bad_input(tmp_path):
     assert (tmp_path / "raw.img").read_bytes() == b"x" * 4096
     bad = qm("nvdimm", "rekey", str(tmp_path / "raw.img"), "--key", key, "--to-hpa", "zz")
     assert bad.returncode == 2 and "not an address" in bad.stderr
+    far = qm("nvdimm", "rekey", str(tmp_path / "raw.img"), "--key", key, "--to-hpa", hex(1 << 52))
+    assert far.returncode == 1 and "not a 2 MiB aligned host physical address" in far.stderr
     usage = qm("run", "--guest", "linux", "--nvdimm", "m.img,size=3M")
     assert usage.returncode == 2 and "multiple of 2 MiB" in usage.stderr
     nokey = qm("run", "--guest", "linux", "--key", "none", "--nvdimm", str(tmp_path / "m.img") + ",size=2M")

@@ -132,7 +132,8 @@ def test_media_option_parsing() -> None:
     assert NvdimmMedia.parse("m") == NvdimmMedia(Path("m"))
     for bad, why in [("m,size=3M", "multiple of 2 MiB"), ("m,hpa=0x1000", "2 MiB aligned"),
                      ("m,colour=red", "expected PATH"), ("m,hpa=zz", "an address"), (",size=2M", "needs a file"),
-                     ("m,size=2M,size=4M", "given twice")]:
+                     ("m,size=2M,size=4M", "given twice"), ("m,size=99999999999G", "beyond any host physical"),
+                     (f"m,size=2M,hpa={1 << 52:#x}", "beyond any host physical")]:
         with pytest.raises(ValueError, match=why):
             NvdimmMedia.parse(bad)
 
