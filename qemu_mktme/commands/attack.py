@@ -22,6 +22,8 @@ from ..attack.matrix import ATTACKS, CONTROLS, Matrix, run_matrix
 from ..attack.replay import DEFAULT_ALIAS_BIT, random_pin
 from ..attack.victims import GUESTS
 from ..engine.platform import MITIGATIONS
+from ..errors import SnapshotError
+from ..files.atomic import check_target
 from .options import UsageError, alias_bit
 
 
@@ -73,15 +75,20 @@ def _attacks(text: str) -> list[str]:
 
 
 def _out_file(text: str) -> str:
-    if text != "-" and Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    """An output path checked now, not after the matrix ran for minutes (a missing directory, a
+    FIFO, a device, a symlink)."""
+    if text != "-":
+        try:
+            check_target(text, force=True)
+        except SnapshotError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 
 def _png_file(text: str) -> str:
     if text == "-" or Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"the PNG goes to a file, not {text!r}")
-    return text
+    return _out_file(text)
 
 
 def _print_cells(m: Matrix, as_json: bool) -> None:

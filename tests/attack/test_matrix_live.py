@@ -123,7 +123,9 @@ def test_attack_commands_refuse_bad_arguments_with_status_2() -> None:
                           (("badram", "--alias-bit", "30"), "the alias bit must be in 33..39"),
                           (("wiretap", "--bits", "5", "--width", "2"), "not whole 2-bit windows"),
                           (("matrix", "--attacks", "rowhammer"), "expected attacks from replay-data"),
-                          (("matrix", "--png", "-"), "the PNG goes to a file")):
+                          (("matrix", "--png", "-"), "the PNG goes to a file"),
+                          (("matrix", "--json", "/nonexistent/m.json"), "no directory /nonexistent"),
+                          (("matrix", "--png", "/dev/full"), "not a regular file")):
         out = qm("attack", *args)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
     out = qm("run", "--guest", "baremetal", "--dimm-alias", "12")
