@@ -41,6 +41,8 @@ async def host_libvirt(args: argparse.Namespace) -> int:
     from ..virt.follow import LibvirtHost
     if not args.host_name or not args.tenant_ca:
         raise UsageError("host --libvirt needs --host-name NAME and --tenant-ca PATH")
+    if not Path(args.tenant_ca).is_file():             # (a FIFO would hang the first attestation)
+        raise UsageError(f"--tenant-ca {args.tenant_ca}: not a regular file (the tenant's CA certificate, PEM)")
 
     def note(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
@@ -124,7 +126,7 @@ def domain_xml(args: argparse.Namespace) -> int:
             raise UsageError("opting in needs --tenant, --key and --broker")
         opt = dom.Opt(args.tenant, args.key, args.broker, args.keyid_policy)
     if args.check:
-        d = dom.parse(Path(args.check).read_text())
+        d = dom.parse(dom.read_xml(args.check))
         found = dom.problems(d)
         for line in found:
             print(f"{PROG}: {line}", file=sys.stderr)
@@ -135,7 +137,7 @@ def domain_xml(args: argparse.Namespace) -> int:
     if args.opt_in:
         if opt is None:
             raise UsageError("--opt-in needs --tenant, --key and --broker")
-        print(dom.opt_in(Path(args.opt_in).read_text(), opt))
+        print(dom.opt_in(dom.read_xml(args.opt_in), opt))
         return 0
     if not args.guest:
         raise UsageError("give --guest NAME, --check FILE or --opt-in FILE")
@@ -144,6 +146,8 @@ def domain_xml(args: argparse.Namespace) -> int:
     image = images.load(args.guest) if args.guest in images.RECIPES else None
     if image is None:
         raise UsageError(f"unknown guest {args.guest!r} (known: {', '.join(images.RECIPES)})")
+    if any("=" not in p for p in args.param):
+        raise UsageError(f"--param wants NAME=VALUE, got {next(p for p in args.param if '=' not in p)!r}")
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(p.split("=", 1) for p in args.param), append=args.append, initrd=None)
     memory = parse_size(args.memory) if args.memory else images.default_memory(args.guest)

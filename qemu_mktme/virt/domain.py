@@ -26,11 +26,13 @@ it cannot go through libvirt). ``xml.etree`` only: a domain is small and comes f
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MktmeError
+from ..files.regular import open_regular
 from ..qemu.boot import BootSpec
 
 NS = "http://qemu-mktme.org/xmlns/libvirt/1"
@@ -80,6 +82,24 @@ class Domain:
 
 def qmp_path(name: str) -> Path:
     return RUN_DIR / f"{name}.qmp"
+
+
+MAX_XML = 16 << 20
+"""A domain's XML is kilobytes; more is not a domain (``/dev/zero`` behind a symlink)."""
+
+
+def read_xml(path: str | os.PathLike[str]) -> str:
+    """The text of the domain XML file at ``path``; ``DomainError`` (one line) for a FIFO, a
+    device, a directory, a missing file, more than :data:`MAX_XML` bytes or no UTF-8."""
+    fd = open_regular(path, DomainError, f"domain XML {path}")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_XML + 1)
+    if len(data) > MAX_XML:
+        raise DomainError(f"domain XML {path}: larger than {MAX_XML >> 20} MiB: not a domain")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise DomainError(f"domain XML {path}: not UTF-8 ({err.reason} at byte {err.start})") from None
 
 
 def parse(xml: str) -> Domain:

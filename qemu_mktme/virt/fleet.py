@@ -91,8 +91,13 @@ def host_request(cmd: str, *, socket: Path | None = None, timeout: float = 60.0,
     return answer["result"]
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's default error handler prints every error to stderr as well: the error we raise says it."""
+
+
 def _open(uri: str) -> Any:
     import libvirt
+    libvirt.registerErrorHandler(_quiet, None)
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as err:

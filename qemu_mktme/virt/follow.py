@@ -50,6 +50,7 @@ from ..attest.launch import TenantLaunch
 from ..attest.measure import check_running, measure_binary
 from ..attest.migrate import broker_key_source
 from .domain import RUN_DIR, Domain, DomainError, parse, problems
+from .fleet import _open as open_libvirt
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,10 @@ class LibvirtHost:
         self.stopped = asyncio.Event()
 
     async def __aenter__(self) -> LibvirtHost:
-        import libvirt                 # libvirt-python (the 'libvirt' extra)
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         await self.session.__aenter__()
         try:
-            self._conn = await asyncio.to_thread(libvirt.open, self.uri)
+            self._conn = await asyncio.to_thread(open_libvirt, self.uri)
             await self._server.__aenter__()
         except BaseException:
             await self.__aexit__(None, None, None)
@@ -320,7 +320,7 @@ class LibvirtHost:
             try:
                 dom = self._conn.lookupByName(name)
             except libvirt.libvirtError:                  # libvirtd was restarted: connect again
-                self._conn = libvirt.open(self.uri)
+                self._conn = open_libvirt(self.uri)
                 dom = self._conn.lookupByName(name)
             for _ in range(600):
                 state = dom.state()[0]

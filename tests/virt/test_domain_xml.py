@@ -4,6 +4,7 @@ needed (the hook script runs against a socket of this test)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def test_check_lists_every_problem():
 
 
 def test_the_cli_writes_and_checks_domains(tmp_path):
-    r = qm("libvirt", "domain-xml", "--opt-in", "/dev/null", "--tenant", "t", "--key", "k", "--broker", "https://h:1")
+    (tmp_path / "empty.xml").write_text("")
+    r = qm("libvirt", "domain-xml", "--opt-in", str(tmp_path / "empty.xml"), "--tenant", "t", "--key", "k",
+           "--broker", "https://h:1")
     assert r.returncode == 1 and "not XML" in r.stderr
     (tmp_path / "mine.xml").write_text(USER_XML)
     r = qm("libvirt", "domain-xml", "--check", str(tmp_path / "mine.xml"))
@@ -59,6 +62,23 @@ def test_the_cli_writes_and_checks_domains(tmp_path):
     assert r.returncode == 0 and "mine: opts into MKTME (tenant t, key k" in r.stdout
     r = qm("libvirt", "domain-xml", "--guest", "baremetal")
     assert r.returncode == 2 and "--tenant, --key and --broker" in r.stderr
+
+
+def test_domain_xml_files_that_are_no_domain_are_one_line_each(tmp_path):
+    """A FIFO or /dev/zero (also behind a symlink) hung the command (or filled memory)."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "bin.xml").write_bytes(b"\xff\xfe<domain/>")
+    for name, why in (("fifo", "not a regular file"), ("zero", "not a regular file"), (".", "not a regular file"),
+                      ("bin.xml", "not UTF-8"), ("none.xml", "No such file")):
+        r = qm("libvirt", "domain-xml", "--check", str(tmp_path / name), timeout=20)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and why in r.stderr, (name, r.stderr)
+    r = qm("libvirt", "domain-xml", "--guest", "baremetal", "--plain", "--param", "counter")
+    assert r.returncode == 2 and "--param wants NAME=VALUE, got 'counter'" in r.stderr
+    r = qm("host", "--libvirt", "qemu:///system", "--host-name", "a", "--tenant-ca", str(tmp_path / "fifo"))
+    assert r.returncode == 2 and "--tenant-ca" in r.stderr and "not a regular file" in r.stderr
+    r = qm("query", "--libvirt", "bogus")              # libvirt's own stderr line too, before
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot connect to libvirt at bogus" in r.stderr
 
 
 def test_hook_install_and_remove_only_touch_our_file(tmp_path):
