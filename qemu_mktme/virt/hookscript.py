@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+from xml.etree import ElementTree
 
 MARKER = "qemu-mktme libvirt hook"
 SOCKET = "/run/qemu-mktme/libvirt/host.sock"
@@ -22,13 +23,25 @@ RELEASING = ("stopped", "release")
 TIMEOUT = float(os.environ.get("QEMU_MKTME_HOOK_TIMEOUT", "300"))
 
 
+def opts_in(xml):
+    """The domain carries our metadata element (not merely our namespace's URL somewhere, e.g. in
+    its <description>); XML that does not parse goes to the host model, which says what is wrong."""
+    if NS not in xml:
+        return False
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return True
+    return root.find(f"metadata/{{{NS}}}mktme") is not None
+
+
 def main(argv):
     if len(argv) < 3:
         return 0
     name, op = argv[1], argv[2]
     sub = argv[3] if len(argv) > 3 else "-"
     xml = sys.stdin.read()
-    if op not in OPS or NS not in xml:
+    if op not in OPS or not opts_in(xml):
         return 0                                  # not ours: libvirt goes on with the original XML
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(TIMEOUT)

@@ -123,6 +123,9 @@ def test_the_hook_passes_other_domains_and_hands_ours_to_the_host_model(tmp_path
     xml = dom.opt_in(USER_XML, OPT)
     r = _hook(tmp_path, sock, "prepare", USER_XML)            # not ours: untouched, no socket needed
     assert r.returncode == 0 and r.stdout == ""
+    mentions = USER_XML.replace("<name>", f"<description>see {dom.NS}</description><name>")
+    r = _hook(tmp_path, sock, "prepare", mentions)            # our URL in its description: still not ours
+    assert r.returncode == 0 and r.stderr == ""
     r = _hook(tmp_path, sock, "prepare", xml)                 # ours, no host model running
     assert r.returncode == 1 and "no host model runs on this machine" in r.stderr
     assert _hook(tmp_path, sock, "release", xml).returncode == 0      # nothing to release
