@@ -284,7 +284,8 @@ class LibvirtHost:
             raise
         try:
             assert vm.pid is not None and d.emulator is not None
-            await asyncio.to_thread(check_running, vm.pid, measure_binary(d.emulator))
+            pid, emulator = vm.pid, d.emulator          # (hashing QEMU off the loop that serves every hook)
+            await asyncio.to_thread(lambda: check_running(pid, measure_binary(emulator)))
             status = str((await vm.qmp.execute("query-status")).get("status"))
             if status == "running" and not adopt:
                 raise DomainError(
