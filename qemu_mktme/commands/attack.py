@@ -24,11 +24,11 @@ from ..attack.victims import GUESTS
 from ..engine.platform import MITIGATIONS
 from ..errors import SnapshotError
 from ..files.atomic import check_target
-from .options import UsageError, alias_bit
+from .options import UsageError, alias_bit, count
 
 
 def _pin(text: str) -> str:
-    if not re.fullmatch(r"\d{4}", text):
+    if not re.fullmatch(r"[0-9]{4}", text):
         raise argparse.ArgumentTypeError(f"a PIN is 4 digits, got {text!r}")
     return text
 
@@ -40,14 +40,14 @@ def _bits(text: str) -> str:
 
 
 def _positive(text: str) -> int:
-    if not re.fullmatch(r"\d+", text) or not 0 < int(text) <= 1024:
+    if not re.fullmatch(r"[0-9]+", text) or not 0 < int(text) <= 1024:
         raise argparse.ArgumentTypeError(f"expected a whole number in 1..1024, got {text!r}")
     return int(text)
 
 
 def _period(text: str) -> float:
     try:
-        value = float(text)
+        value = float(text) if text.isascii() else -1.0     # float() takes full-width digits
     except ValueError:
         value = -1.0
     if not 0.001 <= value <= 10:
@@ -178,7 +178,8 @@ def _common(p: argparse.ArgumentParser, *, pin: bool) -> None:
     else:
         p.add_argument("--bits", type=_positive, default=64, metavar="N", help="random secret of N bits (default 64)")
         p.add_argument("--secret", type=_bits, help="the secret bits instead of a random one")
-        p.add_argument("--width", type=int, choices=(1, 2, 3, 4), default=2, help="bits per table window (default 2)")
+        p.add_argument("--width", type=count(1, 4, "bits per table window"), default=2,
+                       help="bits per table window, 1..4 (default 2)")
         p.add_argument("--period", type=_period, default=0.05, metavar="S",
                        help="seconds between the victim's stores (default 0.05)")
     p.add_argument("--json", action="store_true", help="the verdicts as JSON instead of the log")

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..tenant import keyserver
-from .options import print_json
+from .options import count, print_json
 from .tenant import add_tenant_dir_option, tenant_dir
 
 
@@ -43,6 +43,6 @@ def register(sub: Any) -> None:
     ks.add_argument("--json", action="store_true", help="status as JSON")
     ks.add_argument("--listen", metavar="ADDR[:PORT]",
                     help="address for KMIP and the broker, PORT the broker's (default: 127.0.0.1, any free port)")
-    ks.add_argument("--kmip-port", type=int, default=0, metavar="N", help="KMIP's port (default: any free port)")
+    ks.add_argument("--kmip-port", type=count(0, 65535, "KMIP port"), default=0, metavar="N", help="KMIP's port (default: any free port)")
     add_tenant_dir_option(ks)
     ks.set_defaults(func=keyserver_cmd)

@@ -125,9 +125,16 @@ def test_attack_commands_refuse_bad_arguments_with_status_2() -> None:
                           (("matrix", "--attacks", "rowhammer"), "expected attacks from replay-data"),
                           (("matrix", "--png", "-"), "the PNG goes to a file"),
                           (("matrix", "--json", "/nonexistent/m.json"), "no directory /nonexistent"),
-                          (("matrix", "--png", "/dev/full"), "not a regular file")):
+                          (("matrix", "--png", "/dev/full"), "not a regular file"),
+                          (("badram", "--alias-bit", "\uff13\uff16"), "the alias bit must be in 33..39"),
+                          (("replay", "--pin", "\uff14\uff17\uff11\uff11"), "a PIN is 4 digits"),
+                          (("replay", "--wrong", "\uff16"), "a whole number in 1..1024"),
+                          (("wiretap", "--period", "\uff11"), "seconds in 0.001..10"),
+                          (("wiretap", "--width", "\uff12"), "not a whole number")):
         out = qm("attack", *args)
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+    out = qm("run", "--guest", "baremetal", "--dimm-alias", "\uff13\uff16")    # full-width 36
+    assert out.returncode == 2 and "the alias bit must be in 33..39" in out.stderr
     out = qm("run", "--guest", "baremetal", "--dimm-alias", "12")
     assert out.returncode == 2 and "the alias bit must be in 33..39" in out.stderr
     out = qm("run", "--guest", "baremetal", "--integrity", "mac", "--mitigation", "freshness")

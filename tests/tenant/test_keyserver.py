@@ -244,6 +244,9 @@ def test_keyserver_listen_values_that_cannot_work(tmp_path, listen, message, cap
     assert cli.main(["tenant", "init", "x", *d]) == 0
     assert cli.main(["keyserver", "start", "--listen", listen, *d]) == 1
     assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                   # a full-width 80
+        cli.main(["keyserver", "start", "--kmip-port", "\uff18\uff10", *d])
+    assert "KMIP port: not a whole number" in capsys.readouterr().err
     assert keyserver.status(TenantDir(tmp_path / "t")) is None
 
 
