@@ -32,6 +32,7 @@ from typing import Any
 from ..arch.msr import Algorithm
 from ..errors import AttestationError, TenantError
 from ..host.payload import KeyType, Payload
+from ..keymaterial import KeyMaterialError, check_pair
 from ..host.sanitizer import Sanitizer
 from ..live.session import HostSession, OwnedPayload, VmSpec
 from ..qemu.devices import DiskSpec
@@ -61,9 +62,14 @@ class TenantLaunch:
 
 
 def memory_payload(key: bytes) -> Payload:
-    """A 32-byte tenant key as MKTME's AES-XTS-128 data key and tweak key."""
-    if len(key) != 32 or key[:16] == key[16:]:
-        raise TenantError("the released memory key is not a usable AES-XTS-128 key pair")
+    """A 32-byte tenant key as MKTME's AES-XTS-128 data key and tweak key (checked as every key is)."""
+    if len(key) != 32:
+        raise TenantError("the released memory key is not a usable AES-XTS-128 key pair: "
+                          f"32 bytes expected, got {len(key)}")
+    try:
+        check_pair(key[:16], key[16:], Algorithm.AES_XTS_128)
+    except KeyMaterialError as err:
+        raise TenantError(f"the released memory key is not a usable AES-XTS-128 key pair: {err}") from None
     return Payload(KeyType.USER, Algorithm.AES_XTS_128, key[:16], key[16:])
 
 

@@ -25,7 +25,7 @@ from ..inspect.decrypt import extract
 from ..inspect.diff import BLOCKS_PER_LINE, diff_dumps
 from ..files.dumpfile import Dump
 from ..inspect.entropy import DEFAULT_THRESHOLD, HISTOGRAM_EDGES, dump_entropy
-from ..inspect.keyspec import parse_key_spec
+from ..keymaterial import xts_key
 from ..files.atomic import check_target
 from ..inspect.layout import UNTAGGED, keyid_map
 from ..inspect.plot import diff_png, entropy_png, map_png
@@ -174,7 +174,7 @@ def do_entropy(args: argparse.Namespace) -> int:
 def do_search(args: argparse.Namespace) -> int:
     dump = Dump(args.dump)
     pattern = Pattern(args.pattern, regex=args.regex, hex=args.hex, window=args.window)
-    key = parse_key_spec(args.key) if args.key is not None else None
+    key = xts_key(args.key) if args.key is not None else None
     result = search(dump, pattern, key=key, vm=args.vm, max_matches=_limit(args.max_matches))
     for info in result.regions:
         if info.reason:
@@ -200,7 +200,7 @@ def do_decrypt(args: argparse.Namespace) -> int:
     dump = Dump(args.dump)
     if args.raw == (args.key is not None):
         raise ValueError("give exactly one of --key and --raw")
-    key = parse_key_spec(args.key) if args.key is not None else None
+    key = xts_key(args.key) if args.key is not None else None
     out = extract(dump, args.output, key=key, nbytes=args.length, gpa=args.gpa, hpa=args.hpa, vm=args.vm,
                   force=args.force)
     if out.looks_random:

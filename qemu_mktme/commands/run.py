@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import images
 from ..attend import attend
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from ..host.sanitizer import Sanitizer
 from ..images import backports
 from ..live.session import HostSession, VmSpec

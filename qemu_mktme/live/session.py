@@ -26,6 +26,7 @@ from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
 from ..host.payload import Payload
+from ..keymaterial import kek_from_request
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .capture import capture
@@ -309,10 +310,9 @@ class HostSession:
 
     async def _save(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
         """The client read the KEK from its file and sends it over the 0600 socket: the host opens no user file."""
-        try:
-            kek = bytes.fromhex(request["kek"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("snapshot-save needs the key-encryption key (64 hex digits)") from None
+        if "kek" not in request:
+            raise ValueError("snapshot-save needs the key-encryption key (64 hex digits)")
+        kek = kek_from_request(request["kek"], "snapshot-save: kek")
         result = await self.save(request.get("vm"), request["path"], kek, progress)
         return dataclasses.asdict(result)
 

@@ -38,7 +38,7 @@ from typing import Any
 from ..engine.xts import XtsKey
 from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
-from ..host.payload import algorithm_name
+from ..keymaterial import algorithm_name
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
 from ..files import Progress

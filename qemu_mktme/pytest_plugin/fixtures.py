@@ -16,7 +16,7 @@ import pytest
 
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from .. import images
 from ..live.encrypted import EncryptedMachine
 from ..qemu.machine import MachineConfig, parse_size

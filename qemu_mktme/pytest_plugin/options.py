@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from ..images import RECIPES, default_memory_help
 from ..qemu.machine import parse_size
 
