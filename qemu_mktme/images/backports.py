@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ImageError
 from ..files.cache import cache_root
-from .catalog import _locked, staged_entry
+from .catalog import locked, staged_entry
 from .tools import Say, run_tool, sha256_file
 
 
@@ -75,7 +75,7 @@ def fetch(name: str = "qemu10", *, cache: Path | None = None, force: bool = Fals
     release = RELEASES[name]
     root = cache or cache_root()
     say = progress or (lambda _m: None)
-    with _locked(root):
+    with locked(root):
         if not force:
             try:
                 return qemu_path(name, cache=root)

@@ -191,7 +191,7 @@ def _append_config(append: str, log: logging.Logger | logging.LoggerAdapter) -> 
     return r
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def set_pdeathsig() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -334,7 +334,7 @@ class Machine:
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True,
                 pass_fds=cfg.pass_fds + ((append_fd,) if append_fd is not None else ()),
-                preexec_fn=_set_pdeathsig if cfg.kill_on_parent_death else None)
+                preexec_fn=set_pdeathsig if cfg.kill_on_parent_death else None)
         except OSError as err:
             raise LaunchError(f"{self.name}: cannot execute {self.qemu.path}: {err.strerror}") from err
         finally:
