@@ -30,8 +30,8 @@ from ..qemu.machine import MachineConfig
 from ..trace.tracer import Tracer
 from .bus import AttackError, record_line, replay_line
 
-_ANSWER = re.compile(r"mktme-linux: pin (wrong: \S*|ok: unlocked|locked after \d+ wrong PINs)\n")
-_PROMPT = re.compile(r"mktme-linux: pin\? \(wrong so far: (\d+) of 3\)\n")
+_ANSWER = re.compile(images.LINUX.marker(r"pin (wrong: \S*|ok: unlocked|locked after \d+ wrong PINs)\n"))
+_PROMPT = re.compile(images.LINUX.marker(r"pin\? \(wrong so far: (\d+) of 3\)\n"))
 GUEST_LIMIT = 3
 
 
@@ -87,7 +87,7 @@ async def pin_replay(*, integrity: bool, pin: str, guesses: Sequence[str], out: 
     # The shim is needed only to see the guest consume poison: without integrity the guest runs untraced.
     async with Tracer() as tracer, await launch_machine(config, tracer=tracer if integrity else None,
                                                         machine=machine) as vm:
-        m = await vm.console.wait_for(r"mktme-linux: pin counter at (0x[0-9a-f]+)\n", timeout)
+        m = await vm.console.wait_for(images.LINUX.marker(r"pin counter at (0x[0-9a-f]+)\n"), timeout)
         r.line_gpa = int(m[1], 16)
         await vm.console.wait_for(_PROMPT, timeout)
         record = record_line(vm.guest, r.line_gpa)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 
-import json
 import re
 from typing import Any
 
 from ..attack.cipherleak import cipherleak, random_secret
 from ..attack.replay import default_guesses, pin_replay, random_pin
+from .options import print_json
 
 
 def _pin(text: str) -> str:
@@ -53,11 +53,10 @@ async def _replay(args: argparse.Namespace) -> int:
         results.append(await pin_replay(integrity=integrity, pin=pin, guesses=guesses,
                                         out=lambda line: print(f"   {line}")))
     if args.json:
-        print(json.dumps([{"integrity": r.integrity, "line_gpa": r.line_gpa, "line_hpa": r.line_hpa,
-                           "attempts": r.attempts, "replays": r.replays, "unlocked": r.unlocked,
-                           "machine_check": str(r.machine_check) if r.machine_check else None,
-                           "guest_output": r.guest_output, "seconds": round(r.seconds, 2)} for r in results],
-                         indent=2))
+        print_json([{"integrity": r.integrity, "line_gpa": r.line_gpa, "line_hpa": r.line_hpa,
+                     "attempts": r.attempts, "replays": r.replays, "unlocked": r.unlocked,
+                     "machine_check": str(r.machine_check) if r.machine_check else None,
+                     "guest_output": r.guest_output, "seconds": round(r.seconds, 2)} for r in results])
     else:
         print("== side by side")
         for r in results:
@@ -71,9 +70,9 @@ async def _cipherleak(args: argparse.Namespace) -> int:
     passes = {"off": [False], "on": [True], "both": [False, True]}[args.mitigation]
     results = await cipherleak(secret=secret, passes=passes, period=args.period)
     if args.json:
-        print(json.dumps([{"mitigated": r.mitigated, "secret": r.secret, "recovered": r.recovered,
-                           "correct": r.correct, "total": len(r.secret), "seconds": round(r.seconds, 3),
-                           "distinct_ciphertexts": r.distinct_ciphertexts} for r in results], indent=2))
+        print_json([{"mitigated": r.mitigated, "secret": r.secret, "recovered": r.recovered,
+                     "correct": r.correct, "total": len(r.secret), "seconds": round(r.seconds, 3),
+                     "distinct_ciphertexts": r.distinct_ciphertexts} for r in results])
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import images
 from ..qemu.devices import DiskSpec, NetSpec
-from ..qemu.machine import parse_size
+from ..arch.sizes import parse_size
 
 PROG = "qemu-mktme"
 VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")

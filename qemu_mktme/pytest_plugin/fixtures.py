@@ -19,7 +19,8 @@ from ..host.sanitizer import Sanitizer
 from ..keymaterial import key_payload
 from .. import images
 from ..live.encrypted import EncryptedMachine
-from ..qemu.machine import MachineConfig, parse_size
+from ..arch.sizes import parse_size
+from ..qemu.machine import MachineConfig
 from .options import Settings, settings
 
 try:
@@ -29,7 +30,7 @@ except ImportError:  # the async fixtures need pytest-asyncio: the extra qemu-mk
 
 MISSING_ASYNCIO = "qemu-mktme's mktme_vm fixture needs pytest-asyncio: pip install 'qemu-mktme[pytest]'"
 
-BOOT_MARKERS = {"baremetal": r"mktme-baremetal \d+ ready", "linux": r"mktme-linux: boot kernel="}
+BOOT_MARKERS = {name: recipe.booted for name, recipe in images.RECIPES.items() if recipe.booted is not None}
 MARKER_KEYS = {"guest", "memory", "key", "tenant", "workload", "params", "commands", "name", "wait"}
 
 

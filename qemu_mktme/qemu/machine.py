@@ -35,6 +35,7 @@ from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
+from ..arch.sizes import parse_size
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
 from ..files import runtime
 from .binary import QemuBinary, find_qemu, kvm_works
@@ -61,20 +62,6 @@ class VmState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     EXITED = "exited"
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from ``536870912``, ``"512M"``, ``"1G"``, ``"4096K"``."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)i?[bB]?\s*", value)
-        if not m:
-            raise ValueError(f"not a size: {value!r} (examples: 512M, 1G)")
-        size = int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m[2].lower()]
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
 
 
 def requires(*states: VmState) -> Callable[[_Method], _Method]:
