@@ -53,6 +53,11 @@ from collections.abc import Callable
 
 from .arch.msr import Algorithm
 from .engine.xts import XtsKey
+from .errors import KeyFileError, KeyMaterialError
+
+__all__ = ["ALGORITHMS", "KEK_NBYTES", "KeyFileError", "KeyMaterialError", "algorithm_name", "check_pair",
+           "kek_from_request", "key_payload", "load_kek", "parse_algorithm", "read_kek_file", "read_key_file",
+           "unhex", "user_payload", "xts_key"]
 
 MAX_KEY_FILE = 4096
 """Bytes; the longest key file (an aes-xts-256 key and tweak in hex, or a KEK) is under 200."""
@@ -76,22 +81,6 @@ EQUAL = "equal"
 ALGORITHM = "algorithm"
 SPEC = "spec"
 FILE = "file"
-
-
-class KeyMaterialError(ValueError):
-    """A key that cannot be used; ``reason`` is one of the module's reason names. The message
-    says what is wrong and never repeats key material."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class KeyFileError(KeyMaterialError):
-    """A key file that cannot be used; the message names the file, never its content."""
-
-    def __init__(self, message: str, reason: str = FILE) -> None:
-        super().__init__(message, reason)
 
 
 def algorithm_name(algorithm: Algorithm) -> str:

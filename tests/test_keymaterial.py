@@ -15,7 +15,7 @@ import pytest
 
 from qemu_mktme import cli, keymaterial
 from qemu_mktme.attest.launch import memory_payload
-from qemu_mktme.errors import AttachError, KeyServiceError, TenantError
+from qemu_mktme.errors import KeyServiceError, RemoteError, TenantError
 from qemu_mktme.host.payload import parse
 from qemu_mktme.keymaterial import KeyMaterialError, key_payload, load_kek, xts_key
 from qemu_mktme.live import control
@@ -95,8 +95,9 @@ async def test_a_bad_kek_gets_the_same_refusal_from_a_file_and_through_the_socke
     assert cli.main(["snapshot", "verify", str(tmp_path / "none.snap"), "--kek-file", path]) == 2
     messages = [capsys.readouterr().err]
     async with HostSession([], name=f"keys-{case.replace(' ', '-')}"):
-        with pytest.raises(AttachError) as remote:
+        with pytest.raises(KeyMaterialError) as remote:
             await control.request("snapshot-save", pid=os.getpid(), path=str(tmp_path / "s.snap"), kek=text)
+    assert isinstance(remote.value, RemoteError)
     messages.append(str(remote.value))
     assert not (tmp_path / "s.snap").exists()
     for message in messages:

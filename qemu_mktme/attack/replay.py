@@ -13,7 +13,6 @@ its MAC: the guest's next access to it is a machine check and the VM is stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import re
 import secrets
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import logged
 from .. import images
 from ..host.host import Host
 from ..live.encrypted import EncryptedMachine
@@ -105,7 +105,7 @@ async def pin_replay(*, integrity: bool, pin: str, guesses: Sequence[str], out: 
             for task in (answer, mc):
                 if task not in done:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                    with logged(__name__, "stopping a console watch", asyncio.CancelledError, Exception):
                         await task
             if answer in done:
                 line = answer.result()[0].strip()

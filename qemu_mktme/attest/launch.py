@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.msr import Algorithm
-from ..errors import AttestationError, TenantError
+from ..errors import AttestationError, TenantError, logged
 from ..host.payload import KeyType, Payload
 from ..keymaterial import KeyMaterialError, check_pair
 from ..host.sanitizer import Sanitizer
@@ -160,7 +160,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                 raise refusal from err        # QEMU failed first, but the host was refused: that is why
             raise
         finally:
-            with contextlib.suppress(BaseException):
+            with logged(__name__, "waiting for the attestation worker", BaseException):
                 done = await work              # the worker uses the TPM: it ends before the TPM does
                 if done.image is not None:
                     os.close(done.image.fd)
@@ -168,7 +168,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
 
 async def _refusal(work: asyncio.Future[_Released]) -> AttestationError | None:
     """The broker's refusal, once the attestation (still running when QEMU failed) has ended."""
-    with contextlib.suppress(BaseException):
+    with logged(__name__, "waiting for the attestation", BaseException):
         await asyncio.wait([work])
     if work.done() and not work.cancelled() and isinstance(work.exception(), AttestationError):
         return work.exception()  # type: ignore[return-value]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 from pathlib import Path
 from typing import Any
 
 from ..attend import ProgressBar
+from ..errors import logged
 from ..live import control
 
 
@@ -28,9 +28,9 @@ async def migrate_vm(args: argparse.Namespace) -> int:
         q = await control.request("migrate-finish", host=args.to, vm=args.vm_name, resume=d["running"])
     except BaseException:
         bar.close()
-        with contextlib.suppress(Exception):
+        with logged(__name__, f"aborting on {args.to}"):
             await control.request("migrate-abort", host=args.to, vm=args.vm_name)
-        with contextlib.suppress(Exception):
+        with logged(__name__, "resuming the source"):
             await control.request("migrate-release", **src, vm=args.vm_name, done=False, resume=d["running"])
         raise
     await control.request("migrate-release", **src, vm=args.vm_name, done=True)

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttachError, MktmeError
+from ..errors import AttachError, MktmeError, remote_error
 from ..files import Progress
 from ..files import runtime
 
@@ -125,7 +125,8 @@ async def request(cmd: str, *, pid: int | None = None, host: str | None = None, 
                   progress: Callable[[int, int], None] | None = None, **args: Any) -> Any:
     """Send one command to a running host (the only one, ``pid``'s, or the one named ``host``); its result.
 
-    ``AttachError`` when there is no such host or it answers with an error.
+    ``AttachError`` when there is no such host; an error it answers is raised as its own class
+    (:func:`~qemu_mktme.errors.remote_error`).
     """
     socks = running_hosts()
     if pid is not None:
@@ -155,6 +156,6 @@ async def request(cmd: str, *, pid: int | None = None, host: str | None = None, 
                 progress(*answer["progress"])
     finally:
         writer.close()
-    if not answer.get("ok"):
-        raise AttachError(f"host {socks[0].stem}: {answer.get('error')}")
+    if not answer.get("ok"):            # the error's own class, as a RemoteError
+        raise remote_error(str(answer.get("type")), f"host {socks[0].stem}: {answer.get('error')}")
     return answer["result"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import MigrationError, MktmeError, QemuError
+from ..errors import MigrationError, MktmeError, QemuError, logged
 from ..host.host import Host
 from ..host.payload import Payload
 from ..qemu.boot import BootSpec
@@ -141,7 +141,7 @@ class Incoming:
         return self.machine
 
     async def abort(self) -> None:
-        with contextlib.suppress(Exception):
+        with logged(__name__, "closing the incoming machine"):
             await self.machine.close()
 
 
@@ -289,7 +289,7 @@ async def carry_on(vm: Machine, was_running: bool) -> None:
     """After a failed or abandoned migration: cancel it if still under way, run the source again."""
     if vm.state is VmState.EXITED:
         return
-    with contextlib.suppress(Exception):
+    with logged(__name__, "cancelling the migration"):
         info = await vm.qmp.execute("query-migrate")
         if info.get("status") not in (None, "completed", "failed", "cancelled"):
             await vm.qmp.execute("migrate_cancel")
@@ -297,7 +297,7 @@ async def carry_on(vm: Machine, was_running: bool) -> None:
                 if (await vm.qmp.execute("query-migrate")).get("status") in ("failed", "cancelled"):
                     break
                 await asyncio.sleep(0.01)
-    with contextlib.suppress(Exception):
+    with logged(__name__, "resuming the source"):
         status = (await vm.qmp.execute("query-status"))["status"]
         if was_running and status != "running":
             await vm.qmp.execute("cont")

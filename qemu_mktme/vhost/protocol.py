@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import logged
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<III")
@@ -326,7 +328,7 @@ class Server:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with logged(__name__, "stopping the accept loop", asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         self._stop_listening()
