@@ -435,7 +435,8 @@ async def run_once(work: Workload, emu: Emulation | None) -> Run:
         if work.net:
             run.hostfwd_port = _free_port()
             nets = (NetSpec("user", (f"tcp:127.0.0.1:{run.hostfwd_port}-:7777",)),)
-        config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes, disks=disks, nets=nets, name=name)
+        config = images.machine_config(work.image, image=image, boot=work.boot(image), memory=work.memory_bytes,
+                                       disks=disks, nets=nets, name=name)
         start = time.perf_counter()
         if emu is None:
             vm: Machine = await stack.enter_async_context(Machine(config))
