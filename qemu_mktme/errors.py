@@ -276,11 +276,18 @@ class AttestationError(TenantError):
 
 
 class RemoteError(MktmeError):
-    """An error a running host answered on its control socket. ``remote_type`` is its class's
-    name there; :func:`remote_error` makes it an instance of that class here too, so that
-    ``except SnapshotError`` catches a refused save in and out of process alike."""
+    """A running host (over its control socket) answered a request with an error.
 
-    remote_type = "MktmeError"
+    ``remote_type`` is the class name the host raised; :func:`remote_error` makes the exception
+    an instance of that class too when it is known here (any :class:`MktmeError`, or a builtin
+    such as ``ValueError``), so callers catch a refused snapshot as ``SnapshotError`` and a dead
+    host (``AttachError``) apart.
+    """
+
+    def __init__(self, message: str, *, remote_type: str = "", host: str = "") -> None:
+        Exception.__init__(self, message)       # the remote class's own constructor does not apply
+        self.remote_type = remote_type
+        self.host = host
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -288,7 +295,7 @@ class RemoteError(MktmeError):
 
 _BUILTIN: dict[str, type[Exception]] = {c.__name__: c for c in (ValueError, TypeError, OSError, LookupError,
                                                                RuntimeError, TimeoutError)}
-_REMOTE_CLASSES: dict[type[Exception], type[RemoteError]] = {}
+_REMOTE: dict[str, type[RemoteError]] = {}
 
 
 def _subclasses(cls: type[Exception]) -> list[type[Exception]]:
@@ -298,20 +305,21 @@ def _subclasses(cls: type[Exception]) -> list[type[Exception]]:
     return found
 
 
-def remote_error(type_name: str, message: str) -> RemoteError:
+def remote_error(remote_type: str, message: str, *, host: str = "") -> RemoteError:
     """The client's side of an error answer: a :class:`RemoteError` that is also an instance of
-    the class named ``type_name`` (an :class:`MktmeError` of any layer, or a builtin such as
+    the class named ``remote_type`` (an :class:`MktmeError` of any layer, or a builtin such as
     ``ValueError``), or a plain ``RemoteError`` for a name not known here."""
-    known = {c.__name__: c for c in reversed(_subclasses(MktmeError)) if not issubclass(c, RemoteError)}
-    base = known.get(type_name) or _BUILTIN.get(type_name)
-    cls: type[RemoteError] = RemoteError
-    if base is not None:
-        if base not in _REMOTE_CLASSES:
-            _REMOTE_CLASSES[base] = type(f"Remote{base.__name__}", (RemoteError, base), {"__module__": __name__})
-        cls = _REMOTE_CLASSES[base]
-    err = cls.__new__(cls)
-    Exception.__init__(err, message)
-    err.remote_type = type_name
+    cls = _REMOTE.get(remote_type)
+    if cls is None:
+        known = {c.__name__: c for c in reversed(_subclasses(MktmeError)) if not issubclass(c, RemoteError)}
+        base = known.get(remote_type) or _BUILTIN.get(remote_type)
+        if base is None:
+            cls = RemoteError
+        else:
+            cls = _REMOTE[remote_type] = type(f"Remote{remote_type}", (RemoteError, base), {"__module__": __name__})
+    err = cls(message, remote_type=remote_type, host=host)
+    if isinstance(err, KeyServiceError):
+        err.errno = 0                           # the remote errno is in the message
     return err
 
 

@@ -55,7 +55,7 @@ from .arch.msr import Algorithm
 from .engine.xts import XtsKey
 from .errors import KeyFileError, KeyMaterialError
 
-__all__ = ["ALGORITHMS", "KEK_NBYTES", "KeyFileError", "KeyMaterialError", "algorithm_name", "check_pair",
+__all__ = ["ALGORITHMS", "KEK_NBYTES", "KeyFileError", "KeyMaterialError", "algorithm_name", "check_kek", "check_pair",
            "kek_from_request", "key_payload", "load_kek", "parse_algorithm", "read_kek_file", "read_key_file",
            "unhex", "user_payload", "xts_key"]
 
@@ -309,7 +309,17 @@ def load_kek(text: bytes | str, source: str = "key-encryption key") -> bytes:
         else:
             found = f"{len(data)} bytes of binary data"
         raise KeyMaterialError(f"{source}: not a key-encryption key: expected {2 * KEK_NBYTES} hex digits, "
-                               f"found {found}", NOT_HEX if len(words) == 1 and not kek else LENGTH)
+                               f"found {found} (a key-encryption key is {KEK_NBYTES} bytes)",
+                               NOT_HEX if len(words) == 1 and not kek else LENGTH)
+    return check_kek(kek, source)
+
+
+def check_kek(kek: bytes, source: str = "key-encryption key") -> bytes:
+    """``kek`` if it can seal a snapshot: 32 bytes, not all zeros; ``KeyMaterialError`` starting
+    with ``source`` otherwise. The one check of a KEK, whatever the door it came through (key file,
+    control socket, library call): the snapshot keys and ``save_snapshot`` apply it too."""
+    if not isinstance(kek, bytes) or len(kek) != KEK_NBYTES:
+        raise KeyMaterialError(f"{source}: a key-encryption key is {KEK_NBYTES} bytes", LENGTH)
     if not any(kek):
         raise KeyMaterialError(f"{source}: the key-encryption key is all zeros", ZERO)
     return kek

@@ -10,11 +10,14 @@ takes at most on an idle machine, times ``QEMU_MKTME_TIME_SCALE`` (default 4, ro
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 ENV_TIME_SCALE = "QEMU_MKTME_TIME_SCALE"
 DEFAULT_TIME_SCALE = 4.0
@@ -80,3 +83,18 @@ class Once:
             pytest.fail(f"the shared fixture failed in an earlier test (reported there): "
                         f"{type(self._error).__name__}: {self._error}", pytrace=False)
         return self._value
+
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/NAME.py`` imported as module ``NAME`` (the probes import each other by name)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,7 @@
 """The host's client of the tenant's key broker (:mod:`qemu_mktme.tenant.broker` is the server).
 
-HTTPS with JSON in and out, the broker authenticated by the tenant's CA: ``nonce``,
+HTTPS with JSON in and out, mutual TLS (the broker authenticated by the tenant's CA and the
+name dialled, the host by its own client certificate): ``nonce``,
 ``manifest_key`` and ``release`` (the protocol is drawn in the broker's docstring).
 """
 
@@ -11,6 +12,7 @@ import json
 import os
 import ssl
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 from ..errors import AttestationError, KeyServerError, TenantError
@@ -20,22 +22,41 @@ REQUEST_TIMEOUT = 15.0
 """Seconds a request to (or by) the broker may take."""
 
 
+REFUSALS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate (the tenant enrols each host with its own)",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": "its certificate was revoked by the tenant",
+    "TLSV1_ALERT_UNKNOWN_CA": "its certificate is not from the tenant's CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "its certificate is not acceptable (another CA, or not a client certificate)",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "its certificate has expired",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": "its certificate is not a client certificate",
+}
+"""TLS alerts a broker sends at the handshake (OpenSSL's reason names), as the host is told."""
+
+
 class BrokerClient:
-    """The host's side of the HTTPS protocol; the broker is authenticated by the tenant's CA.
+    """The host's side of the HTTPS protocol: the broker is authenticated by the tenant's CA and
+    the name dialled; the host by ``cert`` (its own client certificate and key, issued when the
+    tenant enrolled it: :func:`qemu_mktme.tenant.pki.issue_host`).
 
     One kept-alive connection serves a client's requests (nonce, release): one TLS handshake.
     """
 
-    def __init__(self, url: str, ca: str | os.PathLike[str], *, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, url: str, ca: str | os.PathLike[str], *, cert: tuple[Path, Path] | None = None,
+                 timeout: float = REQUEST_TIMEOUT) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" or not parsed.hostname:
             raise TenantError(f"tenant server URL must be https://HOST:PORT, got {url!r}")
         self.url = url.rstrip("/")
         self._host, self._port = parsed.hostname, parsed.port or 443
         try:
-            self._ctx = ssl.create_default_context(cafile=str(ca))
+            self._ctx = ssl.create_default_context(cafile=str(ca))      # the tenant's CA and the dialled name
         except (OSError, ssl.SSLError) as err:
             raise TenantError(f"tenant CA certificate {ca}: {getattr(err, 'strerror', None) or err}") from None
+        if cert is not None:
+            try:
+                self._ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+            except (OSError, ssl.SSLError) as err:
+                raise TenantError(f"host certificate {cert[0]}: {getattr(err, 'strerror', None) or err}") from None
         self.timeout = timeout
         self._conn: http.client.HTTPSConnection | None = None
         self._manifest_key: bytes | None = None
@@ -69,8 +90,17 @@ class BrokerClient:
         try:
             status, data = self._exchange(path, json.dumps(obj).encode())
         except ssl.SSLCertVerificationError as err:
+            if "Hostname mismatch" in str(err.verify_message) or "IP address mismatch" in str(err.verify_message):
+                raise KeyServerError(f"key broker {self.url}: its certificate does not name {self._host} "
+                                     f"({err.verify_message})") from None
             raise KeyServerError(f"key broker {self.url}: its certificate is not from the tenant's CA "
                                  f"({err.verify_message})") from None
+        except ssl.SSLError as err:
+            reason = REFUSALS.get(str(err.reason))
+            if reason is not None:
+                raise AttestationError(f"the key broker {self.url} refused this host at the TLS handshake: "
+                                       f"{reason}") from None
+            raise KeyServerError(f"key broker {self.url}: TLS failed: {err.reason or err}") from None
         except TimeoutError as err:
             raise KeyServerError(f"key broker {self.url} did not answer within {self.timeout:g} s: {err}") from None
         except (OSError, http.client.HTTPException) as err:

@@ -7,6 +7,7 @@ Each host has a state directory (``$QEMU_MKTME_HOSTS_DIR/NAME``, default
     tpm/            swtpm's state: the TPM's seeds, hence its attestation and binding keys
     eventlog.json   the measured launch of the current (or last) boot (digests only)
     node-key.sealed the node key, sealed to the PCRs of a good boot (useless elsewhere)
+    tls/            its own client certificate for the tenant's broker, issued at enrolment
 
 so several hosts (a migration source and destination) are several directories, each with its own
 TPM. ``AttestedHost.boot`` is a host boot: swtpm starts (PCRs reset), the measured set is extended.
@@ -43,6 +44,11 @@ def host_dir(name: str) -> Path:
     if not name or "/" in name or name.startswith("."):
         raise TenantError(f"invalid host name {name!r}")
     return hosts_dir() / name
+
+
+def host_credentials(directory: Path) -> Path:
+    """Where a host keeps its client certificate (``ca-cert.pem``, ``client-cert.pem``, ``client-key.pem``)."""
+    return directory / "tls"
 
 
 class AttestedHost:

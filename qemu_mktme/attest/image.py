@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,10 +30,19 @@ from ..errors import TenantError
 from ..files.regular import open_regular
 from .digests import measure_fd
 
+log = logging.getLogger(__name__)
+
 MANIFEST_SUFFIX = ".manifest.json"
 ITER_TIME_MS = 10
 """LUKS's PBKDF2 time per unlock. Stretching protects guessable passphrases; ours is a random
 256-bit key in hex, so stretching adds nothing and 10 ms keeps the disk open fast (vs ~0.25 s)."""
+PBKDF_BENCHMARK_ERROR = "Unable to get accurate CPU usage"
+"""QEMU 7.2's PBKDF iteration benchmark (``qcrypto_pbkdf2_count_iters``) fails with this when the
+thread's CPU time did not advance over a round: tick-based accounting on a busy (or just shared)
+machine, 1 creation in 5-10 measured here. Fixed upstream in 2025 (not in Debian 12's QEMU);
+``qemu-img`` has no option that skips the benchmark (``encrypt.iter-time`` only scales its result),
+so a creation that fails with exactly this message is run again, up to :data:`PBKDF_ATTEMPTS` times."""
+PBKDF_ATTEMPTS = 12
 
 
 def manifest_path(image: str | os.PathLike[str]) -> Path:
@@ -73,12 +83,16 @@ def encrypt(source: str | os.PathLike[str], target: str | os.PathLike[str], key:
         raise TenantError(f"{dst} exists; choose a new file for the encrypted image")
     fmt = "qcow2" if src.read_bytes()[:4] == b"QFI\xfb" else "raw"
     partial = dst.with_name(dst.name + ".partial")
-    partial.unlink(missing_ok=True)
-    with secret_pipe(passphrase(key)) as fd:
-        proc = subprocess.run(
-            [_qemu_img(), "convert", "-f", fmt, "-O", "qcow2", "--object", f"secret,id=s0,file=/dev/fd/{fd}",
-             "-o", f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={ITER_TIME_MS}",
-             str(src), str(partial)], pass_fds=(fd,), capture_output=True, text=True, check=False)
+    for attempt in range(1, PBKDF_ATTEMPTS + 1):
+        partial.unlink(missing_ok=True)
+        with secret_pipe(passphrase(key)) as fd:
+            proc = subprocess.run(
+                [_qemu_img(), "convert", "-f", fmt, "-O", "qcow2", "--object", f"secret,id=s0,file=/dev/fd/{fd}",
+                 "-o", f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={ITER_TIME_MS}",
+                 str(src), str(partial)], pass_fds=(fd,), capture_output=True, text=True, check=False)
+        if proc.returncode == 0 or PBKDF_BENCHMARK_ERROR not in proc.stderr:
+            break
+        log.info("qemu-img convert: %s (attempt %d of %d); again", PBKDF_BENCHMARK_ERROR, attempt, PBKDF_ATTEMPTS)
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
         raise TenantError(f"qemu-img convert failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")

@@ -34,13 +34,14 @@ from ..errors import AttestationError, TenantError, logged
 from ..host.payload import KeyType, Payload
 from ..keymaterial import KeyMaterialError, check_pair
 from ..host.sanitizer import Sanitizer
+from ..live.encrypted import EncryptedMachine
 from ..live.session import HostSession, OwnedPayload, VmSpec
 from ..qemu.devices import DiskSpec
 from ..qemu.hotplug import MasterSecret, add_luks_disk, hotplug_argv
 from ..qemu.machine import Machine, MachineConfig
 from . import image as image_mod
 from .client import BrokerClient
-from .hostid import AttestedHost
+from .hostid import AttestedHost, host_credentials, host_dir
 from .digests import Measured
 from .eventlog import Event
 from .measure import check_running, measure_binary, measured_set, sealed_boot
@@ -50,7 +51,9 @@ DEFAULT_KEY = "vm"
 
 @dataclass(frozen=True)
 class TenantLaunch:
-    """Where the keys come from: the broker URL, the tenant CA that authenticates it, the key names."""
+    """Where the keys come from: the broker URL, the tenant CA that authenticates it, the key
+    names, and the host that asks (its state directory; ``credentials``: the directory with its
+    client certificate, by default ``HOSTDIR/tls``, written when the tenant enrolled it)."""
 
     url: str
     ca: Path
@@ -59,6 +62,16 @@ class TenantLaunch:
     host: str = "host0"
     host_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict, compare=False)
+    credentials: Path | None = None
+
+    def client(self) -> BrokerClient:
+        """A client of the broker presenting this host's own certificate."""
+        directory = self.credentials or host_credentials(self.host_dir or host_dir(self.host))
+        cert, key = directory / "client-cert.pem", directory / "client-key.pem"     # as tenant.pki writes them
+        if not cert.is_file() or not key.is_file():
+            raise AttestationError(f"host {self.host} was never enrolled by the tenant: no client certificate in "
+                                   f"{directory} (the tenant runs 'qemu-mktme tenant policy --host {self.host}')")
+        return BrokerClient(self.url, self.ca, cert=(cert, key))
 
 
 def memory_payload(key: bytes) -> Payload:
@@ -147,6 +160,8 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                     disks += (DiskSpec(released.image.path, "qcow2", dma="qemu", readonly=True),)
                 # what the VM runs: the files it booted (not their memfd copies) and its disks
                 vm.config = dataclasses.replace(config, disks=disks)
+                if isinstance(vm, EncryptedMachine):
+                    vm.key_name = launch.key           # travels with a migration (attest/migrate.py)
                 session.attestation = released.attestation
                 session.identity = host        # its TPM runs on: an incoming migration attests with it
                 if not config.start_paused:
@@ -181,7 +196,7 @@ def _attest(launch: TenantLaunch, config: MachineConfig, host: AttestedHost, boo
     Timings count from ``t0``, the launch's start."""
     assert config.boot is not None
     timings = launch.timings
-    client = BrokerClient(launch.url, launch.ca)
+    client = launch.client()
     verified = None
     try:
         # The TPM's start and the hashing run beside the broker's nonce and the image check: none

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..attend import ProgressBar
 from ..live import control
-from .options import UsageError
+from .options import UsageError, pid
 
 
 async def dump(args: argparse.Namespace) -> int:
@@ -35,5 +35,5 @@ def register(sub: Any) -> None:
     d.add_argument("path", help="dump directory to create")
     d.add_argument("--vm", dest="vm_names", action="append", default=[], metavar="NAME",
                    help="only this VM (repeatable; default: all)")
-    d.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    d.add_argument("--pid", type=pid, help="the 'qemu-mktme run' process, when several run")
     d.set_defaults(func=dump)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..live.session import HostSession
-from .options import PROG, UsageError, keyid_bits, vm_name
+from .options import PROG, UsageError, keyid_bits, packages, vm_name
 
 
 async def host_start(args: argparse.Namespace) -> int:
@@ -40,5 +40,5 @@ def register(sub: Any) -> None:
     st.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (default: the tenant directory's)")
     st.add_argument("--tenant-key", default="vm", metavar="NAME", help="the memory key's name (default: vm)")
     st.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
-    st.add_argument("--packages", type=int, default=1, metavar="N", help=argparse.SUPPRESS)
+    st.add_argument("--packages", type=packages, default=1, metavar="N", help=argparse.SUPPRESS)
     st.set_defaults(func=host_start)

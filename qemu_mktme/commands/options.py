@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from .. import images
 from ..qemu.devices import DiskSpec, NetSpec
 from ..arch.sizes import parse_size
+from ..engine.platform import MAX_PACKAGES
+from ..qemu.machine import MAX_CPUS, MAX_MEMORY
 
 PROG = "qemu-mktme"
 VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -41,21 +45,47 @@ def command(text: str) -> str:
     return text
 
 
-def keyid_bits(text: str) -> int:
-    try:
-        bits = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= bits <= 15:
-        raise argparse.ArgumentTypeError(f"KeyID bits must be 1..15, got {bits}")
-    return bits
+def count(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argument type: a whole number ``low..high`` written in ASCII digits (``int`` alone takes
+    '１' and '1_000'), so a count the platform model allocates for is bounded before anything starts."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[+-]?[0-9]+", text.strip(), re.ASCII):
+            raise argparse.ArgumentTypeError(f"{what}: not a whole number: {text!r}")
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, got {value}")
+        return value
+    parse.__name__ = what              # argparse names the type in its messages
+    return parse
+
+
+def seconds(low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argument type: a finite number of seconds in ``(low, high]`` (no nan, inf, 0 or negative)."""
+    def parse(text: str) -> float:
+        if not re.fullmatch(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*", text, re.ASCII):
+            raise argparse.ArgumentTypeError(f"{what}: not a positive number of seconds: {text!r}")
+        value = float(text)
+        if not (low < value <= high and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{what} must be more than {low:g} and at most {high:g} s, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+keyid_bits = count(1, 15, "KeyID bits")
+cpus = count(1, MAX_CPUS, "vCPUs")
+packages = count(1, MAX_PACKAGES, "CPU packages")
+pid = count(1, 1 << 22, "process id")
 
 
 def size(text: str) -> int:
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+    if value > MAX_MEMORY:
+        raise argparse.ArgumentTypeError(f"at most {MAX_MEMORY >> 30} GiB, got {text!r}")
+    return value
 
 
 def disk(text: str) -> DiskSpec:
@@ -83,7 +113,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="image to boot, or a kernel file (default: baremetal)")
     g.add_argument("--memory", "-m", type=size, default=None, metavar="SIZE",
                    help=f"guest RAM, e.g. 512M or 5G (default: {images.default_memory_help()})")
-    g.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default: 1)")
+    g.add_argument("--cpus", type=cpus, default=1, metavar="N", help=f"vCPUs, 1..{MAX_CPUS} (default: 1)")
     g.add_argument("--workload", metavar="NAME", help="Linux guest: workload to run (default: hello)")
     g.add_argument("--param", type=param, action="append", default=[], metavar="NAME=VALUE",
                    help="Linux guest: workload parameter (repeatable), e.g. --param secret=abc")
@@ -91,8 +121,9 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="bare-metal guest: command to run at boot (repeatable), e.g. -c 'crc 0x200000 4096'")
     g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
     g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
-    g.add_argument("--disk", type=disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]",
-                   help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk. "
+    g.add_argument("--disk", type=disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]",
+                   help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk; "
+                        "cache=none bypasses the host page cache (O_DIRECT) as QEMU's does. "
                         "The debian guest boots from the first disk, or from a throwaway overlay on its image")
     g.add_argument("--net", type=net, action="append", default=[], metavar="user[,hostfwd=tcp:ADDR:PORT-:PORT]",
                    help="a virtio NIC on QEMU's user networking (repeatable), e.g. "
@@ -111,9 +142,10 @@ def add_mktme_options(p: argparse.ArgumentParser) -> None:
                         "key out of ps), clear, no-encrypt, or none for plain QEMU (default: cpu)")
     g.add_argument("--tenant", default=None,
                    help="tenant owning the key (default: default; with --tenant-server: the tenant's certificate CN)")
-    g.add_argument("--iommu-keyid", type=int, default=None, metavar="N",
+    g.add_argument("--iommu-keyid", type=count(0, 0x7FFF, "KeyID"), default=None, metavar="N",
                    help="fault injection: program the VM's IOMMU domain with KeyID N (device DMA then "
                         "reads and writes garbage; the DMA sanitizer reports each transfer)")
     g.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N",
                    help="MK_TME_KEYID_BITS the BIOS activates (default 6: 63 KeyIDs)")
-    g.add_argument("--packages", type=int, default=1, metavar="N", help="CPU packages (key tables), default 1")
+    g.add_argument("--packages", type=packages, default=1, metavar="N",
+                   help=f"CPU packages (key tables), 1..{MAX_PACKAGES} (default 1)")

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..live import control
-from .options import print_json
+from .options import pid, print_json
 
 
 async def query(args: argparse.Namespace) -> int:
@@ -20,5 +20,5 @@ def register(sub: Any) -> None:
                        description="Ask a running 'qemu-mktme run' for its host's KeyID table and every "
                                    "VM's encryption state (like QEMU's query-sev).")
     q.add_argument("vm_name", nargs="?", metavar="VM", help="only this VM")
-    q.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    q.add_argument("--pid", type=pid, help="the 'qemu-mktme run' process, when several run")
     q.set_defaults(func=query)

@@ -17,7 +17,7 @@ from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
-from .options import PROG, UsageError, add_guest_options, add_mktme_options, vm_name
+from .options import PROG, UsageError, add_guest_options, add_mktme_options, seconds, vm_name
 
 
 def vm_entry(text: str) -> dict[str, str]:
@@ -155,7 +155,7 @@ def register(sub: Any) -> None:
                      help="run several VMs of this guest in one host (repeatable); VMs of one tenant "
                           "with the same user key share a KeyID")
     run.add_argument("--trace", action="store_true", help="print per-KeyID memory traffic every few seconds")
-    run.add_argument("--trace-interval", type=float, default=3.0, metavar="S", help=argparse.SUPPRESS)
+    run.add_argument("--trace-interval", type=seconds(0, 3600, "trace interval"), default=3.0, metavar="S", help=argparse.SUPPRESS)
     run.add_argument("--paused", action="store_true", help="start with the vCPUs stopped")
     run.add_argument("--sanitize", action="store_true",
                      help="KeyID-aliasing sanitizer: report rules (a)-(d) as they happen, a summary at exit")

@@ -13,7 +13,8 @@ from ..keymaterial import read_kek_file
 from ..live import control
 from ..live.session import HostSession
 from ..live.snapshot import snapshot_summary
-from .options import KEK_HELP, PROG, UsageError, keyid_bits, print_json, vm_name
+from ..files.atomic import check_target
+from .options import KEK_HELP, PROG, UsageError, keyid_bits, pid, print_json, vm_name
 
 
 def read_kek(path: str) -> bytes:
@@ -27,6 +28,7 @@ def read_kek(path: str) -> bytes:
 async def snapshot_save(args: argparse.Namespace) -> int:
     kek = read_kek(args.kek_file)
     path = os.path.abspath(args.path)
+    check_target(path, force=True)          # a FIFO, device or symlink there: refused before the host pauses the VM
     before = _file_identity(path)
     bar = ProgressBar("saving")
     try:
@@ -85,7 +87,7 @@ def register(sub: Any) -> None:
     sv.add_argument("path")
     sv.add_argument("--kek-file", required=True, help=KEK_HELP)
     sv.add_argument("--vm", dest="vm_name", metavar="NAME", help="the VM (needed when the host runs several)")
-    sv.add_argument("--pid", type=int, help="the 'qemu-mktme run' process, when several run")
+    sv.add_argument("--pid", type=pid, help="the 'qemu-mktme run' process, when several run")
     sv.set_defaults(func=snapshot_save)
     rs = sn_sub.add_parser("restore", help="restore a snapshot and run it in the foreground",
                            description="Verify every byte of a snapshot, start a fresh QEMU with -incoming "

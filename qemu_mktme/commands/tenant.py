@@ -1,4 +1,5 @@
-"""``qemu-mktme tenant init|add-key|policy|show``: the tenant's PKI, keys and reference values."""
+"""``qemu-mktme tenant init|server-cert|add-key|policy|show``: the tenant's PKI, keys, reference
+values, enrolled and revoked hosts."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 from typing import Any
 
 from ..errors import TenantError
-from ..tenant import admin, keyserver
+from ..tenant import admin, keyserver, pki
 from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
-from .options import print_json
+from .options import keyid_bits, print_json
 import contextlib
 
 
@@ -25,17 +26,30 @@ def add_tenant_dir_option(p: argparse.ArgumentParser) -> None:
 def tenant_cmd(args: argparse.Namespace) -> int:
     tenant = tenant_dir(args)
     if args.action == "init":
-        tenant.init(args.name)
-        print(f"tenant {args.name}: PKI and manifest-signing key in {tenant.path}")
+        tenant.init(args.name, args.server_name)
+        print(f"tenant {args.name}: PKI and manifest-signing key in {tenant.path}; the key server's certificate "
+              f"names {', '.join(tenant.pki.server_names())}")
+    elif args.action == "server-cert":
+        names = pki.reissue_server(tenant.require().pki, args.server_name)
+        print(f"the key server's certificate now names {', '.join(names)} (a running key server uses it after "
+              "'keyserver stop' and 'start')")
     elif args.action == "add-key":
         uid = admin.add_key(tenant, args.name, args.kind)
         print(f"key {args.name!r} ({args.kind}, AES-256) created in the key server: KMIP id {uid}")
+    elif args.action == "policy" and args.revoke:
+        for host in args.revoke:
+            done = admin.revoke_host(tenant, host)
+            print(f"host {host}: certificate(s) {', '.join(format(n, 'x') for n in done.serials)} revoked "
+                  f"(the broker refuses it from its next connection), {len(done.unenrolled)} AK(s) unenrolled")
     elif args.action == "policy":
+        if not args.host:
+            raise TenantError("enrol at least one host (--host NAME) or revoke one (--revoke NAME)")
         from .. import images
         boot = images.guest_boot(args.guest)
         policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits, integrity=args.integrity)
         print(f"policy: {len(policy.reference)} reference events over PCRs {list(policy.pcrs)}, "
-              f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}")
+              f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}, each with its own client "
+              "certificate in its host directory's tls/")
         for e in policy.reference:
             print(f"  PCR {e.pcr:2}  {e.digest.hex()[:16]}...  {e.description}")
     else:
@@ -45,7 +59,8 @@ def tenant_cmd(args: argparse.Namespace) -> int:
             pol = tenant.policy().to_json()
         running = keyserver.status(tenant)
         print_json({"directory": str(tenant.path), "client_cn": tenant.pki.client_cn(), "keys": tenant.keys(),
-                    "policy": pol, "keyserver": running.to_json() if running else None})
+                    "policy": pol, "keyserver": running.to_json() if running else None,
+                    "server_names": tenant.pki.server_names(), "host_certificates": pki.host_certificates(tenant.pki)})
     return 0
 
 
@@ -54,17 +69,25 @@ def register(sub: Any) -> None:
     tn_sub = tn.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = tn_sub.add_parser("init", help="create the tenant's CA, certificates and manifest-signing key")
     init.add_argument("name", help="the tenant (the client certificate's CN, owner of its KMIP keys)")
+    init.add_argument("--server-name", action="append", default=[], metavar="NAME_OR_ADDR",
+                      help="a name or address hosts dial the key server by (repeatable; default: localhost, 127.0.0.1)")
+    sc = tn_sub.add_parser("server-cert", help="issue the key server a new certificate naming other names")
+    sc.add_argument("--server-name", action="append", required=True, metavar="NAME_OR_ADDR",
+                    help="a name or address hosts dial the key server by (repeatable)")
     ak = tn_sub.add_parser("add-key", help="create an AES-256 key in the key server")
     ak.add_argument("name", help=f"key name (the VM memory key is {DEFAULT_KEY!r} by default)")
     ak.add_argument("--kind", choices=admin.KINDS, default="memory")
     pol = tn_sub.add_parser("policy", help="record reference values from this known-good machine and enrol hosts")
-    pol.add_argument("--host", action="append", default=[], metavar="NAME", required=True,
-                     help="emulated host whose TPM attestation key to enrol (repeatable)")
+    pol.add_argument("--host", action="append", default=[], metavar="NAME",
+                     help="emulated host whose TPM attestation key to enrol, with its own client certificate "
+                          "(repeatable)")
+    pol.add_argument("--revoke", action="append", default=[], metavar="NAME",
+                     help="revoke host NAME: its certificates and its AK (repeatable)")
     pol.add_argument("--guest", default="baremetal", metavar="baremetal|linux|PATH")
-    pol.add_argument("--keyid-bits", type=int, default=6, metavar="N")
+    pol.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
     pol.add_argument("--integrity", choices=("mac",), default=None,
                      help="the hosts run with per-line memory integrity (run --integrity mac)")
     show = tn_sub.add_parser("show", help="the tenant's state (JSON; no key material)")
-    for p in (init, ak, pol, show):
+    for p in (init, sc, ak, pol, show):
         add_tenant_dir_option(p)
     tn.set_defaults(func=tenant_cmd)

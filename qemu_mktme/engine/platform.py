@@ -58,6 +58,10 @@ AES_XTS_256 = Algorithm.AES_XTS_256
 
 Rng = Callable[[int], "bytes | None"]
 
+MAX_PACKAGES = 64
+"""CPU packages (sockets, each with its own key table) a platform may have: more than any shipped
+MKTME system (8-socket Xeons), and a bound on the tables the model allocates."""
+
 
 @dataclass(frozen=True)
 class PconfigResult:
@@ -169,8 +173,8 @@ class Platform:
         algs = tuple(Algorithm(a) for a in algorithms)
         if tme_supported and not algs:
             raise ValueError("a TME platform supports at least one algorithm")
-        if packages < 1:
-            raise ValueError(f"packages must be >= 1, got {packages}")
+        if isinstance(packages, bool) or not 1 <= packages <= MAX_PACKAGES:
+            raise ValueError(f"packages must be in 1..{MAX_PACKAGES}, got {packages}")
         if integrity not in (None, "mac"):
             raise ValueError(f"integrity must be None or 'mac', got {integrity!r}")
         self.maxphyaddr = maxphyaddr

@@ -91,9 +91,26 @@ def check_target(path: str | os.PathLike[str], *, force: bool = False) -> Path:
         raise SnapshotError(f"{target} is a directory")
     if not force and (target.exists() or target.is_symlink()):
         raise SnapshotError(f"{target} exists already{FORCE_HINT}")
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except OSError as err:
+        raise SnapshotError(f"cannot write {target}: {err.strerror}") from None
+    if stat.S_ISLNK(mode):
+        raise SnapshotError(f"{target} is a symbolic link: replacing it would replace the link, not the file it "
+                            "names; refusing (give the file's own path)")
+    if not stat.S_ISREG(mode):
+        raise SnapshotError(f"{target} exists and is {_kind(mode)}, not a regular file: refusing to replace it")
     if not target.parent.is_dir():
         raise SnapshotError(f"cannot write {target}: no directory {target.parent}")
     return target
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), f"of file type {stat.S_IFMT(mode):#o}")
 
 
 def partial_path(target: Path) -> Path:

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import IntegrityError, SnapshotError
-from ..keymaterial import KEK_NBYTES
+from ..keymaterial import check_kek
 from .regular import open_regular
 
 MAGIC = b"QMKTSNAP"
@@ -66,8 +66,7 @@ class Keys:
     """The per-snapshot keys derived from the KEK, the salt and the snapshot id."""
 
     def __init__(self, kek: bytes, salt: bytes, snapshot_id: bytes) -> None:
-        if len(kek) != KEK_NBYTES:
-            raise ValueError(f"the KEK must be {KEK_NBYTES} bytes")
+        check_kek(kek)
 
         def derive(purpose: bytes) -> AESGCM:
             return AESGCM(HKDF(hashes.SHA256(), 32, salt, _INFO + purpose + snapshot_id).derive(kek))

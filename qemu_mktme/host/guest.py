@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..arch.addresses import GPA, HPA, KeyID, KeyIdLayout
+from ..arch.addresses import GPA, HPA, PAGE_SIZE, KeyID, KeyIdLayout
 from ..arch.guestmap import GuestMap, GuestRange
 from ..arch.walk import WalkFault
 from ..engine.integrity import Poison
@@ -89,6 +89,7 @@ class EncryptedGuest:
         self.poisoned_lines: dict[int, Poison] = {}
         self._describe_key = describe_key
         self._extents = extents
+        self._iommu_keyid: int | None = None    # the whole domain re-tagged (fault injection)
 
     def __repr__(self) -> str:
         return f"<EncryptedGuest {self.name} KeyID {self.keyid} HPA {self.hpa_base:#x}+{self.ram.size:#x}>"
@@ -127,12 +128,57 @@ class EncryptedGuest:
             raise ValueError(f"KeyID {keyid} is outside 0..{self.layout.max_keyid}")
         lo = 0 if gpa is None else int(gpa)
         hi = (1 << 64) if nbytes is None else lo + int(nbytes)
+        if gpa is None and nbytes is None:
+            self._iommu_keyid = keyid if keyid != self.keyid else None   # what later mappings get too
         leaves = [leaf for leaf in self.iommu.leaves() if leaf.address < hi and leaf.address + leaf.size > lo]
         for leaf in leaves:
             self.iommu.retag(leaf.address, keyid)
         log.warning("%s: IOMMU domain re-tagged with KeyID %d over %d leaves (VM's KeyID %d)",
                     self.name, keyid, len(leaves), self.keyid)
         return len(leaves)
+
+    def follow(self, ranges: list[GuestRange]) -> bool:
+        """The VM's memory map changed (QEMU's memory listener: firmware turning 0xC0000-0xFFFFF
+        into RAM through the PAM registers, a reset turning it back): map what appeared and
+        unmap what went, in the EPT and the IOMMU domain, as a hypervisor follows its memslots
+        and VFIO its DMA mappings. ``ranges`` is all of guest RAM now, by backend offset. Ranges
+        must lie in the backend, 4 KiB aligned, with no GPA or backend byte mapped twice
+        (``AddressError``). Returns whether anything changed."""
+        new = sorted(ranges, key=lambda r: r.gpa)
+        for i, r in enumerate(new):
+            if r.size <= 0 or r.gpa % PAGE_SIZE or r.size % PAGE_SIZE or r.offset % PAGE_SIZE or r.offset < 0 \
+                    or r.offset + r.size > self.ram.size:
+                raise AddressError(f"{self.name}: RAM range {r} is not 4 KiB pages of the "
+                                   f"{self.ram.size:#x}-byte backend", address=r.gpa)
+            if i and new[i - 1].end > r.gpa:
+                raise AddressError(f"{self.name}: RAM ranges overlap at GPA {r.gpa:#x}", address=r.gpa)
+        by_offset = sorted(new, key=lambda r: r.offset)
+        for a, b in zip(by_offset, by_offset[1:]):
+            if a.offset + a.size > b.offset:
+                raise AddressError(f"{self.name}: backend offset {b.offset:#x} would appear at two GPAs "
+                                   f"({a.gpa:#x}, {b.gpa:#x})", address=b.gpa)
+        gone, came = _minus(list(self.ranges), new), _minus(new, list(self.ranges))
+        if not gone and not came:
+            return False
+        domain = bool(self.iommu.spans())
+        iommu_keyid = self._iommu_keyid if self._iommu_keyid is not None else int(self.keyid)
+        for r in gone:
+            self.ept.unmap(r.gpa, r.size)
+            if domain:
+                self.iommu.unmap(r.gpa, r.size)
+        for r in came:
+            self.ept.map(r.gpa, self.hpa_base + r.offset, r.size, int(self.keyid))
+            if domain:
+                self.iommu.map(r.gpa, self.hpa_base + r.offset, r.size, iommu_keyid)
+        self.ept.flush()
+        if domain:
+            self.iommu.flush()                      # a new generation: devices' IOTLBs are stale
+        self.map = GuestMap(new, name=self.name)
+        self.ranges = self.map.ranges
+        log.info("%s: memory map now %s (mapped %s; unmapped %s)", self.name, self.map.describe(),
+                 ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in came) or "nothing",
+                 ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in gone) or "nothing")
+        return True
 
     # ------------------------------------------------------------------ views
 
@@ -322,6 +368,28 @@ class EncryptedGuest:
             "consistent": not self.check_consistency(),
         }
 
+
+
+def _minus(a: list[GuestRange], b: list[GuestRange]) -> list[GuestRange]:
+    """The parts of mappings ``a`` that ``b`` does not map the same way (same GPA, same offset)."""
+    out = []
+    for r in a:
+        pieces = [(r.gpa, r.end)]
+        for q in b:
+            if q.gpa - q.offset != r.gpa - r.offset:
+                continue
+            nxt = []
+            for s, e in pieces:
+                if q.end <= s or e <= q.gpa:
+                    nxt.append((s, e))
+                    continue
+                if s < q.gpa:
+                    nxt.append((s, q.gpa))
+                if q.end < e:
+                    nxt.append((q.end, e))
+            pieces = nxt
+        out += [GuestRange(s, e - s, r.offset + s - r.gpa) for s, e in pieces]
+    return out
 
 
 def _clip(extents: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

@@ -103,11 +103,12 @@ class TranslationTable:
 
     # ------------------------------------------------------------------ building
 
-    def map(self, address: int, hpa: int, nbytes: int, keyid: int) -> None:
+    def map(self, address: int, hpa: int, nbytes: int, keyid: int, *, small: bool = False) -> None:
         """Map [address, address + nbytes) to HPA ``hpa`` through ``keyid``; :meth:`flush` after.
 
         Works per 2 MiB window: a 2 MiB leaf when address, HPA and length allow, else a run of
         4 KiB leaves filled at once (one encoded template; the address field is the HPA itself).
+        ``small``: 4 KiB leaves only.
         """
         if address % PAGE_SIZE or hpa % PAGE_SIZE or nbytes % PAGE_SIZE:
             raise ValueError(f"{self.format.name}: mappings are 4 KiB aligned")
@@ -120,11 +121,10 @@ class TranslationTable:
         end = address + nbytes
         while address < end:
             window_end = min(end, (address // SIZE_2M + 1) * SIZE_2M)
-            if window_end - address == SIZE_2M and hpa % SIZE_2M == 0:
-                table = self._table_for(address, depth=2)
-                index = (address >> 21) & 0x1FF
-                if self._pages[table][index] and not self._pages[table][index] & _PS:
-                    raise ValueError(f"{fmt.name}: {address:#x} is already mapped by 4 KiB pages")
+            pd = self._table_for(address, depth=2) if window_end - address == SIZE_2M and hpa % SIZE_2M == 0 else 0
+            pde = self._pages[pd][(address >> 21) & 0x1FF] if pd else 0
+            if pd and not small and (not pde or pde & _PS):    # (a page table there: 4 KiB leaves in it)
+                table, index = pd, (address >> 21) & 0x1FF
                 make_entry(fmt.leaf_2m(lay), hpa, keyid)   # validates the HPA fits the field
                 self._pages[table][index] = template_2m | hpa
             else:
@@ -155,6 +155,41 @@ class TranslationTable:
                 raise ValueError(f"{fmt.name}: {address:#x} is already mapped by a 2 MiB page")
             table = entry_address(uppers[level], entries[index])
         return table
+
+    def unmap(self, address: int, nbytes: int) -> None:
+        """Make [address, address + nbytes) not present (4 KiB aligned); :meth:`flush` after.
+        A 2 MiB leaf only partly covered is split into 4 KiB leaves first."""
+        if address % PAGE_SIZE or nbytes % PAGE_SIZE:
+            raise ValueError(f"{self.format.name}: mappings are 4 KiB aligned")
+        fmt, lay = self.format, self.layout
+        uppers = fmt.upper(lay)
+        end = address + nbytes
+        while address < end:
+            window_end = min(end, (address // SIZE_2M + 1) * SIZE_2M)
+            table = self.root
+            for level in range(2):                         # down to the PD, if there is one
+                entry = self._pages[table][(address >> (39 - 9 * level)) & 0x1FF]
+                if not fmt.present(entry):
+                    break
+                table = entry_address(uppers[level], entry)
+            else:
+                index = (address >> 21) & 0x1FF
+                pde = self._pages[table][index]
+                if pde & _PS and window_end - address == SIZE_2M:
+                    self._pages[table][index] = 0
+                    self._dirty.add(table)
+                elif fmt.present(pde):
+                    if pde & _PS:                          # split: the same frames as 512 4 KiB leaves
+                        leaf = fmt.leaf_2m(lay)
+                        base, keyid = entry_address(leaf, pde), entry_keyid(leaf, pde)
+                        self._pages[table][index] = 0
+                        self.map(address & ~(SIZE_2M - 1), base, SIZE_2M, keyid, small=True)
+                        pde = self._pages[table][index]
+                    pt = entry_address(uppers[2], pde)
+                    i0, n = (address >> 12) & 0x1FF, (window_end - address) >> 12
+                    self._pages[pt][i0:i0 + n] = [0] * n
+                    self._dirty.add(pt)
+            address = window_end
 
     def flush(self) -> None:
         """Write every changed table page to memory (through KeyID 0, one page per write)."""

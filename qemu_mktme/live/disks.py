@@ -4,7 +4,11 @@ For each ``dma=vhost`` disk (the default under emulation) a backend listens on a
 socket before QEMU starts, and QEMU gets ``-chardev socket,...,reconnect=1 -device
 vhost-user-blk-pci``. When QEMU passes its memory table, the backend checks that the memfd is
 the RAM backend the host model has bound (same file, same offsets) and from then on reaches
-guest memory only through an ``AssignedDevice`` in the VM's IOMMU domain. With ``bypass`` (the
+guest memory only through an ``AssignedDevice`` in the VM's IOMMU domain. QEMU sends a new table
+whenever the guest changes its memory map (SeaBIOS turning 0xC0000-0xFFFFF into RAM through
+the PAM registers before it drives the disk): the host model's EPT and IOMMU domain follow it
+(:meth:`~qemu_mktme.host.guest.EncryptedGuest.follow`), as VFIO's DMA mappings follow QEMU's
+memory listener. With ``bypass`` (the
 benchmark's baseline only) it maps the memfd directly instead, around the model.
 """
 
@@ -17,11 +21,13 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from ..arch.guestmap import GuestRange
+from ..errors import AddressError
 from ..files import runtime
 from ..host.dma import AssignedDevice
 from ..qemu.devices import DiskSpec
 from ..vhost.blk import Transfer, VhostUserBlk
-from ..vhost.memory import DirectMemory, IommuMemory
+from ..vhost.memory import DirectMemory, IommuMemory, check_region
 from ..vhost.protocol import MemRegion, ProtocolError, Server
 import contextlib
 
@@ -52,9 +58,9 @@ class VhostDisks:
             for n, disk in self.disks:
                 dev_name = f"disk{n}"
                 device = VhostUserBlk(disk.path, self._memory_for(dev_name), readonly=disk.readonly,
+                                      direct=disk.cache == "none",
                                       name=dev_name, serial=f"qemu-mktme-{dev_name}")
                 self.devices.append(device)
-                device.transfer_hooks.append(self._publish)
                 sock = self.dir / f"{dev_name}.sock"
                 server = Server(sock, device, name=f"{self.name}/{dev_name}")
                 await server.start()
@@ -76,15 +82,21 @@ class VhostDisks:
                 st = os.fstat(r.fd)
                 if (st.st_dev, st.st_ino) != (ram.st_dev, ram.st_ino):
                     raise ProtocolError(f"memory region at GPA {r.guest_phys_addr:#x} is not the VM's RAM backend")
+                check_region(r, unsealed_ok=True)       # QEMU's memfd is sealed; a RAM file is ours
                 for g in guest.ranges:                    # type: ignore[attr-defined]
                     overlaps = g.gpa < r.guest_phys_addr + r.memory_size and r.guest_phys_addr < g.gpa + g.size
                     if overlaps and g.offset - (g.gpa - r.guest_phys_addr) != r.mmap_offset:
                         raise ProtocolError(f"memory region at GPA {r.guest_phys_addr:#x} disagrees with "
                                             "QEMU's memory map")
+            try:       # QEMU's memory listener tells us the map now: firmware's PAM RAM included
+                guest.follow([GuestRange(r.guest_phys_addr, r.memory_size, r.mmap_offset)   # type: ignore[attr-defined]
+                              for r in regions])
+            except AddressError as err:
+                raise ProtocolError(f"memory table refused: {err}") from None
             if self.bypass:
                 log.warning("%s/%s: DMA BYPASSES the MKTME model (direct memfd mapping, benchmark baseline)",
                             self.name, dev_name)
-                return DirectMemory(regions)
+                return DirectMemory(regions, unsealed_ok=True)
             device = self.assigned.get(dev_name)
             if device is None or device.guest is not guest:
                 device = self.assigned[dev_name] = AssignedDevice(guest, dev_name)  # type: ignore[arg-type]
@@ -101,12 +113,18 @@ class VhostDisks:
     async def trace(self, maxsize: int = 65536) -> AsyncIterator[Transfer]:
         """Transfers as the devices complete them (a slow consumer drops the overflow)."""
         q: asyncio.Queue[Transfer] = asyncio.Queue(maxsize)
+        if not self._subscribers:            # no listener, no per-request record (the fast path)
+            for device in self.devices:
+                device.transfer_hooks.append(self._publish)
         self._subscribers.append(q)
         try:
             while True:
                 yield await q.get()
         finally:
             self._subscribers.remove(q)
+            if not self._subscribers:
+                for device in self.devices:
+                    device.transfer_hooks.remove(self._publish)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per device: DMA counters (reads, writes, bytes, faults, foreign, sanitizer reports)

@@ -71,6 +71,8 @@ class EncryptedMachine(Machine):
         self.host = host
         self.key_serial = key_serial
         self.tenant = tenant
+        self.key_name: str | None = None
+        """The tenant's name for the VM's key when it came from the tenant's broker (travels with a migration)."""
         self._hpa = hpa
         self._revoke_key = revoke_key_on_close
         self._guest: EncryptedGuest | None = None

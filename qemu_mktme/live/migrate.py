@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import MigrationError, MktmeError, QemuError, logged
+from ..errors import MigrationError, MktmeError, QemuError
 from ..host.host import Host
 from ..host.payload import Payload
 from ..qemu.boot import BootSpec
@@ -47,6 +47,9 @@ TLS_ID = "mktme-migrate-tls"
 MAX_BANDWIDTH = 1 << 40
 """``max-bandwidth`` in bytes/s: in effect unlimited (QEMU 7.2's default is 128 MiB/s)."""
 TIMEOUT = 600.0
+STALL_BYTES = 64 << 10
+"""Bytes an incoming QEMU must read to count as progress (a stalled stream reads none; QMP and
+its own event loop read a few bytes now and then)."""
 TLS_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
 
 MigrateProgress = Callable[[dict[str, Any]], None]
@@ -105,10 +108,12 @@ class Incoming:
     def __init__(self, machine: EncryptedMachine, port: int) -> None:
         self.machine = machine
         self.port = port
+        self.closing = False              # being torn down (abort called)
+        self._watchdog: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, dest: Host, config: MachineConfig, payload: Payload | str | Awaitable[Payload], *, tenant: str,
-                    tls: Path | None) -> Incoming:
+                    tls: Path | None, key_name: str | None = None) -> Incoming:
         if config.name in dest.guests:
             raise MigrationError(f"the destination host already has a guest named {config.name!r}")
         if config.disks:
@@ -122,6 +127,7 @@ class Incoming:
         config = dataclasses.replace(config, incoming=True, start_paused=True, plugins=())
         target = await launch_with_key(config, key_serial(), lambda serial: dest.keys.revoke(serial, tenant=tenant),
                                        machine=lambda cfg, key: PendingKeyMachine(dest, cfg, key=key, tenant=tenant))
+        target.key_name = key_name
         try:
             await _prepare(target, tls, "server")
             await target.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
@@ -130,7 +136,44 @@ class Incoming:
             await target.close()
             raise
 
+    def watch(self, stalled: Callable[[], Awaitable[object]], timeout: float) -> None:
+        """Call ``stalled()`` once the incoming migration has made no progress for ``timeout``
+        seconds: its QMP status unchanged and its QEMU reading less than :data:`STALL_BYTES`
+        (``rchar`` of ``/proc/PID/io``: the stream, beside QMP's and the event loop's small reads);
+        until :meth:`finish` or :meth:`abort`."""
+        async def watchdog() -> None:
+            last, since = ("", -STALL_BYTES), time.monotonic()
+            while True:
+                await asyncio.sleep(min(1.0, timeout / 4))
+                status, read = await self._progress()
+                if status != last[0] or read - last[1] >= STALL_BYTES or read < last[1]:
+                    last, since = (status, read), time.monotonic()
+                elif time.monotonic() - since > timeout:
+                    self._watchdog = None          # not cancelled by the abort it leads to
+                    await stalled()
+                    return
+        self._watchdog = asyncio.create_task(watchdog(), name=f"incoming-{self.machine.name}-watchdog")
+
+    async def _progress(self) -> tuple[str, int]:
+        """(QEMU's incoming migration status, bytes its process has read so far)."""
+        try:
+            status = str((await self.machine.qmp.execute("query-migrate")).get("status"))
+        except QemuError as err:
+            status = f"unreachable: {err}"
+        try:
+            io = Path(f"/proc/{self.machine.pid}/io").read_text()
+            read = int(next(line.split()[1] for line in io.splitlines() if line.startswith("rchar:")))
+        except (OSError, StopIteration, ValueError):
+            read = -1
+        return status, read
+
+    def _stop_watching(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
     async def finish(self, resume: bool = True) -> EncryptedMachine:
+        self._stop_watching()
         try:
             await _wait(self.machine, "destination", None)
             if resume:
@@ -141,8 +184,13 @@ class Incoming:
         return self.machine
 
     async def abort(self) -> None:
-        with logged(__name__, "closing the incoming machine"):
+        """Tear the destination down: QEMU gone, its KeyID and key released."""
+        self.closing = True
+        self._stop_watching()
+        try:
             await self.machine.close()
+        except (MktmeError, OSError) as err:
+            log.warning("%s: tearing down the incoming QEMU: %s", self.machine.name, err)
 
 
 async def send(vm: EncryptedMachine, port: int, *, tls: Path | None, progress: MigrateProgress | None = None
@@ -289,7 +337,7 @@ async def carry_on(vm: Machine, was_running: bool) -> None:
     """After a failed or abandoned migration: cancel it if still under way, run the source again."""
     if vm.state is VmState.EXITED:
         return
-    with logged(__name__, "cancelling the migration"):
+    try:
         info = await vm.qmp.execute("query-migrate")
         if info.get("status") not in (None, "completed", "failed", "cancelled"):
             await vm.qmp.execute("migrate_cancel")
@@ -297,7 +345,11 @@ async def carry_on(vm: Machine, was_running: bool) -> None:
                 if (await vm.qmp.execute("query-migrate")).get("status") in ("failed", "cancelled"):
                     break
                 await asyncio.sleep(0.01)
-    with logged(__name__, "resuming the source"):
+    except (QemuError, OSError) as err:
+        log.warning("%s: cancelling the migration: %s", vm.name, err)
+    try:
         status = (await vm.qmp.execute("query-status"))["status"]
         if was_running and status != "running":
             await vm.qmp.execute("cont")
+    except (QemuError, OSError) as err:
+        log.warning("%s: resuming after the migration failed: %s", vm.name, err)

@@ -14,7 +14,6 @@ import errno
 import functools
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,11 @@ from ..keymaterial import kek_from_request
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .capture import capture
-from .control import ControlServer, Handler
+from .control import BOOL, STR, STR_LIST, Arg, Command, Connection, ControlServer
 from .encrypted import EncryptedMachine, PendingKeyMachine
 from .launch import launch_machine, launch_with_key
-from .migrate import (Incoming, MigrateProgress, MigrationResult, check_migratable, check_tls_dir, config_from_json,
-                      carry_on, config_to_json, migrate, result_of, send)
+from .migrate import Incoming, MigrateProgress, MigrationResult, check_tls_dir, config_from_json, migrate
+from . import p2p
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -66,8 +65,26 @@ class OwnedPayload:
     tenant: str
 
 
-KeySource = Callable[[MachineConfig, str], Awaitable[Payload]]
-"""key_source(config, tenant) -> the key of an incoming VM, obtained by this host (attestation)."""
+KeySource = Callable[[MachineConfig, str, "str | None"], Awaitable[Payload]]
+"""key_source(config, tenant, key_name) -> the key of an incoming VM of ``tenant`` whose key the
+tenant calls ``key_name`` (None: the host's own choice), obtained by this host (attestation)."""
+
+
+def _hex_kek(text: str) -> bytes:
+    """A KEK sent over the control socket: 64 hex digits, checked as every KEK is
+    (:func:`qemu_mktme.keymaterial.kek_from_request`)."""
+    return kek_from_request(text, "key-encryption key")
+
+
+def _tls_dir(text: str) -> Path:
+    return check_tls_dir(Path(text))
+
+
+def _config(obj: dict[str, Any]) -> MachineConfig:
+    try:
+        return config_from_json(obj)
+    except KeyError as err:
+        raise ValueError(f"the machine configuration lacks {err}") from None
 
 
 class HostSession:
@@ -76,7 +93,7 @@ class HostSession:
     def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
                  control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None,
                  attestation: dict[str, Any] | None = None, name: str | None = None,
-                 key_source: KeySource | None = None) -> None:
+                 key_source: KeySource | None = None, stall_timeout: float = p2p.STALL_TIMEOUT) -> None:
         names = [s.config.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
@@ -87,15 +104,29 @@ class HostSession:
         self.name = name
         self.key_source = key_source       # how an incoming VM's key reaches this host (tenant layer)
         self.identity: Any = None          # the host's attested identity while it runs (tenant layer)
-        self.handlers: dict[str, Handler] = {
-            "query": self._query, "dump": self._dump, "snapshot-save": self._save,
-            "migrate-describe": self._migrate_describe, "migrate-incoming": self._migrate_incoming,
-            "migrate-send": self._migrate_send, "migrate-finish": self._migrate_finish,
-            "migrate-abort": self._migrate_abort, "migrate-release": self._migrate_release}
+        path = Arg((str,), required=True)
+        self.commands: dict[str, Command] = {
+            "query": Command(self._query, {"name": STR}),
+            "dump": Command(self._dump, {"path": path, "vms": STR_LIST}),
+            "snapshot-save": Command(self._save, {"path": path, "vm": STR,
+                                                  "kek": Arg((str,), required=True, convert=_hex_kek)}),
+            # migration between host processes (:mod:`.p2p`): the client asks the source...
+            "migrate-perform": Command(self._migrate_perform, {
+                "vm": Arg((str,), required=True), "to": Arg((str,), required=True),
+                "tls": Arg((str,), convert=_tls_dir), "insecure": BOOL}),
+            # ... and the source host asks the destination host
+            "migrate-prepare": Command(self._migrate_prepare, {
+                "config": Arg((dict,), required=True, convert=_config), "tenant": Arg((str,), required=True),
+                "key": STR, "tls": Arg((str,), convert=_tls_dir)}),
+            "migrate-finish": Command(self._migrate_finish, {"vm": Arg((str,), required=True),
+                                                             "run": Arg((bool,), required=True), "resume": BOOL}),
+        }
+        self.stall_timeout = stall_timeout
         self._incoming: dict[str, Incoming] = {}
+        self._migrating: set[str] = set()
         self._serials: list[tuple[int, str]] = []
         self.attestation = attestation     # how the keys were obtained (tenant/launch.py), for query
-        self._control = ControlServer(self.handlers, name=name) if control else None
+        self._control = ControlServer(self.commands, name=name) if control else None
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> HostSession:
@@ -290,6 +321,8 @@ class HostSession:
             return self._vm(vm)
         state = self.host.query()
         state["guests"] = {n: self._vm(vm) for n, vm in self.machines.items()}
+        state["incoming"] = {n: {"keyid": i.machine.keyid, "port": i.port, "pid": i.machine.pid,
+                                 "state": "closing" if i.closing else "waiting"} for n, i in self._incoming.items()}
         if self.attestation is not None:
             state["attestation"] = self.attestation
         return state
@@ -301,92 +334,84 @@ class HostSession:
 
     # ------------------------------------------------------------------ control commands
 
-    async def _query(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        return self.query(request.get("name"))
+    async def _query(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        return self.query(args["name"])
 
-    async def _dump(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        d = await self.dump(request["path"], request.get("vms") or (), progress)
+    async def _dump(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        d = await self.dump(args["path"], args["vms"] or (), conn.progress)
         return {"path": str(d.path), "regions": [r.to_json() for r in d.regions]}
 
-    async def _save(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
+    async def _save(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
         """The client read the KEK from its file and sends it over the 0600 socket: the host opens no user file."""
-        if "kek" not in request:
-            raise ValueError("snapshot-save needs the key-encryption key (64 hex digits)")
-        kek = kek_from_request(request["kek"], "snapshot-save: kek")
-        result = await self.save(request.get("vm"), request["path"], kek, progress)
+        result = await self.save(args["vm"], args["path"], args["kek"], conn.progress)
         return dataclasses.asdict(result)
 
     # ------------------------------------------------------------------ migration between processes
-    # ``qemu-mktme migrate`` drives two hosts: describe (source) -> incoming (destination: attest,
-    # key, bound QEMU listening) -> send (source, progress lines) -> finish or abort (destination)
-    # -> release (source: closed once the destination runs, else resumed).
+    # (:mod:`.p2p`) The client asks the source (migrate-perform); the source host asks the
+    # destination host to prepare (an incoming QEMU, owned by the source host's connection), streams,
+    # asks it to finish, then closes its own copy; or cancels, tears the destination down and resumes.
 
-    def _encrypted(self, name: Any) -> EncryptedMachine:
-        vm = self.machines.get(str(name))
+    def _encrypted(self, name: str) -> EncryptedMachine:
+        vm = self.machines.get(name)
         if vm is None:
             raise MigrationError(f"no VM named {name!r} (have: {', '.join(self.machines) or 'none'})")
         if not isinstance(vm, EncryptedMachine):
             raise MigrationError(f"{name} does not run under MKTME; migrate it with plain QEMU")
         return vm
 
-    async def _migrate_describe(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        vm = self._encrypted(request.get("vm"))
-        tls = Path(request["tls"]) if request.get("tls") else None
-        check_migratable(vm, tls, bool(request.get("insecure")))
-        return {"config": config_to_json(vm.config), "tenant": vm.tenant, "keyid": vm.keyid,
-                "running": vm.state.value == "running"}
+    async def _migrate_perform(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        name = args["vm"]
+        vm = self._encrypted(name)
+        if name in self._migrating:
+            raise MigrationError(f"{name} is migrating already")
+        self._migrating.add(name)
+        try:
+            result = await p2p.perform(vm, args["to"], tls=args["tls"], insecure=bool(args["insecure"]),
+                                       progress=conn.progress, here=self.control_path)
+        finally:
+            self._migrating.discard(name)
+        self._gone(vm)                       # closed by perform: its KeyID is free, its key goes now
+        return dataclasses.asdict(result)
 
-    async def _migrate_incoming(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        config = config_from_json(request["config"])
+    async def _migrate_prepare(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        config: MachineConfig = args["config"]
+        tenant: str = args["tenant"]
         if config.name in self.machines or config.name in self._incoming:
             raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
         if self.key_source is None:
             raise MigrationError(f"host {self.name or os.getpid()} has no way to obtain the tenant's key: start it "
                                  "with --tenant-server (the key is released only to an attested host)")
-        tls = Path(request["tls"]) if request.get("tls") else None
-        if tls is not None:
-            check_tls_dir(tls)
-        payload = await self.key_source(config, request["tenant"])
-        incoming = await Incoming.start(self.host, config, payload, tenant=request["tenant"], tls=tls)
+        payload = await self.key_source(config, tenant, args["key"])
+        if config.name in self.machines or config.name in self._incoming:      # (while it attested)
+            raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
+        incoming = await Incoming.start(self.host, config, payload, tenant=tenant, tls=args["tls"],
+                                        key_name=args["key"])
         self._incoming[config.name] = incoming
+
+        async def abandon(why: str) -> None:
+            if self._incoming.get(config.name) is incoming and not incoming.closing:
+                log.warning("incoming VM %s abandoned (%s): torn down, KeyID %d and its key released",
+                            config.name, why, incoming.machine.keyid)
+                try:
+                    await incoming.abort()
+                finally:
+                    if self._incoming.get(config.name) is incoming:
+                        del self._incoming[config.name]
+        incoming.watch(lambda: abandon(f"no progress for {self.stall_timeout:g} s"), self.stall_timeout)
+        conn.own(f"incoming:{config.name}", lambda: abandon("the source host's connection closed"))
         return {"port": incoming.port, "keyid": incoming.machine.keyid}
 
-    async def _migrate_send(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        vm = self._encrypted(request.get("vm"))
-        tls = Path(request["tls"]) if request.get("tls") else None
-        check_migratable(vm, tls, bool(request.get("insecure")))
-        started = time.monotonic()
-
-        def bar(info: dict[str, Any]) -> None:
-            ram = info.get("ram")
-            if progress is not None and ram:
-                progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)) or 1)
-        info = await send(vm, int(request["port"]), tls=tls, progress=bar)
-        result = result_of(info, time.monotonic() - started, vm.keyid, int(request.get("dest_keyid", -1)),
-                           tls is not None)
-        return dataclasses.asdict(result)      # the VM stays here (paused) until migrate-release
-
-    async def _migrate_release(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        """After the destination runs the VM (``done``): close it here, freeing its KeyID; else
-        (the destination failed after the stream completed) run it here again."""
-        vm = self._encrypted(request.get("vm"))
-        if request.get("done"):
-            await vm.close()              # unbinds: this host's KeyID is free again
-            self._gone(vm)
-            return {"released": vm.name}
-        await carry_on(vm, bool(request.get("resume", True)))
-        return {"resumed": vm.name}
-
-    async def _migrate_finish(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        incoming = self._incoming.pop(str(request.get("vm")), None)
-        if incoming is None:
-            raise MigrationError(f"no incoming migration of VM {request.get('vm')!r} here")
-        vm = await incoming.finish(resume=bool(request.get("resume", True)))
+    async def _migrate_finish(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
+        name = args["vm"]
+        incoming = self._incoming.get(name)
+        if incoming is None or incoming.closing:
+            raise MigrationError(f"no incoming migration of VM {name!r} here (torn down, or never prepared)")
+        if conn.disown(f"incoming:{name}") is None:
+            raise MigrationError(f"the incoming migration of VM {name!r} belongs to another connection")
+        del self._incoming[name]
+        if not args["run"]:
+            await incoming.abort()
+            return {"aborted": name}
+        vm = await incoming.finish(resume=args["resume"] is not False)
         await self.adopt(vm)
         return vm.query()
-
-    async def _migrate_abort(self, request: dict[str, Any], progress: Any = None) -> dict[str, Any]:
-        incoming = self._incoming.pop(str(request.get("vm")), None)
-        if incoming is not None:
-            await incoming.abort()
-        return {"aborted": incoming is not None}

@@ -44,6 +44,7 @@ from .launch import launch_machine
 from ..files import Progress
 from ..files.atomic import atomic_output, check_target, starts_with
 from ..files.snapfile import MAGIC, Writer, open_snapshot
+from ..keymaterial import check_kek
 from ..images import sha256_file
 from ..qemu.boot import BootSpec
 from ..qemu.machine import MachineConfig, VmState
@@ -166,6 +167,7 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
                         progress: Progress | None = None) -> SaveResult:
     """Save ``vm`` to ``path`` (replacing an existing snapshot atomically). See the module doc."""
     started = time.monotonic()
+    check_kek(kek)
     target = check_target(Path(path).absolute(), force=True)
     payload = vm.host.keys.payload(vm.key_serial, vm.tenant)
     if payload.type.value != "user" or not payload.key or not payload.tweak:

@@ -39,8 +39,9 @@ class KeyServerFixture:
 
     @property
     def client(self) -> BrokerClient:
-        """A fresh client of the broker (authenticated by the tenant's CA)."""
-        return BrokerClient(self.url, self.ca)
+        """A fresh client of the broker (authenticated by the tenant's CA), presenting the
+        tenant's own client certificate."""
+        return BrokerClient(self.url, self.ca, cert=self.tenant.pki.client)
 
     def kmip(self):
         return keyserver.kmip_client(self.tenant, self.info)

@@ -7,7 +7,9 @@ vhost-user-blk backend outside QEMU whose every access goes through the host mod
 (the live layer starts it and gives the machine its socket). ``None`` leaves the choice to
 whoever launches the machine.
 
-The command-line form is QEMU's own style: ``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]``.
+The command-line form is QEMU's own style: ``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]
+[,cache=writeback|none]``; ``cache=none`` is QEMU's: the host page cache is bypassed (``O_DIRECT``),
+by QEMU's block layer and by our backend alike.
 
 A network card is QEMU's ``virtio-net-pci`` on its user-mode network stack (slirp: the guest
 is 10.0.2.15 behind NAT, no host privileges, no tap), with ``hostfwd`` rules forwarding host
@@ -28,6 +30,7 @@ from pathlib import Path
 
 DISK_FORMATS = ("raw", "qcow2")
 DMA_MODES = ("qemu", "vhost")
+CACHE_MODES = ("writeback", "none")
 QCOW2_MAGIC = b"QFI\xfb"
 LUKS_MAGIC = b"LUKS\xba\xbe"
 
@@ -41,6 +44,7 @@ class DiskSpec:
     dma: str | None = None
     readonly: bool = False
     secret_fd: int | None = None           # LUKS-in-qcow2: an inherited fd QEMU reads the passphrase from
+    cache: str = "writeback"               # "none": O_DIRECT, QEMU's cache=none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -48,13 +52,15 @@ class DiskSpec:
             raise ValueError(f"disk format must be one of {', '.join(DISK_FORMATS)}, got {self.format!r}")
         if self.dma is not None and self.dma not in DMA_MODES:
             raise ValueError(f"disk dma must be one of {', '.join(DMA_MODES)}, got {self.dma!r}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"disk cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
         if self.dma == "vhost" and self.format != "raw":
             raise ValueError(f"disk {self.path}: dma=vhost serves raw images only (our backend has no {self.format} "
                              f"driver): use dma=qemu, or qemu-img convert -O raw")
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
-        """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]``; the format is read from the
+        """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]``; the format is read from the
         file's header when not given (a qcow2 header means qcow2, anything else raw), never left to
         QEMU's probing (which would let a raw guest-written disk turn itself into a qcow2 one)."""
         path, *opts = text.split(",")
@@ -63,9 +69,9 @@ class DiskSpec:
         fields: dict[str, str] = {}
         for opt in opts:
             key, sep, value = opt.partition("=")
-            if not sep or key not in ("format", "dma", "readonly") or not value:
-                raise ValueError(f"unknown disk option {opt!r} in {text!r} "
-                                 "(expected PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on])")
+            if not sep or key not in ("format", "dma", "readonly", "cache") or not value:
+                raise ValueError(f"unknown disk option {opt!r} in {text!r} (expected PATH[,format=raw|qcow2]"
+                                 "[,dma=vhost|qemu][,readonly=on][,cache=writeback|none])")
             if key in fields:
                 raise ValueError(f"disk option {key!r} given twice in {text!r}")
             fields[key] = value
@@ -74,7 +80,8 @@ class DiskSpec:
         fmt = fields.get("format") or sniff_format(Path(path))
         if fmt == "luks":
             raise ValueError(f"disk {path} is a LUKS volume: it needs its key (not supported by --disk yet)")
-        return cls(Path(path), format=fmt, dma=fields.get("dma"), readonly=fields.get("readonly") == "on")
+        return cls(Path(path), format=fmt, dma=fields.get("dma"), readonly=fields.get("readonly") == "on",
+                   cache=fields.get("cache", "writeback"))
 
     def check(self) -> None:
         """``ValueError`` with one clear line unless the file can be a disk: it exists, is a regular
@@ -102,9 +109,11 @@ class DiskSpec:
 
     def blockdev(self, node: str) -> str:
         """The ``-blockdev`` argument (JSON, so that any file name passes unquoted)."""
-        ro = {"read-only": True} if self.readonly else {}
-        spec = {"driver": self.format, "node-name": node, **ro,
-                "file": {"driver": "file", "filename": str(self.path), **ro}}
+        opts: dict[str, object] = {"read-only": True} if self.readonly else {}
+        if self.cache == "none":
+            opts["cache"] = {"direct": True}
+        spec = {"driver": self.format, "node-name": node, **opts,
+                "file": {"driver": "file", "filename": str(self.path), **opts}}
         if self.secret_fd is not None:
             spec["encrypt"] = {"format": "luks", "key-secret": self.secret_id(node)}
         return json.dumps(spec, separators=(",", ":"))

@@ -80,9 +80,16 @@ def requires(*states: VmState) -> Callable[[_Method], _Method]:
     return decorator
 
 
+MAX_CPUS = 288
+"""vCPUs QEMU's q35 machine accepts (``-smp``), the bound a configuration is checked against."""
+MAX_MEMORY = 1 << 40
+"""Guest RAM a configuration may ask for (1 TiB): the host model builds its tables over all of it."""
+
+
 @dataclass(frozen=True)
 class MachineConfig:
-    """How to start QEMU. ``boot`` may be None only for an incoming-migration target."""
+    """How to start QEMU. ``boot`` may be None only for an incoming-migration target, or with
+    ``firmware_boot`` (no kernel: the firmware, SeaBIOS, boots the first disk)."""
 
     boot: BootSpec | None = None
     memory: int | str = 512 << 20
@@ -95,6 +102,7 @@ class MachineConfig:
     ram_dir: Path = Path("/dev/shm")       # for ram_backend="file"
     start_paused: bool = False
     incoming: bool = False                 # -incoming defer: wait for a migration stream
+    firmware_boot: bool = False            # no -kernel: the firmware boots the first disk
     disks: tuple[DiskSpec, ...] = ()       # virtio block devices (qemu/devices.py)
     nets: tuple[NetSpec, ...] = ()         # virtio NICs on QEMU's user networking (qemu/devices.py)
     plugins: tuple[str, ...] = ()          # -plugin arguments (the shim adds its own)
@@ -112,8 +120,10 @@ class MachineConfig:
             raise ValueError(f"ram_backend must be memfd or file, got {self.ram_backend!r}")
         if int(self.memory) % (1 << 20):
             raise ValueError(f"memory must be a whole number of MiB, got {self.memory} bytes")
-        if self.cpus < 1:
-            raise ValueError(f"cpus must be >= 1, got {self.cpus}")
+        if isinstance(self.cpus, bool) or not 1 <= self.cpus <= MAX_CPUS:
+            raise ValueError(f"cpus must be in 1..{MAX_CPUS} (QEMU's q35 limit), got {self.cpus}")
+        if int(self.memory) > MAX_MEMORY:
+            raise ValueError(f"memory must be at most {MAX_MEMORY >> 30} GiB, got {int(self.memory) >> 30} GiB")
         object.__setattr__(self, "disks", tuple(self.disks))
         if any(not isinstance(d, DiskSpec) for d in self.disks):
             raise ValueError("disks must be DiskSpec objects (qemu_mktme.qemu.devices)")
@@ -290,8 +300,9 @@ class Machine:
 
     async def _launch(self) -> None:
         cfg = self.config
-        if cfg.boot is None and not cfg.incoming:
-            raise ValueError("a machine needs a boot (kernel) unless it is an incoming-migration target")
+        if cfg.boot is None and not cfg.incoming and not (cfg.firmware_boot and cfg.disks):
+            raise ValueError("a machine needs a boot (kernel) unless it is an incoming-migration target "
+                             "or boots a disk through its firmware")
         self.qemu = find_qemu(cfg.qemu)
         if cfg.boot is not None:
             for path in (cfg.boot.kernel, cfg.boot.initrd):

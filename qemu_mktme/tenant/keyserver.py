@@ -6,11 +6,17 @@ on the main thread (it installs its own SIGTERM handler) and the broker's HTTPS 
 thread, then writes ``TENANT/keyserver.json`` (pid, its start time, both ports, the broker URL)
 once both listen. ``stop`` signals only the pid recorded there, and only while that process is
 still the one that wrote it (same start time).
+
+Both listen on loopback unless ``start`` is given another address (``--listen ADDR[:PORT]``:
+the broker's port, any free one by default; KMIP on the same address, ``kmip_port``). PyKMIP
+is served with per-connection deadlines and a bound on sessions (:func:`.kmip.serve_bounded`),
+the broker likewise (:class:`.broker.BrokerServer`): one silent client stalls neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -21,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import KeyServerError
+from ..errors import KeyServerError, TenantError
 from ..files.runtime import process_start_time
-from .kmip import KmipClient, KmipEndpoint, quiet, server_config
+from .kmip import KmipClient, KmipEndpoint, quiet, serve_bounded, server_config
 from .store import TenantDir
 
 STATE = "keyserver.json"
@@ -36,20 +42,55 @@ class KeyServerInfo:
     start_time: int
     kmip_port: int
     broker_port: int
+    address: str = "127.0.0.1"
+    """Where both listen (``0.0.0.0``: every IPv4 address of the machine)."""
+
+    @property
+    def local_address(self) -> str:
+        """The address a client on this machine dials (loopback for a wildcard)."""
+        return "127.0.0.1" if self.address == "0.0.0.0" else self.address
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.broker_port}"
+        return broker_url(self.local_address, self.broker_port)
 
     def to_json(self) -> dict[str, object]:
         return {"pid": self.pid, "start_time": self.start_time, "kmip_port": self.kmip_port,
-                "broker_port": self.broker_port, "url": self.url}
+                "broker_port": self.broker_port, "address": self.address, "url": self.url}
+
+
+def broker_url(address: str, port: int) -> str:
+    """``https://ADDRESS:PORT`` (an IPv6 address in brackets)."""
+    return f"https://[{address}]:{port}" if ":" in address else f"https://{address}:{port}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR[:PORT]`` (``[V6]:PORT`` for IPv6; ``localhost`` is 127.0.0.1) -> (address, port);
+    port 0 when absent (any free port). ``TenantError`` for anything else."""
+    host, port = text, "0"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("0" if not rest else "x")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    host = "127.0.0.1" if host == "localhost" else host
+    try:
+        addr = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise TenantError(f"--listen wants ADDR[:PORT] with an IP address, got {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise TenantError(f"--listen port {number} is not in 0..65535")
+    if addr.version == 6:
+        raise TenantError(f"--listen {text}: PyKMIP's server listens on IPv4 only")
+    return str(addr), number
 
 
 def _recorded(tenant: TenantDir) -> KeyServerInfo | None:
     try:
         obj = json.loads((tenant.path / STATE).read_text())
-        return KeyServerInfo(int(obj["pid"]), int(obj["start_time"]), int(obj["kmip_port"]), int(obj["broker_port"]))
+        return KeyServerInfo(int(obj["pid"]), int(obj["start_time"]), int(obj["kmip_port"]), int(obj["broker_port"]),
+                             str(obj.get("address", "127.0.0.1")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -99,12 +140,20 @@ def kmip_client(tenant: TenantDir, info: KeyServerInfo | None = None, **kw: floa
     info = info or status(tenant)
     if info is None:
         raise KeyServerError(f"no key server runs for the tenant in {tenant.path} (qemu-mktme keyserver start)")
-    return KmipClient(KmipEndpoint(info.kmip_port, tenant.pki), **kw)  # type: ignore[arg-type]
+    return KmipClient(KmipEndpoint(info.kmip_port, tenant.pki, info.local_address), **kw)  # type: ignore[arg-type]
 
 
-def start(tenant: TenantDir) -> KeyServerInfo:
-    """Start the key server in the background (or return the one running); waits until it listens."""
+def start(tenant: TenantDir, listen: str = "127.0.0.1", *, kmip_port: int = 0) -> KeyServerInfo:
+    """Start the key server in the background (or return the one running); waits until it listens.
+
+    ``listen``: ``ADDR[:PORT]`` for both services (PORT: the broker's); ``kmip_port``: KMIP's
+    (0: any free port). Clients check the broker's certificate against the name they dial: give
+    the tenant's server certificate that name (``tenant init --server-name``).
+    """
     tenant.require()
+    address, broker_port = parse_listen(listen)
+    if not 0 <= kmip_port <= 65535:
+        raise TenantError(f"KMIP port {kmip_port} is not in 0..65535")
     running = status(tenant)
     if running is not None:
         return running
@@ -116,7 +165,8 @@ def start(tenant: TenantDir) -> KeyServerInfo:
     package_root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.tenant.keyserver", str(tenant.path)],
+        proc = subprocess.Popen([sys.executable, "-m", "qemu_mktme.tenant.keyserver", str(tenant.path),
+                                 address, str(broker_port), str(kmip_port)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                                 cwd=str(tenant.path), env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path})
     finally:
@@ -170,13 +220,13 @@ def _alive(info: KeyServerInfo) -> bool:
     return process_start_time(info.pid) == info.start_time
 
 
-def _free_port() -> int:
+def _free_port(address: str) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
-def _serve(tenant: TenantDir) -> None:
+def _serve(tenant: TenantDir, address: str = "127.0.0.1", broker_port: int = 0, kmip_port: int = 0) -> None:
     """The background process: PyKMIP on the main thread, the broker beside it."""
     from .broker import Broker, BrokerServer
     with quiet():
@@ -188,28 +238,26 @@ def _serve(tenant: TenantDir) -> None:
     def note(message: str) -> None:
         broker_log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
+    local = "127.0.0.1" if address == "0.0.0.0" else address
     for attempt in range(5):
-        port = _free_port()
-        conf = server_config(state, pki, port)
+        port = kmip_port or _free_port(address)
+        conf = server_config(state, pki, port, address)
         server = KmipServer(config_path=str(conf), log_path=str(state / "server.log"), live_policies=False)
         try:
             server.start()
             break
         except Exception:  # noqa: BLE001  port taken between probe and bind: try another
-            if attempt == 4:
+            if attempt == 4 or kmip_port:
                 raise
-    # accept() wakes twice a second, so that SIGTERM (which only clears a flag) ends serve() promptly
-    server._socket.settimeout(0.5)
-    kmip = KmipClient(KmipEndpoint(port, pki), persistent=True)
-    broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant).start()
-    info = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()), "kmip_port": port,
-            "broker_port": broker.port, "url": f"https://127.0.0.1:{broker.port}"}
+    kmip = KmipClient(KmipEndpoint(port, pki, local), persistent=True)
+    broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant, broker_port, host=address).start()
+    info = KeyServerInfo(os.getpid(), process_start_time(os.getpid()) or 0, port, broker.port, address).to_json()
     tmp = tenant.path / (STATE + ".tmp")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, tenant.path / STATE)
-    note(f"key server started: KMIP on 127.0.0.1:{port}, broker {info['url']}")
+    note(f"key server started: KMIP on {address}:{port}, broker on {address}:{broker.port}")
     try:
-        server.serve()                  # until SIGTERM / SIGINT
+        serve_bounded(server)           # until SIGTERM / SIGINT
     finally:
         broker.stop()
         kmip.close()
@@ -222,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     warnings.simplefilter("ignore")
     args = argv if argv is not None else sys.argv[1:]
-    _serve(TenantDir(Path(args[0])))
+    address, broker_port, kmip_port = (args[1:] + ["127.0.0.1", "0", "0"][len(args) - 1:])[:3]
+    _serve(TenantDir(Path(args[0])), address, int(broker_port), int(kmip_port))
     return 0
 
 

@@ -52,13 +52,13 @@ def _kmip():
     return enums, client, pie_exceptions, kmip_exceptions
 
 
-def server_config(state: Path, pki: Pki, port: int) -> Path:
+def server_config(state: Path, pki: Pki, port: int, hostname: str = "127.0.0.1") -> Path:
     """Write PyKMIP's ``server.conf`` for ``state`` (policies and database inside it) and return it."""
     cert, key = pki.server
     (state / "policies").mkdir(mode=0o700, exist_ok=True)
     conf = state / "server.conf"
     conf.write_text("[server]\n"
-                    "hostname=127.0.0.1\n"
+                    f"hostname={hostname}\n"
                     f"port={port}\n"
                     f"certificate_path={cert}\n"
                     f"key_path={key}\n"
@@ -136,10 +136,13 @@ class KmipClient:
     def _call(self, what: str, fn):
         enums, client_mod, pie_exc, kmip_exc = _kmip()
         last: Exception | None = None
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while attempt <= self.retries:
             if attempt:
                 time.sleep(RETRY_DELAY * attempt)
+            attempt += 1
             with self._lock, quiet():
+                reused = self._conn is not None
                 try:
                     if self._conn is None:
                         self._conn = self._open(client_mod, enums)
@@ -149,17 +152,27 @@ class KmipClient:
                         if not self.persistent:
                             self._drop()
                 except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:
+                    if reused and not isinstance(err, pie_exc.KmipOperationFailure):
+                        self._drop()                     # a kept session the server closed (idle deadline)
+                        attempt -= 1
+                        continue
                     reason = getattr(err, "reason", None)
                     name = getattr(reason, "name", None) or type(err).__name__
                     raise KeyServerError(f"key server refused {what}: {name}: {getattr(err, 'message', err)}") from None
                 except ssl.SSLError as err:
                     self._drop()
+                    if reused:
+                        attempt -= 1
+                        continue
                     raise KeyServerError(f"key server {self._where()}: TLS failed for {what}: {err.reason or err}") from None
                 except (ConnectionError, TimeoutError, OSError) as err:
                     self._drop()
                     last = err
                 except Exception as err:  # noqa: BLE001  PyKMIP wraps socket trouble in its own exceptions
                     self._drop()
+                    if reused:                           # a kept session gone stale: once more on a new one
+                        attempt -= 1
+                        continue
                     if "timed out" in str(err) or "Connection" in type(err).__name__ or "closed" in str(err):
                         last = err
                         continue
@@ -219,3 +232,132 @@ class KmipClient:
                 c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
             c.destroy(uid)
         self._call(f"destroy key {uid}", destroy)
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """What one KMIP connection may cost the server: ``handshake`` seconds for TLS, ``idle``
+    seconds waiting for a request's first byte, ``request`` seconds for the rest of it,
+    ``sessions`` connections at a time, ``message`` bytes per request."""
+
+    handshake: float = 5.0
+    idle: float = 30.0
+    request: float = 10.0
+    sessions: int = 32
+    message: int = 1 << 20
+
+
+def serve_bounded(server, limits: SessionLimits = SessionLimits(), stop: threading.Event | None = None) -> None:
+    """PyKMIP's ``KmipServer`` (started) served with bounds, until SIGTERM or SIGINT (on the
+    main thread) or until ``stop`` is set.
+
+    PyKMIP's own ``serve()`` hands each accepted connection to a session thread whose only bound
+    is the process-wide 10 s socket timeout it sets: the TLS handshake ends after 10 s, but an
+    authenticated peer that goes silent keeps its thread forever (its loop logs the timeout and
+    reads again), a request header may announce 4 GiB, and nothing bounds the threads (its
+    listen backlog is 5). This loop accepts on PyKMIP's socket and runs PyKMIP's session class
+    with deadlines (handshake, first byte, whole request), a size bound, and at most
+    ``limits.sessions`` sessions: past that, the oldest session that is not inside a request is
+    shut down for the newcomer (one that never finished its handshake first); when every one is
+    inside a request, the newcomer is closed.
+    """
+    import signal
+    with quiet():
+        from kmip.core import utils
+        from kmip.services.server import session as session_mod
+    import struct
+
+    live: list[_BoundedSessionBase] = []
+    lock = threading.Lock()
+
+    class Session(session_mod.KmipSession, _BoundedSessionBase):  # type: ignore[misc]
+        def run(self) -> None:
+            try:
+                self._deadline = time.monotonic() + limits.handshake
+                self._connection.settimeout(limits.handshake)
+                self._connection.do_handshake()
+                self.established = True
+                while True:
+                    self._handle_message_loop()
+            except Exception as err:  # noqa: BLE001  any failure ends this session only
+                self._logger.info("session ends: %s", err)
+            finally:
+                with lock:
+                    if self in live:
+                        live.remove(self)
+                with contextlib.suppress(OSError):
+                    self._connection.close()
+
+        def _receive_request(self):
+            self.busy = False
+            self._deadline = time.monotonic() + limits.idle
+            first = self._receive_bytes(1)
+            self.busy = True
+            self._deadline = time.monotonic() + limits.request
+            header = first + self._receive_bytes(7)
+            size = struct.unpack("!I", header[4:])[0]
+            if size > limits.message:
+                raise ValueError(f"request of {size} bytes, more than {limits.message}")
+            return utils.BytearrayStream(header + self._receive_bytes(size))
+
+        def _receive_bytes(self, message_size: int) -> bytes:
+            parts, got = [], 0
+            while got < message_size:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("deadline passed")
+                self._connection.settimeout(left)
+                part = self._connection.recv(min(message_size - got, 64 << 10))
+                if not part:
+                    raise ConnectionError("peer closed")
+                parts.append(part)
+                got += len(part)
+            return b"".join(parts)
+
+    stopping = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, frame: object) -> None:
+            stopping.set()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    sock = server._socket
+    sock.listen(128)
+    sock.settimeout(0.5)
+    number = 0
+    while not stopping.is_set():
+        try:
+            conn, address = sock.accept()
+        except OSError:                      # the 0.5 s tick (to see SIGTERM), or a failed accept
+            continue
+        with lock:
+            if len(live) >= limits.sessions:
+                idle = [s for s in live if not s.busy]
+                # sessions that never finished their handshake first (no certificate shown yet): the
+                # broker's kept-alive session outlives a flood of silent peers
+                victim = next((s for s in idle if not s.established), None) or next(iter(idle), None)
+                if victim is None:
+                    conn.close()
+                    continue
+                live.remove(victim)
+                with contextlib.suppress(OSError):   # the fd only: its thread owns the SSL object
+                    socket.socket.shutdown(victim._connection, socket.SHUT_RDWR)
+            number += 1
+            s = Session(server._engine, conn, address, name=f"{number:08}",
+                        enable_tls_client_auth=server.config.settings.get("enable_tls_client_auth"),
+                        auth_settings=server.config.settings.get("auth_plugins"))
+            s.daemon = True
+            live.append(s)
+        s.start()
+
+
+class _BoundedSessionBase:
+    """What :func:`serve_bounded` adds to PyKMIP's session: whether it is inside a request and
+    whether it finished its handshake."""
+
+    busy = False
+    established = False
+    _deadline = 0.0
+    _connection: ssl.SSLSocket

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ..errors import TenantError
 from ..files.atomic import write_synced
 from ..attest import eventlog
 from ..attest.eventlog import Event
-from .pki import Pki, create_pki
+from .pki import Pki, create_pki, parse_server_name
 
 ENV_TENANT = "QEMU_MKTME_TENANT_DIR"
 KEY_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -55,21 +56,32 @@ def _read_json(path: Path, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class Policy:
-    """What the broker checks: the PCRs quoted, the reference events, the enrolled AKs."""
+    """What the broker checks: the PCRs quoted, the reference events, the enrolled AKs, and which
+    hosts each key may go to (``key_hosts``: key name -> host names; a key not named there goes to
+    every enrolled host)."""
 
     pcrs: tuple[int, ...]
     reference: list[Event]
     hosts: dict[str, str]           # AK fingerprint -> host name
+    key_hosts: dict[str, list[str]] = field(default_factory=dict)
+
+    def allows(self, host: str, key: str) -> bool:
+        """Whether key ``key`` may be released to enrolled host ``host``."""
+        allowed = self.key_hosts.get(key)
+        return allowed is None or host in allowed
 
     def to_json(self) -> dict[str, Any]:
-        return {"pcrs": list(self.pcrs), "reference": [e.to_json() for e in self.reference], "hosts": self.hosts}
+        return {"pcrs": list(self.pcrs), "reference": [e.to_json() for e in self.reference], "hosts": self.hosts,
+                "key_hosts": self.key_hosts}
 
     @classmethod
     def from_json(cls, obj: Any) -> Policy:
         try:
-            return cls(tuple(int(p) for p in obj["pcrs"]), eventlog.loads(obj["reference"]), dict(obj["hosts"]))
-        except (KeyError, TypeError, ValueError):
-            raise TenantError("policy.json is malformed (pcrs, reference, hosts)") from None
+            key_hosts = {str(k): [str(h) for h in v] for k, v in dict(obj.get("key_hosts") or {}).items()}
+            return cls(tuple(int(p) for p in obj["pcrs"]), eventlog.loads(obj["reference"]), dict(obj["hosts"]),
+                       key_hosts)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise TenantError("policy.json is malformed (pcrs, reference, hosts, key_hosts)") from None
 
 
 class TenantDir:
@@ -99,13 +111,16 @@ class TenantDir:
         self.pki.check()
         return self
 
-    def init(self, name: str) -> None:
-        """PKI with client CN ``name`` (the KMIP owner of this tenant's keys) and a signing key."""
+    def init(self, name: str, server_names: Sequence[str] = ()) -> None:
+        """PKI with client CN ``name`` (the KMIP owner of this tenant's keys) and a signing key;
+        the key server's certificate names ``server_names`` (default localhost and 127.0.0.1)."""
         if not name or set(name) - KEY_NAME_CHARS:
             raise TenantError(f"invalid tenant name {name!r}: letters, digits, '_', '.', '-'")
+        for n in server_names:
+            parse_server_name(n)
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
-        create_pki(self.path / "pki", client_cn=name)
+        create_pki(self.path / "pki", client_cn=name, server_names=server_names)
         self.kmip_dir.mkdir(mode=0o700, exist_ok=True)
         key = ed25519.Ed25519PrivateKey.generate()
         fd = os.open(self.signing_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

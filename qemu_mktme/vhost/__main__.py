@@ -20,44 +20,54 @@ from ..arch.guestmap import GuestRange
 from ..host.dma import AssignedDevice
 from ..host.host import Host
 from .blk import VhostUserBlk
-from .memory import IommuMemory
-from .protocol import MemRegion, ProtocolError, Server
+from .memory import IommuMemory, map_region, unmap
+from .protocol import IDLE_DEADLINE, MAX_CONNECTIONS, MESSAGE_DEADLINE, MemRegion, ProtocolError, Server
 
 log = logging.getLogger("qemu_mktme.vhost")
 
 
 class StandaloneMemory:
-    """Binds the front end's memory regions to a private host model; one VM per memory table."""
+    """Binds the front end's memory region to a private host model; one VM per memory table.
+
+    A new table replaces the old: the old VM is unbound and its mapping unmapped when the device
+    lets go of it (``IommuMemory.close``), so address space stays flat over any number of tables.
+    Regions must be memfds sealed against shrinking (:func:`.memory.check_region`)."""
 
     def __init__(self, keyid_bits: int = 6, key_payload: str = "type=cpu") -> None:
         self.host = Host(keyid_bits=keyid_bits)
         self.serial = self.host.keys.add("vhost-standalone", key_payload, tenant="vhost")
         self.devices: list[AssignedDevice] = []
-        self._maps: list[mmap.mmap] = []
         self._n = 0
 
     def __call__(self, regions: list[MemRegion]) -> IommuMemory:
-        for name in list(self.host.guests):
-            self.host.remove_guest(name)
         if len(regions) != 1:
             raise ProtocolError(f"the standalone backend takes one memory region, got {len(regions)}")
         r = regions[0]
-        try:
-            m = mmap.mmap(r.fd, r.memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                          offset=r.mmap_offset)
-        except (OSError, ValueError) as err:
-            raise ProtocolError(f"cannot map the memory region: {err}") from None
-        self._maps.append(m)
+        m = map_region(r)
         self._n += 1
-        guest = self.host.add_guest(f"vm{self._n}", m, [GuestRange(r.guest_phys_addr, r.memory_size, 0)],
-                                    key_serial=self.serial, tenant="vhost")
-        self.devices.append(AssignedDevice(guest, "vhost-blk"))
-        return IommuMemory(self.devices[-1])
+        name = f"vm{self._n}"
+        try:
+            guest = self.host.add_guest(name, m, [GuestRange(r.guest_phys_addr, r.memory_size, 0)],
+                                        key_serial=self.serial, tenant="vhost")
+        except BaseException:
+            unmap(m, name)
+            raise
+        device = AssignedDevice(guest, "vhost-blk")
+        self.devices.append(device)
+        memory = IommuMemory(device, on_close=lambda: self._release(name, m))
+        del guest, device                           # the views of m live only in the host model now
+        return memory
+
+    def _release(self, name: str, m: mmap.mmap) -> None:
+        self.devices = [d for d in self.devices if d.guest.name != name]
+        self.host.remove_guest(name)
+        unmap(m, f"memory table of {name}")
 
 
 async def serve(args: argparse.Namespace) -> None:
     device = VhostUserBlk(args.disk, StandaloneMemory(args.keyid_bits), readonly=args.readonly)
-    server = Server(args.socket, device, name="vhost-blk")
+    server = Server(args.socket, device, name="vhost-blk", max_connections=args.max_connections,
+                    message_deadline=args.message_deadline, idle_deadline=args.idle_deadline)
     await server.start()
     print(f"listening on {args.socket}", flush=True)
     stop = asyncio.Event()
@@ -75,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk", required=True)
     ap.add_argument("--readonly", action="store_true")
     ap.add_argument("--keyid-bits", type=int, default=6)
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help="connections served at once (default %(default)s)")
+    ap.add_argument("--message-deadline", type=float, default=MESSAGE_DEADLINE, metavar="SECONDS",
+                    help="time a peer has to finish a message or take a reply (default %(default)s)")
+    ap.add_argument("--idle-deadline", type=float, default=IDLE_DEADLINE, metavar="SECONDS",
+                    help="silence allowed to a connection that does not own the device (default %(default)s)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:

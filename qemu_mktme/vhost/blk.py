@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -42,6 +43,7 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 TYPE_NAMES = {T_IN: "in", T_OUT: "out", T_FLUSH: "flush", T_GET_ID: "get-id", T_DISCARD: "discard",
               T_WRITE_ZEROES: "write-zeroes"}
 SEG_MAX = 126
+IOV_MAX = 1024
 MAX_DISCARD_SECTORS = 1 << 22
 STATUS_NEEDS_RESET = 0x40
 
@@ -93,19 +95,28 @@ class VhostUserBlk(p.Handler):
 
     def __init__(self, path: str | os.PathLike[str], memory_for: Callable[[list[p.MemRegion]], Any], *,
                  readonly: bool = False, num_queues: int = 4, name: str = "vhost-blk0",
-                 serial: str = "qemu-mktme-vhost") -> None:
+                 serial: str = "qemu-mktme-vhost", direct: bool = False) -> None:
         self.path = Path(path)
         self.name = name
         self.readonly = readonly
         self.num_queues = num_queues
         self.serial = serial.encode()[:20]
         self.memory_for = memory_for
-        flags = os.O_RDONLY if readonly else os.O_RDWR
-        self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.fd = os.open(self.path, flags)
+        self.direct = direct
+        self.buffered_fd = self.fd      # requests O_DIRECT cannot take (unaligned buffers) go here
         st = os.fstat(self.fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(self.fd)
             raise ValueError(f"disk {self.path} is not a regular file or block device")
+        if direct:                      # cache=none as QEMU's: the host page cache is bypassed
+            try:
+                self.fd = os.open(self.path, flags | os.O_DIRECT)
+            except OSError as err:
+                os.close(self.buffered_fd)
+                raise ValueError(f"disk {self.path}: cache=none (O_DIRECT) is not possible here: "
+                                 f"{err.strerror}") from None
         size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(self.fd, 0, os.SEEK_END)
         self.capacity = size // SECTOR
         self.features = ((1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH) | (1 << F_MQ)
@@ -203,6 +214,9 @@ class VhostUserBlk(p.Handler):
                 raise p.ProtocolError(f"{req.name} with NOFD={int(nofd)} and {len(msg.fds)} fds")
             fd = msg.fds[0] if msg.fds else -1
             attr = {p.Req.SET_VRING_KICK: "kick", p.Req.SET_VRING_CALL: "call", p.Req.SET_VRING_ERR: "err"}[req]
+            if fd >= 0:
+                _check_notifier(fd, req.name)
+                os.set_blocking(fd, False)     # a full call counter or a drained kick never blocks us
             if attr == "kick":
                 self._stop(q)
             old = getattr(q, attr)
@@ -226,14 +240,18 @@ class VhostUserBlk(p.Handler):
         raise p.ProtocolError(f"{req.name} is not supported by this device (never offered)")
 
     def _set_memory(self, regions: list[p.MemRegion]) -> None:
-        if self.memory is not None and hasattr(self.memory, "close"):
-            self.memory.close()
-        self.table = MemTable(regions)
-        self.memory = self.memory_for(regions)
-        for q in self.queues:
-            if q.started:
-                self._stop(q)
-                self._start(q)
+        """A new memory table replaces the old: the queues let go of the old memory, which is
+        closed (unmapped) before the new one is built; they restart on the new one."""
+        running = [q for q in self.queues if q.started]
+        for q in running:
+            self._stop(q)
+        old, self.memory, self.table = self.memory, None, None
+        if old is not None and hasattr(old, "close"):
+            old.close()
+        memory = self.memory_for(regions)
+        self.table, self.memory = MemTable(regions), memory
+        for q in running:
+            self._start(q)
 
     def reset(self) -> None:
         """Back to the state before negotiation (RESET_OWNER, RESET_DEVICE, a new front end)."""
@@ -254,10 +272,11 @@ class VhostUserBlk(p.Handler):
 
     def close(self) -> None:
         self.disconnected()
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        for fd in {self.fd, self.buffered_fd}:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.buffered_fd = -1
 
     # ------------------------------------------------------------------ queues
 
@@ -286,10 +305,36 @@ class VhostUserBlk(p.Handler):
             q.ring = None
 
     def _kicked(self, q: Queue) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.eventfd_read(q.kick)
+        try:
+            got = os.read(q.kick, 512)          # an eventfd gives its 8-byte counter, a pipe its bytes
+        except (BlockingIOError, InterruptedError):
+            return                              # someone else drained it: nothing to do
+        except OSError as err:
+            self._kick_gone(q, f"reading it failed: {err.strerror}")
+            return
+        if not got:
+            self._kick_gone(q, "its writer hung up")
+            return
         if q.started:
             self._process(q)
+
+    def _kick_gone(self, q: Queue, why: str) -> None:
+        """The kick fd can never signal again (EOF/HUP): the queue is stopped until a new one."""
+        self._log_once(f"kick{q.index}", f"queue {q.index}: kick fd unusable ({why}): queue stopped", logging.WARNING)
+        self._stop(q)
+
+    def _signal(self, q: Queue) -> None:
+        """Interrupt the driver through the call fd without ever blocking: a counter at its
+        maximum (EAGAIN) has a signal pending already; a dead fd is dropped."""
+        try:
+            os.write(q.call, _ONE)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as err:
+            self._log_once(f"call{q.index}", f"queue {q.index}: call fd unusable ({err.strerror}): "
+                           "completions go unsignalled", logging.WARNING)
+            os.close(q.call)
+            q.call = -1
 
     def _log_once(self, kind: str, message: str, level: int = logging.ERROR) -> None:
         if kind not in self._logged:
@@ -317,7 +362,7 @@ class VhostUserBlk(p.Handler):
                     notify = True
                 ring.enable_kicks()
                 if notify and ring.should_notify() and q.call >= 0:
-                    os.eventfd_write(q.call, 1)
+                    self._signal(q)
                 if not ring.pending():
                     break
         except RingError as err:
@@ -330,18 +375,24 @@ class VhostUserBlk(p.Handler):
         mem: Memory = self.memory
         start = time.perf_counter()
         self.counters["requests"] += 1
-        if chain.error is None and (chain.readable_len < 16 or chain.writable_len < 1):
-            chain.error = f"request of {chain.readable_len} readable / {chain.writable_len} writable bytes"
+        rlen, wlen = chain.readable_len, chain.writable_len
+        if chain.error is None and (rlen < 16 or wlen < 1):
+            chain.error = f"request of {rlen} readable / {wlen} writable bytes"
         if chain.error is not None:
             self.counters["errors"] += 1
             self._log_once(f"chain:{chain.error.split(':')[0]}", f"queue {q.index}: bad descriptor chain: {chain.error}")
             return self._status(mem, chain, S_IOERR, 0)
         try:
-            header = b"".join(mem.read(a, n) for a, n in gather(chain.readable, 0, 16))
+            r, w = chain.readable, chain.writable
+            if r[0][1] == 16:                       # the usual layout: header, data..., status
+                header, data_out = mem.read(*r[0]), r[1:]
+            else:
+                header = b"".join(mem.read(a, n) for a, n in gather(r, 0, 16))
+                data_out = gather(r, 16, rlen - 16)
             rtype, _ioprio, sector = struct.unpack("<IIQ", header)
-            data_in = gather(chain.writable, 0, chain.writable_len - 1)     # all but the status byte
-            data_out = gather(chain.readable, 16, chain.readable_len - 16)
-            status, written = self._serve(mem, rtype, sector, data_in, data_out, chain)
+            data_in = w[:-1] if w[-1][1] == 1 else gather(w, 0, wlen - 1)     # all but the status byte
+            status, written = self._serve(mem, rtype, sector, data_in, data_out, chain,
+                                          wlen - 1 if rtype == T_IN else rlen - 16)
         except DmaFault as err:
             self.counters["errors"] += 1
             self._log_once("fault", f"queue {q.index}: DMA fault, request failed with IOERR: {err}", logging.WARNING)
@@ -366,32 +417,30 @@ class VhostUserBlk(p.Handler):
         return written + 1
 
     def _serve(self, mem: Memory, rtype: int, sector: int, data_in: list[tuple[int, int]],
-               data_out: list[tuple[int, int]], chain: Chain) -> tuple[int, int]:
+               data_out: list[tuple[int, int]], chain: Chain, nbytes: int) -> tuple[int, int]:
+        """Serve one request; ``nbytes``: its data bytes (IN: device-writable, else readable)."""
         if rtype in (T_IN, T_OUT):
-            nbytes = sum(n for _, n in (data_in if rtype == T_IN else data_out))
             if nbytes % SECTOR or sector > self.capacity or sector + nbytes // SECTOR > self.capacity:
                 self._log_once("range", f"{TYPE_NAMES[rtype]} of {nbytes} bytes at sector {sector} "
                                         f"(capacity {self.capacity}, {SECTOR}-byte sectors)")
                 return S_IOERR, 0
             if rtype == T_IN:
+                views = mem.write_views(data_in)          # zero copy: the file straight into guest RAM
+                if views is not None:
+                    self._readv(views, sector * SECTOR, nbytes)
+                    return S_OK, nbytes
                 buf = np.empty(nbytes, np.uint8)
-                got = os.preadv(self.fd, [buf.data], sector * SECTOR)
-                if got < nbytes:
-                    buf[got:] = 0
+                self._readv([buf], sector * SECTOR, nbytes)
                 mem.write_sg(data_in, buf)
                 return S_OK, nbytes
             if self.readonly:
                 self._log_once("ro", "write to a read-only disk")
                 return S_IOERR, 0
-            arrays = mem.read_sg(data_out)
-            offset = sector * SECTOR
-            for i in range(0, len(arrays), 1024):              # IOV_MAX
-                os.pwritev(self.fd, [a.data for a in arrays[i:i + 1024]], offset)
-                offset += sum(a.size for a in arrays[i:i + 1024])
+            self._writev(mem.read_sg(data_out), sector * SECTOR, nbytes)
             return S_OK, 0
         if rtype == T_FLUSH:
             if not self.readonly:
-                os.fsync(self.fd)
+                os.fdatasync(self.fd)          # as QEMU's file driver flushes (qemu_fdatasync)
             return S_OK, 0
         if rtype == T_GET_ID:
             n = min(20, sum(n for _, n in data_in))
@@ -421,6 +470,42 @@ class VhostUserBlk(p.Handler):
         self._log_once(f"type{rtype}", f"unknown request type {rtype}: UNSUPP")
         return S_UNSUPP, 0
 
+    def _readv(self, arrays: list[np.ndarray], offset: int, nbytes: int) -> None:
+        """Fill ``arrays`` (``nbytes`` in all) from the disk at ``offset`` (in IOV_MAX pieces);
+        past the end of the file reads zeros."""
+        for i in range(0, len(arrays), IOV_MAX):
+            part = arrays[i:i + IOV_MAX]
+            want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
+            got = self._io(os.preadv, part, offset)
+            while got < want:                           # short: the end of the file, or a retry
+                rest = _after(part, got)
+                more = self._io(os.preadv, rest, offset + got)
+                if more <= 0:
+                    for a in rest:
+                        a[:] = 0
+                    break
+                got += more
+            offset += want
+
+    def _writev(self, arrays: list[np.ndarray], offset: int, nbytes: int) -> None:
+        for i in range(0, len(arrays), IOV_MAX):
+            part = arrays[i:i + IOV_MAX]
+            want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
+            got = self._io(os.pwritev, part, offset)
+            while got < want:                           # short write: finish what is left
+                got += self._io(os.pwritev, _after(part, got), offset + got)
+            offset += want
+
+    def _io(self, call: Callable[..., int], arrays: list[np.ndarray], offset: int) -> int:
+        """``call`` (preadv/pwritev) on the disk; with cache=none, buffers O_DIRECT refuses
+        (EINVAL: not aligned to the device's block) go through the page cache instead."""
+        try:
+            return call(self.fd, arrays, offset)
+        except OSError as err:
+            if err.errno != errno.EINVAL or self.fd == self.buffered_fd:
+                raise
+        return call(self.buffered_fd, arrays, offset)
+
     def _emit(self, q: Queue, rtype: int, sector: int, data: list[tuple[int, int]], status: int,
               latency: float) -> None:
         """Tell the trace hooks about one request; ``data`` is its data segments (IN: written by
@@ -437,6 +522,34 @@ class VhostUserBlk(p.Handler):
                      direction, status, latency)
         for hook in list(self.transfer_hooks):
             hook(t)
+
+
+_ONE = (1).to_bytes(8, "little")
+
+
+def _after(arrays: list[np.ndarray], skip: int) -> list[np.ndarray]:
+    """The views of ``arrays`` after their first ``skip`` bytes."""
+    out = []
+    for a in arrays:
+        if skip >= a.size:
+            skip -= a.size
+            continue
+        out.append(a[skip:])
+        skip = 0
+    return out
+
+
+def _check_notifier(fd: int, what: str) -> None:
+    """Kick, call and error fds are eventfds (QEMU's ``event_notifier``) or pipes (its fallback)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
+        return
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = ""
+    if kind != "anon_inode:[eventfd]":
+        raise p.ProtocolError(f"{what} passes {kind or 'a file'} (an eventfd or a pipe expected)")
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:

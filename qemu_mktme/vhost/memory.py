@@ -14,15 +14,21 @@ into guest-physical ones with the memory table.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
+import logging
 import mmap
 import os
-from collections.abc import Sequence
+import stat
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..host.dma import AssignedDevice, DmaFault
-from .protocol import MemRegion
-import contextlib
+from .protocol import MemRegion, ProtocolError
+
+log = logging.getLogger(__name__)
 
 
 class MemTable:
@@ -39,13 +45,69 @@ class MemTable:
         raise DmaFault(f"vring address {uva:#x} lies in no memory region", address=uva)
 
 
+def check_region(r: MemRegion, *, unsealed_ok: bool = False) -> None:
+    """Refuse a region whose memory could vanish under a mapping of it (``ProtocolError``).
+
+    A file the front end can shrink after we mapped it turns our next access into SIGBUS, which
+    kills the backend for every connection. QEMU's memfd backend seals its memfds
+    (``F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL``, ``seal=on`` by default, 7.2 and 10.0), so a
+    region must come from a memfd sealed against shrinking, and its file must hold the whole
+    region now. ``unsealed_ok``: an unsealed file (a ``memory-backend-file`` on tmpfs) is accepted;
+    the caller has checked it is the guest-RAM file it created (0600) and maps itself.
+    """
+    where = f"memory region at GPA {r.guest_phys_addr:#x}"
+    try:
+        st = os.fstat(r.fd)
+    except OSError as err:
+        raise ProtocolError(f"{where}: {err.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError(f"{where}: not a memory file")
+    if r.memory_size <= 0 or r.mmap_offset < 0 or r.mmap_offset % mmap.PAGESIZE:
+        raise ProtocolError(f"{where}: size {r.memory_size:#x} at offset {r.mmap_offset:#x} cannot be mapped")
+    if st.st_size < r.mmap_offset + r.memory_size:
+        raise ProtocolError(f"{where}: its file holds {st.st_size:#x} bytes, the region needs "
+                            f"{r.mmap_offset + r.memory_size:#x}")
+    try:
+        seals = fcntl.fcntl(r.fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = -1                                  # not a memfd/shmem file: no seals possible
+    if (seals >= 0 and seals & fcntl.F_SEAL_SHRINK) or unsealed_ok:
+        return
+    raise ProtocolError(f"{where}: its memfd is not sealed against shrinking (F_SEAL_SHRINK): "
+                        "the front end could truncate it under the mapping")
+
+
+def map_region(r: MemRegion, *, unsealed_ok: bool = False) -> mmap.mmap:
+    """A shared read-write mapping of a checked region (``ProtocolError`` if it cannot be)."""
+    check_region(r, unsealed_ok=unsealed_ok)
+    try:
+        return mmap.mmap(r.fd, r.memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=r.mmap_offset)
+    except (OSError, ValueError) as err:
+        raise ProtocolError(f"cannot map the memory region at GPA {r.guest_phys_addr:#x}: {err}") from None
+
+
+def unmap(m: mmap.mmap, what: str) -> None:
+    """Unmap ``m``; every view of it must be gone (a leak is logged, never silent)."""
+    try:
+        m.close()
+    except BufferError:
+        gc.collect()                                # views held by reference cycles
+        try:
+            m.close()
+        except BufferError:
+            log.error("%s: still referenced, its mapping stays until the references go", what)
+
+
 class IommuMemory:
-    """Guest memory through the host model's IOMMU domain (the device's only normal path)."""
+    """Guest memory through the host model's IOMMU domain (the device's only normal path).
+    ``on_close`` runs when the device lets go of it (a new memory table, a reset)."""
 
     bypass = False
 
-    def __init__(self, device: AssignedDevice) -> None:
+    def __init__(self, device: AssignedDevice, on_close: Callable[[], None] | None = None) -> None:
         self.device = device
+        self._on_close = on_close
 
     def read(self, iova: int, nbytes: int) -> bytes:
         return self.device.dma_read(iova, nbytes)
@@ -62,8 +124,16 @@ class IommuMemory:
     def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
         return self.device.dma_read_sg(segments)
 
+    def write_views(self, segments: list[tuple[int, int]]) -> list[np.ndarray] | None:
+        return self.device.dma_write_views(segments)
+
     def close(self) -> None:
-        pass
+        """Let go of the memory (this object is unusable after)."""
+        on_close, self._on_close = self._on_close, None
+        if hasattr(self, "device"):
+            del self.device                         # its views of guest RAM must go before an unmap
+        if on_close is not None:
+            on_close()
 
 
 class DirectMemory:
@@ -72,13 +142,10 @@ class DirectMemory:
 
     bypass = True
 
-    def __init__(self, regions: Sequence[MemRegion]) -> None:
+    def __init__(self, regions: Sequence[MemRegion], *, unsealed_ok: bool = False) -> None:
         self._maps: list[tuple[int, int, mmap.mmap, np.ndarray]] = []
         for r in regions:
-            m = mmap.mmap(r.fd, r.memory_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
-                          offset=r.mmap_offset) if r.mmap_offset % mmap.PAGESIZE == 0 else None
-            if m is None:
-                raise DmaFault(f"memory region at {r.guest_phys_addr:#x} has an unaligned mmap offset")
+            m = map_region(r, unsealed_ok=unsealed_ok)
             self._maps.append((r.guest_phys_addr, r.memory_size, m, np.frombuffer(m, np.uint8)))
 
     def _array(self, gpa: int, nbytes: int) -> np.ndarray:
@@ -106,12 +173,14 @@ class DirectMemory:
     def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
         return [self._array(iova, n) for iova, n in segments]
 
+    def write_views(self, segments: list[tuple[int, int]]) -> list[np.ndarray] | None:
+        return [self._array(iova, n) for iova, n in segments]
+
     def close(self) -> None:
-        maps, self._maps = self._maps, []
-        for *_, m, _arr in maps:
-            del _arr
-            with contextlib.suppress(BufferError):
-                m.close()
+        mappings = [m for _, _, m, _ in self._maps]
+        self._maps = []                             # drops the arrays over the mappings
+        for m in mappings:
+            unmap(m, "direct guest-memory mapping")
 
 
 def close_fds(regions: Sequence[MemRegion]) -> None:

@@ -23,7 +23,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import logged
 
 log = logging.getLogger(__name__)
 
@@ -184,53 +183,83 @@ class Handler:
         """The front end went away: stop the queues (a reconnecting QEMU sets everything again)."""
 
 
+QUERIES = {Req.GET_FEATURES, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
+           Req.GET_MAX_MEM_SLOTS}
+"""Requests that read the device without changing it: any connection gets an answer. Every other
+request configures the device and needs the connection to own it (:meth:`Server.claim`)."""
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    """The reader callback of a receive: the socket is readable."""
-    if not fut.done():
-        fut.set_result(None)
+MESSAGE_DEADLINE = 5.0
+"""Seconds a peer has to finish a message (header and payload) once its first byte arrived, and
+to take a reply: a half-sent message or a peer that never reads costs only its own connection."""
+IDLE_DEADLINE = 10.0
+"""Seconds a connection that does not own the device may stay silent before it is closed (the
+owner, QEMU, is legitimately silent while the guest runs)."""
+MAX_CONNECTIONS = 8
+"""Connections served at once; one more evicts the non-owner that was silent longest."""
+
 
 class Connection:
-    """One front end (QEMU) on the unix socket."""
+    """One front end (QEMU) on the unix socket, served in its own task (:meth:`serve`)."""
 
-    def __init__(self, sock: socket.socket, handler: Handler, name: str) -> None:
+    def __init__(self, sock: socket.socket, server: Server, name: str) -> None:
         self.sock = sock
-        self.handler = handler
+        self.server = server
+        self.handler = server.handler
         self.name = name
+        self.last_active = asyncio.get_running_loop().time()
+        self.busy = False             # inside a message or a reply (their deadline applies)
+        self.deadline = 0.0           # loop time by which the message begun must be whole
         sock.setblocking(False)
 
-    async def _recv(self, nbytes: int, fds_ok: bool) -> tuple[bytes, list[int]]:
+    async def _readable(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(self.sock.fileno(), _wake, fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            loop.remove_reader(self.sock.fileno())
+
+    async def _recv(self, nbytes: int, fds_ok: bool, deadline: float | None) -> tuple[bytes, list[int]]:
+        """``nbytes`` (and any fds), by the loop time ``deadline`` once the first byte is in
+        (``TimeoutError``); before it, a non-owner waits at most :data:`IDLE_DEADLINE`."""
         loop = asyncio.get_running_loop()
         data, fds = b"", []
-        while len(data) < nbytes:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self.sock.fileno(), _wake, fut)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(self.sock.fileno())
-            try:
-                chunk, anc, _, _ = self.sock.recvmsg(nbytes - len(data), socket.CMSG_SPACE(MAX_FDS * 4))
-            except (BlockingIOError, InterruptedError):
-                continue
-            for level, kind, blob in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(blob[:len(blob) - len(blob) % 4])
-                    fds += list(got)
-            if not chunk:
-                for fd in fds:
-                    os.close(fd)
-                raise EOFError
-            data += chunk
-        if fds and not fds_ok:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("file descriptors passed outside a message header")
+        try:
+            while len(data) < nbytes:
+                if deadline is not None:
+                    timeout: float | None = max(deadline - loop.time(), 0.0)
+                elif self.server.owner is self:
+                    timeout = None
+                else:
+                    timeout = max(self.last_active + self.server.idle_deadline - loop.time(), 0.0)
+                await self._readable(timeout)
+                try:
+                    chunk, anc, _, _ = self.sock.recvmsg(nbytes - len(data), socket.CMSG_SPACE(MAX_FDS * 4))
+                except (BlockingIOError, InterruptedError):
+                    continue
+                for level, kind, blob in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(blob[:len(blob) - len(blob) % 4])
+                        fds += list(got)
+                if not chunk:
+                    raise EOFError
+                if deadline is None:
+                    deadline = self.deadline = loop.time() + self.server.message_deadline
+                    self.busy = True
+                data += chunk
+            if fds and not fds_ok:
+                raise ProtocolError("file descriptors passed outside a message header")
+        except BaseException:
+            close_all(fds)
+            raise
         return data, fds
 
     async def receive(self) -> Message:
-        head, fds = await self._recv(HEADER.size, True)
+        """The next whole message (``TimeoutError`` if it does not arrive in time)."""
+        head, fds = await self._recv(HEADER.size, True, None)
+        deadline = self.deadline                # the payload is due by the same time as the header
         request, flags, size = HEADER.unpack(head)
         try:
             if flags & 0x3 != VERSION:
@@ -239,33 +268,45 @@ class Connection:
                 raise ProtocolError(f"request {request} announces a {size}-byte payload (max {MAX_PAYLOAD})")
             if request not in Req._value2member_map_:
                 raise ProtocolError(f"unknown request {request}")
-            payload, more = await self._recv(size, False) if size else (b"", [])
+            payload, more = await self._recv(size, False, deadline) if size else (b"", [])
             fds += more
             lo, hi = FDS.get(Req(request), (0, 0))
             if not lo <= len(fds) <= hi:
                 raise ProtocolError(f"{Req(request).name} carries {len(fds)} fds (expected {lo}..{hi})")
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            close_all(fds)
             raise
+        self.last_active = asyncio.get_running_loop().time()
+        self.busy = False
         return Message(request, flags, payload, fds)
 
     async def send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        self.busy = True
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(self.sock, data), self.server.message_deadline)
+        self.busy = False
+
+    def alive(self) -> bool:
+        """Whether the peer is still there (no hang-up waiting to be read)."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
 
     async def serve(self) -> None:
-        """Answer requests until the peer hangs up or breaks the protocol."""
+        """Answer requests until the peer hangs up, breaks the protocol or misses a deadline."""
         try:
             while True:
                 msg = await self.receive()
                 log.debug("%s: %s flags=%#x %d bytes %d fds", self.name, Req(msg.request).name, msg.flags,
                           len(msg.payload), len(msg.fds))
                 try:
+                    if msg.request not in QUERIES and not self.server.claim(self):
+                        raise ProtocolError(f"{Req(msg.request).name}: the device belongs to another front end")
                     reply = self.handler.handle(msg)
                 except ProtocolError:
-                    for fd in msg.fds:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
+                    close_all(msg.fds)
                     raise
                 if msg.request in REPLIES:
                     await self.send(encode(msg.request, reply or b"", reply=True))
@@ -273,6 +314,10 @@ class Connection:
                     await self.send(encode(msg.request, struct.pack("<Q", 0), reply=True))
         except EOFError:
             log.info("%s: front end disconnected", self.name)
+        except TimeoutError:
+            log.warning("%s: closing the connection: %s", self.name,
+                        "a message or a reply missed its deadline" if self.busy
+                        else "silent too long without owning the device")
         except ProtocolError as err:
             log.error("%s: closing the connection, the front end broke the vhost-user protocol: %s", self.name, err)
         except (ConnectionError, OSError) as err:
@@ -281,18 +326,55 @@ class Connection:
             log.error("%s: closing the connection after a request failed: %s: %s", self.name,
                       type(err).__name__, err)
         finally:
-            self.handler.disconnected()
-            self.sock.close()
+            self.closed()
+
+    def task_done(self, _task: asyncio.Task[None]) -> None:
+        self.closed()
+
+    def closed(self) -> None:
+        """The connection is over: release the device if it owned it, close the socket."""
+        self.server.release(self)
+        self.sock.close()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    """The reader callback of a receive: the socket is readable."""
+    if not fut.done():
+        fut.set_result(None)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class Server:
-    """A listening unix socket serving one front end at a time (QEMU reconnects after a restart)."""
+    """A listening unix socket (mode 0600) for one device.
 
-    def __init__(self, path: str | os.PathLike[str], handler: Handler, name: str = "vhost-user") -> None:
+    Each connection is served in its own task, so a silent peer, one that sends half a message or
+    one that never reads its replies costs only its own connection: a message must arrive whole,
+    and a reply be taken, within ``message_deadline``; a connection that does not own the device is
+    closed after ``idle_deadline`` of silence; at most ``max_connections`` are open (one more evicts
+    the non-owner silent longest). The device belongs to one front end at a time: the first
+    connection that configures it owns it until it hangs up (QEMU reconnects after a restart),
+    and any connection may ask the read-only queries (:data:`QUERIES`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], handler: Handler, name: str = "vhost-user", *,
+                 max_connections: int = MAX_CONNECTIONS, message_deadline: float = MESSAGE_DEADLINE,
+                 idle_deadline: float = IDLE_DEADLINE) -> None:
+        if max_connections < 2:
+            raise ValueError("max_connections must be at least 2 (the owner and one more)")
         self.path = Path(path)
         self.handler = handler
         self.name = name
+        self.max_connections = max_connections
+        self.message_deadline = message_deadline
+        self.idle_deadline = idle_deadline
         self.connections = 0
+        self.owner: Connection | None = None
+        self._open: dict[Connection, asyncio.Task[None]] = {}
         self._listener: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -301,7 +383,7 @@ class Server:
         try:
             sock.bind(str(self.path))
             os.chmod(self.path, 0o600)
-            sock.listen(1)
+            sock.listen(64)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -309,29 +391,68 @@ class Server:
         self._listener = sock
         self._task = asyncio.create_task(self._accept_loop(), name=f"{self.name}-accept")
 
+    def claim(self, conn: Connection) -> bool:
+        """Make ``conn`` the device's owner if nobody (alive) owns it; whether it owns it now."""
+        owner = self.owner
+        if owner is not None and owner is not conn and not owner.alive():
+            log.info("%s: the previous front end hung up", self.name)
+            self._drop(owner)
+            owner = None
+        if owner is None:
+            self.owner = conn
+            log.info("%s: %s owns the device", self.name, conn.name)
+        return self.owner is conn
+
+    def release(self, conn: Connection) -> None:
+        """``conn`` is gone: if it owned the device, the device stops (ready for the next)."""
+        self._open.pop(conn, None)
+        if self.owner is conn:
+            self.owner = None
+            self.handler.disconnected()
+
+    def _drop(self, conn: Connection) -> None:
+        task = self._open.get(conn)
+        self.release(conn)
+        if task is not None:
+            task.cancel()
+
     async def _accept_loop(self) -> None:
         assert self._listener is not None
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            sock, _ = await loop.sock_accept(self._listener)
             self.connections += 1
-            log.info("%s: front end connected (connection %d)", self.name, self.connections)
-            await Connection(conn, self.handler, self.name).serve()
+            if len(self._open) >= self.max_connections:
+                victim = min((c for c in self._open if c is not self.owner), key=lambda c: c.last_active)
+                log.warning("%s: %d connections open, closing the one silent longest (%s)", self.name,
+                            len(self._open), victim.name)
+                self._drop(victim)
+            conn = Connection(sock, self, f"{self.name}#{self.connections}")
+            log.info("%s: front end connected", conn.name)
+            task = self._open[conn] = asyncio.create_task(conn.serve(), name=conn.name)
+            task.add_done_callback(conn.task_done)       # also when cancelled before it ran
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     def close_now(self) -> None:
-        """Stop listening and drop the connection without waiting (teardown paths)."""
+        """Stop listening and drop every connection without waiting (teardown paths)."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for conn in list(self._open):
+            self._drop(conn)
         self._stop_listening()
 
     async def close(self) -> None:
+        tasks = list(self._open.values())
         if self._task is not None:
-            self._task.cancel()
-            with logged(__name__, "stopping the accept loop", asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
-        self._stop_listening()
+            tasks.append(self._task)
+        self.close_now()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _stop_listening(self) -> None:
         if self._listener is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from ..host.dma import DmaFault
 
 DESC = struct.Struct("<QIHH")
+DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
@@ -33,6 +34,7 @@ class Memory(Protocol):
     def write(self, iova: int, data: bytes | bytearray | memoryview | np.ndarray) -> None: ...
     def write_sg(self, segments: list[tuple[int, int]], data: np.ndarray) -> None: ...
     def read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]: ...
+    def write_views(self, segments: list[tuple[int, int]]) -> list[np.ndarray] | None: ...
 
 
 class RingError(Exception):
@@ -119,7 +121,7 @@ class Virtqueue:
     def _walk(self, chain: Chain) -> None:
         table, size, index = self.desc, self.num, chain.head
         seen, total, indirect_done = 0, 0, False
-        indirect_raw = b""
+        indirect: list[tuple[int, int, int, int]] = []
         while True:
             if index >= size:
                 chain.error = f"descriptor index {index} outside a table of {size}"
@@ -128,8 +130,8 @@ class Virtqueue:
             if seen > size:
                 chain.error = f"descriptor chain longer than its table ({size}): a loop"
                 return
-            if indirect_done:                      # the indirect table was read in one transfer
-                addr, length, flags, nxt = DESC.unpack_from(indirect_raw, 16 * index)
+            if indirect_done:                      # the indirect table, read and decoded at once
+                addr, length, flags, nxt = indirect[index]
             else:
                 addr, length, flags, nxt = DESC.unpack(self.mem.read(table + 16 * index, 16))
             if flags & F_INDIRECT:
@@ -145,7 +147,11 @@ class Virtqueue:
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     chain.error = f"indirect table of {length} bytes"
                     return
-                indirect_raw = self.mem.read(addr, length)
+                raw = np.frombuffer(self.mem.read(addr, length), DESC_DTYPE)
+                if self._linear(chain, raw, total):
+                    return
+                indirect = list(zip(raw["addr"].tolist(), raw["len"].tolist(), raw["flags"].tolist(),
+                                    raw["next"].tolist()))
                 table, size, index, seen, indirect_done = addr, length // 16, 0, 0, True
                 continue
             total += length
@@ -162,6 +168,32 @@ class Virtqueue:
             if not flags & F_NEXT:
                 return
             index = nxt
+
+    def _linear(self, chain: Chain, table: np.ndarray, total: int) -> bool:
+        """The usual indirect table, decoded at once: entries 0..k-1 chained in order (NEXT set on
+        all but the last, next = i + 1), readable ones first, no nested indirect, within the
+        byte bound. False (nothing done) for any other table: the entry-by-entry walk judges it."""
+        flags, nxt = table["flags"], table["next"]
+        ends = np.flatnonzero((flags & F_NEXT) == 0)
+        if not len(ends):
+            return False
+        k = int(ends[0]) + 1                       # the chain stops at the first entry without NEXT
+        if k > 1 and not (nxt[:k - 1] == np.arange(1, k)).all():
+            return False
+        flags = flags[:k]
+        if (flags & F_INDIRECT).any():
+            return False
+        write = (flags & F_WRITE) != 0
+        first_w = int(np.argmax(write)) if write.any() else k
+        if not write[first_w:].all():
+            return False
+        lens = table["len"][:k]
+        if total + int(lens.sum(dtype=np.uint64)) > self.max_bytes:
+            return False
+        pairs = list(zip(table["addr"][:k].tolist(), lens.tolist()))
+        chain.readable.extend(pairs[:first_w])
+        chain.writable.extend(pairs[first_w:])
+        return True
 
     # ------------------------------------------------------------------ used side
 

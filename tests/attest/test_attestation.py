@@ -61,7 +61,7 @@ def test_a_good_host_gets_the_tenants_key_through_its_tpm(tenant, hosts):
     keys = a.fetch(tenant.client, ["vm"])
     assert keys["vm"] == tenant.kmip().get_key(tenant.tenant.key_uid("vm"))
     assert a.result["attested"] and a.result["keys"] == {"vm": "released to this host's TPM"}
-    assert "released vm to host-a" in (tenant.tenant.path / "broker.log").read_text()
+    assert "released vm to host-a (certificate pytest)" in (tenant.tenant.path / "broker.log").read_text()
 
 
 def _refused(tenant, request, match):
@@ -271,3 +271,21 @@ def test_a_hosts_swtpm_dies_with_the_host_process_killed_with_9(tmp_path):
     while os.path.exists(f"/proc/{swtpm}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{swtpm}")
+
+
+def test_a_host_asks_for_its_own_keys_only(tenant, hosts, tmp_path):
+    """The connection's client certificate names the host the quoting AK was enrolled as: host-b's
+    certificate with host-a's quote is refused; host-a's own certificate is served."""
+    from qemu_mktme.attest.client import BrokerClient
+    from qemu_mktme.tenant import admin
+    a, _ = hosts
+    certs = {h: admin.enrol_credentials(tenant.tenant, h, tmp_path / h) for h in ("host-a", "host-b")}
+
+    def client(h):
+        return BrokerClient(tenant.url, tenant.ca, cert=(certs[h] / "client-cert.pem", certs[h] / "client-key.pem"))
+    b_client = client("host-b")
+    with pytest.raises(AttestationError, match="the quote comes from host-a's TPM, the connection from host "
+                                               "host-b's certificate"):
+        b_client.release(a.evidence(b_client.nonce(), ["vm"]))
+    assert a.fetch(client("host-a"), ["vm"])["vm"] == tenant.kmip().get_key(tenant.tenant.key_uid("vm"))
+    assert "released vm to host-a (certificate host-a)" in (tenant.tenant.path / "broker.log").read_text()

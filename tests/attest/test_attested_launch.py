@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -213,6 +214,28 @@ def _assert_no_key_bytes(ks, roots, names):
             if path.is_file() and path.name != "pykmip.db":
                 data = path.read_bytes()
                 assert not any(n in data for n in needles), f"key material in {path}"
+
+
+async def test_attested_launches_go_on_while_attackers_hold_connections(world, mktme_keyserver):
+    """Issue 22: one idle TCP connection to the broker stopped every attested launch. Silent
+    connections and half ClientHellos to the broker and KMIP, reopened whenever dropped, held
+    through three launches in a row (scripts/bench_attest_siege.py runs 50)."""
+    import importlib.util
+    import sys
+    scripts = Path(__file__).parents[2] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attest_siege", scripts / "bench_attest_siege.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(scripts))
+    _, hostdir, boot = world
+    launch = TenantLaunch(mktme_keyserver.url, mktme_keyserver.ca, host_dir=hostdir)
+    info = mktme_keyserver.info
+    result = await bench.launches(launch, boot, [info.broker_port, info.kmip_port], 3, tenant="pytest",
+                                  timeout=patience(20), log=lambda line: None)
+    assert result["failures"] == [] and result["ok"] == 3
 
 
 def test_the_plugins_attested_host_fixture(mktme_attested_host, mktme_keyserver):

@@ -100,6 +100,23 @@ def test_dma_through_the_iommu(setup):
     assert bytes(ram[0x500000:0x500040]) != b"D" * 64
 
 
+def test_zero_copy_views_only_where_the_iommu_gives_the_vms_keyid(setup):
+    host, guest, ram, *_ = setup
+    dev = AssignedDevice(guest)
+    segs = [(0x400F00, 0x100), (0x600000, 4096), (0x401000, 512)]
+    views = dev.dma_write_views(segs)
+    assert views is not None and [v.size for v in views] == [0x100, 4096, 512]
+    views[1][:] = 7                                                     # written in place: the VM's RAM
+    assert (ram[0x600000:0x601000] == 7).all() and dev.counters.write_bytes == 0x100 + 4096 + 512
+    assert [bytes(a) for a in dev.dma_read_sg(segs)] == [bytes(v) for v in views]
+    with pytest.raises(DmaFault, match="remapping fault"):
+        dev.dma_write_views([(0xA0000, 16)])                            # the hole: a fault, as the full path
+    assert dev.dma_write_views([(0x1FFF00, 0x200)]) is None             # crosses a leaf: the full path
+    guest.iommu.retag(0x600000, 9)                                      # a foreign KeyID: never a raw view
+    assert dev.dma_write_views(segs) is None
+    assert [bytes(a) for a in dev.dma_read_sg([(0x600000, 64)])] != [bytes(64 * [7])]
+
+
 def test_failed_add_guest_leaves_nothing(setup):
     host, guest, *_ = setup
     serial = host.keys.add("vm2", "type=cpu", tenant="acme")

@@ -3,25 +3,11 @@ nothing outlives the killed host, and the next command removes what it left."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPTS = Path(__file__).parents[2] / "scripts"
-
-
-def _load(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_kill_9_during_save_and_dump(baremetal_image):
-    probe_kill = _load("probe_kill")
+    probe_kill = load_script("probe_kill")
     report = probe_kill.run(trials=2, seed=7, max_delay=1.0)     # a save, a dump
     # A host that ignores SIGTERM (seen in about 1 stop in 20-40 before run_async's handler
     # changed; its root cause is not known) is reported by the probe script with the host's

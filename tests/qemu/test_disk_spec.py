@@ -31,7 +31,7 @@ def test_parse_defaults_and_options(raw, tmp_path):
 
 @pytest.mark.parametrize("opts, words", [
     (",format=vmdk", "format must be"), (",dma=kvm", "dma must be"), (",readonly=yes", "readonly must be"),
-    (",cache=none", "unknown disk option"), (",format=qcow2,dma=vhost", "raw images only"), (",format=raw,format=raw", "given twice"), (",format=", "unknown"),
+    (",cache=unsafe", "cache must be"), (",aio=native", "unknown disk option"), (",format=qcow2,dma=vhost", "raw images only"), (",format=raw,format=raw", "given twice"), (",format=", "unknown"),
 ])
 def test_parse_refuses(tmp_path, opts, words):
     with pytest.raises(ValueError, match=words):
@@ -72,3 +72,15 @@ def test_machine_config_takes_only_disk_specs(raw):
     assert MachineConfig(disks=[DiskSpec(raw)]).disks == (DiskSpec(raw),)
     with pytest.raises(ValueError, match="DiskSpec"):
         MachineConfig(disks=(str(raw),))
+
+
+def test_cache_none_is_o_direct_for_qemu_and_our_backend(tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    spec = DiskSpec.parse(f"{disk},cache=none,dma=qemu")
+    assert spec.cache == "none"
+    node = json.loads(spec.blockdev("d0"))
+    assert node["cache"] == {"direct": True} and node["file"]["cache"] == {"direct": True}
+    assert "cache" not in json.loads(DiskSpec.parse(str(disk)).blockdev("d0"))
+    with pytest.raises(ValueError, match="cache must be one of writeback, none"):
+        DiskSpec.parse(f"{disk},cache=unsafe")

@@ -32,7 +32,7 @@ import contextlib
 def test_pki_has_qemus_file_names_and_usable_certificates(tmp_path):
     pki = create_pki(tmp_path / "pki", client_cn="acme")
     names = sorted(p.name for p in pki.directory.iterdir())
-    assert names == ["ca-cert.pem", "ca-key.pem", "client-cert.pem", "client-key.pem", "server-cert.pem",
+    assert names == ["ca-cert.pem", "ca-crl.pem", "ca-key.pem", "client-cert.pem", "client-key.pem", "server-cert.pem",
                      "server-key.pem"]
     for key in ("ca-key.pem", "client-key.pem", "server-key.pem"):
         assert (pki.directory / key).stat().st_mode & 0o077 == 0
@@ -186,3 +186,97 @@ def test_a_key_server_killed_with_9_leaves_nothing_after_the_next_stop(tmp_path)
     assert keyserver.status(tenant) is None
     assert keyserver.stop(tenant) is False                       # and it cleans up what the server left
     assert _recorded(tenant) is None and not _leftovers(tenant, info.pid)
+
+
+def test_keyserver_listens_where_told_and_revokes_a_host_while_running(tmp_path, capsys):
+    """``tenant init --server-name``, ``keyserver start --listen 127.0.0.2``: the broker and KMIP
+    listen there, the certificate names it; ``tenant policy --revoke`` takes effect in the
+    running broker at the next handshake, another host is served on."""
+    from qemu_mktme import cli
+    from qemu_mktme.attest.client import BrokerClient
+    from qemu_mktme.errors import AttestationError
+    from qemu_mktme.tenant import admin
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "net", "--server-name", "127.0.0.2", "--server-name", "keys.example", *d]) == 0
+    assert "certificate names keys.example, 127.0.0.2" in capsys.readouterr().out
+    tenant = TenantDir(tmp_path / "t")
+    assert cli.main(["keyserver", "start", "--listen", "127.0.0.2", *d]) == 0
+    try:
+        assert "note:" not in capsys.readouterr().out
+        assert cli.main(["keyserver", "status", "--json", *d]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["address"] == "127.0.0.2" and status["url"] == f"https://127.0.0.2:{status['broker_port']}"
+        uid = admin.add_key(tenant, "vm")                                  # KMIP on 127.0.0.2 too
+        assert len(keyserver.kmip_client(tenant).get_key(uid)) == 32
+        hosts = {h: admin.enrol_credentials(tenant, h, tmp_path / h) for h in ("ha", "hb")}
+
+        def client(h):
+            return BrokerClient(status["url"], tenant.pki.ca,
+                                cert=(hosts[h] / "client-cert.pem", hosts[h] / "client-key.pem"))
+        assert len(client("ha").nonce()) == 32 and len(client("hb").nonce()) == 32
+        assert cli.main(["tenant", "policy", "--revoke", "nohost", *d]) == 1
+        assert "never issued a certificate to host 'nohost'" in capsys.readouterr().err
+        assert cli.main(["tenant", "policy", "--revoke", "hb", *d]) == 0
+        assert "host hb: certificate(s)" in capsys.readouterr().out
+        assert cli.main(["tenant", "show", *d]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["server_names"] == ["keys.example", "127.0.0.2"]
+        assert [len(shown["host_certificates"][h]["revoked"]) for h in ("ha", "hb")] == [0, 1]
+        with pytest.raises(AttestationError, match="revoked by the tenant"):
+            client("hb").nonce()
+        assert len(client("ha").nonce()) == 32
+        assert "refused" not in (tenant.path / "broker.log").read_text()    # refused at the handshake, not later
+    finally:
+        assert cli.main(["keyserver", "stop", *d]) == 0
+
+
+@pytest.mark.parametrize("listen, message", [
+    ("nonsense", "with an IP address"), ("127.0.0.1:99999", "not in 0..65535"), ("[::1]:8443", "IPv4 only"),
+])
+def test_keyserver_listen_values_that_cannot_work(tmp_path, listen, message, capsys):
+    from qemu_mktme import cli
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "x", *d]) == 0
+    assert cli.main(["keyserver", "start", "--listen", listen, *d]) == 1
+    assert message in capsys.readouterr().err
+    assert keyserver.status(TenantDir(tmp_path / "t")) is None
+
+
+def test_tenant_server_names_at_init_and_later(tmp_path, capsys):
+    from qemu_mktme import cli
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "x", "--server-name", "bad..name", *d]) == 1
+    assert "neither an IP address nor a DNS name" in capsys.readouterr().err
+    assert not (tmp_path / "t" / "pki" / "ca-cert.pem").exists()
+    assert cli.main(["tenant", "init", "x", *d]) == 0
+    assert TenantDir(tmp_path / "t").pki.server_names() == ["localhost", "127.0.0.1"]
+    assert cli.main(["tenant", "server-cert", "--server-name", "10.0.0.1", "--server-name", "kms.example", *d]) == 0
+    assert "now names kms.example, 10.0.0.1" in capsys.readouterr().out
+
+
+def test_a_hosts_credentials_are_its_own_and_serve_qemus_tls(tmp_path):
+    """Enrolment writes host h1 a client certificate (CN h1) and, given its addresses, a server
+    certificate naming them: a directory QEMU's tls-creds-x509 takes as either end. Enrolling
+    again keeps them; revoking h1 puts both serials in the CRL."""
+    from qemu_mktme.tenant import admin
+    from qemu_mktme.tenant.pki import Pki, revoked
+    tenant = TenantDir(tmp_path / "t")
+    tenant.init("acme")
+    d = admin.enrol_credentials(tenant, "h1", tmp_path / "h1", server_names=["10.0.0.1", "h1.example"])
+    creds = Pki(d)
+    assert sorted(p.name for p in d.iterdir()) == ["ca-cert.pem", "client-cert.pem", "client-key.pem",
+                                                   "server-cert.pem", "server-key.pem"]
+    assert creds.client_cn() == "h1" and creds.server_names() == ["h1.example", "10.0.0.1"]
+    assert not (d / "ca-key.pem").exists()
+    for end in ("server", "client"):
+        out = subprocess.run(["qemu-img", "info", "--object", f"tls-creds-x509,id=t0,dir={d},endpoint={end},"
+                              "verify-peer=on", "--image-opts", "driver=null-co"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    before = creds.client[0].read_bytes()
+    admin.enrol_credentials(tenant, "h1", d, server_names=["10.0.0.1"])
+    assert creds.client[0].read_bytes() == before                         # kept
+    serials = {x509.load_pem_x509_certificate(p.read_bytes()).serial_number
+               for p in (creds.client[0], creds.server[0])}
+    assert set(admin.revoke_host(tenant, "h1").serials) == serials == revoked(tenant.pki)
+    admin.enrol_credentials(tenant, "h1", d)                              # revoked: a new one
+    assert x509.load_pem_x509_certificate(creds.client[0].read_bytes()).serial_number not in serials

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import mmap
 import os
 import socket
@@ -23,13 +24,41 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 EVENT_IDX, INDIRECT, VERSION_1 = 1 << 29, 1 << 28, 1 << 32
 
 
+async def connect_unix(path: str, seconds: float = 10.0) -> socket.socket:
+    """A connected non-blocking unix socket. A full listen backlog makes connect() fail with
+    EAGAIN (which asyncio's sock_connect takes for success): retry until ``seconds`` pass."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                sock.close()
+                raise TimeoutError(f"{path}: listen backlog full for {seconds} s") from None
+            await asyncio.sleep(0.01)
+        except OSError:
+            sock.close()
+            raise
+
+
+def sealed_memfd(size: int, *, seal: bool = True) -> int:
+    """Guest RAM as QEMU's memory-backend-memfd makes it: sealed against growing and shrinking."""
+    fd = os.memfd_create("fake-guest-ram", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
 class FakeDriver:
     """Front end + driver for one queue of ``num`` entries over ``ram_size`` bytes of RAM."""
 
-    def __init__(self, socket_path: str, ram_size: int = 8 << 20, num: int = 64) -> None:
+    def __init__(self, socket_path: str, ram_size: int = 8 << 20, num: int = 64, *, sealed: bool = True) -> None:
         self.path, self.size, self.num = socket_path, ram_size, num
-        self.memfd = os.memfd_create("fake-guest-ram")
-        os.ftruncate(self.memfd, ram_size)
+        self.memfd = sealed_memfd(ram_size, seal=sealed)
         self.ram = mmap.mmap(self.memfd, ram_size)
         self.sock: socket.socket | None = None
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
@@ -41,9 +70,7 @@ class FakeDriver:
     # ------------------------------------------------------------------ front end (QEMU's part)
 
     async def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(self.sock, self.path)
+        self.sock = await connect_unix(self.path)
 
     async def send(self, req: int, payload: bytes = b"", fds: tuple[int, ...] = (), reply: bool = False) -> bytes | None:
         assert self.sock is not None

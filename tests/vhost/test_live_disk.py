@@ -59,6 +59,7 @@ async def test_stock_virtio_blk_on_our_backend_through_the_iommu(linux_image, tm
     assert {"in", "out", "flush"} <= {t.request for t in transfers}
     assert all(t.keyid == keyid for t in transfers if t.hpa >= 0)
     assert sanitizer == 0 and counters["write_bytes"] >= 1 << 20 and counters["read_bytes"] >= 1 << 20
+    assert counters["faults"] == 0 and counters["errors"] == 0          # the firmware's requests too
 
 
 async def test_a_wrong_iommu_keyid_breaks_the_stock_driver_and_is_reported(linux_image, tmp_path):
