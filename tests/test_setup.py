@@ -60,6 +60,7 @@ def test_elsewhere_qemu10_is_not_debians(tmp_path):
     assert "QEMU 10 is not Debian's on ubuntu" in _plan(tmp_path, UBUNTU)
 
 
+@pytest.mark.qemu                       # asks the system QEMU its version
 def test_on_trixie_qemu10_is_the_system_qemu_and_nothing_is_downloaded(tmp_path, monkeypatch):
     """No apt, no cache entry: the system binary, once it is 10.x; with Debian 12's 7.2 a clear refusal."""
     (tmp_path / "t").write_text(TRIXIE)
