@@ -13,7 +13,7 @@ PURE = ("tests/arch/", "tests/engine/", "tests/host/test_keys.py", "tests/host/t
         "tests/inspect/test_", "tests/trace/test_foreign_lines.py", "tests/trace/test_shim_layout.py",
         "tests/test_layers.py", "tests/test_suite.py", "tests/vhost/test_blk_device.py",
         "tests/vhost/test_hostile_rings.py", "tests/vhost/test_flush_durability.py", "tests/host/test_tables.py",
-        "tests/vhost/test_virtqueue.py", "tests/test_keymaterial.py", "tests/test_errors.py")
+        "tests/vhost/test_virtqueue.py", "tests/test_keymaterial.py", "tests/test_errors.py", "tests/live/test_disks.py")
 NOT_PURE = ("tests/inspect/test_live.py",)
 
 
