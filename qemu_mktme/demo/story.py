@@ -16,16 +16,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import verifier
-from .host.host import Host
-from .files.dumpfile import Dump, write_dump
-from .inspect.entropy import dump_entropy
-from .inspect.layout import keyid_map
-from .inspect.plot import map_png
-from . import images
-from .live.encrypted import EncryptedMachine
-from .qemu.machine import MachineConfig
-from .live.snapshot import restore_snapshot, save_snapshot
+from .. import verifier
+from ..host.host import Host
+from ..files.dumpfile import Dump, write_dump
+from ..inspect.entropy import dump_entropy
+from ..inspect.layout import keyid_map
+from ..inspect.plot import map_png
+from .. import images
+from ..live.encrypted import EncryptedMachine
+from ..qemu.machine import MachineConfig
+from ..live.snapshot import restore_snapshot, save_snapshot
 
 STEPS = 7
 

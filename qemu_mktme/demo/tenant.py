@@ -20,11 +20,11 @@ from ..errors import AttestationError, TpmError
 from ..qemu.binary import find_qemu
 from ..qemu.machine import MachineConfig
 from ..attest import image
-from . import admin, keyserver
+from ..tenant import admin, keyserver
 from ..attest.hostid import AttestedHost
 from ..attest.launch import TenantLaunch, attested_session
 from ..attest.measure import measured_set
-from .store import TenantDir
+from ..tenant.store import TenantDir
 
 
 def _check(out: Callable[[str], None], ok: bool, text: str) -> None:
