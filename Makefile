@@ -6,7 +6,8 @@
 #   make lint        ruff and mypy (configured in pyproject.toml): no finding allowed
 #   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
 #   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
-#   make verify      every verifier workload, plain vs emulated (qemu-mktme verify)
+#   make verify      every verifier workload, plain vs emulated (qemu-mktme verify), then the
+#                    attack matrix on Linux guests (build/attack-matrix.{json,png}, --check)
 #   make test-qemu10 the shim and snapshot suites on QEMU 10 (bookworm-backports, unpacked in the cache)
 #   make bench       every benchmark and one table of their figures, then make verify
 #                    (BENCH_ARGS=--quick: a smoke run)
@@ -61,6 +62,8 @@ test-qemu10: setup
 
 verify: setup
 	$(BIN)/qemu-mktme verify
+	mkdir -p build && $(BIN)/qemu-mktme attack matrix --guest linux --check \
+	    --json build/attack-matrix.json --png build/attack-matrix.png
 
 bench: setup
 	$(BIN)/python scripts/bench_all.py $(BENCH_ARGS)

@@ -29,6 +29,7 @@ BENCHES: list[tuple[str, str, tuple[str, float] | None]] = [
     ("attest", "attested launch / launch with local key files, bare-metal guest", ("<=", 1.5)),
     ("sanitizer", "Linux boot + checksum with shim + sanitizer / shim alone", ("<=", 1.2)),
     ("migrate", "TLS live migration, emulated + attestation + key / plain QEMU", ("<=", 1.2)),
+    ("attack", "engine line accesses, freshness mode / none, CPU time (extra accesses printed)", None),
 ]
 
 

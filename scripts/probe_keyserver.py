@@ -228,6 +228,29 @@ def refusals(broker_port: int, ca: Path, host_cert: tuple[Path, Path],
     }
 
 
+def burst(url: str, ca: Path, cert: tuple[Path, Path], n: int, keys: list[str] | None,
+          timeout: float) -> tuple[int, float, list[str]]:
+    """``n`` honest hosts at once, each a new connection asking for a nonce (the broker fetching
+    ``keys`` from KMIP for each): how many were answered, in how many seconds, and the failures."""
+    import concurrent.futures
+
+    def ask(_: int) -> None:
+        client = BrokerClient(url, ca, cert=cert, timeout=timeout)
+        try:
+            client.nonce(keys)
+        finally:
+            client.close()
+    t0 = time.monotonic()
+    failures: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        for f in [pool.submit(ask, i) for i in range(n)]:
+            try:
+                f.result()
+            except (TenantError, OSError) as err:
+                failures.append(f"{type(err).__name__}: {err}")
+    return n - len(failures), time.monotonic() - t0, failures
+
+
 def run(tenant: TenantDir, info: keyserver.KeyServerInfo, work: Path, *, bound: float = 5.0, flood: int = 100,
         close_margin: float = 3.0, idle_tls_wait: float = 0.0, wait_close: bool = True) -> dict[str, object]:
     """Every case against a running key server; the report lists each case and its problems.
@@ -277,6 +300,10 @@ def run(tenant: TenantDir, info: keyserver.KeyServerInfo, work: Path, *, bound: 
         if ok and "nested" in expect:
             ok = "nested too deeply" in got
         lines.append({"case": name, "answer": got[:160], "problems": [] if ok else [f"expected {expect}"]})
+    answered, seconds, failures = burst(info.url, tenant.pki.ca, host_cert, 100,  # type: ignore[arg-type]
+                                        [key_name] if key_name else None, timeout=bound * 4)
+    lines.append({"case": "100 honest hosts at once", "answered": answered, "seconds": round(seconds, 2),
+                  "problems": failures[:3]})
     client.close()
     kmip_client.close()
     report["violations"] = sum(bool(c["problems"]) for c in lines)

@@ -324,15 +324,59 @@ static void ok_addr_len(const char *cmd, uint64_t addr, uint64_t len)
 
 static int halted;
 
+/* ---------------------------------------------------------------- victims of the attack lab */
+
+/* A PIN-protected secret, as the Linux `pin` workload: the wrong-PIN counter is a 32-bit word of
+ * RAM at the address `pinset` names, loaded at the start of every `pin` and stored after it. */
+static volatile uint32_t *pin_counter;
+static uint64_t pin_secret;
+
+static void cmd_pin(uint64_t guess)
+{
+    if (!pin_counter) return err("pinset first");
+    uint32_t tries = *pin_counter;
+    if (tries >= 3) { puts("ok pin locked "); put_dec(tries); puts("\n"); return; }
+    if (guess == pin_secret) { *pin_counter = 0; puts("ok pin unlocked\n"); return; }
+    *pin_counter = tries + 1;
+    puts("ok pin wrong "); put_dec(tries + 1); puts("\n");
+}
+
+/* Secret-indexed table lookups, as a fixed-window exponentiation: the public table's entries are
+ * stored one by one at ADDR (a 64-bit variable), then, for each W-bit window of BITS (a string
+ * of 0 and 1), the entry it indexes; each store is followed by DELAY rounds of busy work. */
+static uint64_t table_entry(uint64_t i) { return (i + 1) * 0x0101010101010101ULL ^ 0x5DEECE66DULL; }
+
+static void cmd_table(uint64_t addr, const char *bits, uint64_t width, uint64_t delay)
+{
+    volatile uint64_t *var = (volatile uint64_t *)addr;
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < (1ULL << width); i++) {
+        *var = table_entry(i);
+        busy(delay);
+    }
+    while (*bits == '0' || *bits == '1') {
+        uint64_t w = 0;
+        for (uint64_t j = 0; j < width; j++) {
+            w = w << 1 | (uint64_t)(*bits == '1');
+            if (*bits == '0' || *bits == '1') bits++;
+        }
+        *var = table_entry(w);
+        n++;
+        busy(delay);
+    }
+    puts("ok table "); put_dec(n); puts("\n");
+}
+
 static void cmd_help(void)
 {
     puts("commands: echo TEXT | write ADDR TEXT | writehex ADDR HEX | fill ADDR LEN BYTE [WIDTH]\n"
-         "          crc ADDR LEN | read ADDR LEN | loop N | ticks N [DELAY] | mem | halt | poweroff\n");
+         "          crc ADDR LEN | read ADDR LEN | loop N | ticks N [DELAY] | mem | halt | poweroff\n"
+         "          pinset ADDR PIN | pin GUESS | table ADDR BITS WIDTH DELAY\n");
 }
 
 static void run_command(const char *s)
 {
-    uint64_t addr, len, val, width;
+    uint64_t addr, len, val, width, delay;
     const char *why;
     s = skip_space(s);
     if (!*s)
@@ -409,6 +453,27 @@ static void run_command(const char *s)
                 break;
         }
         puts("ok ticks "); put_dec(mailbox.ticks); puts("\n");
+    } else if (streq_word(s, "pinset")) {
+        if (!(s = parse_num(s + 6, &addr)) || !parse_num(s, &val)) return err("usage: pinset ADDR PIN");
+        if (addr % 4) return err("ADDR must be 4-byte aligned");
+        if ((why = check_range(addr, 4))) return err(why);
+        pin_counter = (volatile uint32_t *)addr;
+        pin_secret = val;
+        *pin_counter = 0;
+        puts("ok pinset "); put_hex(addr); puts("\n");
+    } else if (streq_word(s, "pin")) {
+        if (!parse_num(s + 3, &val)) return err("usage: pin GUESS");
+        cmd_pin(val);
+    } else if (streq_word(s, "table")) {
+        if (!(s = parse_num(s + 5, &addr))) return err("usage: table ADDR BITS WIDTH DELAY");
+        s = skip_space(s);
+        const char *bits = s;
+        while (*s == '0' || *s == '1') s++;
+        if (s == bits || !(s = parse_num(s, &width)) || !parse_num(s, &delay) || width < 1 || width > 4)
+            return err("usage: table ADDR BITS WIDTH DELAY (BITS of 0 and 1, WIDTH 1..4)");
+        if (addr % 8) return err("ADDR must be 8-byte aligned");
+        if ((why = check_range(addr, 8))) return err(why);
+        cmd_table(addr, bits, width, delay);
     } else if (streq_word(s, "mem")) {
         for (int i = 0; i < nram; i++) {
             puts("ok mem "); put_hex(ram[i].start); puts(" "); put_hex(ram[i].end); puts("\n");

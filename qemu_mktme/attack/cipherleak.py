@@ -1,10 +1,11 @@
 """The ciphertext side channel (``qemu-mktme attack cipherleak``), after CipherLeaks (USENIX
 Security 2021), on MKTME's deterministic AES-XTS.
 
-The Linux ``bits`` workload stores each bit of a secret into one fixed 64-bit variable. A bus
-observer sees each write's ciphertext: the tracer's watch finds every guest store to the
-variable, and at each one the attack samples the DRAM ciphertext of the variable's 16-byte XTS
-block (what the memory bus carried). No key is used: the program is public, so the attacker
+The Linux ``bits`` workload stores each bit of a secret into one fixed 64-bit variable. The
+hypervisor sees each write's ciphertext: the tracer's watch finds every guest store to the
+variable, and at each one the attack loads the variable's 16-byte XTS block through a KeyID the
+host programmed ``no-encrypt`` (:class:`~.bus.HostMapping`: host software, as in CipherLeaks,
+where the hypervisor reads the guest's save area). No key is used: the program is public, so the attacker
 knows it zeroes the variable before it starts, and the ciphertext sampled then is "0". Equal
 ciphertext at the same address means equal plaintext, so each later sample decodes as 0 when it
 equals that reference and 1 otherwise. With the guest's per-write counter in the same block (the
@@ -31,7 +32,7 @@ from ..live.encrypted import EncryptedMachine
 from ..live.launch import launch_machine
 from ..qemu.machine import MachineConfig
 from ..trace.tracer import Tracer
-from .bus import AttackError, check_target
+from .bus import AttackError, HostMapping, check_target
 
 XTS_BLOCK = 16
 _READY = re.compile(images.LINUX.marker(r"bits ready .*\n"))
@@ -72,12 +73,15 @@ def random_secret(nbits: int) -> str:
 
 
 async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), period: float = 0.05,
-                     out: Callable[[str], None] = print, timeout: float = 60.0) -> list[LeakResult]:
-    """Boot the ``bits`` guest under MKTME and attack each pass (``True``: mitigated)."""
+                     out: Callable[[str], None] = print, timeout: float = 60.0,
+                     mitigation: str = "none") -> list[LeakResult]:
+    """Boot the ``bits`` guest under MKTME (a platform ``mitigation`` mode) and attack each
+    pass (``True``: mitigated)."""
     if not secret or set(secret) - {"0", "1"}:
         raise AttackError(f"the secret must be a string of 0 and 1, got {secret!r}")
-    host = Host(keyid_bits=6)
+    host = Host(keyid_bits=6, mitigation=mitigation)
     serial = host.keys.add("bits-victim", "type=cpu", tenant="victim")
+    mapping = HostMapping(host)
     boot = images.guest_boot("linux", workload="bits", params={"secret": secret, "period": f"{period:g}"})
     config = MachineConfig(boot=boot, memory=images.default_memory("linux"), name="victim")
     machine = functools.partial(EncryptedMachine, host, key_serial=serial, tenant="victim")
@@ -87,12 +91,12 @@ async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), per
         addr = int(m[1], 16)
         block = addr - addr % XTS_BLOCK
         check_target(vm.guest, block)
-        out(f"watching stores to GPA {addr:#x}; sampling the DRAM ciphertext of its 16-byte block "
-            f"(HPA {int(vm.guest.hpa_of(block)):#x}) at each one")
+        out(f"watching stores to GPA {addr:#x}; loading its 16-byte block (HPA {int(vm.guest.hpa_of(block)):#x}) "
+            f"through no-encrypt KeyID {mapping.keyid} at each one")
         for mitigated in passes:
             await vm.console.wait_for(_READY, timeout)
             await tracer.flush()
-            reference = vm.guest.dram(block, XTS_BLOCK)          # the program zeroed it: known "0"
+            reference = mapping.read(vm.guest, block, XTS_BLOCK)   # the program zeroed it: known "0"
             r = LeakResult(mitigated, secret)
             async with tracer.watch(addr, 8, on="store") as stores:
                 await vm.console.write("1\n" if mitigated else "0\n")
@@ -102,7 +106,7 @@ async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), per
                         await _next(stores, timeout)
                     except AccessTimeout:
                         raise AttackError(f"the guest made {len(r.samples)} of {len(secret)} stores") from None
-                    r.samples.append(vm.guest.dram(block, XTS_BLOCK))  # what the bus carried
+                    r.samples.append(mapping.read(vm.guest, block, XTS_BLOCK))  # the hypervisor's load
                     started = started or time.monotonic()
                 r.seconds = time.monotonic() - (started or time.monotonic())
             r.recovered = decode(reference, r.samples)

@@ -14,7 +14,7 @@ status or a coroutine that the CLI runs (``cli.run_async``); a command line that
     dump       dump: a running host's DRAM image
     snapshot   snapshot save|restore|verify
     demo       demo
-    attack     attack replay|cipherleak
+    attack     attack replay|badram|batteringram|wiretap|cipherleak|matrix
     verify     verify: plain vs emulated runs
     inspect    inspect DUMP map|entropy|search|decrypt|diff
     images     images build|list: guest images

@@ -39,6 +39,15 @@ def vm_name(text: str) -> str:
     return text
 
 
+def alias_bit(text: str) -> int:
+    """A DIMM alias bit for ``run --dimm-alias`` and the alias attacks: above the VMs' RAM (from
+    4 GiB, 1 GiB each), below the 40-bit physical space 6 KeyID bits leave."""
+    if not text.isdigit() or not 33 <= int(text) <= 39:
+        raise argparse.ArgumentTypeError(f"the alias bit must be in 33..39 (above the VMs' RAM from 4 GiB, "
+                                         f"below the 40-bit physical space), got {text!r}")
+    return int(text)
+
+
 def command(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("empty bare-metal command")

@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import images
 from ..attend import attend
+from ..engine.platform import MITIGATIONS
 from ..keymaterial import key_payload
 from ..host.sanitizer import Sanitizer
 from ..live.session import HostSession, VmSpec
@@ -17,7 +18,7 @@ from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
-from .options import PROG, UsageError, add_guest_options, add_mktme_options, seconds, vm_name
+from .options import PROG, UsageError, add_guest_options, add_mktme_options, alias_bit, seconds, vm_name
 
 
 def vm_entry(text: str) -> dict[str, str]:
@@ -40,6 +41,17 @@ def guest_config(args: argparse.Namespace, *, name: str, start_paused: bool) -> 
                                  append=args.append, initrd=args.initrd, disks=args.disk, nets=args.net,
                                  qemu=args.qemu, extra_args=args.qemu_args, overlay_dir=getattr(args, "overlay_dir", None),
                                  name=name, start_paused=start_paused)
+
+
+_MAC_MODES = ("mac", "mac+owner", "freshness")
+
+
+def _mitigation(args: argparse.Namespace) -> str | None:
+    """The platform mode ``--mitigation`` or ``--integrity`` asked for (they must agree)."""
+    integrity, mitigation = getattr(args, "integrity", None), getattr(args, "mitigation", None)
+    if integrity and mitigation and integrity != mitigation:
+        raise UsageError(f"--integrity {integrity} and --mitigation {mitigation} disagree: give one")
+    return mitigation or integrity
 
 
 def vm_specs(args: argparse.Namespace) -> list[VmSpec]:
@@ -67,8 +79,8 @@ def vm_specs(args: argparse.Namespace) -> list[VmSpec]:
             if iommu_keyid is not None and not 0 <= iommu_keyid < 1 << args.keyid_bits:
                 raise ValueError(f"--iommu-keyid {iommu_keyid} is outside 0..{(1 << args.keyid_bits) - 1} "
                                  f"(with {args.keyid_bits} KeyID bits)")
-            # guest instructions (--sanitize) and consumed poison (--integrity) need the shim
-            trace = args.trace or getattr(args, "sanitize", False) or bool(getattr(args, "integrity", None))
+            # guest instructions (--sanitize) and consumed poison (a MAC mode) need the shim
+            trace = args.trace or getattr(args, "sanitize", False) or _mitigation(args) in _MAC_MODES
             specs.append(VmSpec(config, entry.get("tenant", args.tenant or "default"), payload, trace=trace,
                                 iommu_keyid=iommu_keyid))
     except ValueError as err:
@@ -114,18 +126,24 @@ async def run_guest(args: argparse.Namespace) -> int:
 async def _run_session(args: argparse.Namespace, launch: TenantLaunch | None, sanitizer: Sanitizer | None) -> int:
     """The host session ``run`` asked for: attested through the tenant's broker, or local keys."""
     trace_interval = args.trace_interval if args.trace else None
+    mitigation = _mitigation(args)
+    if launch is not None and (mitigation not in (None, "none", "mac") or args.dimm_alias is not None):
+        raise UsageError("an attested launch measures --integrity mac only: --mitigation and --dimm-alias "
+                         "are for local runs")
     if launch is not None:
         from ..attest.launch import attested_session
         spec = vm_specs(args)[0]
         async with attested_session(launch, spec.config, tenant=args.tenant, keyid_bits=args.keyid_bits,
-                                    packages=args.packages, trace=spec.trace, integrity=args.integrity,
+                                    packages=args.packages, trace=spec.trace,
+                                    integrity="mac" if mitigation == "mac" else None,
                                     sanitizer=sanitizer) as session:
             print(f"{PROG}: host {launch.host} attested: {(session.attestation or {}).get('verdict')}", file=sys.stderr)
             from ..attest.migrate import broker_key_source
             broker_key_source(session, launch)        # VMs may migrate here too (keys from the broker)
             return await attend(session, no_input=args.no_input, trace_interval=trace_interval)
     async with HostSession(vm_specs(args), keyid_bits=args.keyid_bits, packages=args.packages,
-                           integrity=args.integrity, sanitizer=sanitizer, name=args.host_name) as session:
+                           mitigation=mitigation, dimm_alias=args.dimm_alias, sanitizer=sanitizer,
+                           name=args.host_name) as session:
         return await attend(session, no_input=args.no_input, trace_interval=trace_interval)
 
 
@@ -161,6 +179,13 @@ def register(sub: Any) -> None:
                      help="KeyID-aliasing sanitizer: report rules (a)-(d) as they happen, a summary at exit")
     run.add_argument("--integrity", choices=("mac",), default=None,
                      help="per-line MAC (TDX-like, not MKTME): tampered lines poison, consuming them stops the VM")
+    run.add_argument("--mitigation", choices=MITIGATIONS, default=None,
+                     help="platform mode (docs/attacks.md): none (MKTME as shipped), mac (= --integrity mac), "
+                          "mac+owner (TDX's TD-owner bit), alias-check (the BIOS refuses an aliased DIMM), "
+                          "ciphertext-hiding (SNP's), freshness (SGX-MEE-like version counters)")
+    run.add_argument("--dimm-alias", type=alias_bit, default=None, metavar="BIT",
+                     help="BadRAM: the DIMMs decode one address bit less than declared, so host physical "
+                          "addresses differing in BIT reach one DRAM cell (33..39)")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     add_tenant_options(run)
     run.set_defaults(func=run_guest, qemu_passthrough=True)

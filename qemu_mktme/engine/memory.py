@@ -21,6 +21,21 @@ Model decisions, all documented here once:
   unchanged, as on hardware where PCONFIG never touches DRAM.
 * **Integrity** (``integrity``, set by ``Platform(integrity="mac")``): a per-line MAC checked on
   CPU reads, see :mod:`.integrity`; ``None`` is MKTME as shipped, no integrity.
+* **DIMM map** (``dimm``, :mod:`.dimm`): with an alias bit, two HPAs reach one DRAM cell. The
+  storage is by cell; every transform, tag and check uses the address the access gave. Attached
+  views stay in the lower half (the cells). With no alias the hot path tests one int.
+* **Metadata on the DRAM side**: under a MAC mode the tag (and the owner) of a line are its
+  metadata bits (ECC bits on TDX): :meth:`PhysicalMemory.read_dram_line` returns them with the
+  ciphertext and ``write_dram(..., meta=)`` writes them back, as an interposer that replays
+  data *and* metadata does. Without ``meta`` a DRAM write leaves the metadata as it was.
+* **Hiding** (``hiding``, :class:`~.integrity.Hiding`): a read through a shared KeyID (one that
+  is not a private, key-programmed one) of a line a private KeyID owns returns fill bytes: TDX's
+  TD-owner bit (zeros), SNP's ciphertext hiding (0xFF). Under a MAC mode, only reads through a
+  private KeyID are checked (as TDX checks only TD private KeyIDs).
+* **Freshness** (``integrity.freshness``): a per-address version in the tweak and the MAC.
+  Versions of attached lines advance at each DRAM-side access (model decision: the guest writes
+  its RAM unseen, so every DRAM-side read or write of its lines is taken to follow a write-back;
+  a line read twice with no store between would give one ciphertext on hardware, two here).
 * **Observer** (``observer``): an object told of every CPU read and write (HPA, length, KeyID)
   before it happens, e.g. the KeyID-aliasing sanitizer (:mod:`qemu_mktme.host.sanitizer`).
   ``None`` costs one attribute test per access.
@@ -37,9 +52,10 @@ import numpy.typing as npt
 
 from ..arch.addresses import CACHE_LINE_SIZE, HPA, PAGE_SHIFT, PAGE_SIZE, KeyIdLayout, PhysAddr
 from ..errors import AddressError, MachineCheck
-from .integrity import LineIntegrity, Poison
-from .keytable import LineCipher
-from .xts import BytesLike
+from .dimm import DimmAliasError, DimmMap
+from .integrity import Hiding, LineIntegrity, Poison
+from .keytable import LineCipher, XtsLineCipher
+from .xts import BytesLike, decrypt_units, encrypt_units
 
 U8Array = npt.NDArray[np.uint8]
 Segments = Callable[[int, int, int], list[tuple[int, int, LineCipher]]]
@@ -65,6 +81,14 @@ class Attachment:
         return f"Attachment(hpa={self.hpa:#x}, nbytes={self.buffer.size:#x}, keyid={self.keyid})"
 
 
+@dataclass(frozen=True)
+class LineMeta:
+    """The metadata bits of one DRAM line under a MAC mode: its tag and its owner."""
+
+    tag: int | None
+    owner: int | None = None
+
+
 class MemoryObserver(Protocol):
     """Told of each CPU access before it happens (see the module docstring)."""
 
@@ -85,9 +109,15 @@ def _u8(data: BytesLike, name: str) -> U8Array:
 class PhysicalMemory:
     """The platform's physical memory; see the module docstring for the model."""
 
-    def __init__(self, layout: Callable[[], KeyIdLayout], segments: Segments) -> None:
+    def __init__(self, layout: Callable[[], KeyIdLayout], segments: Segments,
+                 private: Callable[[int], bool] | None = None) -> None:
         self._layout = layout
         self._segments = segments
+        self._private: Callable[[int], bool] = private or (lambda keyid: keyid != 0)
+        self.hiding: Hiding | None = None
+        self._owners: dict[int, int] = {}        # line -> KeyID that last wrote it (under hiding)
+        self.dimm = DimmMap()
+        self._alias_mask = 0
         self._pages: dict[int, U8Array] = {}
         self._attachments: list[Attachment] = []
         self.integrity: LineIntegrity | None = None
@@ -159,9 +189,51 @@ class PhysicalMemory:
     # --- the engine -----------------------------------------------------------------------------
 
     def _transform(self, segs: list[tuple[int, int, LineCipher]], base: int, src: U8Array, out: U8Array, encrypt: bool) -> None:
+        integ = self.integrity
+        if integ is not None and integ.freshness is not None:
+            self._transform_versioned(integ, segs, base, src, out, encrypt)
+            return
         for s, e, cipher in segs:
             a, b = s - base, e - base
             (cipher.encrypt if encrypt else cipher.decrypt)(src[a:b], s, out[a:b])
+
+    def _version(self, hpa: int) -> int:
+        """Freshness: the version of the line at address ``hpa`` (0 without freshness): its own
+        once the CPU wrote it through the engine, else the attached lines' epoch, else 0."""
+        integ = self.integrity
+        if integ is None or integ.freshness is None:
+            return 0
+        version = integ.versions.get(hpa)
+        if version is not None:
+            return version
+        return integ.epoch if any(a.hpa <= hpa < a.end for a in self._attachments) else 0
+
+    def _transform_versioned(self, integ: LineIntegrity, segs: list[tuple[int, int, LineCipher]], base: int,
+                             src: U8Array, out: U8Array, encrypt: bool) -> None:
+        """Freshness: each line's tweak is ``HPA || version`` (16 bytes little-endian); version 0
+        is MKTME's tweak."""
+        for s, e, cipher in segs:
+            a, b = s - base, e - base
+            if not isinstance(cipher, XtsLineCipher):
+                (cipher.encrypt if encrypt else cipher.decrypt)(src[a:b], s, out[a:b])
+                continue
+            n = (e - s) // _LINE
+            tweaks = np.zeros((n, 2), np.uint64)
+            tweaks[:, 0] = np.arange(s, e, _LINE, dtype=np.uint64)
+            for ps, pe, att in self._pieces(s, e):
+                if att is not None:
+                    tweaks[(ps - s) // _LINE : (pe - s) // _LINE, 1] = integ.epoch
+            versions = integ.versions
+            if n <= len(versions):
+                for i, h in enumerate(range(s, e, _LINE)):
+                    v = versions.get(h)
+                    if v is not None:
+                        tweaks[i, 1] = v
+            else:
+                for h, v in versions.items():
+                    if s <= h < e:
+                        tweaks[(h - s) // _LINE, 1] = v
+            (encrypt_units if encrypt else decrypt_units)(cipher.key, src[a:b], tweaks.view(np.uint8), _LINE, out=out[a:b])
 
     def _same(self, keyid: int, att: Attachment, start: int, end: int) -> bool:
         if keyid == att.keyid:
@@ -213,6 +285,11 @@ class PhysicalMemory:
             if att is not None and self._same(keyid, att, s, e):
                 np.copyto(att.buffer[s - att.hpa : e - att.hpa], src)
                 continue
+            if self.integrity is not None and self.integrity.freshness is not None:
+                for line in range(s, e, _LINE):
+                    self.integrity.bump(line, self._version(line))
+            if self.hiding is not None and att is None:
+                self._owners.update(dict.fromkeys(range(s, e, _LINE), keyid))
             cipher_text = np.empty(e - s, np.uint8)
             self._transform(self._segments(keyid, s, e), s, src, cipher_text, True)
             self._store_dram_lines(s, cipher_text)
@@ -231,7 +308,7 @@ class PhysicalMemory:
         integ = self.integrity
         assert integ is not None
         for i in range(0, cipher_text.size, _LINE):
-            integ.store(keyid, start + i, cipher_text[i : i + _LINE].tobytes())
+            integ.store(keyid, start + i, cipher_text[i : i + _LINE].tobytes(), self._version(start + i))
             if att is not None:
                 integ.notify(Poison(start + i, att.keyid, "foreign-write"))
 
@@ -239,6 +316,8 @@ class PhysicalMemory:
         """Raise ``MachineCheck`` if a line of [start, end) read through ``keyid`` fails its MAC."""
         integ = self.integrity
         assert integ is not None
+        if not self._private(keyid):
+            return                 # shared KeyIDs carry no integrity (TDX checks TD private KeyIDs)
         line = np.empty(_LINE, np.uint8)
         for s, e, att in self._pieces(start, end):
             foreign = att is not None and not self._same(keyid, att, s, e)
@@ -247,17 +326,30 @@ class PhysicalMemory:
                     continue
                 stored = integ.tags.get(hpa)
                 self._dram_lines(hpa, hpa + _LINE, line)
+                version = self._version(hpa)
                 if stored is None:
                     assert att is not None
-                    stored = integ.tag(att.keyid, hpa, line.tobytes())
-                if not integ.check(keyid, hpa, line.tobytes(), stored):
+                    stored = integ.tag(att.keyid, hpa, line.tobytes(), version)
+                if not integ.check(keyid, hpa, line.tobytes(), stored, version):
                     raise MachineCheck(f"integrity check failed on line {hpa:#x} read through KeyID {keyid}: "
                                        f"poisoned", hpa=hpa, keyid=keyid)
 
-    def _write_dram_checked(self, start: int, lines: U8Array) -> None:
-        """write_dram under integrity: tags stay as the controller last wrote them. An attached
-        line keeps its buffer (the CPU never gets tampered data) and its DRAM content is kept
-        aside; a line whose new content fails its tag is reported poisoned."""
+    def _meta_of(self, cell: int, cipher_text: bytes) -> LineMeta:
+        """The metadata bits of the line at ``cell`` holding ``cipher_text`` (MAC modes)."""
+        integ = self.integrity
+        assert integ is not None
+        tag = integ.tags.get(cell)
+        att = self._attachment_at(cell)
+        if tag is None and att is not None:
+            tag = integ.tag(att.keyid, cell, cipher_text, self._version(cell))
+        return LineMeta(tag, self._owner(cell))
+
+    def _write_dram_checked(self, start: int, lines: U8Array, meta: LineMeta | None = None) -> None:
+        """write_dram under integrity. Without ``meta`` the tags stay as the controller last
+        wrote them; with it (one line) the line's metadata bits are written too. A line that
+        passes its tag is what the controller will return: an attached line's buffer gets its
+        plaintext. One that fails keeps its buffer (the CPU never gets tampered data), its DRAM
+        content is kept aside and it is reported poisoned."""
         integ = self.integrity
         assert integ is not None
         old = np.empty(_LINE, np.uint8)
@@ -266,17 +358,127 @@ class PhysicalMemory:
                 self._store_dram_lines(s, lines[s - start : e - start])
                 for hpa in range(s, e, _LINE):
                     integ.tampered(hpa)
+                    if meta is not None and meta.tag is not None:
+                        integ.tags[hpa] = meta.tag
+                    if meta is not None and meta.owner is not None and self.hiding is not None:
+                        self._owners[hpa] = meta.owner
                 continue
             for hpa in range(s, e, _LINE):
-                new = lines[hpa - start : hpa - start + _LINE].tobytes()
-                stored = integ.tags.get(hpa)
+                new = lines[hpa - start : hpa - start + _LINE]
+                version = self._version(hpa)
+                stored = meta.tag if meta is not None and meta.tag is not None else integ.tags.get(hpa)
                 if stored is None:
                     self._dram_lines(hpa, hpa + _LINE, old)
-                    stored = integ.tags[hpa] = integ.tag(att.keyid, hpa, old.tobytes())
-                if integ.tag(att.keyid, hpa, new) == stored and hpa not in integ.dram:
-                    continue                                   # the same ciphertext written back
-                integ.dram[hpa] = new
+                    stored = integ.tag(att.keyid, hpa, old.tobytes(), version)
+                if integ.tag(att.keyid, hpa, new.tobytes(), version) == stored:
+                    self._store_dram_lines(hpa, new)
+                    integ.forget(hpa, hpa + _LINE)             # a consistent line: implicit again
+                    continue
+                integ.tags[hpa] = stored
+                integ.dram[hpa] = new.tobytes()
+                integ.tampered(hpa)
                 integ.notify(Poison(hpa, att.keyid, "dram-write"))
+
+    # --- ownership (hiding) and the DIMM alias ---------------------------------------------------
+
+    def _attachment_at(self, hpa: int) -> Attachment | None:
+        for att in self._attachments:
+            if att.hpa <= hpa < att.end:
+                return att
+        return None
+
+    def _owner(self, cell: int) -> int | None:
+        """The KeyID that owns the line at ``cell``: an attached view's, or the last writer's."""
+        att = self._attachment_at(cell)
+        return att.keyid if att is not None else self._owners.get(cell)
+
+    def _hide(self, keyid: int, start: int, out: U8Array) -> None:
+        """Hiding: lines of cells [start, start + out.size) that a private KeyID other than the
+        shared reader ``keyid`` owns read as fill bytes."""
+        hiding = self.hiding
+        assert hiding is not None
+        if self._private(keyid):
+            return
+        for line in range(start, start + out.size, _LINE):
+            owner = self._owner(line)
+            if owner is not None and owner != keyid and self._private(owner):
+                out[line - start : line - start + _LINE] = hiding.fill
+
+    def set_dimm(self, dimm: DimmMap) -> None:
+        """Install the address decoding (at boot: BadRAM's SPD; at run time: Battering RAM's
+        interposer). ``DimmAliasError`` if an attached view lies in, or reaches into, the ghost
+        half: the model keeps attached views where the cells are."""
+        for att in self._attachments:
+            if any(addr != cell for addr, cell, _ in dimm.pieces(att.hpa, att.end - att.hpa)):
+                raise DimmAliasError(f"{att!r} lies in the ghost half of alias bit {dimm.alias_bit}: "
+                                     "attached views must stay below it")
+        self.dimm = dimm
+        self._alias_mask = dimm.mask
+
+    def _ghost(self, hpa: int, nbytes: int) -> bool:
+        """Whether [hpa, hpa + nbytes) reaches a cell through another address (alias on)."""
+        return any(a != c for a, c, _ in self.dimm.pieces(hpa, nbytes))
+
+    def _observe(self, start: int, end: int) -> None:
+        """A DRAM-side read of cells [start, end): under freshness, attached lines were written
+        back before it (see the module docstring); counted."""
+        integ = self.integrity
+        if integ is None or integ.freshness is None:
+            return
+        for s, e, att in self._pieces(start, end):
+            if att is not None:
+                integ.observed()
+                integ.freshness.access_lines(s, (e - s) // _LINE, True)
+
+    def _read_cells(self, keyid: int, a0: int, a1: int, out: U8Array) -> None:
+        """A CPU read of whole lines [a0, a1) through ``keyid`` where some address reaches its
+        cell through the alias: the cell's DRAM content, checked and decrypted with each
+        access's own address (tweak, MAC, version)."""
+        integ = self.integrity
+        for addr, cell, n in self.dimm.pieces(a0, a1 - a0):
+            dst = out[addr - a0 : addr - a0 + n]
+            self._observe(cell, cell + n)
+            self._dram_lines(cell, cell + n, dst)
+            if integ is not None and self._private(keyid):
+                for i in range(0, n, _LINE):
+                    ct = dst[i : i + _LINE].tobytes()
+                    stored = self._meta_of(cell + i, ct).tag
+                    if stored is None or not integ.check(keyid, addr + i, ct, stored, self._version(addr + i)):
+                        raise MachineCheck(f"integrity check failed on line {addr + i:#x} (DRAM cell {cell + i:#x}) "
+                                           f"read through KeyID {keyid}: poisoned", hpa=addr + i, keyid=keyid)
+            self._transform(self._segments(keyid, addr, addr + n), addr, dst, dst, False)
+            if self.hiding is not None:
+                self._hide(keyid, cell, dst)
+
+    def _write_cells(self, keyid: int, start: int, lines: U8Array) -> None:
+        """A CPU write of whole lines through ``keyid`` at addresses reaching cells through the
+        alias: encrypted (tweak, version, MAC) with each address given, stored in the cell. An
+        attached cell gets the line's plaintext under its own KeyID; under a MAC mode its tag is
+        now the writer's, so the attached view's next read is poison."""
+        integ = self.integrity
+        cipher_text = np.empty(lines.size, np.uint8)
+        for addr, cell, n in self.dimm.pieces(start, lines.size):
+            a = addr - start
+            if integ is not None and integ.freshness is not None:
+                for i in range(0, n, _LINE):
+                    integ.bump(addr + i, self._version(addr + i))
+                integ.freshness.access_lines(addr, n // _LINE, True)
+            self._transform(self._segments(keyid, addr, addr + n), addr, lines[a : a + n], cipher_text[a : a + n], True)
+            if self.hiding is not None:
+                self._owners.update(dict.fromkeys(range(cell, cell + n, _LINE), keyid))
+            if integ is None:
+                self._store_dram_lines(cell, cipher_text[a : a + n])
+                continue
+            for i in range(0, n, _LINE):
+                ct = cipher_text[a + i : a + i + _LINE]
+                att = self._attachment_at(cell + i)
+                integ.tags[cell + i] = integ.tag(keyid, addr + i, ct.tobytes(), self._version(addr + i))
+                integ.tampered(cell + i)
+                if att is None:
+                    self._store_dram_lines(cell + i, ct)
+                else:
+                    integ.dram[cell + i] = ct.tobytes()
+                    integ.notify(Poison(cell + i, att.keyid, "alias-write"))
 
     @staticmethod
     def _line_bounds(hpa: int, nbytes: int) -> tuple[int, int]:
@@ -294,6 +496,13 @@ class PhysicalMemory:
         buf[hpa - a0 : hpa - a0 + data.size] = data
         return a0, buf
 
+    def _count_fresh(self, keyid: int, hpa: int, nbytes: int, write: bool) -> None:
+        """Freshness: the counter tree's extra accesses of a CPU access through a private KeyID."""
+        integ = self.integrity
+        if integ is not None and integ.freshness is not None and self._private(keyid):
+            a0, a1 = self._line_bounds(hpa, nbytes)
+            integ.freshness.access_lines(a0, (a1 - a0) // _LINE, write)
+
     # --- public CPU side ------------------------------------------------------------------------
 
     def read_array(self, pa: int, nbytes: int) -> U8Array:
@@ -305,9 +514,20 @@ class PhysicalMemory:
         hpa, keyid = self._split(pa, nbytes)
         if self.observer is not None:
             self.observer.cpu_read(hpa, nbytes, keyid)
-        if self.integrity is not None and (self.integrity.tags or self.integrity.dram):
+        if self._alias_mask and self._ghost(hpa, nbytes):
             a0, a1 = self._line_bounds(hpa, nbytes)
-            self._check_integrity(keyid, a0, a1)
+            buf = np.empty(a1 - a0, np.uint8)
+            self._count_fresh(keyid, hpa, nbytes, False)
+            self._read_cells(keyid, a0, a1, buf)
+            out = buf[hpa - a0 : hpa - a0 + nbytes]
+            out.flags.writeable = False
+            return out
+        if self.integrity is not None:
+            if self.integrity.tags or self.integrity.dram:
+                a0, a1 = self._line_bounds(hpa, nbytes)
+                self._check_integrity(keyid, a0, a1)
+            if self.integrity.freshness is not None:
+                self._count_fresh(keyid, hpa, nbytes, False)
         for att in self._attachments:
             if att.keyid == keyid and att.hpa <= hpa and hpa + nbytes <= att.end:
                 view = att.buffer[hpa - att.hpa : hpa - att.hpa + nbytes].view()
@@ -316,6 +536,8 @@ class PhysicalMemory:
         a0, a1 = self._line_bounds(hpa, nbytes)
         buf = np.empty(a1 - a0, np.uint8)
         self._cpu_read_lines(keyid, a0, a1, buf)
+        if self.hiding is not None:
+            self._hide(keyid, a0, buf)
         out = buf[hpa - a0 : hpa - a0 + nbytes]
         out.flags.writeable = False
         return out
@@ -342,7 +564,13 @@ class PhysicalMemory:
             return
         if self.observer is not None:
             self.observer.cpu_write(hpa, src.size, keyid)
+        if self._alias_mask and self._ghost(hpa, src.size):
+            start, lines = self._patched(hpa, src, lambda s, e, o: self._read_cells(keyid, s, e, o))
+            self._write_cells(keyid, start, lines)
+            return
         start, lines = self._patched(hpa, src, lambda s, e, o: self._cpu_read_lines(keyid, s, e, o))
+        if self.integrity is not None and self.integrity.freshness is not None:
+            self._count_fresh(keyid, start, lines.size, True)
         self._cpu_write_lines(keyid, start, lines)
 
     def read_qword(self, pa: int) -> int:
@@ -356,6 +584,15 @@ class PhysicalMemory:
 
     # --- public DRAM side -----------------------------------------------------------------------
 
+    def _cell_range(self, hpa: int, nbytes: int) -> int:
+        """The cell of a DRAM-side access (the bus drives the cell's row and column): one piece."""
+        if not self._alias_mask:
+            return hpa
+        pieces = self.dimm.pieces(hpa, nbytes)
+        if len(pieces) != 1:
+            raise AddressError(f"DRAM range {hpa:#x}+{nbytes:#x} crosses the alias bit's boundary", address=hpa, nbytes=nbytes)
+        return pieces[0][1]
+
     def read_dram_array(self, hpa: HPA | int, nbytes: int, *, out: U8Array | None = None) -> U8Array:
         """What DRAM holds at ``hpa`` (no KeyID bits): what a bus probe sees.
 
@@ -364,7 +601,9 @@ class PhysicalMemory:
         cost more than the encryption on some hosts.
         """
         self._check_hpa(hpa, nbytes)
+        hpa = self._cell_range(int(hpa), nbytes)
         a0, a1 = self._line_bounds(hpa, nbytes)
+        self._observe(a0, a1)
         if out is not None:
             if (a0, a1) != (hpa, hpa + nbytes) or out.dtype != np.uint8 or out.size != nbytes:
                 raise ValueError("out= needs a line-aligned range and a uint8 array of exactly nbytes")
@@ -373,6 +612,16 @@ class PhysicalMemory:
         buf = np.empty(a1 - a0, np.uint8)
         self._dram_lines(a0, a1, buf)
         return buf[hpa - a0 : hpa - a0 + nbytes]
+
+    def read_dram_line(self, hpa: HPA | int) -> tuple[bytes, LineMeta]:
+        """One 64-byte line as an interposer on the data *and* metadata (ECC) pins reads it:
+        the ciphertext and, under a MAC mode, its tag and owner (``LineMeta(None)`` otherwise)."""
+        if hpa % _LINE:
+            raise ValueError(f"read_dram_line needs a line-aligned address, got {hpa:#x}")
+        cipher_text = self.read_dram(hpa, _LINE)
+        if self.integrity is None:
+            return cipher_text, LineMeta(None)
+        return cipher_text, self._meta_of(self._cell_range(int(hpa), _LINE), cipher_text)
 
     def dram_image(self, keyid: int, hpa: HPA | int, plaintext: BytesLike, *, out: U8Array | None = None) -> U8Array:
         """What DRAM would hold if the CPU wrote ``plaintext`` (whole lines) at ``hpa`` through
@@ -393,15 +642,22 @@ class PhysicalMemory:
     def read_dram(self, hpa: HPA | int, nbytes: int) -> bytes:
         return self.read_dram_array(hpa, nbytes).tobytes()
 
-    def write_dram(self, hpa: HPA | int, data: BytesLike) -> None:
-        """Store raw bytes in DRAM (a physical attacker writing, or replaying, ciphertext)."""
+    def write_dram(self, hpa: HPA | int, data: BytesLike, *, meta: LineMeta | None = None) -> None:
+        """Store raw bytes in DRAM (a physical attacker writing, or replaying, ciphertext).
+
+        ``meta`` (one whole line only, under a MAC mode): the line's metadata bits are written
+        too, as an interposer replaying data and metadata together does."""
         src = _u8(data, "data")
         self._check_hpa(hpa, src.size)
         if src.size == 0:
             return
+        if meta is not None and (hpa % _LINE or src.size != _LINE):
+            raise ValueError("write_dram(meta=...) writes exactly one whole line")
+        hpa = self._cell_range(int(hpa), src.size)
         start, lines = self._patched(hpa, src, self._dram_lines)
+        self._observe(start, start + lines.size)           # freshness: the guest wrote back since
         if self.integrity is not None:
-            self._write_dram_checked(start, lines)
+            self._write_dram_checked(start, lines, meta)
         else:
             self._store_dram_lines(start, lines)
 
@@ -426,6 +682,10 @@ class PhysicalMemory:
         if not 0 <= keyid <= layout.max_keyid:
             raise ValueError(f"keyid {keyid} outside 0..{layout.max_keyid} for the current activation")
         self._check_hpa(hpa, arr.size)
+        if self._alias_mask and self._ghost(int(hpa), arr.size):
+            raise AddressError(f"attachment at {hpa:#x}+{arr.size:#x} lies in the ghost half of DIMM alias bit "
+                               f"{self.dimm.alias_bit}: attached views must stay where the cells are",
+                               address=int(hpa), nbytes=arr.size)
         for other in self._attachments:
             if other.hpa < hpa + arr.size and hpa < other.end:
                 raise AddressError(f"attachment at {hpa:#x}+{arr.size:#x} overlaps {other!r}", address=hpa, nbytes=arr.size)

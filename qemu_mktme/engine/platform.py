@@ -29,6 +29,16 @@ Model decisions beyond the manual:
 * ``integrity="mac"`` adds a per-line MAC (not MKTME: what TDX adds; :mod:`.integrity` says how
   the model differs from TDX). PCONFIG gives the KeyID a fresh integrity key; activation gives
   KeyID 0 one. ``integrity=None`` (the default) is MKTME as shipped.
+* ``mitigation`` names a platform mode (:data:`MITIGATIONS`, docs/attacks.md): ``none`` (TME-MK as
+  shipped), ``mac`` (= ``integrity="mac"``), ``mac+owner`` (the MAC plus TDX's TD-owner bit),
+  ``alias-check`` (the BIOS probes the DIMMs for address aliases before activating TME, AMD's
+  BadRAM fix: :class:`~.dimm.DimmAliasError` when it finds one), ``ciphertext-hiding`` (SNP's:
+  shared-KeyID reads of private lines return 0xFF) and ``freshness`` (the MAC plus SGX-MEE-like
+  version counters, :class:`~.integrity.CounterTree`). Private KeyIDs are the ones PCONFIG gave a
+  key (DIRECT or RANDOM); KeyID 0, CLEAR and NO_ENCRYPT KeyIDs are shared.
+* ``dimm_alias`` (a bit): the DIMMs decode one address bit less than the controller drives, from
+  power-on (BadRAM's SPD); :meth:`Platform.set_dimm_alias` switches it at run time (Battering
+  RAM's interposer). See :mod:`.dimm`.
 * A memory ``observer`` with a ``key_programmed(keyid, package, command)`` method hears of every
   successful PCONFIG (the KeyID-aliasing sanitizer's rule (d)).
 """
@@ -46,12 +56,16 @@ from ..arch import pconfig as pc
 from ..arch.addresses import PAGE_SIZE, KeyIdLayout
 from ..arch.msr import Algorithm
 from ..errors import GeneralProtection, InvalidOpcode
-from .integrity import LineIntegrity
+from .dimm import DimmAliasError, DimmMap, check_alias_bit, probe_aliases
+from .integrity import CounterTree, Hiding, LineIntegrity
 from .keytable import PLAINTEXT, KeyEntry, KeyMode, KeyTable, LineCipher, XtsLineCipher
 from .memory import PhysicalMemory, Segments
 from .xts import XtsKey
 
-__all__ = ["AES_XTS_128", "AES_XTS_256", "KeyIdInconsistency", "PconfigResult", "Platform"]
+__all__ = ["AES_XTS_128", "AES_XTS_256", "MITIGATIONS", "KeyIdInconsistency", "PconfigResult", "Platform"]
+
+MITIGATIONS = ("none", "mac", "mac+owner", "alias-check", "ciphertext-hiding", "freshness")
+"""The platform modes, from MKTME as shipped to a counter tree (docs/attacks.md)."""
 
 AES_XTS_128 = Algorithm.AES_XTS_128
 AES_XTS_256 = Algorithm.AES_XTS_256
@@ -130,6 +144,10 @@ class _CryptoView:
                 out.append((s, e, cipher))
         return out
 
+    def private(self, keyid: int) -> bool:
+        """A private KeyID: one PCONFIG gave a key (on any package); KeyID 0 is shared."""
+        return keyid != 0 and any((e := t.get(keyid)) is not None and e.mode is KeyMode.ENCRYPT for t in self.tables)
+
     def _home(self, hpa: int) -> int:
         for s, e, package in self.homes:
             if s <= hpa < e:
@@ -164,6 +182,8 @@ class Platform:
         memory_homes: Sequence[tuple[int, int, int]] | None = None,
         rng: Rng | None = None,
         integrity: str | None = None,
+        mitigation: str | None = None,
+        dimm_alias: int | None = None,
     ) -> None:
         KeyIdLayout(maxphyaddr, 0)  # validates maxphyaddr
         if not 0 <= max_keyid_bits <= 15 or max_keyid_bits >= maxphyaddr - 30:
@@ -177,6 +197,12 @@ class Platform:
             raise ValueError(f"packages must be in 1..{MAX_PACKAGES}, got {packages}")
         if integrity not in (None, "mac"):
             raise ValueError(f"integrity must be None or 'mac', got {integrity!r}")
+        if mitigation is None:
+            mitigation = integrity or "none"
+        if mitigation not in MITIGATIONS or (integrity is not None and mitigation != integrity):
+            raise ValueError(f"mitigation must be one of {', '.join(MITIGATIONS)} (and agree with integrity=), "
+                             f"got {mitigation!r}")
+        check_alias_bit(dimm_alias, maxphyaddr)
         self.maxphyaddr = maxphyaddr
         self.max_keyid_bits = max_keyid_bits
         self.max_keys = max_keys
@@ -189,10 +215,16 @@ class Platform:
         self._rng: Rng = rng if rng is not None else secrets.token_bytes
         self._entropy_failures = 0
         self._stored_tme_key: XtsKey | None = None
-        self.memory = PhysicalMemory(lambda: self.layout, self._current_segments)
-        self.integrity = integrity
-        if integrity == "mac":
-            self.memory.integrity = LineIntegrity()
+        self.memory = PhysicalMemory(lambda: self.layout, self._current_segments, lambda k: self._view.private(k))
+        self.mitigation = mitigation
+        self.integrity = "mac" if mitigation in ("mac", "mac+owner", "freshness") else None
+        if self.integrity is not None:
+            self.memory.integrity = LineIntegrity(freshness=CounterTree() if mitigation == "freshness" else None)
+        if mitigation == "mac+owner":
+            self.memory.hiding = Hiding(0x00, "TD-owner bit")
+        elif mitigation == "ciphertext-hiding":
+            self.memory.hiding = Hiding(0xFF, "ciphertext hiding")
+        self.memory.set_dimm(DimmMap(dimm_alias))
         self._boot()
 
     def __repr__(self) -> str:
@@ -390,7 +422,15 @@ class Platform:
     ) -> None:
         """Do what a BIOS does: the exclusion MSRs (``exclude=(base, nbytes)``, nbytes a power of
         two >= 4 KiB, base aligned to it), then IA32_TME_ACTIVATE. Goes through :meth:`wrmsr`, so
-        every #GP rule applies. ``algorithms`` defaults to all supported when ``keyid_bits > 0``."""
+        every #GP rule applies. ``algorithms`` defaults to all supported when ``keyid_bits > 0``.
+        Under ``mitigation="alias-check"`` the BIOS first probes the DIMMs for address aliases
+        and refuses to go on (``DimmAliasError``) when it finds one."""
+        if self.mitigation == "alias-check":
+            found = probe_aliases(self.memory.read_dram, self.memory.write_dram, self.maxphyaddr)
+            if found:
+                raise DimmAliasError(f"BIOS alias check: DIMM address bit{'s' * (len(found) > 1)} "
+                                     f"{', '.join(map(str, found))} alias{'es' * (len(found) == 1)} two physical "
+                                     "addresses to one DRAM cell: the memory configuration is refused at boot")
         if exclude is not None:
             base, nbytes = exclude
             if nbytes < PAGE_SIZE or nbytes & (nbytes - 1) or base % nbytes:
@@ -406,6 +446,17 @@ class Platform:
             mk_tme_crypto_algs=msr_bits.algorithm_bitmap(list(algorithms)),
         )
         self.wrmsr(msr_bits.IA32_TME_ACTIVATE, value)
+
+    @property
+    def dimm(self) -> DimmMap:
+        """The memory controller's address decoding now (:mod:`.dimm`)."""
+        return self.memory.dimm
+
+    def set_dimm_alias(self, bit: int | None) -> None:
+        """Switch the DIMM alias on (``bit``) or off (``None``) while the platform runs, as Battering
+        RAM's interposer does: no check runs (the boot-time one is over)."""
+        check_alias_bit(bit, self.maxphyaddr)
+        self.memory.set_dimm(DimmMap(bit))
 
     def resume_from_standby(self) -> None:
         """S3 resume: MSRs unlocked and key tables empty again, DRAM kept, stored TME key kept."""

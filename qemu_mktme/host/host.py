@@ -8,6 +8,8 @@ KeyID table and physical memory map, and the VMs bound to it.
     host.remove_guest("vm1")          # KeyID released when its last user goes
 
 ``Host(integrity="mac")`` builds the platform with per-line integrity (:mod:`..engine.integrity`);
+``Host(mitigation=MODE, dimm_alias=BIT)`` with any platform mode and an aliased DIMM map
+(:mod:`..engine.dimm`; under ``alias-check`` the BIOS refuses an alias: ``DimmAliasError``);
 ``Host(sanitizer=Sanitizer(print))`` installs the KeyID-aliasing sanitizer (:mod:`.sanitizer`).
 
 ``add_guest`` is all or nothing: a failure releases the KeyID reference, the HPA range, the
@@ -68,13 +70,15 @@ class Host:
     def __init__(self, *, keyid_bits: int = 6, maxphyaddr: int = 46, packages: int = 1,
                  max_keys: int | None = None, algorithms: Sequence[Algorithm] = (AES_XTS_128, AES_XTS_256),
                  bypass: bool = False, platform: Platform | None = None, integrity: str | None = None,
-                 sanitizer: Sanitizer | None = None) -> None:
+                 sanitizer: Sanitizer | None = None, mitigation: str | None = None,
+                 dimm_alias: int | None = None) -> None:
         if platform is None:
             if not 1 <= keyid_bits <= 15:
                 raise ValueError(f"keyid_bits must be in 1..15 for MKTME, got {keyid_bits}")
             platform = Platform(maxphyaddr, max_keyid_bits=keyid_bits,
                                 max_keys=(1 << keyid_bits) - 1 if max_keys is None else max_keys,
-                                algorithms=algorithms, packages=packages, integrity=integrity)
+                                algorithms=algorithms, packages=packages, integrity=integrity,
+                                mitigation=mitigation, dimm_alias=dimm_alias)
             platform.bios_activate(keyid_bits=keyid_bits, bypass=bypass)
         if not platform.activated or platform.layout.keyid_bits == 0:
             raise HostError("the platform's BIOS did not activate MKTME (KeyID bits = 0)")
@@ -177,6 +181,7 @@ class Host:
                 "keyids-usable": self.keyids.max_keyid, "keyids-free": self.keyids.free_count,
                 "boot-log": self.boot_log,
                 "inconsistent-keyids": [i.keyid for i in self.platform.inconsistencies()],
+                "mitigation": self.platform.mitigation, "dimm-alias-bit": self.platform.dimm.alias_bit,
             },
             "keyids": self.keys.table(),
             "guests": {name: g.query() for name, g in sorted(self.guests.items())},

@@ -67,12 +67,14 @@ def _flag(text: str) -> str | None:
 LINUX_PARAMS: dict[str, Callable[[str], str | None]] = {
     "size_mb": _positive, "count": _uint, "period": _seconds, "addr": _address, "len": _positive,
     "wait": _flag, "secret": lambda text: None, "hold": _flag,
+    "width": lambda text: None if text in ("1", "2", "3", "4") else "1, 2, 3 or 4",
 }
 """What each ``mktme.NAME=`` parameter of the Linux guest accepts (the scripts' ``$MKTME_NAME``)."""
 LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
     "checksum": ("size_mb",), "compress": ("size_mb",), "counter": ("count", "period"), "hello": (),
     "memstress": ("size_mb",), "region": ("addr", "len", "wait"), "secret": ("addr", "secret", "wait"),
     "shell": (), "pin": ("addr", "secret"), "bits": ("addr", "secret", "period"),
+    "table": ("addr", "secret", "width", "period"),
     "disk": ("size_mb",), "diskfs": ("size_mb",), "diskbench": ("size_mb", "count"),
 }
 """The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""

@@ -93,12 +93,14 @@ class HostSession:
     def __init__(self, specs: list[VmSpec], *, keyid_bits: int = 6, packages: int = 1,
                  control: bool = True, integrity: str | None = None, sanitizer: Sanitizer | None = None,
                  attestation: dict[str, Any] | None = None, name: str | None = None,
-                 key_source: KeySource | None = None, stall_timeout: float = p2p.STALL_TIMEOUT) -> None:
+                 key_source: KeySource | None = None, stall_timeout: float = p2p.STALL_TIMEOUT,
+                 mitigation: str | None = None, dimm_alias: int | None = None) -> None:
         names = [s.config.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"VM names must be unique, got {names}")
         self.specs = specs
-        self.host = Host(keyid_bits=keyid_bits, packages=packages, integrity=integrity, sanitizer=sanitizer)
+        self.host = Host(keyid_bits=keyid_bits, packages=packages, integrity=integrity, sanitizer=sanitizer,
+                         mitigation=mitigation, dimm_alias=dimm_alias)
         self.machines: dict[str, Machine] = {}
         self.tracers: dict[str, Tracer] = {}
         self.name = name

@@ -176,6 +176,9 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
     if not vm.owned:
         raise SnapshotError(f"{vm.name}: an attached VM cannot be saved: a restore starts QEMU with "
                             "qemu-mktme's own command line, not the one that started this VM (dump it instead)")
+    if vm.host.platform.mitigation == "freshness":
+        raise SnapshotError(f"{vm.name}: a freshness platform's DRAM holds each line under a version kept on "
+                            "the die (as SGX's memory encryption engine): its DRAM image cannot be restored")
     if vm.config.disks:
         raise SnapshotError(f"{vm.name}: a VM with disks cannot be saved yet: a snapshot holds RAM and "
                             "device state, not the disks' contents, and a restore beside a changed disk "

@@ -249,7 +249,7 @@ def _serve(tenant: TenantDir, address: str = "127.0.0.1", broker_port: int = 0, 
         except Exception:  # noqa: BLE001  port taken between probe and bind: try another
             if attempt == 4 or kmip_port:
                 raise
-    kmip = KmipClient(KmipEndpoint(port, pki, local), persistent=True)
+    kmip = KmipClient(KmipEndpoint(port, pki, local, check_name=False), persistent=True)    # its own PyKMIP
     broker = BrokerServer(Broker(tenant, kmip, logger=note), tenant, broker_port, host=address).start()
     info = KeyServerInfo(os.getpid(), process_start_time(os.getpid()) or 0, port, broker.port, address).to_json()
     tmp = tenant.path / (STATE + ".tmp")

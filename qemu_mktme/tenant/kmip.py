@@ -73,11 +73,14 @@ def server_config(state: Path, pki: Pki, port: int, hostname: str = "127.0.0.1")
 
 @dataclass(frozen=True)
 class KmipEndpoint:
-    """Where a KMIP server listens and the client identity to use with it."""
+    """Where a KMIP server listens and the client identity to use with it. ``check_name``: the
+    server's certificate must name ``hostname`` (PyKMIP's client checks the CA only); off only
+    for the key server's own client of the PyKMIP it runs."""
 
     port: int
     pki: Pki
     hostname: str = "127.0.0.1"
+    check_name: bool = True
 
 
 class KmipClient:
@@ -121,6 +124,12 @@ class KmipClient:
                                        config_file=str(self._config()), kmip_version=enums.KMIPVersion.KMIP_1_2)
         c.proxy.timeout = self.timeout        # ProxyKmipClient would keep KMIPProxy's 30 s
         c.open()
+        if self.endpoint.check_name:
+            try:
+                _check_name(c.proxy.socket.getpeercert(binary_form=True), self.endpoint.hostname)
+            except KeyServerError:
+                c.close()
+                raise
         return c
 
     def _drop(self) -> None:
@@ -151,6 +160,9 @@ class KmipClient:
                     finally:
                         if not self.persistent:
                             self._drop()
+                except KeyServerError:
+                    self._drop()
+                    raise
                 except (pie_exc.KmipOperationFailure, kmip_exc.KmipError) as err:
                     if reused and not isinstance(err, pie_exc.KmipOperationFailure):
                         self._drop()                     # a kept session the server closed (idle deadline)
@@ -232,6 +244,27 @@ class KmipClient:
                 c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
             c.destroy(uid)
         self._call(f"destroy key {uid}", destroy)
+
+
+def _check_name(der: bytes | None, hostname: str) -> None:
+    """``KeyServerError`` unless the server certificate ``der`` names ``hostname`` (an IP address
+    or a DNS name) in its subjectAltNames."""
+    import ipaddress
+
+    from cryptography import x509
+    cert = x509.load_der_x509_certificate(der or b"")
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise KeyServerError(f"key server {hostname}: its certificate names no host") from None
+    names = [*map(str, sans.get_values_for_type(x509.IPAddress)), *sans.get_values_for_type(x509.DNSName)]
+    try:
+        wanted = str(ipaddress.ip_address(hostname))
+    except ValueError:
+        wanted = hostname.lower().rstrip(".")
+    if wanted not in [n.lower() for n in names]:
+        raise KeyServerError(f"key server {hostname}: its certificate does not name {hostname} "
+                             f"(it names {', '.join(names)})")
 
 
 # ---------------------------------------------------------------------------------- server

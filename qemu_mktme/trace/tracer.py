@@ -180,6 +180,12 @@ class Watch(_Subscription):
     def __aiter__(self) -> Watch:
         return self
 
+    @property
+    def waiting(self) -> int:
+        """Accesses delivered to this watch and not read yet (after :meth:`Tracer.flush`: every
+        matching access the guest made before the flush)."""
+        return len(self._rows) - self._row + self._pending
+
     async def __anext__(self) -> Access:
         while self._row >= len(self._rows):
             self._batch = await self._next_batch()

@@ -82,3 +82,31 @@ def test_attack_commands_refuse_bad_arguments_with_status_2() -> None:
                           (("cipherleak", "--secret", "0120"), "bits as 0 and 1")):
         out = qm("attack", *args)
         assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_the_dictionary_decodes_by_equality_and_refuses_a_dictionary_without_distinct_entries() -> None:
+    from qemu_mktme.attack.wiretap import decode as decode_table
+
+    t = [bytes([i]) * 16 for i in range(4)]
+    assert decode_table([*t, t[2], t[0], t[3]], 2) == "100011"
+    assert decode_table([*t, b"\x09" * 16], 2) == "??"                  # never seen: unknown, not guessed
+    same = [b"\x00" * 16] * 6
+    assert decode_table(same, 2) == "????"                                 # hidden reads: no dictionary
+
+
+def test_a_host_mapping_reads_through_no_encrypt_and_through_the_ghost() -> None:
+    from qemu_mktme.attack.bus import HostMapping, hidden
+
+    host = Host(keyid_bits=6, dimm_alias=36)
+    serial = host.keys.add("a", "type=cpu", tenant="a")
+    ram = np.zeros(2 * MIB, np.uint8)
+    a = host.add_guest("a", ram, [GuestRange(0, 2 * MIB, 0)], key_serial=serial, tenant="a")
+    ram[0x1000:0x1040] = 7
+    direct, ghost = HostMapping(host), HostMapping(host, alias_bit=36, name="ghost")
+    assert direct.read(a, 0x1000) == ghost.read(a, 0x1000) == a.dram(0x1000, 64)
+    assert ghost.address(a, 0x1010) == (0x1000, int(a.hpa_of(0x1000)) | 1 << 36)
+    assert not hidden(direct.read(a, 0x1000)) and hidden(b"\xff" * 64) and hidden(bytes(16))
+    with pytest.raises(AttackError, match="not RAM of VM a"):
+        ghost.read(a, 4 * MIB)
+    direct.close()
+    ghost.close()

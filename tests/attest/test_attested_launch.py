@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +22,7 @@ from qemu_mktme.attest import image
 from qemu_mktme.tenant import admin
 from qemu_mktme.attest.launch import TenantLaunch, attested_session
 
-from helpers import patience
+from helpers import load_script, patience
 
 pytestmark = pytest.mark.qemu
 
@@ -220,16 +219,7 @@ async def test_attested_launches_go_on_while_attackers_hold_connections(world, m
     """Issue 22: one idle TCP connection to the broker stopped every attested launch. Silent
     connections and half ClientHellos to the broker and KMIP, reopened whenever dropped, held
     through three launches in a row (scripts/bench_attest_siege.py runs 50)."""
-    import importlib.util
-    import sys
-    scripts = Path(__file__).parents[2] / "scripts"
-    sys.path.insert(0, str(scripts))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_attest_siege", scripts / "bench_attest_siege.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(scripts))
+    bench = load_script("bench_attest_siege")
     _, hostdir, boot = world
     launch = TenantLaunch(mktme_keyserver.url, mktme_keyserver.ca, host_dir=hostdir)
     info = mktme_keyserver.info

@@ -8,7 +8,6 @@ broker cannot read (one 4xx answer)."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import ssl
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import patience
+from helpers import load_script, patience
 
 from qemu_mktme.errors import AttestationError, KeyServerError
 from qemu_mktme.tenant import admin
@@ -27,16 +26,8 @@ from qemu_mktme.tenant.kmip import KmipClient, KmipEndpoint
 from qemu_mktme.tenant.pki import CLIENT_CERT, CLIENT_KEY, create_pki
 from qemu_mktme.tenant.store import TenantDir
 
-SCRIPTS = Path(__file__).parents[2] / "scripts"
-
-
 def _probe():
-    if "probe_keyserver" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("probe_keyserver", SCRIPTS / "probe_keyserver.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["probe_keyserver"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["probe_keyserver"]
+    return sys.modules.get("probe_keyserver") or load_script("probe_keyserver")
 
 
 def _limits() -> Limits:

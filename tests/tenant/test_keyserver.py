@@ -280,3 +280,19 @@ def test_a_hosts_credentials_are_its_own_and_serve_qemus_tls(tmp_path):
     assert set(admin.revoke_host(tenant, "h1").serials) == serials == revoked(tenant.pki)
     admin.enrol_credentials(tenant, "h1", d)                              # revoked: a new one
     assert x509.load_pem_x509_certificate(creds.client[0].read_bytes()).serial_number not in serials
+
+
+def test_a_key_server_on_an_address_its_certificate_does_not_name(tmp_path, capsys):
+    """Listening on 127.0.0.2 with a certificate for localhost and 127.0.0.1: ``keyserver start``
+    says hosts will refuse it, and the tenant's own KMIP client does refuse it."""
+    from qemu_mktme import cli
+    from qemu_mktme.tenant import admin
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "x", *d]) == 0
+    assert cli.main(["keyserver", "start", "--listen", "127.0.0.2", *d]) == 0
+    try:
+        assert "its certificate names localhost, 127.0.0.1, not 127.0.0.2" in capsys.readouterr().out
+        with pytest.raises(KeyServerError, match="its certificate does not name 127.0.0.2"):
+            admin.add_key(TenantDir(tmp_path / "t"), "vm")
+    finally:
+        assert cli.main(["keyserver", "stop", *d]) == 0
