@@ -17,6 +17,8 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
     attest    the host's side of attestation: TPMs (swtpm), measured launch, quotes, the broker
               client, node key, images encrypted at rest, attested launch and migration
     tenant    the tenant's side: key server (PyKMIP), key broker, PKI, keys and policy
+    virt      libvirt runs the hosts: domains that opt in, the qemu hook, the host model that
+              follows a libvirtd ('host --libvirt'), namespaced test machines
     inspect   offline tools over dumps
     verifier, demo, attack, attend    what users run, as library calls
     commands  one module per top-level command: argparse in, typed library calls, printing

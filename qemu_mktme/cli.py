@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from .attend import TERMINATED
-from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, migrate, query,
-                       run, snapshot, tenant, verify)
+from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, libvirt, migrate,
+                       nvdimm, query, run, snapshot, tenant, verify)
 from .commands.options import PROG, UsageError
 from .errors import MktmeError
 
-COMMANDS = (run, attach, query, host, migrate, dump, snapshot, demo, attack, verify, inspect, images, doctor,
-            keyserver, tenant, image)
+COMMANDS = (run, attach, query, host, migrate, dump, snapshot, nvdimm, demo, attack, verify, inspect, images, doctor,
+            keyserver, tenant, image, libvirt)
 """The top-level commands, in the order ``--help`` lists them."""
 
 

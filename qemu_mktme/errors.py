@@ -25,6 +25,7 @@ Users catch by meaning, not by cause::
     ├── SnapshotError               dumps and snapshots
     │   └── IntegrityError          a dump or snapshot failed authentication or is malformed
     ├── MigrationError              a live migration was refused or failed (the source runs on)
+    ├── NvdimmError                 an NVDIMM media image: not one, tampered, in use, misplaced
     ├── TenantError                 the tenant's side: key server, TPM, attestation, image at rest
     │   ├── KeyServerError          the KMIP key server or the broker is down, slow or refuses
     │   ├── TpmError                the host's TPM (swtpm) cannot start or refuses a command
@@ -228,6 +229,11 @@ class SnapshotError(MktmeError):
 
 class MigrationError(MktmeError):
     """A live migration was refused or failed (the source VM runs on unharmed)."""
+
+
+class NvdimmError(MktmeError):
+    """An NVDIMM media image cannot be used: not a media image, tampered, the wrong size, in use
+    by another VM, or (strict) written at another host physical address."""
 
 
 class IntegrityError(SnapshotError):

@@ -20,6 +20,9 @@ What must hold after every trial, once the hosts settled:
 - a retry works in both directions: the VM migrates to the other host and back (a host that exited,
   as ``run`` does once its VM left, is started again with ``host start``).
 
+All along, each host's control socket has a silent connection and a half-sent request open on it:
+every migration and query of the probe goes through beside them.
+
     .venv/bin/python scripts/probe_migrate.py                 # every kind of kill, one line per trial
 
 ``tests/probe/test_migrate_kill.py`` runs a bounded set in CI.
@@ -32,6 +35,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +67,7 @@ class World:
         self.env = dict(os.environ, QEMU_MKTME_TENANT_DIR=str(work / "tenant"),
                         QEMU_MKTME_HOSTS_DIR=str(work / "hosts"))
         self.hosts: dict[str, subprocess.Popen] = {}
+        self.pests: list[socket.socket] = []
         self.started: list[int] = []
         self.out: list[bytes] = []
 
@@ -79,6 +84,8 @@ class World:
         self.cli("tenant", "policy", "--host", self.names["A"], "--host", self.names["B"], "--guest", "baremetal")
 
     def tear_down(self) -> None:
+        for peer in self.pests:
+            peer.close()
         for host in list(self.hosts.values()):
             if host.poll() is None:
                 stop_host(host)
@@ -98,7 +105,18 @@ class World:
             time.sleep(0.05)
         self.hosts[which] = proc
         self.started.append(proc.pid)
+        self._pester(which)
         return proc
+
+    def _pester(self, which: str) -> None:
+        """Hostile peers on the host's control socket for the trials to work beside: one silent
+        connection and one that sent half a request (each host serves them apart)."""
+        sock = control.find_host(host=self.names[which])
+        for first in (b"", b'{"cmd": "qu'):
+            peer = socket.socket(socket.AF_UNIX)
+            peer.connect(str(sock))
+            peer.sendall(first)
+            self.pests.append(peer)
 
     def run_vm(self, which: str) -> None:
         """Host ``which`` as ``run`` with the attested VM (the broker releases its key)."""

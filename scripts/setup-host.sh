@@ -42,6 +42,11 @@ need qemu-img qemu-utils
 # The libvirt route of 'qemu-mktme attach' is tested through a real libvirtd and virsh.
 need libvirtd libvirt-daemon-system
 need virsh libvirt-clients
+# libvirt-python (the 'libvirt' extra) builds against libvirt-dev; the fleet tests capture the
+# links between their namespaced machines with tcpdump and forward with iptables inside them.
+pkg-config --exists libvirt 2>/dev/null || missing="$missing libvirt-dev"
+need tcpdump tcpdump
+need iptables iptables
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The engine's compiled AES-XTS helper is built against OpenSSL's libcrypto (engine/native).
 [ -f /usr/include/openssl/evp.h ] || missing="$missing libssl-dev"

@@ -100,7 +100,8 @@ def _speaks(body: list[ast.stmt]) -> bool:
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
             if owner in ("log", "logger", "logging", "warnings") or name in (
-                    "set_exception", "_end", "warn", "debug", "info", "warning", "error", "exception", "critical"):
+                    "set_exception", "_end", "warn", "debug", "info", "warning", "error", "exception", "critical",
+                    "_note", "note", "say"):
                 return True
         if isinstance(node, ast.Assign | ast.Return) and any(isinstance(n, ast.Name) and n.id == "err"
                                                              for n in ast.walk(node)):

@@ -14,8 +14,8 @@ import qemu_mktme
 
 ROOT = Path(qemu_mktme.__file__).parent
 # Lowest first; a module may import its own layer and any layer before it. ``errors`` is shared.
-ORDER = ["errors", "compiled", "arch", "engine", "keymaterial", "host", "files", "qemu", "images", "trace", "vhost", "live", "attest", "tenant",
-         "inspect", "verifier", "demo", "attack", "attend", "commands", "cli", "pytest_plugin"]
+ORDER = ["errors", "compiled", "arch", "engine", "keymaterial", "host", "files", "qemu", "images", "trace", "vhost", "live",
+         "attest", "tenant", "virt", "inspect", "verifier", "demo", "attack", "attend", "commands", "cli", "pytest_plugin"]
 SIDEWAYS_OK: set[tuple[str, str]] = set()
 # Below in the order, and still not to be imported: what a dump or snapshot file holds is described
 # structurally (files.dumpfile.DumpSource), so the formats stay usable without the host model.

@@ -13,6 +13,7 @@ status or a coroutine that the CLI runs (``cli.run_async``); a command line that
     migrate    migrate: live-migrate a VM between two running hosts
     dump       dump: a running host's DRAM image
     snapshot   snapshot save|restore|verify
+    nvdimm     nvdimm show|rekey: NVDIMM media images offline
     demo       demo
     attack     attack replay|badram|batteringram|wiretap|cipherleak|matrix
     verify     verify: plain vs emulated runs

@@ -31,7 +31,16 @@ async def host_start(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     h = sub.add_parser("host", help="an emulated host that takes incoming migrations")
-    h_sub = h.add_subparsers(dest="action", metavar="ACTION", required=True)
+    h_sub = h.add_subparsers(dest="action", metavar="ACTION")
+    from .libvirt import add_host_options, host_libvirt
+    add_host_options(h)
+    h.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N", help=argparse.SUPPRESS)
+
+    def follow(args: argparse.Namespace) -> Any:
+        if not args.libvirt:
+            raise UsageError("give an ACTION (start) or --libvirt URI")
+        return host_libvirt(args)
+    h.set_defaults(func=follow)
     st = h_sub.add_parser("start", help="run host NAME in the foreground (no VM yet) until Ctrl-C",
                           description="Start an emulated MKTME host that VMs migrate to: each incoming VM's key is "
                                       "released by the tenant's broker after this host attests.")

@@ -32,7 +32,9 @@ def register(sub: Any) -> None:
     m = sub.add_parser("migrate", help="live-migrate a VM to another running host over TLS",
                        description="Move a running VM to host NAME: the destination attests to the tenant's broker "
                                    "and gets the key, picks its own KeyID, and QEMU's migration stream goes over TLS "
-                                   "(tls-creds-x509, both ends verified). On any failure the VM runs on here.")
+                                   "(tls-creds-x509, both ends verified). On any failure the VM runs on here. The "
+                                   "source host does the work: interrupting or killing this command neither stops "
+                                   "nor undoes it (the VM ends up on exactly one host).")
     m.add_argument("vm_name", metavar="VM")
     m.add_argument("--to", required=True, metavar="NAME", help="the destination host ('host start NAME')")
     m.add_argument("--from", dest="source", metavar="NAME", help="the source host's name (default: the only one / --pid)")

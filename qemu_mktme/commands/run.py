@@ -18,6 +18,7 @@ from ..qemu.machine import MachineConfig
 from ..qemu.passthrough import refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
+from .nvdimm import nvdimm_option
 from .options import PROG, UsageError, add_guest_options, add_mktme_options, alias_bit, seconds, vm_name
 
 
@@ -81,8 +82,14 @@ def vm_specs(args: argparse.Namespace) -> list[VmSpec]:
                                  f"(with {args.keyid_bits} KeyID bits)")
             # guest instructions (--sanitize) and consumed poison (a MAC mode) need the shim
             trace = args.trace or getattr(args, "sanitize", False) or _mitigation(args) in _MAC_MODES
+            nvdimms = tuple(getattr(args, "nvdimm", ()))
+            if nvdimms and payload is None:
+                raise ValueError("--nvdimm needs the MKTME host model (the module is encrypted): not with --key none")
+            if nvdimms and len(entries) > 1:
+                raise ValueError("--nvdimm with several --vm: one media image per VM, run them separately")
             specs.append(VmSpec(config, entry.get("tenant", args.tenant or "default"), payload, trace=trace,
-                                iommu_keyid=iommu_keyid))
+                                iommu_keyid=iommu_keyid, nvdimms=nvdimms,
+                                nvdimm_strict=getattr(args, "nvdimm_strict", False)))
     except ValueError as err:
         raise UsageError(str(err)) from None
     return specs
@@ -98,6 +105,8 @@ def tenant_launch(args: argparse.Namespace) -> TenantLaunch | None:
         raise ValueError("--key and --tenant-server exclude each other: the key comes from the tenant server")
     if args.vm:
         raise ValueError("--tenant-server runs one VM (no --vm)")
+    if getattr(args, "nvdimm", None):
+        raise ValueError("--nvdimm is not supported with --tenant-server yet: run with --key user:...")
     ca = Path(args.tenant_ca) if args.tenant_ca else TenantDir().pki.ca
     if not ca.is_file():
         raise ValueError(f"tenant CA certificate {ca} does not exist (give --tenant-ca)")
@@ -187,5 +196,10 @@ def register(sub: Any) -> None:
                      help="BadRAM: the DIMMs decode one address bit less than declared, so host physical "
                           "addresses differing in BIT reach one DRAM cell (33..39)")
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
+    run.add_argument("--nvdimm", type=nvdimm_option, action="append", default=[], metavar="PATH[,size=SIZE][,hpa=ADDR]",
+                     help="persistent memory on media image PATH (created with size=; ciphertext under the VM's key, "
+                          "HPA as tweak; repeatable): the Linux guest's /dev/pmem0")
+    run.add_argument("--nvdimm-strict", action="store_true",
+                     help="refuse a media image written at another HPA (default: attach it, warn: garbage)")
     add_tenant_options(run)
     run.set_defaults(func=run_guest, qemu_passthrough=True)

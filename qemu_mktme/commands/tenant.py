@@ -23,6 +23,14 @@ def add_tenant_dir_option(p: argparse.ArgumentParser) -> None:
                    help="the tenant's state directory (default: $QEMU_MKTME_TENANT_DIR or ~/.local/share/qemu-mktme/tenant)")
 
 
+def _key_hosts(text: str) -> tuple[str, list[str]]:
+    key, sep, hosts = text.partition("=")
+    names = [h for h in hosts.split(",") if h]
+    if not sep or not key or not names:
+        raise argparse.ArgumentTypeError(f"expected KEY=HOST[,HOST...], got {text!r}")
+    return key, names
+
+
 def tenant_cmd(args: argparse.Namespace) -> int:
     tenant = tenant_dir(args)
     if args.action == "init":
@@ -46,7 +54,8 @@ def tenant_cmd(args: argparse.Namespace) -> int:
             raise TenantError("enrol at least one host (--host NAME) or revoke one (--revoke NAME)")
         from .. import images
         boot = images.guest_boot(args.guest)
-        policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits, integrity=args.integrity)
+        policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits, integrity=args.integrity,
+                                   key_hosts=dict(args.key_hosts))
         print(f"policy: {len(policy.reference)} reference events over PCRs {list(policy.pcrs)}, "
               f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}, each with its own client "
               "certificate in its host directory's tls/")
@@ -87,6 +96,9 @@ def register(sub: Any) -> None:
     pol.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
     pol.add_argument("--integrity", choices=("mac",), default=None,
                      help="the hosts run with per-line memory integrity (run --integrity mac)")
+    pol.add_argument("--key-hosts", type=_key_hosts, action="append", default=[], metavar="KEY=HOST[,HOST...]",
+                     help="the only enrolled hosts key KEY is released to (repeatable; other keys: every host). "
+                          "A VM with that key migrates to no other host")
     show = tn_sub.add_parser("show", help="the tenant's state (JSON; no key material)")
     for p in (init, sc, ak, pol, show):
         add_tenant_dir_option(p)

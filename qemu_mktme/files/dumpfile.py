@@ -128,8 +128,11 @@ class DumpSource(Protocol):
 
 
 def _keyid_runs(guest: DumpSource) -> tuple[tuple[int, int, int], ...]:
+    """The EPT's KeyID runs over the guest's RAM (an NVDIMM's mapping is not RAM: its DRAM image
+    is its media image, written beside the dump)."""
     runs: list[list[int]] = []
-    for leaf in sorted(guest.ept.spans(), key=lambda l: l.hpa):
+    ram = range(guest.hpa_base, guest.hpa_base + guest.ram.size)
+    for leaf in sorted((s for s in guest.ept.spans() if s.hpa in ram), key=lambda l: l.hpa):
         npages = leaf.size // PAGE_SIZE
         if runs and runs[-1][0] + runs[-1][1] * PAGE_SIZE == leaf.hpa and runs[-1][2] == leaf.keyid:
             runs[-1][1] += npages

@@ -44,6 +44,27 @@ PoisonHook = Callable[[int, Poison], None]
 
 
 @dataclass(frozen=True)
+class GuestNvdimm:
+    """A VM's NVDIMM as the host sees it: its backend (the CPU view, plaintext) at guest-physical
+    ``gpa``, placed at ``hpa_range`` and tagged with the VM's KeyID like RAM; its DRAM view is the
+    media's content (ciphertext, tweak = HPA)."""
+
+    index: int
+    gpa: int
+    hpa_range: HpaRange
+    buffer: np.ndarray
+    hva: int
+
+    @property
+    def hpa(self) -> int:
+        return self.hpa_range.hpa
+
+    @property
+    def size(self) -> int:
+        return int(self.buffer.size)
+
+
+@dataclass(frozen=True)
 class Mismatch:
     """A range whose KeyID differs between the VM's structures (the bug the talk warns about)."""
 
@@ -90,6 +111,8 @@ class EncryptedGuest:
         self._describe_key = describe_key
         self._extents = extents
         self._iommu_keyid: int | None = None    # the whole domain re-tagged (fault injection)
+        self.nvdimms: list[GuestNvdimm] = []
+        """Persistent memory of this VM (``Host.add_nvdimm``), in the same tables as its RAM."""
 
     def __repr__(self) -> str:
         return f"<EncryptedGuest {self.name} KeyID {self.keyid} HPA {self.hpa_base:#x}+{self.ram.size:#x}>"
@@ -105,8 +128,15 @@ class EncryptedGuest:
     # ------------------------------------------------------------------ addresses
 
     def hpa_of(self, gpa: GPA | int, nbytes: int = 1) -> HPA:
-        """The HPA of ``gpa``, by the VM's memory layout (``AddressError`` outside RAM)."""
-        return HPA(self.hpa_base + self.map.offset_of(gpa, nbytes))
+        """The HPA of ``gpa``, by the VM's memory layout: RAM or an NVDIMM (``AddressError``
+        outside both)."""
+        try:
+            return HPA(self.hpa_base + self.map.offset_of(gpa, nbytes))
+        except AddressError:
+            for nv in self.nvdimms:
+                if nv.gpa <= gpa and gpa + nbytes <= nv.gpa + nv.size:
+                    return HPA(nv.hpa + (gpa - nv.gpa))
+            raise
 
     def gpa_of(self, hpa: HPA | int) -> GPA:
         """The guest-physical address of an HPA of this VM (``AddressError`` if none)."""
@@ -270,6 +300,32 @@ class EncryptedGuest:
         for hook in list(self.poison_hooks):
             hook(int(gpa), poison)
 
+    def nvdimm_dram(self, index: int, chunk_nbytes: int = 8 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(offset, DRAM bytes) of NVDIMM ``index``, in one reused buffer: what the module holds,
+        AES-XTS under the VM's key with tweak = HPA (the media image is written from this)."""
+        nv = self.nvdimms[index]
+        buf = np.empty(min(chunk_nbytes, nv.size), np.uint8)
+        for off in range(0, nv.size, chunk_nbytes):
+            n = min(chunk_nbytes, nv.size - off)
+            yield off, self.platform.memory.read_dram_array(nv.hpa + off, n, out=buf[:n])
+
+    def load_nvdimm(self, index: int, offset: int, ciphertext: np.ndarray) -> None:
+        """Put media bytes (ciphertext) back on NVDIMM ``index`` at ``offset``: they go into DRAM
+        as they are and the memory controller decrypts them with the KeyID's key at *this* HPA,
+        so an image written at another HPA (or under another key) reads as garbage, as on hardware."""
+        nv = self.nvdimms[index]
+        if offset % 64 or ciphertext.size % 64 or offset + ciphertext.size > nv.size:
+            raise AddressError(f"{self.name}: NVDIMM {index} range {offset:#x}+{ciphertext.size:#x} is not "
+                               "whole lines of the module", address=offset, nbytes=ciphertext.size)
+        self.platform.memory.write_dram(nv.hpa + offset, ciphertext)
+
+    def load_nvdimm_in_place(self, index: int, chunk_nbytes: int = 8 << 20) -> None:
+        """NVDIMM ``index``'s backend holds the media's bytes (ciphertext, as DRAM would): make
+        them the CPU view, i.e. :meth:`load_nvdimm` of the backend's own content, in place."""
+        nv = self.nvdimms[index]
+        for off in range(0, nv.size, chunk_nbytes):
+            self.load_nvdimm(index, off, nv.buffer[off:off + min(chunk_nbytes, nv.size - off)])
+
     def load_dram_image(self, offset: int, image: bytes | bytearray | memoryview | np.ndarray, image_hpa: int,
                         key: XtsKey) -> None:
         """Bring back a DRAM image of this VM's RAM taken at HPA ``image_hpa`` (a snapshot) into
@@ -326,14 +382,16 @@ class EncryptedGuest:
             return None, nxt
 
         out: list[Mismatch] = []
-        for r in self.ranges:
-            pos, end = self.hpa_base + r.offset, self.hpa_base + r.offset + r.size
+        spans = [(r.gpa, self.hpa_base + r.offset, r.size) for r in self.ranges]
+        spans += [(nv.gpa, nv.hpa, nv.size) for nv in self.nvdimms]
+        for gpa0, hpa0, size in spans:
+            pos, end = hpa0, hpa0 + size
             while pos < end:
                 found = [keyid_at(kind, pos) for kind in ("ept", "vmm", "iommu")]
                 step_end = min([end] + [e for _, e in found])
                 keyids = [k for k, _ in found]
                 if any(k != self.keyid for k in keyids):
-                    gpa = r.gpa + (pos - self.hpa_base - r.offset)
+                    gpa = gpa0 + (pos - hpa0)
                     prev = out[-1] if out else None
                     if prev and prev.hpa + prev.nbytes == pos and (prev.ept_keyid, prev.vmm_keyid, prev.iommu_keyid) == tuple(keyids):
                         out[-1] = Mismatch(prev.gpa, prev.nbytes + step_end - pos, prev.hpa, *keyids)
@@ -365,6 +423,7 @@ class EncryptedGuest:
             "vmm-cr3": f"{self.vmm.pointer:#x}",
             "vmm-hva": f"{self.hva:#x}",
             "iommu-slptptr": f"{self.iommu.pointer:#x}",
+            "nvdimms": [{"gpa": f"{nv.gpa:#x}", "size": nv.size, "hpa": f"{nv.hpa:#x}"} for nv in self.nvdimms],
             "consistent": not self.check_consistency(),
         }
 

@@ -31,7 +31,7 @@ from ..engine.integrity import Poison
 from ..engine.platform import AES_XTS_128, AES_XTS_256, Platform
 from ..errors import HostError
 from ..arch.guestmap import GuestRange
-from .guest import EncryptedGuest
+from .guest import EncryptedGuest, GuestNvdimm
 from .keyids import KeyIdAllocator
 from .keys import KeyService
 from .physmap import FrameAllocator, HpaRanges
@@ -154,6 +154,47 @@ class Host:
         log.info("%s: RAM %d MiB at HPA %#x, KeyID %d (tenant %s)", name, buf.size >> 20, rng.hpa, keyid, tenant)
         return guest
 
+    def add_nvdimm(self, name: str, buffer: Any, gpa: int, *, hpa: int | None = None,
+                   hva: int | None = None) -> GuestNvdimm:
+        """Place NVDIMM backend ``buffer`` (the CPU view, plaintext) of guest ``name`` in the host
+        physical map: at ``hpa`` (``AddressError`` when it overlaps RAM, another NVDIMM or the
+        host kernel), else at the next free range; map guest-physical ``gpa`` to it in the VM's
+        EPT and IOMMU domain, and QEMU's mapping ``hva`` in the VMM page table, all with the VM's
+        KeyID, as RAM is. Its DRAM view is then AES-XTS under the VM's key with tweak = HPA.
+        The tables are freed with the guest (``remove_guest``); the range and view here first."""
+        guest = self.guests[name]
+        if self.platform.memory.integrity is not None:
+            raise HostError(f"{name}: an NVDIMM under a MAC mode (--integrity, --mitigation mac, mac+owner, "
+                            "freshness) is not modelled: its media would need the tags too")
+        buf = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
+        buf = buf.reshape(-1).view(np.uint8)
+        index = len(guest.nvdimms)
+        rng = self.hpa_ranges.reserve(f"{name}/nvdimm{index}", buf.size, hpa, kind="NVDIMM")
+        try:
+            self.platform.memory.attach_cpu_view(rng.hpa, buf, guest.keyid)
+        except BaseException:
+            self.hpa_ranges.release(rng)
+            raise
+        if hva is None:
+            hva = guest.hva + guest.ram.size + sum(nv.size for nv in guest.nvdimms)
+        try:
+            guest.ept.map(gpa, rng.hpa, buf.size, guest.keyid)
+            guest.iommu.map(gpa, rng.hpa, buf.size, guest.keyid)
+            guest.vmm.map(hva, rng.hpa, buf.size, guest.keyid)
+        except BaseException:
+            self.platform.memory.detach_cpu_view(rng.hpa)
+            self.hpa_ranges.release(rng)
+            raise
+        for table in (guest.ept, guest.iommu, guest.vmm):
+            table.flush()
+        if self.sanitizer is not None:
+            self.sanitizer.cpu_write(rng.hpa, buf.size, guest.keyid)
+        nv = GuestNvdimm(index, gpa, rng, buf, hva)
+        guest.nvdimms.append(nv)
+        log.info("%s: NVDIMM %d, %d MiB at GPA %#x, HPA %#x, KeyID %d", name, index, buf.size >> 20, gpa,
+                 rng.hpa, guest.keyid)
+        return nv
+
     def _poisoned(self, poison: Poison) -> None:
         """An integrity poison in some VM's RAM: that VM's ``poison_hooks`` hear of it."""
         for guest in self.guests.values():
@@ -163,6 +204,10 @@ class Host:
     def remove_guest(self, name: str) -> None:
         """Unbind: detach RAM, free tables and HPA range, drop the key reference."""
         guest = self.guests.pop(name)
+        for nv in guest.nvdimms:
+            self.platform.memory.detach_cpu_view(nv.hpa)
+            self.hpa_ranges.release(nv.hpa_range)
+        guest.nvdimms.clear()
         self.platform.memory.detach_cpu_view(guest.hpa_base)
         for table in (guest.ept, guest.vmm, guest.iommu):
             table.free()

@@ -49,6 +49,7 @@ class HpaRange:
     owner: str
     hpa: int
     nbytes: int
+    kind: str = "RAM"                   # or "NVDIMM": persistent memory, placed like RAM
 
     @property
     def end(self) -> int:
@@ -62,25 +63,35 @@ class HpaRanges:
         self.limit, self.base, self.align = limit, base, align
         self._ranges: list[HpaRange] = []
 
-    def reserve(self, owner: str, nbytes: int, hpa: int | None = None) -> HpaRange:
+    def reserve(self, owner: str, nbytes: int, hpa: int | None = None, *, kind: str = "RAM") -> HpaRange:
         """``nbytes`` at ``hpa``, or at the lowest free aligned address. ``AddressError`` when
         the range overlaps another, leaves physical memory, or nothing is free."""
         if nbytes <= 0 or nbytes % PAGE_SIZE:
             raise ValueError(f"nbytes must be a positive multiple of 4 KiB, got {nbytes:#x}")
         if hpa is None:
-            hpa = self.base
-            for r in sorted(self._ranges, key=lambda r: r.hpa):
-                if hpa + nbytes <= r.hpa:
-                    break
-                hpa = max(hpa, -(-r.end // self.align) * self.align)
+            hpa = self.place(nbytes)
         if hpa % PAGE_SIZE:
             raise ValueError(f"hpa {hpa:#x} is not 4 KiB aligned")
         conflict = self._conflict(hpa, nbytes)
         if conflict:
             raise AddressError(f"HPA {hpa:#x}+{nbytes:#x} {conflict}", address=hpa, nbytes=nbytes)
-        rng = HpaRange(owner, hpa, nbytes)
+        rng = HpaRange(owner, hpa, nbytes, kind)
         self._ranges.append(rng)
         return rng
+
+    def place(self, nbytes: int) -> int:
+        """Where ``reserve(owner, nbytes)`` without an address would put the range: the lowest
+        free ``align``-aligned address (checked by ``reserve``, not here)."""
+        hpa = self.base
+        for r in sorted(self._ranges, key=lambda r: r.hpa):
+            if hpa + nbytes <= r.hpa:
+                break
+            hpa = max(hpa, -(-r.end // self.align) * self.align)
+        return hpa
+
+    def why_not(self, hpa: int, nbytes: int) -> str | None:
+        """Why ``[hpa, hpa + nbytes)`` cannot be reserved (overlap, beyond memory), or None."""
+        return self._conflict(hpa, nbytes)
 
     def is_free(self, hpa: int, nbytes: int) -> bool:
         """Whether ``reserve(owner, nbytes, hpa)`` would succeed."""
@@ -93,7 +104,7 @@ class HpaRanges:
             return f"exceeds physical memory ({self.limit:#x} bytes addressable with these KeyID bits)"
         for r in self._ranges:
             if r.hpa < hpa + nbytes and hpa < r.end:
-                return f"overlaps {r.owner}'s RAM at {r.hpa:#x}+{r.nbytes:#x}"
+                return f"overlaps {r.owner}'s {r.kind} at {r.hpa:#x}+{r.nbytes:#x}"
         return None
 
     def release(self, rng: HpaRange) -> None:

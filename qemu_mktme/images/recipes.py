@@ -38,9 +38,12 @@ LINUX_BASE_APPEND = (
 LINUX_KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 LINUX_BUSYBOX_PACKAGE = "busybox-static"
 LINUX_MODULES = ("drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
-                 "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk")
-"""Modules of the kernel package the initramfs carries, in load order (dependencies first): the
-cloud kernel builds virtio and virtio_blk as modules. ``/init`` loads them with busybox insmod."""
+                 "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk",
+                 "drivers/nvdimm/libnvdimm", "drivers/nvdimm/nd_btt", "drivers/nvdimm/nd_pmem", "drivers/acpi/nfit/nfit")
+"""Modules of the kernel package the initramfs carries, in load order (dependencies first, as each
+module's ``depends=`` says): the cloud kernel builds virtio, virtio_blk and the persistent-memory
+stack (libnvdimm, nd_btt, nd_pmem, and nfit, which finds QEMU's NVDIMMs in the ACPI NFIT) as
+modules. ``/init`` loads them with busybox insmod."""
 
 
 
@@ -68,6 +71,7 @@ LINUX_PARAMS: dict[str, Callable[[str], str | None]] = {
     "size_mb": _positive, "count": _uint, "period": _seconds, "addr": _address, "len": _positive,
     "wait": _flag, "secret": lambda text: None, "hold": _flag,
     "width": lambda text: None if text in ("1", "2", "3", "4") else "1, 2, 3 or 4",
+    "mode": lambda text: None if text in ("write", "read") else "write or read",
 }
 """What each ``mktme.NAME=`` parameter of the Linux guest accepts (the scripts' ``$MKTME_NAME``)."""
 LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
@@ -76,6 +80,7 @@ LINUX_WORKLOAD_PARAMS: dict[str, tuple[str, ...]] = {
     "shell": (), "pin": ("addr", "secret"), "bits": ("addr", "secret", "period"),
     "table": ("addr", "secret", "width", "period"),
     "disk": ("size_mb",), "diskfs": ("size_mb",), "diskbench": ("size_mb", "count"),
+    "pmem": ("mode", "size_mb", "secret"),
 }
 """The parameters each workload script reads; every workload also takes ``hold`` (``/init``'s hook)."""
 
@@ -186,7 +191,7 @@ class LinuxRecipe(Recipe):
         progress(f"extracting busybox from {busybox.path.name}")
         busybox_bin = deb_member(busybox.path, "./bin/busybox", image=self.name)
         module_dir = f"lib/modules/{release}/kernel"
-        progress(f"extracting {len(LINUX_MODULES)} modules (virtio, virtio_blk) from {kernel.path.name}")
+        progress(f"extracting {len(LINUX_MODULES)} modules (virtio, virtio_blk, nvdimm) from {kernel.path.name}")
         modules = deb_members(kernel.path, [f"./{module_dir}/{m}.ko" for m in LINUX_MODULES], image=self.name)
 
         progress("generating the initramfs")
@@ -196,7 +201,8 @@ class LinuxRecipe(Recipe):
         entries.append(cpio.file("bin/busybox", busybox_bin, 0o755))
         parts = module_dir.split("/")
         entries += [cpio.directory("/".join(parts[:i])) for i in range(1, len(parts) + 1)]
-        entries += [cpio.directory(f"{module_dir}/{d}") for d in ("drivers", "drivers/virtio", "drivers/block")]
+        entries += [cpio.directory(f"{module_dir}/{d}") for d in ("drivers", "drivers/virtio", "drivers/block",
+                                                                   "drivers/nvdimm", "drivers/acpi", "drivers/acpi/nfit")]
         for member, data in modules.items():
             entries.append(cpio.file(member.removeprefix("./"), data, 0o644))
         entries.append(cpio.file("etc/modules-load", "".join(f"/{module_dir}/{m}.ko\n" for m in LINUX_MODULES).encode()))

@@ -183,17 +183,22 @@ _servers = itertools.count()
 
 
 def _free_path() -> Path:
-    """``<dir>/<pid>.sock``, or ``<pid>-<n>.sock`` for a further host in this process (a test harness)."""
+    """``<dir>/<pid>.sock``, or ``<dir>/<pid>.hosts/<n>.sock`` for a further host in this process (a
+    test harness; a directory of its own, so that a tool that knows only ``<pid>.sock`` leaves it be)."""
     n = next(_servers)
-    return control_dir() / (f"{os.getpid()}.sock" if n == 0 else f"{os.getpid()}-{n}.sock")
+    if n == 0:
+        return control_dir() / f"{os.getpid()}.sock"
+    more = control_dir() / f"{os.getpid()}.hosts"
+    more.mkdir(mode=0o700, exist_ok=True)
+    return more / f"{n}.sock"
 
 
 def _pid_of(sock: Path) -> str:
-    return sock.stem.split("-", 1)[0]
+    return sock.parent.name.split(".", 1)[0] if sock.parent.name.endswith(".hosts") else sock.stem
 
 
 class ControlServer:
-    """Serves ``commands`` (name -> :class:`Command`) on ``<dir>/<pid>.sock``."""
+    """Serves ``commands`` (name -> :class:`Command`) on ``<dir>/<pid>.sock`` (:func:`_free_path`)."""
 
     def __init__(self, commands: dict[str, Command], path: Path | None = None, name: str | None = None, *,
                  idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
@@ -232,6 +237,9 @@ class ControlServer:
         for path in (self.path, self.path.with_suffix(".name")):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if self.path.parent.name.endswith(".hosts"):
+            with contextlib.suppress(OSError):              # (not empty: another host of this process)
+                self.path.parent.rmdir()
 
     @property
     def connections(self) -> int:
@@ -322,7 +330,8 @@ class ControlServer:
 def running_hosts() -> list[Path]:
     """Control sockets of live ``qemu-mktme run`` processes of this user (stale ones removed)."""
     out = []
-    for sock in sorted(control_dir().glob("*.sock")):
+    parent = control_dir()
+    for sock in sorted(parent.glob("*.sock")) + sorted(parent.glob("*.hosts/*.sock")):
         pid = _pid_of(sock)
         if pid.isdigit() and Path(f"/proc/{pid}").exists():
             out.append(sock)
@@ -330,6 +339,9 @@ def running_hosts() -> list[Path]:
             for path in (sock, sock.with_suffix(".name")):
                 with contextlib.suppress(OSError):
                     path.unlink()
+            if sock.parent != parent:
+                with contextlib.suppress(OSError):          # (not empty: another host of it is there)
+                    sock.parent.rmdir()
     return out
 
 
@@ -353,7 +365,8 @@ def find_host(*, pid: int | None = None, host: str | None = None) -> Path:
         raise AttachError("no running 'qemu-mktme run' found" + (f" with pid {pid}" if pid else "")
                           + (f" named {host!r}" if host else ""))
     if len(socks) > 1:
-        raise AttachError(f"{len(socks)} hosts are running (pids {', '.join(s.stem for s in socks)}); choose one with --pid")
+        raise AttachError(f"{len(socks)} hosts are running (pids {', '.join(_pid_of(s) for s in socks)}); "
+                          "choose one with --pid or by name")
     return socks[0]
 
 
@@ -367,7 +380,7 @@ class ControlClient:
 
     def __init__(self, sock: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.sock = sock
-        self.label = host_name(sock) or sock.stem
+        self.label = host_name(sock) or _pid_of(sock)
         self._reader = reader
         self._writer = writer
         self._lock = asyncio.Lock()

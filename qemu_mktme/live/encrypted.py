@@ -19,10 +19,11 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-from ..errors import MktmeError, QemuError
+from ..errors import MktmeError, NvdimmError, QemuError
+from ..files.nvdimmfile import MediaHeader
 from ..host.guest import EncryptedGuest
 from ..host.host import DEFAULT_VMM_HVA, Host
 from ..qemu.binary import QemuBinary
@@ -32,19 +33,23 @@ from ..trace.tracer import Tracer
 from ..vhost.blk import Transfer
 from .disks import VhostDisks
 from .machinecheck import PoisonWatch, forward_foreign_reads
+from .nvdimm import MediaBinding, NvdimmMedia, Warn, check_placement
 
 log = logging.getLogger(__name__)
 
 
-def backend_hva(pid: int, backend_size: int) -> int | None:
-    """Where QEMU process ``pid`` maps its guest-RAM memfd/file (``None`` if not found)."""
+def backend_hva(pid: int, backend_size: int, memfd: str | None = None) -> int | None:
+    """Where QEMU process ``pid`` maps its guest-RAM memfd/file, or the memfd named ``memfd``
+    (an NVDIMM's backend) (``None`` if not found)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return None
     for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) rw.s \S+ \S+ \d+\s+(.*)$", maps, re.M):
         start, end, path = int(m[1], 16), int(m[2], 16), m[3]
-        if end - start == backend_size and ("memfd:memory-backend" in path or path.endswith(".ram")):
+        if end - start != backend_size:
+            continue
+        if path.startswith(f"/memfd:{memfd} ") if memfd else ("memfd:memory-backend" in path or path.endswith(".ram")):
             return start
     return None
 
@@ -58,7 +63,8 @@ class EncryptedMachine(Machine):
 
     def __init__(self, host: Host, config: MachineConfig, *, key_serial: int, tenant: str,
                  hpa: int | None = None, revoke_key_on_close: bool = False, iommu_keyid: int | None = None,
-                 dma_bypass: bool = False) -> None:
+                 dma_bypass: bool = False, nvdimms: Sequence[NvdimmMedia] = (), nvdimm_strict: bool = False,
+                 warn: Warn | None = None) -> None:
         # under emulation a raw disk's DMA goes through our backend and the IOMMU unless told
         # otherwise; other formats need QEMU's block layer
         disks = tuple(d if d.dma else dataclasses.replace(d, dma="vhost" if d.format == "raw" else "qemu")
@@ -78,6 +84,8 @@ class EncryptedMachine(Machine):
         self._guest: EncryptedGuest | None = None
         self.poison_watch: PoisonWatch | None = None
         """Under integrity, once traced: the machine checks of this VM (``.events``)."""
+        self.media = [MediaBinding(m, config.name, strict=nvdimm_strict, warn=warn) for m in nvdimms]
+        """The VM's NVDIMMs and their media images (:mod:`.nvdimm`)."""
 
     @classmethod
     async def attach(cls, host: Host, qmp_socket: str | os.PathLike[str], *,  # type: ignore[override]
@@ -112,6 +120,10 @@ class EncryptedMachine(Machine):
         return int(self.guest.keyid)
 
     async def _launch(self) -> None:
+        if self.media:                  # media locked and verified, placement checked: before QEMU starts
+            backends = tuple(b.prepare(i) for i, b in enumerate(self.media))
+            check_placement(self.media, self.host, self._hpa, int(self.config.memory))
+            self.config = dataclasses.replace(self.config, nvdimms=backends)
         if self.vhost.disks:
             args = await self.vhost.start()
             self.config = dataclasses.replace(self.config, extra_args=(*args, *self.config.extra_args))
@@ -128,8 +140,25 @@ class EncryptedMachine(Machine):
         self._guest = self.host.add_guest(self.name, ram.backend, list(ram.ranges), key_serial=self.key_serial,
                                           tenant=self.tenant, hva=hva or DEFAULT_VMM_HVA, hpa=self._hpa,
                                           extents=ram.data_extents)
+        # (a configuration's own plain NVDIMMs, without media, stay QEMU's: unencrypted, untagged)
+        for binding, backend in zip(self.media, self.nvdimms, strict=False):
+            nv_hva = backend_hva(self.pid, backend.size, binding.memfd_name) if self.pid else None
+            binding.bind(self.host, self._guest, backend, nv_hva)
         if self.iommu_keyid is not None and self.iommu_keyid != self._guest.keyid:
             self._guest.set_iommu_keyid(self.iommu_keyid)     # fault injection: the VMM's bug
+
+    def flush_nvdimms(self, reason: str = "flush") -> list[MediaHeader | None]:
+        """Write every NVDIMM's media image from its DRAM view now (each atomically; None for a
+        module that must not be written, see :meth:`.nvdimm.MediaBinding.store`)."""
+        return [binding.store(self.guest, reason) for binding in self.media]
+
+    def refuse_nvdimm(self, what: str) -> None:
+        """``NvdimmError`` (one line) for an operation not supported with NVDIMMs attached."""
+        if self.media:
+            raise NvdimmError(
+                f"{self.name}: {what} of a VM with an NVDIMM is refused: QEMU leaves the module's shared backend "
+                "out of the stream, and its media is ciphertext for this host's HPA; power the VM off (the media "
+                "is written), copy the image, 'qemu-mktme nvdimm rekey' it for the new place, and boot it there")
 
     def dma_trace(self) -> AsyncIterator[Transfer]:
         """``async for t in vm.dma_trace()``: every disk request as our backend completes it
@@ -147,6 +176,14 @@ class EncryptedMachine(Machine):
 
     def _release_files(self) -> None:
         self.vhost.close()
+        for binding in self.media:
+            try:
+                if self._guest is not None:
+                    binding.store(self._guest, "shutdown")
+            except MktmeError as err:       # the last complete image stays; say so, go on tearing down
+                log.error("%s: %s", self.name, err)
+            finally:
+                binding.release()
         if self._guest is not None:
             self.host.remove_guest(self.name)
             self._guest = None
@@ -184,7 +221,11 @@ class EncryptedMachine(Machine):
 
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
-        return {**self.guest.query(), "pid": self.pid, "state": self.state.value}
+        state = {**self.guest.query(), "pid": self.pid, "state": self.state.value}
+        for entry, binding in zip(state.get("nvdimms", []), self.media, strict=True):
+            entry["media"] = str(binding.media.path)
+            entry["media-hpa"] = f"{binding.header.hpa:#x}" if binding.header else None
+        return state
 
 
 class PendingKeyMachine(EncryptedMachine):

@@ -245,6 +245,7 @@ async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str | Awa
     (server end; default: the same). ``via(port) -> port``: where the source connects instead of
     the destination's port (a relay on the path, for captures).
     """
+    vm.refuse_nvdimm("live migration")
     check_migratable(vm, tls, insecure)
     if payload is None:
         own = vm.host.keys.payload(vm.key_serial, vm.tenant)

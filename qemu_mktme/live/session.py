@@ -26,7 +26,7 @@ from ..host.host import Host
 from ..host.sanitizer import Sanitizer
 from ..host.payload import Payload
 from ..keymaterial import kek_from_request
-from ..qemu.machine import Machine, MachineConfig
+from ..qemu.machine import Machine, MachineConfig, VmState
 from ..trace.tracer import Tracer
 from .capture import capture
 from .control import BOOL, STR, STR_LIST, Arg, Command, Connection, ControlServer
@@ -34,6 +34,7 @@ from .encrypted import EncryptedMachine, PendingKeyMachine
 from .launch import launch_machine, launch_with_key
 from .migrate import Incoming, MigrateProgress, MigrationResult, check_tls_dir, config_from_json, migrate
 from . import p2p
+from .nvdimm import NvdimmMedia
 from .snapshot import SaveResult, restore_snapshot, save_snapshot
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class VmSpec:
     iommu_keyid: int | None = None         # fault injection: the IOMMU domain tagged with this KeyID
     spawned: Callable[[int], object] | None = None
     prepare: Callable[[Machine], Awaitable[object]] | None = None
+    nvdimms: tuple[NvdimmMedia, ...] = ()   # persistent memory with its media images (live/nvdimm.py)
+    nvdimm_strict: bool = False             # refuse media written at another HPA (default: warn)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class OwnedPayload:
 KeySource = Callable[[MachineConfig, str, "str | None"], Awaitable[Payload]]
 """key_source(config, tenant, key_name) -> the key of an incoming VM of ``tenant`` whose key the
 tenant calls ``key_name`` (None: the host's own choice), obtained by this host (attestation)."""
+
+
+MAX_INCOMING = 8
+"""Incoming migrations a host prepares at a time (each is a QEMU with guest RAM and a KeyID)."""
 
 
 def _hex_kek(text: str) -> bytes:
@@ -156,7 +163,10 @@ class HostSession:
                     raise self._key_error(name, err) from None
                 self._serials.append((serial, spec.tenant))
                 machine = functools.partial(EncryptedMachine, self.host, key_serial=serial, tenant=spec.tenant,
-                                            iommu_keyid=spec.iommu_keyid)
+                                            iommu_keyid=spec.iommu_keyid, nvdimms=spec.nvdimms,
+                                            nvdimm_strict=spec.nvdimm_strict)
+            elif spec.nvdimms:
+                raise ValueError(f"VM {name!r}: --nvdimm needs the MKTME host model: not with --key none")
             vm = await launch_machine(spec.config, tracer=tracer, machine=machine)
         self.machines[name] = await self._stack.enter_async_context(vm)
         if tracer is not None:
@@ -239,6 +249,7 @@ class HostSession:
             raise ValueError(f"name the VM to save (have: {', '.join(self.machines)})")
         if not isinstance(vm, EncryptedMachine):
             raise ValueError(f"{vm.name} does not run under MKTME; nothing to seal it with")
+        vm.refuse_nvdimm("a snapshot")
         return await save_snapshot(vm, path, kek, progress=progress)
 
     async def migrate(self, name: str, dest: HostSession, payload: Payload | str | Awaitable[Payload], *, tls: Any,
@@ -253,6 +264,7 @@ class HostSession:
             raise MigrationError(f"{name} does not run under MKTME; migrate it with plain QEMU")
         if name in dest.machines:
             raise MigrationError(f"the destination already runs a VM named {name!r}")
+        vm.refuse_nvdimm("live migration")
         target, result = await migrate(vm, dest.host, payload, tls=tls, insecure=insecure, dest_tls=dest_tls,
                                        progress=progress, via=via)
         self._gone(vm)
@@ -291,6 +303,16 @@ class HostSession:
         if unknown:
             raise ValueError(f"no VM named {unknown[0]!r} (have: {', '.join(self.machines)})")
         chosen = [self.machines[n] for n in vms] or list(self.machines.values())
+        for vm in chosen:                 # a dump is a persist point: NVDIMM media written too, paused
+            if isinstance(vm, EncryptedMachine) and vm.media:
+                running = vm.state.value == "running"
+                if running:
+                    await vm.pause()
+                try:
+                    await asyncio.to_thread(vm.flush_nvdimms, "dump")
+                finally:
+                    if running:
+                        await vm.resume()
         layout = self.host.platform.layout
         info = {"maxphyaddr": layout.maxphyaddr, "keyid_bits": layout.keyid_bits,
                 "packages": self.host.platform.packages}
@@ -364,6 +386,7 @@ class HostSession:
     async def _migrate_perform(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
         name = args["vm"]
         vm = self._encrypted(name)
+        vm.refuse_nvdimm("live migration")
         if name in self._migrating:
             raise MigrationError(f"{name} is migrating already")
         self._migrating.add(name)
@@ -372,7 +395,8 @@ class HostSession:
                                        progress=conn.progress, here=self.control_path)
         finally:
             self._migrating.discard(name)
-        self._gone(vm)                       # closed by perform: its KeyID is free, its key goes now
+            if vm.state is VmState.EXITED:   # closed by perform (or gone): its KeyID is free, its key goes now
+                self._gone(vm)
         return dataclasses.asdict(result)
 
     async def _migrate_prepare(self, args: dict[str, Any], conn: Connection) -> dict[str, Any]:
@@ -380,6 +404,9 @@ class HostSession:
         tenant: str = args["tenant"]
         if config.name in self.machines or config.name in self._incoming:
             raise MigrationError(f"host {self.name or 'here'} already runs a VM named {config.name!r}")
+        if len(self._incoming) >= MAX_INCOMING:
+            raise MigrationError(f"host {self.name or os.getpid()} takes {MAX_INCOMING} incoming migrations at a "
+                                 "time; try again once one ended")
         if self.key_source is None:
             raise MigrationError(f"host {self.name or os.getpid()} has no way to obtain the tenant's key: start it "
                                  "with --tenant-server (the key is released only to an attested host)")

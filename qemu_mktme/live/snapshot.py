@@ -168,6 +168,7 @@ async def save_snapshot(vm: EncryptedMachine, path: str | os.PathLike[str], kek:
     """Save ``vm`` to ``path`` (replacing an existing snapshot atomically). See the module doc."""
     started = time.monotonic()
     check_kek(kek)
+    vm.refuse_nvdimm("a snapshot")
     target = check_target(Path(path).absolute(), force=True)
     payload = vm.host.keys.payload(vm.key_serial, vm.tenant)
     if payload.type.value != "user" or not payload.key or not payload.tweak:

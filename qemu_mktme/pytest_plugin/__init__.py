@@ -2,8 +2,10 @@
 
 Options (``--mktme-guest``, ``--mktme-memory``, ``--mktme-key``, ``--mktme-keyid-bits``,
 ``--mktme-boot-timeout``, each with an ini twin), the ``mktme_vm`` marker, fixtures
-(``mktme_host``, ``mktme_vm``, ``mktme_images``, ``mktme_settings``; the tenant's ``mktme_keyserver``
-and ``mktme_attested_host``, :mod:`.tenant`) and assertions
+(``mktme_host``, ``mktme_vm``, ``mktme_images``, ``mktme_settings``; ``mktme_host_pair``, two running
+hosts to migrate between with ``await migrate_between(...)``, :mod:`.hosts`; the tenant's
+``mktme_keyserver`` and ``mktme_attested_host``, :mod:`.tenant`; ``mktme_fleet``, three namespaced
+machines under libvirt, :mod:`.fleet`) and assertions
 (:mod:`.assertions`). Needs the extra: ``pip install 'qemu-mktme[pytest]'`` (pytest-asyncio for
 the async fixtures; without it ``mktme_vm`` fails with one line saying so). A first test::
 
@@ -23,11 +25,14 @@ import pytest
 from .assertions import (assert_ciphertext, assert_no_sanitizer_reports, assert_not_in_dram, expect_console,
                          find_in_dram)
 from .fixtures import mktme_host, mktme_images, mktme_settings, mktme_vm  # noqa: F401 - fixtures, found by pytest
+from .hosts import mktme_host_pair  # noqa: F401 - fixture, found by pytest
+from ..live.p2p import migrate_between
 from .options import add_options, settings
 from .tenant import mktme_attested_host, mktme_keyserver  # noqa: F401 - fixtures, found by pytest
+from .fleet import mktme_fleet, mktme_fleet_boot  # noqa: F401 - fixtures, found by pytest
 
 __all__ = ["assert_ciphertext", "assert_no_sanitizer_reports", "assert_not_in_dram", "expect_console",
-           "find_in_dram"]
+           "find_in_dram", "migrate_between"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -35,6 +35,23 @@ QCOW2_MAGIC = b"QFI\xfb"
 LUKS_MAGIC = b"LUKS\xba\xbe"
 
 
+def split_options(text: str, what: str, allowed: tuple[str, ...], usage: str) -> tuple[str, dict[str, str]]:
+    """``PATH[,KEY=VALUE]...`` (``--disk``, ``--nvdimm``): the path and the options, each one of
+    ``allowed``, non-empty and given once; else ``ValueError`` with one line quoting ``usage``."""
+    path, *opts = text.split(",")
+    if not path:
+        raise ValueError(f"--{what} needs a file: {text!r}")
+    fields: dict[str, str] = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in allowed or not value:
+            raise ValueError(f"unknown {what} option {opt!r} in {text!r} (expected {usage})")
+        if key in fields:
+            raise ValueError(f"{what} option {key!r} given twice in {text!r}")
+        fields[key] = value
+    return path, fields
+
+
 @dataclass(frozen=True)
 class DiskSpec:
     """One disk: the file, its format, who does its DMA, and whether the guest may write it."""
@@ -63,18 +80,8 @@ class DiskSpec:
         """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]``; the format is read from the
         file's header when not given (a qcow2 header means qcow2, anything else raw), never left to
         QEMU's probing (which would let a raw guest-written disk turn itself into a qcow2 one)."""
-        path, *opts = text.split(",")
-        if not path:
-            raise ValueError(f"--disk needs a file: {text!r}")
-        fields: dict[str, str] = {}
-        for opt in opts:
-            key, sep, value = opt.partition("=")
-            if not sep or key not in ("format", "dma", "readonly", "cache") or not value:
-                raise ValueError(f"unknown disk option {opt!r} in {text!r} (expected PATH[,format=raw|qcow2]"
-                                 "[,dma=vhost|qemu][,readonly=on][,cache=writeback|none])")
-            if key in fields:
-                raise ValueError(f"disk option {key!r} given twice in {text!r}")
-            fields[key] = value
+        path, fields = split_options(text, "disk", ("format", "dma", "readonly", "cache"),
+                                     "PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]")
         if fields.get("readonly", "off") not in ("on", "off"):
             raise ValueError(f"readonly must be on or off, got {fields['readonly']!r}")
         fmt = fields.get("format") or sniff_format(Path(path))

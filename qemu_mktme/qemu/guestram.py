@@ -23,11 +23,12 @@ from ..errors import AttachError
 
 
 _FLAT_LINE = re.compile(
-    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (\S+)(?: @([0-9a-f]+))?", re.M)
+    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, ([\w-]+)\): (\S+)(?: @([0-9a-f]+))?", re.M)
 
 
 def parse_flat_view(mtree: str, backend: str) -> list[GuestRange]:
-    """RAM ranges of memory region ``backend`` in the system address space of ``info mtree -f``.
+    """RAM ranges of memory region ``backend`` in the system address space of ``info mtree -f``
+(an NVDIMM's backend shows as ``nv-ram``).
 
     Adjacent ranges that are contiguous both in GPA and in the backend are merged.
     """
@@ -37,7 +38,7 @@ def parse_flat_view(mtree: str, backend: str) -> list[GuestRange]:
             continue
         for m in _FLAT_LINE.finditer(view):
             start, last, kind, name, offset = m.groups()
-            if name != backend or kind != "ram":
+            if name != backend or kind not in ("ram", "nv-ram"):     # nv-ram: an NVDIMM's backend
                 continue
             gpa, size = int(start, 16), int(last, 16) - int(start, 16) + 1
             rng = GuestRange(gpa, size, int(offset, 16) if offset else 0)

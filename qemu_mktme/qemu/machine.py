@@ -30,6 +30,7 @@ import socket
 import struct
 import time
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ from .guestram import GuestRAM, parse_flat_view
 from .boot import BootSpec
 from .devices import DiskSpec, NetSpec, disk_args, net_args
 from .monitor import Monitor
+from .nvdimm import NvdimmBackend, backend_id, memory_option, nvdimm_args
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class MachineConfig:
     firmware_boot: bool = False            # no -kernel: the firmware boots the first disk
     disks: tuple[DiskSpec, ...] = ()       # virtio block devices (qemu/devices.py)
     nets: tuple[NetSpec, ...] = ()         # virtio NICs on QEMU's user networking (qemu/devices.py)
+    nvdimms: tuple[NvdimmBackend, ...] = ()  # guest NVDIMMs, each on a private shared file (qemu/nvdimm.py)
     plugins: tuple[str, ...] = ()          # -plugin arguments (the shim adds its own)
     pass_fds: tuple[int, ...] = ()         # descriptors QEMU inherits (a plugin opens /proc/self/fd/N)
     extra_args: tuple[str, ...] = ()
@@ -130,6 +133,9 @@ class MachineConfig:
         object.__setattr__(self, "nets", tuple(self.nets))
         if any(not isinstance(n, NetSpec) for n in self.nets):
             raise ValueError("nets must be NetSpec objects (qemu_mktme.qemu.devices)")
+        object.__setattr__(self, "nvdimms", tuple(self.nvdimms))
+        if any(not isinstance(n, NvdimmBackend) for n in self.nvdimms):
+            raise ValueError("nvdimms must be NvdimmBackend objects (qemu_mktme.qemu.nvdimm)")
         if self.boot is not None and self.boot.min_memory and int(self.memory) < self.boot.min_memory:
             raise ValueError(f"the {self.boot.image} guest needs at least {self.boot.min_memory >> 20} MiB "
                              f"of memory, got {int(self.memory) >> 20} MiB")
@@ -142,6 +148,7 @@ class _Owned:
     pid: int | None = None
     runtime_dir: Path | None = None
     ram_file: Path | None = None
+    nvdimm_files: list[Path] = dataclasses.field(default_factory=list)
 
 
 _live: weakref.WeakSet[Machine] = weakref.WeakSet()
@@ -207,6 +214,7 @@ class Machine:
         self.accel = config.accel
         self.owned = True
         self._ram: GuestRAM | None = None
+        self._nvdimm_ram: list[GuestRAM] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._pid: int | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
@@ -241,6 +249,11 @@ class Machine:
         if self._ram is None:
             raise QemuError(f"{self.name}: guest RAM is not mapped ({self.state.value})")
         return self._ram
+
+    @property
+    def nvdimms(self) -> list[GuestRAM]:
+        """Each NVDIMM's backend mapped here (its CPU view), at its guest-physical range."""
+        return list(self._nvdimm_ram)
 
     @property
     def runtime_dir(self) -> Path | None:
@@ -324,6 +337,10 @@ class Machine:
             raise LaunchError(f"{self.name}: {err}") from None
         if cfg.ram_backend == "file":
             self._res.ram_file = self._create_ram_file()
+        for i, nv in enumerate(cfg.nvdimms):
+            if nv.path is None:
+                self._res.nvdimm_files.append(self._create_ram_file(f"nvdimm{i}"))
+                os.truncate(self._res.nvdimm_files[-1], nv.size)
         append_fd = _append_config(cfg.boot.append if cfg.boot else "", self.log)
         try:
             self.argv = self._argv(append_fd)
@@ -358,11 +375,18 @@ class Machine:
         self.console.attach(reader, writer, self._exit_error_when_reaped)
         self._tasks.append(asyncio.create_task(self._watch_events(), name=f"{self.name}-events"))
         self._ram = await self._map_ram(self._ram_path(), int(cfg.memory))
+        for i, (nv, path) in enumerate(zip(cfg.nvdimms, self._nvdimm_paths(), strict=True)):
+            self._nvdimm_ram.append(await self._map_ram(str(path), nv.size, backend_id(i)))
         self._set_state(VmState.PAUSED)
 
-    def _create_ram_file(self) -> Path:
+    def _nvdimm_paths(self) -> list[Path]:
+        """Each NVDIMM's backend file: its own ``path``, else the private file made for it."""
+        private = iter(self._res.nvdimm_files)
+        return [nv.path if nv.path is not None else next(private) for nv in self.config.nvdimms]
+
+    def _create_ram_file(self, kind: str = "ram") -> Path:
         label = runtime.safe_label(self.name)
-        path = self.config.ram_dir / f"qemu-mktme-{label}-{os.getpid()}-{os.urandom(4).hex()}.ram"
+        path = self.config.ram_dir / f"qemu-mktme-{label}-{os.getpid()}-{os.urandom(4).hex()}.{kind}"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # guest RAM: owner only
         except OSError as err:
@@ -381,8 +405,8 @@ class Machine:
         argv = [
             str(self.qemu.path), "-name", cfg.name, "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot", "-S",
-            "-machine", f"{cfg.machine},memory-backend={RAM_BACKEND_ID}",
-            "-accel", self.accel, "-m", f"{mem >> 20}M", "-object", backend, "-smp", str(cfg.cpus),
+            "-machine", f"{cfg.machine},memory-backend={RAM_BACKEND_ID}" + (",nvdimm=on" if cfg.nvdimms else ""),
+            "-accel", self.accel, "-m", memory_option(mem, cfg.nvdimms), "-object", backend, "-smp", str(cfg.cpus),
             "-chardev", f"socket,id=qmp0,path={rd / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
             "-chardev", f"socket,id=console0,path={rd / 'console.sock'},server=on,wait=off",
@@ -400,6 +424,7 @@ class Machine:
                 argv += ["-append", cfg.boot.append]
         argv += disk_args(cfg.disks)
         argv += net_args(cfg.nets)
+        argv += nvdimm_args(cfg.nvdimms, self._nvdimm_paths())
         for plugin in cfg.plugins:
             argv += ["-plugin", plugin]
         if cfg.incoming:
@@ -650,11 +675,18 @@ class Machine:
         if self._ram is not None:
             self._ram.close()
             self._ram = None
+        for nv_ram in self._nvdimm_ram:
+            nv_ram.close()
+        self._nvdimm_ram.clear()
         if self.owned:
             if self._res.ram_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._res.ram_file)
                 self._res.ram_file = None
+            for path in self._res.nvdimm_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self._res.nvdimm_files.clear()
             if self._res.runtime_dir is not None:
                 shutil.rmtree(self._res.runtime_dir, ignore_errors=True)
                 self._res.runtime_dir = None

@@ -46,7 +46,9 @@ REFUSED_VALUES: list[tuple[str, re.Pattern[str], str]] = [
      "-machine PROP=VALUE without type=, accel= or memory-backend= is passed"),
     ("-object", re.compile(r"^memory-backend-"),
      "guest RAM is the driver's one backend: a second one would not be emulated DRAM"),
-    ("-device", re.compile(r"^(pc-dimm|nvdimm|virtio-mem|virtio-pmem|memory-backend)"),
+    ("-device", re.compile(r"^(nvdimm|virtio-pmem)"),
+     "persistent memory is the driver's: use --nvdimm PATH[,size=SIZE][,hpa=ADDR] (encrypted under the VM's key)"),
+    ("-device", re.compile(r"^(pc-dimm|virtio-mem|memory-backend)"),
      "hot-pluggable memory would not be emulated DRAM"),
     ("-chardev", re.compile(r"(^|,)id=(qmp0|console0)(,|$)"), "ids qmp0 and console0 are the driver's"),
 ]

@@ -181,3 +181,43 @@ def test_spans_equal_the_coalesced_leaves():
             else:
                 runs.append([leaf.address, leaf.size, leaf.hpa, leaf.keyid])
         assert [(s.address, s.size, s.hpa, s.keyid) for s in table.spans()] == [tuple(r) for r in runs]
+
+
+NVDIMM_GPA = 8 << 30
+
+
+def test_nvdimm_placed_tagged_and_encrypted_like_ram(setup):
+    """An NVDIMM: placed in the host physical map like RAM, tagged with the VM's KeyID in EPT, VMM
+    page table and IOMMU, its DRAM view AES-XTS under the VM key with tweak = HPA."""
+    host, guest, _ram, key, tweak = setup
+    backend = np.zeros(4 * MIB, np.uint8)
+    nv = host.add_nvdimm("vm", backend, NVDIMM_GPA)
+    assert nv.hpa >= guest.hpa_base + guest.ram.size and nv.hpa % (1 << 30) == 0     # the next free range
+    assert host.hpa_ranges.owner_of(nv.hpa).kind == "NVDIMM"
+    for table, address in ((guest.ept, NVDIMM_GPA + 0x1234), (guest.iommu, NVDIMM_GPA + 0x1234), (guest.vmm, nv.hva + 0x1234)):
+        t = table.walk(address)
+        assert t.hpa == nv.hpa + 0x1234 and t.keyid == guest.keyid, table.format.name
+    assert not guest.check_consistency()
+    plain = os.urandom(4096)
+    backend[8192:8192 + 4096] = np.frombuffer(plain, np.uint8)       # the guest writes its pmem
+    assert guest.dram(NVDIMM_GPA + 8192, 4096) == xts_lines(key, tweak, nv.hpa + 8192, plain)
+    off, first = next(guest.nvdimm_dram(0, chunk_nbytes=MIB))        # (one reused buffer)
+    assert off == 0 and first[8192:8192 + 4096].tobytes() == xts_lines(key, tweak, nv.hpa + 8192, plain)
+    # media bytes loaded back at the same HPA give the plaintext; at another HPA, garbage
+    cipher = np.frombuffer(xts_lines(key, tweak, nv.hpa, b"P" * 4096), np.uint8)
+    guest.load_nvdimm(0, 0, cipher)
+    assert backend[:4096].tobytes() == b"P" * 4096
+    guest.load_nvdimm(0, 4096, cipher)
+    assert backend[4096:8192].tobytes() != b"P" * 4096
+    host.remove_guest("vm")
+    assert host.hpa_ranges.owner_of(nv.hpa) is None and not host.platform.memory.attachments
+
+
+def test_nvdimm_hpa_overlaps_are_refused(setup):
+    host, guest, *_ = setup
+    with pytest.raises(AddressError, match="overlaps vm's RAM"):
+        host.add_nvdimm("vm", np.zeros(4 * MIB, np.uint8), NVDIMM_GPA, hpa=guest.hpa_base)
+    nv = host.add_nvdimm("vm", np.zeros(4 * MIB, np.uint8), NVDIMM_GPA, hpa=0x2_0000_0000)
+    with pytest.raises(AddressError, match=r"overlaps vm/nvdimm0's NVDIMM"):
+        host.add_nvdimm("vm", np.zeros(4 * MIB, np.uint8), NVDIMM_GPA + 4 * MIB, hpa=nv.hpa + 2 * MIB)
+    assert len(guest.nvdimms) == 1 and len(host.platform.memory.attachments) == 2

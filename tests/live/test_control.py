@@ -15,7 +15,7 @@ from qemu_mktme.live import control
 from qemu_mktme.live.control import Arg, Command, Connection, ControlServer
 from qemu_mktme.live.session import HostSession
 
-from helpers import patience
+from helpers import eventually, patience
 
 
 async def _exchange(path, raw: bytes, *, lines: int = 1) -> list[dict]:
@@ -101,20 +101,23 @@ async def _idle_server(tmp_path, **kw) -> ControlServer:
 
 
 async def test_idle_and_half_sent_connections_do_not_stall_others(tmp_path):
-    async with await _idle_server(tmp_path, idle_timeout=2.0, request_timeout=1.0) as server:
+    async with await _idle_server(tmp_path, idle_timeout=patience(1), request_timeout=patience(0.5)) as server:
         idle_r, idle_w = await asyncio.open_unix_connection(str(server.path))
         half_r, half_w = await asyncio.open_unix_connection(str(server.path))
         half_w.write(b'{"cmd": "echo", "te')
         await half_w.drain()
-        t0 = time.monotonic()
         answers = await asyncio.gather(*(_exchange(server.path, b'{"cmd":"echo","text":"%d"}\n' % n)
                                          for n in range(20)))
         assert [a[0]["result"]["echo"] for a in answers] == [str(n) for n in range(20)]
-        assert time.monotonic() - t0 < 1.0               # none waited for the silent peers
+        for reader in (idle_r, half_r):                   # all answered while the silent peers still wait
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.01)
+        t0 = time.monotonic()
         timed_out = json.loads(await asyncio.wait_for(half_r.readline(), patience(5)))
         assert timed_out["ok"] is False and timed_out["type"] == "Timeout"
         assert await asyncio.wait_for(half_r.read(), patience(5)) == b""          # then closed
         assert await asyncio.wait_for(idle_r.read(), patience(5)) == b""          # closed without a word
+        assert time.monotonic() - t0 < patience(5)
         for w in (idle_w, half_w):
             w.close()
 
@@ -128,10 +131,7 @@ async def test_connections_are_bounded(tmp_path):
         busy = await _exchange(server.path, b'{"cmd":"echo","text":"y"}\n')
         assert busy[0]["ok"] is False and busy[0]["type"] == "HostBusy"
         held[0][1].close()
-        for _ in range(100):
-            if server.connections < 3:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: server.connections < 3, 5, "the closed connection to be let go")
         again = await _exchange(server.path, b'{"cmd":"echo","text":"z"}\n')
         assert again[0]["result"] == {"echo": "z"}
         for _, w in held[1:]:

@@ -38,6 +38,7 @@ def test_qemu_help_is_read_with_each_options_argument(qemu):
     (["-accel", "kvm"], "use --accel"), (["-enable-kvm"], "use --accel"),
     (["-incoming", "defer"], "snapshot restore"), (["-S"], "use --paused"),
     (["-device", "pc-dimm,memdev=m"], "hot-pluggable memory"), (["-numa", "node"], "NUMA"),
+    (["-device", "nvdimm,memdev=m"], "use --nvdimm PATH"),
     (["-chardev", "socket,id=console0,path=/x"], "ids qmp0 and console0"),
     (["-devic", "virtio-rng-pci"], "-devic is unknown to this QEMU"),
     (["-device"], "-device needs a value"), (["virtio-rng-pci"], "QEMU option expected after --"),

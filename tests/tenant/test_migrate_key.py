@@ -20,7 +20,6 @@ from qemu_mktme.tenant import admin
 from helpers import patience
 from reference import xts_lines
 
-pytestmark = pytest.mark.qemu
 BITS = 4
 WORD = "00112233445566778899aabbccddeeff"
 
@@ -30,6 +29,7 @@ def _clean(host: HostSession) -> None:
     assert q["guests"] == {} and q["incoming"] == {} and host.host.keys.keys() == [], q
 
 
+@pytest.mark.qemu
 async def test_a_vm_keeps_its_tenants_key_on_a_host_configured_with_another(mktme_keyserver, baremetal_image,
                                                                           tmp_path_factory):
     ks = mktme_keyserver
@@ -75,6 +75,7 @@ async def test_a_vm_keeps_its_tenants_key_on_a_host_configured_with_another(mktm
         assert moved.guest.dram(0x200000, 64) != xts_lines(configured[:16], configured[16:], hpa, plain)
 
 
+@pytest.mark.qemu
 async def test_a_vm_whose_key_came_from_no_broker_is_refused_by_a_broker_keyed_host(mktme_keyserver, baremetal_image,
                                                                                    tmp_path):
     """A local (cpu) key has no name at the tenant's broker: the destination would have run it under
@@ -91,3 +92,19 @@ async def test_a_vm_whose_key_came_from_no_broker_is_refused_by_a_broker_keyed_h
             await migrate_between("loc", source=a, to=b, tls=tls)
         _clean(dst)
         assert "loc" in src.machines
+
+
+def test_the_policy_binds_keys_to_hosts_and_reads_older_files():
+    from qemu_mktme.tenant.store import Policy
+    old = Policy.from_json({"pcrs": [8], "reference": [], "hosts": {"ak": "h1"}})      # written before key_hosts
+    assert old.allows("h1", "vm") and old.key_hosts == {}
+    bound = Policy.from_json({**old.to_json(), "key_hosts": {"vm": ["h1"]}})
+    assert bound.allows("h1", "vm") and not bound.allows("h2", "vm") and bound.allows("h2", "other")
+    assert Policy.from_json(bound.to_json()) == bound
+
+
+def test_key_hosts_on_the_command_line(capsys):
+    from qemu_mktme import cli
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["tenant", "policy", "--host", "h1", "--key-hosts", "vm"])
+    assert exited.value.code == 2 and "expected KEY=HOST[,HOST...], got 'vm'" in capsys.readouterr().err

@@ -1,0 +1,320 @@
+"""The NVDIMM media image: ciphertext only, digests that refuse tampering, atomic writes, offline
+re-encryption checked against `cryptography`, one VM per image, bad paths refused in one line.
+None of these start QEMU: every refusal comes before it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qemu_mktme.engine.xts import XtsKey
+from qemu_mktme.errors import NvdimmError
+from qemu_mktme.files import nvdimmfile
+from qemu_mktme.files.nvdimmfile import (DIGEST_UNIT, HEADER_NBYTES, MediaLock, UnitDigests, read_header, read_media,
+                                         rekey_media, verify_media, write_media)
+from qemu_mktme.host.host import Host
+from qemu_mktme.live.encrypted import EncryptedMachine
+from qemu_mktme.live.migrate import migrate
+from qemu_mktme.live.nvdimm import NvdimmMedia, describe, rekey
+from qemu_mktme.live.snapshot import save_snapshot
+from qemu_mktme.qemu.boot import BootSpec
+from qemu_mktme.qemu.machine import MachineConfig
+from reference import user_payload, xts_lines
+
+SIZE = 2 << 20
+HPA = 0x1_4000_0000
+
+
+def _key(seed: int) -> tuple[bytes, bytes]:
+    rng = np.random.default_rng(seed)
+    return rng.bytes(16), rng.bytes(16)
+
+
+def _media(path: Path, plain: bytes, key: tuple[bytes, bytes], hpa: int = HPA) -> bytes:
+    """A media image of ``plain`` written as the DRAM view would be: reference XTS at ``hpa``."""
+    cipher = xts_lines(*key, hpa, plain)
+    write_media(path, [(0, np.frombuffer(cipher, np.uint8))], size=len(plain), hpa=hpa,
+                algorithm="aes-xts-128", keyid=1, reason="shutdown")
+    return cipher
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_image_holds_the_ciphertext_and_says_where(tmp_path: Path) -> None:
+    plain = b"SECRET-PMEM-LINE" * (SIZE // 16)
+    cipher = _media(tmp_path / "m", plain, _key(1))
+    data = (tmp_path / "m").read_bytes()
+    assert data[HEADER_NBYTES:] == cipher and b"SECRET-PMEM" not in data
+    assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o600
+    header = verify_media(tmp_path / "m")
+    assert (header.hpa, header.size, header.algorithm) == (HPA, SIZE, "aes-xts-128")
+    assert header.describe()["hpa"] == hex(HPA)
+
+
+@pytest.mark.parametrize("where", ["magic", "hpa", "padding", "body", "truncated", "extended"])
+def test_tampered_images_are_refused(tmp_path: Path, where: str) -> None:
+    path = tmp_path / "m"
+    _media(path, bytes(SIZE), _key(2))
+    data = bytearray(path.read_bytes())
+    offsets = {"magic": 0, "hpa": 24, "padding": 3000, "body": HEADER_NBYTES + 12345}
+    if where in offsets:
+        data[offsets[where]] ^= 0x10
+    elif where == "truncated":
+        del data[-4096:]
+    else:
+        data += bytes(64)
+    path.write_bytes(bytes(data))
+    with pytest.raises(NvdimmError) as err:
+        verify_media(path)
+    assert "\n" not in str(err.value)
+    assert {"magic": "not a qemu-mktme NVDIMM media image", "hpa": "header fails its digest",
+            "padding": "header fails its digest", "body": "fails its digest",
+            "truncated": "truncated", "extended": "truncated or extended"}[where] in str(err.value)
+
+
+def test_rekey_moves_an_image_to_another_hpa_and_key(tmp_path: Path) -> None:
+    path, key, new_key = tmp_path / "m", _key(3), _key(4)
+    plain = np.random.default_rng(5).bytes(SIZE)
+    _media(path, plain, key)
+    old, new = rekey_media(path, XtsKey(*key), to_hpa=HPA + (1 << 30))
+    assert (old.hpa, new.hpa, new.reason) == (HPA, HPA + (1 << 30), "rekey")
+    assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*key, HPA + (1 << 30), plain)
+    rekey_media(path, XtsKey(*key), to_key=XtsKey(*new_key))
+    assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*new_key, HPA + (1 << 30), plain)
+    # a wrong key is not detected: the result is garbage, not an error
+    rekey_media(path, XtsKey(*key), to_hpa=HPA)
+    assert path.read_bytes()[HEADER_NBYTES:] != xts_lines(*new_key, HPA, plain)
+
+
+def test_a_killed_writer_leaves_the_last_complete_image(tmp_path: Path) -> None:
+    """kill -9 in the middle of writing a new image: the old one stays, whole and verified."""
+    path = tmp_path / "m"
+    _media(path, bytes(SIZE), _key(6))
+    before = _sha(path)
+    script = (
+        "import sys, time, numpy as np\n"
+        "from qemu_mktme.files.nvdimmfile import write_media\n"
+        "def chunks():\n"
+        "    yield 0, np.zeros(1 << 20, np.uint8)\n"
+        "    print('half', flush=True); time.sleep(60)\n"
+        "    yield 1 << 20, np.zeros(1 << 20, np.uint8)\n"
+        f"write_media({str(path)!r}, chunks(), size={SIZE}, hpa=0, algorithm='x', keyid=1, reason='shutdown')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "half"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _sha(path) == before and verify_media(path).hpa == HPA
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]      # its temporary...
+    _media(path, bytes(SIZE), _key(6))
+    assert not [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]  # ...gone at the next write
+
+
+def test_one_vm_per_image(tmp_path: Path) -> None:
+    lock = MediaLock(tmp_path / "m", "VM one")
+    with pytest.raises(NvdimmError, match=r"in use by VM one \(pid \d+\): one VM per media image"):
+        MediaLock(tmp_path / "m", "VM two")
+    lock.release()
+    MediaLock(tmp_path / "m", "VM two").release()
+
+
+def test_media_option_parsing() -> None:
+    assert NvdimmMedia.parse("/x/m,size=16M,hpa=0x200000000") == NvdimmMedia(Path("/x/m"), 16 << 20, 0x2_0000_0000)
+    assert NvdimmMedia.parse("m") == NvdimmMedia(Path("m"))
+    for bad, why in [("m,size=3M", "multiple of 2 MiB"), ("m,hpa=0x1000", "2 MiB aligned"),
+                     ("m,colour=red", "expected PATH"), ("m,hpa=zz", "an address"), (",size=2M", "needs a file"),
+                     ("m,size=2M,size=4M", "given twice")]:
+        with pytest.raises(ValueError, match=why):
+            NvdimmMedia.parse(bad)
+
+
+# --------------------------------------------------------------------------- refused before QEMU
+
+def _launch(tmp_path: Path, *media: NvdimmMedia, strict: bool = False, ram_hpa: int | None = None) -> str:
+    """Launch a VM with ``media``: the one-line error (QEMU is hidden from this test: reaching it fails)."""
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("t:vm", user_payload(*_key(7)), tenant="t")
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"")
+    config = MachineConfig(name="vm", boot=BootSpec(kernel, None, "", 0, "test"), memory="1G")
+    vm = EncryptedMachine(host, config, key_serial=serial, tenant="t", nvdimms=media, nvdimm_strict=strict,
+                          hpa=ram_hpa)
+
+    async def go() -> str:
+        with pytest.raises(NvdimmError) as err:
+            await vm.launch()
+        return str(err.value)
+    line = asyncio.run(go())
+    assert "\n" not in line and vm.pid is None, "refused after QEMU started"
+    assert not host.guests and not host.hpa_ranges._ranges          # nothing left taken in the host
+    assert not list(Path("/dev/shm").glob(f"qemu-mktme-vm-{os.getpid()}-*"))
+    return line
+
+
+def test_bad_media_paths_are_one_line_each_and_lose_nothing(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    _media(good, bytes(SIZE), _key(7))
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"precious data" * 1000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    short = tmp_path / "short"
+    short.write_bytes(good.read_bytes()[:-8192])
+    sums = {p: _sha(p) for p in (good, raw, short)}
+    cases = [
+        (NvdimmMedia(tmp_path), "is a directory"),
+        (NvdimmMedia(fifo), "is a FIFO, not a regular file"),
+        (NvdimmMedia(Path("/dev/zero"), SIZE), "is a device, not a regular file"),
+        (NvdimmMedia(raw, SIZE), "is not a qemu-mktme NVDIMM media image"),
+        (NvdimmMedia(short, SIZE), "truncated"),
+        (NvdimmMedia(good, 2 * SIZE), "a module does not change size"),
+        (NvdimmMedia(tmp_path / "new"), "give size= to create a new module"),
+        (NvdimmMedia(tmp_path / "nodir" / "m", SIZE), "no directory"),
+    ]
+    for media, why in cases:
+        assert why in _launch(tmp_path, media), media
+    assert {p: _sha(p) for p in sums} == sums
+    assert not Path("/dev/.zero.lock").exists()
+
+
+def test_placement_refused_before_qemu_starts(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _media(a, bytes(SIZE), _key(7))
+    line = _launch(tmp_path, NvdimmMedia(a, hpa=1 << 32))          # the VM's RAM goes to 4 GiB
+    assert f"hpa={1 << 32:#x}+{SIZE:#x} overlaps the VM's RAM at {1 << 32:#x}" in line
+    line = _launch(tmp_path, NvdimmMedia(a, hpa=HPA), NvdimmMedia(b, SIZE, hpa=HPA))
+    assert f"overlaps NVDIMM media {a}" in line
+    line = _launch(tmp_path, NvdimmMedia(a, hpa=HPA + (1 << 30)), strict=True)
+    assert f"was written at HPA {HPA:#x}, attached at {HPA + (1 << 30):#x}: refused (--nvdimm-strict)" in line
+    line = _launch(tmp_path, NvdimmMedia(a), NvdimmMedia(a))
+    assert "in use by VM vm" in line
+
+
+def test_two_vms_on_one_media(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    _media(a, bytes(SIZE), _key(7))
+    before = _sha(a)
+    lock = MediaLock(a, "VM other")                     # another VM runs on it
+    try:
+        assert "in use by VM other" in _launch(tmp_path, NvdimmMedia(a))
+    finally:
+        lock.release()
+    assert _sha(a) == before
+
+
+def test_reader_checks_the_body_digest_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    _media(path, bytes(SIZE), _key(8))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert read_header(path).size == SIZE                 # the header alone is fine
+    with pytest.raises(NvdimmError, match="fails its digest"), read_media(path, 1 << 20) as (_h, chunks):
+        for _ in chunks:
+            pass
+
+
+def test_rekey_and_show_as_the_cli_does(tmp_path: Path) -> None:
+    path, key = tmp_path / "m", _key(9)
+    plain = np.random.default_rng(9).bytes(SIZE)
+    _media(path, plain, key)
+    shown = describe(path)
+    assert shown["hpa"] == hex(HPA) and shown["digests"].startswith("ok") and key[0].hex() not in str(shown)
+    spec = f"user:{key[0].hex()}:{key[1].hex()}"
+    with pytest.raises(NvdimmError, match="tenant's key"):
+        rekey(path, "cpu", to_hpa=2 * HPA)
+    with pytest.raises(NvdimmError, match="--to-hpa ADDR and/or --to-key"):
+        rekey(path, spec)
+    with pytest.raises(NvdimmError, match="2 MiB aligned"):
+        rekey(path, spec, to_hpa=HPA + 4096)
+    lock = MediaLock(path, "VM busy")
+    with pytest.raises(NvdimmError, match="in use by VM busy"):
+        rekey(path, spec, to_hpa=2 * HPA)
+    lock.release()
+    new_key = _key(10)
+    old, new = rekey(path, spec, to_hpa=2 * HPA, to_key_spec=f"user:{new_key[0].hex()}:{new_key[1].hex()}")
+    assert (old.hpa, new.hpa) == (HPA, 2 * HPA)
+    assert path.read_bytes()[HEADER_NBYTES:] == xts_lines(*new_key, 2 * HPA, plain)
+    assert describe(path)["reason"] == "rekey"
+
+
+def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that read the image gives its unit digests back: all the same, nothing is written;
+    one unit changed, the units before it come from the old image and the result is exact."""
+    monkeypatch.setattr(nvdimmfile, "DIGEST_UNIT", 2 << 20)      # small units: a quick reference XTS
+    unit = nvdimmfile.DIGEST_UNIT
+    path, key, size = tmp_path / "m", _key(11), 3 * unit
+    plain = bytearray(np.random.default_rng(11).bytes(size))
+    _media(path, bytes(plain), key)
+    digests = UnitDigests()
+    with read_media(path, digests=digests) as (header, chunks):
+        body = b"".join(c.tobytes() for _, c in chunks)
+    inode = path.stat().st_ino
+
+    def chunked(data: bytes):
+        for off in range(0, len(data), unit):
+            yield off, np.frombuffer(data[off:off + unit], np.uint8)
+    fields = dict(size=size, hpa=header.hpa, algorithm=header.algorithm, keyid=header.keyid, reason="shutdown")
+    assert write_media(path, chunked(body), previous=digests.units, **fields) is None
+    assert path.stat().st_ino == inode
+    assert write_media(path, chunked(body), previous=digests.units, **{**fields, "keyid": 2}) is not None
+    plain[2 * unit + 5] ^= 0xFF                           # the guest changed the last unit
+    cipher = xts_lines(*key, HPA, bytes(plain))
+    fields["keyid"] = 2                                           # (as the file now says)
+    units: list[bytes] = []
+    assert write_media(path, chunked(cipher), previous=digests.units, units=units, **fields) is not None
+    assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
+    assert write_media(path, chunked(cipher), previous=units, **fields) is None     # the next flush: unchanged
+
+
+def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Path) -> None:
+    host = Host(keyid_bits=6)
+    serial = host.keys.add("t:vm", user_payload(*_key(12)), tenant="t")
+    vm = EncryptedMachine(host, MachineConfig(name="vm"), key_serial=serial, tenant="t",
+                          nvdimms=[NvdimmMedia(tmp_path / "m", SIZE)])
+
+    async def go() -> list[str]:
+        lines = []
+        for attempt in (lambda: save_snapshot(vm, tmp_path / "snap", bytes(range(32))),
+                        lambda: migrate(vm, Host(keyid_bits=6), tls=None, insecure=True)):
+            with pytest.raises(NvdimmError) as err:
+                await attempt()
+            lines.append(str(err.value))
+        return lines
+    snap, migration = asyncio.run(go())
+    assert snap.startswith("vm: a snapshot of a VM with an NVDIMM is refused") and "\n" not in snap
+    assert migration.startswith("vm: live migration of a VM with an NVDIMM is refused") and "nvdimm rekey" in migration
+    assert not (tmp_path / "snap").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_symlinked_image_stays_a_symlink(tmp_path: Path) -> None:
+    real, link, key = tmp_path / "real.img", tmp_path / "link.img", _key(13)
+    plain = np.random.default_rng(13).bytes(SIZE)
+    _media(real, plain, key)
+    link.symlink_to(real)
+    rekey(link, f"user:{key[0].hex()}:{key[1].hex()}", to_hpa=2 * HPA)
+    assert link.is_symlink() and read_header(real).hpa == 2 * HPA
+    assert real.read_bytes()[HEADER_NBYTES:] == xts_lines(*key, 2 * HPA, plain)
+    (tmp_path / "to-zero").symlink_to("/dev/zero")
+    assert "is a device" in _launch(tmp_path, NvdimmMedia(tmp_path / "to-zero", SIZE))
+
+
+def test_unit_digests_the_same_on_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    data = memoryview(np.random.default_rng(14).bytes(3 * DIGEST_UNIT + (2 << 20)))
+    one, two = UnitDigests(), UnitDigests()
+    one.update(data, final=True)
+    with ThreadPoolExecutor(2) as pool:
+        two.update(data[:2 * DIGEST_UNIT + 4096], pool=pool)
+        two.update(data[2 * DIGEST_UNIT + 4096:], final=True, pool=pool)
+    assert one.units == two.units and len(one.units) == 4 and one.digest() == two.digest()
