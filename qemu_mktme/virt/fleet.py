@@ -95,7 +95,8 @@ def _quiet(_ctx: object, _err: object) -> None:
     """libvirt's default error handler prints every error to stderr as well: the error we raise says it."""
 
 
-def _open(uri: str) -> Any:
+def open_libvirt(uri: str) -> Any:
+    """A libvirt connection to ``uri``; ``FleetError`` (one line, libvirt's reason) when there is none."""
     import libvirt
     libvirt.registerErrorHandler(_quiet, None)
     try:
@@ -114,7 +115,7 @@ def _domain(conn: Any, name: str) -> Any:
 
 def domain_bindings(uri: str, *, socket: Path | None = None) -> dict[str, DomainBinding]:
     """Every domain of libvirt at ``uri`` with its state, and the host model's binding of it."""
-    conn = _open(uri)
+    conn = open_libvirt(uri)
     try:
         domains = {d.name(): STATES.get(d.state()[0], "?") for d in conn.listAllDomains()}
     finally:
@@ -135,7 +136,7 @@ def start_domain(uri: str, name: str, *, socket: Path | None = None, timeout: fl
     """Start domain ``name`` paused; the host model binds it and resumes it; wait for it to run."""
     import libvirt
     t0 = time.monotonic()
-    conn = _open(uri)
+    conn = open_libvirt(uri)
     try:
         dom = _domain(conn, name)
         try:
@@ -164,7 +165,7 @@ def migrate_domain(uri: str, name: str, dest_uri: str, *, tls: bool = True, time
     import libvirt
     flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | (libvirt.VIR_MIGRATE_TLS if tls else 0)
     t0 = time.monotonic()
-    conn = _open(uri)
+    conn = open_libvirt(uri)
     try:
         dom = _domain(conn, name)
         try:
@@ -179,7 +180,7 @@ def migrate_domain(uri: str, name: str, dest_uri: str, *, tls: bool = True, time
 def stop_domain(uri: str, name: str) -> None:
     """Destroy domain ``name``: its host model releases its KeyID and key."""
     import libvirt
-    conn = _open(uri)
+    conn = open_libvirt(uri)
     try:
         try:
             _domain(conn, name).destroy()

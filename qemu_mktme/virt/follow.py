@@ -50,7 +50,7 @@ from ..attest.launch import TenantLaunch
 from ..attest.measure import check_running, measure_binary
 from ..attest.migrate import broker_key_source
 from .domain import RUN_DIR, Domain, DomainError, parse, problems
-from .fleet import _open as open_libvirt
+from .fleet import open_libvirt
 
 log = logging.getLogger(__name__)
 
