@@ -41,8 +41,8 @@ def hosts_dir() -> Path:
 
 
 def host_dir(name: str) -> Path:
-    if not name or "/" in name or name.startswith("."):
-        raise TenantError(f"invalid host name {name!r}")
+    if not name or "/" in name or name.startswith(".") or len(name) > 64:   # 64: a certificate's CN
+        raise TenantError(f"invalid host name {name[:80]!r}: 1 to 64 characters, no '/', not starting with '.'")
     return hosts_dir() / name
 
 

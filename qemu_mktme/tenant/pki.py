@@ -211,8 +211,8 @@ def issue_host(pki: Pki, directory: str | os.PathLike[str], host: str, *,
     ``migrate_tls_x509_cert_dir`` for migrations to and from that host. The serials are recorded
     so that :func:`revoke_host` can revoke them. The directory is what the host machine keeps
     (copy it there); nothing in it opens another host's certificate."""
-    if not host or set(host) - _DNS_CHARS - {"_"}:
-        raise TenantError(f"invalid host name {host!r}: letters, digits, '-', '_', '.'")
+    if not host or set(host) - _DNS_CHARS - {"_"} or len(host) > 64:
+        raise TenantError(f"invalid host name {host[:80]!r}: up to 64 letters, digits, '-', '_', '.'")
     for name in server_names:
         parse_server_name(name)
     ca_key, ca_cert = _ca(pki)

@@ -304,3 +304,20 @@ def test_a_key_server_on_an_address_its_certificate_does_not_name(tmp_path, caps
             admin.add_key(TenantDir(tmp_path / "t"), "vm")
     finally:
         assert cli.main(["keyserver", "stop", *d]) == 0
+
+
+@pytest.mark.qemu
+def test_a_host_name_longer_than_a_certificate_cn_is_one_line_and_leaves_no_host_state(tmp_path, capsys, monkeypatch):
+    """65 characters: cryptography's "Attribute's length must be >= 1 and <= 64" after the host's TPM
+    state was made, before."""
+    from qemu_mktme import cli
+    from qemu_mktme.attest import hostid
+    from qemu_mktme.tenant import pki
+    monkeypatch.setenv(hostid.ENV_HOSTS, str(tmp_path / "hosts"))
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert cli.main(["tenant", "init", "x", *d]) == 0
+    assert cli.main(["tenant", "policy", "--host", "h" * 65, *d]) == 1
+    assert "invalid host name" in capsys.readouterr().err
+    assert not list((tmp_path / "hosts").glob("h*"))
+    with pytest.raises(TenantError, match="up to 64"):
+        pki.issue_host(TenantDir(tmp_path / "t").pki, tmp_path / "creds", "h" * 65)
