@@ -151,6 +151,10 @@ def domain_xml(args: argparse.Namespace) -> int:
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(p.split("=", 1) for p in args.param), append=args.append, initrd=None)
     memory = parse_size(args.memory) if args.memory else images.default_memory(args.guest)
-    print(dom.guest_domain(args.name or args.guest, boot, memory=memory, opt=None if args.plain else opt,
-                           emulator=args.emulator or str(find_qemu().path), serial_log=args.serial_log))
+    xml = dom.guest_domain(args.name or args.guest, boot, memory=memory, opt=None if args.plain else opt,
+                           emulator=args.emulator or str(find_qemu().path), serial_log=args.serial_log)
+    found = [] if args.plain else dom.problems(dom.parse(xml))   # what --check would say of it
+    if found:
+        raise UsageError("; ".join(line.split(": ", 1)[-1] for line in found))
+    print(xml)
     return 0

@@ -27,6 +27,7 @@ it cannot go through libvirt). ``xml.etree`` only: a domain is small and comes f
 from __future__ import annotations
 
 import os
+import urllib.parse
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,16 @@ class Domain:
 
 def qmp_path(name: str) -> Path:
     return RUN_DIR / f"{name}.qmp"
+
+
+def _https_url(text: str) -> bool:
+    """``https://HOST[:PORT]`` with a host and, when given, a port in 1..65535."""
+    try:
+        url = urllib.parse.urlsplit(text)
+        port = url.port
+    except ValueError:
+        return False
+    return url.scheme == "https" and bool(url.hostname) and (port is None or port > 0)
 
 
 MAX_XML = 16 << 20
@@ -160,7 +171,7 @@ def problems(d: Domain) -> list[str]:
     else:
         if not d.opt.tenant or not d.opt.key:
             out.append(f"domain {d.name}: <mktme:mktme> needs <mktme:tenant> and <mktme:key>")
-        if not d.opt.broker.startswith("https://"):
+        if not _https_url(d.opt.broker):
             out.append(f"domain {d.name}: <mktme:broker> must be the tenant's broker URL (https://HOST:PORT), "
                        f"got {d.opt.broker!r}")
         if d.opt.policy not in POLICIES:

@@ -73,6 +73,10 @@ def test_domain_xml_files_that_are_no_domain_are_one_line_each(tmp_path):
                       ("bin.xml", "not UTF-8"), ("none.xml", "No such file")):
         r = qm("libvirt", "domain-xml", "--check", str(tmp_path / name), timeout=20)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and why in r.stderr, (name, r.stderr)
+    for broker in ("notaurl", "https://h:99999", "https://"):       # written, then refused by --check, before
+        r = qm("libvirt", "domain-xml", "--guest", "baremetal", "--tenant", "t", "--key", "k", "--broker", broker,
+               "--emulator", "/usr/bin/qemu-system-x86_64")
+        assert r.returncode == 2 and "must be the tenant's broker URL" in r.stderr and not r.stdout, broker
     r = qm("libvirt", "domain-xml", "--guest", "baremetal", "--plain", "--param", "counter")
     assert r.returncode == 2 and "--param wants NAME=VALUE, got 'counter'" in r.stderr
     r = qm("host", "--libvirt", "qemu:///system", "--host-name", "a", "--tenant-ca", str(tmp_path / "fifo"))
