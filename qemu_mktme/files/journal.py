@@ -77,47 +77,52 @@ def _remove(journal: Path) -> None:
 class JournalWriter:
     """Step 1 then 2 and 3 of the module docstring for the file ``target``, whose head now is
     ``old_head``: :meth:`add` each changed range, then :meth:`commit` with the new head. Until
-    :meth:`commit` returns the file is untouched (:meth:`abandon` drops the journal)."""
+    :meth:`commit` returns the file is untouched (:meth:`abandon` drops the journal). ``fd``
+    and ``entries`` (file offset, length, journal offset) let a caller copy from the journal."""
 
     def __init__(self, target: str | os.PathLike[str], old_head: bytes) -> None:
         self.target = Path(target)
         self.path = journal_path(self.target)
         self._old_head = old_head
-        self._entries: list[tuple[int, int, int]] = []
+        self.entries: list[tuple[int, int, int]] = []
         self._hash = hashlib.sha256()
         self.nbytes = 0
+        self.complete = False               # on disk in full: from then on it is never dropped unapplied
         _remove(self.path)                  # (recover() ran under the caller's lock: a stale one is garbage)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
     def add(self, offset: int, data: memoryview) -> None:
         """The file's bytes at ``offset`` become ``data`` (at :meth:`commit`)."""
         data = memoryview(data).cast("B")
-        _pwrite_all(self._fd, data, self.nbytes)
+        _pwrite_all(self.fd, data, self.nbytes)
         self._hash.update(data)
-        self._entries.append((offset, len(data), self.nbytes))
+        self.entries.append((offset, len(data), self.nbytes))
         self.nbytes += len(data)
 
     def commit(self, new_head: bytes) -> None:
         """Complete the journal (on disk), apply it in place (on disk), drop it."""
-        trailer = b"".join(_ENTRY.pack(*e) for e in self._entries) + new_head + hashlib.sha256(self._old_head).digest()
-        trailer += _TAIL.pack(len(self._entries), len(new_head), self.nbytes, MAGIC, VERSION, 0, bytes(32))[:-32]
+        trailer = b"".join(_ENTRY.pack(*e) for e in self.entries) + new_head + hashlib.sha256(self._old_head).digest()
+        trailer += _TAIL.pack(len(self.entries), len(new_head), self.nbytes, MAGIC, VERSION, 0, bytes(32))[:-32]
         self._hash.update(trailer)
-        _pwrite_all(self._fd, trailer + self._hash.digest(), self.nbytes)
-        os.fsync(self._fd)
+        _pwrite_all(self.fd, trailer + self._hash.digest(), self.nbytes)
+        os.fsync(self.fd)
         _sync_directory(self.path.parent)       # the journal is there after a power cut, before the file changes
-        _apply(self._fd, self.target, self._entries, new_head)
+        self.complete = True
+        _apply(self.fd, self.target, self.entries, new_head)
         self.close()
         _remove(self.path)
 
     def abandon(self) -> None:
-        """Drop an uncommitted journal: the file was not touched."""
+        """Drop an uncommitted journal (the file was not touched). A complete one whose applying
+        failed stays: :func:`recover` finishes it."""
         self.close()
-        _remove(self.path)
+        if not self.complete:
+            _remove(self.path)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _apply(journal_fd: int, target: Path, entries: list[tuple[int, int, int]], new_head: bytes) -> None:

@@ -42,7 +42,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,43 +266,57 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
     (:mod:`.journal`): ``kill -9`` at any point leaves the old image or, once the journal is
     complete, the new one after :func:`recover_media`. With
     ``previous``, chunks must start on :data:`DIGEST_UNIT` boundaries. ``units`` receives the unit
-    digests of what was given (the ``previous`` of the next write)."""
+    digests of what was given (the ``previous`` of the next write). The caller holds the image's
+    :class:`MediaLock` (or is its only writer)."""
     check_size(size, f"NVDIMM media {path}")
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
+    if journal_path(path).exists():                   # an earlier write that failed half-way: finished first
+        recover_media(path)
     old_fd = _previous_image(path, previous, (size, hpa, algorithm, keyid))
     if old_fd is not None and previous is not None:
         try:
             return _write_changed_units(path, old_fd, chunks, previous, (size, hpa, algorithm, keyid, reason), units)
         finally:
             os.close(old_fd)
-    digests = UnitDigests()
+    return _write_whole(path, iter(chunks), (size, hpa, algorithm, keyid, reason), units)
+
+
+Prefix = Callable[[BinaryIO], None]
+
+
+def _write_whole(path: str | os.PathLike[str], chunks: Iterator[tuple[int, np.ndarray]],
+                 fields: tuple[int, int, str, int, str], units: list[bytes] | None, *,
+                 start: int = 0, prefix: Prefix | None = None, digests: UnitDigests | None = None) -> MediaHeader:
+    """A new image at ``path`` through :func:`.atomic.atomic_output`; ``prefix`` writes its body's
+    first ``start`` bytes (whose unit digests ``digests`` holds already), ``chunks`` the rest."""
+    size, hpa, algorithm, keyid, reason = fields
+    digests = digests if digests is not None else UnitDigests()
     try:
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher, \
+        with atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)) as out, \
+                ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher, \
                 ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as unit_pool:
-            out: BinaryIO | None = None
-            pos = 0
+            out.write(bytes(HEADER_NBYTES))
+            if prefix is not None:
+                prefix(out)
+            pos = start
             for off, data in chunks:
                 if off != pos:
                     raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
                 view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
                 pos, final = off + len(view), off + len(view) >= size
-                if out is None:
-                    out = _start_output(stack, path)
                 hashed = hasher.submit(digests.update, view, final=final, pool=unit_pool)   # beside the write
                 out.write(view)
                 hashed.result()
             if pos != size:
                 raise NvdimmError(f"NVDIMM media {path}: {pos} bytes given, size is {size}")
-            if units is not None and out is not None:
-                units[:] = digests.units
-            if out is None:                           # (no chunks at all)
-                raise NvdimmError(f"NVDIMM media {path}: nothing to write")
             header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digests.digest())
             out.seek(0)
             out.write(header.pack())
     except SnapshotError as err:
         raise NvdimmError(str(err)) from None
+    if units is not None:
+        units[:] = digests.units
     return header
 
 
@@ -311,14 +325,17 @@ def _write_changed_units(path: str | os.PathLike[str], old_fd: int, chunks: Iter
                          units: list[bytes] | None) -> MediaHeader | None:
     """:func:`write_media` over the image ``old_fd`` that ``previous`` describes: the changed
     units and the new header go through a redo journal (:mod:`.journal`: journal, fsync, in place,
-    fsync, journal dropped), so only they are written; None when no unit changed."""
+    fsync, journal dropped), so only they are written; None when no unit changed. Once more than
+    half of the module changed, a whole new image costs less than journal and in place: the rest
+    goes to one (the units so far copied by the kernel from the journal and the old image)."""
     size, hpa, algorithm, keyid, reason = fields
     digests = UnitDigests()
     writer: JournalWriter | None = None
     pos = 0
+    rest = iter(chunks)
     try:
         with ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as unit_pool:
-            for off, data in chunks:
+            for off, data in rest:
                 view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
                 if off != pos:
                     raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
@@ -333,6 +350,9 @@ def _write_changed_units(path: str | os.PathLike[str], old_fd: int, chunks: Iter
                             writer = JournalWriter(path, os.pread(old_fd, HEADER_NBYTES, 0))
                         start = i * DIGEST_UNIT - off
                         writer.add(HEADER_NBYTES + i * DIGEST_UNIT, view[start:start + DIGEST_UNIT])
+                if writer is not None and writer.nbytes > size // 2 and not final:
+                    return _write_whole(path, rest, fields, units, start=pos, digests=digests,
+                                        prefix=_copy_units(writer, old_fd, pos))
             if pos != size:
                 raise NvdimmError(f"NVDIMM media {path}: {pos} bytes given, size is {size}")
             if writer is None:
@@ -341,13 +361,34 @@ def _write_changed_units(path: str | os.PathLike[str], old_fd: int, chunks: Iter
             writer.commit(header.pack())
             writer = None
     except OSError as err:
-        raise NvdimmError(f"cannot write NVDIMM media {path}: {err.strerror or err}") from None
+        kept = (" (its journal is complete and kept: the next open of the image finishes the write)"
+                if writer is not None and writer.complete else "")
+        raise NvdimmError(f"cannot write NVDIMM media {path}: {err.strerror or err}{kept}") from None
     finally:
         if writer is not None:
             writer.abandon()
     if units is not None:
         units[:] = digests.units
     return header
+
+
+def _copy_units(writer: JournalWriter, old_fd: int, nbytes: int) -> Prefix:
+    """What writes the body's first ``nbytes`` into a new image: each changed unit from the
+    journal, the others from the old image (both by the kernel)."""
+    def prefix(out: BinaryIO) -> None:
+        out.flush()
+        journaled = {offset: at for offset, _length, at in writer.entries}
+        for offset in range(HEADER_NBYTES, HEADER_NBYTES + nbytes, DIGEST_UNIT):
+            length = min(DIGEST_UNIT, HEADER_NBYTES + nbytes - offset)
+            src, at = (writer.fd, journaled[offset]) if offset in journaled else (old_fd, offset)
+            done = 0
+            while done < length:
+                n = os.copy_file_range(src, out.fileno(), length - done, at + done, offset + done)
+                if n <= 0:
+                    raise NvdimmError("NVDIMM media: the old image or the journal ended while copied")
+                done += n
+        out.seek(HEADER_NBYTES + nbytes)
+    return prefix
 
 
 def recover_media(path: str | os.PathLike[str]) -> str | None:
@@ -357,12 +398,6 @@ def recover_media(path: str | os.PathLike[str]) -> str | None:
         return recover(path)
     except OSError as err:
         raise NvdimmError(f"NVDIMM media {path}: {err.strerror or err}") from None
-
-
-def _start_output(stack: contextlib.ExitStack, path: str | os.PathLike[str]) -> BinaryIO:
-    out = stack.enter_context(atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)))
-    out.write(bytes(HEADER_NBYTES))
-    return out
 
 
 def _previous_image(path: str | os.PathLike[str], previous: list[bytes] | None,

@@ -249,7 +249,8 @@ def test_rekey_and_show_as_the_cli_does(tmp_path: Path) -> None:
 
 def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer that read the image gives its unit digests back: all the same, nothing is written;
-    one unit changed, the units before it come from the old image and the result is exact."""
+    one unit changed, only it is written (in place, through the journal) and the result is exact;
+    most units changed, a whole new image (the units so far copied from journal and old image)."""
     monkeypatch.setattr(nvdimmfile, "DIGEST_UNIT", 2 << 20)      # small units: a quick reference XTS
     unit = nvdimmfile.DIGEST_UNIT
     path, key, size = tmp_path / "m", _key(11), 3 * unit
@@ -267,6 +268,7 @@ def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.M
     assert write_media(path, chunked(body), previous=digests.units, **fields) is None
     assert path.stat().st_ino == inode
     assert write_media(path, chunked(body), previous=digests.units, **{**fields, "keyid": 2}) is not None
+    inode = path.stat().st_ino                            # (another KeyID: a whole new image)
     plain[2 * unit + 5] ^= 0xFF                           # the guest changed the last unit
     cipher = xts_lines(*key, HPA, bytes(plain))
     fields["keyid"] = 2                                           # (as the file now says)
@@ -274,6 +276,13 @@ def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.M
     assert write_media(path, chunked(cipher), previous=digests.units, units=units, **fields) is not None
     assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
     assert write_media(path, chunked(cipher), previous=units, **fields) is None     # the next flush: unchanged
+    assert path.stat().st_ino == inode                    # (changed units: written in place)
+    plain[5] ^= 0xFF                                      # most of the module changed: a whole new image
+    plain[unit + 5] ^= 0xFF
+    cipher = xts_lines(*key, HPA, bytes(plain))
+    assert write_media(path, chunked(cipher), previous=units, **fields) is not None
+    assert path.stat().st_ino != inode and not nvdimmfile.journal_path(path).exists()
+    assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
 
 
 def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Path) -> None:
@@ -407,7 +416,8 @@ def test_a_writer_killed_at_every_step_of_the_journal_leaves_a_complete_image(
 
 def test_a_journal_is_replayed_only_when_complete_and_for_this_image(tmp_path: Path) -> None:
     """A journal with a flipped bit (incomplete, or tampered) is dropped, the image untouched; a
-    complete journal for another version of the image too; `show` recovers first."""
+    complete journal for another version of the image too; a complete one whose applying failed
+    is kept; `show` and the next write finish it first."""
     from qemu_mktme.files import journal as jmod
     path, other = tmp_path / "m", tmp_path / "n"
     _media(path, bytes(SIZE), _key(22))
@@ -425,7 +435,7 @@ def test_a_journal_is_replayed_only_when_complete_and_for_this_image(tmp_path: P
                 writer.commit(after[:HEADER_NBYTES])
         finally:
             jmod._apply = real
-            writer.close()
+            writer.abandon()                                      # (a complete journal is kept)
         return jmod.journal_path(path)
 
     j = journal(before[:HEADER_NBYTES])
@@ -441,3 +451,7 @@ def test_a_journal_is_replayed_only_when_complete_and_for_this_image(tmp_path: P
         verify_media(path)
     assert describe(path)["digests"] == "ok (header and body)"    # show completes it first
     assert path.read_bytes() == after and not j.exists() and jmod.recover(path) is None
+    path.write_bytes(before)
+    journal(before[:HEADER_NBYTES])                               # a write that failed after its journal...
+    cipher = _media(path, b"\x11" * SIZE, _key(22))              # ...is finished before the next one
+    assert not j.exists() and path.read_bytes()[HEADER_NBYTES:] == cipher
