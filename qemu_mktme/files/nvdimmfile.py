@@ -192,8 +192,9 @@ def verify_media(path: str | os.PathLike[str]) -> MediaHeader:
         for _ in _chunks(fd, header):
             pass
     except NvdimmError as err:
-        if journal_path(path).exists():         # a writer is at work (or was killed: the next opener recovers)
-            raise NvdimmError(f"NVDIMM media {path} is being written (its journal {journal_path(path).name} "
+        journal = journal_path(os.path.realpath(path))
+        if journal.exists():                    # a writer is at work (or was killed: the next opener recovers)
+            raise NvdimmError(f"NVDIMM media {path} is being written (its journal {journal.name} "
                               "is pending): read it again once the VM wrote it or, if it was killed, once "
                               "`run` or `nvdimm rekey` opened it (they complete the write)") from None
         raise NvdimmError(f"NVDIMM media {path}: {err}") from None
