@@ -35,8 +35,8 @@ from pathlib import Path
 
 from ..errors import NvdimmError
 from ..engine.xts import XtsKey
+from ..keymaterial import key_payload
 from ..files.journal import journal_path
-from ..files.keyfile import key_payload
 from ..files.nvdimmfile import (ALIGN, DIGEST_UNIT, MediaHeader, MediaLock, UnitDigests, check_kind, check_size,
                                read_header, read_media, recover_media, rekey_media, verify_media,
                                write_media)
@@ -46,7 +46,7 @@ from ..host.payload import KeyType
 from ..host.payload import parse as parse_payload
 from ..qemu.devices import split_options
 from ..qemu.guestram import GuestRAM
-from ..qemu.machine import parse_size
+from ..arch.sizes import parse_size
 from ..qemu.nvdimm import NvdimmBackend
 
 log = logging.getLogger(__name__)
