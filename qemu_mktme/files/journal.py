@@ -176,7 +176,7 @@ def recover(target: str | os.PathLike[str]) -> str | None:
     target = Path(target)
     journal = journal_path(target)
     try:
-        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)   # (a FIFO: no wait)
     except FileNotFoundError:
         return None
     except OSError as err:

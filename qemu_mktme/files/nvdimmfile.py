@@ -193,6 +193,12 @@ def verify_media(path: str | os.PathLike[str]) -> MediaHeader:
             pass
     except NvdimmError as err:
         journal = journal_path(os.path.realpath(path))
+        try:
+            rewritten = read_header(path) != header       # a writer changed it in place while it was read
+        except NvdimmError:
+            rewritten = False
+        if rewritten:
+            raise NvdimmError(f"NVDIMM media {path} was written while it was read: read it again") from None
         if journal.exists():                    # a writer is at work (or was killed: the next opener recovers)
             raise NvdimmError(f"NVDIMM media {path} is being written (its journal {journal.name} "
                               "is pending): read it again once the VM wrote it or, if it was killed, once "

@@ -456,3 +456,9 @@ def test_a_journal_is_replayed_only_when_complete_and_for_this_image(tmp_path: P
     journal(before[:HEADER_NBYTES])                               # a write that failed after its journal...
     cipher = _media(path, b"\x11" * SIZE, _key(22))              # ...is finished before the next one
     assert not j.exists() and path.read_bytes()[HEADER_NBYTES:] == cipher
+    os.mkfifo(j)                                                  # not a journal of ours: one line, nothing lost
+    with pytest.raises(NvdimmError, match="not a regular file of this user: not touched"):
+        describe(path)
+    with pytest.raises(NvdimmError, match="not a regular file"):
+        _media(path, bytes(SIZE), _key(22))
+    assert path.read_bytes()[HEADER_NBYTES:] == cipher and j.exists()
