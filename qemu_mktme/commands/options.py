@@ -111,6 +111,19 @@ def net(text: str) -> NetSpec:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+class Unlisted:
+    """Subparsers that register a command under its old NAME: it parses and runs as before, but
+    ``--help`` does not list it (an alias kept so that scripts written against it keep working)."""
+
+    def __init__(self, sub: Any, name: str) -> None:
+        self._sub, self._name = sub, name
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.pop("help", None)            # argparse lists a subcommand only when it has help
+        parser: argparse.ArgumentParser = self._sub.add_parser(self._name, **kwargs)
+        return parser
+
+
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
