@@ -37,7 +37,7 @@ def test_host_groups_its_verbs(capsys):
 
 
 def test_aliases_map_to_the_modules_that_register_the_new_names():
-    assert cli.ALIASES == {"migrate": migrate, "query": query, "dump": dump, "verify": compare, "image": disk}
+    assert {"migrate": migrate, "query": query, "dump": dump, "verify": compare, "image": disk} == cli.ALIASES
 
 
 OLD_AND_NEW = [
