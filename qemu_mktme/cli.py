@@ -31,7 +31,7 @@ from typing import Any
 from .attend import TERMINATED
 from .commands import (attach, attack, compare, demo, disk, doctor, dump, host, images, inspect, keyserver, libvirt,
                        migrate, nvdimm, query, run, snapshot, tenant)
-from .commands.options import PROG, Unlisted, UsageError
+from .commands.options import PROG, ListedChoices, Unlisted, UsageError
 from .errors import MktmeError
 
 COMMANDS = (run, attach, host, snapshot, nvdimm, inspect, attack, demo, compare, images, disk, doctor, keyserver, tenant,
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.register(sub)
     for old, module in ALIASES.items():
         module.register(Unlisted(sub, old))
+    sub.choices = ListedChoices(sub.choices, unlisted=ALIASES)  # type: ignore[assignment]  # read: in, iter
     return parser
 
 

@@ -95,3 +95,10 @@ def test_an_old_spelling_answers_help_under_its_own_name(old, new, capsys):
         assert exited.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: qemu-mktme {' '.join(args)} ")
+
+
+def test_an_unknown_command_is_offered_only_the_listed_names():
+    out = qm("frobnicate")
+    assert out.returncode == 2
+    offered = re.findall(r"'([a-z]+)'", out.stderr.split("choose from", 1)[1])
+    assert offered == [m.__name__.rsplit(".", 1)[-1] for m in cli.COMMANDS]
