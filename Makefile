@@ -6,7 +6,7 @@
 #   make lint        ruff and mypy (configured in pyproject.toml): no finding allowed
 #   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
 #   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
-#   make verify      every verifier workload, plain vs emulated (qemu-mktme verify), then the
+#   make verify      every verifier workload, plain vs emulated (qemu-mktme compare), then the
 #                    attack matrix on Linux guests (build/attack-matrix.{json,png}, --check)
 #   make test-qemu10 the shim and snapshot suites on QEMU 10 (bookworm-backports, unpacked in the cache)
 #   make bench       every benchmark and one table of their figures, then make verify
@@ -61,13 +61,13 @@ test-qemu10: setup
 	    $(BIN)/python -m pytest tests/trace tests/live/test_snapshot.py tests/qemu10 $(PYTEST_ARGS)
 
 verify: setup
-	$(BIN)/qemu-mktme verify
+	$(BIN)/qemu-mktme compare
 	mkdir -p build && $(BIN)/qemu-mktme attack matrix --guest linux --check \
 	    --json build/attack-matrix.json --png build/attack-matrix.png
 
 bench: setup
 	$(BIN)/python scripts/bench_all.py $(BENCH_ARGS)
-	$(BIN)/qemu-mktme verify
+	$(BIN)/qemu-mktme compare
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

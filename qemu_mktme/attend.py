@@ -86,7 +86,7 @@ async def attend(session: HostSession, *, no_input: bool, trace_interval: float 
         q = session.query(name)
         tag = f"KeyID {q['keyid']} ({q['key-type']}, tenant {q['tenant']})" if "keyid" in q else "no MKTME"
         print(f"{PROG}: {name}: QEMU pid {vm.pid}, {tag}", file=sys.stderr)
-    print(f"{PROG}: 'qemu-mktme query' reaches this host" + ("; Ctrl-] quits" if interactive else ""),
+    print(f"{PROG}: 'qemu-mktme host query' reaches this host" + ("; Ctrl-] quits" if interactive else ""),
           file=sys.stderr)
     stop = asyncio.Event()
     prefix = len(machines) > 1

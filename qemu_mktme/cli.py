@@ -29,14 +29,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from .attend import TERMINATED
-from .commands import (attach, attack, demo, doctor, dump, host, image, images, inspect, keyserver, libvirt, migrate,
-                       nvdimm, query, run, snapshot, tenant, verify)
-from .commands.options import PROG, UsageError
+from .commands import (attach, attack, compare, demo, disk, doctor, dump, host, images, inspect, keyserver, libvirt,
+                       migrate, nvdimm, query, run, snapshot, tenant)
+from .commands.options import PROG, ListedChoices, Unlisted, UsageError
 from .errors import MktmeError
 
-COMMANDS = (run, attach, query, host, migrate, dump, snapshot, nvdimm, demo, attack, verify, inspect, images, doctor,
-            keyserver, tenant, image, libvirt)
-"""The top-level commands, in the order ``--help`` lists them."""
+COMMANDS = (run, attach, host, snapshot, nvdimm, inspect, attack, demo, compare, images, disk, doctor, keyserver, tenant,
+            libvirt)
+"""The top-level nouns (and the verbs ``run``, ``attach``, ``compare``), in the order ``--help`` lists them."""
+
+ALIASES = {"migrate": migrate, "query": query, "dump": dump, "verify": compare, "image": disk}
+"""Old top-level names that still work exactly as before but ``--help`` does not list: ``migrate``,
+``query`` and ``dump`` are ``host migrate|query|dump``, ``verify`` is ``compare``, ``image`` (the
+encrypted disk images, easily taken for ``images``, the guest images) is ``disk``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.register(sub)
+    for old, module in ALIASES.items():
+        module.register(Unlisted(sub, old))
+    sub.choices = ListedChoices(sub.choices, unlisted=ALIASES)  # type: ignore[assignment]  # read: in, iter
     return parser
 
 

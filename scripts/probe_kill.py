@@ -99,7 +99,7 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
             cli("snapshot", "save", str(snap), "--kek-file", str(kek_file), "--pid", str(host.pid), env=env, out=[])
         before = _identity(snap)
         args = (["snapshot", "save", str(snap), "--kek-file", str(kek_file)] if what == "save"
-                else ["dump", str(dump)])
+                else ["host", "dump", str(dump)])
         client = subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", *args, "--pid", str(host.pid)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(delay)
@@ -137,7 +137,7 @@ def trial(work: Path, what: str, delay: float, key_file: Path, kek_file: Path, e
     try:
         cli("snapshot", "save", str(work / "next.snap"), "--kek-file", str(kek_file), "--pid", str(host.pid),
             env=env, out=[])
-        cli("dump", str(work / f"next-dump-{time.monotonic_ns()}"), "--pid", str(host.pid), env=env, out=[])
+        cli("host", "dump", str(work / f"next-dump-{time.monotonic_ns()}"), "--pid", str(host.pid), env=env, out=[])
     finally:
         hung = stop_host(host, diagnose=_stacks)
         if hung is not None:

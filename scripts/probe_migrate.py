@@ -3,7 +3,7 @@
 
 A tenant (key server, broker, policy enrolling hosts A and B) and two hosts as a user runs them:
 A is ``qemu-mktme run --tenant-server ... --host-name A`` (an attested bare-metal VM ``mvm``), B is
-``qemu-mktme host start B``. Each trial starts ``qemu-mktme migrate mvm --from X --to Y`` and kills,
+``qemu-mktme host start B``. Each trial starts ``qemu-mktme host migrate mvm --from X --to Y`` and kills,
 with SIGKILL, one of:
 
 - ``client``: the migrate command, at a given delay (before it reached the source host; while the
@@ -139,8 +139,8 @@ class World:
             return None
 
     def migrate(self, src: str, dst: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "migrate", VM, "--from", self.names[src],
-                                 "--to", self.names[dst], "--tls", self.pki], env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "qemu_mktme.cli", "host", "migrate", VM,
+                                 "--from", self.names[src], "--to", self.names[dst], "--tls", self.pki], env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def where(self) -> str | None:

@@ -175,8 +175,8 @@ def probe(work: Path, guest: str = "baremetal", memory: str | None = None, timeo
     try:
         scan_processes(forms, report)
         pid = str(host.pid)
-        cli("query", "--pid", pid, env=env, out=outputs)
-        cli("dump", str(work / "dump"), "--pid", pid, env=env, out=outputs)
+        cli("host", "query", "--pid", pid, env=env, out=outputs)
+        cli("host", "dump", str(work / "dump"), "--pid", pid, env=env, out=outputs)
         cli("snapshot", "save", str(work / "vm.snap"), "--kek-file", str(kek_file), "--pid", pid, env=env, out=outputs)
         scan_processes(forms, report)
     finally:

@@ -159,7 +159,7 @@ def verify(image: str | os.PathLike[str], verify_key: ed25519.Ed25519PublicKey) 
         body = {k: v for k, v in manifest.items() if k != "signature"}
         signature = bytes.fromhex(manifest["signature"])
     except FileNotFoundError:
-        raise TenantError(f"image {path} has no manifest ({mpath.name}); encrypt it with 'qemu-mktme image encrypt'") from None
+        raise TenantError(f"image {path} has no manifest ({mpath.name}); encrypt it with 'qemu-mktme disk encrypt'") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise TenantError(f"manifest {mpath} is malformed") from None
     try:

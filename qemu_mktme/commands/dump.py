@@ -1,4 +1,4 @@
-"""``qemu-mktme dump``: capture a running host's DRAM image."""
+"""``qemu-mktme host dump``: capture a running host's DRAM image (old name: ``dump``)."""
 
 from __future__ import annotations
 

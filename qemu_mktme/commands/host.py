@@ -1,4 +1,7 @@
-"""``qemu-mktme host start NAME``: an emulated host that takes incoming migrations."""
+"""``qemu-mktme host start|migrate|query|dump``: the verbs of a running emulated host.
+
+``start`` is here; ``migrate``, ``query`` and ``dump`` live in their own modules and register under
+this noun (and, unlisted, under their old top-level names: ``cli.ALIASES``)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..live.session import HostSession
+from . import dump, migrate, query
 from .options import PROG, UsageError, keyid_bits, packages, vm_name
 
 
@@ -24,13 +28,16 @@ async def host_start(args: argparse.Namespace) -> int:
     async with HostSession([], keyid_bits=args.keyid_bits, packages=args.packages, name=args.name) as session:
         broker_key_source(session, TenantLaunch(args.tenant_server, ca, key=args.tenant_key, host=args.name))
         print(f"{PROG}: host {args.name} ready (pid {os.getpid()}); migrate VMs here with "
-              f"'{PROG} migrate VM --to {args.name}'; Ctrl-C stops it and its VMs", file=sys.stderr, flush=True)
+              f"'{PROG} host migrate VM --to {args.name}'; Ctrl-C stops it and its VMs", file=sys.stderr, flush=True)
         await asyncio.Event().wait()
     return 0
 
 
 def register(sub: Any) -> None:
-    h = sub.add_parser("host", help="an emulated host that takes incoming migrations")
+    h = sub.add_parser("host", help="a running emulated host: start one, migrate its VMs, query it, dump its DRAM",
+                       description="The verbs of a running emulated host ('run' starts one with VMs, 'host start' "
+                                   "one that waits for migrations). Old spellings that still work: 'migrate', "
+                                   "'query', 'dump'.")
     h_sub = h.add_subparsers(dest="action", metavar="ACTION")
     from .libvirt import add_host_options, host_libvirt
     add_host_options(h)
@@ -38,16 +45,18 @@ def register(sub: Any) -> None:
 
     def follow(args: argparse.Namespace) -> Any:
         if not args.libvirt:
-            raise UsageError("give an ACTION (start) or --libvirt URI")
+            raise UsageError("give an ACTION (start, migrate, query, dump) or --libvirt URI")
         return host_libvirt(args)
     h.set_defaults(func=follow)
     st = h_sub.add_parser("start", help="run host NAME in the foreground (no VM yet) until Ctrl-C",
                           description="Start an emulated MKTME host that VMs migrate to: each incoming VM's key is "
                                       "released by the tenant's broker after this host attests.")
-    st.add_argument("name", type=vm_name, help="the host's name (its TPM state and the 'migrate --to' address)")
+    st.add_argument("name", type=vm_name, help="the host's name (its TPM state and the 'host migrate --to' address)")
     st.add_argument("--tenant-server", required=True, metavar="URL", help="the tenant's key broker")
     st.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (default: the tenant directory's)")
     st.add_argument("--tenant-key", default="vm", metavar="NAME", help="the memory key's name (default: vm)")
     st.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N")
     st.add_argument("--packages", type=packages, default=1, metavar="N", help=argparse.SUPPRESS)
     st.set_defaults(func=host_start)
+    for verb in (migrate, query, dump):
+        verb.register(h_sub)

@@ -1,4 +1,4 @@
-"""``qemu-mktme migrate VM --to NAME``: live-migrate a VM between two running hosts."""
+"""``qemu-mktme host migrate VM --to NAME``: live-migrate a VM between two running hosts (old name: ``migrate``)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from .. import images
@@ -109,6 +109,36 @@ def net(text: str) -> NetSpec:
         return NetSpec.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class Unlisted:
+    """Subparsers that register a command under its old NAME: it parses and runs as before, but
+    ``--help`` does not list it (an alias kept so that scripts written against it keep working)."""
+
+    def __init__(self, sub: Any, name: str) -> None:
+        self._sub, self._name = sub, name
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.pop("help", None)            # argparse lists a subcommand only when it has help
+        parser: argparse.ArgumentParser = self._sub.add_parser(self._name, **kwargs)
+        return parser
+
+
+class ListedChoices(Mapping[str, argparse.ArgumentParser]):
+    """A subparsers action's choices as an error message shows them: every name parses, but
+    "invalid choice ... (choose from ...)" offers only the listed ones, not the :class:`Unlisted`."""
+
+    def __init__(self, parsers: dict[str, argparse.ArgumentParser], unlisted: Iterable[str]) -> None:
+        self._parsers, self._unlisted = parsers, frozenset(unlisted)
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        return self._parsers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._parsers if name not in self._unlisted)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def print_json(obj: Any) -> None:

@@ -1,4 +1,4 @@
-"""``qemu-mktme query``: ask a running host for its encryption state."""
+"""``qemu-mktme host query``: ask a running host for its encryption state (old name: ``query``)."""
 
 from __future__ import annotations
 

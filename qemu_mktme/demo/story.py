@@ -71,7 +71,7 @@ async def run_demo(png: str | os.PathLike[str], out: Callable[[str], None] = pri
             shutil.rmtree(tmp, ignore_errors=True)
     await _transparency(s)
     out(f"\nDone in {time.monotonic() - s.started:.1f} s. Next: 'qemu-mktme run --guest linux --workload shell', "
-        "'qemu-mktme verify', 'qemu-mktme inspect'.")
+        "'qemu-mktme compare', 'qemu-mktme inspect'.")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The control socket of a running ``qemu-mktme run``: how other commands reach its host model.
 
 The emulated host (key service, KeyID table, DRAM views) lives in the process that runs the
-VMs, so ``qemu-mktme query`` (and ``dump``, ``snapshot``, ``migrate``) talk to it over a unix
+VMs, so ``qemu-mktme host query`` (and ``host dump``, ``snapshot``, ``host migrate``) talk to it over a unix
 socket in a private directory (0700, per user): one JSON request per line, one JSON answer per
 line, on a connection that may carry several requests.
 

@@ -1,5 +1,5 @@
 """A running emulated host: one MKTME platform, several VMs with their key handles, and the
-control socket through which ``qemu-mktme query`` (and dump, snapshot) reach it.
+control socket through which ``qemu-mktme host query`` (and host dump, snapshot) reach it.
 
 VMs of one tenant given the same key share a KeyID, as the cloud table says; a VM whose key
 spec is ``none`` runs as plain QEMU next to the others.

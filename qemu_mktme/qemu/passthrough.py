@@ -29,7 +29,7 @@ REFUSED: dict[str, str] = {
     "-kernel": "use --guest PATH", "-initrd": "use --initrd", "-append": "use --append",
     "-serial": "the first serial port is the driver's console",
     "-nographic": "it moves the serial port and monitor to stdio, which the driver owns",
-    "-qmp": "the driver owns QMP (attach through 'qemu-mktme query', or start QEMU yourself and "
+    "-qmp": "the driver owns QMP (reach it with 'qemu-mktme host query', or start QEMU yourself and "
             "use 'qemu-mktme attach')",
     "-mon": "the driver owns the monitor", "-monitor": "the driver owns the monitor",
     "-daemonize": "the driver supervises the QEMU process",

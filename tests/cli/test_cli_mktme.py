@@ -1,4 +1,4 @@
-"""``run`` with keys and several VMs, and ``query`` reaching it from another process."""
+"""``run`` with keys and several VMs, and ``host query`` (old name ``query``) reaching it from another process."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def test_run_several_vms_and_query(baremetal_image, tmp_path):
         assert one["name"] == "b" and one["eptp"].startswith("0x")
         bad = qm("query", "--pid", str(proc.pid), "zz")
         assert bad.returncode == 1 and "no VM named 'zz'" in bad.stderr
+        new = json.loads(qm("host", "query", "--pid", str(proc.pid)).stdout)       # the new name of 'query'
+        assert new["platform"]["keyid-bits"] == 4 and new["guests"].keys() == g.keys()
+        assert {n: v.get("keyid") for n, v in new["guests"].items()} == {n: v.get("keyid") for n, v in g.items()}
+        assert json.loads(qm("host", "query", "--pid", str(proc.pid), "b").stdout)["eptp"] == one["eptp"]
     finally:
         text = stop(proc)
     assert "[a] ok write 0x200000 2" in text and "[d] ok write 0x200000 2" in text

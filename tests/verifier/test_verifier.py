@@ -19,7 +19,7 @@ from helpers import Once, qm
 # kill and restore into a fresh QEMU, whose restored VM is traced too. Each is traced by the shim
 # and has its whole DRAM view computed (while running; the last one paused at its save point);
 # the foreign-write injection is the test below. linux-compress and linux-memstress run the same Linux driver on bigger workloads: they
-# belong to ``qemu-mktme verify`` (``make verify``), not to every test run.
+# belong to ``qemu-mktme compare`` (``make verify``), not to every test run.
 SUITE_WORKLOADS = ["baremetal", "linux-boot", "linux-snapshot"]
 FEATURES = {                      # what each feature leaves in the emulated run's notes
     "DRAM view": "DRAM view of",

@@ -1,4 +1,4 @@
-"""``qemu-mktme image encrypt|verify``: a disk image encrypted at rest (LUKS in qcow2)."""
+"""``qemu-mktme disk encrypt|verify``: a disk image encrypted at rest (LUKS in qcow2); ``image`` is its old name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..attest import image as image_mod
 from .tenant import add_tenant_dir_option, tenant_dir
 
 
-def image_cmd(args: argparse.Namespace) -> int:
+def disk_cmd(args: argparse.Namespace) -> int:
     tenant = tenant_dir(args)
     if args.action == "encrypt":
         manifest = admin.encrypt_image(tenant, args.source, args.target, key_name=args.key_name)
@@ -27,7 +27,10 @@ def image_cmd(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    im = sub.add_parser("image", help="encrypt a disk image at rest (LUKS in qcow2) and verify it")
+    im = sub.add_parser("disk", help="encrypt a disk image at rest (LUKS in qcow2) and verify it",
+                        description="The tenant's disk images, encrypted at rest: LUKS in qcow2 under a disk key "
+                                    "kept by the tenant's key server, with a signed manifest ('run --image' boots "
+                                    "one). The old name 'image' still works.")
     im_sub = im.add_subparsers(dest="action", metavar="ACTION", required=True)
     enc = im_sub.add_parser("encrypt", help="SOURCE (raw or qcow2) -> TARGET (LUKS qcow2) under a new disk key")
     enc.add_argument("source")
@@ -37,4 +40,4 @@ def register(sub: Any) -> None:
     ver.add_argument("image")
     for p in (enc, ver):
         add_tenant_dir_option(p)
-    im.set_defaults(func=image_cmd)
+    im.set_defaults(func=disk_cmd)

@@ -1,4 +1,4 @@
-"""``qemu-mktme verify``: plain vs emulated runs, compared."""
+"""``qemu-mktme compare``: plain vs emulated runs, compared (``verify`` is its old name)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .. import verifier
 from .options import PROG, print_json
 
 
-async def verify_cmd(args: argparse.Namespace) -> int:
+async def compare_cmd(args: argparse.Namespace) -> int:
     outcomes, stock = await verifier.verify(args.workloads or None, inject=args.inject, shim=not args.no_shim,
                                             progress=lambda m: print(f"{PROG}: {m}", file=sys.stderr))
     if args.json:
@@ -31,15 +31,16 @@ async def verify_cmd(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    v = sub.add_parser("verify", help="prove guests run unmodified: plain vs emulated, compared",
+    v = sub.add_parser("compare", help="prove guests run unmodified: plain vs emulated, compared",
                        description="Run each workload on plain QEMU and under the full emulation (tenant key, "
                                    "KeyID-tagged EPT/VMM/IOMMU, shim, DRAM view, encrypted snapshots) and compare "
                                    "console transcripts, in-guest checksums and exit status. Exit 1 on any "
                                    "difference. Normalised nondeterminism: "
-                                   + "; ".join(why for _, _, why in verifier.NORMALISE[:2]) + ".")
+                                   + "; ".join(why for _, _, why in verifier.NORMALISE[:2])
+                                   + ". The old name 'verify' still works.")
     v.add_argument("--workloads", nargs="+", choices=list(verifier.WORKLOADS), metavar="NAME",
                    help=f"workloads (default: all of {', '.join(verifier.WORKLOADS)})")
     v.add_argument("--inject", choices=verifier.INJECT, help="inject a fault into the emulated run (must be reported)")
     v.add_argument("--no-shim", action="store_true", help="do not attach the TCG plugin shim")
     v.add_argument("--json", action="store_true", help="machine-readable report")
-    v.set_defaults(func=verify_cmd)
+    v.set_defaults(func=compare_cmd)
