@@ -240,6 +240,12 @@ def _serve(tenant: TenantDir, address: str = "127.0.0.1", broker_port: int = 0, 
         from kmip.services.server.server import KmipServer
     state = tenant.kmip_dir
     pki = tenant.pki.check()
+    # PyKMIP's database holds the tenant's keys: everything this process writes is the tenant's
+    # alone (0600), and files an older key server left readable are made so too.
+    os.umask(0o077)
+    for leftover in (state / "pykmip.db", state / "server.log", tenant.path / "broker.log"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(leftover, 0o600, follow_symlinks=False)
     broker_log = open(tenant.path / "broker.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the server
 
     def note(message: str) -> None:

@@ -62,6 +62,16 @@ def test_keys_are_created_read_and_destroyed_as_the_tenant(mktme_keyserver):
         kmip.get_key(uid)
 
 
+def test_the_key_servers_files_are_the_tenants_alone(mktme_keyserver):
+    """PyKMIP's database holds the tenant's keys in the clear: it, the logs and the state file are
+    0600 (the key server's process runs with umask 077), whatever the user's umask."""
+    tenant = mktme_keyserver.tenant
+    files = [tenant.kmip_dir / "pykmip.db", tenant.kmip_dir / "server.log", tenant.path / "broker.log"]
+    for path in files:
+        assert path.is_file(), path
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode & 0o777)}"
+
+
 def test_another_cn_of_the_same_ca_gets_permission_denied(mktme_keyserver, tmp_path):
     uid = mktme_keyserver.tenant.key_uid("vm")
     other = issue_client(mktme_keyserver.tenant.pki, tmp_path / "mallory", "mallory")
