@@ -26,6 +26,7 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+SMALL_TABLE = 16 * 16        # indirect tables up to this many bytes are decoded without numpy
 
 
 class Memory(Protocol):
@@ -75,6 +76,7 @@ class Virtqueue:
         self.desc, self.avail, self.used = desc, avail, used
         self.event_idx, self.indirect = event_idx, indirect
         self.last_avail = last_avail & 0xFFFF
+        self._ready = 0                      # announced by the driver, not yet taken
         self.used_idx = self._read16(used + 2)
         self._signalled_used = self.used_idx
         self.max_bytes = max_bytes
@@ -103,9 +105,13 @@ class Virtqueue:
         return n
 
     def pop(self) -> Chain | None:
-        """The next available chain, or None."""
-        if not self.pending():
-            return None
+        """The next available chain, or None (the driver's index is read again only once the
+        buffers it announced last time are taken)."""
+        if not self._ready:
+            self._ready = self.pending()
+            if not self._ready:
+                return None
+        self._ready -= 1
         slot = self.avail + 4 + 2 * (self.last_avail % self.num)
         head = self._read16(slot)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -147,11 +153,17 @@ class Virtqueue:
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     chain.error = f"indirect table of {length} bytes"
                     return
-                raw = np.frombuffer(self.mem.read(addr, length), DESC_DTYPE)
-                if self._linear(chain, raw, total):
-                    return
-                indirect = list(zip(raw["addr"].tolist(), raw["len"].tolist(), raw["flags"].tolist(),
-                                    raw["next"].tolist()))
+                data = self.mem.read(addr, length)
+                if length <= SMALL_TABLE:        # a few entries (a 4 KiB request): plain tuples are quicker
+                    indirect = list(DESC.iter_unpack(data))
+                    if self._linear_small(chain, indirect, total):
+                        return
+                else:
+                    raw = np.frombuffer(data, DESC_DTYPE)
+                    if self._linear(chain, raw, total):
+                        return
+                    indirect = list(zip(raw["addr"].tolist(), raw["len"].tolist(), raw["flags"].tolist(),
+                                        raw["next"].tolist()))
                 table, size, index, seen, indirect_done = addr, length // 16, 0, 0, True
                 continue
             total += length
@@ -194,6 +206,26 @@ class Virtqueue:
         chain.readable.extend(pairs[:first_w])
         chain.writable.extend(pairs[first_w:])
         return True
+
+    def _linear_small(self, chain: Chain, table: list[tuple[int, int, int, int]], total: int) -> bool:
+        """:meth:`_linear` for a table of a few entries, decoded as tuples (numpy's per-call cost
+        is most of the work for a 3-entry table); the same rules, the same answer."""
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        for i, (addr, length, flags, nxt) in enumerate(table):
+            if flags & F_INDIRECT or (writable and not flags & F_WRITE):
+                return False
+            total += length
+            (writable if flags & F_WRITE else readable).append((addr, length))
+            if not flags & F_NEXT:
+                if total > self.max_bytes:
+                    return False
+                chain.readable.extend(readable)
+                chain.writable.extend(writable)
+                return True
+            if nxt != i + 1:
+                return False
+        return False
 
     # ------------------------------------------------------------------ used side
 
