@@ -26,7 +26,10 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
-SMALL_TABLE = 16 * 16        # indirect tables up to this many bytes are decoded without numpy
+_FLAG_BITS = bytes(b & (F_NEXT | F_WRITE | F_INDIRECT) for b in range(256))
+_NEXT_BIT = bytes(b & F_NEXT for b in range(256))
+_NEXT_LO = bytes(i & 0xFF for i in range(MAX_QUEUE_SIZE + 1))     # next = i: its low and high bytes
+_NEXT_HI = bytes(i >> 8 for i in range(MAX_QUEUE_SIZE + 1))
 
 
 class Memory(Protocol):
@@ -154,16 +157,9 @@ class Virtqueue:
                     chain.error = f"indirect table of {length} bytes"
                     return
                 data = self.mem.read(addr, length)
-                if length <= SMALL_TABLE:        # a few entries (a 4 KiB request): plain tuples are quicker
-                    indirect = list(DESC.iter_unpack(data))
-                    if self._linear_small(chain, indirect, total):
-                        return
-                else:
-                    raw = np.frombuffer(data, DESC_DTYPE)
-                    if self._linear(chain, raw, total):
-                        return
-                    indirect = list(zip(raw["addr"].tolist(), raw["len"].tolist(), raw["flags"].tolist(),
-                                        raw["next"].tolist()))
+                if self._linear(chain, data, total):
+                    return
+                indirect = list(DESC.iter_unpack(data))
                 table, size, index, seen, indirect_done = addr, length // 16, 0, 0, True
                 continue
             total += length
@@ -181,51 +177,30 @@ class Virtqueue:
                 return
             index = nxt
 
-    def _linear(self, chain: Chain, table: np.ndarray, total: int) -> bool:
+    def _linear(self, chain: Chain, table: bytes, total: int) -> bool:
         """The usual indirect table, decoded at once: entries 0..k-1 chained in order (NEXT set on
         all but the last, next = i + 1), readable ones first, no nested indirect, within the
-        byte bound. False (nothing done) for any other table: the entry-by-entry walk judges it."""
-        flags, nxt = table["flags"], table["next"]
-        ends = np.flatnonzero((flags & F_NEXT) == 0)
-        if not len(ends):
+        byte bound. False (nothing done) for any other table: the entry-by-entry walk judges it.
+        The flags and next fields are checked as byte strings (C loops), not entry by entry."""
+        flags = table[12::16].translate(_FLAG_BITS)     # NEXT | WRITE | INDIRECT of each entry
+        k = flags.translate(_NEXT_BIT).find(0) + 1      # the chain stops at the first entry without NEXT
+        if not k:
             return False
-        k = int(ends[0]) + 1                       # the chain stops at the first entry without NEXT
-        if k > 1 and not (nxt[:k - 1] == np.arange(1, k)).all():
+        head = flags[:k]
+        rest = head.lstrip(b"\x01")                    # readable entries with NEXT, then:
+        first_w = k - len(rest)
+        if rest == b"\x00":                            # the last one readable: no writable part
+            first_w = k
+        elif rest[-1] != F_WRITE or rest[:-1].strip(b"\x03"):   # writable with NEXT, the last writable
             return False
-        flags = flags[:k]
-        if (flags & F_INDIRECT).any():
+        if k > 1 and (table[14:16 * (k - 1):16] != _NEXT_LO[1:k] or table[15:16 * (k - 1):16] != _NEXT_HI[1:k]):
             return False
-        write = (flags & F_WRITE) != 0
-        first_w = int(np.argmax(write)) if write.any() else k
-        if not write[first_w:].all():
+        pairs = [(a, n) for a, n, _, _ in DESC.iter_unpack(table[:16 * k])]
+        if total + sum(n for _, n in pairs) > self.max_bytes:
             return False
-        lens = table["len"][:k]
-        if total + int(lens.sum(dtype=np.uint64)) > self.max_bytes:
-            return False
-        pairs = list(zip(table["addr"][:k].tolist(), lens.tolist()))
         chain.readable.extend(pairs[:first_w])
         chain.writable.extend(pairs[first_w:])
         return True
-
-    def _linear_small(self, chain: Chain, table: list[tuple[int, int, int, int]], total: int) -> bool:
-        """:meth:`_linear` for a table of a few entries, decoded as tuples (numpy's per-call cost
-        is most of the work for a 3-entry table); the same rules, the same answer."""
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
-        for i, (addr, length, flags, nxt) in enumerate(table):
-            if flags & F_INDIRECT or (writable and not flags & F_WRITE):
-                return False
-            total += length
-            (writable if flags & F_WRITE else readable).append((addr, length))
-            if not flags & F_NEXT:
-                if total > self.max_bytes:
-                    return False
-                chain.readable.extend(readable)
-                chain.writable.extend(writable)
-                return True
-            if nxt != i + 1:
-                return False
-        return False
 
     # ------------------------------------------------------------------ used side
 
