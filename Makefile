@@ -58,7 +58,7 @@ test-busy: setup
 
 test-qemu10: setup
 	QEMU_MKTME_QEMU=$$($(BIN)/qemu-mktme images build qemu10 | sed 's/^qemu10: //') \
-	    $(BIN)/python -m pytest tests/shim tests/qemu/test_snapshot.py tests/qemu10 $(PYTEST_ARGS)
+	    $(BIN)/python -m pytest tests/trace tests/live/test_snapshot.py tests/qemu10 $(PYTEST_ARGS)
 
 verify: setup
 	$(BIN)/qemu-mktme verify

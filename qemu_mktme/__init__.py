@@ -4,9 +4,11 @@ Layers, imports only going down (``tests/test_layers.py`` checks it)::
 
     arch      architectural definitions, pure
     engine    the hardware model: platform, PCONFIG, key tables, AES-XTS, physical memory
+    keymaterial  key material from every door: the key-spec grammar, the checks, the bounded
+              key-file reader, key-encryption keys, what crosses the control socket
     host      the host software model: key service, KeyIDs, EPT / VMM page table / IOMMU, DMA
-    files     formats and places on disk: snapshot and dump files, atomic writes, key files,
-              the cache, runtime directories
+    files     formats and places on disk: snapshot and dump files, atomic writes, the cache,
+              runtime directories
     qemu      the stock-QEMU driver (no MKTME): machine, monitor, console, guest RAM
     images    guest images built from source and stock Debian packages
     trace     the TCG plugin shim and the tracer

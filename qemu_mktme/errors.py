@@ -5,40 +5,47 @@ Users catch by meaning, not by cause::
     MktmeError                      root of everything this package raises on purpose
     ├── ArchitecturalFault          the modelled CPU faulted, as hardware would (not our bug)
     │   ├── GeneralProtection       #GP(0)
-    │   └── InvalidOpcode           #UD
+    │   ├── InvalidOpcode           #UD
+    │   └── MachineCheck            #MC: a CPU access consumed a poisoned line (integrity mode)
     ├── ImageError                  a guest image is missing, corrupt or cannot be built
     ├── QemuError                   the live side: launching and driving QEMU
     │   ├── QemuNotFound            no usable qemu-system-x86_64
     │   ├── LaunchError             QEMU did not come up (carries stderr_tail)
-    │   ├── QemuExited              QEMU went away while we needed it
+    │   │   └── QemuExited          QEMU went away while we needed it
     │   ├── ConsoleTimeout          a console pattern did not appear in time
-    │   ├── AttachError             no QEMU to attach to at the given socket / backend
+    │   ├── AttachError             no QEMU (or no running host) to attach to at the given socket
     │   ├── QmpCommandError         QEMU refused a QMP command
     │   └── ShimError               the TCG plugin shim or its tracer: cannot build, load, read
     │       └── AccessTimeout       a watched guest access did not happen in time
-    ├── RemoteError                 a running host refused a control request (carries its class:
-    │                               a remote SnapshotError is also a SnapshotError here)
-    ├── AddressError                an address outside the memory it was used on (carries gpa/hpa)
+    ├── AddressError                an address outside the memory it was used on (also a ValueError)
+    ├── KeyMaterialError            a key refused at the door: spec, file, KEK (also a ValueError)
+    │   └── KeyFileError            a key file that cannot be used (names the file, never its content)
     ├── HostError                   the host software model
     │   └── KeyServiceError         the mktme key service, with the kernel's errno (EINVAL, ...)
     ├── SnapshotError               dumps and snapshots
     │   └── IntegrityError          a dump or snapshot failed authentication or is malformed
+    ├── MigrationError              a live migration was refused or failed (the source runs on)
     ├── NvdimmError                 an NVDIMM media image: not one, tampered, in use, misplaced
-    └── TenantError                 the tenant's side: key server, TPM, attestation, image at rest
-        ├── KeyServerError          the KMIP key server or the broker is down, slow or refuses
-        ├── TpmError                the host's TPM (swtpm) cannot start or refuses a command
-        └── AttestationError        the broker refused a host (says why: signature, nonce, PCR)
+    ├── TenantError                 the tenant's side: key server, TPM, attestation, image at rest
+    │   ├── KeyServerError          the KMIP key server or the broker is down, slow or refuses
+    │   ├── TpmError                the host's TPM (swtpm) cannot start or refuses a command
+    │   └── AttestationError        the broker refused a host (says why: signature, nonce, PCR)
+    └── RemoteError                 a running host's answer on its control socket: also an instance
+                                    of the error's own class there (:func:`remote_error`)
 
 Misuse of the Python API (a wrong type, a negative size) is ``ValueError`` / ``TypeError``
 naming the parameter, not part of this tree. ``OSError`` and asyncio failures that cross a
 public boundary are re-raised as one of these with ``raise ... from err``; cancellation passes
-through untouched.
+through untouched. Other layers may derive their own (``attack.bus.AttackError``); the tree
+above draws this module's classes, and ``tests/test_errors.py`` checks it against them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
-import sys as _sys
+import logging
+from collections.abc import Iterator
 
 
 class MktmeError(Exception):
@@ -233,6 +240,25 @@ class IntegrityError(SnapshotError):
     """Authentication or format check failed: tampered, truncated, reordered or wrong key."""
 
 
+# --- key material ------------------------------------------------------------------------------
+
+
+class KeyMaterialError(MktmeError, ValueError):
+    """A key that cannot be used (:mod:`qemu_mktme.keymaterial`); ``reason`` names the check that
+    failed, the same through every door. The message never repeats key material."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class KeyFileError(KeyMaterialError):
+    """A key file that cannot be used; the message names the file, never its content."""
+
+    def __init__(self, message: str, reason: str = "file") -> None:
+        super().__init__(message, reason)
+
+
 # --- the tenant's side ------------------------------------------------------------------------
 
 
@@ -252,15 +278,16 @@ class AttestationError(TenantError):
     """The key broker refused to release a key to a host; the message says why."""
 
 
-# --- answers of a running host ----------------------------------------------------------------
+# --- errors from a running host ---------------------------------------------------------------
 
 
 class RemoteError(MktmeError):
     """A running host (over its control socket) answered a request with an error.
 
     ``remote_type`` is the class name the host raised; :func:`remote_error` makes the exception
-    an instance of that class too when it is one of this tree (or ``ValueError``), so callers
-    catch a refused snapshot as ``SnapshotError`` and a dead host (``AttachError``) apart.
+    an instance of that class too when it is known here (any :class:`MktmeError`, or a builtin
+    such as ``ValueError``), so callers catch a refused snapshot as ``SnapshotError`` and a dead
+    host (``AttachError``) apart.
     """
 
     def __init__(self, message: str, *, remote_type: str = "", host: str = "") -> None:
@@ -272,24 +299,46 @@ class RemoteError(MktmeError):
         return str(self.args[0]) if self.args else ""
 
 
+_BUILTIN: dict[str, type[Exception]] = {c.__name__: c for c in (ValueError, TypeError, OSError, LookupError,
+                                                               RuntimeError, TimeoutError)}
 _REMOTE: dict[str, type[RemoteError]] = {}
 
 
+def _subclasses(cls: type[Exception]) -> list[type[Exception]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
 def remote_error(remote_type: str, message: str, *, host: str = "") -> RemoteError:
-    """A :class:`RemoteError` that is also an instance of the class named ``remote_type`` (a
-    class of this module, or ``ValueError``), as a host's control socket reported it."""
+    """The client's side of an error answer: a :class:`RemoteError` that is also an instance of
+    the class named ``remote_type`` (an :class:`MktmeError` of any layer, or a builtin such as
+    ``ValueError``), or a plain ``RemoteError`` for a name not known here."""
     cls = _REMOTE.get(remote_type)
     if cls is None:
-        base = getattr(_sys.modules[__name__], remote_type, None)
-        if remote_type == "ValueError":
-            base = ValueError
-        if isinstance(base, type) and issubclass(base, Exception) and base is not RemoteError and \
-                (issubclass(base, MktmeError) or base is ValueError):
-            cls = type(f"Remote{remote_type}", (RemoteError, base), {"__module__": __name__})
-        else:
+        known = {c.__name__: c for c in reversed(_subclasses(MktmeError)) if not issubclass(c, RemoteError)}
+        base = known.get(remote_type) or _BUILTIN.get(remote_type)
+        if base is None:
             cls = RemoteError
-        _REMOTE[remote_type] = cls
+        else:
+            cls = _REMOTE[remote_type] = type(f"Remote{remote_type}", (RemoteError, base), {"__module__": __name__})
     err = cls(message, remote_type=remote_type, host=host)
     if isinstance(err, KeyServiceError):
-        err.errno = 0
+        err.errno = 0                           # the remote errno is in the message
     return err
+
+
+# --- clean-up whose failure changes nothing for the caller --------------------------------------
+
+
+@contextlib.contextmanager
+def logged(logger: str, what: str, *kinds: type[BaseException]) -> Iterator[None]:
+    """``contextlib.suppress(*kinds)`` (default: ``Exception``) that says what it swallowed:
+    the error goes to logger ``logger`` (a module's ``__name__``) at debug level, with ``what``
+    was being done. For clean-up that must not mask the error or result that matters."""
+    caught: tuple[type[BaseException], ...] = kinds or (Exception,)
+    try:
+        yield
+    except caught as err:
+        logging.getLogger(logger).debug("%s: %s: %s", what, type(err).__name__, err)

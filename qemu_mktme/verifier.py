@@ -39,7 +39,8 @@ from . import images
 from .live.encrypted import EncryptedMachine
 from .live.launch import launch_machine
 from .qemu.devices import DiskSpec, NetSpec
-from .qemu.machine import Machine, MachineConfig, VmState, parse_size
+from .arch.sizes import parse_size
+from .qemu.machine import Machine, MachineConfig, VmState
 from .live.migrate import migrate, plain_migrate
 from .live.snapshot import restore_snapshot, save_snapshot
 from .tenant.pki import create_pki
@@ -194,7 +195,7 @@ PATTERN_GPA, PATTERN_LEN = 0x300000, 1 << 20
 
 async def _drive_baremetal(vm: Machine, emu: Emulation | None, run: Run) -> None:
     con = vm.console
-    await con.wait_for(r"mktme> ", 30)
+    await con.wait_for(re.escape(images.BAREMETAL.prompt), 30)
     await con.command(f"fill {PATTERN_GPA:#x} {PATTERN_LEN} 0xa5 8", r"ok fill .*\n", 60)
     await con.command(f"writehex {PATTERN_GPA + 4096:#x} 00112233445566778899aabbccddeeff", r"ok writehex .*\n")
     if emu is not None:
@@ -209,7 +210,7 @@ async def _drive_baremetal(vm: Machine, emu: Emulation | None, run: Run) -> None
 
 def _linux_driver(marker: str, save: bool = True) -> Driver:
     async def drive(vm: Machine, emu: Emulation | None, run: Run) -> None:
-        await vm.console.wait_for(r"mktme-linux: holding\n", 120)
+        await vm.console.wait_for(images.LINUX.marker(r"holding\n"), 120)
         if emu is not None:
             await emu.touch(vm)
             if save and isinstance(vm, EncryptedMachine):
@@ -311,7 +312,7 @@ async def _drive_debian(vm: Machine, emu: Emulation | None, run: Run) -> None:
         await emu.touch(vm)
     if run.hostfwd_port is not None:      # the guest's banner through virtio-net, slirp and hostfwd
         banner = await _read_banner(run.hostfwd_port, 300)
-        if not banner.startswith("mktme-debian: banner host=debian"):
+        if not banner.startswith(images.DEBIAN.tag + "banner host=debian"):
             raise QemuError(f"{vm.name}: the guest's TCP banner through hostfwd was {banner!r}")
         if emu is not None:
             emu.notes.append("virtio-net: the guest's banner read through QEMU's user networking (hostfwd)")
@@ -434,7 +435,8 @@ async def run_once(work: Workload, emu: Emulation | None) -> Run:
         if work.net:
             run.hostfwd_port = _free_port()
             nets = (NetSpec("user", (f"tcp:127.0.0.1:{run.hostfwd_port}-:7777",)),)
-        config = MachineConfig(boot=work.boot(image), memory=work.memory_bytes, disks=disks, nets=nets, name=name)
+        config = images.machine_config(work.image, image=image, boot=work.boot(image), memory=work.memory_bytes,
+                                       disks=disks, nets=nets, name=name)
         start = time.perf_counter()
         if emu is None:
             vm: Machine = await stack.enter_async_context(Machine(config))

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # this checkout's package
 
 from qemu_mktme import images
-from qemu_mktme.files.keyfile import read_key_file
+from qemu_mktme.keymaterial import read_key_file
 from qemu_mktme.qemu import binary, passthrough
 from qemu_mktme.live.session import HostSession, VmSpec
 from qemu_mktme.qemu.devices import DiskSpec

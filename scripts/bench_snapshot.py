@@ -44,7 +44,8 @@ from qemu_mktme.host.host import Host
 from qemu_mktme.live import snapshot
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.snapshot import _migration_done, restore_snapshot, save_snapshot
-from qemu_mktme.qemu.machine import MachineConfig, VmState, parse_size
+from qemu_mktme.arch.sizes import parse_size
+from qemu_mktme.qemu.machine import MachineConfig, VmState
 
 UNTHROTTLED = 1 << 40  # bytes/s: what virsh save sets (libvirt: "unlimited")
 QEMU_DEFAULT_BANDWIDTH = 128 << 20

@@ -13,7 +13,7 @@ and sealed again without the KEK, plus a duplicated key sealed *with* it. Each c
 through ``verify_snapshot``; ``--restores`` of them, spread over the categories, also through a
 real restore, which must refuse and leave no guest. It prints one line per category and the
 total; any copy accepted is listed and makes the exit status 1. The test suite runs a bounded
-form (``tests/qemu/test_snapshot_probe.py``).
+form (``tests/live/test_snapshot_probe.py``).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests" / "vhost"))
 sys.path.insert(0, str(ROOT))
 from fake_driver import F_NEXT, F_WRITE, HEADER, FakeDriver, connect_unix, sealed_memfd  # noqa: E402
 
-from qemu_mktme.qemu.machine import _set_pdeathsig  # noqa: E402
+from qemu_mktme.qemu.machine import set_pdeathsig  # noqa: E402
 from qemu_mktme.vhost import protocol as p  # noqa: E402
 
 T_IN, T_OUT, T_FLUSH = 0, 1, 4
@@ -76,7 +76,7 @@ class Backend:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "qemu_mktme.vhost", "--socket", str(self.sock), "--disk", str(self.disk),
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=self.dir,
-            env=dict(os.environ, PYTHONPATH=str(code)), preexec_fn=_set_pdeathsig)   # dies with the probe
+            env=dict(os.environ, PYTHONPATH=str(code)), preexec_fn=set_pdeathsig)   # dies with the probe
         assert self.proc.stdout is not None
         while b"listening" not in (line := await asyncio.wait_for(self.proc.stdout.readline(), 20 * _scale())):
             if not line:

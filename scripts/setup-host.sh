@@ -1,7 +1,31 @@
 #!/bin/sh
 # Install what qemu-mktme needs from Debian when it is missing; do nothing when all is there.
 # Needs root (or sudo without a password) only when something must be installed.
+#   --plan   say what this Debian release gets (no change to the system) and exit
 set -eu
+
+# Which Debian decides what QEMU 10 is, read from os-release (the same rule as
+# qemu_mktme.images.backports.qemu10_source): Debian 12 (bookworm) ships QEMU 7.2, and
+# 'qemu-mktme images build qemu10' unpacks 10.x from bookworm-backports into the cache; Debian 13
+# (trixie) and later ship 10.x, so qemu10 is the system QEMU and bookworm-backports does not apply.
+os_release=${QEMU_MKTME_OS_RELEASE:-/etc/os-release}
+os_field() { sed -n "s/^$1=//p" "$os_release" 2>/dev/null | tr -d "\"'" | head -n 1; }
+os_id=$(os_field ID); os_version=$(os_field VERSION_ID); os_codename=$(os_field VERSION_CODENAME)
+os_major=${os_version%%.*}
+if [ "$os_id" != debian ]; then
+    qemu10="not Debian's on ${os_id:-a system without $os_release}: give a QEMU 10 with --qemu PATH (the packages installed below are named as Debian names them)"
+elif [ "$os_codename" = bookworm ] || [ "$os_major" = 12 ]; then
+    qemu10="bookworm-backports, unpacked in the cache by 'qemu-mktme images build qemu10'"
+elif { [ -n "$os_major" ] && [ "$os_major" -ge 13 ] 2>/dev/null; } \
+        || { [ -z "$os_major" ] && [ -n "$os_codename" ] && [ "$os_codename" != bullseye ]; }; then
+    qemu10="the system QEMU (Debian ${os_version:-$os_codename} ships 10.x; no backports)"
+else
+    qemu10="not available: Debian ${os_version:-$os_codename} is older than 12 (bookworm), the oldest tested"
+fi
+if [ "${1:-}" = --plan ]; then
+    echo "${os_id:-?} ${os_version:-?} (${os_codename:-?}): QEMU 10 is $qemu10"
+    exit 0
+fi
 
 missing=""
 need() { command -v "$1" >/dev/null 2>&1 || missing="$missing $2"; }

@@ -10,9 +10,10 @@ pytest_plugins = ["pytester"]
 
 # Directories and modules that must never need QEMU or the guest images.
 PURE = ("tests/arch/", "tests/engine/", "tests/host/test_keys.py", "tests/host/test_guest_model.py",
-        "tests/inspect/test_", "tests/shim/test_foreign_lines.py", "tests/shim/test_shim_layout.py",
+        "tests/inspect/test_", "tests/trace/test_foreign_lines.py", "tests/trace/test_shim_layout.py",
         "tests/test_layers.py", "tests/test_suite.py", "tests/vhost/test_blk_device.py",
-        "tests/vhost/test_hostile_rings.py", "tests/vhost/test_flush_durability.py")
+        "tests/vhost/test_hostile_rings.py", "tests/vhost/test_flush_durability.py", "tests/host/test_tables.py",
+        "tests/vhost/test_virtqueue.py", "tests/test_keymaterial.py", "tests/test_errors.py", "tests/live/test_disks.py")
 NOT_PURE = ("tests/inspect/test_live.py",)
 
 

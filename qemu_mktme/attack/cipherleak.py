@@ -35,7 +35,7 @@ from ..trace.tracer import Tracer
 from .bus import AttackError, HostMapping, check_target
 
 XTS_BLOCK = 16
-_READY = re.compile(r"mktme-linux: bits ready .*\n")
+_READY = re.compile(images.LINUX.marker(r"bits ready .*\n"))
 
 
 @dataclass
@@ -87,7 +87,7 @@ async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), per
     machine = functools.partial(EncryptedMachine, host, key_serial=serial, tenant="victim")
     results = []
     async with Tracer() as tracer, await launch_machine(config, tracer=tracer, machine=machine) as vm:
-        m = await vm.console.wait_for(r"mktme-linux: bits at (0x[0-9a-f]+) n=\d+\n", timeout)
+        m = await vm.console.wait_for(images.LINUX.marker(r"bits at (0x[0-9a-f]+) n=\d+\n"), timeout)
         addr = int(m[1], 16)
         block = addr - addr % XTS_BLOCK
         check_target(vm.guest, block)
@@ -111,7 +111,7 @@ async def cipherleak(*, secret: str, passes: Sequence[bool] = (False, True), per
                 r.seconds = time.monotonic() - (started or time.monotonic())
             r.recovered = decode(reference, r.samples)
             r.distinct_ciphertexts = len(set(r.samples))
-            await vm.console.wait_for(r"mktme-linux: bits done n=\d+ mitigate=[01]\n", timeout)
+            await vm.console.wait_for(images.LINUX.marker(r"bits done n=\d+ mitigate=[01]\n"), timeout)
             out(f"secret    {secret}")
             out(f"recovered {r.recovered}")
             out(r.summary())

@@ -32,8 +32,8 @@ BAREMETAL_PIN_COUNTER = 0x500000
 BAREMETAL_TABLE_VARIABLE = 0x501000
 BAREMETAL_ROUNDS_PER_SECOND = 25_000_000
 """Busy rounds per second of the bare-metal guest under TCG with the shim (measured: ~27 M)."""
-_LINUX_ANSWER = re.compile(r"mktme-linux: pin (wrong: \S*|ok: unlocked|locked after \d+ wrong PINs)\n")
-_LINUX_PROMPT = re.compile(r"mktme-linux: pin\? \(wrong so far: (\d+) of 3\)\n")
+_LINUX_ANSWER = re.compile(images.LINUX.marker(r"pin (wrong: \S*|ok: unlocked|locked after \d+ wrong PINs)\n"))
+_LINUX_PROMPT = re.compile(images.LINUX.marker(r"pin\? \(wrong so far: (\d+) of 3\)\n"))
 _BAREMETAL_ANSWER = re.compile(r"ok pin (wrong (\d+)|unlocked|locked (\d+))\n")
 
 
@@ -75,10 +75,10 @@ class PinVictim:
     async def ready(self, vm, timeout: float) -> int:  # type: ignore[no-untyped-def]
         """Wait until the victim asks for its first PIN; returns the counter's GPA."""
         if self.guest == "linux":
-            m = await vm.console.wait_for(r"mktme-linux: pin counter at (0x[0-9a-f]+)\n", timeout)
+            m = await vm.console.wait_for(images.LINUX.marker(r"pin counter at (0x[0-9a-f]+)\n"), timeout)
             await vm.console.wait_for(_LINUX_PROMPT, timeout)
             return int(m[1], 16)
-        await vm.console.wait_for("mktme> ", timeout)
+        await vm.console.wait_for(re.escape(images.BAREMETAL.prompt), timeout)
         await vm.console.command(f"pinset {BAREMETAL_PIN_COUNTER:#x} {int(self.pin)}", r"ok pinset .*\n", timeout)
         return BAREMETAL_PIN_COUNTER
 
@@ -135,10 +135,10 @@ class TableVictim:
     async def ready(self, vm, timeout: float) -> int:  # type: ignore[no-untyped-def]
         """Wait until the victim can run; returns the variable's GPA."""
         if self.guest == "linux":
-            m = await vm.console.wait_for(r"mktme-linux: table at (0x[0-9a-f]+) n=\d+ width=\d\n", timeout)
-            await vm.console.wait_for(r"mktme-linux: table ready .*\n", timeout)
+            m = await vm.console.wait_for(images.LINUX.marker(r"table at (0x[0-9a-f]+) n=\d+ width=\d\n"), timeout)
+            await vm.console.wait_for(images.LINUX.marker(r"table ready .*\n"), timeout)
             return int(m[1], 16)
-        await vm.console.wait_for("mktme> ", timeout)
+        await vm.console.wait_for(re.escape(images.BAREMETAL.prompt), timeout)
         return BAREMETAL_TABLE_VARIABLE
 
     async def run(self, vm, slower: int = 1) -> None:  # type: ignore[no-untyped-def]
@@ -154,8 +154,8 @@ class TableVictim:
 
     async def done(self, vm, timeout: float) -> None:  # type: ignore[no-untyped-def]
         """Wait for the end of the run and for the victim to be ready for the next one."""
-        pattern = (r"mktme-linux: table done n=\d+\n(.|\n)*mktme-linux: table ready .*\n" if self.guest == "linux"
-                   else r"ok table \d+\n(.|\n)*mktme> ")
+        pattern = (images.LINUX.marker(r"table done n=\d+\n(.|\n)*") + images.LINUX.marker(r"table ready .*\n") if self.guest == "linux"
+                   else r"ok table \d+\n(.|\n)*" + re.escape(images.BAREMETAL.prompt))
         await vm.console.wait_for(pattern, timeout, since=self._mark)
 
 

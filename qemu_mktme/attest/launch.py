@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.msr import Algorithm
-from ..errors import AttestationError, TenantError
+from ..errors import AttestationError, TenantError, logged
 from ..host.payload import KeyType, Payload
+from ..keymaterial import KeyMaterialError, check_pair
 from ..host.sanitizer import Sanitizer
 from ..live.encrypted import EncryptedMachine
 from ..live.session import HostSession, OwnedPayload, VmSpec
@@ -74,9 +75,14 @@ class TenantLaunch:
 
 
 def memory_payload(key: bytes) -> Payload:
-    """A 32-byte tenant key as MKTME's AES-XTS-128 data key and tweak key."""
-    if len(key) != 32 or key[:16] == key[16:]:
-        raise TenantError("the released memory key is not a usable AES-XTS-128 key pair")
+    """A 32-byte tenant key as MKTME's AES-XTS-128 data key and tweak key (checked as every key is)."""
+    if len(key) != 32:
+        raise TenantError("the released memory key is not a usable AES-XTS-128 key pair: "
+                          f"32 bytes expected, got {len(key)}")
+    try:
+        check_pair(key[:16], key[16:], Algorithm.AES_XTS_128)
+    except KeyMaterialError as err:
+        raise TenantError(f"the released memory key is not a usable AES-XTS-128 key pair: {err}") from None
     return Payload(KeyType.USER, Algorithm.AES_XTS_128, key[:16], key[16:])
 
 
@@ -169,7 +175,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
                 raise refusal from err        # QEMU failed first, but the host was refused: that is why
             raise
         finally:
-            with contextlib.suppress(BaseException):
+            with logged(__name__, "waiting for the attestation worker", BaseException):
                 done = await work              # the worker uses the TPM: it ends before the TPM does
                 if done.image is not None:
                     os.close(done.image.fd)
@@ -177,7 +183,7 @@ async def attested_session(launch: TenantLaunch, config: MachineConfig, *, tenan
 
 async def _refusal(work: asyncio.Future[_Released]) -> AttestationError | None:
     """The broker's refusal, once the attestation (still running when QEMU failed) has ended."""
-    with contextlib.suppress(BaseException):
+    with logged(__name__, "waiting for the attestation", BaseException):
         await asyncio.wait([work])
     if work.done() and not work.cancelled() and isinstance(work.exception(), AttestationError):
         return work.exception()  # type: ignore[return-value]

@@ -25,13 +25,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AttestationError
-from .tpm import Quote, _pytss
+from .tpm import Quote, pytss
 
 TPM_GENERATED = 0xFF544347
 
 
 def _public(blob: bytes, what: str):
-    t = _pytss()
+    t = pytss()
     try:
         public, _ = t.TPM2B_PUBLIC.unmarshal(blob)
         key = serialization.load_pem_public_key(public.publicArea.to_pem())
@@ -48,7 +48,7 @@ def ak_fingerprint(ak_public: bytes) -> str:
 
 
 def _attest(quote: Quote, ak_public: bytes, nonce: bytes, kind: str):
-    t = _pytss()
+    t = pytss()
     public, key = _public(ak_public, "attestation key")
     attrs = public.publicArea.objectAttributes
     if not (attrs & t.TPMA_OBJECT.RESTRICTED and attrs & t.TPMA_OBJECT.SIGN_ENCRYPT and attrs & t.TPMA_OBJECT.FIXEDTPM):
@@ -70,7 +70,7 @@ def _attest(quote: Quote, ak_public: bytes, nonce: bytes, kind: str):
 
 def verify_quote(quote: Quote, ak_public: bytes, nonce: bytes) -> tuple[tuple[int, ...], bytes]:
     """The quoted PCR selection (sha256 bank) and PCR digest, once signature, type and nonce hold."""
-    t = _pytss()
+    t = pytss()
     attest = _attest(quote, ak_public, nonce, "quote")
     if attest.type != t.TPM2_ST.ATTEST_QUOTE:
         raise AttestationError("the quote is not a TPM2_Quote")
@@ -86,7 +86,7 @@ def verify_quote(quote: Quote, ak_public: bytes, nonce: bytes) -> tuple[tuple[in
 
 def verify_binding(certify: Quote, ak_public: bytes, binding_public: bytes, nonce: bytes):
     """The binding key (``cryptography`` public key) once the AK certified it, fixed to its TPM."""
-    t = _pytss()
+    t = pytss()
     attest = _attest(certify, ak_public, nonce, "binding-key certification")
     if attest.type != t.TPM2_ST.ATTEST_CERTIFY:
         raise AttestationError("the binding-key certification is not a TPM2_Certify")

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import TpmError
 from ..files import runtime
-from ..qemu.machine import _set_pdeathsig
+from ..qemu.machine import set_pdeathsig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _BIND_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|decrypt|nod
 _SRK_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|decrypt|noda"
 
 
-def _pytss():
+def pytss():
     """tpm2-pytss, imported on first use (it loads libtss2 and is only needed by TPM users)."""
     os.environ.setdefault("TSS2_LOG", "all+NONE")     # tpm2-tss logs refusals we report ourselves
     try:
@@ -78,7 +78,7 @@ def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         # and exec, so subprocess can vfork (a fork of this large process, GIL held, costs 10-40 ms
         # on a busy machine, on the attested launch's critical path)
         return _spawner.submit(_popen, [setpriv, "--pdeathsig", "KILL", "--", *argv], **kwargs).result()
-    return _spawner.submit(_popen, argv, preexec_fn=_set_pdeathsig, **kwargs).result()
+    return _spawner.submit(_popen, argv, preexec_fn=set_pdeathsig, **kwargs).result()
 
 
 def _popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -205,7 +205,7 @@ class Tpm:
     """ESAPI over one swtpm socket. Every method loads what it needs and flushes it again."""
 
     def __init__(self, socket_path: str | os.PathLike[str]) -> None:
-        t = _pytss()
+        t = pytss()
         self._publics: dict[str, tuple[bytes, bytes]] = {}   # AK and binding key: public area, name
         for _attempt in range(100):              # the data channel may listen a moment after ctrl
             try:
@@ -218,7 +218,7 @@ class Tpm:
 
     def close(self) -> None:
         """TPM2_Shutdown (an orderly shutdown, as a host's firmware does), then release the TCTI."""
-        t = _pytss()
+        t = pytss()
         try:
             self._esys.shutdown(t.TPM2_SU.CLEAR)
         except Exception as err:  # noqa: BLE001 - a TPM already gone needs no shutdown
@@ -234,7 +234,7 @@ class Tpm:
     # ------------------------------------------------------------------ PCRs
 
     def extend(self, pcr: int, digest: bytes) -> None:
-        t = _pytss()
+        t = pytss()
         values = t.TPML_DIGEST_VALUES([t.TPMT_HA(hashAlg=t.TPM2_ALG.SHA256, digest=t.TPMU_HA(sha256=digest))])
         self._call("PCR_Extend", self._esys.pcr_extend, t.ESYS_TR.parse(f"pcr{pcr}"), values)
 
@@ -246,7 +246,7 @@ class Tpm:
 
     @contextlib.contextmanager
     def _primary(self, template: str, attrs: str, hierarchy: str) -> Iterator[tuple[object, object]]:
-        t = _pytss()
+        t = pytss()
         public = t.TPM2B_PUBLIC.parse(template, objectAttributes=attrs)
         handle, out_public, *_ = self._call("CreatePrimary", self._esys.create_primary, t.TPM2B_SENSITIVE_CREATE(),
                                              public, getattr(t.ESYS_TR, hierarchy))
@@ -283,14 +283,14 @@ class Tpm:
 
     def quote(self, nonce: bytes, pcrs: str = PCR_SELECTION) -> Quote:
         """TPM2_Quote over ``pcrs`` with ``nonce`` as qualifying data, signed by the AK."""
-        t = _pytss()
+        t = pytss()
         with self._ak() as (ak, _):
             attest, sig = self._call("Quote", self._esys.quote, ak, pcrs, t.TPM2B_DATA(nonce))
         return Quote(bytes(attest.marshal())[2:], _der_signature(sig))
 
     def certify_binding(self, nonce: bytes) -> Quote:
         """TPM2_Certify of the binding key by the AK: proof that the binding key lives in this TPM."""
-        t = _pytss()
+        t = pytss()
         with self._ak() as (ak, _), self._binding() as (bind, _):
             attest, sig = self._call("Certify", self._esys.certify, bind, ak, t.TPM2B_DATA(nonce),
                                      t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.NULL))
@@ -298,7 +298,7 @@ class Tpm:
 
     def quote_and_certify(self, nonce: bytes, pcrs: str = PCR_SELECTION) -> tuple[Quote, Quote]:
         """:meth:`quote` and :meth:`certify_binding` for one nonce, the AK created once for both."""
-        t = _pytss()
+        t = pytss()
         with self._ak() as (ak, _):
             attest, sig = self._call("Quote", self._esys.quote, ak, pcrs, t.TPM2B_DATA(nonce))
             quote = Quote(bytes(attest.marshal())[2:], _der_signature(sig))
@@ -313,7 +313,7 @@ class Tpm:
 
     def ecdh_all(self, points: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
         """:meth:`ecdh` for several points, with the binding key loaded once."""
-        t = _pytss()
+        t = pytss()
         out = []
         with self._binding() as (bind, _):
             for x, y in points:
@@ -324,7 +324,7 @@ class Tpm:
     # ------------------------------------------------------------------ sealing
 
     def _pcr_policy_digest(self, pcrs: str, trial: bool) -> tuple[object, bytes]:
-        t = _pytss()
+        t = pytss()
         kind = t.TPM2_SE.TRIAL if trial else t.TPM2_SE.POLICY
         session = self._esys.start_auth_session(t.ESYS_TR.NONE, t.ESYS_TR.NONE, kind,
                                                 t.TPMT_SYM_DEF(algorithm=t.TPM2_ALG.NULL), t.TPM2_ALG.SHA256)
@@ -338,7 +338,7 @@ class Tpm:
 
     def seal(self, secret: bytes, pcrs: str = PCR_SELECTION) -> SealedBlob:
         """Seal ``secret`` (<= 128 bytes) to the current values of ``pcrs`` under the storage key."""
-        t = _pytss()
+        t = pytss()
         session, policy = self._pcr_policy_digest(pcrs, trial=True)
         self._esys.flush_context(session)
         public = t.TPM2B_PUBLIC(t.TPMT_PUBLIC(
@@ -354,7 +354,7 @@ class Tpm:
 
     def unseal(self, blob: SealedBlob, pcrs: str = PCR_SELECTION) -> bytes:
         """The sealed secret, or ``TpmError`` when the PCRs differ from the sealed state."""
-        t = _pytss()
+        t = pytss()
         try:
             public, _ = t.TPM2B_PUBLIC.unmarshal(blob.public)
             private, _ = t.TPM2B_PRIVATE.unmarshal(blob.private)

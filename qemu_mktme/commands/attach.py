@@ -9,7 +9,7 @@ from typing import Any
 
 from ..attend import attend
 from ..errors import MktmeError
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from ..live.encrypted import shim_hint
 from ..live.session import HostSession
 from ..qemu.binary import find_qemu

@@ -10,7 +10,6 @@ Each action's ``func`` returns a coroutine, which the CLI runs (``cli.run_async`
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from ..attack.matrix import ATTACKS, CONTROLS, Matrix, run_matrix
 from ..attack.replay import DEFAULT_ALIAS_BIT, random_pin
 from ..attack.victims import GUESTS
 from ..engine.platform import MITIGATIONS
-from .options import UsageError, alias_bit
+from .options import UsageError, alias_bit, print_json
 
 
 def _pin(text: str) -> str:
@@ -86,7 +85,7 @@ def _png_file(text: str) -> str:
 
 def _print_cells(m: Matrix, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(m.to_json(), indent=2))
+        print_json(m.to_json())
         return
     print("== verdicts")
     for c in m.cells:
@@ -135,9 +134,9 @@ async def _cipherleak_counter(args: argparse.Namespace) -> int:
     passes = {"off": [False], "on": [True], "both": [False, True]}[args.counter]
     results = await cipherleak(secret=secret, passes=passes, period=args.period, mitigation=args.mitigation[0])
     if args.json:
-        print(json.dumps([{"mitigated": r.mitigated, "secret": r.secret, "recovered": r.recovered,
-                           "correct": r.correct, "total": len(r.secret), "seconds": round(r.seconds, 3),
-                           "distinct_ciphertexts": r.distinct_ciphertexts} for r in results], indent=2))
+        print_json([{"mitigated": r.mitigated, "secret": r.secret, "recovered": r.recovered,
+                     "correct": r.correct, "total": len(r.secret), "seconds": round(r.seconds, 3),
+                     "distinct_ciphertexts": r.distinct_ciphertexts} for r in results])
     return 0
 
 
@@ -152,7 +151,7 @@ async def _matrix(args: argparse.Namespace) -> int:
     print(f"{len(m.cells)} cells in {m.seconds:.0f} s (load {m.load}); {len(m.unexpected)} not as expected",
           file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
-        print(json.dumps(m.to_json(), indent=2))
+        print_json(m.to_json())
     elif args.json:
         m.save_json(args.json)
     if args.png:

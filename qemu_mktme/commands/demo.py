@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import demo
-from ..tenant import story as tenant_story
+from ..demo import story
+from ..demo import tenant as tenant_story
 
 
 def register(sub: Any) -> None:
@@ -16,4 +16,4 @@ def register(sub: Any) -> None:
     dm.add_argument("--png", default="mktme-demo.png", help="where to write the KeyID/entropy map (default: %(default)s)")
     dm.add_argument("--tenant", action="store_true",
                     help="the tenant's story instead: key server, attested host, encrypted image, tampered host refused")
-    dm.set_defaults(func=lambda a: tenant_story.main() if a.tenant else demo.main(a.png))
+    dm.set_defaults(func=lambda a: tenant_story.main() if a.tenant else story.main(a.png))

@@ -49,7 +49,8 @@ def register(sub: Any) -> None:
     b = img_sub.add_parser("build", help="build guest images into the cache (skips current ones)")
     b.add_argument("names", nargs="*", metavar="NAME",
                    help=f"images to build (default: all of {', '.join(images.RECIPES)}, the shim, and "
-                        f"{', '.join(backports.RELEASES)}: QEMU from bookworm-backports, unpacked in the cache)")
+                        f"{', '.join(backports.RELEASES)}: QEMU 10, from bookworm-backports unpacked in the cache on "
+                        "Debian 12, the system's on Debian 13)")
     b.add_argument("--force", action="store_true", help="rebuild even when current")
     b.set_defaults(func=images_build)
     ls = img_sub.add_parser("list", help="show the images and their state")

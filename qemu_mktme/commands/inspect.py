@@ -15,21 +15,21 @@ the spec inside the action, never through argparse (whose errors would echo it).
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from typing import Any
 
 from ..arch.addresses import PAGE_SIZE
+from ..arch.sizes import parse_number
 from ..inspect.decrypt import extract
 from ..inspect.diff import BLOCKS_PER_LINE, diff_dumps
 from ..files.dumpfile import Dump
 from ..inspect.entropy import DEFAULT_THRESHOLD, HISTOGRAM_EDGES, dump_entropy
-from ..inspect.keyspec import parse_key_spec
+from ..keymaterial import xts_key
 from ..files.atomic import check_target
 from ..inspect.layout import UNTAGGED, keyid_map
 from ..inspect.plot import diff_png, entropy_png, map_png
 from ..inspect.search import DEFAULT_MAX_MATCHES, DEFAULT_WINDOW, Pattern, search
+from .options import print_json
 
 PROG = "qemu-mktme"
 KEY_HELP = ("KEYHEX:TWEAKHEX[:aes-xts-128|aes-xts-256], or @FILE holding 'KEYHEX TWEAKHEX' (keeps the key "
@@ -38,10 +38,10 @@ KEY_HELP = ("KEYHEX:TWEAKHEX[:aes-xts-128|aes-xts-256], or @FILE holding 'KEYHEX
 
 def _number(text: str) -> int:
     """An address or size: 4096, 0x1000, 4K, 2M, 1G."""
-    m = re.fullmatch(r"\s*(0[xX][0-9a-fA-F_]+|\d[\d_]*)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r} (examples: 4096, 0x200000, 4K, 1M)")
-    return int(m[1], 0) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m[2].lower()]
+    try:
+        return parse_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive(text: str) -> int:
@@ -69,10 +69,6 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _warn(text: str) -> None:
@@ -108,7 +104,7 @@ def do_map(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {args.png} ({size[0]}x{size[1]})")
     if args.json:
-        _print_json(kmap.to_json())
+        print_json(kmap.to_json())
         return 0
     print(f"{dump.path}: {len(kmap.regions)} VM(s), {kmap.npages} pages ({_mib(kmap.npages * PAGE_SIZE)})")
     print(f"{'KeyID':>6} {'pages':>10} {'size':>11}  VMs")
@@ -140,7 +136,7 @@ def do_entropy(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {args.png} ({size[0]}x{size[1]})")
     if args.json:
-        _print_json(emap.to_json(_limit(args.limit)))
+        print_json(emap.to_json(_limit(args.limit)))
         return 0
     total = emap.summary()
     if not total["pages"]:
@@ -174,7 +170,7 @@ def do_entropy(args: argparse.Namespace) -> int:
 def do_search(args: argparse.Namespace) -> int:
     dump = Dump(args.dump)
     pattern = Pattern(args.pattern, regex=args.regex, hex=args.hex, window=args.window)
-    key = parse_key_spec(args.key) if args.key is not None else None
+    key = xts_key(args.key) if args.key is not None else None
     result = search(dump, pattern, key=key, vm=args.vm, max_matches=_limit(args.max_matches))
     for info in result.regions:
         if info.reason:
@@ -183,7 +179,7 @@ def do_search(args: argparse.Namespace) -> int:
             _warn(f"{info.vm}: the key decrypts nothing meaningful: all {info.sampled_pages} sampled pages still "
                   f"look random (mean {info.mean_bits:.3f} bits/byte); wrong key?")
     if args.json:
-        _print_json(result.to_json())
+        print_json(result.to_json())
         return 0
     for m in result.matches:
         tag = "no EPT entry" if m.keyid == UNTAGGED else f"KeyID {m.keyid}"
@@ -200,14 +196,14 @@ def do_decrypt(args: argparse.Namespace) -> int:
     dump = Dump(args.dump)
     if args.raw == (args.key is not None):
         raise ValueError("give exactly one of --key and --raw")
-    key = parse_key_spec(args.key) if args.key is not None else None
+    key = xts_key(args.key) if args.key is not None else None
     out = extract(dump, args.output, key=key, nbytes=args.length, gpa=args.gpa, hpa=args.hpa, vm=args.vm,
                   force=args.force)
     if out.looks_random:
         _warn(f"the decrypted pages look random ({out.pages} page(s), mean {out.mean_bits:.3f} bits/byte): wrong key? "
               "(without integrity a wrong key decrypts without error)")
     if args.json:
-        _print_json(out.to_json())
+        print_json(out.to_json())
         return 0
     what = "plaintext" if out.decrypted else "raw DRAM"
     print(f"wrote {out.nbytes} bytes of {what} of {out.vm} HPA {out.hpa:#x} (GPA {_hexn(out.gpa)}) to {out.path}")
@@ -223,7 +219,7 @@ def do_diff(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"wrote {args.png} ({size[0]}x{size[1]})")
     if args.json:
-        _print_json(result.to_json(_limit(args.limit)))
+        print_json(result.to_json(_limit(args.limit)))
         return 0
     for d in result.regions:
         print(f"{d.vm}: {d.changed_blocks} of {d.total_blocks} 16-byte blocks changed, in {d.changed_lines} "

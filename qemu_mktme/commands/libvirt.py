@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import images
 from ..qemu.binary import find_qemu
-from ..qemu.machine import parse_size
+from ..arch.sizes import parse_size
 from ..virt import domain as dom
 from ..virt import hooks
 from ..virt.fleet import domain_bindings, start_domain

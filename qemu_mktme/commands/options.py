@@ -11,8 +11,9 @@ from typing import Any
 
 from .. import images
 from ..qemu.devices import DiskSpec, NetSpec
+from ..arch.sizes import parse_size
 from ..engine.platform import MAX_PACKAGES
-from ..qemu.machine import MAX_CPUS, MAX_MEMORY, parse_size
+from ..qemu.machine import MAX_CPUS, MAX_MEMORY
 
 PROG = "qemu-mktme"
 VM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")

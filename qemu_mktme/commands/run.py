@@ -11,13 +11,11 @@ from typing import Any
 from .. import images
 from ..attend import attend
 from ..engine.platform import MITIGATIONS
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from ..host.sanitizer import Sanitizer
-from ..images import backports
 from ..live.session import HostSession, VmSpec
-from ..qemu.binary import find_qemu
 from ..qemu.machine import MachineConfig
-from ..qemu.passthrough import check_passthrough, refusal_table
+from ..qemu.passthrough import refusal_table
 from ..attest.launch import DEFAULT_KEY, TenantLaunch
 from ..tenant.store import TenantDir
 from .nvdimm import nvdimm_option
@@ -37,32 +35,13 @@ def vm_entry(text: str) -> dict[str, str]:
     return entry
 
 
-def guest_config(args: argparse.Namespace, **overrides: Any) -> MachineConfig:
+def guest_config(args: argparse.Namespace, *, name: str, start_paused: bool) -> MachineConfig:
     """The machine configuration the guest options describe (``ValueError`` if they cannot work)."""
-    if args.initrd is not None and args.guest in images.RECIPES:
-        raise ValueError(f"--initrd is for a kernel given as --guest PATH; the {args.guest} image brings its own")
-    boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
-                             params=dict(args.param), append=args.append, initrd=args.initrd)
-    memory = args.memory or images.default_memory(args.guest)
-    disks = tuple(getattr(args, "disk", ()))
-    if not disks and args.guest in images.RECIPES and images.load(args.guest).disk is not None:
-        directory = getattr(args, "overlay_dir", None)
-        if directory is None:
-            raise ValueError(f"the {args.guest} guest needs a root disk: give --disk FILE")
-        disks = (images.overlay_disk(images.load(args.guest), directory, name=overrides.get("name", args.guest)),)
-    qemu = getattr(args, "qemu", None)
-    if qemu in backports.RELEASES:
-        qemu = str(backports.qemu_path(qemu))
-    extra = tuple(getattr(args, "qemu_args", ()))
-    if extra:
-        extra = check_passthrough(extra, str(find_qemu(qemu).path))
-    fields: dict[str, Any] = dict(boot=boot, memory=memory, cpus=args.cpus, accel=args.accel, disks=disks,
-                                  nets=tuple(getattr(args, "net", ())), qemu=qemu,
-                                  extra_args=extra)
-    fields.update(overrides)
-    for disk in fields["disks"]:
-        disk.check()
-    return MachineConfig(**fields)
+    return images.machine_config(args.guest, memory=args.memory, cpus=args.cpus, accel=args.accel,
+                                 workload=args.workload, params=dict(args.param), commands=args.command,
+                                 append=args.append, initrd=args.initrd, disks=args.disk, nets=args.net,
+                                 qemu=args.qemu, extra_args=args.qemu_args, overlay_dir=getattr(args, "overlay_dir", None),
+                                 name=name, start_paused=start_paused)
 
 
 _MAC_MODES = ("mac", "mac+owner", "freshness")

@@ -9,8 +9,7 @@ from typing import Any
 
 from ..attend import ProgressBar, attend
 from ..errors import AttachError, MktmeError
-from ..files import snapfile
-from ..files.keyfile import read_key_file
+from ..keymaterial import read_kek_file
 from ..live import control
 from ..live.session import HostSession
 from ..live.snapshot import snapshot_summary
@@ -20,9 +19,8 @@ from .options import KEK_HELP, PROG, UsageError, keyid_bits, pid, print_json, vm
 
 def read_kek(path: str) -> bytes:
     """The KEK, read here by the client (a running host never opens the user's key files)."""
-    what = "key-encryption key file"
     try:
-        return snapfile.load_kek(read_key_file(path, what=what), f"{what} {path}")
+        return read_kek_file(path)
     except ValueError as err:
         raise UsageError(str(err)) from None
 

@@ -32,6 +32,7 @@ reference built from single AES blocks for that case).
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 from typing import Any
 
@@ -191,7 +192,8 @@ def _self_test() -> bool:
         back = bytearray(len(data) + BLOCK_NBYTES)
         m = dec.update_into(bytes(out[:n]), back)
         return ok and bytes(back[:m]) == data
-    except Exception:  # noqa: BLE001 - any failure means: use the plain ECB path
+    except Exception as err:  # noqa: BLE001 - any failure means: use the plain ECB path
+        logging.getLogger(__name__).debug("OpenSSL's XTS cannot serve here: %s: %s", type(err).__name__, err)
         return False
 
 

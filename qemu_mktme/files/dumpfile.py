@@ -20,13 +20,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
 from ..arch.addresses import PAGE_SIZE
 from ..errors import IntegrityError, SnapshotError
-from ..host.guest import EncryptedGuest
+from ..arch.addresses import KeyIdLayout
+from ..arch.guestmap import GuestRange
 from . import Progress
 from .atomic import atomic_directory, holds_only, write_synced
 
@@ -84,7 +85,49 @@ class Region:
         return None
 
 
-def _keyid_runs(guest: EncryptedGuest) -> tuple[tuple[int, int, int], ...]:
+class Span(Protocol):
+    """A run of guest memory one EPT mapping covers, with its KeyID."""
+
+    @property
+    def hpa(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def keyid(self) -> int: ...
+
+
+class SpanTable(Protocol):
+    def spans(self) -> Sequence[Span]: ...
+
+
+class DumpSource(Protocol):
+    """What a dump reads of a VM. The host model's ``EncryptedGuest`` is one; this layer names
+    only what it needs (files/ sits beside the host model, not on it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def hpa_base(self) -> int: ...
+    @property
+    def keyid(self) -> int: ...
+    @property
+    def layout(self) -> KeyIdLayout: ...
+    @property
+    def ram(self) -> np.ndarray: ...
+    @property
+    def ranges(self) -> Sequence[GuestRange]: ...
+    @property
+    def ept(self) -> SpanTable: ...
+
+    def iter_dram(self, offset: int = 0, nbytes: int | None = None, chunk_nbytes: int = 4 << 20, *,
+                  skip_zero: bool = False) -> Iterator[tuple[int, np.ndarray]]: ...
+
+    def query(self) -> dict[str, Any]: ...
+
+
+def _keyid_runs(guest: DumpSource) -> tuple[tuple[int, int, int], ...]:
     """The EPT's KeyID runs over the guest's RAM (an NVDIMM's mapping is not RAM: its DRAM image
     is its media image, written beside the dump)."""
     runs: list[list[int]] = []
@@ -98,7 +141,7 @@ def _keyid_runs(guest: EncryptedGuest) -> tuple[tuple[int, int, int], ...]:
     return tuple((h, n, k) for h, n, k in runs)
 
 
-def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *,
+def write_dump(guests: Sequence[DumpSource], path: str | os.PathLike[str], *,
                host_info: dict[str, Any] | None = None, progress: Progress | None = None) -> Dump:
     """Write the DRAM image of ``guests`` to directory ``path`` (which must not exist).
 
@@ -126,7 +169,7 @@ def write_dump(guests: Sequence[EncryptedGuest], path: str | os.PathLike[str], *
     return Dump(path)
 
 
-def _write_regions(out: BinaryIO, guests: Sequence[EncryptedGuest], progress: Progress | None) -> list[Region]:
+def _write_regions(out: BinaryIO, guests: Sequence[DumpSource], progress: Progress | None) -> list[Region]:
     """Each guest's DRAM image, back to back on 4 KiB boundaries of ``out``; their regions."""
     total = sum(g.ram.size for g in guests)
     done = 0

@@ -48,55 +48,18 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import IntegrityError, SnapshotError
+from ..keymaterial import check_kek
 from .regular import open_regular
-import contextlib
 
 MAGIC = b"QMKTSNAP"
 END_MAGIC = b"QMKTEND\0"
 VERSION = 2
 HEADER = struct.Struct("<8sI32s16s")        # magic, version, salt, snapshot id
 TRAILER = struct.Struct("<QQ16s8s")
-KEK_NBYTES = 32
 TAG_NBYTES = 16
 MAX_MANIFEST_NBYTES = 64 << 20
 _INFO = b"qemu-mktme snapshot v2 "
 _V1_HEADER_NBYTES = 12
-
-
-def load_kek(text: bytes | str, source: str = "key-encryption key") -> bytes:
-    """The KEK in a key file's content: exactly 64 hex digits, surrounding whitespace allowed.
-
-    Anything else (32 raw bytes, 32 hex digits, an all-zero key) is a ``ValueError`` starting
-    with ``source`` (e.g. ``key-encryption key file kek.hex``); it never echoes the content.
-    """
-    data = text.encode("latin-1") if isinstance(text, str) else bytes(text)
-    words = data.split()
-    kek = b""
-    if len(words) == 1 and words[0].isascii():
-        with contextlib.suppress(ValueError):
-            kek = bytes.fromhex(words[0].decode("ascii"))
-    if len(kek) != KEK_NBYTES or len(words[0]) != 2 * KEK_NBYTES:
-        if not words:
-            found = "nothing"
-        elif len(kek) and len(words[0]) == 2 * len(kek):
-            found = f"{len(words[0])} hex digits"
-        elif all(32 <= b < 127 or b in b"\t\r\n" for b in data):
-            found = f"{len(words)} word{'s' if len(words) > 1 else ''} of text"
-        else:
-            found = f"{len(data)} bytes of binary data"
-        raise ValueError(f"{source}: not a key-encryption key: expected {2 * KEK_NBYTES} hex digits, found {found}")
-    return check_kek(kek, source)
-
-
-def check_kek(kek: bytes, source: str = "key-encryption key") -> bytes:
-    """``kek`` if it can seal a snapshot: 32 bytes, not all zero; else a ``ValueError`` starting with
-    ``source``. The one check of a KEK, whatever the door it came through (key file, control socket,
-    library call): :class:`Keys` applies it, and so does ``save_snapshot`` before it pauses the VM."""
-    if not isinstance(kek, bytes) or len(kek) != KEK_NBYTES:
-        raise ValueError(f"{source}: a key-encryption key is {KEK_NBYTES} bytes")
-    if not any(kek):
-        raise ValueError(f"{source}: the key-encryption key is all zeros")
-    return kek
 
 
 class Keys:

@@ -26,7 +26,8 @@ from ..arch.addresses import PAGE_SIZE
 from ..errors import KeyServiceError
 from ..engine.platform import Platform
 from .keyids import Allocation, KeyIdAllocator
-from .payload import KeyType, Payload, algorithm_name, parse
+from ..keymaterial import algorithm_name
+from .payload import KeyType, Payload, parse
 
 log = logging.getLogger(__name__)
 

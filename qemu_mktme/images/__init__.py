@@ -10,10 +10,11 @@ from ..files.cache import cache_root
 from ..qemu.boot import BootSpec
 from .catalog import (Image, ImageStatus, build, guest_boot, is_current, load, overlay_disk, read_stock_file,
                       status)
-from .recipes import (LINUX_RESERVED_GPA, LINUX_RESERVED_SIZE, RECIPES, default_memory, default_memory_help,
-                      recipes_root)
+from .guest import machine_config
+from .recipes import (BAREMETAL, DEBIAN, LINUX, LINUX_RESERVED_GPA, LINUX_RESERVED_SIZE, RECIPES, default_memory,
+                      default_memory_help, recipes_root)
 from .tools import sha256_file
 
-__all__ = ["BootSpec", "Image", "ImageStatus", "LINUX_RESERVED_GPA", "LINUX_RESERVED_SIZE", "RECIPES", "build",
-           "cache_root", "default_memory", "default_memory_help", "guest_boot", "is_current", "load", "overlay_disk",
+__all__ = ["BAREMETAL", "DEBIAN", "LINUX", "BootSpec", "Image", "ImageStatus", "LINUX_RESERVED_GPA", "LINUX_RESERVED_SIZE", "RECIPES", "build",
+           "cache_root", "default_memory", "default_memory_help", "guest_boot", "is_current", "load", "machine_config", "overlay_disk",
            "read_stock_file", "recipes_root", "sha256_file", "status"]

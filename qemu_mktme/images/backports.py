@@ -1,5 +1,10 @@
 """QEMU 10 beside the system's 7.2: Debian's ``bookworm-backports`` packages, unpacked into the cache.
 
+Which Debian this is decides (:func:`qemu10_source`, from ``/etc/os-release``, as
+``scripts/setup-host.sh`` decides): Debian 12 (bookworm) ships QEMU 7.2, and ``qemu10`` is the
+backport below; Debian 13 (trixie) and later ship 10.x, and ``qemu10`` is the system's own QEMU
+(nothing is downloaded: bookworm-backports does not apply there).
+
 Nothing is installed: a private apt configuration (its own sources list naming only the
 backports suite, its own lists, an empty dpkg status so the installed 7.2 does not hide the
 backport) runs ``apt-get update`` and ``apt-get download``; ``dpkg-deb -x`` unpacks the .debs
@@ -20,9 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ImageError
+from ..errors import ImageError, QemuError
 from ..files.cache import cache_root
-from .catalog import _locked, staged_entry
+from ..qemu.binary import find_qemu
+from .catalog import locked, staged_entry
 from .tools import Say, run_tool, sha256_file
 
 
@@ -43,6 +49,52 @@ RELEASES = {r.name: r for r in [
                 "QEMU 10 from Debian bookworm-backports, unpacked beside the system QEMU"),
 ]}
 WRAPPER = "qemu-system-x86_64"
+OS_RELEASE = Path("/etc/os-release")
+BACKPORTS, SYSTEM = "bookworm-backports", "system"
+"""Where ``qemu10`` comes from (:func:`qemu10_source`)."""
+
+
+def os_release(path: Path = OS_RELEASE) -> dict[str, str]:
+    """The fields of an os-release file (``ID``, ``VERSION_ID``, ``VERSION_CODENAME``, ...); empty if none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.lstrip().startswith("#"):
+            fields[key.strip()] = value.strip().strip("'\"")
+    return fields
+
+
+def qemu10_source(release: dict[str, str]) -> str:
+    """:data:`BACKPORTS` on Debian 12, :data:`SYSTEM` on Debian 13 and later (its QEMU is 10.x);
+    ``ImageError`` elsewhere. The same rule as ``scripts/setup-host.sh --plan``."""
+    ident, codename, version = release.get("ID", ""), release.get("VERSION_CODENAME", ""), release.get("VERSION_ID", "")
+    if ident == "debian":
+        if codename == "bookworm" or version == "12":
+            return BACKPORTS
+        major = version.split(".")[0]
+        if (major.isdigit() and int(major) >= 13) or (not major and codename not in ("", "bullseye", "buster")):
+            return SYSTEM                          # trixie, forky, sid (no VERSION_ID): QEMU 10 or later
+    name = release.get("PRETTY_NAME") or ident or "an unknown system (no /etc/os-release)"
+    raise ImageError(f"qemu10 is Debian's: QEMU 10 from bookworm-backports on Debian 12, the system's on Debian 13; "
+                     f"this is {name}", image="qemu10")
+
+
+def system_qemu10() -> Path:
+    """The system's own QEMU when it is 10.x or later (Debian 13); ``ImageError`` otherwise."""
+    path = shutil.which(WRAPPER, path="/usr/bin:/usr/local/bin") or shutil.which(WRAPPER)
+    try:
+        qemu = find_qemu(path) if path else None
+    except QemuError as err:
+        raise ImageError(f"qemu10: the system QEMU does not run: {err}", image="qemu10") from None
+    if qemu is None or qemu.version < (10, 0, 0):
+        found = f"QEMU {qemu.version_str}" if qemu else "no qemu-system-x86_64"
+        raise ImageError(f"qemu10: this Debian ships QEMU 10, but the system has {found} "
+                         "(run scripts/setup-host.sh)", image="qemu10")
+    return qemu.path
 
 
 def _apt_options(apt: Path) -> list[str]:
@@ -51,10 +103,13 @@ def _apt_options(apt: Path) -> list[str]:
             "-o", f"Dir::Cache={apt / 'cache'}", "-o", "Debug::NoLocking=1"]
 
 
-def qemu_path(name: str = "qemu10", *, cache: Path | None = None) -> Path:
-    """The wrapper of an unpacked release, checked against its manifest; ``ImageError`` if not built."""
+def qemu_path(name: str = "qemu10", *, cache: Path | None = None, system: dict[str, str] | None = None) -> Path:
+    """The wrapper of an unpacked release, checked against its manifest (on Debian 13: the system
+    QEMU); ``ImageError`` if not built. ``system``: os-release fields (default: this machine's)."""
     if name not in RELEASES:
         raise ImageError(f"unknown QEMU release {name!r} (known: {', '.join(RELEASES)})", image=name)
+    if qemu10_source(os_release() if system is None else system) == SYSTEM:
+        return system_qemu10()
     directory = (cache or cache_root()) / "qemu" / name
     hint = f"(run 'qemu-mktme images build {name}')"
     try:
@@ -68,14 +123,19 @@ def qemu_path(name: str = "qemu10", *, cache: Path | None = None) -> Path:
 
 
 def fetch(name: str = "qemu10", *, cache: Path | None = None, force: bool = False,
-          progress: Say | None = None) -> Path:
-    """Download and unpack ``name`` unless it is there; the wrapper's path."""
+          progress: Say | None = None, system: dict[str, str] | None = None) -> Path:
+    """Download and unpack ``name`` unless it is there; the wrapper's path (on Debian 13, where
+    the system QEMU is 10.x, that QEMU: nothing to download)."""
     if name not in RELEASES:
         raise ImageError(f"unknown QEMU release {name!r} (known: {', '.join(RELEASES)})", image=name)
+    if qemu10_source(os_release() if system is None else system) == SYSTEM:
+        if progress:
+            progress("the system QEMU is 10.x (Debian 13 or later): bookworm-backports does not apply")
+        return system_qemu10()
     release = RELEASES[name]
     root = cache or cache_root()
     say = progress or (lambda _m: None)
-    with _locked(root):
+    with locked(root):
         if not force:
             try:
                 return qemu_path(name, cache=root)

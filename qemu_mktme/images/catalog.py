@@ -134,7 +134,7 @@ def _kernel_word(value: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def locked(root: Path) -> Iterator[None]:
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -196,7 +196,7 @@ def is_current(name: str, *, cache: Path | None = None) -> bool:
 def staged_entry(parent: Path, name: str) -> Iterator[Path]:
     """A private work directory in ``parent``; when the block completes it becomes ``parent/name``
     (0755), replacing an older entry in one rename; on any failure it is removed. Callers hold
-    the cache lock (:func:`_locked`)."""
+    the cache lock (:func:`locked`)."""
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
     try:
@@ -222,7 +222,7 @@ def build(name: str, *, cache: Path | None = None, force: bool = False,
     root = cache or cache_root()
     say = progress or (lambda _msg: None)
     images = root / "images"
-    with _locked(root):
+    with locked(root):
         if not force and is_current(name, cache=root):
             return load(name, cache=root)
         started = time.monotonic()

@@ -99,6 +99,20 @@ class Recipe:
     name: str = ""
     description: str = ""
     default_memory: int = 512 << 20        # guest RAM unless told otherwise (also: a kernel given by path)
+    tag: str = ""
+    """What the guest's own console lines start with: its markers (the recipe's sources print them)."""
+    prompt: str = ""
+    """The command prompt of a guest that takes commands on its console."""
+    ready: str | None = None
+    """The marker (a regex after ``tag``) that says the guest has booted; :attr:`booted` is the whole line's."""
+
+    def marker(self, text: str) -> str:
+        """The regular expression of the guest's console line ``tag`` + ``text`` (itself a regex)."""
+        return re.escape(self.tag) + text
+
+    @property
+    def booted(self) -> str | None:
+        return self.marker(self.ready) if self.ready is not None else None
 
     def source(self) -> Path:
         return recipes_root() / self.name
@@ -117,6 +131,9 @@ class Recipe:
 class BaremetalRecipe(Recipe):
     name = "baremetal"
     description = "tiny long-mode multiboot guest built from source (fast test guest)"
+    tag = "mktme-baremetal "
+    prompt = "mktme> "
+    ready = r"\d+ ready"
     CFLAGS = ["-m64", "-ffreestanding", "-fno-pie", "-fno-stack-protector", "-mno-red-zone",
               "-mgeneral-regs-only", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
               "-fno-asynchronous-unwind-tables", "-O2", "-Wall", "-Wextra", "-Werror", "-nostdlib"]
@@ -150,6 +167,8 @@ class BaremetalRecipe(Recipe):
 
 class LinuxRecipe(Recipe):
     name = "linux"
+    tag = "mktme-linux: "
+    ready = "boot kernel="
     description = "stock Debian cloud kernel + stock busybox-static, generated initramfs"
     default_memory = 1 << 30
 
@@ -222,6 +241,7 @@ one the system just sits at its login prompt."""
 
 class DebianRecipe(Recipe):
     name = "debian"
+    tag = "mktme-debian: "
     description = "full Debian system (stock packages: systemd, cloud kernel) on an ext4 qcow2, boots from /dev/vda"
     default_memory = 1 << 30
 
@@ -253,6 +273,7 @@ class DebianRecipe(Recipe):
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (BaremetalRecipe(), LinuxRecipe(), DebianRecipe())}
+BAREMETAL, LINUX, DEBIAN = RECIPES["baremetal"], RECIPES["linux"], RECIPES["debian"]
 
 
 def default_memory(guest: str) -> int:

@@ -7,7 +7,7 @@ One job per module::
     capture    a consistent dump of a running host's VMs
     layout     where each page lives: VM, HPA, GPA, EPT KeyID; the KeyID map; run coalescing
     entropy    per-page Shannon entropy (ciphertext ~7.955 bits/byte, plaintext far below)
-    keyspec    keys the user supplies (KEYHEX:TWEAKHEX[:ALG] or @FILE), never shown
+    keyspec    which dumped regions a key may decrypt (keys: qemu_mktme.keymaterial)
     search     byte strings and regexes in the raw DRAM, or in the DRAM decrypted with a key
     decrypt    plaintext of a range, to a new file
     diff       two dumps of one VM compared per 16-byte block: what deterministic XTS leaks
@@ -17,12 +17,12 @@ One job per module::
 From Python::
 
     from qemu_mktme.files.dumpfile import Dump
-    from qemu_mktme.inspect.keyspec import parse_key_spec
+    from qemu_mktme.keymaterial import xts_key
     from qemu_mktme.inspect.search import Pattern, search
 
     dump = Dump("/tmp/dump")
     search(dump, Pattern("TOP SECRET")).matches                      # ciphertext: expect []
-    key = parse_key_spec("@tenant.key")
+    key = xts_key("@tenant.key")
     for m in search(dump, Pattern("TOP SECRET"), key=key).matches:
         print(m.vm, hex(m.gpa), m.keyid)
 """

@@ -219,23 +219,6 @@ class EncryptedMachine(Machine):
             self.poison_watch = PoisonWatch(self, tracer)
             self.guest.poison_hooks.append(self.poison_watch.poisoned)
 
-    async def migrate(self, dest: Host, payload: object = None, *, tls: Path | None, insecure: bool = False,
-                      progress: object = None) -> tuple[EncryptedMachine, object]:
-        """``moved, result = await vm.migrate(dest_host, tls=PKI_DIR)``: live migration to host
-        model ``dest`` (:mod:`.migrate`); this machine is closed once ``moved`` runs there.
-
-        ``payload``: the destination's key. Default: a tenant (``user``) key is the same key again;
-        a CPU-generated key never leaves the CPU, so the destination's CPU generates its own (the
-        stream carries plaintext under TLS either way, as on hardware). To have the destination
-        attest for the key, use :func:`qemu_mktme.attest.migrate.attested_migration`.
-        """
-        from .migrate import migrate      # migrate builds on this module
-        self.refuse_nvdimm("live migration")
-        if payload is None:
-            own = self.host.keys.payload(self.key_serial, self.tenant)
-            payload = own if own.type.value == "user" else "type=cpu"
-        return await migrate(self, dest, payload, tls=tls, insecure=insecure, progress=progress)  # type: ignore[arg-type]
-
     def query(self) -> dict[str, object]:
         """The VM's encryption state (``query-sev``-like), plus QEMU's pid."""
         state = {**self.guest.query(), "pid": self.pid, "state": self.state.value}

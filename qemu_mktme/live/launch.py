@@ -14,11 +14,11 @@ migration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from ..errors import logged
 from ..qemu.machine import Machine, MachineConfig
 from ..trace.tracer import Tracer
 from .encrypted import EncryptedMachine
@@ -60,10 +60,10 @@ async def launch_with_key(config: MachineConfig, key: Awaitable[int], release: C
     except BaseException:
         if not keyed.done():               # QEMU failed first: the key never arrives here
             keyed.cancel()
-            with contextlib.suppress(BaseException):
+            with logged(__name__, "cancelling the key on its way", BaseException):
                 await keyed
         elif not keyed.cancelled() and keyed.exception() is None:
-            with contextlib.suppress(Exception):      # (already gone if the machine had bound)
+            with logged(__name__, "releasing the unbound key"):      # (already gone if the machine had bound)
                 release(keyed.result())
         raise
 

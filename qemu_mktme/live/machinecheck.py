@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine.integrity import Poison
-from ..errors import MktmeError
+from ..errors import MktmeError, logged
 from ..qemu.machine import Machine, VmState
 from ..trace.accesses import Access, ForeignRead
 from ..trace.tracer import Tracer
@@ -82,7 +82,7 @@ class PoisonWatch:
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with logged(__name__, "stopping a poison watch", asyncio.CancelledError, Exception):
                 await task
 
 

@@ -228,18 +228,28 @@ def result_of(info: dict[str, Any], seconds: float, source_keyid: int, dest_keyi
                            int(ram.get("total", 0)), float(ram.get("mbps", 0.0)), source_keyid, dest_keyid, tls)
 
 
-async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str | Awaitable[Payload], *, tls: Path | None,
-                  insecure: bool = False, dest_tls: Path | None = None, progress: MigrateProgress | None = None,
+async def migrate(vm: EncryptedMachine, dest: Host, payload: Payload | str | Awaitable[Payload] | None = None, *,
+                  tls: Path | None, insecure: bool = False, dest_tls: Path | None = None,
+                  progress: MigrateProgress | None = None,
                   via: Callable[[int], int] | None = None) -> tuple[EncryptedMachine, MigrationResult]:
     """Move ``vm`` to host model ``dest`` (in this process) with key ``payload``; the running
     destination machine (owned by the caller) and the figures. ``vm`` is closed on success and
     carries on on failure.
 
+    ``payload``: the destination's key. Default: a tenant (``user``) key is the same key again;
+    a CPU-generated key never leaves the CPU, so the destination's CPU generates its own (the
+    stream carries plaintext under TLS either way, as on hardware). To have the destination
+    attest for the key, use :func:`qemu_mktme.attest.migrate.attested_migration`.
+
     ``tls``: the credentials directory of the source (client end); ``dest_tls`` the destination's
     (server end; default: the same). ``via(port) -> port``: where the source connects instead of
     the destination's port (a relay on the path, for captures).
     """
+    vm.refuse_nvdimm("live migration")
     check_migratable(vm, tls, insecure)
+    if payload is None:
+        own = vm.host.keys.payload(vm.key_serial, vm.tenant)
+        payload = own if own.type.value == "user" else "type=cpu"
     if tls is not None:
         dest_tls = check_tls_dir(dest_tls or tls)
     started = time.monotonic()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..errors import NvdimmError
 from ..engine.xts import XtsKey
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from ..files.nvdimmfile import (ALIGN, DIGEST_UNIT, MediaHeader, MediaLock, UnitDigests, check_kind, check_size,
                                read_header, read_media, rekey_media, verify_media, write_media)
 from ..host.guest import EncryptedGuest
@@ -41,7 +41,7 @@ from ..host.payload import KeyType
 from ..host.payload import parse as parse_payload
 from ..qemu.devices import split_options
 from ..qemu.guestram import GuestRAM
-from ..qemu.machine import parse_size
+from ..arch.sizes import parse_size
 from ..qemu.nvdimm import NvdimmBackend
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KeyServiceError, MigrationError
-from ..files.snapfile import check_kek
 from ..files import Progress
 from ..files.dumpfile import Dump
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
 from ..host.payload import Payload
+from ..keymaterial import kek_from_request
 from ..qemu.machine import Machine, MachineConfig, VmState
 from ..trace.tracer import Tracer
 from .capture import capture
@@ -78,12 +78,9 @@ MAX_INCOMING = 8
 
 
 def _hex_kek(text: str) -> bytes:
-    """A KEK sent over the control socket: 64 hex digits, checked as every KEK is (:func:`check_kek`)."""
-    try:
-        kek = bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("the key-encryption key must be 64 hex digits") from None
-    return check_kek(kek, "key-encryption key")
+    """A KEK sent over the control socket: 64 hex digits, checked as every KEK is
+    (:func:`qemu_mktme.keymaterial.kek_from_request`)."""
+    return kek_from_request(text, "key-encryption key")
 
 
 def _tls_dir(text: str) -> Path:

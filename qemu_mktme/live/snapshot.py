@@ -38,12 +38,13 @@ from typing import Any
 from ..engine.xts import XtsKey
 from ..errors import IntegrityError, QemuError, SnapshotError
 from ..host.host import Host
-from ..host.payload import algorithm_name
+from ..keymaterial import algorithm_name
 from .encrypted import EncryptedMachine
 from .launch import launch_machine
 from ..files import Progress
 from ..files.atomic import atomic_output, check_target, starts_with
-from ..files.snapfile import MAGIC, Writer, check_kek, open_snapshot
+from ..files.snapfile import MAGIC, Writer, open_snapshot
+from ..keymaterial import check_kek
 from ..images import sha256_file
 from ..qemu.boot import BootSpec
 from ..qemu.machine import MachineConfig, VmState

@@ -16,10 +16,9 @@ import pytest
 
 from ..host.host import Host
 from ..host.sanitizer import Sanitizer
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from .. import images
 from ..live.encrypted import EncryptedMachine
-from ..qemu.machine import MachineConfig, parse_size
 from .options import Settings, settings
 
 try:
@@ -29,7 +28,7 @@ except ImportError:  # the async fixtures need pytest-asyncio: the extra qemu-mk
 
 MISSING_ASYNCIO = "qemu-mktme's mktme_vm fixture needs pytest-asyncio: pip install 'qemu-mktme[pytest]'"
 
-BOOT_MARKERS = {"baremetal": r"mktme-baremetal \d+ ready", "linux": r"mktme-linux: boot kernel="}
+BOOT_MARKERS = {name: recipe.booted for name, recipe in images.RECIPES.items() if recipe.booted is not None}
 MARKER_KEYS = {"guest", "memory", "key", "tenant", "workload", "params", "commands", "name", "wait"}
 
 
@@ -71,13 +70,12 @@ def _vm_config(request: pytest.FixtureRequest, s: Settings, mktme_images: dict[s
     if guest not in mktme_images:
         raise pytest.UsageError(f"mktme_vm marker: guest {guest!r} is not one of {', '.join(mktme_images)}")
     image = mktme_images[guest]
-    if guest == "baremetal":
-        boot = image.boot(commands=opts.get("commands", ()))
-    else:
-        boot = image.boot(workload=opts.get("workload"), params=opts.get("params"))
-    memory = parse_size(opts["memory"]) if "memory" in opts else (s.memory or images.default_memory(guest))
     name = opts.get("name") or request.node.name.replace("[", "-").replace("]", "")[:40]
-    return {"guest": guest, "config": MachineConfig(boot=boot, memory=memory, name=name),
+    config = images.machine_config(guest, image=image, memory=opts.get("memory") or s.memory,
+                                   commands=opts.get("commands", ()), workload=opts.get("workload"),
+                                   params=opts.get("params"), name=name,
+                                   overlay_dir=request.getfixturevalue("tmp_path") if image.disk else None)
+    return {"guest": guest, "config": config,
             "payload": _payload(opts.get("key", s.key)), "tenant": opts.get("tenant", "pytest"),
             "wait": opts.get("wait", True)}
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from ..files.keyfile import key_payload
+from ..keymaterial import key_payload
 from ..images import RECIPES, default_memory_help
-from ..qemu.machine import parse_size
+from ..arch.sizes import parse_size
 
 GUESTS = tuple(RECIPES)
 

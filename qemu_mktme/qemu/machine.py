@@ -36,6 +36,7 @@ from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
+from ..arch.sizes import parse_size
 from ..errors import AttachError, LaunchError, QemuError, QemuExited, QmpCommandError
 from ..files import runtime
 from .binary import QemuBinary, find_qemu, kvm_works
@@ -63,20 +64,6 @@ class VmState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     EXITED = "exited"
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from ``536870912``, ``"512M"``, ``"1G"``, ``"4096K"``."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", value, re.ASCII)
-        if not m:
-            raise ValueError(f"not a size: {value!r} (examples: 512M, 1G)")
-        size = int(m[1]) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m[2].lower()]
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
 
 
 def requires(*states: VmState) -> Callable[[_Method], _Method]:
@@ -208,7 +195,7 @@ def _append_config(append: str, log: logging.Logger | logging.LoggerAdapter) -> 
     return r
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def set_pdeathsig() -> None:  # runs in the child between fork and exec
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -362,7 +349,7 @@ class Machine:
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True,
                 pass_fds=cfg.pass_fds + ((append_fd,) if append_fd is not None else ()),
-                preexec_fn=_set_pdeathsig if cfg.kill_on_parent_death else None)
+                preexec_fn=set_pdeathsig if cfg.kill_on_parent_death else None)
         except OSError as err:
             raise LaunchError(f"{self.name}: cannot execute {self.qemu.path}: {err.strerror}") from err
         finally:

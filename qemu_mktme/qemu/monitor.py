@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
-from ..errors import AttachError, QemuExited, QmpCommandError
+from ..errors import AttachError, QemuExited, QmpCommandError, logged
 
 
 class Monitor:
@@ -33,7 +33,7 @@ class Monitor:
             raise AttachError(f"cannot connect to QMP socket {socket_path}: {cause}") from err
 
     async def _abort(self) -> None:
-        with contextlib.suppress(Exception):
+        with logged(__name__, "disconnecting QMP"):
             await self._client.disconnect()
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,

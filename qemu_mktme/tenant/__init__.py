@@ -10,7 +10,6 @@ tenant's PKI, keys and policy (issue 14; the KVM Forum 2018 "tenant's key" use c
                client is ``attest.client``
     admin      the tenant's operations: add keys, record reference values, enrol and revoke
                hosts, encrypt images
-    story      ``demo --tenant``
 
 The layer sits above ``attest`` (the host's side: TPMs, measurement, attested launch and
 migration, whose evidence the broker checks) and below ``inspect``; its commands are in

@@ -106,8 +106,8 @@ class Broker:
         if ahead is not None and list(ahead[0]) == names and time.monotonic() - issued < PREFETCH_MAX_AGE:
             try:
                 return ahead[1].result(timeout=REQUEST_TIMEOUT)
-            except Exception:  # noqa: BLE001  (a failed prefetch is retried with its own error)
-                pass
+            except Exception as err:  # noqa: BLE001 - a failed prefetch is retried, with its own error
+                log.debug("prefetched keys for a nonce: %s: %s", type(err).__name__, err)
         _drop(ahead)
         return self.kmip.get_keys([(self.tenant.key_uid(name), name) for name in names])
 

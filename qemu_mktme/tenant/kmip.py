@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import KeyServerError
+from ..errors import KeyServerError, logged
 from .pki import Pki
 
 KEY_BITS = 256
@@ -134,7 +134,7 @@ class KmipClient:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            with contextlib.suppress(Exception):
+            with logged(__name__, "closing the KMIP connection"):
                 self._conn.close()
             self._conn = None
 
@@ -240,7 +240,7 @@ class KmipClient:
 
     def destroy_key(self, uid: str) -> None:
         def destroy(c, enums):
-            with contextlib.suppress(Exception):
+            with logged(__name__, f"revoking key {uid} before destroying it"):
                 c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
             c.destroy(uid)
         self._call(f"destroy key {uid}", destroy)

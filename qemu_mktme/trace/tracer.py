@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Generator
 
 import numpy as np
 
-from ..errors import AccessTimeout, AddressError, ShimError
+from ..errors import AccessTimeout, AddressError, ShimError, logged
 from .accesses import (ACCESS_DTYPE, Access, ForeignRead, PageTraffic, Traffic, TracerStats,
                        TrafficSnapshot, access_tuples)
 from ..qemu.binary import find_qemu
@@ -140,7 +140,7 @@ class _Subscription:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        with logged(__name__, "closing the tracer's region"):
             self.close()
 
 

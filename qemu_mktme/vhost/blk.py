@@ -301,7 +301,7 @@ class VhostUserBlk(p.Handler):
 
     def _stop(self, q: Queue) -> None:
         if q.started:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(RuntimeError, ValueError, OSError):      # no loop any more, or a closed fd
                 asyncio.get_running_loop().remove_reader(q.kick)
             q.started = False
         if q.ring is not None:

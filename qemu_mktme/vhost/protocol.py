@@ -23,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<III")

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MktmeError, KeyServiceError
+from ..errors import KeyServiceError, MktmeError, logged
 from ..host.payload import Payload
 from ..live.control import STR, STR_REQUIRED, Command, Connection, ControlServer
 from ..live.encrypted import EncryptedMachine
@@ -156,7 +156,7 @@ class LibvirtHost:
         self._released.clear()
         await self.session.__aexit__(None, None, None)
         if self._conn is not None:
-            with contextlib.suppress(Exception):
+            with logged(__name__, "closing the libvirt connection"):
                 self._conn.close()
             self._conn = None
 

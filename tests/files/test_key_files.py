@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from qemu_mktme.files import snapfile
-from qemu_mktme.files.keyfile import MAX_KEY_FILE, KeyFileError, key_payload, read_key_file
-from qemu_mktme.inspect.keyspec import parse_key_spec
+from qemu_mktme.keymaterial import MAX_KEY_FILE, KeyFileError, key_payload, load_kek, read_key_file
+from qemu_mktme.keymaterial import xts_key as parse_key_spec
 
 
 def private(path, data: bytes | str, mode: int = 0o600):
@@ -86,8 +85,8 @@ def test_a_pipe_given_as_dev_fd_is_read_with_a_time_limit():
 
 def test_bash_process_substitution_reaches_the_reader():
     kek = os.urandom(32).hex()
-    code = ("import sys; from qemu_mktme.files.keyfile import read_key_file; "
-            "from qemu_mktme.files.snapfile import load_kek; print(load_kek(read_key_file(sys.argv[1])).hex())")
+    code = ("import sys; from qemu_mktme.keymaterial import read_key_file; "
+            "from qemu_mktme.keymaterial import load_kek; print(load_kek(read_key_file(sys.argv[1])).hex())")
     out = subprocess.run(["bash", "-c", f'"$0" -c "$1" <(printf %s {kek})', sys.executable, code],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -110,7 +109,7 @@ _RANDOM = bytes(range(7, 71))                            # fixed: test ids must 
 def test_a_kek_is_exactly_64_hex_digits(tmp_path, content, found):
     path = private(tmp_path / "kek", content)
     with pytest.raises(ValueError) as info:
-        snapfile.load_kek(read_key_file(path), f"key-encryption key file {path}")
+        load_kek(read_key_file(path), f"key-encryption key file {path}")
     assert str(path) in str(info.value)
     assert found is None or found in str(info.value)
 
@@ -118,7 +117,7 @@ def test_a_kek_is_exactly_64_hex_digits(tmp_path, content, found):
 def test_a_kek_with_whitespace_around_it_is_fine(tmp_path):
     kek = os.urandom(32)
     path = private(tmp_path / "kek", f"\n  {kek.hex().upper()}  \n\n")
-    assert snapfile.load_kek(read_key_file(path)) == kek
+    assert load_kek(read_key_file(path)) == kek
 
 
 # ------------------------------------------------------------------------- user keys

@@ -22,6 +22,7 @@ from qemu_mktme.files.nvdimmfile import (DIGEST_UNIT, HEADER_NBYTES, MediaLock, 
                                          rekey_media, verify_media, write_media)
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
+from qemu_mktme.live.migrate import migrate
 from qemu_mktme.live.nvdimm import NvdimmMedia, describe, rekey
 from qemu_mktme.live.snapshot import save_snapshot
 from qemu_mktme.qemu.boot import BootSpec
@@ -285,7 +286,7 @@ def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Pat
     async def go() -> list[str]:
         lines = []
         for attempt in (lambda: save_snapshot(vm, tmp_path / "snap", bytes(range(32))),
-                        lambda: vm.migrate(Host(keyid_bits=6), tls=None, insecure=True)):
+                        lambda: migrate(vm, Host(keyid_bits=6), tls=None, insecure=True)):
             with pytest.raises(NvdimmError) as err:
                 await attempt()
             lines.append(str(err.value))

@@ -13,7 +13,7 @@ from qemu_mktme.engine.xts import XtsKey
 from qemu_mktme.errors import AddressError, SnapshotError
 from qemu_mktme.inspect import decrypt as decrypt_mod
 from qemu_mktme.inspect.decrypt import extract, read_plaintext
-from qemu_mktme.inspect.keyspec import parse_key_spec
+from qemu_mktme.keymaterial import xts_key as parse_key_spec
 from qemu_mktme.inspect import search as search_mod
 from qemu_mktme.inspect.search import Pattern, search
 

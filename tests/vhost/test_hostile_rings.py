@@ -17,7 +17,7 @@ from qemu_mktme.vhost.protocol import Server
 
 NUM = 64
 RAM = 8 << 20
-descriptor = st.tuples(st.one_of(st.integers(0, RAM + 4096), st.integers(0, 1 << 64 - 1)),
+descriptor = st.tuples(st.one_of(st.integers(0, RAM + 4096), st.integers(0, (1 << 64) - 1)),
                        st.one_of(st.integers(0, 8192), st.integers(0, (1 << 32) - 1)),
                        st.integers(0, 7), st.integers(0, NUM + 4))
 

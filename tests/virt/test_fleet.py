@@ -42,11 +42,13 @@ def _tenant_key(lab, name: str = "vm") -> bytes:
 
 
 class Capture:
-    """tcpdump on an interface of a machine, into a file."""
+    """tcpdump on an interface of a machine, into a file. Its kernel buffer (-B, KiB) holds a whole
+    migration stream, so a capture descheduled on a loaded machine drops nothing (a drop fails the
+    test: a capture with holes proves nothing)."""
 
     def __init__(self, lab, host: str, peer: str, path: Path) -> None:
         self.path = path
-        self.proc = lab[host].popen(["tcpdump", "-i", lab[host].links[peer], "-w", str(path), "-U", "-B", "16384",
+        self.proc = lab[host].popen(["tcpdump", "-i", lab[host].links[peer], "-w", str(path), "-U", "-B", "262144",
                                      "-s", "0", "-n"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for(lambda: path.exists() and path.stat().st_size > 0, 10, f"tcpdump on {host}-{peer}")
 

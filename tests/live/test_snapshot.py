@@ -23,6 +23,7 @@ from reference import user_payload, xts_lines
 
 from qemu_mktme.errors import IntegrityError, SnapshotError
 from qemu_mktme.host.host import Host
+from qemu_mktme import keymaterial
 from qemu_mktme.files import snapfile
 from qemu_mktme.files.runtime import process_start_time
 from qemu_mktme.live.encrypted import EncryptedMachine
@@ -239,8 +240,8 @@ async def test_wrong_kek_and_other_versions(saved, kek, tmp_path):
     with pytest.raises(IntegrityError, match="wrong key-encryption key"):
         verify_snapshot(path, os.urandom(32))
     with pytest.raises(ValueError, match="expected 64 hex digits, found 4 hex digits"):
-        snapfile.load_kek("abcd")
-    assert snapfile.load_kek(kek.hex() + "\n") == kek
+        keymaterial.load_kek("abcd")
+    assert keymaterial.load_kek(kek.hex() + "\n") == kek
     good = path.read_bytes()
     for version in (0, 3, 99, 67108866):                # the field of an intact file changed: corrupted
         mutate(path, 8, lambda d, o, v=version: d.__setitem__(slice(o, o + 4), struct.pack("<I", v)))

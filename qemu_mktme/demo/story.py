@@ -16,16 +16,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from . import verifier
-from .host.host import Host
-from .files.dumpfile import Dump, write_dump
-from .inspect.entropy import dump_entropy
-from .inspect.layout import keyid_map
-from .inspect.plot import map_png
-from . import images
-from .live.encrypted import EncryptedMachine
-from .qemu.machine import MachineConfig
-from .live.snapshot import restore_snapshot, save_snapshot
+from .. import verifier
+from ..host.host import Host
+from ..files.dumpfile import Dump, write_dump
+from ..inspect.entropy import dump_entropy
+from ..inspect.layout import keyid_map
+from ..inspect.plot import map_png
+from .. import images
+from ..live.encrypted import EncryptedMachine
+from ..qemu.machine import MachineConfig
+from ..live.snapshot import restore_snapshot, save_snapshot
 
 STEPS = 7
 
@@ -121,7 +121,7 @@ async def _tenant_vm(s: Story, host: Host, linux: images.Image, tenant: _Tenant)
 
 async def _guest_stores_secret(s: Story, vm: EncryptedMachine, secret: str) -> int:
     s.section("The stock Debian guest boots under QEMU and stores a secret in its RAM")
-    m = await vm.console.wait_for(r"mktme-linux: boot kernel=(\S+) busybox=(\S+)\n", 120)
+    m = await vm.console.wait_for(images.LINUX.marker(r"boot kernel=(\S+) busybox=(\S+)\n"), 120)
     s.say(f"guest: Linux {m[1]}, busybox {m[2]} (unmodified), QEMU pid {vm.pid}")
     m = await vm.console.wait_for(r"secret at (0x[0-9a-f]+) len=\d+\n", 60)
     gpa = int(m[1], 16)

@@ -11,7 +11,7 @@ import secrets
 import pytest
 
 from qemu_mktme.errors import AttestationError, MigrationError
-from qemu_mktme.live.migrate import check_tls_dir
+from qemu_mktme.live.migrate import check_tls_dir, migrate
 from qemu_mktme.live.relay import Relay
 from qemu_mktme.live.session import HostSession
 from qemu_mktme.qemu.machine import MachineConfig
@@ -153,7 +153,7 @@ def test_migrate_command_errors_are_one_line(capsys, tmp_path):
 
 @pytest.mark.qemu
 async def test_vm_migrate_with_a_cpu_key_gets_a_new_cpu_key_on_the_destination(baremetal_image, tmp_path):
-    """``await vm.migrate(dest)``: a CPU-generated key never leaves the CPU; the destination's CPU
+    """``await migrate(vm, dest)``: a CPU-generated key never leaves the CPU; the destination's CPU
     makes its own, and the guest's memory (plaintext in the TLS stream) is whole there."""
     from qemu_mktme.host.host import Host
     from qemu_mktme.live.encrypted import EncryptedMachine
@@ -165,7 +165,7 @@ async def test_vm_migrate_with_a_cpu_key_gets_a_new_cpu_key_on_the_destination(b
         await vm.console.wait_for("mktme> ", patience(20))
         await vm.console.command("writehex 0x200000 00112233445566778899aabbccddeeff", r"ok writehex .*\n")
         old_dram = vm.guest.dram(0x200000, 64)
-        moved, result = await vm.migrate(dst, tls=tls)
+        moved, result = await migrate(vm, dst, tls=tls)
         async with moved:
             await moved.console.command("crc 0x200000 16", r"ok crc32 .*\n", patience(20))
             assert moved.ram.read(0x200000, 16) == bytes.fromhex("00112233445566778899aabbccddeeff")

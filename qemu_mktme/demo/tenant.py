@@ -9,6 +9,7 @@ temporary directory that is removed at the end.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 import time
@@ -19,11 +20,11 @@ from ..errors import AttestationError, TpmError
 from ..qemu.binary import find_qemu
 from ..qemu.machine import MachineConfig
 from ..attest import image
-from . import admin, keyserver
+from ..tenant import admin, keyserver
 from ..attest.hostid import AttestedHost
 from ..attest.launch import TenantLaunch, attested_session
 from ..attest.measure import measured_set
-from .store import TenantDir
+from ..tenant.store import TenantDir
 
 
 def _check(out: Callable[[str], None], ok: bool, text: str) -> None:
@@ -68,7 +69,7 @@ async def run_tenant_demo(out: Callable[[str], None] = print) -> None:
             async with attested_session(launch, MachineConfig(boot=boot, memory="128M", name="vm1"),
                                         tenant="acme", control=False) as session:
                 vm = session.machines["vm1"]
-                await vm.console.wait_for("mktme> ", 60)
+                await vm.console.wait_for(re.escape(images.BAREMETAL.prompt), 60)
                 att = session.query()["attestation"]
                 _check(out, att["attested"], att["verdict"])
                 out(f"      memory key: {att['key_origin']['memory']}")
