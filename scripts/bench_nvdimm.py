@@ -13,7 +13,8 @@ the start to the guest's boot marker (``mktme-linux: boot``: /init ran, the nfit
 are loaded); shutdown from the guest's poweroff marker until the VM is closed (QEMU gone, the
 media image on disk). By default the guest leaves the module alone (workload hello): shutdown
 computes the DRAM view and its digests and, every unit being unchanged, writes nothing;
-``--guest-writes`` has the guest write 4 MiB (workload pmem) so that shutdown writes a new image. The last line is machine-readable:
+``--guest-writes`` has the guest write 4 MiB (workload pmem) so that shutdown writes the changed
+unit back (in place, through the media's redo journal). The last line is machine-readable:
 ``launch_s=<enc> launch_plain_s=<plain> shutdown_s=<enc> shutdown_plain_s=<plain> ratio=<(launch+shutdown) enc/plain>``.
 """
 
@@ -74,7 +75,7 @@ async def main() -> int:
     benchlib.add_common(parser, rounds=5)
     parser.add_argument("--size-mb", type=int, default=256, help="NVDIMM size (default 256)")
     parser.add_argument("--guest-writes", action="store_true",
-                        help="the guest writes 4 MiB to /dev/pmem0 (workload pmem): shutdown rewrites the image "
+                        help="the guest writes 4 MiB to /dev/pmem0 (workload pmem): shutdown writes the changed unit "
                              "(default: workload hello, the module unchanged: shutdown checks it, writes nothing)")
     args = parser.parse_args()
     rounds, size = (2, 32 << 20) if args.quick else (args.rounds, args.size_mb << 20)

@@ -21,9 +21,13 @@ price: the digests stop accidents and edits made without recomputing them, not a
 rewrites the file and its digests. Such a forger gains nothing the bus already gives him (MKTME
 has no integrity: he could write any ciphertext to the module itself), and nothing secret.
 
-The image is written all or nothing (:func:`.atomic.atomic_output`: temporary, fsync, rename),
-so ``kill -9`` at any moment leaves the last complete image; a module whose every unit is as
-it was read is not rewritten at all. :class:`MediaLock` keeps two VMs
+The image is written all or nothing: a new image through :func:`.atomic.atomic_output`
+(temporary, fsync, rename); an image whose writer read it before (its unit digests in hand) by
+writing only the changed units and the header in place, through a redo journal beside it
+(:mod:`.journal`: ``.NAME.journal``, ciphertext only, fsynced before the image is touched;
+:func:`recover_media` replays a complete one or drops an incomplete one before the image is
+opened). So ``kill -9`` at any moment leaves the last complete image; a module whose every unit
+is as it was read is not rewritten at all. :class:`MediaLock` keeps two VMs
 off one image (an ``flock`` on ``.NAME.lock`` beside it, held while the VM runs). Offline
 :func:`rekey_media` re-encrypts an image for another HPA and/or key (plaintext only in memory,
 one chunk at a time).
@@ -38,7 +42,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +53,7 @@ import numpy as np
 from ..engine.xts import XtsKey, decrypt_lines, encrypt_lines
 from ..errors import NvdimmError, SnapshotError
 from .atomic import atomic_output, starts_with
+from .journal import JournalWriter, journal_path, recover
 from .regular import open_regular
 
 MAGIC = b"QMKTNVDM"
@@ -187,6 +192,17 @@ def verify_media(path: str | os.PathLike[str]) -> MediaHeader:
         for _ in _chunks(fd, header):
             pass
     except NvdimmError as err:
+        journal = journal_path(os.path.realpath(path))
+        try:
+            rewritten = read_header(path) != header       # a writer changed it in place while it was read
+        except NvdimmError:
+            rewritten = False
+        if rewritten:
+            raise NvdimmError(f"NVDIMM media {path} was written while it was read: read it again") from None
+        if journal.exists():                    # a writer is at work (or was killed: the next opener recovers)
+            raise NvdimmError(f"NVDIMM media {path} is being written (its journal {journal.name} "
+                              "is pending): read it again once the VM wrote it or, if it was killed, once "
+                              "`run` or `nvdimm rekey` opened it (they complete the write)") from None
         raise NvdimmError(f"NVDIMM media {path}: {err}") from None
     finally:
         os.close(fd)
@@ -253,74 +269,142 @@ def write_media(path: str | os.PathLike[str], chunks: Iterable[tuple[int, np.nda
     ``previous``: the unit digests of the image at ``path`` as it was read (:func:`read_media`'s
     ``digests``). When the header's fields and every unit are the same again, nothing is written
     and None is returned (the image on disk already holds exactly this); when some unit changed,
-    the unchanged units before it are copied from the old image in the kernel. With
+    only the changed units and the header are written, in place through a redo journal
+    (:mod:`.journal`): ``kill -9`` at any point leaves the old image or, once the journal is
+    complete, the new one after :func:`recover_media`. With
     ``previous``, chunks must start on :data:`DIGEST_UNIT` boundaries. ``units`` receives the unit
-    digests of what was given (the ``previous`` of the next write)."""
+    digests of what was given (the ``previous`` of the next write). The caller holds the image's
+    :class:`MediaLock` (or is its only writer)."""
     check_size(size, f"NVDIMM media {path}")
     if reason not in REASONS:
         raise ValueError(f"reason must be one of {REASONS}, got {reason!r}")
+    if journal_path(path).exists():                   # an earlier write that failed half-way: finished first
+        recover_media(path)
     old_fd = _previous_image(path, previous, (size, hpa, algorithm, keyid))
-    digests = UnitDigests()
+    if old_fd is not None and previous is not None:
+        try:
+            return _write_changed_units(path, old_fd, chunks, previous, (size, hpa, algorithm, keyid, reason), units)
+        finally:
+            os.close(old_fd)
+    return _write_whole(path, iter(chunks), (size, hpa, algorithm, keyid, reason), units)
+
+
+Prefix = Callable[[BinaryIO], None]
+
+
+def _write_whole(path: str | os.PathLike[str], chunks: Iterator[tuple[int, np.ndarray]],
+                 fields: tuple[int, int, str, int, str], units: list[bytes] | None, *,
+                 start: int = 0, prefix: Prefix | None = None, digests: UnitDigests | None = None) -> MediaHeader:
+    """A new image at ``path`` through :func:`.atomic.atomic_output`; ``prefix`` writes its body's
+    first ``start`` bytes (whose unit digests ``digests`` holds already), ``chunks`` the rest."""
+    size, hpa, algorithm, keyid, reason = fields
+    digests = digests if digests is not None else UnitDigests()
     try:
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher, \
+        with atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)) as out, \
+                ThreadPoolExecutor(1, thread_name_prefix="nvdimm-digest") as hasher, \
                 ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as unit_pool:
-            out: BinaryIO | None = None
-            pos = 0
+            out.write(bytes(HEADER_NBYTES))
+            if prefix is not None:
+                prefix(out)
+            pos = start
             for off, data in chunks:
                 if off != pos:
                     raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
                 view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
                 pos, final = off + len(view), off + len(view) >= size
-                if out is None and old_fd is not None and previous is not None:
-                    if off % DIGEST_UNIT or (len(view) % DIGEST_UNIT and not final):
-                        raise ValueError("with previous=, chunks must be whole DIGEST_UNITs")
-                    first = len(digests.units)
-                    digests.update(view, final=final, pool=unit_pool)
-                    if digests.units[first:] == previous[first:len(digests.units)]:
-                        continue                      # the same as on disk so far: nothing to write yet
-                    out = _start_output(stack, path)
-                    _copy_range(old_fd, out, off)     # the unchanged units before this chunk
-                    out.write(view)
-                    continue
-                if out is None:
-                    out = _start_output(stack, path)
                 hashed = hasher.submit(digests.update, view, final=final, pool=unit_pool)   # beside the write
                 out.write(view)
                 hashed.result()
             if pos != size:
                 raise NvdimmError(f"NVDIMM media {path}: {pos} bytes given, size is {size}")
-            if units is not None and out is not None:
-                units[:] = digests.units
-            if out is None:
-                return None                           # the image on disk is exactly this one
             header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digests.digest())
             out.seek(0)
             out.write(header.pack())
     except SnapshotError as err:
         raise NvdimmError(str(err)) from None
-    finally:
-        if old_fd is not None:
-            os.close(old_fd)
+    if units is not None:
+        units[:] = digests.units
     return header
 
 
-def _start_output(stack: contextlib.ExitStack, path: str | os.PathLike[str]) -> BinaryIO:
-    out = stack.enter_context(atomic_output(path, force=True, what="NVDIMM media", proof=starts_with(MAGIC)))
-    out.write(bytes(HEADER_NBYTES))
-    return out
+def _write_changed_units(path: str | os.PathLike[str], old_fd: int, chunks: Iterable[tuple[int, np.ndarray]],
+                         previous: list[bytes], fields: tuple[int, int, str, int, str],
+                         units: list[bytes] | None) -> MediaHeader | None:
+    """:func:`write_media` over the image ``old_fd`` that ``previous`` describes: the changed
+    units and the new header go through a redo journal (:mod:`.journal`: journal, fsync, in place,
+    fsync, journal dropped), so only they are written; None when no unit changed. Once more than
+    half of the module changed, a whole new image costs less than journal and in place: the rest
+    goes to one (the units so far copied by the kernel from the journal and the old image)."""
+    size, hpa, algorithm, keyid, reason = fields
+    digests = UnitDigests()
+    writer: JournalWriter | None = None
+    pos = 0
+    rest = iter(chunks)
+    try:
+        with ThreadPoolExecutor(2, thread_name_prefix="nvdimm-units") as unit_pool:
+            for off, data in rest:
+                view = np.ascontiguousarray(data, np.uint8).reshape(-1).data
+                if off != pos:
+                    raise NvdimmError(f"NVDIMM media {path}: chunk at {off:#x}, expected {pos:#x}")
+                pos, final = off + len(view), off + len(view) >= size
+                if off % DIGEST_UNIT or (len(view) % DIGEST_UNIT and not final):
+                    raise ValueError("with previous=, chunks must be whole DIGEST_UNITs")
+                first = len(digests.units)
+                digests.update(view, final=final, pool=unit_pool)
+                for i in range(first, len(digests.units)):
+                    if i >= len(previous) or digests.units[i] != previous[i]:
+                        if writer is None:
+                            writer = JournalWriter(path, os.pread(old_fd, HEADER_NBYTES, 0))
+                        start = i * DIGEST_UNIT - off
+                        writer.add(HEADER_NBYTES + i * DIGEST_UNIT, view[start:start + DIGEST_UNIT])
+                if writer is not None and writer.nbytes > size // 2 and not final:
+                    return _write_whole(path, rest, fields, units, start=pos, digests=digests,
+                                        prefix=_copy_units(writer, old_fd, pos))
+            if pos != size:
+                raise NvdimmError(f"NVDIMM media {path}: {pos} bytes given, size is {size}")
+            if writer is None:
+                return None                           # the image on disk is exactly this one
+            header = MediaHeader(size, hpa, algorithm, keyid, reason, time.time_ns(), os.urandom(16), digests.digest())
+            writer.commit(header.pack())
+            writer = None
+    except OSError as err:
+        kept = (" (its journal is complete and kept: the next open of the image finishes the write)"
+                if writer is not None and writer.complete else "")
+        raise NvdimmError(f"cannot write NVDIMM media {path}: {err.strerror or err}{kept}") from None
+    finally:
+        if writer is not None:
+            writer.abandon()
+    if units is not None:
+        units[:] = digests.units
+    return header
 
 
-def _copy_range(old_fd: int, out: BinaryIO, nbytes: int) -> None:
-    """The first ``nbytes`` of the old image's body into ``out`` (positioned after its header),
-    copied by the kernel."""
-    out.flush()
-    done = 0
-    while done < nbytes:
-        n = os.copy_file_range(old_fd, out.fileno(), nbytes - done, HEADER_NBYTES + done, HEADER_NBYTES + done)
-        if n <= 0:
-            raise NvdimmError("NVDIMM media: the old image ended while its start was copied")
-        done += n
-    out.seek(HEADER_NBYTES + nbytes)
+def _copy_units(writer: JournalWriter, old_fd: int, nbytes: int) -> Prefix:
+    """What writes the body's first ``nbytes`` into a new image: each changed unit from the
+    journal, the others from the old image (both by the kernel)."""
+    def prefix(out: BinaryIO) -> None:
+        out.flush()
+        journaled = {offset: at for offset, _length, at in writer.entries}
+        for offset in range(HEADER_NBYTES, HEADER_NBYTES + nbytes, DIGEST_UNIT):
+            length = min(DIGEST_UNIT, HEADER_NBYTES + nbytes - offset)
+            src, at = (writer.fd, journaled[offset]) if offset in journaled else (old_fd, offset)
+            done = 0
+            while done < length:
+                n = os.copy_file_range(src, out.fileno(), length - done, at + done, offset + done)
+                if n <= 0:
+                    raise NvdimmError("NVDIMM media: the old image or the journal ended while copied")
+                done += n
+        out.seek(HEADER_NBYTES + nbytes)
+    return prefix
+
+
+def recover_media(path: str | os.PathLike[str]) -> str | None:
+    """Finish (or drop) the journal a writer of the image at ``path`` left when it was killed;
+    the caller holds the image's :class:`MediaLock`. ``"replayed"``, ``"discarded"`` or None."""
+    try:
+        return recover(path)
+    except OSError as err:
+        raise NvdimmError(f"NVDIMM media {path}: {err.strerror or err}") from None
 
 
 def _previous_image(path: str | os.PathLike[str], previous: list[bytes] | None,

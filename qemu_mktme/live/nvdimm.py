@@ -16,13 +16,16 @@ The life of one module (:class:`MediaBinding`), driven by :class:`.encrypted.Enc
    was written at the guest reads garbage, exactly as the talk warns; a warning says so.
 3. **written** (:meth:`~MediaBinding.store`, on shutdown, ``dump`` and any flush): the DRAM view
    (AES-XTS under the VM's key, tweak = HPA) replaces the image atomically, with this HPA in its
-   header. A module attached at another HPA than its image is *not* written back: its untouched
-   lines still hold the old address's ciphertext, and one header can name one address; writing
-   would destroy the data that ``nvdimm rekey`` can still recover (a warning says so).
+   header: only its changed units, in place through a redo journal (a writer killed midway is
+   completed or undone by the next :meth:`~MediaBinding.prepare`, ``rekey`` or ``show``).
+   A module attached at another HPA than its image is *not* written back: its untouched lines
+   still hold the old address's ciphertext, and one header can name one address; writing would
+   destroy the data that ``nvdimm rekey`` can still recover (a warning says so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -33,8 +36,10 @@ from pathlib import Path
 from ..errors import NvdimmError
 from ..engine.xts import XtsKey
 from ..keymaterial import key_payload
+from ..files.journal import journal_path
 from ..files.nvdimmfile import (ALIGN, DIGEST_UNIT, MediaHeader, MediaLock, UnitDigests, check_kind, check_size,
-                               read_header, read_media, rekey_media, verify_media, write_media)
+                               read_header, read_media, recover_media, rekey_media, verify_media,
+                               write_media)
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
 from ..host.payload import KeyType
@@ -111,6 +116,10 @@ class MediaBinding:
             raise NvdimmError(f"{self.label}: no directory {path.parent}")
         check_kind(path, self.label)               # before the lock file is made beside it
         self._lock = MediaLock(path, f"VM {self.vm}")
+        outcome = recover_media(path)             # a writer was killed: its write is completed or undone
+        if outcome is not None:
+            self.warn(f"{self.label}: an interrupted write-back was " + (
+                "completed from its journal" if outcome == "replayed" else "undone (its journal was incomplete)"))
         if os.path.lexists(path):
             self.header = read_header(path)
             if self.media.size is not None and self.media.size != self.header.size:
@@ -246,6 +255,7 @@ def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = N
     to_key = media_key(to_key_spec) if to_key_spec is not None else None
     lock = MediaLock(path, "nvdimm rekey")
     try:
+        recover_media(path)
         return rekey_media(path, key, to_hpa=to_hpa, to_key=to_key)
     finally:
         lock.release()
@@ -253,6 +263,17 @@ def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = N
 
 def describe(path: str | os.PathLike[str]) -> dict[str, object]:
     """``qemu-mktme nvdimm show``: where and how the image was written, once its digests passed."""
-    header = verify_media(path)
+    check_kind(path, f"NVDIMM media {path}")
+    real, lock = os.path.realpath(path), None
+    if journal_path(real).exists():                   # a writer at work, or killed: complete or drop its write
+        with contextlib.suppress(NvdimmError):        # (in use by a VM: read it as it is)
+            lock = MediaLock(real, "nvdimm show")
+    try:
+        if lock is not None:
+            recover_media(real)
+        header = verify_media(path)
+    finally:
+        if lock is not None:
+            lock.release()
     return {"path": str(path), **header.describe(), "digests": "ok (header and body)",
             "plaintext": "none: the body is AES-XTS ciphertext; only this key at this HPA reads it"}

@@ -250,7 +250,8 @@ def test_rekey_and_show_as_the_cli_does(tmp_path: Path) -> None:
 
 def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer that read the image gives its unit digests back: all the same, nothing is written;
-    one unit changed, the units before it come from the old image and the result is exact."""
+    one unit changed, only it is written (in place, through the journal) and the result is exact;
+    most units changed, a whole new image (the units so far copied from journal and old image)."""
     monkeypatch.setattr(nvdimmfile, "DIGEST_UNIT", 2 << 20)      # small units: a quick reference XTS
     unit = nvdimmfile.DIGEST_UNIT
     path, key, size = tmp_path / "m", _key(11), 3 * unit
@@ -268,6 +269,7 @@ def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.M
     assert write_media(path, chunked(body), previous=digests.units, **fields) is None
     assert path.stat().st_ino == inode
     assert write_media(path, chunked(body), previous=digests.units, **{**fields, "keyid": 2}) is not None
+    inode = path.stat().st_ino                            # (another KeyID: a whole new image)
     plain[2 * unit + 5] ^= 0xFF                           # the guest changed the last unit
     cipher = xts_lines(*key, HPA, bytes(plain))
     fields["keyid"] = 2                                           # (as the file now says)
@@ -275,6 +277,13 @@ def test_unchanged_units_are_not_rewritten(tmp_path: Path, monkeypatch: pytest.M
     assert write_media(path, chunked(cipher), previous=digests.units, units=units, **fields) is not None
     assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
     assert write_media(path, chunked(cipher), previous=units, **fields) is None     # the next flush: unchanged
+    assert path.stat().st_ino == inode                    # (changed units: written in place)
+    plain[5] ^= 0xFF                                      # most of the module changed: a whole new image
+    plain[unit + 5] ^= 0xFF
+    cipher = xts_lines(*key, HPA, bytes(plain))
+    assert write_media(path, chunked(cipher), previous=units, **fields) is not None
+    assert path.stat().st_ino != inode and not nvdimmfile.journal_path(path).exists()
+    assert path.read_bytes()[HEADER_NBYTES:] == cipher and verify_media(path).hpa == HPA
 
 
 def test_snapshot_and_migration_of_a_vm_with_an_nvdimm_are_refused(tmp_path: Path) -> None:
@@ -318,3 +327,138 @@ def test_unit_digests_the_same_on_threads() -> None:
         two.update(data[:2 * DIGEST_UNIT + 4096], pool=pool)
         two.update(data[2 * DIGEST_UNIT + 4096:], final=True, pool=pool)
     assert one.units == two.units and len(one.units) == 4 and one.digest() == two.digest()
+
+
+_KILLER = """
+import os, signal, sys
+import numpy as np
+from qemu_mktme.files import nvdimmfile
+from qemu_mktme.files.nvdimmfile import UnitDigests, read_media, write_media
+nvdimmfile.DIGEST_UNIT = {unit}
+path, new = {path!r}, open({new!r}, 'rb').read()
+digests = UnitDigests()
+with read_media(path, digests=digests) as (header, chunks):
+    for _ in chunks:
+        pass
+calls, kill_at = [0], {kill_at}
+def killing(name, real):
+    def call(*args):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            if name in ('pwrite', 'copy_file_range'):      # a torn write: half of it, then the end
+                a = list(args)
+                if name == 'pwrite':
+                    a[1] = memoryview(a[1]).cast('B')[:max(len(memoryview(a[1]).cast('B')) // 2, 1)]
+                else:
+                    a[2] = max(a[2] // 2, 1)
+                real(*a)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+    return call
+for name in ('pwrite', 'write', 'fsync', 'unlink', 'copy_file_range', 'rename', 'replace'):
+    setattr(os, name, killing(name, getattr(os, name)))
+chunks = [(o, np.frombuffer(new[o:o + {unit}], np.uint8)) for o in range(0, len(new), {unit})]
+write_media(path, chunks, size=header.size, hpa=header.hpa, algorithm=header.algorithm, keyid=header.keyid,
+            reason='shutdown', previous=digests.units)
+print(calls[0], flush=True)
+"""
+
+
+def test_a_writer_killed_at_every_step_of_the_journal_leaves_a_complete_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-place write of changed units (journal, fsync, in place, fsync, journal dropped):
+    kill -9 at each of its writes, fsyncs and unlinks (a write torn in half where it is one):
+    the next opener finds the old image before the journal was complete, the new one after,
+    whole and verified, and never anything else; no journal is left behind."""
+    unit = 2 << 20
+    monkeypatch.setattr(nvdimmfile, "DIGEST_UNIT", unit)          # as in the writer's process
+    path, new_path = tmp_path / "m", tmp_path / "new-body"
+    rng = np.random.default_rng(21)
+    old = rng.bytes(4 * unit)
+    new = bytearray(old)
+    new[unit + 7: unit + 4096] = rng.bytes(4089)                  # units 1 and 3 change
+    new[3 * unit:] = rng.bytes(unit)
+    new_path.write_bytes(new)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    def run(kill_at: int) -> subprocess.CompletedProcess[str]:
+        write_media(path, [(0, np.frombuffer(old, np.uint8))], size=len(old), hpa=HPA, algorithm="aes-xts-128",
+                    keyid=1, reason="shutdown")
+        script = _KILLER.format(unit=unit, path=str(path), new=str(new_path), kill_at=kill_at)
+        return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+
+    full = run(0)
+    assert full.returncode == 0, full.stderr
+    steps = int(full.stdout)
+    assert path.read_bytes()[HEADER_NBYTES:] == new and verify_media(path).reason == "shutdown"
+    assert not nvdimmfile.journal_path(path).exists()
+    assert steps >= 10                                            # journal writes, fsyncs, in place, unlink
+    outcomes = []
+    for kill_at in range(1, steps + 1):
+        proc = run(kill_at)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
+        lock = MediaLock(path, "test")
+        try:
+            found = nvdimmfile.recover_media(path)
+        finally:
+            lock.release()
+        body = path.read_bytes()[HEADER_NBYTES:]
+        assert body in (old, new), kill_at
+        verify_media(path)                                        # whole: header and body agree
+        assert not nvdimmfile.journal_path(path).exists()
+        outcomes.append(("new" if body == new else "old", found))
+    states = [state for state, _ in outcomes]
+    first_new = states.index("new")
+    assert states == ["old"] * first_new + ["new"] * (steps - first_new), outcomes   # one switch, never back
+    assert 2 <= first_new < steps - 2                             # killed before and after the journal was complete
+    assert {found for _, found in outcomes[first_new:]} <= {"replayed", None}
+    assert "discarded" in {found for _, found in outcomes[:first_new]}
+
+
+def test_a_journal_is_replayed_only_when_complete_and_for_this_image(tmp_path: Path) -> None:
+    """A journal with a flipped bit (incomplete, or tampered) is dropped, the image untouched; a
+    complete journal for another version of the image too; a complete one whose applying failed
+    is kept; `show` and the next write finish it first."""
+    from qemu_mktme.files import journal as jmod
+    path, other = tmp_path / "m", tmp_path / "n"
+    _media(path, bytes(SIZE), _key(22))
+    _media(other, b"\x5a" * SIZE, _key(22))
+    before, after = path.read_bytes(), other.read_bytes()
+
+    def journal(old_head: bytes) -> Path:
+        """A complete journal from ``before`` to ``after``, left as a killed writer leaves it."""
+        writer = jmod.JournalWriter(path, old_head)
+        writer.add(HEADER_NBYTES, memoryview(after[HEADER_NBYTES:]))
+        real = jmod._apply
+        jmod._apply = lambda *a: (_ for _ in ()).throw(OSError("killed"))      # type: ignore[assignment]
+        try:
+            with pytest.raises(OSError, match="killed"):
+                writer.commit(after[:HEADER_NBYTES])
+        finally:
+            jmod._apply = real
+            writer.abandon()                                      # (a complete journal is kept)
+        return jmod.journal_path(path)
+
+    j = journal(before[:HEADER_NBYTES])
+    data = bytearray(j.read_bytes())
+    data[100] ^= 1
+    j.write_bytes(bytes(data))
+    assert jmod.recover(path) == "discarded" and path.read_bytes() == before and not j.exists()
+    journal(b"another image's header")
+    assert jmod.recover(path) == "discarded" and path.read_bytes() == before
+    journal(before[:HEADER_NBYTES])
+    path.write_bytes(before[:HEADER_NBYTES] + after[HEADER_NBYTES:])      # torn: the body in place, not the header
+    with pytest.raises(NvdimmError, match="is being written"):    # a reader that does not recover says why
+        verify_media(path)
+    assert describe(path)["digests"] == "ok (header and body)"    # show completes it first
+    assert path.read_bytes() == after and not j.exists() and jmod.recover(path) is None
+    path.write_bytes(before)
+    journal(before[:HEADER_NBYTES])                               # a write that failed after its journal...
+    cipher = _media(path, b"\x11" * SIZE, _key(22))              # ...is finished before the next one
+    assert not j.exists() and path.read_bytes()[HEADER_NBYTES:] == cipher
+    os.mkfifo(j)                                                  # not a journal of ours: one line, nothing lost
+    with pytest.raises(NvdimmError, match="not a regular file of this user: not touched"):
+        describe(path)
+    with pytest.raises(NvdimmError, match="not a regular file"):
+        _media(path, bytes(SIZE), _key(22))
+    assert path.read_bytes()[HEADER_NBYTES:] == cipher and j.exists()

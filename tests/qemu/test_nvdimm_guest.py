@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from qemu_mktme import images
 from qemu_mktme.engine.xts import XtsKey
-from qemu_mktme.files.nvdimmfile import HEADER_NBYTES, read_header, rekey_media
+from qemu_mktme.files.journal import journal_path
+from qemu_mktme.files.nvdimmfile import HEADER_NBYTES, read_header, rekey_media, verify_media
 from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.live.nvdimm import NvdimmMedia
@@ -151,14 +152,22 @@ def test_dump_writes_the_media_and_the_session_refuses_snapshots(linux_image: im
             with pytest.raises(NvdimmError, match="a snapshot of a VM with an NVDIMM is refused"):
                 await session.save("pm", str(tmp_path / "snap"), bytes(range(32)))
             await session.dump(tmp_path / "dump")
-            at_dump = read_header(media)
+            at_dump, inode = read_header(media), media.stat().st_ino
             hpa = vm.query()["nvdimms"][0]["hpa"]
             assert media.read_bytes()[HEADER_NBYTES:] == xts_lines(*KEY, int(hpa, 16), bytes(4 * MiB))
             await vm.console.write("go\n")
             await vm.console.wait_for(_RESULT, timeout=120)
             await vm.wait(60)
+        assert media.stat().st_ino == inode                 # shutdown wrote in place (after the dump)
         return at_dump, read_header(media), hpa
     at_dump, at_shutdown, hpa = asyncio.run(run())
     assert (at_dump.reason, at_shutdown.reason) == ("dump", "shutdown")
     assert at_shutdown.hpa == int(hpa, 16) and secret.encode() not in media.read_bytes()
+    # the changed unit went through the journal (none left): the result is whole and is `cryptography`'s XTS of what the guest wrote (the secret after 1 MiB)
+    assert verify_media(media) == at_shutdown and not journal_path(media).exists()
+    body = media.read_bytes()[HEADER_NBYTES:]
+    at = MiB
+    plain = Cipher(algorithms.AES(KEY[0] + KEY[1]), modes.XTS((int(hpa, 16) + at).to_bytes(16, "little"))
+                   ).decryptor().update(body[at:at + 64])
+    assert plain.startswith(secret.encode())
     assert not (tmp_path / "snap").exists()
