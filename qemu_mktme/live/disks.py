@@ -66,7 +66,8 @@ class VhostDisks:
                 await server.start()
                 self.servers.append(server)
                 argv += ["-chardev", f"socket,id=vhost{n},path={sock},reconnect=1",
-                         "-device", f"vhost-user-blk-pci,chardev=vhost{n},id={dev_name}-dev"]
+                         "-device", f"vhost-user-blk-pci,chardev=vhost{n},id={dev_name}-dev,"
+                                   f"queue-size={device.queue_size}"]
         except BaseException:
             self.close()
             raise

@@ -1,5 +1,6 @@
 """A standalone vhost-user-blk backend with its own host model: ``python -m qemu_mktme.vhost
---socket PATH --disk FILE [--readonly] [--keyid-bits N]``.
+--socket PATH --disk FILE [--readonly] [--keyid-bits N]``; give QEMU's ``vhost-user-blk-pci``
+``queue-size=256`` (the device offers queue size - 2 segments per request, as QEMU's virtio-blk).
 
 When the front end passes its memory table, each memfd region is bound to this process's
 emulated host as one VM's RAM (a fresh CPU-type key), and the device reaches it through that

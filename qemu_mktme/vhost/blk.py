@@ -42,7 +42,7 @@ T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 TYPE_NAMES = {T_IN: "in", T_OUT: "out", T_FLUSH: "flush", T_GET_ID: "get-id", T_DISCARD: "discard",
               T_WRITE_ZEROES: "write-zeroes"}
-SEG_MAX = 126
+QUEUE_SIZE = 256          # QEMU's virtio-blk default; the front end is told it (``queue-size``)
 IOV_MAX = 1024
 MAX_DISCARD_SECTORS = 1 << 22
 STATUS_NEEDS_RESET = 0x40
@@ -95,8 +95,12 @@ class VhostUserBlk(p.Handler):
 
     def __init__(self, path: str | os.PathLike[str], memory_for: Callable[[list[p.MemRegion]], Any], *,
                  readonly: bool = False, num_queues: int = 4, name: str = "vhost-blk0",
-                 serial: str = "qemu-mktme-vhost", direct: bool = False) -> None:
+                 serial: str = "qemu-mktme-vhost", direct: bool = False, queue_size: int = QUEUE_SIZE) -> None:
         self.path = Path(path)
+        self.queue_size = queue_size
+        # segments per request as QEMU's virtio-blk offers them (seg-max-adjust: queue size - 2,
+        # the header and the status): a 1 MiB request in two chains, not three
+        self.seg_max = max(1, queue_size - 2)
         self.name = name
         self.readonly = readonly
         self.num_queues = num_queues
@@ -139,7 +143,7 @@ class VhostUserBlk(p.Handler):
 
     def config_space(self) -> bytes:
         """struct virtio_blk_config (VIRTIO 1.2 §5.2.4), zero-padded to 256 bytes."""
-        cfg = struct.pack("<QII", self.capacity, 0, SEG_MAX)
+        cfg = struct.pack("<QII", self.capacity, 0, self.seg_max)
         cfg += struct.pack("<HBB", 0, 0, 0)                  # geometry (not offered)
         cfg += struct.pack("<I", SECTOR)                     # blk_size
         cfg += struct.pack("<BBHI", 0, 0, 0, 0)              # topology (not offered)

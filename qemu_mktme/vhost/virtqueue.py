@@ -26,6 +26,10 @@ F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+_FLAG_BITS = bytes(b & (F_NEXT | F_WRITE | F_INDIRECT) for b in range(256))
+_NEXT_BIT = bytes(b & F_NEXT for b in range(256))
+_NEXT_LO = bytes(i & 0xFF for i in range(MAX_QUEUE_SIZE + 1))     # next = i: its low and high bytes
+_NEXT_HI = bytes(i >> 8 for i in range(MAX_QUEUE_SIZE + 1))
 
 
 class Memory(Protocol):
@@ -75,6 +79,7 @@ class Virtqueue:
         self.desc, self.avail, self.used = desc, avail, used
         self.event_idx, self.indirect = event_idx, indirect
         self.last_avail = last_avail & 0xFFFF
+        self._ready = 0                      # announced by the driver, not yet taken
         self.used_idx = self._read16(used + 2)
         self._signalled_used = self.used_idx
         self.max_bytes = max_bytes
@@ -103,9 +108,13 @@ class Virtqueue:
         return n
 
     def pop(self) -> Chain | None:
-        """The next available chain, or None."""
-        if not self.pending():
-            return None
+        """The next available chain, or None (the driver's index is read again only once the
+        buffers it announced last time are taken)."""
+        if not self._ready:
+            self._ready = self.pending()
+            if not self._ready:
+                return None
+        self._ready -= 1
         slot = self.avail + 4 + 2 * (self.last_avail % self.num)
         head = self._read16(slot)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -147,11 +156,10 @@ class Virtqueue:
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     chain.error = f"indirect table of {length} bytes"
                     return
-                raw = np.frombuffer(self.mem.read(addr, length), DESC_DTYPE)
-                if self._linear(chain, raw, total):
+                data = self.mem.read(addr, length)
+                if self._linear(chain, data, total):
                     return
-                indirect = list(zip(raw["addr"].tolist(), raw["len"].tolist(), raw["flags"].tolist(),
-                                    raw["next"].tolist()))
+                indirect = list(DESC.iter_unpack(data))
                 table, size, index, seen, indirect_done = addr, length // 16, 0, 0, True
                 continue
             total += length
@@ -169,28 +177,27 @@ class Virtqueue:
                 return
             index = nxt
 
-    def _linear(self, chain: Chain, table: np.ndarray, total: int) -> bool:
+    def _linear(self, chain: Chain, table: bytes, total: int) -> bool:
         """The usual indirect table, decoded at once: entries 0..k-1 chained in order (NEXT set on
         all but the last, next = i + 1), readable ones first, no nested indirect, within the
-        byte bound. False (nothing done) for any other table: the entry-by-entry walk judges it."""
-        flags, nxt = table["flags"], table["next"]
-        ends = np.flatnonzero((flags & F_NEXT) == 0)
-        if not len(ends):
+        byte bound. False (nothing done) for any other table: the entry-by-entry walk judges it.
+        The flags and next fields are checked as byte strings (C loops), not entry by entry."""
+        flags = table[12::16].translate(_FLAG_BITS)     # NEXT | WRITE | INDIRECT of each entry
+        k = flags.translate(_NEXT_BIT).find(0) + 1      # the chain stops at the first entry without NEXT
+        if not k:
             return False
-        k = int(ends[0]) + 1                       # the chain stops at the first entry without NEXT
-        if k > 1 and not (nxt[:k - 1] == np.arange(1, k)).all():
+        head = flags[:k]
+        rest = head.lstrip(b"\x01")                    # readable entries with NEXT, then:
+        first_w = k - len(rest)
+        if rest == b"\x00":                            # the last one readable: no writable part
+            first_w = k
+        elif rest[-1] != F_WRITE or rest[:-1].strip(b"\x03"):   # writable with NEXT, the last writable
             return False
-        flags = flags[:k]
-        if (flags & F_INDIRECT).any():
+        if k > 1 and (table[14:16 * (k - 1):16] != _NEXT_LO[1:k] or table[15:16 * (k - 1):16] != _NEXT_HI[1:k]):
             return False
-        write = (flags & F_WRITE) != 0
-        first_w = int(np.argmax(write)) if write.any() else k
-        if not write[first_w:].all():
+        pairs = [(a, n) for a, n, _, _ in DESC.iter_unpack(table[:16 * k])]
+        if total + sum(n for _, n in pairs) > self.max_bytes:
             return False
-        lens = table["len"][:k]
-        if total + int(lens.sum(dtype=np.uint64)) > self.max_bytes:
-            return False
-        pairs = list(zip(table["addr"][:k].tolist(), lens.tolist()))
         chain.readable.extend(pairs[:first_w])
         chain.writable.extend(pairs[first_w:])
         return True

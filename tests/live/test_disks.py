@@ -34,9 +34,9 @@ async def test_backends_listen_before_qemu_and_go_away(disk, tmp_path):
         socks = sorted(p.name for p in disks.dir.glob("*.sock"))
         assert socks == ["disk0.sock", "disk1.sock"]
         assert argv == ["-chardev", f"socket,id=vhost0,path={disks.dir / 'disk0.sock'},reconnect=1",
-                        "-device", "vhost-user-blk-pci,chardev=vhost0,id=disk0-dev",
+                        "-device", "vhost-user-blk-pci,chardev=vhost0,id=disk0-dev,queue-size=256",
                         "-chardev", f"socket,id=vhost1,path={disks.dir / 'disk1.sock'},reconnect=1",
-                        "-device", "vhost-user-blk-pci,chardev=vhost1,id=disk1-dev"]
+                        "-device", "vhost-user-blk-pci,chardev=vhost1,id=disk1-dev,queue-size=256"]
         with socket.socket(socket.AF_UNIX) as s:              # a front end can connect now
             s.connect(str(disks.dir / "disk0.sock"))
         summary = disks.summary()
