@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..engine.dimm import DimmAliasError
+from ..errors import QemuExited
 from ..host.guest import EncryptedGuest
 from ..host.host import Host
 from ..live.encrypted import EncryptedMachine
@@ -229,7 +230,19 @@ async def _answer(victim: PinVictim, vm: EncryptedMachine, guess: str, stopped: 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    return answer.result() if answer in done else None
+    if answer not in done:
+        return None
+    try:
+        return answer.result()
+    except QemuExited:
+        # The machine check stops the VM and its QEMU goes away: the guest's pending answer can
+        # see QEMU gone before this loop sees the stop (a loaded machine). The stop is what
+        # happened; anything else is the error it says.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stopped.wait(), min(timeout, 5.0))
+        if stopped.is_set():
+            return None
+        raise
 
 
 def _counter(vm: EncryptedMachine, gpa: int) -> int:
