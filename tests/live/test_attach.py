@@ -56,11 +56,21 @@ class Foreign:
         self.rundir = rundir
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        # The socket file appears at QEMU's bind(), before its listen(): wait until a connection is
+        # accepted (QEMU's monitor takes the next client once this one hangs up).
         deadline = time.monotonic() + patience(20)
-        while not (rundir / "monitor.sock").exists():
+        while not self._monitor_listens():
             assert self.proc.poll() is None, self.proc.stdout.read()
             assert time.monotonic() < deadline, "QEMU did not open its monitor"
             time.sleep(0.02)
+
+    def _monitor_listens(self):
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.rundir / "monitor.sock"))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+        return True
 
     def stop(self):
         if self.proc.poll() is None:
