@@ -197,7 +197,7 @@ def _staged(target: Path, *, what: str, force: bool, refuse: str = FORCE_HINT,
     finally:
         _discard(partial)
     try:
-        _sync_directory(target.parent)
+        sync_directory(target.parent)
     except OSError as err:
         log.warning("wrote %s, but could not sync its directory: %s", target, err.strerror or err)
 
@@ -218,8 +218,9 @@ def _place(partial: Path, target: Path, force: bool, refuse: str) -> None:
         os.rename(partial, target)
 
 
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def sync_directory(directory: Path) -> None:
+    """fsync ``directory`` itself, so a rename or unlink in it survives a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -34,6 +34,8 @@ import stat
 import struct
 from pathlib import Path
 
+from .atomic import sync_directory
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"QMKTJRNL"
@@ -53,14 +55,6 @@ def journal_path(target: str | os.PathLike[str]) -> Path:
     return path.with_name(f".{path.name}.journal")
 
 
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -71,7 +65,7 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 def _remove(journal: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(journal)
-    _sync_directory(journal.parent)
+    sync_directory(journal.parent)
 
 
 class JournalWriter:
@@ -106,7 +100,7 @@ class JournalWriter:
         self._hash.update(trailer)
         _pwrite_all(self.fd, trailer + self._hash.digest(), self.nbytes)
         os.fsync(self.fd)
-        _sync_directory(self.path.parent)       # the journal is there after a power cut, before the file changes
+        sync_directory(self.path.parent)       # the journal is there after a power cut, before the file changes
         self.complete = True
         _apply(self.fd, self.target, self.entries, new_head)
         self.close()
