@@ -1,0 +1,216 @@
+"""The compiled dataplane (qemu_mktme/vhost/native) against the hand-written front end: it serves
+IN/OUT/FLUSH itself once the IOMMU translation mirror holds the buffers, and everything else
+(a first touch, a foreign KeyID, a fault, GET_ID, transfer hooks) goes to the Python path in
+order; stop and kill leave no thread behind. Ciphertext is checked against `cryptography`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import threading
+
+import pytest
+
+from fake_driver import DATA, F_NEXT, F_WRITE, HEADER, FakeDriver
+from helpers import patience
+from qemu_mktme.vhost import native
+from qemu_mktme.vhost.__main__ import StandaloneMemory
+from qemu_mktme.vhost.blk import VhostUserBlk
+from qemu_mktme.vhost.protocol import Req, Server
+from reference import user_payload, xts_lines
+from test_blk_device import KEY, KEY2, TWEAK, TWEAK2, xts_decrypt_lines
+
+T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
+DISK = 4 << 20
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled dataplane: {native.status()}")
+
+
+class Rig:
+    def __init__(self, tmp_path) -> None:
+        self.disk = tmp_path / "disk.img"
+        self.disk.write_bytes(os.urandom(DISK))
+        self.memory = StandaloneMemory(key_payload=user_payload(KEY, TWEAK))
+        self.device = VhostUserBlk(self.disk, self.memory, serial="dp-serial")
+        self.server = Server(tmp_path / "blk.sock", self.device)
+        self.driver = FakeDriver(str(tmp_path / "blk.sock"), 8 << 20, 64)
+
+    async def __aenter__(self) -> Rig:
+        await self.server.start()
+        await self.driver.setup()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.driver.close()
+        await self.server.close()
+        self.device.close()
+
+    @property
+    def served(self) -> int:
+        mirror = self.device._mirror
+        return mirror.total() if mirror is not None else 0
+
+    @property
+    def guest(self):
+        return self.memory.devices[-1].guest
+
+    @property
+    def assigned(self):
+        return self.memory.devices[-1]
+
+
+def dp_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("vhost-blk0-q")]
+
+
+def chain(d: FakeDriver, head: int, rtype: int, sector: int, buf: int, n: int, slot: int) -> None:
+    """Header, one data buffer, status: descriptors head..head+2, header/status at slot."""
+    hdr, status = HEADER + 0x40 * slot, HEADER + 0x1000 + slot
+    d.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+    d.write(status, b"\xee")
+    d.desc(head, hdr, 16, F_NEXT, head + 1)
+    d.desc(head + 1, buf, n, F_NEXT | (F_WRITE if rtype in (T_IN, T_GET_ID) else 0), head + 2)
+    d.desc(head + 2, status, 1, F_WRITE)
+
+
+async def test_reads_and_writes_are_served_natively_and_land_as_the_model_says(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        image = rig.disk.read_bytes()
+        assert (await d.request(T_IN, 0, length=8192))[2] == image[:8192]    # first touch: Python
+        before = rig.served
+        for sector in (8, 64, 1000, DISK // 512 - 16):
+            status, used, back = await d.request(T_IN, sector, length=8192)
+            assert (status, used, back) == (0, 8193, image[sector * 512:sector * 512 + 8192])
+        pattern = os.urandom(16384)
+        assert (await d.request(T_OUT, 40, pattern))[:2] == (0, 1)
+        assert (await d.request(T_FLUSH, 0))[:2] == (0, 1)
+        assert rig.disk.read_bytes()[40 * 512:40 * 512 + 16384] == pattern
+        assert rig.served - before == 6                                     # all of them in C
+        # the device wrote through the VM's KeyID: DRAM holds AES-XTS of the data under its key
+        assert (await d.request(T_IN, 40, length=4096))[2] == pattern[:4096]
+        hpa = rig.guest.hpa_of(DATA + 0x1000)
+        assert rig.guest.dram(DATA + 0x1000, 4096) == xts_lines(KEY, TWEAK, hpa, pattern[:4096])
+        c = rig.assigned.counters
+        assert c.write_bytes >= 4 * 8192 + 4096 and c.read_bytes >= 16384 and c.faults == 0
+        assert rig.assigned.sanitizer.count == 0 and rig.device.counters["requests"] == 8
+
+
+async def test_a_retagged_domain_takes_the_python_path_on_the_next_request(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d, guest = rig.driver, rig.guest
+        pattern = bytes(range(256)) * 16
+        await d.request(T_OUT, 0, pattern)
+        await d.request(T_OUT, 0, pattern)
+        served = rig.served
+        assert served >= 1
+        other = rig.memory.host.keys.add("other", user_payload(KEY2, TWEAK2), tenant="vhost")
+        keyid2 = rig.memory.host.keys.use(other, "test", tenant="vhost")
+        assert guest.set_iommu_keyid(keyid2, DATA, 2 << 20) == 1           # the data leaf only
+        assert (await d.request(T_OUT, 8, pattern))[0] == 0
+        hpa = guest.hpa_of(DATA + 0x1000)
+        on_disk = rig.disk.read_bytes()[8 * 512:8 * 512 + 4096]
+        assert on_disk == xts_decrypt_lines(KEY2, TWEAK2, hpa, xts_lines(KEY, TWEAK, hpa, pattern))
+        assert rig.assigned.sanitizer.count >= 1 and rig.served == served   # Python served it
+        guest.set_iommu_keyid(guest.keyid)                                  # repaired
+        await d.request(T_IN, 0, length=4096)                               # first touch again
+        assert (await d.request(T_IN, 0, length=4096))[2] == pattern and rig.served > served
+
+
+async def test_a_fault_is_an_ioerr_and_the_queue_serves_on(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        chain(d, 10, T_IN, 0, 64 << 20, 4096, 1)                # outside the 8 MiB domain
+        before = d.used_idx()
+        d.make_available(10)
+        await d.wait_used(before + 1, patience(5))
+        assert d.read(HEADER + 0x1001, 1) == b"\x01"
+        assert rig.assigned.counters.faults >= 1
+        assert (await d.request(T_IN, 0, length=4096))[0] == 0
+
+
+async def test_a_hand_off_mid_batch_keeps_order_and_ring_state(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        image = rig.disk.read_bytes()
+        await d.request(T_IN, 0, length=4096)
+        served = rig.served
+        kinds = [T_IN, T_IN, T_GET_ID, T_IN, T_GET_ID, T_IN]
+        base = d.used_idx()
+        for i, kind in enumerate(kinds):                     # several chains, one kick
+            chain(d, 20 + 3 * i, kind, 8 * i, DATA + 0x1000 * (i + 1), 20 if kind == T_GET_ID else 4096, i + 1)
+            d.make_available(20 + 3 * i, kick=False)
+        os.eventfd_write(d.kick, 1)
+        await d.wait_used(base + len(kinds), patience(5))
+        assert [d.used_elem(base + i) for i in range(len(kinds))] == \
+            [(20 + 3 * i, 21 if k == T_GET_ID else 4097) for i, k in enumerate(kinds)]
+        for i, kind in enumerate(kinds):
+            got = d.read(DATA + 0x1000 * (i + 1), 20 if kind == T_GET_ID else 4096)
+            assert got == (b"dp-serial".ljust(20, b"\0") if kind == T_GET_ID else image[i * 4096:(i + 1) * 4096])
+            assert d.read(HEADER + 0x1000 + i + 1, 1) == b"\x00"
+        assert rig.served - served == 4
+        assert (await d.request(T_IN, 0, length=4096))[0] == 0               # and on it goes
+
+
+async def test_transfer_hooks_see_every_request(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        seen = []
+        rig.device.transfer_hooks.append(seen.append)
+        served = rig.served
+        for _ in range(3):
+            await d.request(T_IN, 0, length=4096)
+        assert len(seen) == 3 and rig.served == served
+        rig.device.transfer_hooks.remove(seen.append)
+        await d.request(T_IN, 0, length=4096)
+        assert rig.served == served + 1
+
+
+async def test_stop_while_busy_returns_the_ring_state(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        for i in range(20):
+            chain(d, 3 * i, T_IN, 0, DATA + 0x8000 * i, 1 << 15, i + 1)
+            d.make_available(3 * i, kick=False)
+        os.eventfd_write(d.kick, 1)
+        reply = await d.send(Req.GET_VRING_BASE, struct.pack("<II", 0, 0), reply=True)
+        _, base = struct.unpack("<II", reply)
+        assert base == d.used_idx() and not dp_threads()       # every chain taken is completed
+        assert base <= d.avail_idx
+
+
+async def test_a_killed_front_end_leaves_no_thread_or_mapping(tmp_path):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        assert dp_threads()
+        for i in range(20):
+            chain(d, 3 * i, T_OUT, 0, DATA + 0x8000 * i, 1 << 15, i + 1)
+            d.make_available(3 * i, kick=False)
+        os.eventfd_write(d.kick, 1)
+        d.sock.close()
+        d.sock = None
+        deadline = asyncio.get_running_loop().time() + patience(5)
+        while dp_threads() or rig.memory.devices:
+            assert asyncio.get_running_loop().time() < deadline, "threads or the memory table outlived the peer"
+            await asyncio.sleep(0.01)
+        assert rig.device._mirror is None and rig.device.memory is None
+
+
+async def test_the_python_switch_serves_without_threads(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_SELECT, "python")
+    monkeypatch.setattr(native, "_state", {})
+    async with Rig(tmp_path) as rig:
+        image = rig.disk.read_bytes()
+        for _ in range(2):
+            assert (await rig.driver.request(T_IN, 8, length=4096))[2] == image[4096:8192]
+        assert not dp_threads() and rig.device._mirror is None
+        assert native.status() == f"Python path ({native.ENV_SELECT}=python)"
+    monkeypatch.setenv(native.ENV_SELECT, "bogus")
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.raises(native.DataplaneUnavailable, match="expected python or native"):
+        native.library()
