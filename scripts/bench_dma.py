@@ -37,6 +37,7 @@ from qemu_mktme.host.host import Host
 from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.devices import DiskSpec
 from qemu_mktme.qemu.machine import Machine, MachineConfig
+from qemu_mktme.vhost import native
 
 MODES = {"a": "vhost + IOMMU model", "b": "vhost, model bypassed", "c": "QEMU virtio-blk"}
 PHASES = ("seqwrite", "seqread", "randread", "randwrite", "mixed")
@@ -112,6 +113,7 @@ async def one(mode: str, disk: str, size_mb: int, count: int, cache: str) -> dic
             c = vm.dma_counters()["disk0"]
             assert c.get("sanitizer", 0) == 0, "DMA through a foreign KeyID during the benchmark"
             assert c.get("faults", 0) == 0 and c["errors"] == 0, f"DMA faults or request errors: {c}"
+            out["native_share"] = c["native"] / max(1, c["requests"])
         await vm.console.write("exit\r")
         await vm.wait(120)
     return out
@@ -160,6 +162,8 @@ async def main() -> None:
     print("(a)/(b): " + ", ".join(f"{p} {r:.2f}" for p, r in a_b.items()))
     print(f"rounds={args.rounds} size={args.size_mb} MiB count={args.count} cache={args.cache} "
           f"load before={load[0]:.2f} after={os.getloadavg()[0]:.2f}")
+    print(f"vhost backend: {native.status()}; requests it served: "
+          + ", ".join(f"({m}) {100 * statistics.median(r['native_share'] for r in results[m]):.0f} %" for m in "ab"))
     print(f"ratio={min(a_c.values()):.3f}")
 
 

@@ -146,15 +146,18 @@ class VhostUserBlk(p.Handler):
         self.table: MemTable | None = None
         self.status = 0
         self.transfer_hooks: list[Callable[[Transfer], None]] = WatchedList(self._hooks_changed)
-        self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0}
+        self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0, "native": 0}
         self._logged: set[str] = set()
         self._mirror: native.Mirror | None = None   # the memory's, while queue threads use it
 
     @property
     def counters(self) -> dict[str, int]:
-        """Requests, errors, unsupported, resets: the dataplane's requests included."""
+        """Requests, errors, unsupported, resets; ``native``: the requests the compiled dataplane
+        served (counted in ``requests`` too)."""
         if self._mirror is not None:
-            self._counters["requests"] += self._mirror.take_requests()
+            n = self._mirror.take_requests()
+            self._counters["requests"] += n
+            self._counters["native"] += n
         return self._counters
 
     def _hooks_changed(self) -> None:
@@ -356,14 +359,16 @@ class VhostUserBlk(p.Handler):
             err = dp.state.err
             self._kick_gone(q, f"reading it failed: {os.strerror(err)}" if err else "its writer hung up")
             return
-        if code == native.CALL_DEAD:
-            self._call_dead(q, dp.state.err)
-        elif code == native.HANDOFF_RING:
-            self._process(q)                    # a ring C cannot map: today's path, until empty
-        else:
-            self._serve_one(q)
-        if q.dp is dp and not dp.stopping:      # not stopped by a broken ring meanwhile
-            dp.resume(q.call)
+        try:
+            if code == native.CALL_DEAD:
+                self._call_dead(q, dp.state.err)
+            elif code == native.HANDOFF_RING:
+                self._process(q)                # a ring C cannot map: today's path, until empty
+            else:
+                self._serve_one(q)
+        finally:
+            if q.dp is dp and not dp.stopping:  # not stopped by a broken ring meanwhile
+                dp.resume(q.call)
 
     def _serve_one(self, q: Queue) -> None:
         """The chain the dataplane stopped at, served by the Python path."""
@@ -491,6 +496,11 @@ class VhostUserBlk(p.Handler):
         except DmaFault as err:
             self._counters["errors"] += 1
             self._log_once("fault", f"queue {q.index}: DMA fault, request failed with IOERR: {err}", logging.WARNING)
+            rtype, sector, status, written, data_in, data_out = -1, 0, S_IOERR, 0, [], []
+        except OSError as err:                  # the disk failed (EIO, ENOSPC): the guest sees IOERR
+            self._counters["errors"] += 1
+            self._log_once(f"io{err.errno}", f"queue {q.index}: disk I/O failed, request failed with IOERR: "
+                                             f"{err.strerror}")
             rtype, sector, status, written, data_in, data_out = -1, 0, S_IOERR, 0, [], []
         try:
             written = self._status(mem, chain, status, written)
