@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from fake_driver import DATA, F_NEXT, F_WRITE, HEADER, FakeDriver
+from fake_driver import AVAIL, DATA, F_NEXT, F_WRITE, HEADER, FakeDriver
 from helpers import patience
 from qemu_mktme.vhost import native
 from qemu_mktme.vhost.__main__ import StandaloneMemory
@@ -214,3 +214,32 @@ async def test_the_python_switch_serves_without_threads(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_state", {})
     with pytest.raises(native.DataplaneUnavailable, match="expected python or native"):
         native.library()
+
+
+async def test_a_dead_call_fd_is_dropped_once_and_a_hung_up_kick_stops_the_queue(tmp_path, caplog):
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        await d.request(T_IN, 0, length=4096)
+        r, w = os.pipe()
+        await d.send(Req.SET_VRING_CALL, struct.pack("<Q", 0), fds=(w,))   # the thread restarts on it
+        await d.send(Req.GET_FEATURES, reply=True)   # a round trip: handled
+        os.close(w)
+        os.close(r)                                   # nobody reads: the next signal gets EPIPE
+        served = rig.served
+        for _ in range(3):
+            d.write(AVAIL + 4 + 2 * d.num, struct.pack("<H", d.used_idx()))   # used_event: interrupt me
+            assert (await d.request(T_IN, 0, length=4096))[0] == 0
+        assert rig.served == served + 3 and rig.device.queues[0].call == -1
+        assert caplog.text.count("call fd unusable") == 1
+        kr, kw = os.pipe()
+        await d.send(Req.SET_VRING_KICK, struct.pack("<Q", 0), fds=(kr,))
+        await d.send(Req.GET_FEATURES, reply=True)
+        assert dp_threads()
+        os.close(kw)                                  # the kick's writer hangs up
+        deadline = asyncio.get_running_loop().time() + patience(5)
+        while dp_threads():
+            assert asyncio.get_running_loop().time() < deadline, "the queue outlived its kick fd"
+            await asyncio.sleep(0.01)
+        assert "kick fd unusable (its writer hung up)" in caplog.text
+        assert not rig.device.queues[0].started
