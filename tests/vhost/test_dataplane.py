@@ -19,6 +19,7 @@ from qemu_mktme.vhost.__main__ import StandaloneMemory
 from qemu_mktme.vhost.blk import VhostUserBlk
 from qemu_mktme.vhost.protocol import Req, Server
 from reference import user_payload, xts_lines
+import test_blk_device
 from test_blk_device import KEY, KEY2, TWEAK, TWEAK2, xts_decrypt_lines
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
@@ -27,8 +28,10 @@ DISK = 4 << 20
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled dataplane: {native.status()}")
 
 
-class Rig:
-    def __init__(self, tmp_path) -> None:
+class Rig(test_blk_device.Rig):
+    """test_blk_device's rig with a 4 MiB disk of random bytes."""
+
+    def __init__(self, tmp_path) -> None:           # not super().__init__: it would open its own disk
         self.disk = tmp_path / "disk.img"
         self.disk.write_bytes(os.urandom(DISK))
         self.memory = StandaloneMemory(key_payload=user_payload(KEY, TWEAK))
@@ -36,28 +39,10 @@ class Rig:
         self.server = Server(tmp_path / "blk.sock", self.device)
         self.driver = FakeDriver(str(tmp_path / "blk.sock"), 8 << 20, 64)
 
-    async def __aenter__(self) -> Rig:
-        await self.server.start()
-        await self.driver.setup()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.driver.close()
-        await self.server.close()
-        self.device.close()
-
     @property
     def served(self) -> int:
         mirror = self.device._mirror
         return mirror.total() if mirror is not None else 0
-
-    @property
-    def guest(self):
-        return self.memory.devices[-1].guest
-
-    @property
-    def assigned(self):
-        return self.memory.devices[-1]
 
 
 def dp_threads() -> list[str]:

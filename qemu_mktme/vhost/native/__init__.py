@@ -13,17 +13,15 @@ logged once. :class:`Mirror` is the C side's translation table (see the C file's
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import threading
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from ...compiled import CompileFailed, cache_root, compile_library
+from ...compiled import BuildUnavailable, build_cached
 from ...errors import MktmeError
 
 log = logging.getLogger(__name__)
@@ -64,23 +62,10 @@ def source_path() -> Path:
 
 def build(*, cache: Path | None = None, force: bool = False) -> Path:
     """Path of the library, compiled if needed; ``DataplaneUnavailable`` with gcc's words if not."""
-    src = source_path()
     try:
-        text = src.read_bytes()
-    except OSError as err:
-        raise DataplaneUnavailable(f"cannot read {src}: {err.strerror}") from err
-    compiler = shutil.which("gcc")
-    if compiler is None:
-        raise DataplaneUnavailable("gcc not found (apt-get install gcc)")
-    key = hashlib.sha256(text + b"\0" + " ".join(CFLAGS).encode()).hexdigest()[:24]
-    library = (cache or cache_root()) / "vhost" / key / LIBRARY_NAME
-    try:
-        return compile_library(library, compiler, src, CFLAGS, force=force)
-    except OSError as err:
-        raise DataplaneUnavailable(f"cannot write to {library.parent}: {err.strerror}") from err
-    except CompileFailed as err:
-        last = err.output.splitlines()
-        raise DataplaneUnavailable(f"{compiler} failed on {src.name}: {last[-1] if last else err}") from None
+        return build_cached("vhost", source_path(), CFLAGS, cache=cache, force=force)
+    except BuildUnavailable as err:
+        raise DataplaneUnavailable(str(err)) from None
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -117,31 +102,28 @@ _state: dict[str, object] = {}
 def library() -> ctypes.CDLL | None:
     """The dataplane library, built and loaded once per process; ``None`` (the reason logged
     once, see :func:`status`) when the Python path is to be used."""
-    if "lib" in _state:
-        return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state:
-            choice = os.environ.get(ENV_SELECT, "").strip().lower()
-            lib: ctypes.CDLL | None = None
-            if choice not in ("", "python", "native"):
-                raise DataplaneUnavailable(f"{ENV_SELECT}={choice}: expected python or native")
-            if choice == "python":
-                reason = f"{ENV_SELECT}=python"
-            else:
-                try:
-                    try:
-                        lib = load(build())
-                    except DataplaneUnavailable:      # a damaged cached library: build it once more
-                        lib = load(build(force=True))
-                    reason = ""
-                except DataplaneUnavailable as err:
-                    if choice == "native":
-                        raise
-                    reason = str(err)
-                    log.warning("vhost dataplane unavailable (%s): every request takes the Python path", reason)
-            _state["reason"] = reason
-            _state["lib"] = lib
+            _state["lib"], _state["reason"] = _select()
     return _state["lib"]  # type: ignore[return-value]
+
+
+def _select() -> tuple[ctypes.CDLL | None, str]:
+    choice = os.environ.get(ENV_SELECT, "").strip().lower()
+    if choice not in ("", "python", "native"):
+        raise DataplaneUnavailable(f"{ENV_SELECT}={choice}: expected python or native")
+    if choice == "python":
+        return None, f"{ENV_SELECT}=python"
+    try:
+        try:
+            return load(build()), ""
+        except DataplaneUnavailable:              # a damaged cached library: build it once more
+            return load(build(force=True)), ""
+    except DataplaneUnavailable as err:
+        if choice == "native":
+            raise
+        log.warning("vhost dataplane unavailable (%s): every request takes the Python path", err)
+        return None, str(err)
 
 
 def status() -> str:
