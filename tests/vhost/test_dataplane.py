@@ -31,11 +31,11 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled d
 class Rig(test_blk_device.Rig):
     """test_blk_device's rig with a 4 MiB disk of random bytes."""
 
-    def __init__(self, tmp_path) -> None:           # not super().__init__: it would open its own disk
+    def __init__(self, tmp_path, direct: bool = False) -> None:   # not super().__init__: its own disk
         self.disk = tmp_path / "disk.img"
         self.disk.write_bytes(os.urandom(DISK))
         self.memory = StandaloneMemory(key_payload=user_payload(KEY, TWEAK))
-        self.device = VhostUserBlk(self.disk, self.memory, serial="dp-serial")
+        self.device = VhostUserBlk(self.disk, self.memory, serial="dp-serial", direct=direct)
         self.server = Server(tmp_path / "blk.sock", self.device)
         self.driver = FakeDriver(str(tmp_path / "blk.sock"), 8 << 20, 64)
 
@@ -228,3 +228,23 @@ async def test_a_dead_call_fd_is_dropped_once_and_a_hung_up_kick_stops_the_queue
             await asyncio.sleep(0.01)
         assert "kick fd unusable (its writer hung up)" in caplog.text
         assert not rig.device.queues[0].started
+
+
+async def test_cache_none_takes_unaligned_buffers_through_the_page_cache(tmp_path):
+    async with Rig(tmp_path, direct=True) as rig:
+        d = rig.driver
+        image = rig.disk.read_bytes()
+        await d.request(T_IN, 0, length=4096)
+        served = rig.served
+        for i, buf in enumerate((DATA + 0x10000, DATA + 0x20001)):     # aligned, then not (EINVAL)
+            chain(d, 30, T_IN, 16, buf, 4096, 1)
+            d.make_available(30)
+            await d.wait_used(d.avail_idx, patience(5))
+            assert d.read(HEADER + 0x1001, 1) == b"\x00" and d.read(buf, 4096) == image[8192:12288], i
+            pattern = os.urandom(4096)
+            d.write(buf, pattern)
+            chain(d, 30, T_OUT, 24 + 8 * i, buf, 4096, 1)
+            d.make_available(30)
+            await d.wait_used(d.avail_idx, patience(5))
+            assert rig.disk.read_bytes()[(24 + 8 * i) * 512:][:4096] == pattern
+        assert rig.served - served == 4
