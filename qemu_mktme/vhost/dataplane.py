@@ -57,6 +57,7 @@ class QueueThread:
         r.last_avail, r.used_idx, r._signalled_used, r._ready = s.last_avail, s.used_idx, s.signalled_used, 0
 
     def _body(self) -> None:
+        _name_thread(self.thread.name)
         while True:
             code = self.lib.dp_run(ctypes.byref(self.state))
             self._from_c()
@@ -90,3 +91,11 @@ class QueueThread:
         if self.thread.ident is not None:
             self.thread.join()
         os.close(self.stop_fd)
+
+
+_PR_SET_NAME = 15
+
+
+def _name_thread(name: str) -> None:
+    """The OS thread's name (``top -H``, ``/proc/PID/task/TID/comm``), at most 15 bytes."""
+    ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
