@@ -58,7 +58,7 @@ struct dp_queue {                     /* filled by Python (blk.py, ctypes Struct
     uint64_t max_bytes;               /* bytes per chain */
     int32_t num, event_idx, indirect, readonly;
     int32_t kick, call, stop, disk, buffered;
-    int32_t slow;                     /* set by Python: every request to Python (transfer hooks) */
+    int32_t slow;                     /* set by Python: the ring to Python (transfer hooks want each request) */
     int32_t stopping;                 /* set by Python before it signals the stop eventfd */
     int32_t need_kick;                /* after a ring hand-off: wait for a kick before another */
     uint16_t last_avail, used_idx, signalled_used, pad;
@@ -285,7 +285,7 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
     if (pending > q->num)
         return -2;                    /* Python raises the RingError: device needs reset */
     unsigned head = r->avail[2 + (q->last_avail & (q->num - 1))];
-    if (head >= (unsigned)q->num || q->slow)
+    if (head >= (unsigned)q->num)
         return -1;
     struct chain *c = &t->c;
     if (walk(q, r, head, c) || c->rlen < 16 || c->wlen < 1 || c->s[0].n != 16 || c->s[c->nr + c->nw - 1].n != 1)
@@ -357,7 +357,7 @@ EXPORT int dp_run(struct dp_queue *q) {
             if (stop_asked(q))
                 return DP_STOPPED;
             pthread_rwlock_rdlock(&q->m->lock);
-            if (map_ring(q, &r)) {
+            if (__atomic_load_n(&q->slow, __ATOMIC_RELAXED) || map_ring(q, &r)) {   /* Python's, whole */
                 pthread_rwlock_unlock(&q->m->lock);
                 rc = -2;
                 break;
@@ -420,7 +420,6 @@ EXPORT int dp_run(struct dp_queue *q) {
             q->err = 0;
             return DP_KICK_GONE;
         }
-        if (rc == -2)
-            return DP_HANDOFF_RING;   /* a kick on a ring we cannot map: Python serves it */
+        q->need_kick = 0;             /* a kick: look at the ring again (Python's if still unmapped) */
     }
 }
