@@ -106,6 +106,7 @@ class VhostUserBlk(p.Handler):
     def __init__(self, path: str | os.PathLike[str], memory_for: Callable[[list[p.MemRegion]], Any], *,
                  readonly: bool = False, num_queues: int = 4, name: str = "vhost-blk0",
                  serial: str = "qemu-mktme-vhost", direct: bool = False, queue_size: int = QUEUE_SIZE) -> None:
+        native.library()          # built now: QEMU_MKTME_VHOST=native fails here, not mid-negotiation
         self.path = Path(path)
         self.queue_size = queue_size
         # segments per request as QEMU's virtio-blk offers them (seg-max-adjust: queue size - 2,

@@ -248,3 +248,19 @@ async def test_cache_none_takes_unaligned_buffers_through_the_page_cache(tmp_pat
             await d.wait_used(d.avail_idx, patience(5))
             assert rig.disk.read_bytes()[(24 + 8 * i) * 512:][:4096] == pattern
         assert rig.served - served == 4
+
+
+def test_native_required_but_unbuildable_is_one_clear_error_at_device_creation(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_SELECT, "native")
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("PATH", str(tmp_path))                     # no gcc
+    monkeypatch.setenv("QEMU_MKTME_CACHE", str(tmp_path / "cache"))  # nothing built yet
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    with pytest.raises(native.DataplaneUnavailable, match="gcc not found"):
+        VhostUserBlk(disk, lambda regions: None)
+    monkeypatch.delenv(native.ENV_SELECT)
+    monkeypatch.setattr(native, "_state", {})
+    device = VhostUserBlk(disk, lambda regions: None)             # unset: the Python path, said once
+    assert native.status().startswith("Python path (gcc not found")
+    device.close()
