@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from fake_driver import AVAIL, DATA, F_NEXT, F_WRITE, HEADER, FakeDriver
+from fake_driver import AVAIL, DATA, F_NEXT, F_WRITE, HEADER, UVA_BASE, FakeDriver
 from helpers import patience
 from qemu_mktme.vhost import native
 from qemu_mktme.vhost.__main__ import StandaloneMemory
@@ -264,3 +264,49 @@ def test_native_required_but_unbuildable_is_one_clear_error_at_device_creation(t
     device = VhostUserBlk(disk, lambda regions: None)             # unset: the Python path, said once
     assert native.status().startswith("Python path (gcc not found")
     device.close()
+
+
+async def test_two_queues_are_served_by_two_threads_at_once(tmp_path):
+    """Queue 1 with its own rings beside the driver's queue 0: both served natively, in their
+    own threads, through the one mirror."""
+    desc1, avail1, used1 = 0x13000, 0x14000, 0x15000
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        image = rig.disk.read_bytes()
+        kick1, call1 = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        try:
+            await d.send(Req.SET_VRING_NUM, struct.pack("<II", 1, d.num))
+            await d.send(Req.SET_VRING_BASE, struct.pack("<II", 1, 0))
+            await d.send(Req.SET_VRING_ADDR, struct.pack("<IIQQQQ", 1, 0, UVA_BASE + desc1, UVA_BASE + used1,
+                                                          UVA_BASE + avail1, 0))
+            await d.send(Req.SET_VRING_CALL, struct.pack("<Q", 1), fds=(call1,))
+            await d.send(Req.SET_VRING_KICK, struct.pack("<Q", 1), fds=(kick1,))
+            await d.send(Req.SET_VRING_ENABLE, struct.pack("<II", 1, 1))
+            await d.send(Req.GET_FEATURES, reply=True)
+            await d.request(T_IN, 0, length=4096)                    # the data leaf in the mirror
+            assert sorted(dp_threads()) == ["vhost-blk0-q0", "vhost-blk0-q1"]
+            served = rig.served
+            rounds, base = 20, {0: d.avail_idx, 1: 0}
+            for i in range(rounds):                                   # one chain on each queue per round
+                for q, table, avail in ((0, 0x10000, 0x11000), (1, desc1, avail1)):
+                    buf, slot = DATA + 0x10000 * (2 * q + 1) + 0x1000 * (i % 8), 1 + q
+                    hdr, status = HEADER + 0x40 * slot, HEADER + 0x1000 + slot
+                    d.write(hdr, struct.pack("<IIQ", T_IN, 0, 8 * (i + q)))
+                    d.desc(0, hdr, 16, F_NEXT, 1, table=table)
+                    d.desc(1, buf, 4096, F_NEXT | F_WRITE, 2, table=table)
+                    d.desc(2, status, 1, F_WRITE, table=table)
+                    d.write(avail + 4 + 2 * ((base[q] + i) % d.num), struct.pack("<H", 0))
+                    d.write(avail + 2, struct.pack("<H", base[q] + i + 1))
+                os.eventfd_write(d.kick, 1)
+                os.eventfd_write(kick1, 1)
+                deadline = asyncio.get_running_loop().time() + patience(5)
+                while (d.used_idx(), struct.unpack("<H", d.read(used1 + 2, 2))[0]) != (base[0] + i + 1, i + 1):
+                    assert asyncio.get_running_loop().time() < deadline, "a queue stalled"
+                    await asyncio.sleep(0.001)
+                for q in (0, 1):
+                    buf = DATA + 0x10000 * (2 * q + 1) + 0x1000 * (i % 8)
+                    assert d.read(buf, 4096) == image[(8 * (i + q)) * 512:][:4096]
+            assert rig.served - served == 2 * rounds
+        finally:
+            os.close(kick1)
+            os.close(call1)
