@@ -225,6 +225,24 @@ def test_the_destination_host_model_killed_mid_migration(fleet):
     assert not guards()
 
 
+def test_no_destination_host_model_refuses_the_incoming_migration(fleet):
+    """b's host model gone before the migration: b's first hook (migrate) refuses, nothing runs on b."""
+    fleet.define("a", "vm10", memory=64 << 20)
+    assert fleet["a"].virsh("start", "--paused", "vm10").returncode == 0
+    wait_for(lambda: _ticks(fleet, "a", "vm10") > 2, 30, "ticking on a")
+    fleet.daemons["b"].kill()
+    fleet.daemons["b"].wait()
+    try:
+        r = fleet["a"].virsh("migrate", "--live", "--p2p", "--tls", "vm10", fleet["b"].uri)
+    finally:
+        fleet.start_daemon("b")
+    assert r.returncode != 0 and "no host model runs on this machine" in r.stderr, r.stderr
+    assert fleet.state("b", "vm10") != "running"
+    _running_on_a(fleet, "vm10")
+    b = fleet.bindings("b")
+    assert b["domains"] == {} and b["keyids_in_use"] == [] and b["keys"] == 0, b
+
+
 def test_silent_half_sent_and_flooding_peers_do_not_stall_the_hook(fleet):
     import socket
     import stat
