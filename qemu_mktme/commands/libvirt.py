@@ -18,11 +18,10 @@ from typing import Any
 
 from .. import images
 from ..qemu.binary import find_qemu
-from ..arch.sizes import parse_size
 from ..virt import domain as dom
 from ..virt import hooks
 from ..virt.fleet import domain_bindings, start_domain
-from .options import PROG, UsageError
+from .options import PROG, UsageError, size
 
 
 def add_host_options(p: argparse.ArgumentParser) -> None:
@@ -71,7 +70,8 @@ def register(sub: Any) -> None:
     dx.add_argument("--check", metavar="FILE", help="check a domain's XML; exit 1 with every problem")
     dx.add_argument("--opt-in", metavar="FILE", help="print FILE made to opt in (needs --tenant --key --broker)")
     dx.add_argument("--name", default=None, help="domain name (default: the guest's)")
-    dx.add_argument("--memory", "-m", default=None, metavar="SIZE", help="guest RAM (default: the guest's)")
+    dx.add_argument("--memory", "-m", type=size, default=None, metavar="SIZE",
+                    help="guest RAM, whole MiB, at most 1 TiB as for 'run -m' (default: the guest's)")
     dx.add_argument("--workload", metavar="NAME", help="Linux guest: workload (e.g. counter)")
     dx.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="workload parameter")
     dx.add_argument("--command", "-c", action="append", default=[], metavar="CMD", help="bare-metal command")
@@ -150,7 +150,9 @@ def domain_xml(args: argparse.Namespace) -> int:
         raise UsageError(f"--param wants NAME=VALUE, got {next(p for p in args.param if '=' not in p)!r}")
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(p.split("=", 1) for p in args.param), append=args.append, initrd=None)
-    memory = parse_size(args.memory) if args.memory else images.default_memory(args.guest)
+    memory = args.memory or images.default_memory(args.guest)
+    if memory % (1 << 20):
+        raise UsageError(f"--memory must be a whole number of MiB (libvirt's <memory unit='MiB'>), got {memory} bytes")
     xml = dom.guest_domain(args.name or args.guest, boot, memory=memory, opt=None if args.plain else opt,
                            emulator=args.emulator or str(find_qemu().path), serial_log=args.serial_log)
     found = [] if args.plain else dom.problems(dom.parse(xml))   # what --check would say of it
