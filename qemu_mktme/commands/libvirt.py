@@ -32,8 +32,16 @@ def add_host_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-name", metavar="NAME", help="this host's name, as enrolled in the tenant's policy")
     g.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (authenticates the broker)")
     g.add_argument("--host-dir", metavar="DIR", help="this host's state directory (its TPM); default: by name")
-    g.add_argument("--socket", metavar="PATH", default=str(dom.RUN_DIR / "host.sock"),
-                   help="the hook's socket (default: %(default)s)")
+    add_socket_option(g, default=HOOK_SOCKET)
+
+
+HOOK_SOCKET = str(dom.RUN_DIR / "host.sock")
+
+
+def add_socket_option(p: Any, default: str = argparse.SUPPRESS) -> None:
+    """``--socket PATH``: the host model's socket (``host --libvirt``, and its verbs that reach it)."""
+    p.add_argument("--socket", metavar="PATH", default=default,
+                   help=f"the host model's socket, with --libvirt (default: {HOOK_SOCKET})")
 
 
 async def host_libvirt(args: argparse.Namespace) -> int:
