@@ -25,7 +25,7 @@ def hosts_parent(args: argparse.Namespace) -> Path:
     """Where ``tenant policy --host NAME`` makes host NAME's state: under ``--tenant-dir`` when it is
     given (``DIR/hosts``), unless ``$QEMU_MKTME_HOSTS_DIR`` names a place; else the default."""
     if args.tenant_dir and not os.environ.get(ENV_HOSTS):
-        return TenantDir(args.tenant_dir).path / "hosts"
+        return TenantDir(args.tenant_dir).path.absolute() / "hosts"
     return hosts_dir()
 
 

@@ -160,8 +160,8 @@ class LibvirtHost:
             task.cancel()
         for name in list(self._vms):
             await self.release(name, why="the host model stops", guarded=True)
-        for name in list(self._guards):        # end of file: each guard ends a QEMU still taking its stream
-            await self._end_guard(name, done=False)
+        await asyncio.gather(*(self._end_guard(name, done=False)      # end of file: each guard ends a QEMU
+                               for name in list(self._guards)))          # still taking its stream
         self._released.clear()
         await self.session.__aexit__(None, None, None)
         if self._conn is not None:
@@ -313,7 +313,7 @@ class LibvirtHost:
         if status not in ("inmigrate", "running"):
             self._spawn(self._resume(d.name), f"{d.name}-resume")
         if status == "inmigrate":
-            self._start_guard(d.name, d.qmp)
+            self._start_guard(d.name, d.qmp, vm.pid)
             self._spawn(self._resumed(d.name, vm), f"{d.name}-resumed")
         self._note(f"domain {d.name}: bound to KeyID {vm.keyid} (key handle {serial:#x}) on host {self.host_name}"
                    + {"inmigrate": ", awaiting the migration stream",
@@ -348,12 +348,12 @@ class LibvirtHost:
         except Exception as err:  # noqa: BLE001  libvirt's errors: reported, the domain stays paused
             self._note(f"domain {name}: bound but not resumed: {err}")
 
-    def _start_guard(self, name: str, qmp: str) -> None:
+    def _start_guard(self, name: str, qmp: str, pid: int) -> None:
         """Start :mod:`.guard` for ``name``, whose QEMU waits for a migration stream: if this host
         model dies before the guest resumes here bound, the guard ends that QEMU (the migration fails,
         the source keeps the guest) instead of libvirt resuming it unbound."""
-        self._guards[name] = subprocess.Popen([sys.executable, "-I", guard.__file__, qmp, name], stdin=subprocess.PIPE,
-                                              start_new_session=True)
+        self._guards[name] = subprocess.Popen([sys.executable, "-I", guard.__file__, qmp, name, str(pid)],
+                                              stdin=subprocess.PIPE, start_new_session=True)
 
     async def _end_guard(self, name: str, *, done: bool) -> None:
         """``done``: nothing to guard (the guest resumed here bound, or its QEMU exited); otherwise

@@ -36,7 +36,17 @@ def _say(name, text):
     print(f"qemu-mktme guard: domain {name}: {text}", file=sys.stderr, flush=True)
 
 
-def _connect(path):
+def _start_time(pid):
+    """Field 22 of /proc/PID/stat (tells a reused pid from the QEMU guarded); None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _connect(path, alive):
+    """A connection to QEMU's monitor at ``path``, while ``alive()``; None once QEMU is gone."""
     deadline = time.monotonic() + CONNECT_WAIT
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -46,6 +56,8 @@ def _connect(path):
             return s
         except OSError:
             s.close()
+            if not alive():
+                return None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
@@ -75,15 +87,18 @@ def _execute(s, messages, command):
     raise EOFError("QEMU closed its monitor")
 
 
-def guard(qmp, name, said):
-    """What the guard does once its pipe closed with ``said`` on it; its exit status."""
+def guard(qmp, name, pid, started, said):
+    """What the guard does once its pipe closed with ``said`` on it; its exit status. ``pid``,
+    ``started``: the guarded QEMU and its start time."""
     if said.strip() == b"done":
         return 0
     try:
-        s = _connect(qmp)
+        s = _connect(qmp, lambda: _start_time(pid) == started)
     except OSError as err:
-        _say(name, f"its QEMU's monitor {qmp} is gone ({err.strerror}): nothing to end")
-        return 0
+        _say(name, f"its QEMU (pid {pid}) runs, but its monitor {qmp} does not answer ({err.strerror})")
+        return 1
+    if s is None:
+        return 0                                        # QEMU is gone: nothing to end
     try:
         messages = _reader(s)
         next(messages)                                  # the greeting
@@ -106,16 +121,18 @@ def guard(qmp, name, said):
 
 
 def main(argv):
-    if len(argv) != 3:
-        print("usage: guard.py QMP-SOCKET DOMAIN (the host model starts it)", file=sys.stderr)
+    if len(argv) != 4 or not argv[3].isdigit():
+        print("usage: guard.py QMP-SOCKET DOMAIN QEMU-PID (the host model starts it)", file=sys.stderr)
         return 2
+    pid = int(argv[3])
+    started = _start_time(pid)
     said = os.read(0, 64)
     while said and not said.endswith(b"\n"):
         more = os.read(0, 64)
         if not more:
             break
         said += more
-    return guard(argv[1], argv[2], said)
+    return guard(argv[1], argv[2], pid, started, said) if started is not None else 0
 
 
 if __name__ == "__main__":
