@@ -542,3 +542,32 @@ def test_rekey_refuses_an_hpa_past_the_keyid_reduced_space(tmp_path: Path) -> No
     assert _sha(path) == before
     old, new = rekey(path, spec, to_hpa=(1 << 40) - SIZE)           # the last place that fits
     assert new.hpa == (1 << 40) - SIZE
+
+
+def test_a_media_lock_survives_its_holder_killed_and_odd_files_at_its_place(tmp_path: Path) -> None:
+    """A holder killed with -9 leaves its file unlocked: the next one takes it and removes it. A
+    FIFO or a symlink at the lock's place is one line, and stays."""
+    media = tmp_path / "m"
+    script = ("import sys, time\nfrom qemu_mktme.files.nvdimmfile import MediaLock\n"
+              f"lock = MediaLock({str(media)!r}, 'VM killed')\nprint('held', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    with pytest.raises(NvdimmError, match=r"in use by VM killed \(pid \d+\)"):
+        MediaLock(media, "VM two")
+    proc.kill()
+    proc.wait()
+    assert nvdimmfile.lock_path(media).exists()                      # left by the killed holder...
+    MediaLock(media, "VM two").release()
+    assert not nvdimmfile.lock_path(media).exists()                  # ...taken and removed by the next
+    place = nvdimmfile.lock_path(media)
+    for make, why in ((os.mkfifo, "is not a regular file"), (lambda p: os.symlink(tmp_path / "elsewhere", p),
+                                                             "cannot open its lock")):
+        make(place)
+        try:
+            with pytest.raises(NvdimmError, match=why) as refused:
+                MediaLock(media, "VM three")
+            assert "\n" not in str(refused.value) and os.path.lexists(place)
+        finally:
+            os.unlink(place)
+    assert not (tmp_path / "elsewhere").exists()
