@@ -10,7 +10,7 @@ from typing import Any
 
 from ..attend import ProgressBar
 from ..live import control
-from .libvirt import add_socket_option
+from .libvirt import add_socket_option, without_libvirt
 from .options import UsageError, pid
 
 DUMP_TIMEOUT = 600.0
@@ -20,6 +20,7 @@ async def dump(args: argparse.Namespace) -> int:
     twice = sorted({n for n in args.vm_names if args.vm_names.count(n) > 1})
     if twice:
         raise UsageError(f"--vm {twice[0]} given twice")
+    without_libvirt(args)
     if getattr(args, "libvirt", None):                 # this machine's host model, following libvirtd
         from ..virt.fleet import host_request
         from .libvirt import HOOK_SOCKET

@@ -26,7 +26,7 @@ async def host_start(args: argparse.Namespace) -> int:
     ca = Path(args.tenant_ca) if args.tenant_ca else TenantDir().pki.ca
     if not ca.is_file():
         raise UsageError(f"tenant CA certificate {ca} does not exist (give --tenant-ca)")
-    async with HostSession([], keyid_bits=args.keyid_bits, packages=args.packages, name=args.name) as session:
+    async with HostSession([], keyid_bits=getattr(args, "keyid_bits", 6), packages=args.packages, name=args.name) as session:
         broker_key_source(session, TenantLaunch(args.tenant_server, ca, key=args.tenant_key, host=args.name))
         print(f"{PROG}: host {args.name} ready (pid {os.getpid()}); migrate VMs here with "
               f"'{PROG} host migrate VM --to {args.name}'; Ctrl-C stops it and its VMs", file=sys.stderr, flush=True)
@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
     h_sub = h.add_subparsers(dest="action", metavar="ACTION")
     from .libvirt import add_host_options, host_libvirt
     add_host_options(h)
-    h.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N", help=argparse.SUPPRESS)
+    h.add_argument("--keyid-bits", type=keyid_bits, default=argparse.SUPPRESS, metavar="N", help=argparse.SUPPRESS)
 
     def follow(args: argparse.Namespace) -> Any:
         if not args.libvirt:
@@ -66,7 +66,8 @@ def register(sub: Any) -> None:
         parser.set_defaults(func=_checked(name, parser.get_default("func")))
 
 
-FOLLOWING = {"libvirt": ("query", "dump"), "host_name": (), "host_dir": (), "tenant_ca": ("start",)}
+FOLLOWING = {"libvirt": ("query", "dump"), "socket": ("query", "dump"), "host_name": (), "host_dir": (),
+             "tenant_ca": ("start",), "keyid_bits": ("start",)}
 """``host`` options and the verbs they go with besides ``host --libvirt URI`` alone."""
 
 

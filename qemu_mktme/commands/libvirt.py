@@ -32,7 +32,7 @@ def add_host_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-name", metavar="NAME", help="this host's name, as enrolled in the tenant's policy")
     g.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (authenticates the broker)")
     g.add_argument("--host-dir", metavar="DIR", help="this host's state directory (its TPM); default: by name")
-    add_socket_option(g, default=HOOK_SOCKET)
+    add_socket_option(g)
 
 
 HOOK_SOCKET = str(dom.RUN_DIR / "host.sock")
@@ -54,9 +54,16 @@ async def host_libvirt(args: argparse.Namespace) -> int:
     def note(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     async with LibvirtHost(args.libvirt, host_name=args.host_name, tenant_ca=args.tenant_ca, host_dir=args.host_dir,
-                           keyid_bits=args.keyid_bits, socket_path=args.socket, log_event=note) as host:
+                           keyid_bits=getattr(args, "keyid_bits", 6), socket_path=getattr(args, "socket", HOOK_SOCKET),
+                           log_event=note) as host:
         await host.serve()
     return 0
+
+
+def without_libvirt(args: argparse.Namespace) -> None:
+    """``--socket`` (the host model's) given to a verb without ``--libvirt``: refused, not ignored."""
+    if getattr(args, "socket", None) and not getattr(args, "libvirt", None):
+        raise UsageError("--socket is the host model's, with --libvirt URI")
 
 
 def query_libvirt(uri: str, socket: str | None = None) -> int:

@@ -6,11 +6,12 @@ import argparse
 from typing import Any
 
 from ..live import control
-from .libvirt import add_socket_option
+from .libvirt import add_socket_option, without_libvirt
 from .options import UsageError, pid, print_json
 
 
 async def query(args: argparse.Namespace) -> int:
+    without_libvirt(args)
     if getattr(args, "libvirt", None):
         from .libvirt import query_libvirt
         if args.pid is not None:

@@ -49,7 +49,7 @@ def test_host_start_options_in_either_order(order):
     args = cli.build_parser().parse_args(argv)
     assert (args.keyid_bits, args.tenant_ca) == (4, "/x/ca.pem")
     args = cli.build_parser().parse_args(["host", "start", "h", "--tenant-server", "https://127.0.0.1:1"])
-    assert (args.keyid_bits, args.tenant_ca) == (6, None)
+    assert "keyid_bits" not in vars(args) and args.tenant_ca is None          # host_start's own default: 6
 
 
 @pytest.mark.parametrize("verb", [["query"], ["dump", "d"], ["migrate", "vm", "--to", "b"],
@@ -62,3 +62,16 @@ def test_options_of_the_libvirt_host_model_alone_are_refused_with_a_verb(verb):
 def test_the_old_top_level_query_still_takes_libvirt(tmp_path):
     r = qm("query", "--libvirt", URI, "--socket", str(tmp_path / "none.sock"))
     assert r.returncode == 0 and "test" in json.loads(r.stdout), r.stderr
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+@pytest.mark.parametrize("verb", [["query"], ["dump", "d"]])
+def test_socket_without_libvirt_is_refused(order, verb, tmp_path):
+    r = qm(*_orders(verb, ["--socket", str(tmp_path / "s")])[order])
+    assert r.returncode == 2 and "--socket is the host model's, with --libvirt URI" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("verb", [["query"], ["dump", "d"], ["migrate", "vm", "--to", "b"]])
+def test_keyid_bits_before_a_verb_that_cannot_use_it_is_refused(verb):
+    r = qm("host", "--keyid-bits", "4", *verb)
+    assert r.returncode == 2 and f"--keyid-bits does not go with 'host {verb[0]}'" in r.stderr, r.stderr
