@@ -7,7 +7,9 @@ One emulated MKTME host (key service, KeyID table, EPT / VMM page table / IOMMU)
 libvirt's ``qemu`` hook (:mod:`.hookscript`) hands it every operation on a domain that opts in
 (:mod:`.domain`), over a unix socket in the machine's ``/run``, and libvirt waits for the answer:
 
-    migrate   (incoming, destination) noted: this QEMU will receive a stream, not be resumed here
+    migrate   (incoming, destination) noted: this QEMU will receive a stream, not be resumed here;
+              the attestation for it starts now, beside libvirt's own preparation of the domain,
+              and is awaited at ``prepare``
     prepare   before QEMU exists: the host attests to the domain's broker (its TPM's quote of the
               measured launch: QEMU binary, shim, package, platform, the domain's kernel and
               initrd) and gets the tenant's key; a refusal stops the start or the incoming
@@ -65,6 +67,9 @@ HOOK_IDLE = 10.0
 """Seconds a peer of the hook socket may stay silent (libvirt's hook writes its request at once)."""
 MAX_PEERS = 256
 """Connections served at a time (every domain operation of the machine is one while it runs)."""
+EARLY_TTL = 30.0
+"""Seconds an attestation started at an incoming domain's ``migrate`` waits for its ``prepare``
+(libvirt runs one right after the other); past that its key is dropped and ``prepare`` attests anew."""
 
 
 @dataclass
@@ -74,6 +79,16 @@ class Released:
     payload: Payload = field(repr=False)
     attestation: dict[str, Any]
     incoming: bool = False
+
+
+@dataclass
+class Early:
+    """An attestation started at an incoming domain's ``migrate`` operation, awaited at its
+    ``prepare``: used only for the same measured launch (tenant, key, broker, QEMU, boot files)."""
+
+    launch: tuple[Any, ...]
+    task: asyncio.Task[Released]
+    timer: asyncio.TimerHandle
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class LibvirtHost:
             path=self.socket_path, idle_timeout=HOOK_IDLE, max_connections=MAX_PEERS)
         self._released: dict[str, Released] = {}
         self._incoming_names: set[str] = set()   # told by the 'migrate' operation: QEMU will take a stream
+        self._early: dict[str, Early] = {}       # attestations started at 'migrate', awaited at 'prepare'
         self._vms: dict[str, tuple[EncryptedMachine, Binding]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._attesting = asyncio.Lock()          # one TPM: one attestation at a time
@@ -163,6 +179,8 @@ class LibvirtHost:
         await asyncio.gather(*(self._end_guard(name, done=False)      # end of file: each guard ends a QEMU
                                for name in list(self._guards)))          # still taking its stream
         self._released.clear()
+        for name in list(self._early):
+            self._drop_early(name)
         await self.session.__aexit__(None, None, None)
         if self._conn is not None:
             with logged(__name__, "closing the libvirt connection"):
@@ -223,6 +241,7 @@ class LibvirtHost:
         if op == "migrate":
             self._released.pop(name, None)
             self._incoming_names.add(name)
+            self._attest_early(d)
             return {}
         if op == "prepare":
             await self._prepare(d)
@@ -247,24 +266,66 @@ class LibvirtHost:
         await self._started(d, adopt=True)
 
     async def _prepare(self, d: Domain) -> None:
-        """Attest for ``d`` and keep the released key until QEMU exists."""
-        assert d.opt is not None and d.boot is not None
+        """Attest for ``d`` (or await the attestation its ``migrate`` started) and keep the released
+        key until QEMU exists."""
+        assert d.opt is not None
         if d.name in self._vms:
             raise DomainError(f"domain {d.name} is already bound on host {self.host_name}")
-        launch = TenantLaunch(d.opt.broker, self.tenant_ca, key=d.opt.key, host=self.host_name, host_dir=self.host_dir)
-        config = MachineConfig(name=d.name, boot=d.boot, qemu=d.emulator, memory=d.memory or 512 << 20)
         incoming = d.name in self._incoming_names
         self._incoming_names.discard(d.name)
+        early = self._early.get(d.name)
+        if early is not None and not (incoming and early.launch == _launch_of(d)):
+            self._drop_early(d.name)
+            early = None
+        try:
+            released = await (early.task if early is not None else self._attest(d))
+        finally:
+            if early is not None and self._early.get(d.name) is early:
+                self._drop_early(d.name)
+        released.incoming = incoming
+        self._released[d.name] = released
+        self._note(f"domain {d.name}: key {d.opt.key!r} of tenant {d.opt.tenant} released to host {self.host_name}"
+                   + (" (incoming migration)" if incoming else ""))
+
+    async def _attest(self, d: Domain) -> Released:
+        """A fresh attestation for ``d``'s measured launch (this host's TPM quotes a new nonce of
+        its broker) and the key the broker released for it (``DomainError`` when refused)."""
+        assert d.opt is not None and d.boot is not None
+        launch = TenantLaunch(d.opt.broker, self.tenant_ca, key=d.opt.key, host=self.host_name, host_dir=self.host_dir)
+        config = MachineConfig(name=d.name, boot=d.boot, qemu=d.emulator, memory=d.memory or 512 << 20)
         async with self._attesting:
+            t0 = time.monotonic()
             broker_key_source(self.session, launch)
             assert self.session.key_source is not None
             try:
                 payload = await self.session.key_source(config, d.opt.tenant, d.opt.key)
             except MktmeError as err:
                 raise DomainError(f"domain {d.name}: host {self.host_name}: {err}") from err
-        self._released[d.name] = Released(payload, dict(self.session.attestation or {}), incoming)
-        self._note(f"domain {d.name}: key {d.opt.key!r} of tenant {d.opt.tenant} released to host {self.host_name}"
-                   + (" (incoming migration)" if incoming else ""))
+            attestation = dict(self.session.attestation or {})
+        log.info("domain %s: attested and key released in %.3f s (%s)", d.name, time.monotonic() - t0,
+                 attestation.get("seconds"))
+        return Released(payload, attestation)
+
+    def _attest_early(self, d: Domain) -> None:
+        """Start the attestation of incoming domain ``d`` now, beside libvirt's preparation of it;
+        its ``prepare`` awaits it (a refusal is raised there: QEMU never starts, no RAM moves)."""
+        self._drop_early(d.name)
+        task = asyncio.create_task(self._attest(d), name=f"{d.name}-attest")
+        task.add_done_callback(_retrieved)
+        timer = asyncio.get_running_loop().call_later(EARLY_TTL, self._expire_early, d.name, task)
+        self._early[d.name] = Early(_launch_of(d), task, timer)
+
+    def _expire_early(self, name: str, task: asyncio.Task[Released]) -> None:
+        early = self._early.get(name)
+        if early is not None and early.task is task:
+            self._drop_early(name)
+
+    def _drop_early(self, name: str) -> None:
+        """Forget an attestation started at ``migrate``: its key, once released, is dropped with the
+        task (never put into the key service). Not cancelled: the TPM finishes what it does."""
+        early = self._early.pop(name, None)
+        if early is not None:
+            early.timer.cancel()
 
     async def _started(self, d: Domain, *, adopt: bool = False) -> dict[str, Any]:
         """Bind ``d``'s QEMU (no vCPU has run) to this host with the released key."""
@@ -352,7 +413,7 @@ class LibvirtHost:
         """Start :mod:`.guard` for ``name``, whose QEMU waits for a migration stream: if this host
         model dies before the guest resumes here bound, the guard ends that QEMU (the migration fails,
         the source keeps the guest) instead of libvirt resuming it unbound."""
-        self._guards[name] = subprocess.Popen([sys.executable, "-I", guard.__file__, qmp, name, str(pid)],
+        self._guards[name] = subprocess.Popen([sys.executable, "-IS", guard.__file__, qmp, name, str(pid)],
                                               stdin=subprocess.PIPE, start_new_session=True)
 
     async def _end_guard(self, name: str, *, done: bool) -> None:
@@ -405,6 +466,7 @@ class LibvirtHost:
         ``guarded``: its QEMU may live on (the host model stops): a guard it has stays."""
         self._released.pop(name, None)
         self._incoming_names.discard(name)
+        self._drop_early(name)
         if not guarded:
             await self._end_guard(name, done=True)
         entry = self._vms.pop(name, None)
@@ -415,3 +477,14 @@ class LibvirtHost:
         await vm.close()                 # unbinds, revokes its key: the KeyID is free unless shared
         self._note(f"domain {name}: released KeyID {binding.keyid} and key handle {binding.handle} ({why})")
         return True
+
+
+def _launch_of(d: Domain) -> tuple[Any, ...]:
+    """What an attestation for ``d`` measured and asked for."""
+    return (d.opt, d.emulator, d.boot, d.memory)
+
+
+def _retrieved(task: asyncio.Task[Released]) -> None:
+    """(An attestation nobody awaited any more: its refusal is not an unretrieved exception.)"""
+    if not task.cancelled():
+        task.exception()

@@ -16,7 +16,7 @@ this process, its own (it outlives the host model), with a pipe on its standard 
   starts again). The window left is the milliseconds between the stream's end and libvirt's
   resume, against the whole stream's seconds or minutes.
 
-Standard library only, run by path in isolated mode (like the hook); what it did goes to its
+Standard library only, run by path in isolated mode without ``site`` (``-IS``, like the hook); what it did goes to its
 standard error, the host model's log.
 """
 

@@ -23,9 +23,11 @@ def hook_path(etc: Path = DEFAULT_ETC) -> Path:
 
 
 def hook_text(python: str | None = None) -> str:
-    """The script: this Python (isolated mode) running :mod:`.hookscript`'s source."""
+    """The script: this Python running :mod:`.hookscript`'s source, isolated and without ``site``
+    (``-IS``: it needs the standard library only, and libvirt runs it, and waits for it, on every
+    operation of every domain: no site-packages scan, no editable-install finder, ~20 ms less each)."""
     source = Path(hookscript.__file__).read_text()
-    return f"#!{python or sys.executable} -I\n# {hookscript.MARKER}: written by 'qemu-mktme libvirt hook install'\n" + source
+    return f"#!{python or sys.executable} -IS\n# {hookscript.MARKER}: written by 'qemu-mktme libvirt hook install'\n" + source
 
 
 def install(etc: Path = DEFAULT_ETC, python: str | None = None) -> Path:

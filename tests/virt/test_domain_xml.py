@@ -151,4 +151,4 @@ def test_the_hook_passes_other_domains_and_hands_ours_to_the_host_model(tmp_path
     with _serve(sock, {"ok": True, "result": {}}, []):
         r = _hook(tmp_path, sock, "migrate", xml)
     assert r.returncode == 0 and r.stdout == ""               # libvirt keeps the XML it has
-    assert sys.executable in hooks.hook_text().splitlines()[0]
+    assert hooks.hook_text().splitlines()[0] == f"#!{sys.executable} -IS"   # isolated, no site: stdlib only

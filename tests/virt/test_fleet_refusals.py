@@ -126,6 +126,7 @@ def test_a_revoked_destination_gets_no_ram_and_the_guest_runs_on(fleet, tmp_path
         tenant.save_policy(policy)                                        # b enrolled again, a new certificate
         admin.enrol_credentials(tenant, "b", host_credentials(fleet.host_dirs["b"]))
     assert r.returncode != 0 and "host b" in r.stderr and "revoked" in r.stderr, r.stderr
+    assert "domain vm3: prepare: refused" in fleet.log("b").read_text()   # (started at 'migrate', awaited there)
     assert (tmp_path / "ab.pcap").stat().st_size < 1 << 20          # libvirt's calls only: no guest RAM moved
     assert fleet.state("a", "vm3") == "running" and fleet.state("b", "vm3") != "running"
     before = _ticks(fleet, "a", "vm3")

@@ -36,7 +36,7 @@ def _qemu(tmp_path, *extra: str) -> tuple[subprocess.Popen, str, socket.socket]:
 
 
 def _guard(qmp: str, proc: subprocess.Popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-I", guard.__file__, qmp, "vmg", str(proc.pid)], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-IS", guard.__file__, qmp, "vmg", str(proc.pid)], stdin=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -80,5 +80,5 @@ def test_done_or_a_gone_qemu_end_the_guard_at_once(tmp_path):
 
 
 def test_the_guard_refuses_bad_arguments():
-    r = subprocess.run([sys.executable, "-I", guard.__file__, "x", "y"], capture_output=True, text=True, input="")
+    r = subprocess.run([sys.executable, "-IS", guard.__file__, "x", "y"], capture_output=True, text=True, input="")
     assert r.returncode == 2 and "usage: guard.py" in r.stderr
