@@ -226,7 +226,7 @@ class LibvirtHost:
             except MktmeError as err:
                 self._note(f"domain {name}: {op}: refused: {err}")
                 raise
-            log.info("domain %s: %s done in %.2f s", name, op, time.monotonic() - t0)
+            log.info("domain %s: %s done in %.3f s", name, op, time.monotonic() - t0)
             return result
 
     async def on_hook(self, name: str, op: str, xml: str) -> dict[str, Any]:
