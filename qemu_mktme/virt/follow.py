@@ -314,6 +314,7 @@ class LibvirtHost:
         task.add_done_callback(_retrieved)
         timer = asyncio.get_running_loop().call_later(EARLY_TTL, self._expire_early, d.name, task)
         self._early[d.name] = Early(_launch_of(d), task, timer)
+        log.info("domain %s: attestation begun at 'migrate' (awaited at 'prepare')", d.name)
 
     def _expire_early(self, name: str, task: asyncio.Task[Released]) -> None:
         early = self._early.get(name)

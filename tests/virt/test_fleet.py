@@ -122,6 +122,9 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         assert lab.bindings("a")["keyids_in_use"] == [] and lab.bindings("a")["keys"] == 0
         moved = lab.bindings("b")["domains"]["vm1"]
         assert moved["incoming"] and moved["tagged"]
+        log_b = lab.log("b").read_text()       # b attested beside libvirt's preparation, and had the key at 'prepare'
+        assert log_b.index("domain vm1: attestation begun at 'migrate'") < log_b.index("domain vm1: attested and key "
+                                                                                        "released") < log_b.index("domain vm1: prepare done")
         wait_for(lambda: not guards(), 10, "b's guard of the incoming vm1 ended once it resumed bound")
 
         # B's DRAM: the tenant's key, tweak = B's HPA
