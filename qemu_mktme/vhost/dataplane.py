@@ -64,6 +64,8 @@ class QueueThread:
             if code == STOPPED or self.stopping:
                 return
             self._resume.clear()
+            if self.stopping:                      # stop() ran between the look above and clear()
+                return
             try:
                 self.loop.call_soon_threadsafe(self.on_event, self, code)
             except RuntimeError:                   # the loop is closed: nobody to hand to
