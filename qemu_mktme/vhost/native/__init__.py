@@ -12,6 +12,7 @@ logged once. :class:`Mirror` is the C side's translation table (see the C file's
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import logging
 import os
@@ -73,6 +74,14 @@ def load(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise DataplaneUnavailable(f"cannot load {path}: {err}") from err
+    try:
+        return _declare(lib, path)
+    except (AttributeError, DataplaneUnavailable) as err:    # another library at our path
+        _ctypes.dlclose(lib._handle)        # else dlopen hands this one back for the rebuilt file
+        raise DataplaneUnavailable(f"{path} is not this dataplane: {err}") from None
+
+
+def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     if lib.dp_api_version() != API_VERSION:
         raise DataplaneUnavailable(f"{path} has API {lib.dp_api_version()}, expected {API_VERSION}")
     vp, u64, c_int = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int
