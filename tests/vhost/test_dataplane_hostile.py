@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from fake_driver import DATA, FakeDriver
+from fake_driver import DATA, F_INDIRECT, F_NEXT, F_WRITE, HEADER, UVA_BASE, FakeDriver
 from helpers import patience
 from qemu_mktme.vhost import dataplane, native
 from qemu_mktme.vhost.protocol import Req
@@ -118,3 +118,152 @@ def test_a_foreign_cached_library_is_rebuilt_not_a_crash(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          timeout=patience(30)).stdout
     assert out.startswith("True native dataplane"), out
+
+
+LEAF = 2 << 20
+CANARY = b"\xaa"
+
+
+def _chains(d: FakeDriver, rtype: int, count: int, size: int, first_sector: int = 0) -> list[int]:
+    """``count`` chains of ``size`` bytes in the data leaf (buffers filled with the canary), made
+    available at once with one kick; their buffer addresses."""
+    bufs = []
+    for i in range(count):
+        buf = DATA + i * size
+        d.write(buf, CANARY * size)
+        chain(d, 3 * i, rtype, first_sector + i * size // 512, buf, size, i + 1)
+        d.make_available(3 * i, kick=False)
+        bufs.append(buf)
+    os.eventfd_write(d.kick, 1)
+    return bufs
+
+
+@pytest.mark.parametrize("change", ["unmap", "retag"])
+async def test_a_domain_change_mid_stream_binds_the_very_next_request(tmp_path, change):
+    """Twenty reads (cache=none: the disk is slow enough) in flight in C; the data leaf is
+    unmapped (or re-tagged) meanwhile. Each read C completed before the change returned read the
+    disk; every later one took the Python path (a fault: IOERR, the buffer untouched; a foreign
+    KeyID: another key's bytes, the sanitizer saw it). Rounds until one cut a stream in two."""
+    async with Rig(tmp_path, direct=True) as rig:
+        d, host = rig.driver, rig.memory.host
+        image = rig.disk.read_bytes()
+        other = host.keys.use(host.keys.add("other", "type=cpu", tenant="vhost"), "test", tenant="vhost")
+        cut = 0
+        for _ in range(12):
+            guest = rig.guest
+            guest.iommu.unmap(DATA, LEAF)
+            guest.iommu.map(DATA, guest.hpa_of(DATA), LEAF, int(guest.keyid))
+            guest.iommu.flush()
+            await d.request(T_IN, 0, length=4096)             # the leaf in the mirror again
+            base, count, size = d.used_idx(), 20, 64 << 10
+            bufs = _chains(d, T_IN, count, size)
+            await asyncio.sleep(0.001)                        # the thread wakes up, the stream starts
+            if change == "unmap":
+                guest.iommu.unmap(DATA, LEAF)
+                guest.iommu.flush()
+            else:
+                guest.set_iommu_keyid(other, DATA, LEAF)
+            done_in_c = (d.used_idx() - base) & 0xFFFF
+            served, seen = rig.served, rig.assigned.sanitizer.count
+            del guest
+            await d.wait_used((base + count) & 0xFFFF, patience(10))
+            assert rig.served == served, "C served a request after the domain changed"
+            for i, buf in enumerate(bufs):
+                status = d.read(HEADER + 0x1000 + i + 1, 1)[0]
+                got = d.read(buf, size)
+                if i < done_in_c:
+                    assert (status, got) == (0, image[i * size:(i + 1) * size]), i
+                elif change == "unmap":
+                    assert (status, got) == (1, CANARY * size), i
+                else:
+                    assert status == 0 and got != image[i * size:(i + 1) * size], i    # another key's bytes
+            if change == "retag":
+                assert rig.assigned.sanitizer.count - seen >= count - done_in_c
+            cut += 0 < done_in_c < count
+        assert cut, "no round changed the domain mid-stream"
+
+
+async def test_a_driver_rewriting_its_chains_under_the_thread_never_leaves_the_domain(tmp_path):
+    """A CPU thread of the guest flips descriptor addresses between a mapped and an unmapped
+    leaf, lengths, flags, header types and avail entries while the C thread serves: the
+    unmapped leaf is never written, never read onto the disk, and the device serves on."""
+    hole = 0x400000                                       # a leaf taken out of the domain
+    async with Rig(tmp_path) as rig:
+        d, guest = rig.driver, rig.guest
+        secret = os.urandom(LEAF)
+        d.write(hole, secret)
+        guest.iommu.unmap(hole, LEAF)
+        guest.iommu.flush()
+        await d.request(T_IN, 0, length=4096)
+        stop = threading.Event()
+
+        def rewrite() -> None:
+            import random
+            rnd = random.Random(7)
+            while not stop.is_set():
+                i = rnd.randrange(8)
+                addr = rnd.choice([DATA + 0x1000 * i, hole + 0x1000 * i, hole - 0x800, DATA + LEAF - 0x800,
+                                   (1 << 64) - 0x800, 0])
+                d.desc(3 * i + 1, addr, rnd.choice([512, 4096, 0, 1 << 31, 0x1000]),
+                       F_NEXT | rnd.choice([0, F_WRITE, F_INDIRECT]), 3 * i + 2)
+                d.write(HEADER + 0x40 * (i + 1), struct.pack("<I", rnd.choice([T_IN, T_OUT, T_FLUSH])))
+                if rnd.random() < 0.1:
+                    d.write(0x11000 + 4 + 2 * rnd.randrange(d.num), struct.pack("<H", 3 * rnd.randrange(8)))
+                time.sleep(0)
+
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        try:
+            for _ in range(40):
+                base = d.used_idx()
+                for i in range(8):
+                    chain(d, 3 * i, T_IN, 8 * i, DATA + 0x1000 * i, 4096, i + 1)
+                    d.make_available(3 * i, kick=False)
+                os.eventfd_write(d.kick, 1)
+                await d.wait_used((base + 8) & 0xFFFF, patience(5))
+        finally:
+            stop.set()
+            writer.join()
+        assert d.read(hole, LEAF) == secret
+        disk = rig.disk.read_bytes()
+        assert all(disk.find(secret[k:k + 512]) < 0 for k in range(0, LEAF, 64 << 10))
+        assert not rig.device.status & 0x40 or rig.device.queues[0].broken   # a bad avail entry: reset
+        assert rig.served > 0
+
+
+def _resources() -> tuple[int, int, int]:
+    """Open fds, threads, mappings of the driver's guest RAM in this process."""
+    with open("/proc/self/maps") as f:
+        maps = sum("fake-guest-ram" in line for line in f)
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")), maps
+
+
+@pytest.mark.parametrize("event", ["reset", "memtable", "kill"])
+async def test_a_front_end_cutting_a_stream_leaves_nothing_behind(tmp_path, event):
+    """Twenty writes in flight in C when the front end resets the device, sends a new memory
+    table, or dies: the queue threads, eventfds, fds and guest-RAM mappings all go."""
+    before = _resources()
+    async with Rig(tmp_path, direct=True) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        base = d.used_idx()
+        _chains(d, T_OUT, 20, 64 << 10)
+        await asyncio.sleep(0.001)
+        if event == "reset":
+            await d.send(Req.RESET_DEVICE)
+        elif event == "memtable":
+            await d.send(Req.SET_MEM_TABLE, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, d.size, UVA_BASE, 0),
+                         fds=(d.memfd,))
+            await d.wait_used((base + 20) & 0xFFFF, patience(10))   # served on over the new table
+            assert (await d.request(T_IN, 0, length=4096))[0] == 0
+            assert len(rig.memory.devices) == 1
+        else:
+            d.sock.close()
+            d.sock = None
+        await d.send(Req.GET_FEATURES, reply=True) if d.sock else None
+        deadline = time.monotonic() + patience(5)
+        while (event != "memtable") and (dp_threads() or rig.device.memory is not None and event == "kill"):
+            assert time.monotonic() < deadline, "threads outlived the front end's cut"
+            await asyncio.sleep(0.01)
+    assert not dp_threads()
+    assert _resources() == before
