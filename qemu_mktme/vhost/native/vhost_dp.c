@@ -47,7 +47,8 @@ struct dp_mirror {
     uint64_t nframes;
     uint8_t *base[DP_WINDOWS];
     uint64_t size[DP_WINDOWS];
-    /* counters, taken (and zeroed) by Python: fast requests and their DMA as host/dma.py counts it */
+    /* counters, taken (and zeroed) by Python: fast requests and their DMA as host/dma.py counts the
+     * Python path's (ring accesses included: each read or write of the ring is one DMA) */
     uint64_t requests, reads, read_bytes, writes, write_bytes;
 };
 
@@ -152,7 +153,23 @@ struct chain {                        /* one decoded chain: readable then writab
     struct seg s[DP_MAX_SEGS];
     int nr, nw;
     uint64_t rlen, wlen;
+    uint64_t table_reads, table_bytes;  /* descriptor DMA, as virtqueue.py reads them */
 };
+
+struct dma { uint64_t reads, read_bytes, writes, write_bytes; };
+
+/* The ring accesses and the request's own transfers, counted as host/dma.py counts the Python
+ * path's (each ring read or write through the IOMMU is one DMA). */
+static void dma_read(struct dma *d, uint64_t n) { d->reads++; d->read_bytes += n; }
+static void dma_write(struct dma *d, uint64_t n) { d->writes++; d->write_bytes += n; }
+
+static void dma_commit(struct dp_mirror *m, struct dma *d) {
+    __atomic_add_fetch(&m->reads, d->reads, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->read_bytes, d->read_bytes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->writes, d->writes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->write_bytes, d->write_bytes, __ATOMIC_RELAXED);
+    memset(d, 0, sizeof *d);
+}
 
 /* Decode chain ``head`` as virtqueue.py's _walk does; 0, or -1 for anything Python must judge
  * (an error, a segment outside the mirror, more segments than one preadv takes). */
@@ -162,11 +179,16 @@ static int walk(struct dp_queue *q, const struct ring *r, unsigned head, struct 
     int indirect_done = 0;
     c->nr = c->nw = 0;
     c->rlen = c->wlen = 0;
+    c->table_reads = c->table_bytes = 0;
     for (;;) {
         uint64_t addr; uint32_t len; uint16_t flags, next;
         if (index >= size || ++seen > size)
             return -1;
         const uint8_t *d = table + 16 * index;
+        if (!indirect_done) {
+            c->table_reads++;
+            c->table_bytes += 16;
+        }
         memcpy(&addr, d, 8);          /* one read of each field: the driver may change them */
         memcpy(&len, d + 8, 4);
         memcpy(&flags, d + 12, 2);
@@ -177,6 +199,8 @@ static int walk(struct dp_queue *q, const struct ring *r, unsigned head, struct 
             table = xlate(q->m, addr, len);
             if (!table)
                 return -1;
+            c->table_reads++;             /* virtqueue.py reads an indirect table at once */
+            c->table_bytes += len;
             size = len / 16;
             index = 0;
             seen = 0;
@@ -249,11 +273,12 @@ static int need_event(uint16_t event, uint16_t new, uint16_t old) {
 
 /* Interrupt the driver if it wants one for what was pushed since the last signal: 0, or -1
  * when the call fd is dead (Python logs it once and drops it). */
-static int notify(struct dp_queue *q, const struct ring *r) {
+static int notify(struct dp_queue *q, const struct ring *r, struct dma *d) {
     uint16_t old = q->signalled_used, new = q->used_idx;
     if (old == new)
         return 0;
     int want;
+    dma_read(d, 2);                              /* used_event, or the avail flags */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);     /* our used index before the driver's event */
     if (q->event_idx)
         want = need_event(r->avail[2 + q->num], new, old);
@@ -273,6 +298,7 @@ static int notify(struct dp_queue *q, const struct ring *r) {
 struct dp_thread_state {              /* per dp_run call, on its stack: no allocation */
     struct chain c;
     struct iovec iov[DP_MAX_SEGS];
+    struct dma dma;                   /* not yet added to the mirror's counters */
 };
 
 /* Serve one available chain. 1 served, 0 ring empty, -1 hand the chain to Python, -2 hand the
@@ -280,8 +306,10 @@ struct dp_thread_state {              /* per dp_run call, on its stack: no alloc
 static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_state *t) {
     uint16_t avail_idx = __atomic_load_n(&r->avail[1], __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
-    if (!pending)
+    if (!pending) {
+        dma_read(&t->dma, 2);
         return 0;
+    }
     if (pending > q->num)
         return -2;                    /* Python raises the RingError: device needs reset */
     unsigned head = r->avail[2 + (q->last_avail & (q->num - 1))];
@@ -295,7 +323,12 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
     memcpy(&sector, c->s[0].p + 8, 8);
     uint8_t *status = c->s[c->nr + c->nw - 1].p;
     uint32_t written = 1;
-    struct dp_mirror *m = q->m;
+    struct dma d = {0};               /* this request's, kept only if it is served here */
+    dma_read(&d, 2);                  /* the avail index */
+    dma_read(&d, 2);                  /* the head */
+    d.reads += c->table_reads;
+    d.read_bytes += c->table_bytes;
+    dma_read(&d, 16);                 /* the header */
     if (type == T_IN || type == T_OUT) {
         uint64_t nbytes = type == T_IN ? c->wlen - 1 : c->rlen - 16;
         if (nbytes % SECTOR || sector > q->capacity || nbytes / SECTOR > q->capacity - sector)
@@ -313,11 +346,9 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
         }
         if (type == T_IN) {
             written += (uint32_t)nbytes;
-            __atomic_add_fetch(&m->writes, 1, __ATOMIC_RELAXED);
-            __atomic_add_fetch(&m->write_bytes, nbytes, __ATOMIC_RELAXED);
+            dma_write(&d, nbytes);
         } else {
-            __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED);
-            __atomic_add_fetch(&m->read_bytes, nbytes, __ATOMIC_RELAXED);
+            dma_read(&d, nbytes);
         }
     } else if (type == T_FLUSH) {
         if (!q->readonly && fdatasync(q->disk)) {
@@ -328,11 +359,11 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
         return -1;                    /* GET_ID, DISCARD, WRITE_ZEROES, unknown: Python */
     }
     *status = 0;                      /* VIRTIO_BLK_S_OK */
-    __atomic_add_fetch(&m->requests, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED);             /* the header */
-    __atomic_add_fetch(&m->read_bytes, 16, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&m->writes, 1, __ATOMIC_RELAXED);            /* the status byte */
-    __atomic_add_fetch(&m->write_bytes, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&q->m->requests, 1, __ATOMIC_RELAXED);
+    dma_write(&d, 1);                 /* the status byte */
+    dma_write(&d, 8);                 /* the used element */
+    dma_write(&d, 2);                 /* the used index */
+    dma_commit(q->m, &d);
     uint16_t slot = q->used_idx & (q->num - 1);
     r->used_ring[2 * slot] = head;
     r->used_ring[2 * slot + 1] = written;
@@ -349,6 +380,7 @@ static int stop_asked(struct dp_queue *q) { return __atomic_load_n(&q->stopping,
 EXPORT int dp_run(struct dp_queue *q) {
     struct dp_thread_state t;
     struct ring r;
+    memset(&t.dma, 0, sizeof t.dma);
     unsigned served = 0;
     for (;;) {
         int rc = 0;
@@ -365,27 +397,32 @@ EXPORT int dp_run(struct dp_queue *q) {
             q->need_kick = 0;
             rc = serve_one(q, &r, &t);
             if (rc == 0) {            /* empty: ask for a kick, then look again (no lost wake-up) */
-                if (q->event_idx)
+                if (q->event_idx) {
                     r.used16[2 + 4 * q->num] = q->last_avail;      /* avail_event */
+                    dma_write(&t.dma, 2);
+                }
                 __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                dma_read(&t.dma, 2);
                 if ((uint16_t)(__atomic_load_n(&r.avail[1], __ATOMIC_ACQUIRE) - q->last_avail)) {
                     pthread_rwlock_unlock(&q->m->lock);
                     continue;
                 }
-                int dead = notify(q, &r);
+                int dead = notify(q, &r, &t.dma);
+                dma_commit(q->m, &t.dma);
                 pthread_rwlock_unlock(&q->m->lock);
                 if (dead)
                     return DP_CALL_DEAD;
                 break;
             }
             if (rc < 0) {
-                int dead = notify(q, &r);     /* what was done so far, before Python takes over */
+                int dead = notify(q, &r, &t.dma);     /* what was done so far, before Python takes over */
+                dma_commit(q->m, &t.dma);
                 pthread_rwlock_unlock(&q->m->lock);
                 if (dead)
                     return DP_CALL_DEAD;
                 break;
             }
-            if (++served % 32 == 0 && notify(q, &r)) {     /* a long stream: interrupts as it goes */
+            if (++served % 32 == 0 && notify(q, &r, &t.dma)) {     /* a long stream: interrupts as it goes */
                 pthread_rwlock_unlock(&q->m->lock);
                 return DP_CALL_DEAD;
             }
