@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_NAME = "vhost_dp.c"
 LIBRARY_NAME = "vhost_dp.so"
-API_VERSION = 1
+API_VERSION = 2
 CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
           "-Wall", "-Wextra", "-Werror")
 ENV_SELECT = "QEMU_MKTME_VHOST"
@@ -95,7 +95,7 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.dp_mirror_destroy.restype = None
     lib.dp_mirror_window.argtypes = [vp, c_int, vp, u64]
     lib.dp_mirror_window.restype = None
-    lib.dp_mirror_clear.argtypes = [vp, vp, c_int]
+    lib.dp_mirror_clear.argtypes = [vp, vp, vp, u64, c_int]
     lib.dp_mirror_clear.restype = None
     lib.dp_mirror_take.argtypes = [vp, vp]
     lib.dp_mirror_take.restype = None
@@ -164,6 +164,7 @@ class Mirror:
         self.served = 0
         """Requests the C side completed, in all (never reset: tests, benchmarks)."""
         self._out = (ctypes.c_uint64 * 5)()
+        self._filled: set[int] = set()  # chunks of 512 frames filled since the last clear
 
     def window(self, index: int, array: np.ndarray) -> None:
         """Window ``index`` is ``array`` (a writable uint8 view of guest RAM) from now on."""
@@ -180,10 +181,13 @@ class Mirror:
             return
         shift = size.bit_length() - 1
         self.table[first:first + (size >> 12)] = offset | window << 6 | shift
+        self._filled.update(range(first >> 9, ((first + (size >> 12) - 1) >> 9) + 1))
 
     def clear(self, *, windows: bool = False) -> None:
         """Empty the table (``windows``: forget the windows too); waits for the requests in flight."""
-        self.lib.dp_mirror_clear(self.ptr, self.table.ctypes.data, int(windows))
+        chunks = np.fromiter(self._filled, np.uint64, len(self._filled))
+        self._filled = set()
+        self.lib.dp_mirror_clear(self.ptr, self.table.ctypes.data, chunks.ctypes.data, chunks.size, int(windows))
         if windows:
             self.windows = [None] * 64
 

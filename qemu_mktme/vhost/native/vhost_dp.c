@@ -32,10 +32,11 @@
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
-#define DP_API_VERSION 1
+#define DP_API_VERSION 2
 #define DP_WINDOWS 64
 #define DP_MAX_SEGS 1026             /* IOV_MAX data segments + header + status */
 #define SECTOR 512
+#define DP_CHUNK 512                 /* table entries per chunk a clear empties */
 
 enum { DP_STOPPED = 0, DP_HANDOFF_CHAIN = 1, DP_HANDOFF_RING = 2, DP_KICK_GONE = 3, DP_CALL_DEAD = 4 };
 enum { F_NEXT = 1, F_WRITE = 2, F_INDIRECT = 4 };
@@ -92,11 +93,18 @@ EXPORT void dp_mirror_window(struct dp_mirror *m, int index, uint8_t *base, uint
     pthread_rwlock_unlock(&m->lock);
 }
 
-/* Empty the table (and forget the windows when ``windows``), waiting for the fast request in
- * flight on every queue: after this returns no thread uses an old translation. */
-EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, int windows) {
+/* Empty the table's chunks (512 frames each) named in ``chunks``, the only ones filled since
+ * the last clear (and forget the windows when ``windows``), waiting for the fast request in
+ * flight on every queue: after this returns no thread uses an old translation. (Only those: a
+ * 1 TiB map has a 2 GiB table, whose every page a whole memset would make resident, on each
+ * domain change.) */
+EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, const uint64_t *chunks, uint64_t n, int windows) {
     pthread_rwlock_wrlock(&m->lock);
-    memset(table, 0, m->nframes * sizeof *table);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t first = chunks[i] * DP_CHUNK;
+        if (first < m->nframes)
+            memset(table + first, 0, (m->nframes - first < DP_CHUNK ? m->nframes - first : DP_CHUNK) * sizeof *table);
+    }
     if (windows) {
         memset(m->base, 0, sizeof m->base);
         memset(m->size, 0, sizeof m->size);
