@@ -291,3 +291,36 @@ def test_the_mirror_of_a_big_guest_costs_what_it_holds():
         assert _rss_mib() - before < 64, "the clear made the whole table resident"
     finally:
         mirror.close()
+
+
+def test_a_built_library_serves_without_gcc_on_the_path(tmp_path, monkeypatch):
+    """Built once; later run where PATH has no gcc (a service's or a libvirt hook's minimal PATH):
+    the cached library is used, nothing needs compiling."""
+    monkeypatch.setenv("QEMU_MKTME_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(native.ENV_SELECT, raising=False)
+    native.build()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None, native.status()
+
+
+def test_concurrent_first_builds_and_a_read_only_cache(tmp_path, monkeypatch):
+    """Four processes build into one empty cache at once: each loads a whole library, one stays,
+    no temporary file is left. A read-only empty cache: the Python path, said in one line."""
+    cache = tmp_path / "cache"
+    env = dict(os.environ, QEMU_MKTME_CACHE=str(cache), QEMU_MKTME_VHOST="native")
+    probe = "from qemu_mktme.vhost import native; native.library(); print(native.status())"
+    procs = [subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=patience(60))[0] for p in procs]
+    assert all(p.returncode == 0 and o.startswith("native dataplane") for p, o in zip(procs, outs)), outs
+    files = [f.name for f in cache.rglob("*") if f.is_file()]
+    assert files == [native.LIBRARY_NAME], files
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    env = dict(os.environ, QEMU_MKTME_CACHE=str(ro))
+    env.pop(native.ENV_SELECT, None)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=patience(60))
+    if os.geteuid() != 0:                                # root writes anyway
+        assert out.stdout.startswith("Python path (cannot write to"), out
+        assert out.stderr.count("vhost dataplane unavailable") == 1
