@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from qemu_mktme.vhost.protocol import Req
 from test_dataplane import Rig, chain, dp_threads
 
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled dataplane: {native.status()}")
 
@@ -324,3 +326,15 @@ def test_concurrent_first_builds_and_a_read_only_cache(tmp_path, monkeypatch):
     if os.geteuid() != 0:                                # root writes anyway
         assert out.stdout.startswith("Python path (cannot write to"), out
         assert out.stderr.count("vhost dataplane unavailable") == 1
+
+
+@pytest.mark.parametrize("path", ["native", "python"])
+def test_a_front_end_making_the_call_fd_blocking_stalls_nothing(path):
+    """The front end clears O_NONBLOCK on the call eventfd (the open file description it shares
+    with us) and fills its counter: the next interrupt must not block the queue thread or the
+    loop (a stop then joined forever: every connection hung). scripts/probe_dataplane.py."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QEMU_MKTME_VHOST=path)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_dataplane.py"), "--path", path,
+                          "--seconds", str(patience(5))], env=env, capture_output=True, text=True,
+                         timeout=patience(30))
+    assert out.stdout.strip() == "served-and-stopped", out

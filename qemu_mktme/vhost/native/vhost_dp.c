@@ -24,6 +24,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -279,8 +281,8 @@ static int need_event(uint16_t event, uint16_t new, uint16_t old) {
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
-/* Interrupt the driver if it wants one for what was pushed since the last signal: 0, or -1
- * when the call fd is dead (Python logs it once and drops it). */
+/* Whether the driver wants an interrupt for what was pushed since the last signal (read under
+ * the read lock; the interrupt itself, call(), is sent after it is released). */
 static int notify(struct dp_queue *q, const struct ring *r, struct dma *d) {
     uint16_t old = q->signalled_used, new = q->used_idx;
     if (old == new)
@@ -293,14 +295,45 @@ static int notify(struct dp_queue *q, const struct ring *r, struct dma *d) {
     else
         want = !(r->avail[0] & 1);               /* VRING_AVAIL_F_NO_INTERRUPT */
     q->signalled_used = new;
-    if (want && q->call >= 0) {
-        uint64_t one = 1;
-        if (write(q->call, &one, 8) < 0 && errno != EAGAIN && errno != EINTR) {
-            q->err = errno;
-            return -1;
-        }
+    return want && q->call >= 0;
+}
+
+/* Interrupt the driver: 0, or -1 when the call fd is dead (Python logs it once and drops it).
+ * Never with a lock held. O_NONBLOCK belongs to the open file description the front end shares:
+ * it may clear it and fill the counter, so it is set again before each write; if the front end
+ * wins that race, the write blocks this queue only, until dp_wakeup_signal() ends it. */
+static void nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0 && !(fl & O_NONBLOCK))
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static int call(struct dp_queue *q) {
+    nonblock(q->call);
+    uint64_t one = 1;
+    if (write(q->call, &one, 8) < 0 && errno != EAGAIN && errno != EINTR) {
+        q->err = errno;
+        return -1;
     }
     return 0;
+}
+
+static void wakeup(int sig) { (void)sig; }
+
+/* Install (once) a handler that does nothing, without SA_RESTART, for the signal returned:
+ * QueueThread.stop sends it to a queue thread so a read or write the front end made blocking
+ * returns EINTR and the thread sees it must stop. */
+EXPORT int dp_wakeup_signal(void) {
+    static int sig;
+    if (!sig) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = wakeup;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGRTMIN + 7, &sa, NULL) == 0)
+            sig = SIGRTMIN + 7;
+    }
+    return sig;
 }
 
 struct dp_thread_state {              /* per dp_run call, on its stack: no allocation */
@@ -415,26 +448,25 @@ EXPORT int dp_run(struct dp_queue *q) {
                     pthread_rwlock_unlock(&q->m->lock);
                     continue;
                 }
-                int dead = notify(q, &r, &t.dma);
+                int want = notify(q, &r, &t.dma);
                 dma_commit(q->m, &t.dma);
                 pthread_rwlock_unlock(&q->m->lock);
-                if (dead)
+                if (want && call(q))
                     return DP_CALL_DEAD;
                 break;
             }
             if (rc < 0) {
-                int dead = notify(q, &r, &t.dma);     /* what was done so far, before Python takes over */
+                int want = notify(q, &r, &t.dma);     /* what was done so far, before Python takes over */
                 dma_commit(q->m, &t.dma);
                 pthread_rwlock_unlock(&q->m->lock);
-                if (dead)
+                if (want && call(q))
                     return DP_CALL_DEAD;
                 break;
             }
-            if (++served % 32 == 0 && notify(q, &r, &t.dma)) {     /* a long stream: interrupts as it goes */
-                pthread_rwlock_unlock(&q->m->lock);
-                return DP_CALL_DEAD;
-            }
+            int want = ++served % 32 == 0 && notify(q, &r, &t.dma);   /* a long stream: interrupts as it goes */
             pthread_rwlock_unlock(&q->m->lock);
+            if (want && call(q))
+                return DP_CALL_DEAD;
         }
         if (rc == -1) {
             q->need_kick = 0;
@@ -456,6 +488,7 @@ EXPORT int dp_run(struct dp_queue *q) {
             return DP_STOPPED;
         if (p[0].revents & POLLIN) {
             uint8_t buf[512];         /* an eventfd gives its 8-byte counter, a pipe its bytes */
+            nonblock(q->kick);        /* the front end may have cleared it (see call()) */
             ssize_t got = read(q->kick, buf, sizeof buf);
             if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
                 q->err = got < 0 ? errno : 0;
