@@ -338,3 +338,13 @@ def test_a_front_end_making_the_call_fd_blocking_stalls_nothing(path):
                           "--seconds", str(patience(5))], env=env, capture_output=True, text=True,
                          timeout=patience(30))
     assert out.stdout.strip() == "served-and-stopped", out
+
+
+def test_a_bad_dataplane_choice_is_one_line_from_the_standalone_backend(tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QEMU_MKTME_VHOST="garbage")
+    out = subprocess.run([sys.executable, "-m", "qemu_mktme.vhost", "--socket", str(tmp_path / "s.sock"),
+                          "--disk", str(disk)], env=env, capture_output=True, text=True, timeout=patience(30))
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == \
+        ["error: QEMU_MKTME_VHOST=garbage: expected python or native"], out.stderr
