@@ -348,3 +348,42 @@ def test_a_bad_dataplane_choice_is_one_line_from_the_standalone_backend(tmp_path
                           "--disk", str(disk)], env=env, capture_output=True, text=True, timeout=patience(30))
     errors = [line for line in out.stderr.splitlines() if "QEMU_MKTME_VHOST" in line or "Error" in line]
     assert out.returncode == 1 and errors == ["error: QEMU_MKTME_VHOST=garbage: expected python or native"], out.stderr
+
+
+async def test_edges_of_segments_take_the_python_path_and_come_out_right(tmp_path):
+    """Segments across two leaves, across the end of RAM, at IOVAs near 2^64, of length 0, and
+    more of them than one preadv takes (1100 in an indirect table): C hands each such chain to
+    Python, which serves it (or faults it) as always; the queue then serves on in C."""
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        image = rig.disk.read_bytes()
+        await d.request(T_IN, 0, length=4096)
+        table = 0x500000                                     # the indirect table, in its own leaf
+
+        async def run(segments: list[tuple[int, int]]) -> tuple[int, int]:
+            hdr, status = HEADER + 0x40, HEADER + 0x1001
+            d.write(hdr, struct.pack("<IIQ", T_IN, 0, 16))
+            d.write(status, b"\xee")
+            entries = [(hdr, 16, 0)] + [(a, n, F_WRITE) for a, n in segments] + [(status, 1, F_WRITE)]
+            for i, (a, n, f) in enumerate(entries):
+                d.desc(i, a, n, f | (F_NEXT if i + 1 < len(entries) else 0), i + 1, table=table)
+            d.desc(40, table, 16 * len(entries), F_INDIRECT)
+            base = d.used_idx()
+            d.make_available(40)
+            await d.wait_used((base + 1) & 0xFFFF, patience(10))
+            return d.read(status, 1)[0], d.used_elem(base)[1]
+
+        want = image[16 * 512:16 * 512 + 8192]
+        assert await run([(0x400000 - 4096, 8192)]) == (0, 8193)              # across two leaves
+        assert d.read(0x400000 - 4096, 8192) == want
+        assert await run([(DATA, 0), (DATA + 0x1000, 4096), (DATA, 0), (DATA + 0x3000, 4096)]) == (0, 8193)
+        assert d.read(DATA + 0x1000, 4096) + d.read(DATA + 0x3000, 4096) == want
+        assert (await run([(d.size - 2048, 4096)]))[0] == 1                    # past the end of RAM
+        assert (await run([((1 << 64) - 2048, 4096)]))[0] == 1                  # near 2^64
+        assert (await run([((1 << 64) - 512, 512), (0, 512)]))[0] == 1          # wrapping to 0
+        many = [(DATA + 0x100000 + 512 * i, 512) for i in range(1100)]
+        assert await run(many) == (0, 1100 * 512 + 1)
+        assert d.read(DATA + 0x100000, 1100 * 512) == image[16 * 512:(16 + 1100) * 512]
+        served = rig.served
+        assert (await d.request(T_IN, 8, length=4096))[2] == image[4096:8192]
+        assert rig.served == served + 1 and not rig.device.status & 0x40
