@@ -14,10 +14,8 @@ signals the stop eventfd (C's poll), releases a thread waiting for a hand-off, a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import os
-import signal
 import threading
 from collections.abc import Callable
 
@@ -93,12 +91,10 @@ class QueueThread:
         os.eventfd_write(self.stop_fd, 1)
         self._resume.set()
         if self.thread.ident is not None:
-            sig = self.lib.dp_wakeup_signal()
             self.thread.join(0.05)
             while self.thread.is_alive():       # blocked in a read or write the front end made blocking
-                if sig:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pthread_kill(self.thread.ident, sig)
+                if self.thread.native_id is not None:
+                    self.lib.dp_wake(self.thread.native_id)
                 self.thread.join(0.05)
         os.close(self.stop_fd)
 

@@ -387,3 +387,30 @@ async def test_edges_of_segments_take_the_python_path_and_come_out_right(tmp_pat
         served = rig.served
         assert (await d.request(T_IN, 8, length=4096))[2] == image[4096:8192]
         assert rig.served == served + 1 and not rig.device.status & 0x40
+
+
+def test_the_stop_wake_up_interrupts_a_blocked_read():
+    """What QueueThread.stop sends a queue thread stuck in a read or write the front end made
+    blocking: the call returns EINTR (a handler without SA_RESTART), the thread goes on."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    got: list[tuple[int, int]] = []
+
+    def blocked() -> None:
+        buf = ctypes.create_string_buffer(8)
+        n = libc.read(r, buf, 8)
+        got.append((n, ctypes.get_errno()))
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    try:
+        time.sleep(0.1)
+        while t.is_alive() and t.native_id is not None:
+            assert native.library().dp_wake(t.native_id) == 0
+            t.join(patience(1))
+        assert got == [(-1, 4)]                                    # EINTR
+    finally:
+        os.close(w)
+        t.join()
+        os.close(r)

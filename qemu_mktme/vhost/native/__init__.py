@@ -99,8 +99,8 @@ def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     lib.dp_mirror_clear.restype = None
     lib.dp_mirror_take.argtypes = [vp, vp]
     lib.dp_mirror_take.restype = None
-    lib.dp_wakeup_signal.argtypes = []
-    lib.dp_wakeup_signal.restype = c_int
+    lib.dp_wake.argtypes = [c_int]
+    lib.dp_wake.restype = c_int
     lib.dp_run.argtypes = [ctypes.POINTER(QueueState)]
     lib.dp_run.restype = c_int
     return lib

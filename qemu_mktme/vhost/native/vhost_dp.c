@@ -321,8 +321,8 @@ static int call(struct dp_queue *q) {
 static void wakeup(int sig) { (void)sig; }
 
 /* Install (once) a handler that does nothing, without SA_RESTART, for the signal returned:
- * QueueThread.stop sends it to a queue thread so a read or write the front end made blocking
- * returns EINTR and the thread sees it must stop. */
+ * QueueThread.stop sends it (dp_wake) to a queue thread so a read or write the front end made
+ * blocking returns EINTR and the thread sees it must stop. */
 EXPORT int dp_wakeup_signal(void) {
     static int sig;
     if (!sig) {
@@ -334,6 +334,13 @@ EXPORT int dp_wakeup_signal(void) {
             sig = SIGRTMIN + 7;
     }
     return sig;
+}
+
+/* Send it to thread ``tid`` of this process (tgkill: a thread that has just ended is at worst
+ * an ESRCH, never a use of a freed pthread_t). */
+EXPORT int dp_wake(int tid) {
+    int sig = dp_wakeup_signal();
+    return sig ? tgkill(getpid(), tid, sig) : -1;
 }
 
 struct dp_thread_state {              /* per dp_run call, on its stack: no allocation */
