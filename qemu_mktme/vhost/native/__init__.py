@@ -182,8 +182,8 @@ class Mirror:
         if first >= self.nframes or offset % 4096:
             return
         shift = size.bit_length() - 1
-        self.table[first:first + (size >> 12)] = offset | window << 6 | shift
-        self._filled.update(range(first >> 9, ((first + (size >> 12) - 1) >> 9) + 1))
+        self._filled.update(range(first >> 9, ((first + (size >> 12) - 1) >> 9) + 1))   # before: a clear
+        self.table[first:first + (size >> 12)] = offset | window << 6 | shift        # sees it or follows
 
     def clear(self, *, windows: bool = False) -> None:
         """Empty the table (``windows``: forget the windows too); waits for the requests in flight."""
