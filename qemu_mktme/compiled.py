@@ -77,11 +77,13 @@ def build_cached(kind: str, source: Path, flags: Sequence[str], libs: Sequence[s
         text = source.read_bytes()
     except OSError as err:
         raise BuildUnavailable(f"cannot read {source}: {err.strerror}") from err
+    key = hashlib.sha256(text + b"\0" + " ".join((*flags, *libs)).encode() + b"\0" + key_extra).hexdigest()[:24]
+    library = (cache or cache_root()) / kind / key / f"{source.stem}.so"
+    if library.is_file() and not force:     # built already: no compiler needed (a service's PATH)
+        return library
     compiler = cc or shutil.which("gcc")
     if compiler is None:
         raise BuildUnavailable(f"gcc not found ({hint})")
-    key = hashlib.sha256(text + b"\0" + " ".join((*flags, *libs)).encode() + b"\0" + key_extra).hexdigest()[:24]
-    library = (cache or cache_root()) / kind / key / f"{source.stem}.so"
     try:
         return compile_library(library, compiler, source, flags, libs, force=force)
     except OSError as err:

@@ -18,6 +18,7 @@ import signal
 import sys
 
 from ..arch.guestmap import GuestRange
+from ..errors import MktmeError
 from ..host.dma import AssignedDevice
 from ..host.host import Host
 from .blk import VhostUserBlk
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         asyncio.run(serve(args))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, MktmeError) as err:       # MktmeError: QEMU_MKTME_VHOST=garbage
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

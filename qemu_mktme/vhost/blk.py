@@ -404,6 +404,7 @@ class VhostUserBlk(p.Handler):
 
     def _kicked(self, q: Queue) -> None:
         try:
+            os.set_blocking(q.kick, False)      # the front end may have cleared it (see _signal)
             got = os.read(q.kick, 512)          # an eventfd gives its 8-byte counter, a pipe its bytes
         except (BlockingIOError, InterruptedError):
             return                              # someone else drained it: nothing to do
@@ -423,8 +424,10 @@ class VhostUserBlk(p.Handler):
 
     def _signal(self, q: Queue) -> None:
         """Interrupt the driver through the call fd without ever blocking: a counter at its
-        maximum (EAGAIN) has a signal pending already; a dead fd is dropped."""
+        maximum (EAGAIN) has a signal pending already; a dead fd is dropped. O_NONBLOCK is the
+        open file description's, which the front end shares and may clear: set again each time."""
         try:
+            os.set_blocking(q.call, False)
             os.write(q.call, _ONE)
         except (BlockingIOError, InterruptedError):
             pass

@@ -64,6 +64,8 @@ class QueueThread:
             if code == STOPPED or self.stopping:
                 return
             self._resume.clear()
+            if self.stopping:                      # stop() ran between the look above and clear()
+                return
             try:
                 self.loop.call_soon_threadsafe(self.on_event, self, code)
             except RuntimeError:                   # the loop is closed: nobody to hand to
@@ -89,7 +91,11 @@ class QueueThread:
         os.eventfd_write(self.stop_fd, 1)
         self._resume.set()
         if self.thread.ident is not None:
-            self.thread.join()
+            self.thread.join(0.05)
+            while self.thread.is_alive():       # blocked in a read or write the front end made blocking
+                if self.thread.native_id is not None:
+                    self.lib.dp_wake(self.thread.native_id)
+                self.thread.join(0.05)
         os.close(self.stop_fd)
 
 

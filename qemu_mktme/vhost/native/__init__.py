@@ -12,6 +12,7 @@ logged once. :class:`Mirror` is the C side's translation table (see the C file's
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import logging
 import os
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_NAME = "vhost_dp.c"
 LIBRARY_NAME = "vhost_dp.so"
-API_VERSION = 1
+API_VERSION = 2
 CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
           "-Wall", "-Wextra", "-Werror")
 ENV_SELECT = "QEMU_MKTME_VHOST"
@@ -73,6 +74,14 @@ def load(path: Path) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise DataplaneUnavailable(f"cannot load {path}: {err}") from err
+    try:
+        return _declare(lib, path)
+    except (AttributeError, DataplaneUnavailable) as err:    # another library at our path
+        _ctypes.dlclose(lib._handle)        # else dlopen hands this one back for the rebuilt file
+        raise DataplaneUnavailable(f"{path} is not this dataplane: {err}") from None
+
+
+def _declare(lib: ctypes.CDLL, path: Path) -> ctypes.CDLL:
     if lib.dp_api_version() != API_VERSION:
         raise DataplaneUnavailable(f"{path} has API {lib.dp_api_version()}, expected {API_VERSION}")
     vp, u64, c_int = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int
@@ -86,10 +95,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.dp_mirror_destroy.restype = None
     lib.dp_mirror_window.argtypes = [vp, c_int, vp, u64]
     lib.dp_mirror_window.restype = None
-    lib.dp_mirror_clear.argtypes = [vp, vp, c_int]
+    lib.dp_mirror_clear.argtypes = [vp, vp, vp, u64, c_int]
     lib.dp_mirror_clear.restype = None
     lib.dp_mirror_take.argtypes = [vp, vp]
     lib.dp_mirror_take.restype = None
+    lib.dp_wake.argtypes = [c_int]
+    lib.dp_wake.restype = c_int
     lib.dp_run.argtypes = [ctypes.POINTER(QueueState)]
     lib.dp_run.restype = c_int
     return lib
@@ -155,6 +166,7 @@ class Mirror:
         self.served = 0
         """Requests the C side completed, in all (never reset: tests, benchmarks)."""
         self._out = (ctypes.c_uint64 * 5)()
+        self._filled: set[int] = set()  # chunks of 512 frames filled since the last clear
 
     def window(self, index: int, array: np.ndarray) -> None:
         """Window ``index`` is ``array`` (a writable uint8 view of guest RAM) from now on."""
@@ -170,11 +182,14 @@ class Mirror:
         if first >= self.nframes or offset % 4096:
             return
         shift = size.bit_length() - 1
-        self.table[first:first + (size >> 12)] = offset | window << 6 | shift
+        self._filled.update(range(first >> 9, ((first + (size >> 12) - 1) >> 9) + 1))   # before: a clear
+        self.table[first:first + (size >> 12)] = offset | window << 6 | shift        # sees it or follows
 
     def clear(self, *, windows: bool = False) -> None:
         """Empty the table (``windows``: forget the windows too); waits for the requests in flight."""
-        self.lib.dp_mirror_clear(self.ptr, self.table.ctypes.data, int(windows))
+        chunks = np.fromiter(self._filled, np.uint64, len(self._filled))
+        self._filled = set()
+        self.lib.dp_mirror_clear(self.ptr, self.table.ctypes.data, chunks.ctypes.data, chunks.size, int(windows))
         if windows:
             self.windows = [None] * 64
 

@@ -24,6 +24,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -32,10 +34,11 @@
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
-#define DP_API_VERSION 1
+#define DP_API_VERSION 2
 #define DP_WINDOWS 64
 #define DP_MAX_SEGS 1026             /* IOV_MAX data segments + header + status */
 #define SECTOR 512
+#define DP_CHUNK 512                 /* table entries per chunk a clear empties */
 
 enum { DP_STOPPED = 0, DP_HANDOFF_CHAIN = 1, DP_HANDOFF_RING = 2, DP_KICK_GONE = 3, DP_CALL_DEAD = 4 };
 enum { F_NEXT = 1, F_WRITE = 2, F_INDIRECT = 4 };
@@ -47,7 +50,8 @@ struct dp_mirror {
     uint64_t nframes;
     uint8_t *base[DP_WINDOWS];
     uint64_t size[DP_WINDOWS];
-    /* counters, taken (and zeroed) by Python: fast requests and their DMA as host/dma.py counts it */
+    /* counters, taken (and zeroed) by Python: fast requests and their DMA as host/dma.py counts the
+     * Python path's (ring accesses included: each read or write of the ring is one DMA) */
     uint64_t requests, reads, read_bytes, writes, write_bytes;
 };
 
@@ -91,11 +95,18 @@ EXPORT void dp_mirror_window(struct dp_mirror *m, int index, uint8_t *base, uint
     pthread_rwlock_unlock(&m->lock);
 }
 
-/* Empty the table (and forget the windows when ``windows``), waiting for the fast request in
- * flight on every queue: after this returns no thread uses an old translation. */
-EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, int windows) {
+/* Empty the table's chunks (512 frames each) named in ``chunks``, the only ones filled since
+ * the last clear (and forget the windows when ``windows``), waiting for the fast request in
+ * flight on every queue: after this returns no thread uses an old translation. (Only those: a
+ * 1 TiB map has a 2 GiB table, whose every page a whole memset would make resident, on each
+ * domain change.) */
+EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, const uint64_t *chunks, uint64_t n, int windows) {
     pthread_rwlock_wrlock(&m->lock);
-    memset(table, 0, m->nframes * sizeof *table);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t first = chunks[i] * DP_CHUNK;
+        if (first < m->nframes)
+            memset(table + first, 0, (m->nframes - first < DP_CHUNK ? m->nframes - first : DP_CHUNK) * sizeof *table);
+    }
     if (windows) {
         memset(m->base, 0, sizeof m->base);
         memset(m->size, 0, sizeof m->size);
@@ -152,7 +163,23 @@ struct chain {                        /* one decoded chain: readable then writab
     struct seg s[DP_MAX_SEGS];
     int nr, nw;
     uint64_t rlen, wlen;
+    uint64_t table_reads, table_bytes;  /* descriptor DMA, as virtqueue.py reads them */
 };
+
+struct dma { uint64_t reads, read_bytes, writes, write_bytes; };
+
+/* The ring accesses and the request's own transfers, counted as host/dma.py counts the Python
+ * path's (each ring read or write through the IOMMU is one DMA). */
+static void dma_read(struct dma *d, uint64_t n) { d->reads++; d->read_bytes += n; }
+static void dma_write(struct dma *d, uint64_t n) { d->writes++; d->write_bytes += n; }
+
+static void dma_commit(struct dp_mirror *m, struct dma *d) {
+    __atomic_add_fetch(&m->reads, d->reads, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->read_bytes, d->read_bytes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->writes, d->writes, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->write_bytes, d->write_bytes, __ATOMIC_RELAXED);
+    memset(d, 0, sizeof *d);
+}
 
 /* Decode chain ``head`` as virtqueue.py's _walk does; 0, or -1 for anything Python must judge
  * (an error, a segment outside the mirror, more segments than one preadv takes). */
@@ -162,11 +189,16 @@ static int walk(struct dp_queue *q, const struct ring *r, unsigned head, struct 
     int indirect_done = 0;
     c->nr = c->nw = 0;
     c->rlen = c->wlen = 0;
+    c->table_reads = c->table_bytes = 0;
     for (;;) {
         uint64_t addr; uint32_t len; uint16_t flags, next;
         if (index >= size || ++seen > size)
             return -1;
         const uint8_t *d = table + 16 * index;
+        if (!indirect_done) {
+            c->table_reads++;
+            c->table_bytes += 16;
+        }
         memcpy(&addr, d, 8);          /* one read of each field: the driver may change them */
         memcpy(&len, d + 8, 4);
         memcpy(&flags, d + 12, 2);
@@ -177,6 +209,8 @@ static int walk(struct dp_queue *q, const struct ring *r, unsigned head, struct 
             table = xlate(q->m, addr, len);
             if (!table)
                 return -1;
+            c->table_reads++;             /* virtqueue.py reads an indirect table at once */
+            c->table_bytes += len;
             size = len / 16;
             index = 0;
             seen = 0;
@@ -247,32 +281,72 @@ static int need_event(uint16_t event, uint16_t new, uint16_t old) {
     return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
 }
 
-/* Interrupt the driver if it wants one for what was pushed since the last signal: 0, or -1
- * when the call fd is dead (Python logs it once and drops it). */
-static int notify(struct dp_queue *q, const struct ring *r) {
+/* Whether the driver wants an interrupt for what was pushed since the last signal (read under
+ * the read lock; the interrupt itself, call(), is sent after it is released). */
+static int notify(struct dp_queue *q, const struct ring *r, struct dma *d) {
     uint16_t old = q->signalled_used, new = q->used_idx;
     if (old == new)
         return 0;
     int want;
+    dma_read(d, 2);                              /* used_event, or the avail flags */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);     /* our used index before the driver's event */
     if (q->event_idx)
         want = need_event(r->avail[2 + q->num], new, old);
     else
         want = !(r->avail[0] & 1);               /* VRING_AVAIL_F_NO_INTERRUPT */
     q->signalled_used = new;
-    if (want && q->call >= 0) {
-        uint64_t one = 1;
-        if (write(q->call, &one, 8) < 0 && errno != EAGAIN && errno != EINTR) {
-            q->err = errno;
-            return -1;
-        }
+    return want && q->call >= 0;
+}
+
+/* Interrupt the driver: 0, or -1 when the call fd is dead (Python logs it once and drops it).
+ * Never with a lock held. O_NONBLOCK belongs to the open file description the front end shares:
+ * it may clear it and fill the counter, so it is set again before each write; if the front end
+ * wins that race, the write blocks this queue only, until dp_wakeup_signal() ends it. */
+static void nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0 && !(fl & O_NONBLOCK))
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static int call(struct dp_queue *q) {
+    nonblock(q->call);
+    uint64_t one = 1;
+    if (write(q->call, &one, 8) < 0 && errno != EAGAIN && errno != EINTR) {
+        q->err = errno;
+        return -1;
     }
     return 0;
+}
+
+static void wakeup(int sig) { (void)sig; }
+
+/* Install (once) a handler that does nothing, without SA_RESTART, for the signal returned:
+ * QueueThread.stop sends it (dp_wake) to a queue thread so a read or write the front end made
+ * blocking returns EINTR and the thread sees it must stop. */
+EXPORT int dp_wakeup_signal(void) {
+    static int sig;
+    if (!sig) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = wakeup;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGRTMIN + 7, &sa, NULL) == 0)
+            sig = SIGRTMIN + 7;
+    }
+    return sig;
+}
+
+/* Send it to thread ``tid`` of this process (tgkill: a thread that has just ended is at worst
+ * an ESRCH, never a use of a freed pthread_t). */
+EXPORT int dp_wake(int tid) {
+    int sig = dp_wakeup_signal();
+    return sig ? tgkill(getpid(), tid, sig) : -1;
 }
 
 struct dp_thread_state {              /* per dp_run call, on its stack: no allocation */
     struct chain c;
     struct iovec iov[DP_MAX_SEGS];
+    struct dma dma;                   /* not yet added to the mirror's counters */
 };
 
 /* Serve one available chain. 1 served, 0 ring empty, -1 hand the chain to Python, -2 hand the
@@ -280,8 +354,10 @@ struct dp_thread_state {              /* per dp_run call, on its stack: no alloc
 static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_state *t) {
     uint16_t avail_idx = __atomic_load_n(&r->avail[1], __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
-    if (!pending)
+    if (!pending) {
+        dma_read(&t->dma, 2);
         return 0;
+    }
     if (pending > q->num)
         return -2;                    /* Python raises the RingError: device needs reset */
     unsigned head = r->avail[2 + (q->last_avail & (q->num - 1))];
@@ -295,7 +371,12 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
     memcpy(&sector, c->s[0].p + 8, 8);
     uint8_t *status = c->s[c->nr + c->nw - 1].p;
     uint32_t written = 1;
-    struct dp_mirror *m = q->m;
+    struct dma d = {0};               /* this request's, kept only if it is served here */
+    dma_read(&d, 2);                  /* the avail index */
+    dma_read(&d, 2);                  /* the head */
+    d.reads += c->table_reads;
+    d.read_bytes += c->table_bytes;
+    dma_read(&d, 16);                 /* the header */
     if (type == T_IN || type == T_OUT) {
         uint64_t nbytes = type == T_IN ? c->wlen - 1 : c->rlen - 16;
         if (nbytes % SECTOR || sector > q->capacity || nbytes / SECTOR > q->capacity - sector)
@@ -313,11 +394,9 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
         }
         if (type == T_IN) {
             written += (uint32_t)nbytes;
-            __atomic_add_fetch(&m->writes, 1, __ATOMIC_RELAXED);
-            __atomic_add_fetch(&m->write_bytes, nbytes, __ATOMIC_RELAXED);
+            dma_write(&d, nbytes);
         } else {
-            __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED);
-            __atomic_add_fetch(&m->read_bytes, nbytes, __ATOMIC_RELAXED);
+            dma_read(&d, nbytes);
         }
     } else if (type == T_FLUSH) {
         if (!q->readonly && fdatasync(q->disk)) {
@@ -328,11 +407,11 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
         return -1;                    /* GET_ID, DISCARD, WRITE_ZEROES, unknown: Python */
     }
     *status = 0;                      /* VIRTIO_BLK_S_OK */
-    __atomic_add_fetch(&m->requests, 1, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED);             /* the header */
-    __atomic_add_fetch(&m->read_bytes, 16, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&m->writes, 1, __ATOMIC_RELAXED);            /* the status byte */
-    __atomic_add_fetch(&m->write_bytes, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&q->m->requests, 1, __ATOMIC_RELAXED);
+    dma_write(&d, 1);                 /* the status byte */
+    dma_write(&d, 8);                 /* the used element */
+    dma_write(&d, 2);                 /* the used index */
+    dma_commit(q->m, &d);
     uint16_t slot = q->used_idx & (q->num - 1);
     r->used_ring[2 * slot] = head;
     r->used_ring[2 * slot + 1] = written;
@@ -349,6 +428,7 @@ static int stop_asked(struct dp_queue *q) { return __atomic_load_n(&q->stopping,
 EXPORT int dp_run(struct dp_queue *q) {
     struct dp_thread_state t;
     struct ring r;
+    memset(&t.dma, 0, sizeof t.dma);
     unsigned served = 0;
     for (;;) {
         int rc = 0;
@@ -365,31 +445,35 @@ EXPORT int dp_run(struct dp_queue *q) {
             q->need_kick = 0;
             rc = serve_one(q, &r, &t);
             if (rc == 0) {            /* empty: ask for a kick, then look again (no lost wake-up) */
-                if (q->event_idx)
+                if (q->event_idx) {
                     r.used16[2 + 4 * q->num] = q->last_avail;      /* avail_event */
+                    dma_write(&t.dma, 2);
+                }
                 __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                dma_read(&t.dma, 2);
                 if ((uint16_t)(__atomic_load_n(&r.avail[1], __ATOMIC_ACQUIRE) - q->last_avail)) {
                     pthread_rwlock_unlock(&q->m->lock);
                     continue;
                 }
-                int dead = notify(q, &r);
+                int want = notify(q, &r, &t.dma);
+                dma_commit(q->m, &t.dma);
                 pthread_rwlock_unlock(&q->m->lock);
-                if (dead)
+                if (want && call(q))
                     return DP_CALL_DEAD;
                 break;
             }
             if (rc < 0) {
-                int dead = notify(q, &r);     /* what was done so far, before Python takes over */
+                int want = notify(q, &r, &t.dma);     /* what was done so far, before Python takes over */
+                dma_commit(q->m, &t.dma);
                 pthread_rwlock_unlock(&q->m->lock);
-                if (dead)
+                if (want && call(q))
                     return DP_CALL_DEAD;
                 break;
             }
-            if (++served % 32 == 0 && notify(q, &r)) {     /* a long stream: interrupts as it goes */
-                pthread_rwlock_unlock(&q->m->lock);
-                return DP_CALL_DEAD;
-            }
+            int want = ++served % 32 == 0 && notify(q, &r, &t.dma);   /* a long stream: interrupts as it goes */
             pthread_rwlock_unlock(&q->m->lock);
+            if (want && call(q))
+                return DP_CALL_DEAD;
         }
         if (rc == -1) {
             q->need_kick = 0;
@@ -411,6 +495,7 @@ EXPORT int dp_run(struct dp_queue *q) {
             return DP_STOPPED;
         if (p[0].revents & POLLIN) {
             uint8_t buf[512];         /* an eventfd gives its 8-byte counter, a pipe its bytes */
+            nonblock(q->kick);        /* the front end may have cleared it (see call()) */
             ssize_t got = read(q->kick, buf, sizeof buf);
             if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
                 q->err = got < 0 ? errno : 0;
