@@ -6,14 +6,12 @@ metadata namespace in its XML) it hands the operation to the host model of this 
 (``qemu-mktme host --libvirt``) over the unix socket in this machine's /run and waits for its
 answer. A refusal is one line on stderr and exit status 1: libvirt puts it in virsh's error and
 does not go on (``prepare``: QEMU never starts; ``started``: libvirt stops the domain). Domains
-that do not opt in pass untouched. Standard library only: it runs on every domain operation.
+that do not opt in pass untouched. Standard library only: it runs on every domain operation, so
+what only an opted-in domain needs (XML parser, JSON, socket) is imported only for one.
 """
 
-import json
 import os
-import socket
 import sys
-from xml.etree import ElementTree
 
 MARKER = "qemu-mktme libvirt hook"
 SOCKET = "/run/qemu-mktme/libvirt/host.sock"
@@ -28,6 +26,7 @@ def opts_in(xml):
     its <description>); XML that does not parse goes to the host model, which says what is wrong."""
     if NS not in xml:
         return False
+    from xml.etree import ElementTree
     try:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError:
@@ -43,6 +42,8 @@ def main(argv):
     xml = sys.stdin.read()
     if op not in OPS or not opts_in(xml):
         return 0                                  # not ours: libvirt goes on with the original XML
+    import json
+    import socket
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(TIMEOUT)
     try:
