@@ -7,7 +7,8 @@
 #   make test-pure   the tests that need no QEMU, no images and no network: seconds, anywhere
 #   make test-busy   the whole suite with a CPU hog pinned beside it (must pass on 2 cores)
 #   make verify      every verifier workload, plain vs emulated (qemu-mktme compare), then the
-#                    attack matrix on Linux guests (build/attack-matrix.{json,png}, --check)
+#                    attack matrix on Linux guests (build/attack-matrix.{json,png}, --check), then
+#                    the long trials whose bounded forms make test runs (pytest -m verify)
 #   make test-qemu10 the shim and snapshot suites on QEMU 10 (bookworm-backports, unpacked in the cache)
 #   make bench       every benchmark and one table of their figures, then make verify
 #                    (BENCH_ARGS=--quick: a smoke run)
@@ -64,6 +65,7 @@ verify: setup
 	$(BIN)/qemu-mktme compare
 	mkdir -p build && $(BIN)/qemu-mktme attack matrix --guest linux --check \
 	    --json build/attack-matrix.json --png build/attack-matrix.png
+	$(BIN)/python -m pytest -m verify $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python scripts/bench_all.py $(BENCH_ARGS)
