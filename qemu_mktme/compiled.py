@@ -9,7 +9,9 @@ beside ``errors`` at the bottom: the engine, below ``files``, builds too.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -59,3 +61,31 @@ def compile_library(library: Path, compiler: str, source: Path, flags: Sequence[
         if os.path.exists(tmp):
             os.unlink(tmp)
     return library
+
+
+class BuildUnavailable(Exception):
+    """A library cannot be built here (one line saying why: no gcc, the compiler's last words)."""
+
+
+def build_cached(kind: str, source: Path, flags: Sequence[str], libs: Sequence[str] = (), *,
+                 key_extra: bytes = b"", cache: Path | None = None, cc: str | None = None,
+                 force: bool = False, hint: str = "apt-get install gcc") -> Path:
+    """``<cache>/<kind>/<key>/<source stem>.so`` built from ``source`` (:func:`compile_library`),
+    the key a digest of the source, the flags and ``key_extra`` (headers it depends on);
+    :class:`BuildUnavailable` if it cannot be."""
+    try:
+        text = source.read_bytes()
+    except OSError as err:
+        raise BuildUnavailable(f"cannot read {source}: {err.strerror}") from err
+    compiler = cc or shutil.which("gcc")
+    if compiler is None:
+        raise BuildUnavailable(f"gcc not found ({hint})")
+    key = hashlib.sha256(text + b"\0" + " ".join((*flags, *libs)).encode() + b"\0" + key_extra).hexdigest()[:24]
+    library = (cache or cache_root()) / kind / key / f"{source.stem}.so"
+    try:
+        return compile_library(library, compiler, source, flags, libs, force=force)
+    except OSError as err:
+        raise BuildUnavailable(f"cannot write to {library.parent}: {err.strerror}") from err
+    except CompileFailed as err:
+        last = err.output.splitlines()
+        raise BuildUnavailable(f"{compiler} failed on {source.name}: {last[-1] if last else err}") from None

@@ -40,10 +40,12 @@ def hosts_dir() -> Path:
     return Path(env) if env else Path.home() / ".local/state/qemu-mktme/hosts"
 
 
-def host_dir(name: str) -> Path:
+def host_dir(name: str, parent: Path | None = None) -> Path:
+    """Host ``name``'s state directory in ``parent`` (default :func:`hosts_dir`); ``TenantError``
+    for a name that cannot be one."""
     if not name or "/" in name or name.startswith(".") or len(name) > 64:   # 64: a certificate's CN
         raise TenantError(f"invalid host name {name[:80]!r}: 1 to 64 characters, no '/', not starting with '.'")
-    return hosts_dir() / name
+    return (parent or hosts_dir()) / name
 
 
 def host_credentials(directory: Path) -> Path:

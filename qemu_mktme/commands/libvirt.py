@@ -18,11 +18,10 @@ from typing import Any
 
 from .. import images
 from ..qemu.binary import find_qemu
-from ..arch.sizes import parse_size
 from ..virt import domain as dom
 from ..virt import hooks
 from ..virt.fleet import domain_bindings, start_domain
-from .options import PROG, UsageError
+from .options import PROG, UsageError, size
 
 
 def add_host_options(p: argparse.ArgumentParser) -> None:
@@ -33,8 +32,16 @@ def add_host_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-name", metavar="NAME", help="this host's name, as enrolled in the tenant's policy")
     g.add_argument("--tenant-ca", metavar="PATH", help="the tenant's CA certificate (authenticates the broker)")
     g.add_argument("--host-dir", metavar="DIR", help="this host's state directory (its TPM); default: by name")
-    g.add_argument("--socket", metavar="PATH", default=str(dom.RUN_DIR / "host.sock"),
-                   help="the hook's socket (default: %(default)s)")
+    add_socket_option(g)
+
+
+HOOK_SOCKET = str(dom.RUN_DIR / "host.sock")
+
+
+def add_socket_option(p: Any, default: str = argparse.SUPPRESS) -> None:
+    """``--socket PATH``: the host model's socket (``host --libvirt``, and its verbs that reach it)."""
+    p.add_argument("--socket", metavar="PATH", default=default,
+                   help=f"the host model's socket, with --libvirt (default: {HOOK_SOCKET})")
 
 
 async def host_libvirt(args: argparse.Namespace) -> int:
@@ -47,9 +54,16 @@ async def host_libvirt(args: argparse.Namespace) -> int:
     def note(message: str) -> None:
         print(f"{PROG}: {message}", file=sys.stderr, flush=True)
     async with LibvirtHost(args.libvirt, host_name=args.host_name, tenant_ca=args.tenant_ca, host_dir=args.host_dir,
-                           keyid_bits=args.keyid_bits, socket_path=args.socket, log_event=note) as host:
+                           keyid_bits=getattr(args, "keyid_bits", 6), socket_path=getattr(args, "socket", HOOK_SOCKET),
+                           log_event=note) as host:
         await host.serve()
     return 0
+
+
+def without_libvirt(args: argparse.Namespace) -> None:
+    """``--socket`` (the host model's) given to a verb without ``--libvirt``: refused, not ignored."""
+    if getattr(args, "socket", None) and not getattr(args, "libvirt", None):
+        raise UsageError("--socket is the host model's, with --libvirt URI")
 
 
 def query_libvirt(uri: str, socket: str | None = None) -> int:
@@ -71,7 +85,8 @@ def register(sub: Any) -> None:
     dx.add_argument("--check", metavar="FILE", help="check a domain's XML; exit 1 with every problem")
     dx.add_argument("--opt-in", metavar="FILE", help="print FILE made to opt in (needs --tenant --key --broker)")
     dx.add_argument("--name", default=None, help="domain name (default: the guest's)")
-    dx.add_argument("--memory", "-m", default=None, metavar="SIZE", help="guest RAM (default: the guest's)")
+    dx.add_argument("--memory", "-m", type=size, default=None, metavar="SIZE",
+                    help="guest RAM, whole MiB, at most 1 TiB as for 'run -m' (default: the guest's)")
     dx.add_argument("--workload", metavar="NAME", help="Linux guest: workload (e.g. counter)")
     dx.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="workload parameter")
     dx.add_argument("--command", "-c", action="append", default=[], metavar="CMD", help="bare-metal command")
@@ -150,7 +165,9 @@ def domain_xml(args: argparse.Namespace) -> int:
         raise UsageError(f"--param wants NAME=VALUE, got {next(p for p in args.param if '=' not in p)!r}")
     boot = images.guest_boot(args.guest, workload=args.workload, commands=args.command,
                              params=dict(p.split("=", 1) for p in args.param), append=args.append, initrd=None)
-    memory = parse_size(args.memory) if args.memory else images.default_memory(args.guest)
+    memory = args.memory or images.default_memory(args.guest)
+    if memory % (1 << 20):
+        raise UsageError(f"--memory must be a whole number of MiB (libvirt's <memory unit='MiB'>), got {memory} bytes")
     xml = dom.guest_domain(args.name or args.guest, boot, memory=memory, opt=None if args.plain else opt,
                            emulator=args.emulator or str(find_qemu().path), serial_log=args.serial_log)
     found = [] if args.plain else dom.problems(dom.parse(xml))   # what --check would say of it

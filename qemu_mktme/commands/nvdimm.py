@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from ..live import nvdimm as media
-from .options import PROG, print_json
+from .options import PROG, keyid_bits, print_json
 
 
 def nvdimm_option(text: str) -> media.NvdimmMedia:
@@ -37,7 +37,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def rekey(args: argparse.Namespace) -> int:
-    old, new = media.rekey(args.path, args.key, to_hpa=args.to_hpa, to_key_spec=args.to_key)
+    old, new = media.rekey(args.path, args.key, to_hpa=args.to_hpa, to_key_spec=args.to_key, keyid_bits=args.keyid_bits)
     what = [f"HPA {old.hpa:#x} -> {new.hpa:#x}"] if old.hpa != new.hpa else []
     what += ["new key"] if args.to_key else []
     print(f"{PROG}: {args.path}: re-encrypted ({', '.join(what) or 'same HPA and key'}), "
@@ -61,4 +61,7 @@ def register(sub: Any) -> None:
     rk.add_argument("--key", required=True, metavar="SPEC", help="the key it was written under: user:KEYHEX:TWEAKHEX[:ALG] or user:@FILE")
     rk.add_argument("--to-hpa", type=address, metavar="ADDR", help="the host physical address it will sit at (2 MiB aligned)")
     rk.add_argument("--to-key", metavar="SPEC", help="the key it will be read with (same forms as --key)")
+    rk.add_argument("--keyid-bits", type=keyid_bits, default=6, metavar="N",
+                    help="the KeyID bits of the host it will run on (default 6): the HPA must lie below "
+                         "MAXPHYADDR minus them")
     rk.set_defaults(func=rekey)

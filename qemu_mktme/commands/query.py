@@ -6,13 +6,17 @@ import argparse
 from typing import Any
 
 from ..live import control
-from .options import pid, print_json
+from .libvirt import add_socket_option, without_libvirt
+from .options import UsageError, pid, print_json
 
 
 async def query(args: argparse.Namespace) -> int:
-    if args.libvirt:
+    without_libvirt(args)
+    if getattr(args, "libvirt", None):
         from .libvirt import query_libvirt
-        return query_libvirt(args.libvirt)
+        if args.pid is not None:
+            raise UsageError("--pid names a 'qemu-mktme run' host; with --libvirt the host model is this machine's")
+        return query_libvirt(args.libvirt, getattr(args, "socket", None))
     result = await control.request("query", pid=args.pid, **({"name": args.vm_name} if args.vm_name else {}))
     print_json(result)
     return 0
@@ -24,7 +28,8 @@ def register(sub: Any) -> None:
                                    "VM's encryption state (like QEMU's query-sev).")
     q.add_argument("vm_name", nargs="?", metavar="VM", help="only this VM")
     q.add_argument("--pid", type=pid, help="the 'qemu-mktme run' process, when several run")
-    q.add_argument("--libvirt", metavar="URI", help="libvirt's domains at URI with their KeyID, key handle and "
-                                                    "tagging state from this machine's host model "
-                                                    "('host --libvirt')")
+    q.add_argument("--libvirt", metavar="URI", default=argparse.SUPPRESS,
+                   help="libvirt's domains at URI with their KeyID, key handle and tagging state from this "
+                        "machine's host model ('host --libvirt')")
+    add_socket_option(q)
     q.set_defaults(func=query)

@@ -198,7 +198,8 @@ def register(sub: Any) -> None:
     run.add_argument("--no-input", action="store_true", help="do not forward standard input to the guest")
     run.add_argument("--nvdimm", type=nvdimm_option, action="append", default=[], metavar="PATH[,size=SIZE][,hpa=ADDR]",
                      help="persistent memory on media image PATH (created with size=; ciphertext under the VM's key, "
-                          "HPA as tweak; repeatable): the Linux guest's /dev/pmem0")
+                          "HPA as tweak; repeatable): the Linux guest's /dev/pmem0. A comma in PATH is written ',,' "
+                          "(QEMU's option syntax)")
     run.add_argument("--nvdimm-strict", action="store_true",
                      help="refuse a media image written at another HPA (default: attach it, warn: garbage)")
     add_tenant_options(run)

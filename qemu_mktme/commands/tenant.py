@@ -4,18 +4,29 @@ values, enrolled and revoked hosts."""
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from ..errors import TenantError
 from ..tenant import admin, keyserver, pki
 from ..attest.launch import DEFAULT_KEY
 from ..tenant.store import TenantDir
+from ..attest.hostid import ENV_HOSTS, host_dir, hosts_dir
 from .options import keyid_bits, print_json
 import contextlib
 
 
 def tenant_dir(args: argparse.Namespace) -> TenantDir:
     return TenantDir(args.tenant_dir)
+
+
+def hosts_parent(args: argparse.Namespace) -> Path:
+    """Where ``tenant policy --host NAME`` makes host NAME's state: under ``--tenant-dir`` when it is
+    given (``DIR/hosts``), unless ``$QEMU_MKTME_HOSTS_DIR`` names a place; else the default."""
+    if args.tenant_dir and not os.environ.get(ENV_HOSTS):
+        return TenantDir(args.tenant_dir).path.absolute() / "hosts"
+    return hosts_dir()
 
 
 def add_tenant_dir_option(p: argparse.ArgumentParser) -> None:
@@ -53,14 +64,18 @@ def tenant_cmd(args: argparse.Namespace) -> int:
         if not args.host:
             raise TenantError("enrol at least one host (--host NAME) or revoke one (--revoke NAME)")
         from .. import images
+        parent = hosts_parent(args)
+        dirs = {h: host_dir(h, parent) for h in args.host}           # every name checked before any state is made
         boot = images.guest_boot(args.guest)
         policy = admin.make_policy(tenant, boot, hosts=args.host, keyid_bits=args.keyid_bits, integrity=args.integrity,
-                                   key_hosts=dict(args.key_hosts))
+                                   key_hosts=dict(args.key_hosts), host_dirs=dirs)
         print(f"policy: {len(policy.reference)} reference events over PCRs {list(policy.pcrs)}, "
               f"{len(policy.hosts)} enrolled host(s): {', '.join(policy.hosts.values())}, each with its own client "
               "certificate in its host directory's tls/")
         for e in policy.reference:
             print(f"  PCR {e.pcr:2}  {e.digest.hex()[:16]}...  {e.description}")
+        print(f"host state (TPM, tls/) in {parent}/NAME" + ("" if parent == hosts_dir() else
+              f": run those hosts with {ENV_HOSTS}={parent} (or 'host --libvirt ... --host-dir {parent}/NAME')"))
     else:
         tenant.require()
         pol = None

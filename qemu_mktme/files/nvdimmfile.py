@@ -28,7 +28,8 @@ writing only the changed units and the header in place, through a redo journal b
 :func:`recover_media` replays a complete one or drops an incomplete one before the image is
 opened). So ``kill -9`` at any moment leaves the last complete image; a module whose every unit
 is as it was read is not rewritten at all. :class:`MediaLock` keeps two VMs
-off one image (an ``flock`` on ``.NAME.lock`` beside it, held while the VM runs). Offline
+off one image (an ``flock`` on a lock file in the user's runtime directory, held while the VM runs
+and removed at its end: nothing is made beside the image). Offline
 :func:`rekey_media` re-encrypts an image for another HPA and/or key (plaintext only in memory,
 one chunk at a time).
 """
@@ -54,6 +55,7 @@ from ..engine.xts import XtsKey, decrypt_lines, encrypt_lines
 from ..errors import NvdimmError, SnapshotError
 from .atomic import atomic_output, starts_with
 from .journal import JournalWriter, journal_path, recover
+from . import runtime
 from .regular import open_regular
 
 MAGIC = b"QMKTNVDM"
@@ -457,35 +459,73 @@ def rekey_media(path: str | os.PathLike[str], key: XtsKey, *, to_hpa: int | None
 
 
 class MediaLock:
-    """One VM per image: an exclusive ``flock`` on ``.NAME.lock`` beside the image, held until
-    :meth:`release` (the kernel drops it when the holder dies, even by ``kill -9``). The lock
-    file stays (removing it would race with the next holder); it holds nothing."""
+    """One VM per image: an exclusive ``flock`` on a lock file named after the image, held until
+    :meth:`release` (the kernel drops it when the holder dies, even by ``kill -9``).
+
+    The lock lives in this user's private runtime directory (:func:`.runtime.private_parent`, 0700,
+    a tmpfs), as ``nvdimm-<digest>.lock`` where the digest names the image's directory (device and
+    inode, so every spelling of the path and every bind mount of it agrees) and the image's name:
+    nothing is made beside the image (its directory may be read-only, shared, or hold a file of the
+    user's that merely has a lock's name), and the image's own inode cannot carry it (a write-back
+    replaces the image by a rename: a new inode). The holder removes the file at :meth:`release`
+    while still holding it; a taker checks after its ``flock`` that the name still leads to the
+    inode it locked, and starts again if not, so removing it never lets two holders in. A file
+    left by a holder killed with -9 is taken by the next one and removed by it. The lock keeps
+    out this user's VMs (another user needs write access to the 0600 image anyway)."""
 
     def __init__(self, path: str | os.PathLike[str], holder: str) -> None:
-        media = Path(path).absolute()
-        lock = media.with_name(f".{media.name}.lock")
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as err:
-            raise NvdimmError(f"NVDIMM media {path}: cannot open its lock {lock}: {err.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise NvdimmError(f"NVDIMM media {path}: its lock {lock} is not a regular file")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another VM"
-            os.close(fd)
-            raise NvdimmError(f"NVDIMM media {path} is in use by {other}: one VM per media image") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        lock = lock_path(path)
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                raise NvdimmError(f"NVDIMM media {path}: cannot open its lock {lock}: {err.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise NvdimmError(f"NVDIMM media {path}: its lock {lock} is not a regular file")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try:
+                    now = os.stat(lock, follow_symlinks=False)
+                except FileNotFoundError:
+                    now = None
+            except BlockingIOError:
+                other = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another VM"
+                os.close(fd)
+                raise NvdimmError(f"NVDIMM media {path} is in use by {other}: one VM per media image") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                break
+            os.close(fd)                                # its holder removed it as we opened it: again
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
         self._fd = fd
+        self.path = lock
 
     def release(self) -> None:
+        """Remove the lock file (still holding it: see the class), then let it go."""
         if self._fd >= 0:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
+                st, now = os.fstat(self._fd), os.stat(self.path, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    os.unlink(self.path)
             os.close(self._fd)
             self._fd = -1
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """Where :class:`MediaLock` locks the image at ``path`` (which need not exist yet; its
+    directory must)."""
+    real = Path(os.path.realpath(path))
+    try:
+        st = os.stat(real.parent)
+    except OSError as err:
+        raise NvdimmError(f"NVDIMM media {path}: its directory {real.parent}: {err.strerror}") from None
+    digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}/".encode() + os.fsencode(real.name)).hexdigest()[:40]
+    try:
+        parent = runtime.private_parent()
+    except PermissionError as err:
+        raise NvdimmError(f"NVDIMM media {path}: no place for its lock: {err}") from None
+    return parent / f"nvdimm-{digest}.lock"

@@ -21,10 +21,12 @@ watches, every transfer takes the full path, so rule (a) also sees the lines DMA
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -106,19 +108,110 @@ class DmaCounters:
         return dict(self.__dict__)
 
 
+class WatchedList(list):  # type: ignore[type-arg]
+    """A list that calls ``changed()`` after every change (observers, transfer hooks: whoever
+    keeps a faster path while the list holds nothing else must hear of an addition at once)."""
+
+    def __init__(self, changed: Callable[[], None], items: Any = ()) -> None:
+        super().__init__(items)
+        self._changed = changed
+
+
+def _watched(name: str) -> Callable[..., Any]:
+    def method(self: WatchedList, *args: Any) -> Any:
+        out = getattr(list, name)(self, *args)
+        self._changed()
+        return out
+    method.__name__ = name
+    return method
+
+
+for _name in ("append", "extend", "insert", "remove", "pop", "clear", "__setitem__", "__delitem__", "__iadd__"):
+    setattr(WatchedList, _name, _watched(_name))
+
+
+class IotlbMirror(Protocol):
+    """A copy of the device's IOTLB for a compiled dataplane (``vhost/native``: ``Mirror``): only
+    leaves of the VM's own KeyID, as offsets into the VM's RAM seen through that KeyID."""
+
+    def window(self, index: int, array: np.ndarray) -> None: ...
+    def fill(self, iova: int, size: int, offset: int, window: int = 0) -> None: ...
+    def clear(self, *, windows: bool = False) -> None: ...
+    def take_dma(self) -> tuple[int, int, int, int]: ...
+
+
 class AssignedDevice:
     """A DMA-capable device in ``guest``'s IOMMU domain."""
 
     def __init__(self, guest: EncryptedGuest, name: str = "dev0") -> None:
         self.guest = guest
         self.name = name
-        self.observers: list[DmaObserver] = []
         self.sanitizer = DmaSanitizer()
-        self.observers.append(self.sanitizer)
-        self.counters = DmaCounters()
+        self.observers: list[DmaObserver] = WatchedList(self._mirror_refresh, [self.sanitizer])
+        self._counters = DmaCounters()
         self._tlb: dict[tuple[int, int], tuple[int, int]] = {}   # (shift, iova >> shift) -> (hpa base, keyid)
         self._tlb_generation = -1
         self._own: np.ndarray | None = None
+        self._mirror: IotlbMirror | None = None
+
+    # ------------------------------------------------------------------ the compiled dataplane's mirror
+
+    @property
+    def counters(self) -> DmaCounters:
+        """Totals, the DMA a mirror's user did included."""
+        if self._mirror is not None:
+            reads, read_bytes, writes, write_bytes = self._mirror.take_dma()
+            c = self._counters
+            c.reads, c.read_bytes, c.writes, c.write_bytes = (c.reads + reads, c.read_bytes + read_bytes,
+                                                              c.writes + writes, c.write_bytes + write_bytes)
+        return self._counters
+
+    def attach_mirror(self, mirror: IotlbMirror) -> None:
+        """Keep ``mirror`` equal to what the fast path may use (:meth:`_fast`) from now on: the
+        IOTLB's leaves of the VM's KeyID; emptied (synchronously) when the domain changes
+        (``TranslationTable.listeners``), an observer joins or the platform sanitizer starts."""
+        self.detach_mirror()
+        self._mirror = mirror
+        self.guest.iommu.listeners.append(self._mirror_refresh)
+        memory = self.guest.platform.memory
+        listeners = memory.__dict__.setdefault("observer_listeners", [])
+        listeners.append(self._mirror_refresh)
+        self._mirror_refresh()
+
+    def detach_mirror(self) -> None:
+        """Stop feeding the mirror (its user's threads are gone); its counts are taken first."""
+        mirror = self._mirror
+        if mirror is None:
+            return
+        self.counters                                     # noqa: B018 (folds the mirror's counts)
+        self._mirror = None
+        with contextlib.suppress(ValueError):
+            self.guest.iommu.listeners.remove(self._mirror_refresh)
+        with contextlib.suppress(ValueError):
+            self.guest.platform.memory.__dict__.get("observer_listeners", []).remove(self._mirror_refresh)
+        mirror.clear(windows=True)
+
+    def _mirror_refresh(self) -> None:
+        """The domain, the observers or the platform's sanitizer changed: empty the mirror
+        (waiting for the request in flight), then refill it from the IOTLB if the fast path holds."""
+        mirror = self._mirror
+        if mirror is None:
+            return
+        mirror.clear()
+        fast = self._fast()
+        if fast is None:
+            return
+        tlb, keyid, base, own = fast
+        mirror.window(0, own)
+        for (shift, frame), (hpa, k) in list(tlb.items()):
+            self._mirror_leaf(mirror, shift, frame, hpa, k, keyid, base, own.size)
+
+    @staticmethod
+    def _mirror_leaf(mirror: IotlbMirror, shift: int, frame: int, hpa: int, k: int, keyid: int,
+                     base: int, size: int) -> None:
+        off = hpa - base
+        if k == keyid and off >= 0 and off + (1 << shift) <= size:
+            mirror.fill(frame << shift, 1 << shift, off)
 
     def _translate(self, iova: int) -> tuple[int, int, int]:
         """(HPA, KeyID, bytes left in the leaf) for ``iova``, through the IOTLB."""
@@ -134,12 +227,17 @@ class AssignedDevice:
                 return hit[0] + off, hit[1], (1 << shift) - off
         t = table.walk(iova)
         if isinstance(t, WalkFault):
-            self.counters.faults += 1
+            self._counters.faults += 1
             raise DmaFault(f"{self.name}: DMA remapping fault at IOVA {iova:#x}: {t}", address=iova)
         size = t.page_size
         shift = size.bit_length() - 1
         off = iova & (size - 1)
         tlb[(shift, iova >> shift)] = (int(t.hpa) - off, int(t.keyid))
+        if self._mirror is not None:                       # the compiled dataplane learns it too
+            fast = self._fast()
+            if fast is not None:
+                self._mirror_leaf(self._mirror, shift, iova >> shift, int(t.hpa) - off, int(t.keyid),
+                                  fast[1], fast[2], fast[3].size)
         return int(t.hpa), int(t.keyid), size - off
 
     def translate(self, iova: int) -> tuple[int, int]:
@@ -190,8 +288,8 @@ class AssignedDevice:
             for hpa, k, _, _, n in runs:
                 window = mem.cpu_window(hpa, k, n)
                 out.append(window if window is not None else mem.read_array(self.guest.layout.compose(HPA(hpa), KeyID(k)), n))
-        self.counters.reads += 1
-        self.counters.read_bytes += nbytes
+        self._counters.reads += 1
+        self._counters.read_bytes += nbytes
         self._observe("read", runs)
         return out
 
@@ -200,8 +298,8 @@ class AssignedDevice:
         fast = self._fast()
         off = self._hit(fast[0], fast[1], fast[2], fast[3].size, iova, nbytes) if fast else -1
         if off >= 0:
-            self.counters.reads += 1
-            self.counters.read_bytes += nbytes
+            self._counters.reads += 1
+            self._counters.read_bytes += nbytes
             return fast[3][off:off + nbytes].tobytes()          # type: ignore[index]
         return b"".join(a.tobytes() for a in self.dma_read_arrays(iova, nbytes))
 
@@ -212,8 +310,8 @@ class AssignedDevice:
         off = self._hit(fast[0], fast[1], fast[2], fast[3].size, iova, view.size) if fast else -1
         if off >= 0:
             fast[3][off:off + view.size] = view                  # type: ignore[index]
-            self.counters.writes += 1
-            self.counters.write_bytes += view.size
+            self._counters.writes += 1
+            self._counters.write_bytes += view.size
             return
         runs = self._runs(iova, view.size)
         guest = self.guest
@@ -226,10 +324,10 @@ class AssignedDevice:
             with dma_quiet(guest):
                 mem.write(guest.layout.compose(HPA(hpa), KeyID(keyid)), view[off:off + n])
             if keyid != guest.keyid:
-                self.counters.foreign += 1
+                self._counters.foreign += 1
                 guest.foreign_write(guest.gpa_of(hpa), n, keyid)
-        self.counters.writes += 1
-        self.counters.write_bytes += view.size
+        self._counters.writes += 1
+        self._counters.write_bytes += view.size
         self._observe("write", runs)
 
     # ------------------------------------------------------------------ scatter-gather
@@ -251,6 +349,8 @@ class AssignedDevice:
             self._own = g.platform.memory.cpu_window(g.hpa_base, int(g.keyid), g.ram.size)
             if self._own is None:
                 return None
+            if self._mirror is not None:
+                self._mirror.window(0, self._own)
         return self._tlb, int(g.keyid), int(g.hpa_base), self._own
 
     def _hit(self, tlb: dict[tuple[int, int], tuple[int, int]], keyid: int, base: int, size: int,
@@ -281,8 +381,8 @@ class AssignedDevice:
                 done += n
             pos += n
         if done:
-            self.counters.writes += 1
-            self.counters.write_bytes += done
+            self._counters.writes += 1
+            self._counters.write_bytes += done
 
     def _views(self, segments: list[tuple[int, int]]) -> list[np.ndarray] | None:
         """Views of the VM's RAM (through its own KeyID) for ``segments`` when every one is
@@ -325,16 +425,16 @@ class AssignedDevice:
         observer or the sanitizer watching): then use :meth:`dma_write_sg`. Counted as one write."""
         out = self._views(segments)
         if out is not None:
-            self.counters.writes += 1
-            self.counters.write_bytes += sum(n for _, n in segments)
+            self._counters.writes += 1
+            self._counters.write_bytes += sum(n for _, n in segments)
         return out
 
     def dma_read_sg(self, segments: list[tuple[int, int]]) -> list[np.ndarray]:
         """What the device reads across ``segments``, as arrays (see :meth:`dma_read_arrays`)."""
         views = self._views(segments)
         if views is not None:
-            self.counters.reads += 1
-            self.counters.read_bytes += sum(n for _, n in segments)
+            self._counters.reads += 1
+            self._counters.read_bytes += sum(n for _, n in segments)
             return views
         fast = self._fast()
         out: list[np.ndarray] = []
@@ -347,6 +447,6 @@ class AssignedDevice:
                 out.append(fast[3][off:off + n])                 # type: ignore[index]
                 done += n
         if done:
-            self.counters.reads += 1
-            self.counters.read_bytes += done
+            self._counters.reads += 1
+            self._counters.read_bytes += done
         return out

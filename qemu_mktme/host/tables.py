@@ -100,6 +100,8 @@ class TranslationTable:
         self.generation = 0
         """Bumped by every :meth:`flush` (and :meth:`free`): the entries changed, so any cached
         translation (a device's IOTLB) is stale, as after a VT-d IOTLB invalidation."""
+        self.listeners: list[Callable[[], None]] = []
+        """Called after each bump (a compiled dataplane's copy of an IOTLB drops it at once)."""
 
     # ------------------------------------------------------------------ building
 
@@ -196,7 +198,12 @@ class TranslationTable:
         for frame in sorted(self._dirty):
             self.memory.write(frame, struct.pack(f"<{_ENTRIES}Q", *self._pages[frame]))
         self._dirty.clear()
+        self._bump()
+
+    def _bump(self) -> None:
         self.generation += 1
+        for listener in list(self.listeners):
+            listener()
 
     def retag(self, address: int, keyid: int) -> None:
         """Change the KeyID of the leaf mapping ``address`` (to model a VMM bug, or a re-key)."""
@@ -222,7 +229,7 @@ class TranslationTable:
             self.memory.write(frame, bytes(PAGE_SIZE))
             self._frames_alloc.free(frame)
         self._pages.clear()
-        self.generation += 1
+        self._bump()
 
     @property
     def frames(self) -> int:

@@ -15,13 +15,17 @@ argument, JSON that is not an object, too long or nested too deeply is an ``{"ok
 line naming the argument, never a closed connection. ``type`` is the error's class name: the
 client raises :class:`~qemu_mktme.errors.RemoteError` of that class (a ``SnapshotError`` stays one).
 
-Connections are served concurrently, at most :data:`MAX_CONNECTIONS` at a time (the next one
-gets a ``HostBusy`` answer and is closed); a connection that sends nothing for ``idle_timeout``
-seconds is closed, and a request begun must be complete within ``request_timeout`` seconds, so
-a silent or half-sent peer costs only its own connection. A connection may *own* state on the
-host (an incoming migration it set up, :meth:`Connection.own`): that state is torn down when the
-connection goes away, whatever the reason (its client killed), and the idle deadline does not
-apply while it owns something.
+Connections are served concurrently, at most :data:`MAX_CONNECTIONS` at a time. Past the bound a
+newcomer takes the slot of an idle connection (no request in flight, owning nothing), as the
+tenant's broker does: one that never asked anything first, then the one idle the longest; it gets
+a ``HostBusy`` line and is closed. Only when every slot has a request in flight or owns state is
+the newcomer answered ``HostBusy`` and closed. A connection must send its first request within
+``first_request_timeout`` seconds and later ones within ``idle_timeout``, and a request begun
+must be complete within ``request_timeout`` seconds, so a silent, half-sent or flooding peer costs
+only its own connection. A connection may *own* state on the host (an incoming migration it set
+up, :meth:`Connection.own`): that state is torn down when the connection goes away, whatever the
+reason (its client killed); the idle deadline does not apply and it is not evicted while it owns
+something.
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 MAX_CONNECTIONS = 64
-"""Connections served at a time; more are answered ``HostBusy`` and closed."""
+"""Connections served at a time; past it a newcomer takes an idle connection's slot."""
 IDLE_TIMEOUT = 120.0
 """Seconds a connection that owns nothing may stay silent between requests."""
+FIRST_REQUEST_TIMEOUT = 5.0
+"""Seconds a new connection has to begin its first request (every client asks at once)."""
 REQUEST_TIMEOUT = 10.0
 """Seconds a request has, from its first byte, to arrive whole (its newline)."""
 WRITE_TIMEOUT = 30.0
@@ -171,6 +177,22 @@ Handler = Callable[[dict[str, Any], Connection], Awaitable[Any]]
 """handler(arguments, connection) -> result (JSON-ready); arguments as its :class:`Command` parsed them."""
 
 
+@dataclass(eq=False)
+class _Slot:
+    """A connection being served: whether a request of it is in flight, when it last asked."""
+
+    task: asyncio.Task[None]
+    conn: Connection
+    last: float
+    asked: bool = False
+    busy: bool = False
+    evicted: bool = False
+
+    def idle_since(self) -> tuple[bool, float] | None:
+        """The eviction order (never asked first, then idle the longest); None if not evictable."""
+        return None if self.busy or self.conn.owns else (self.asked, self.last)
+
+
 class _Refused(Exception):
     """A request answered with an error and the connection closed (too long, timed out, busy)."""
 
@@ -202,15 +224,17 @@ class ControlServer:
 
     def __init__(self, commands: dict[str, Command], path: Path | None = None, name: str | None = None, *,
                  idle_timeout: float = IDLE_TIMEOUT, request_timeout: float = REQUEST_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS, first_request_timeout: float = FIRST_REQUEST_TIMEOUT) -> None:
         self.commands = commands
         self.path = path or _free_path()
         self.name = name                  # the host's name: ``<pid>.name`` beside the socket
         self.idle_timeout = idle_timeout
+        self.first_request_timeout = min(first_request_timeout, idle_timeout)
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], _Slot] = {}
+        self.evicted = 0
 
     async def __aenter__(self) -> ControlServer:
         with contextlib.suppress(FileNotFoundError):
@@ -246,34 +270,57 @@ class ControlServer:
         """Connections being served now."""
         return len(self._connections)
 
+    def _evict(self) -> bool:
+        """Free a slot by closing the idle connection first in :meth:`_Slot.idle_since`'s order;
+        False when every connection has a request in flight or owns state."""
+        idle = [(order, slot) for slot in self._connections.values() if (order := slot.idle_since()) is not None]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda pair: pair[0])[1]
+        del self._connections[victim.task]
+        victim.evicted = True
+        victim.task.cancel()
+        self.evicted += 1
+        return True
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         conn = Connection(writer)
+        slot = _Slot(task, conn, asyncio.get_running_loop().time())
         try:
-            if len(self._connections) >= self.max_connections:
-                raise _Refused(f"the host serves {self.max_connections} control connections already; "
-                               "try again", "HostBusy")
-            self._connections.add(task)
-            while line := await self._read(reader, conn):
+            if len(self._connections) >= self.max_connections and not self._evict():
+                raise _Refused(f"the host serves {self.max_connections} control connections, each with a "
+                               "request in flight; try again", "HostBusy")
+            self._connections[task] = slot
+            while line := await self._read(reader, slot):
+                slot.busy = slot.asked = True
                 answer = await self._answer(line, conn)
                 await self._send(writer, answer)
+                slot.busy = False
+                slot.last = asyncio.get_running_loop().time()
         except _Refused as err:
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await self._send(writer, {"ok": False, "error": str(err), "type": err.kind})
         except (ConnectionError, TimeoutError):
             pass
-        except asyncio.CancelledError:    # the host is stopping with a client still connected
-            pass
+        except asyncio.CancelledError:    # the host is stopping with a client still connected, or evicted
+            if slot.evicted and not writer.is_closing():
+                writer.write(json.dumps({"ok": False, "error": f"idle connection closed for a newer one (the "
+                                         f"host serves {self.max_connections} at a time)", "type": "HostBusy"}
+                                        ).encode() + b"\n")
         finally:
-            self._connections.discard(task)
+            if self._connections.get(task) is slot:
+                del self._connections[task]
             writer.close()
             await asyncio.shield(conn.close())
 
-    async def _read(self, reader: asyncio.StreamReader, conn: Connection) -> bytes:
+    async def _read(self, reader: asyncio.StreamReader, slot: _Slot) -> bytes:
         """The next request line (b"" at the end), within the connection's deadlines."""
+        conn = slot.conn
+        wait = None if conn.owns else self.idle_timeout if slot.asked else self.first_request_timeout
         try:
-            first = await asyncio.wait_for(reader.read(1), None if conn.owns else self.idle_timeout)
+            first = await asyncio.wait_for(reader.read(1), wait)
         except TimeoutError:
             return b""                    # idle: closed without a word (it asked nothing)
         if not first or first == b"\n":

@@ -147,7 +147,7 @@ class VhostDisks:
                          f"{c['unsupported']:,} unsupported) | DMA reads {c.get('reads', 0):,} "
                          f"{c.get('read_bytes', 0) / 2**20:.1f} MiB, writes {c.get('writes', 0):,} "
                          f"{c.get('write_bytes', 0) / 2**20:.1f} MiB | faults {c.get('faults', 0):,} "
-                         f"| foreign-KeyID {c.get('sanitizer', 0):,}" + (" | BYPASS" if self.bypass else ""))
+                         f"| foreign-KeyID {c.get('sanitizer', 0):,} | requests served natively {c.get('native', 0):,}" + (" | BYPASS" if self.bypass else ""))
         return lines
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ from ..host.payload import KeyType
 from ..host.payload import parse as parse_payload
 from ..qemu.devices import split_options
 from ..qemu.guestram import GuestRAM
+from ..arch.addresses import KeyIdLayout
 from ..arch.sizes import parse_size
 from ..qemu.nvdimm import NvdimmBackend
 
@@ -54,6 +55,13 @@ log = logging.getLogger(__name__)
 Warn = Callable[[str], None]
 PHYS_LIMIT = 1 << 52
 """No host physical address reaches this (MAXPHYADDR is at most 52): a larger size or HPA is a typo."""
+MAXPHYADDR = 46
+"""The emulated platform's MAXPHYADDR (:class:`~qemu_mktme.host.host.Host`'s; a test keeps them equal)."""
+
+
+def hpa_limit(keyid_bits: int) -> int:
+    """The first host physical address past the KeyID-reduced space: MAXPHYADDR minus the KeyID bits."""
+    return 1 << KeyIdLayout(maxphyaddr=MAXPHYADDR, keyid_bits=keyid_bits).keyid_shift
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ class MediaBinding:
         self._index = index
         if not path.parent.is_dir():
             raise NvdimmError(f"{self.label}: no directory {path.parent}")
-        check_kind(path, self.label)               # before the lock file is made beside it
+        check_kind(path, self.label)               # (a FIFO, a device: refused before anything is locked)
         self._lock = MediaLock(path, f"VM {self.vm}")
         outcome = recover_media(path)             # a writer was killed: its write is completed or undone
         if outcome is not None:
@@ -246,9 +254,10 @@ def media_key(spec: str) -> XtsKey:
 
 
 def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = None,
-          to_key_spec: str | None = None) -> tuple[MediaHeader, MediaHeader]:
+          to_key_spec: str | None = None, keyid_bits: int = 6) -> tuple[MediaHeader, MediaHeader]:
     """``qemu-mktme nvdimm rekey``: re-encrypt the image at ``path`` (not in use by a VM: its lock
-    is taken) for HPA ``to_hpa`` and/or the key ``to_key_spec``; (old header, new header)."""
+    is taken) for HPA ``to_hpa`` and/or the key ``to_key_spec``; (old header, new header). The
+    module must end within the host's addresses below its ``keyid_bits`` KeyID bits."""
     if to_hpa is None and to_key_spec is None:
         raise NvdimmError("nvdimm rekey needs --to-hpa ADDR and/or --to-key SPEC")
     if to_hpa is not None and (to_hpa < 0 or to_hpa % ALIGN or to_hpa >= PHYS_LIMIT):
@@ -260,6 +269,11 @@ def rekey(path: str | os.PathLike[str], key_spec: str, *, to_hpa: int | None = N
     lock = MediaLock(path, "nvdimm rekey")
     try:
         recover_media(path)
+        limit, size = hpa_limit(keyid_bits), read_header(path).size
+        if to_hpa is not None and to_hpa + size > limit:
+            raise NvdimmError(f"--to-hpa {to_hpa:#x}: the {size >> 20} MiB module would end at {to_hpa + size:#x}, "
+                              f"past the host's physical addresses (below {limit:#x}: MAXPHYADDR {MAXPHYADDR} minus "
+                              f"{keyid_bits} KeyID bits)")
         return rekey_media(path, key, to_hpa=to_hpa, to_key=to_key)
     finally:
         lock.release()

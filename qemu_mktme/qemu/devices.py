@@ -35,10 +35,29 @@ QCOW2_MAGIC = b"QFI\xfb"
 LUKS_MAGIC = b"LUKS\xba\xbe"
 
 
+def _split_commas(text: str) -> list[str]:
+    """``text`` split at single commas, ``,,`` standing for a comma (QEMU's ``QemuOpts`` rule)."""
+    parts, part, i = [], [], 0
+    while i < len(text):
+        if text[i] == ",":
+            if text.startswith(",,", i):
+                part.append(",")
+                i += 2
+                continue
+            parts.append("".join(part))
+            part = []
+        else:
+            part.append(text[i])
+        i += 1
+    parts.append("".join(part))
+    return parts
+
+
 def split_options(text: str, what: str, allowed: tuple[str, ...], usage: str) -> tuple[str, dict[str, str]]:
     """``PATH[,KEY=VALUE]...`` (``--disk``, ``--nvdimm``): the path and the options, each one of
-    ``allowed``, non-empty and given once; else ``ValueError`` with one line quoting ``usage``."""
-    path, *opts = text.split(",")
+    ``allowed``, non-empty and given once; else ``ValueError`` with one line quoting ``usage``.
+    A comma inside the path or a value is written ``,,``, as in QEMU's own options."""
+    path, *opts = _split_commas(text)
     if not path:
         raise ValueError(f"--{what} needs a file: {text!r}")
     fields: dict[str, str] = {}

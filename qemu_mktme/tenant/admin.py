@@ -138,7 +138,8 @@ def revoke_host(tenant: TenantDir, host: str) -> Revocation:
         gone = [fp for fp, name in policy.hosts.items() if name == host]
         if gone:
             tenant.save_policy(Policy(policy.pcrs, policy.reference,
-                                      {fp: n for fp, n in policy.hosts.items() if n != host}))
+                                      {fp: n for fp, n in policy.hosts.items() if n != host},
+                                      {k: [h for h in names if h != host] for k, names in policy.key_hosts.items()}))
     return Revocation(host, serials, gone)
 
 

@@ -8,6 +8,13 @@ DEVICE_NEEDS_RESET on that queue (logged once) and the other queues keep serving
 
 Guest memory is reached only through the memory object that ``memory_for(regions)`` builds
 from SET_MEM_TABLE (``IommuMemory`` over the host model, normally).
+
+Each started queue is served by the compiled dataplane (``native/vhost_dp.c``, one thread per
+queue, :mod:`.dataplane`) when it can be built: IN, OUT and FLUSH whose buffers the IOMMU
+translation mirror holds go straight between the disk and guest RAM there; everything else (other
+request types, bad chains, range errors, an address the mirror lacks: a first touch, a foreign
+KeyID, a fault; transfer hooks attached) comes back here to :meth:`VhostUserBlk._request`, whole,
+on the loop thread. ``QEMU_MKTME_VHOST=python`` serves every request here.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from ..host.dma import DmaFault
+from ..host.dma import DmaFault, WatchedList
+from . import native
 from . import protocol as p
+from .dataplane import QueueThread
 from .memory import MemTable, close_fds
 from .virtqueue import Chain, Memory, RingError, Virtqueue, gather
 
@@ -80,6 +89,7 @@ class Queue:
         self.started = False
         self.ring: Virtqueue | None = None
         self.broken = False
+        self.dp: QueueThread | None = None      # the compiled dataplane's thread, while it serves
 
     def close_fds(self) -> None:
         for name in ("kick", "call", "err"):
@@ -96,6 +106,7 @@ class VhostUserBlk(p.Handler):
     def __init__(self, path: str | os.PathLike[str], memory_for: Callable[[list[p.MemRegion]], Any], *,
                  readonly: bool = False, num_queues: int = 4, name: str = "vhost-blk0",
                  serial: str = "qemu-mktme-vhost", direct: bool = False, queue_size: int = QUEUE_SIZE) -> None:
+        native.library()          # built now: QEMU_MKTME_VHOST=native fails here, not mid-negotiation
         self.path = Path(path)
         self.queue_size = queue_size
         # segments per request as QEMU's virtio-blk offers them (seg-max-adjust: queue size - 2,
@@ -135,9 +146,25 @@ class VhostUserBlk(p.Handler):
         self.memory: Any = None
         self.table: MemTable | None = None
         self.status = 0
-        self.transfer_hooks: list[Callable[[Transfer], None]] = []
-        self.counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0}
+        self.transfer_hooks: list[Callable[[Transfer], None]] = WatchedList(self._hooks_changed)
+        self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0, "native": 0}
         self._logged: set[str] = set()
+        self._mirror: native.Mirror | None = None   # the memory's, while queue threads use it
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Requests, errors, unsupported, resets; ``native``: the requests the compiled dataplane
+        served (counted in ``requests`` too)."""
+        if self._mirror is not None:
+            n = self._mirror.take_requests()
+            self._counters["requests"] += n
+            self._counters["native"] += n
+        return self._counters
+
+    def _hooks_changed(self) -> None:
+        for q in self.queues:
+            if q.dp is not None:
+                q.dp.set_slow(bool(self.transfer_hooks))
 
     # ------------------------------------------------------------------ config space
 
@@ -221,15 +248,16 @@ class VhostUserBlk(p.Handler):
             if fd >= 0:
                 _check_notifier(fd, req.name)
                 os.set_blocking(fd, False)     # a full call counter or a drained kick never blocks us
-            if attr == "kick":
+            restart = attr == "kick" or (attr == "call" and q.dp is not None)
+            if restart:                        # the dataplane thread must not use the old fd
                 self._stop(q)
             old = getattr(q, attr)
             if old >= 0:
                 os.close(old)
             setattr(q, attr, fd)
-            if attr == "kick":
-                if not self.acked & p.VHOST_USER_F_PROTOCOL_FEATURES:
-                    q.enabled = True
+            if attr == "kick" and not self.acked & p.VHOST_USER_F_PROTOCOL_FEATURES:
+                q.enabled = True
+            if restart:
                 self._start(q)
             return None
         if req is p.Req.SET_VRING_ENABLE:
@@ -250,6 +278,7 @@ class VhostUserBlk(p.Handler):
         for q in running:
             self._stop(q)
         old, self.memory, self.table = self.memory, None, None
+        self._let_go_mirror()
         if old is not None and hasattr(old, "close"):
             old.close()
         memory = self.memory_for(regions)
@@ -265,10 +294,11 @@ class VhostUserBlk(p.Handler):
             q.__init__(q.index)        # type: ignore[misc]
         self.acked = 0
         self.status = 0
-        self.counters["resets"] += 1
+        self._counters["resets"] += 1
 
     def disconnected(self) -> None:
         self.reset()
+        self._let_go_mirror()
         if self.memory is not None and hasattr(self.memory, "close"):
             self.memory.close()
         self.memory = None
@@ -296,10 +326,74 @@ class VhostUserBlk(p.Handler):
             self._broken(q, str(err))
             return
         q.started = True
+        if self._start_dataplane(q):
+            return
         asyncio.get_running_loop().add_reader(q.kick, self._kicked, q)
         self._process(q)     # buffers made available before the kick fd arrived
 
+    def _start_dataplane(self, q: Queue) -> bool:
+        """Serve ``q`` from a dataplane thread if the compiled dataplane is there (False: the
+        Python path serves it, from the loop)."""
+        lib = native.library()
+        make = getattr(self.memory, "mirror", None)
+        if lib is None or make is None or q.ring is None:
+            return False
+        try:
+            self._mirror = make(lib)
+        except native.DataplaneUnavailable as err:
+            self._log_once("dataplane", f"the compiled dataplane cannot serve this memory ({err}): "
+                                        "requests take the Python path", logging.WARNING)
+            return False
+        q.dp = QueueThread(lib, self._mirror, q.ring, name=f"{self.name}-q{q.index}", kick=q.kick, call=q.call,
+                           disk=self.fd, buffered=self.buffered_fd, capacity=self.capacity,
+                           readonly=self.readonly, slow=bool(self.transfer_hooks), on_event=self._dp_event)
+        q.dp.start()
+        return True
+
+    def _dp_event(self, dp: QueueThread, code: int) -> None:
+        """The dataplane thread of a queue hands it over (loop thread): serve what C would not,
+        then give it back."""
+        q = next((q for q in self.queues if q.dp is dp), None)
+        if q is None or dp.stopping:
+            return                              # stopped meanwhile: the state went to q.base
+        if code == native.KICK_GONE:
+            err = dp.state.err
+            self._kick_gone(q, f"reading it failed: {os.strerror(err)}" if err else "its writer hung up")
+            return
+        try:
+            if code == native.CALL_DEAD:
+                self._call_dead(q, dp.state.err)
+            elif code == native.HANDOFF_RING:
+                self._process(q)                # a ring C cannot map: today's path, until empty
+            else:
+                self._serve_one(q)
+        finally:
+            if q.dp is dp and not dp.stopping:  # not stopped by a broken ring meanwhile
+                dp.resume(q.call)
+
+    def _serve_one(self, q: Queue) -> None:
+        """The chain the dataplane stopped at, served by the Python path."""
+        ring = q.ring
+        try:
+            chain = ring.pop() if ring is not None else None
+            if ring is None or chain is None:
+                return
+            ring.push(chain.head, self._request(q, ring, chain))
+            if ring.should_notify() and q.call >= 0:
+                self._signal(q)
+        except RingError as err:
+            self._broken(q, str(err))
+
+    def _let_go_mirror(self) -> None:
+        """Before the memory closes (no queue thread runs): its mirror's counts are taken."""
+        self.counters                           # noqa: B018 (folds the mirror's requests)
+        self._mirror = None
+
     def _stop(self, q: Queue) -> None:
+        if q.dp is not None:
+            dp, q.dp = q.dp, None
+            dp.stop()
+            q.started = False
         if q.started:
             with contextlib.suppress(RuntimeError, ValueError, OSError):      # no loop any more, or a closed fd
                 asyncio.get_running_loop().remove_reader(q.kick)
@@ -335,10 +429,13 @@ class VhostUserBlk(p.Handler):
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as err:
-            self._log_once(f"call{q.index}", f"queue {q.index}: call fd unusable ({err.strerror}): "
-                           "completions go unsignalled", logging.WARNING)
-            os.close(q.call)
-            q.call = -1
+            self._call_dead(q, err.errno or 0)
+
+    def _call_dead(self, q: Queue, err: int) -> None:
+        self._log_once(f"call{q.index}", f"queue {q.index}: call fd unusable ({os.strerror(err)}): "
+                       "completions go unsignalled", logging.WARNING)
+        os.close(q.call)
+        q.call = -1
 
     def _log_once(self, kind: str, message: str, level: int = logging.ERROR) -> None:
         if kind not in self._logged:
@@ -378,12 +475,12 @@ class VhostUserBlk(p.Handler):
         """Serve one chain; returns the bytes written into it (for the used ring)."""
         mem: Memory = self.memory
         start = time.perf_counter()
-        self.counters["requests"] += 1
+        self._counters["requests"] += 1
         rlen, wlen = chain.readable_len, chain.writable_len
         if chain.error is None and (rlen < 16 or wlen < 1):
             chain.error = f"request of {rlen} readable / {wlen} writable bytes"
         if chain.error is not None:
-            self.counters["errors"] += 1
+            self._counters["errors"] += 1
             self._log_once(f"chain:{chain.error.split(':')[0]}", f"queue {q.index}: bad descriptor chain: {chain.error}")
             return self._status(mem, chain, S_IOERR, 0)
         try:
@@ -398,8 +495,13 @@ class VhostUserBlk(p.Handler):
             status, written = self._serve(mem, rtype, sector, data_in, data_out, chain,
                                           wlen - 1 if rtype == T_IN else rlen - 16)
         except DmaFault as err:
-            self.counters["errors"] += 1
+            self._counters["errors"] += 1
             self._log_once("fault", f"queue {q.index}: DMA fault, request failed with IOERR: {err}", logging.WARNING)
+            rtype, sector, status, written, data_in, data_out = -1, 0, S_IOERR, 0, [], []
+        except OSError as err:                  # the disk failed (EIO, ENOSPC): the guest sees IOERR
+            self._counters["errors"] += 1
+            self._log_once(f"io{err.errno}", f"queue {q.index}: disk I/O failed, request failed with IOERR: "
+                                             f"{err.strerror}")
             rtype, sector, status, written, data_in, data_out = -1, 0, S_IOERR, 0, [], []
         try:
             written = self._status(mem, chain, status, written)
@@ -470,7 +572,7 @@ class VhostUserBlk(p.Handler):
                 except OSError:
                     os.pwrite(self.fd, bytes(count * SECTOR), first * SECTOR)
             return S_OK, 0
-        self.counters["unsupported"] += 1
+        self._counters["unsupported"] += 1
         self._log_once(f"type{rtype}", f"unknown request type {rtype}: UNSUPP")
         return S_UNSUPP, 0
 

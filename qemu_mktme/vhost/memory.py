@@ -15,6 +15,7 @@ into guest-physical ones with the memory table.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import gc
 import logging
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..host.dma import AssignedDevice, DmaFault
+from .native import DataplaneUnavailable, Mirror
 from .protocol import MemRegion, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,16 @@ class IommuMemory:
     def __init__(self, device: AssignedDevice, on_close: Callable[[], None] | None = None) -> None:
         self.device = device
         self._on_close = on_close
+        self._mirror: Mirror | None = None
+
+    def mirror(self, lib: ctypes.CDLL) -> Mirror:
+        """The compiled dataplane's translation mirror of this device's IOTLB (made once, fed
+        by ``AssignedDevice`` until :meth:`close`); ``DataplaneUnavailable`` if it cannot be."""
+        if self._mirror is None:
+            limit = max((r.gpa + r.size for r in self.device.guest.ranges), default=0)
+            self._mirror = Mirror(lib, limit)
+            self.device.attach_mirror(self._mirror)
+        return self._mirror
 
     def read(self, iova: int, nbytes: int) -> bytes:
         return self.device.dma_read(iova, nbytes)
@@ -131,6 +143,10 @@ class IommuMemory:
         """Let go of the memory (this object is unusable after)."""
         on_close, self._on_close = self._on_close, None
         if hasattr(self, "device"):
+            if self._mirror is not None:              # the queue threads are gone: drop its windows
+                self.device.detach_mirror()
+                self._mirror.close()
+                self._mirror = None
             del self.device                         # its views of guest RAM must go before an unmap
         if on_close is not None:
             on_close()
@@ -147,6 +163,23 @@ class DirectMemory:
         for r in regions:
             m = map_region(r, unsealed_ok=unsealed_ok)
             self._maps.append((r.guest_phys_addr, r.memory_size, m, np.frombuffer(m, np.uint8)))
+        self._mirror: Mirror | None = None
+
+    def mirror(self, lib: ctypes.CDLL) -> Mirror:
+        """The same compiled dataplane, its mirror mapping every region directly (no model)."""
+        if self._mirror is None:
+            if len(self._maps) > 64:
+                raise DataplaneUnavailable(f"{len(self._maps)} memory regions (the mirror takes 64)")
+            mirror = Mirror(lib, max((base + size for base, size, _, _ in self._maps), default=0))
+            for i, (base, size, _, arr) in enumerate(self._maps):
+                mirror.window(i, arr)
+                iova = -(-base // 4096) * 4096
+                while iova + 4096 <= base + size:        # 2 MiB leaves where they fit, else 4 KiB
+                    leaf = 0x200000 if iova % 0x200000 == 0 and iova + 0x200000 <= base + size else 4096
+                    mirror.fill(iova, leaf, iova - base, i)
+                    iova += leaf
+            self._mirror = mirror
+        return self._mirror
 
     def _array(self, gpa: int, nbytes: int) -> np.ndarray:
         for base, size, _, arr in self._maps:
@@ -177,6 +210,9 @@ class DirectMemory:
         return [self._array(iova, n) for iova, n in segments]
 
     def close(self) -> None:
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
         mappings = [m for _, _, m, _ in self._maps]
         self._maps = []                             # drops the arrays over the mappings
         for m in mappings:

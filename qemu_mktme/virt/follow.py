@@ -18,7 +18,10 @@ libvirt's ``qemu`` hook (:mod:`.hookscript`) hands it every operation on a domai
               domain's own QMP monitor, after checking QEMU runs the measured binary. A start is
               then resumed through libvirt, once libvirt has finished it. A start whose vCPUs
               already run (libvirt 9.0 runs this hook after them on a plain ``virsh start``) is
-              refused: libvirt stops the domain, virsh says how to start it
+              refused: libvirt stops the domain, virsh says how to start it. An incoming QEMU
+              gets a guard (:mod:`.guard`, its own process): no hook runs here after the stream,
+              so if this host model dies before the guest resumes here bound, the guard ends
+              that QEMU and the migration fails, the guest staying on its source
     stopped / release
               QEMU is gone (destroy, shutdown, crash, the source after a migration completed):
               the binding, the KeyID and the key are released
@@ -34,6 +37,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +54,7 @@ from ..qemu.machine import MachineConfig
 from ..attest.launch import TenantLaunch
 from ..attest.measure import check_running, measure_binary
 from ..attest.migrate import broker_key_source
+from . import guard
 from .domain import RUN_DIR, Domain, DomainError, parse, problems
 from .fleet import open_libvirt
 
@@ -115,6 +121,7 @@ class LibvirtHost:
         self._locks: dict[str, asyncio.Lock] = {}
         self._attesting = asyncio.Lock()          # one TPM: one attestation at a time
         self._tasks: set[asyncio.Task[None]] = set()
+        self._guards: dict[str, subprocess.Popen[bytes]] = {}   # incoming domains not resumed here yet
         self._conn: Any = None
         self._note = log_event or (lambda m: log.warning("%s", m))
         self.stopped = asyncio.Event()
@@ -152,7 +159,9 @@ class LibvirtHost:
         for task in list(self._tasks):
             task.cancel()
         for name in list(self._vms):
-            await self.release(name, why="the host model stops")
+            await self.release(name, why="the host model stops", guarded=True)
+        await asyncio.gather(*(self._end_guard(name, done=False)      # end of file: each guard ends a QEMU
+                               for name in list(self._guards)))          # still taking its stream
         self._released.clear()
         await self.session.__aexit__(None, None, None)
         if self._conn is not None:
@@ -303,6 +312,9 @@ class LibvirtHost:
         self._spawn(self._guard(d.name, vm), f"{d.name}-guard")
         if status not in ("inmigrate", "running"):
             self._spawn(self._resume(d.name), f"{d.name}-resume")
+        if status == "inmigrate":
+            self._start_guard(d.name, d.qmp, vm.pid)
+            self._spawn(self._resumed(d.name, vm), f"{d.name}-resumed")
         self._note(f"domain {d.name}: bound to KeyID {vm.keyid} (key handle {serial:#x}) on host {self.host_name}"
                    + {"inmigrate": ", awaiting the migration stream",
                       "running": " (it was running: what it wrote is taken as plaintext under the key)"}.get(
@@ -336,6 +348,37 @@ class LibvirtHost:
         except Exception as err:  # noqa: BLE001  libvirt's errors: reported, the domain stays paused
             self._note(f"domain {name}: bound but not resumed: {err}")
 
+    def _start_guard(self, name: str, qmp: str, pid: int) -> None:
+        """Start :mod:`.guard` for ``name``, whose QEMU waits for a migration stream: if this host
+        model dies before the guest resumes here bound, the guard ends that QEMU (the migration fails,
+        the source keeps the guest) instead of libvirt resuming it unbound."""
+        self._guards[name] = subprocess.Popen([sys.executable, "-I", guard.__file__, qmp, name, str(pid)],
+                                              stdin=subprocess.PIPE, start_new_session=True)
+
+    async def _end_guard(self, name: str, *, done: bool) -> None:
+        """``done``: nothing to guard (the guest resumed here bound, or its QEMU exited); otherwise
+        only the end of file, and the guard ends a QEMU still taking its stream."""
+        proc = self._guards.pop(name, None)
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            if done:
+                proc.stdin.write(b"done\n")
+            proc.stdin.close()
+        await asyncio.to_thread(proc.wait)
+
+    async def _resumed(self, name: str, vm: EncryptedMachine) -> None:
+        """End ``name``'s guard once its guest resumed here, bound (libvirt finished the migration)."""
+        resumed = False
+        with contextlib.suppress(MktmeError, ConnectionError, EOFError), vm.qmp.listen("RESUME") as events:
+            if (await vm.qmp.execute("query-status")).get("status") != "running":
+                await anext(events)
+            resumed = True
+        entry = self._vms.get(name)
+        if resumed and entry is not None and entry[0] is vm:
+            await self._end_guard(name, done=True)
+
     async def _watch(self, name: str, vm: EncryptedMachine) -> None:
         """Release ``name`` when its QEMU exits without the hook telling us."""
         with contextlib.suppress(MktmeError):
@@ -357,10 +400,13 @@ class LibvirtHost:
                     self._note(f"domain {name}: refused a migration without TLS (its RAM would cross the network in "
                                "the clear): migrate it with 'virsh migrate --tls'")
 
-    async def release(self, name: str, *, why: str) -> bool:
-        """Unbind domain ``name``: its KeyID and key released here. False when nothing was bound."""
+    async def release(self, name: str, *, why: str, guarded: bool = False) -> bool:
+        """Unbind domain ``name``: its KeyID and key released here. False when nothing was bound.
+        ``guarded``: its QEMU may live on (the host model stops): a guard it has stays."""
         self._released.pop(name, None)
         self._incoming_names.discard(name)
+        if not guarded:
+            await self._end_guard(name, done=True)
         entry = self._vms.pop(name, None)
         if entry is None:
             return False

@@ -463,3 +463,111 @@ def test_a_journal_is_replayed_only_when_complete_and_for_this_image(tmp_path: P
     with pytest.raises(NvdimmError, match="not a regular file"):
         _media(path, bytes(SIZE), _key(22))
     assert path.read_bytes()[HEADER_NBYTES:] == cipher and j.exists()
+
+
+def test_media_locks_leave_nothing_beside_the_media(tmp_path: Path) -> None:
+    """The lock lives in the user's runtime directory and goes at release, for a media image that
+    exists and for one never created (a launch refused before QEMU); a file of the user's that
+    looks like an old lock beside the image is not touched."""
+    good = tmp_path / "good"
+    _media(good, bytes(SIZE), _key(7))
+    mine = tmp_path / ".good.lock"
+    mine.write_bytes(b"the user's own file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for path in (good, tmp_path / "never-created"):
+        lock = MediaLock(path, "VM one")
+        assert nvdimmfile.lock_path(path).parent == nvdimmfile.runtime.private_parent()
+        assert "VM one" in nvdimmfile.lock_path(path).read_text()
+        lock.release()
+        assert not nvdimmfile.lock_path(path).exists()
+    assert "give size= to create a new module" in _launch(tmp_path, NvdimmMedia(tmp_path / "new"))
+    assert "overlaps the VM's RAM" in _launch(tmp_path, NvdimmMedia(tmp_path / "new2", SIZE, hpa=1 << 32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before + ["kernel"]
+    assert mine.read_bytes() == b"the user's own file"
+    for name in ("new", "new2"):
+        assert not nvdimmfile.lock_path(tmp_path / name).exists()
+    assert nvdimmfile.lock_path(tmp_path / "sub" / ".." / "good") == nvdimmfile.lock_path(good)   # one lock per image
+
+
+def test_removing_a_lock_never_lets_two_holders_in(tmp_path: Path) -> None:
+    """Four threads take and release one image's lock 300 times each (each release removes the
+    file): never two holders at once, and nothing left."""
+    import threading
+    inside, most, errors = [0], [0], []
+    guard = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(300):
+            try:
+                lock = MediaLock(tmp_path / "m", "VM t")
+            except NvdimmError as err:
+                if "in use by" not in str(err):
+                    errors.append(err)
+                continue
+            with guard:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            with guard:
+                inside[0] -= 1
+            lock.release()
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and most[0] == 1
+    assert not nvdimmfile.lock_path(tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_comma_in_a_media_path_is_written_twice() -> None:
+    assert NvdimmMedia.parse("/x/a,,b,size=2M") == NvdimmMedia(Path("/x/a,b"), 2 << 20)
+    assert NvdimmMedia.parse("/x/a,,,hpa=0x200000") == NvdimmMedia(Path("/x/a,"), None, 0x200000)
+    assert NvdimmMedia.parse("/x/a,,b") == NvdimmMedia(Path("/x/a,b"))
+    with pytest.raises(ValueError, match="unknown nvdimm option 'b'"):
+        NvdimmMedia.parse("/x/a,b")
+
+
+def test_rekey_refuses_an_hpa_past_the_keyid_reduced_space(tmp_path: Path) -> None:
+    from qemu_mktme.live import nvdimm
+    path, key = tmp_path / "m", _key(11)
+    _media(path, bytes(SIZE), key)
+    before = _sha(path)
+    spec = f"user:{key[0].hex()}:{key[1].hex()}"
+    assert Host().platform.maxphyaddr == nvdimm.MAXPHYADDR
+    with pytest.raises(NvdimmError, match=r"would end at 0x10000200000, past the host's physical addresses "
+                                          r"\(below 0x10000000000: MAXPHYADDR 46 minus 6 KeyID bits\)"):
+        rekey(path, spec, to_hpa=1 << 40)
+    with pytest.raises(NvdimmError, match="MAXPHYADDR 46 minus 4 KeyID bits"):
+        rekey(path, spec, to_hpa=(1 << 42) - SIZE + (2 << 20), keyid_bits=4)
+    assert _sha(path) == before
+    old, new = rekey(path, spec, to_hpa=(1 << 40) - SIZE)           # the last place that fits
+    assert new.hpa == (1 << 40) - SIZE
+
+
+def test_a_media_lock_survives_its_holder_killed_and_odd_files_at_its_place(tmp_path: Path) -> None:
+    """A holder killed with -9 leaves its file unlocked: the next one takes it and removes it. A
+    FIFO or a symlink at the lock's place is one line, and stays."""
+    media = tmp_path / "m"
+    script = ("import sys, time\nfrom qemu_mktme.files.nvdimmfile import MediaLock\n"
+              f"lock = MediaLock({str(media)!r}, 'VM killed')\nprint('held', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    with pytest.raises(NvdimmError, match=r"in use by VM killed \(pid \d+\)"):
+        MediaLock(media, "VM two")
+    proc.kill()
+    proc.wait()
+    assert nvdimmfile.lock_path(media).exists()                      # left by the killed holder...
+    MediaLock(media, "VM two").release()
+    assert not nvdimmfile.lock_path(media).exists()                  # ...taken and removed by the next
+    place = nvdimmfile.lock_path(media)
+    for make, why in ((os.mkfifo, "is not a regular file"), (lambda p: os.symlink(tmp_path / "elsewhere", p),
+                                                             "cannot open its lock")):
+        make(place)
+        try:
+            with pytest.raises(NvdimmError, match=why) as refused:
+                MediaLock(media, "VM three")
+            assert "\n" not in str(refused.value) and os.path.lexists(place)
+        finally:
+            os.unlink(place)
+    assert not (tmp_path / "elsewhere").exists()

@@ -122,19 +122,81 @@ async def test_idle_and_half_sent_connections_do_not_stall_others(tmp_path):
             w.close()
 
 
-async def test_connections_are_bounded(tmp_path):
-    async with await _idle_server(tmp_path, max_connections=3) as server:
+async def test_connections_are_bounded_by_requests_in_flight(tmp_path):
+    """Past the bound a newcomer is turned away only when every slot has a request in flight;
+    those requests are answered, none of them evicted."""
+    release = asyncio.Event()
+
+    async def hold(args: dict, conn: Connection) -> str:
+        await release.wait()
+        return args["text"]
+    commands = {"hold": Command(hold, {"text": Arg((str,), required=True)})}
+    async with ControlServer(commands, path=tmp_path / "c.sock", max_connections=3) as server:
         held = [await asyncio.open_unix_connection(str(server.path)) for _ in range(3)]
-        for r, w in held:                                # each one served (so counted) before the next
-            w.write(b'{"cmd":"echo","text":"x"}\n')
-            assert json.loads(await r.readline())["ok"] is True
-        busy = await _exchange(server.path, b'{"cmd":"echo","text":"y"}\n')
-        assert busy[0]["ok"] is False and busy[0]["type"] == "HostBusy"
-        held[0][1].close()
-        await eventually(lambda: server.connections < 3, 5, "the closed connection to be let go")
-        again = await _exchange(server.path, b'{"cmd":"echo","text":"z"}\n')
-        assert again[0]["result"] == {"echo": "z"}
-        for _, w in held[1:]:
+        for n, (_, w) in enumerate(held):
+            w.write(b'{"cmd":"hold","text":"%d"}\n' % n)
+            await w.drain()
+        await eventually(lambda: server.connections == 3, 5, "three requests in flight")
+        for _ in range(20):
+            busy = await _exchange(server.path, b'{"cmd":"hold","text":"y"}\n')
+            assert busy[0]["ok"] is False and busy[0]["type"] == "HostBusy" and "in flight" in busy[0]["error"]
+        release.set()
+        for n, (r, w) in enumerate(held):
+            assert json.loads(await asyncio.wait_for(r.readline(), patience(5)))["result"] == str(n)
+            w.close()
+        assert server.evicted == 0
+
+
+async def test_idle_connections_give_their_slots_to_a_real_request(tmp_path):
+    """300 idle connections of the same user against 64 slots: a real request is answered at
+    once (an idle one is closed for it, with a HostBusy line); a request in flight is never evicted."""
+    release = asyncio.Event()
+
+    async def hold(args: dict, conn: Connection) -> str:
+        await release.wait()
+        return "held"
+
+    async def echo(args: dict, conn: Connection) -> str:
+        return args["text"]
+    commands = {"hold": Command(hold), "echo": Command(echo, {"text": Arg((str,), required=True)})}
+    async with ControlServer(commands, path=tmp_path / "c.sock") as server:
+        assert server.max_connections == control.MAX_CONNECTIONS == 64
+        in_flight = await asyncio.open_unix_connection(str(server.path))
+        in_flight[1].write(b'{"cmd":"hold"}\n')
+        await in_flight[1].drain()
+        await eventually(lambda: server.connections == 1, 5, "the held request in flight")
+        asked = await asyncio.open_unix_connection(str(server.path))      # asked once, then idle
+        asked[1].write(b'{"cmd":"echo","text":"once"}\n')
+        assert json.loads(await asked[0].readline())["result"] == "once"
+        idle = [await asyncio.open_unix_connection(str(server.path)) for _ in range(300)]
+        t0 = time.monotonic()
+        answer = await _exchange(server.path, b'{"cmd":"echo","text":"real"}\n')
+        assert answer == [{"ok": True, "result": "real"}]
+        assert time.monotonic() - t0 < patience(1)
+        assert server.connections <= 64 and server.evicted >= 300 - 64 + 1
+        # the connections that never asked go first, the oldest first; the one that asked serves on
+        assert json.loads(await asyncio.wait_for(idle[0][0].readline(), patience(5)))["type"] == "HostBusy"
+        asked[1].write(b'{"cmd":"echo","text":"again"}\n')
+        assert json.loads(await asyncio.wait_for(asked[0].readline(), patience(5)))["result"] == "again"
+        release.set()
+        assert json.loads(await asyncio.wait_for(in_flight[0].readline(), patience(5))) == {"ok": True,
+                                                                                            "result": "held"}
+        for _, w in [in_flight, asked, *idle]:
+            w.close()
+
+
+async def test_a_connection_that_asks_nothing_has_a_short_first_deadline(tmp_path):
+    async with await _idle_server(tmp_path, idle_timeout=patience(30), first_request_timeout=patience(0.5)) as server:
+        silent_r, silent_w = await asyncio.open_unix_connection(str(server.path))
+        asked_r, asked_w = await asyncio.open_unix_connection(str(server.path))
+        asked_w.write(b'{"cmd":"echo","text":"x"}\n')
+        assert json.loads(await asked_r.readline())["ok"] is True
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(silent_r.read(), patience(5)) == b""       # closed without a word
+        assert time.monotonic() - t0 < patience(3)
+        asked_w.write(b'{"cmd":"echo","text":"still"}\n')                      # the other one serves on
+        assert json.loads(await asked_r.readline())["result"] == {"echo": "still"}
+        for w in (silent_w, asked_w):
             w.close()
 
 

@@ -331,3 +331,30 @@ def test_a_host_name_longer_than_a_certificate_cn_is_one_line_and_leaves_no_host
     assert not list((tmp_path / "hosts").glob("h*"))
     with pytest.raises(TenantError, match="up to 64"):
         pki.issue_host(TenantDir(tmp_path / "t").pki, tmp_path / "creds", "h" * 65)
+
+
+@pytest.mark.qemu
+def test_tenant_policy_keeps_host_state_under_the_tenant_dir(tmp_path, monkeypatch):
+    """``tenant policy --host`` with ``--tenant-dir``: the host's TPM and certificate under that
+    directory, nothing in the user's home; revoking the host keeps the keys' host lists (minus it)."""
+    from helpers import qm
+    from qemu_mktme.attest import hostid
+    from qemu_mktme.files.cache import cache_root
+    monkeypatch.delenv(hostid.ENV_HOSTS, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "QEMU_MKTME_CACHE": str(cache_root())}
+    d = ["--tenant-dir", str(tmp_path / "t")]
+    assert qm("tenant", "init", "x", *d, env=env).returncode == 0
+    r = qm("tenant", "policy", "--host", "h1", "--host", "h2", "--key-hosts", "vm=h1", "--key-hosts", "db=h1,h2", *d,
+           env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    hosts = tmp_path / "t" / "hosts"
+    for h in ("h1", "h2"):
+        assert (hosts / h / "tpm").is_dir() and (hosts / h / "tls" / "client-cert.pem").is_file()
+    assert f"{hostid.ENV_HOSTS}={hosts}" in r.stdout
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+    assert qm("tenant", "policy", "--revoke", "h1", *d, env=env).returncode == 0
+    policy = TenantDir(tmp_path / "t").policy()
+    assert policy.key_hosts == {"vm": [], "db": ["h2"]} and list(policy.hosts.values()) == ["h2"]
+    assert not policy.allows("h2", "vm") and policy.allows("h2", "db") and policy.allows("h2", "other")

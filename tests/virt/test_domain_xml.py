@@ -64,6 +64,15 @@ def test_the_cli_writes_and_checks_domains(tmp_path):
     assert r.returncode == 2 and "--tenant, --key and --broker" in r.stderr
 
 
+def test_domain_xml_memory_has_the_bounds_of_run():
+    for bad, why in (("99999999T", "at most 1024 GiB"), ("2T", "at most 1024 GiB"), ("0", "size must be positive"),
+                     ("１G", "not a size"), ("1000K", "whole number of MiB")):
+        r = qm("libvirt", "domain-xml", "--guest", "baremetal", "--plain", "-m", bad, "--emulator", "/bin/true")
+        assert r.returncode == 2 and why in r.stderr.strip().splitlines()[-1] and not r.stdout, (bad, r.stderr)
+    r = qm("libvirt", "domain-xml", "--guest", "baremetal", "--plain", "-m", "1T", "--emulator", "/bin/true")
+    assert r.returncode == 0 and "<memory unit='MiB'>1048576</memory>" in r.stdout, r.stderr
+
+
 def test_domain_xml_files_that_are_no_domain_are_one_line_each(tmp_path):
     """A FIFO or /dev/zero (also behind a symlink) hung the command (or filled memory)."""
     os.mkfifo(tmp_path / "fifo")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_helpers import wait_for
+from fleet_helpers import guards, wait_for
 from helpers import patience
 from qemu_mktme.virt.lab import guest_ram
 from reference import xts_lines
@@ -122,6 +122,7 @@ async def test_virsh_start_and_tls_migration_keep_the_guest_and_its_secrets(mktm
         assert lab.bindings("a")["keyids_in_use"] == [] and lab.bindings("a")["keys"] == 0
         moved = lab.bindings("b")["domains"]["vm1"]
         assert moved["incoming"] and moved["tagged"]
+        wait_for(lambda: not guards(), 10, "b's guard of the incoming vm1 ended once it resumed bound")
 
         # B's DRAM: the tenant's key, tweak = B's HPA
         dump = tmp_path / "dump-b"

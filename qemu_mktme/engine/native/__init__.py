@@ -15,15 +15,13 @@ the CPU has; ``QEMU_MKTME_XTS=sse2`` or ``avx2`` chooses one (an error if the CP
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
 import sys
 import threading
 from importlib import resources
 from pathlib import Path
 
-from ...compiled import CompileFailed, cache_root, compile_library
+from ...compiled import BuildUnavailable, build_cached
 from ...errors import MktmeError
 
 SOURCE_NAME = "mktme_xts.c"
@@ -54,28 +52,15 @@ def build(*, source: Path | None = None, cache: Path | None = None, cc: str | No
           force: bool = False) -> Path:
     """Path of the helper library, compiled if needed (or ``force``: again, replacing a cached
     one that would not load); ``HelperUnavailable`` with gcc's words if it cannot be."""
-    src = source or source_path()
-    try:
-        text = src.read_bytes()
-    except OSError as err:
-        raise HelperUnavailable(f"cannot read {src}: {err.strerror}") from err
-    compiler = cc or shutil.which("gcc")
-    if compiler is None:
-        raise HelperUnavailable("gcc not found (apt-get install gcc libssl-dev)")
     try:
         openssl = OPENSSL_HEADER.read_bytes()
     except OSError:
         raise HelperUnavailable(f"OpenSSL headers not found ({OPENSSL_HEADER}; apt-get install libssl-dev)") from None
-    flags = (*CFLAGS, *LIBS)
-    key = hashlib.sha256(text + b"\0" + " ".join(flags).encode() + b"\0" + openssl).hexdigest()[:24]
-    library = (cache or cache_root()) / "xts" / key / LIBRARY_NAME
     try:
-        return compile_library(library, compiler, src, CFLAGS, LIBS, force=force)
-    except OSError as err:
-        raise HelperUnavailable(f"cannot write to {library.parent}: {err.strerror}") from err
-    except CompileFailed as err:
-        last = err.output.splitlines()
-        raise HelperUnavailable(f"{compiler} failed on {src.name}: {last[-1] if last else err}") from None
+        return build_cached("xts", source or source_path(), CFLAGS, LIBS, key_extra=openssl, cache=cache, cc=cc,
+                            force=force, hint="apt-get install gcc libssl-dev")
+    except BuildUnavailable as err:
+        raise HelperUnavailable(str(err)) from None
 
 
 def load(path: Path) -> ctypes.CDLL:

@@ -1,0 +1,425 @@
+/* The vhost-user-blk dataplane: one thread per started virtqueue serves the plainly fast
+ * requests (IN, OUT, FLUSH of whole sectors inside the disk, every buffer in the translation
+ * mirror) by itself, straight between the disk fd and guest RAM, and hands everything else to
+ * the Python device model (qemu_mktme/vhost/blk.py), whole and unchanged.
+ *
+ * Written by hand: no library serves a vhost-user-blk virtqueue with our IOMMU model in the
+ * path (libvhost-user and libblkio map guest memory themselves and would bypass the model).
+ * The rules are virtqueue.py's (VIRTIO 1.2 section 2.7): split ring, indirect tables, event
+ * index both ways. Any chain this file would have to judge as an error, any address the mirror
+ * does not hold, any request type other than IN/OUT/FLUSH, an I/O error: the queue goes to
+ * Python (dp_run returns DP_HANDOFF_*) with the ring state where this file stopped, before any
+ * side effect of that chain, and Python serves it as it always did (errors, logging, faults,
+ * DEVICE_NEEDS_RESET). This file never calls into Python and never needs the GIL.
+ *
+ * The translation mirror (struct dp_mirror): IOVA 4 KiB frame -> (window, offset of the leaf in
+ * the window, leaf size), filled only by Python from what the device's IOTLB holds for leaves
+ * of the VM's own KeyID (host/dma.py), cleared by Python under the write lock whenever the
+ * IOMMU domain changes. A fast request holds the read lock from its first ring access to its
+ * used-ring entry, so a clear waits for it (the IOTLB invalidation wait) and the next request
+ * sees the new domain. Every access is bounds-checked against its window.
+ *
+ * No allocation per request; memory barriers where the ring needs them (acquire on the avail
+ * index, release on the used index, a full fence before reading the event index).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+#define DP_API_VERSION 1
+#define DP_WINDOWS 64
+#define DP_MAX_SEGS 1026             /* IOV_MAX data segments + header + status */
+#define SECTOR 512
+
+enum { DP_STOPPED = 0, DP_HANDOFF_CHAIN = 1, DP_HANDOFF_RING = 2, DP_KICK_GONE = 3, DP_CALL_DEAD = 4 };
+enum { F_NEXT = 1, F_WRITE = 2, F_INDIRECT = 4 };
+enum { T_IN = 0, T_OUT = 1, T_FLUSH = 4 };
+
+struct dp_mirror {
+    pthread_rwlock_t lock;
+    const uint64_t *table;            /* per IOVA frame: leaf offset | window << 6 | leaf shift; 0: absent */
+    uint64_t nframes;
+    uint8_t *base[DP_WINDOWS];
+    uint64_t size[DP_WINDOWS];
+    /* counters, taken (and zeroed) by Python: fast requests and their DMA as host/dma.py counts it */
+    uint64_t requests, reads, read_bytes, writes, write_bytes;
+};
+
+struct dp_queue {                     /* filled by Python (blk.py, ctypes Structure of the same layout) */
+    struct dp_mirror *m;
+    uint64_t desc, avail, used;       /* ring IOVAs */
+    uint64_t capacity;                /* sectors */
+    uint64_t max_bytes;               /* bytes per chain */
+    int32_t num, event_idx, indirect, readonly;
+    int32_t kick, call, stop, disk, buffered;
+    int32_t slow;                     /* set by Python: the ring to Python (transfer hooks want each request) */
+    int32_t stopping;                 /* set by Python before it signals the stop eventfd */
+    int32_t need_kick;                /* after a ring hand-off: wait for a kick before another */
+    uint16_t last_avail, used_idx, signalled_used, pad;
+    int32_t err;                      /* errno of the last hand-off's cause, for diagnostics */
+};
+
+EXPORT int dp_api_version(void) { return DP_API_VERSION; }
+EXPORT size_t dp_mirror_sizeof(void) { return sizeof(struct dp_mirror); }
+EXPORT size_t dp_queue_sizeof(void) { return sizeof(struct dp_queue); }
+
+/* The mirror lives in memory Python allocated (dp_mirror_sizeof bytes); its table too. */
+EXPORT int dp_mirror_init(struct dp_mirror *m, const uint64_t *table, uint64_t nframes) {
+    pthread_rwlockattr_t attr;
+    memset(m, 0, sizeof *m);
+    m->table = table;
+    m->nframes = nframes;
+    pthread_rwlockattr_init(&attr);   /* a clear must not starve behind busy queues */
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int rc = pthread_rwlock_init(&m->lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    return rc;
+}
+
+EXPORT void dp_mirror_destroy(struct dp_mirror *m) { pthread_rwlock_destroy(&m->lock); }
+
+EXPORT void dp_mirror_window(struct dp_mirror *m, int index, uint8_t *base, uint64_t size) {
+    pthread_rwlock_wrlock(&m->lock);
+    m->base[index] = base;
+    m->size[index] = size;
+    pthread_rwlock_unlock(&m->lock);
+}
+
+/* Empty the table (and forget the windows when ``windows``), waiting for the fast request in
+ * flight on every queue: after this returns no thread uses an old translation. */
+EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, int windows) {
+    pthread_rwlock_wrlock(&m->lock);
+    memset(table, 0, m->nframes * sizeof *table);
+    if (windows) {
+        memset(m->base, 0, sizeof m->base);
+        memset(m->size, 0, sizeof m->size);
+    }
+    pthread_rwlock_unlock(&m->lock);
+}
+
+EXPORT void dp_mirror_take(struct dp_mirror *m, uint64_t out[5]) {
+    uint64_t *c[5] = {&m->requests, &m->reads, &m->read_bytes, &m->writes, &m->write_bytes};
+    for (int i = 0; i < 5; i++)
+        out[i] = __atomic_exchange_n(c[i], 0, __ATOMIC_RELAXED);
+}
+
+/* Host pointer of [iova, iova + n) if the mirror holds it inside one leaf, else NULL. */
+static uint8_t *xlate(const struct dp_mirror *m, uint64_t iova, uint64_t n) {
+    uint64_t frame = iova >> 12;
+    if (frame >= m->nframes)
+        return NULL;
+    uint64_t e = __atomic_load_n(&m->table[frame], __ATOMIC_RELAXED);
+    if (!e)
+        return NULL;
+    unsigned shift = e & 63, win = (e >> 6) & 63;
+    uint64_t inleaf = iova & ((1ULL << shift) - 1);
+    if (n > (1ULL << shift) - inleaf)
+        return NULL;                  /* the segment leaves its leaf */
+    uint64_t off = (e & ~0xFFFULL) + inleaf;
+    if (!m->base[win] || off > m->size[win] || n > m->size[win] - off)
+        return NULL;
+    return m->base[win] + off;
+}
+
+struct ring {                         /* the ring as mapped for one request (under the read lock) */
+    uint8_t *desc;
+    volatile uint16_t *avail;         /* flags, idx, ring[num], used_event */
+    volatile uint16_t *used16;        /* flags, idx, ..., avail_event at 2 + 4 * num */
+    volatile uint32_t *used_ring;     /* id, len pairs */
+};
+
+static int map_ring(struct dp_queue *q, struct ring *r) {
+    uint64_t n = (uint64_t)q->num;
+    r->desc = xlate(q->m, q->desc, 16 * n);
+    uint8_t *a = xlate(q->m, q->avail, 6 + 2 * n), *u = xlate(q->m, q->used, 6 + 8 * n);
+    if (!r->desc || !a || !u || ((uintptr_t)a & 1) || ((uintptr_t)u & 3))
+        return -1;
+    r->avail = (volatile uint16_t *)a;
+    r->used16 = (volatile uint16_t *)u;
+    r->used_ring = (volatile uint32_t *)(u + 4);
+    return 0;
+}
+
+struct seg { uint8_t *p; uint64_t n; };
+
+struct chain {                        /* one decoded chain: readable then writable segments */
+    struct seg s[DP_MAX_SEGS];
+    int nr, nw;
+    uint64_t rlen, wlen;
+};
+
+/* Decode chain ``head`` as virtqueue.py's _walk does; 0, or -1 for anything Python must judge
+ * (an error, a segment outside the mirror, more segments than one preadv takes). */
+static int walk(struct dp_queue *q, const struct ring *r, unsigned head, struct chain *c) {
+    const uint8_t *table = r->desc;
+    uint64_t size = (uint64_t)q->num, index = head, seen = 0, total = 0;
+    int indirect_done = 0;
+    c->nr = c->nw = 0;
+    c->rlen = c->wlen = 0;
+    for (;;) {
+        uint64_t addr; uint32_t len; uint16_t flags, next;
+        if (index >= size || ++seen > size)
+            return -1;
+        const uint8_t *d = table + 16 * index;
+        memcpy(&addr, d, 8);          /* one read of each field: the driver may change them */
+        memcpy(&len, d + 8, 4);
+        memcpy(&flags, d + 12, 2);
+        memcpy(&next, d + 14, 2);
+        if (flags & F_INDIRECT) {
+            if (!q->indirect || indirect_done || (flags & F_NEXT) || len == 0 || len % 16 || len / 16 > 32768)
+                return -1;
+            table = xlate(q->m, addr, len);
+            if (!table)
+                return -1;
+            size = len / 16;
+            index = 0;
+            seen = 0;
+            indirect_done = 1;
+            continue;
+        }
+        total += len;
+        if (total > q->max_bytes || c->nr + c->nw >= DP_MAX_SEGS)
+            return -1;
+        uint8_t *p = xlate(q->m, addr, len);
+        if (!p && len)
+            return -1;
+        struct seg *s = &c->s[c->nr + c->nw];
+        s->p = p;
+        s->n = len;
+        if (flags & F_WRITE) {
+            c->nw++;
+            c->wlen += len;
+        } else if (c->nw) {
+            return -1;                /* readable after writable */
+        } else {
+            c->nr++;
+            c->rlen += len;
+        }
+        if (!(flags & F_NEXT))
+            return 0;
+        index = next;
+    }
+}
+
+/* preadv/pwritev of the whole iovec at ``off``, short transfers finished; with cache=none,
+ * buffers O_DIRECT refuses (EINVAL) go through the buffered fd, as blk.py's _io does. A read
+ * past the end of the file gives zeros. 0, or -1 (errno) for Python to redo and report. */
+static int io(struct dp_queue *q, int write, struct iovec *iov, int cnt, uint64_t off) {
+    while (cnt > 0) {
+        ssize_t got = write ? pwritev(q->disk, iov, cnt, (off_t)off) : preadv(q->disk, iov, cnt, (off_t)off);
+        if (got < 0 && errno == EINVAL && q->disk != q->buffered)
+            got = write ? pwritev(q->buffered, iov, cnt, (off_t)off) : preadv(q->buffered, iov, cnt, (off_t)off);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (got == 0) {
+            if (write) {
+                errno = EIO;
+                return -1;
+            }
+            for (int i = 0; i < cnt; i++)
+                memset(iov[i].iov_base, 0, iov[i].iov_len);
+            return 0;
+        }
+        off += (uint64_t)got;
+        while (cnt > 0 && (size_t)got >= iov->iov_len) {
+            got -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + got;
+            iov->iov_len -= (size_t)got;
+        }
+    }
+    return 0;
+}
+
+static int need_event(uint16_t event, uint16_t new, uint16_t old) {
+    return (uint16_t)(new - event - 1) < (uint16_t)(new - old);
+}
+
+/* Interrupt the driver if it wants one for what was pushed since the last signal: 0, or -1
+ * when the call fd is dead (Python logs it once and drops it). */
+static int notify(struct dp_queue *q, const struct ring *r) {
+    uint16_t old = q->signalled_used, new = q->used_idx;
+    if (old == new)
+        return 0;
+    int want;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);     /* our used index before the driver's event */
+    if (q->event_idx)
+        want = need_event(r->avail[2 + q->num], new, old);
+    else
+        want = !(r->avail[0] & 1);               /* VRING_AVAIL_F_NO_INTERRUPT */
+    q->signalled_used = new;
+    if (want && q->call >= 0) {
+        uint64_t one = 1;
+        if (write(q->call, &one, 8) < 0 && errno != EAGAIN && errno != EINTR) {
+            q->err = errno;
+            return -1;
+        }
+    }
+    return 0;
+}
+
+struct dp_thread_state {              /* per dp_run call, on its stack: no allocation */
+    struct chain c;
+    struct iovec iov[DP_MAX_SEGS];
+};
+
+/* Serve one available chain. 1 served, 0 ring empty, -1 hand the chain to Python, -2 hand the
+ * ring to Python. Called with the read lock held. */
+static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_state *t) {
+    uint16_t avail_idx = __atomic_load_n(&r->avail[1], __ATOMIC_ACQUIRE);
+    uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
+    if (!pending)
+        return 0;
+    if (pending > q->num)
+        return -2;                    /* Python raises the RingError: device needs reset */
+    unsigned head = r->avail[2 + (q->last_avail & (q->num - 1))];
+    if (head >= (unsigned)q->num)
+        return -1;
+    struct chain *c = &t->c;
+    if (walk(q, r, head, c) || c->rlen < 16 || c->wlen < 1 || c->s[0].n != 16 || c->s[c->nr + c->nw - 1].n != 1)
+        return -1;
+    uint32_t type; uint64_t sector;
+    memcpy(&type, c->s[0].p, 4);
+    memcpy(&sector, c->s[0].p + 8, 8);
+    uint8_t *status = c->s[c->nr + c->nw - 1].p;
+    uint32_t written = 1;
+    struct dp_mirror *m = q->m;
+    if (type == T_IN || type == T_OUT) {
+        uint64_t nbytes = type == T_IN ? c->wlen - 1 : c->rlen - 16;
+        if (nbytes % SECTOR || sector > q->capacity || nbytes / SECTOR > q->capacity - sector)
+            return -1;                /* Python logs the range error once and answers IOERR */
+        if (type == T_OUT && q->readonly)
+            return -1;
+        int first = type == T_IN ? c->nr : 1, cnt = type == T_IN ? c->nw - 1 : c->nr - 1;
+        for (int i = 0; i < cnt; i++) {
+            t->iov[i].iov_base = c->s[first + i].p;
+            t->iov[i].iov_len = c->s[first + i].n;
+        }
+        if (nbytes && io(q, type == T_OUT, t->iov, cnt, sector * SECTOR)) {
+            q->err = errno;
+            return -1;
+        }
+        if (type == T_IN) {
+            written += (uint32_t)nbytes;
+            __atomic_add_fetch(&m->writes, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&m->write_bytes, nbytes, __ATOMIC_RELAXED);
+        } else {
+            __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&m->read_bytes, nbytes, __ATOMIC_RELAXED);
+        }
+    } else if (type == T_FLUSH) {
+        if (!q->readonly && fdatasync(q->disk)) {
+            q->err = errno;
+            return -1;
+        }
+    } else {
+        return -1;                    /* GET_ID, DISCARD, WRITE_ZEROES, unknown: Python */
+    }
+    *status = 0;                      /* VIRTIO_BLK_S_OK */
+    __atomic_add_fetch(&m->requests, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->reads, 1, __ATOMIC_RELAXED);             /* the header */
+    __atomic_add_fetch(&m->read_bytes, 16, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&m->writes, 1, __ATOMIC_RELAXED);            /* the status byte */
+    __atomic_add_fetch(&m->write_bytes, 1, __ATOMIC_RELAXED);
+    uint16_t slot = q->used_idx & (q->num - 1);
+    r->used_ring[2 * slot] = head;
+    r->used_ring[2 * slot + 1] = written;
+    q->used_idx++;
+    __atomic_store_n(&r->used16[1], q->used_idx, __ATOMIC_RELEASE);
+    q->last_avail++;
+    return 1;
+}
+
+static int stop_asked(struct dp_queue *q) { return __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE); }
+
+/* Serve the queue until it is stopped or Python must take it (the return value says why; the
+ * ring state is in ``q``). The GIL is not held (ctypes releases it). */
+EXPORT int dp_run(struct dp_queue *q) {
+    struct dp_thread_state t;
+    struct ring r;
+    unsigned served = 0;
+    for (;;) {
+        int rc = 0;
+        /* drain: one request per read-lock hold, so a mirror clear waits for one request only */
+        for (;;) {
+            if (stop_asked(q))
+                return DP_STOPPED;
+            pthread_rwlock_rdlock(&q->m->lock);
+            if (__atomic_load_n(&q->slow, __ATOMIC_RELAXED) || map_ring(q, &r)) {   /* Python's, whole */
+                pthread_rwlock_unlock(&q->m->lock);
+                rc = -2;
+                break;
+            }
+            q->need_kick = 0;
+            rc = serve_one(q, &r, &t);
+            if (rc == 0) {            /* empty: ask for a kick, then look again (no lost wake-up) */
+                if (q->event_idx)
+                    r.used16[2 + 4 * q->num] = q->last_avail;      /* avail_event */
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                if ((uint16_t)(__atomic_load_n(&r.avail[1], __ATOMIC_ACQUIRE) - q->last_avail)) {
+                    pthread_rwlock_unlock(&q->m->lock);
+                    continue;
+                }
+                int dead = notify(q, &r);
+                pthread_rwlock_unlock(&q->m->lock);
+                if (dead)
+                    return DP_CALL_DEAD;
+                break;
+            }
+            if (rc < 0) {
+                int dead = notify(q, &r);     /* what was done so far, before Python takes over */
+                pthread_rwlock_unlock(&q->m->lock);
+                if (dead)
+                    return DP_CALL_DEAD;
+                break;
+            }
+            if (++served % 32 == 0 && notify(q, &r)) {     /* a long stream: interrupts as it goes */
+                pthread_rwlock_unlock(&q->m->lock);
+                return DP_CALL_DEAD;
+            }
+            pthread_rwlock_unlock(&q->m->lock);
+        }
+        if (rc == -1) {
+            q->need_kick = 0;
+            return DP_HANDOFF_CHAIN;
+        }
+        if (rc == -2 && !q->need_kick) {
+            q->need_kick = 1;         /* Python drains it; we come back after the next kick */
+            return DP_HANDOFF_RING;
+        }
+        /* wait for a kick (or the stop eventfd) */
+        struct pollfd p[2] = {{.fd = q->kick, .events = POLLIN}, {.fd = q->stop, .events = POLLIN}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            q->err = errno;
+            return DP_KICK_GONE;
+        }
+        if (p[1].revents || stop_asked(q))
+            return DP_STOPPED;
+        if (p[0].revents & POLLIN) {
+            uint8_t buf[512];         /* an eventfd gives its 8-byte counter, a pipe its bytes */
+            ssize_t got = read(q->kick, buf, sizeof buf);
+            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
+                q->err = got < 0 ? errno : 0;
+                return DP_KICK_GONE;
+            }
+        } else if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            q->err = 0;
+            return DP_KICK_GONE;
+        }
+        q->need_kick = 0;             /* a kick: look at the ring again (Python's if still unmapped) */
+    }
+}
