@@ -1,4 +1,5 @@
-"""``qemu-mktme doctor``: which QEMU, shim plugin API and AES-XTS implementation are in use."""
+"""``qemu-mktme doctor``: which QEMU, shim plugin API, AES-XTS implementation and vhost-user-blk
+dataplane are in use."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from ..errors import MktmeError
 
 
 def doctor(args: argparse.Namespace) -> int:
-    """Which QEMU, shim ABI and XTS implementation this machine uses; 1 when one is unusable."""
+    """Which QEMU, shim ABI, XTS implementation and disk dataplane this machine uses; 1 when one is
+    unusable (the dataplane falls back to Python, which is usable)."""
     from ..engine import native
+    from ..vhost import native as vhost_native
     from ..qemu.binary import find_qemu
     from ..trace.shim import abi_for, build_shim, phys_mode_for
 
@@ -24,9 +27,10 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"qemu/shim  unusable: {str(err).splitlines()[0]}")
         ok = False
     print(f"xts    {native.status()}")
+    print(f"vhost  {vhost_native.status()}")
     return 0 if ok else 1
 
 
 def register(sub: Any) -> None:
-    d = sub.add_parser("doctor", help="which QEMU, shim plugin API and AES-XTS implementation are in use")
+    d = sub.add_parser("doctor", help="which QEMU, shim plugin API, AES-XTS implementation and disk dataplane are in use")
     d.set_defaults(func=doctor)

@@ -599,7 +599,10 @@ class VhostUserBlk(p.Handler):
             want = nbytes if len(arrays) <= IOV_MAX else sum(a.size for a in part)
             got = self._io(os.pwritev, part, offset)
             while got < want:                           # short write: finish what is left
-                got += self._io(os.pwritev, _after(part, got), offset + got)
+                more = self._io(os.pwritev, _after(part, got), offset + got)
+                if more <= 0:                           # no progress (a full file system, a device end)
+                    raise OSError(errno.EIO, f"write of {want} bytes at {offset} stopped after {got}")
+                got += more
             offset += want
 
     def _io(self, call: Callable[..., int], arrays: list[np.ndarray], offset: int) -> int:

@@ -88,10 +88,12 @@ def test_doctor_names_the_shim_abi_and_the_xts_implementation(capsys):
     out = capsys.readouterr().out
     assert "plugin API 1, phys_addr = ramaddr" in out  # Debian's QEMU 7.2
     assert "xts    compiled helper over OpenSSL libcrypto" in out
+    assert "vhost  native dataplane (" in out
 
 
 def test_doctor_without_qemu_says_so(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("QEMU_MKTME_QEMU", str(tmp_path / "no-such-qemu"))
     assert cli.main(["doctor"]) == 1
     out = capsys.readouterr().out
-    assert "qemu/shim  unusable:" in out and out.count("\n") == 2 and "xts    " in out
+    assert "qemu/shim  unusable:" in out and out.count("\n") == 3 and "xts    " in out
+    assert "vhost  " in out

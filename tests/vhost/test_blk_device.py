@@ -215,3 +215,26 @@ async def test_a_fuzzed_peer_loses_its_connection_not_the_backend(tmp_path, capl
     finally:
         await server.close()
         device.close()
+
+
+def test_a_write_that_makes_no_progress_is_an_error_not_a_spin(tmp_path, monkeypatch):
+    """pwritev returning 0 for bytes left (no progress) ends the request with an error (the
+    caller answers IOERR); it used to loop for ever on the loop thread."""
+    import numpy as np
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8192))
+    device = VhostUserBlk(disk, lambda regions: None)
+    try:
+        calls = []
+
+        def stalled(call, arrays, offset):
+            calls.append(offset)
+            return 512 if len(calls) == 1 else 0
+
+        monkeypatch.setattr(device, "_io", stalled)
+        with pytest.raises(OSError, match="stopped after 512"):
+            device._writev([np.zeros(4096, np.uint8)], 0, 4096)
+        assert calls == [0, 512]
+    finally:
+        device.close()
