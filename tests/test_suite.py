@@ -1,4 +1,5 @@
-"""The suite itself: pure tests stay pure, waits scale, a shared fixture fails once."""
+"""The suite itself: pure tests stay pure, waits scale, a shared fixture fails once, a long trial
+keeps a bounded form."""
 
 from __future__ import annotations
 
@@ -72,3 +73,33 @@ def test_uses_it(run, n):
     result.assert_outcomes(passed=1, errors=4)
     result.stdout.fnmatch_lines(["*RuntimeError: the guest never booted*",
                                  "*the shared fixture failed in an earlier test*the guest never booted*"])
+
+
+def _is_verify_mark(node) -> bool:
+    """``pytest.mark.verify`` (as a decorator or in ``pytestmark``), with or without a call."""
+    import ast
+    node = node.func if isinstance(node, ast.Call) else node
+    return isinstance(node, ast.Attribute) and node.attr == "verify" and isinstance(node.value, ast.Attribute) \
+        and node.value.attr == "mark"
+
+
+def test_every_long_trial_keeps_a_bounded_form_in_the_suite():
+    """A module with a ``verify`` test (``make verify`` only) has a test that ``make test`` runs
+    (its bounded form), and no module is ``verify`` as a whole."""
+    import ast
+    from pathlib import Path
+    tests = Path(__file__).parent
+    with_trials = []
+    for path in sorted(tests.rglob("test_*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "pytestmark" for t in node.targets):
+                marks = node.value.elts if isinstance(node.value, ast.List | ast.Tuple) else [node.value]
+                assert not any(map(_is_verify_mark, marks)), f"{path}: the whole module is make verify's"
+        functions = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+                     and n.name.startswith("test_")]
+        long = [f.name for f in functions if any(map(_is_verify_mark, f.decorator_list))]
+        if long:
+            with_trials.append(path.name)
+            assert len(long) < len(functions), f"{path}: {long} have no bounded form in make test"
+    assert {"test_migrate_kill.py", "test_fleet_load.py", "test_image.py"} <= set(with_trials)
