@@ -147,18 +147,21 @@ class VhostUserBlk(p.Handler):
         self.table: MemTable | None = None
         self.status = 0
         self.transfer_hooks: list[Callable[[Transfer], None]] = WatchedList(self._hooks_changed)
-        self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0, "native": 0}
+        self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0, "native": 0,
+                          "merged": 0}
         self._logged: set[str] = set()
         self._mirror: native.Mirror | None = None   # the memory's, while queue threads use it
 
     @property
     def counters(self) -> dict[str, int]:
         """Requests, errors, unsupported, resets; ``native``: the requests the compiled dataplane
-        served (counted in ``requests`` too)."""
+        served (counted in ``requests`` too); ``merged``: of those, the ones served by a preceding
+        adjacent request's preadv/pwritev (the I/Os merging saved)."""
         if self._mirror is not None:
             n = self._mirror.take_requests()
             self._counters["requests"] += n
             self._counters["native"] += n
+            self._counters["merged"] += self._mirror.take_merged()
         return self._counters
 
     def _hooks_changed(self) -> None:

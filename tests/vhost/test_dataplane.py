@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from fake_driver import AVAIL, DATA, F_NEXT, F_WRITE, HEADER, UVA_BASE, FakeDriver
+from fake_driver import AVAIL, DATA, F_INDIRECT, F_NEXT, F_WRITE, HEADER, UVA_BASE, FakeDriver
 from helpers import patience
 from qemu_mktme.vhost import native
 from qemu_mktme.vhost.__main__ import StandaloneMemory
@@ -310,3 +310,130 @@ async def test_two_queues_are_served_by_two_threads_at_once(tmp_path):
         finally:
             os.close(kick1)
             os.close(call1)
+
+
+def publish(d: FakeDriver, heads: list[int]) -> None:
+    """Make the chains at ``heads`` available at once (one avail-index update, one kick)."""
+    for i, head in enumerate(heads):
+        d.write(AVAIL + 4 + 2 * ((d.avail_idx + i) % d.num), struct.pack("<H", head))
+    d.avail_idx = (d.avail_idx + len(heads)) & 0xFFFF
+    d.write(AVAIL + 2, struct.pack("<H", d.avail_idx))
+    os.eventfd_write(d.kick, 1)
+
+
+async def served_batch(rig: Rig, runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Publish one chain (header, one data buffer, status) per (type, sector) of 4 KiB each at
+    once; (status, used length) of each, in ring order."""
+    d = rig.driver
+    base = d.used_idx()
+    for i, (kind, sector) in enumerate(runs):
+        chain(d, 3 * i, kind, sector, DATA + 0x10000 + 0x1000 * i, 4096, i + 1)
+    publish(d, [3 * i for i in range(len(runs))])
+    await d.wait_used((base + len(runs)) & 0xFFFF, patience(5))
+    assert [d.used_elem(base + i)[0] for i in range(len(runs))] == [3 * i for i in range(len(runs))]
+    return [(d.read(HEADER + 0x1000 + i + 1, 1)[0], d.used_elem(base + i)[1]) for i in range(len(runs))]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["writeback", "none"])
+async def test_adjacent_requests_of_one_batch_are_one_io_and_a_gap_or_another_type_ends_the_run(tmp_path, direct):
+    """As QEMU's virtio_blk_submit_multireq: adjacent same-type chains published together are one
+    preadv/pwritev (the ``merged`` counter counts the I/Os saved); the bytes are the file's."""
+    async with Rig(tmp_path, direct=direct) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)                            # first touch: the mirror
+        rig.device.counters                                              # noqa: B018 (zeroes the delta)
+        merged, served = rig.device.counters["merged"], rig.served
+        patterns = [os.urandom(4096) for _ in range(6)]
+        for i, p in enumerate(patterns):
+            d.write(DATA + 0x10000 + 0x1000 * i, p)
+        # W W W W | R | W (adjacent to the 4th but after a read): one run of 4, then 1, then 1
+        runs = [(T_OUT, 100), (T_OUT, 108), (T_OUT, 116), (T_OUT, 124), (T_IN, 0), (T_OUT, 132)]
+        d.write(DATA + 0x10000 + 0x1000 * 5, patterns[5])
+        assert await served_batch(rig, runs) == [(0, 1)] * 4 + [(0, 4097), (0, 1)]
+        image = rig.disk.read_bytes()
+        assert image[100 * 512:100 * 512 + 4 * 4096] == b"".join(patterns[:4])
+        assert image[132 * 512:132 * 512 + 4096] == patterns[5]
+        assert rig.device.counters["merged"] - merged == 3 and rig.served - served == 6
+        # R R R | R at a gap | R R adjacent again: runs of 3, then 3 (the gap starts a new run)
+        runs = [(T_IN, 100), (T_IN, 108), (T_IN, 116), (T_IN, 400), (T_IN, 408), (T_IN, 416)]
+        assert await served_batch(rig, runs) == [(0, 4097)] * 6
+        for i, (_, sector) in enumerate(runs):
+            assert d.read(DATA + 0x10000 + 0x1000 * i, 4096) == image[sector * 512:sector * 512 + 4096], i
+        assert rig.device.counters["merged"] - merged == 3 + 4 and rig.served - served == 12
+        # a run reaching the disk's end: the chain past it is not merged and Python answers IOERR
+        last = DISK // 512 - 8
+        assert await served_batch(rig, [(T_IN, last - 8), (T_IN, last), (T_IN, last + 8)]) == \
+            [(0, 4097), (0, 4097), (1, 1)]
+        assert d.read(DATA + 0x11000, 4096) == image[-4096:]
+        assert rig.device.counters["merged"] - merged == 3 + 4 + 1
+
+
+def indirect_chain(d: FakeDriver, head: int, rtype: int, sector: int, buf: int, segs: int, slot: int) -> None:
+    """Header, ``segs`` data buffers of 512 bytes from ``buf`` on, status: in an indirect table."""
+    hdr, status, table = HEADER + 0x40 * slot, HEADER + 0x1000 + slot, DATA + 0x100000 + 0x2000 * slot
+    d.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
+    d.write(status, b"\xee")
+    d.desc(0, hdr, 16, F_NEXT, 1, table=table)
+    for i in range(segs):
+        d.desc(1 + i, buf + 512 * i, 512, F_NEXT | (F_WRITE if rtype == T_IN else 0), 2 + i, table=table)
+    d.desc(1 + segs, status, 1, F_WRITE, table=table)
+    d.desc(head, table, 16 * (segs + 2), F_INDIRECT)
+
+
+async def test_a_run_beyond_iov_max_segments_is_split(tmp_path):
+    """4 chains of 300 segments each: 3 fit in one pwritev of <= 1024 segments, the 4th is the
+    next I/O; every byte lands and reads back."""
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        await d.request(T_IN, 0, length=4096)
+        rig.device.counters                                              # noqa: B018
+        merged, served = rig.device.counters["merged"], rig.served
+        segs, size = 300, 300 * 512
+        pattern = os.urandom(4 * size)
+        d.write(DATA + 0x10000, pattern)
+        for i in range(4):
+            indirect_chain(d, i, T_OUT, 200 + i * segs, DATA + 0x10000 + i * size, segs, i + 1)
+        base = d.used_idx()
+        publish(d, [0, 1, 2, 3])
+        await d.wait_used((base + 4) & 0xFFFF, patience(5))
+        assert [d.used_elem(base + i) for i in range(4)] == [(i, 1) for i in range(4)]
+        assert all(d.read(HEADER + 0x1000 + i + 1, 1) == b"\x00" for i in range(4))
+        assert rig.disk.read_bytes()[200 * 512:200 * 512 + 4 * size] == pattern
+        assert rig.device.counters["merged"] - merged == 2 and rig.served - served == 4
+        d.write(DATA + 0x10000, bytes(4 * size))
+        for i in range(4):
+            indirect_chain(d, i, T_IN, 200 + i * segs, DATA + 0x10000 + i * size, segs, i + 1)
+        base = d.used_idx()
+        publish(d, [0, 1, 2, 3])
+        await d.wait_used((base + 4) & 0xFFFF, patience(5))
+        assert [d.used_elem(base + i) for i in range(4)] == [(i, size + 1) for i in range(4)]
+        assert d.read(DATA + 0x10000, 4 * size) == pattern
+        assert rig.device.counters["merged"] - merged == 4
+
+
+async def test_an_io_error_of_a_merged_run_gives_each_request_its_status_through_python(tmp_path):
+    """The disk fd turned read-only under the device: the merged pwritev fails, the first chain
+    goes to Python (nothing of the run pushed), which answers each write IOERR in order; the
+    reads after them are one merged preadv again."""
+    async with Rig(tmp_path) as rig:
+        d = rig.driver
+        image = rig.disk.read_bytes()
+        await d.request(T_IN, 0, length=4096)
+        rig.device.counters                                              # noqa: B018
+        merged, errors = rig.device.counters["merged"], rig.device.counters["errors"]
+        fd = rig.device.fd
+        saved = os.dup(fd)
+        readonly = os.open(rig.disk, os.O_RDONLY)
+        try:
+            os.dup2(readonly, fd)
+            runs = [(T_OUT, 100), (T_OUT, 108), (T_OUT, 116), (T_IN, 200), (T_IN, 208)]
+            assert await served_batch(rig, runs) == [(1, 1), (1, 1), (1, 1), (0, 4097), (0, 4097)]
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            os.close(readonly)
+        assert rig.disk.read_bytes() == image
+        assert d.read(DATA + 0x13000, 8192) == image[200 * 512:200 * 512 + 8192]
+        c = rig.device.counters
+        assert c["errors"] - errors == 3 and c["merged"] - merged == 1
+        assert await served_batch(rig, [(T_OUT, 100), (T_OUT, 108)]) == [(0, 1), (0, 1)]

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_NAME = "vhost_dp.c"
 LIBRARY_NAME = "vhost_dp.so"
-API_VERSION = 2
+API_VERSION = 3
 CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
           "-Wall", "-Wextra", "-Werror")
 ENV_SELECT = "QEMU_MKTME_VHOST"
@@ -162,10 +162,13 @@ class Mirror:
         if lib.dp_mirror_init(self.ptr, self.table.ctypes.data, self.nframes) != 0:
             raise DataplaneUnavailable("pthread_rwlock_init failed")
         self.windows: list[np.ndarray | None] = [None] * 64
-        self._acc = [0] * 5             # requests, reads, read_bytes, writes, write_bytes not yet taken
+        self._acc = [0] * 6             # requests, reads, read_bytes, writes, write_bytes, merged not yet taken
         self.served = 0
         """Requests the C side completed, in all (never reset: tests, benchmarks)."""
-        self._out = (ctypes.c_uint64 * 5)()
+        self.merged = 0
+        """Of those, the ones served by a preceding request's preadv/pwritev (adjacent requests of
+        one batch merged into one I/O, as QEMU's virtio-blk does): the I/Os saved, in all."""
+        self._out = (ctypes.c_uint64 * 6)()
         self._filled: set[int] = set()  # chunks of 512 frames filled since the last clear
 
     def window(self, index: int, array: np.ndarray) -> None:
@@ -198,6 +201,7 @@ class Mirror:
         for i, v in enumerate(self._out):
             self._acc[i] += v
         self.served += self._out[0]
+        self.merged += self._out[5]
 
     def total(self) -> int:
         """Requests the C side completed, in all (:attr:`served`, up to date)."""
@@ -210,11 +214,17 @@ class Mirror:
         n, self._acc[0] = self._acc[0], 0
         return n
 
+    def take_merged(self) -> int:
+        """Requests the C side served by a preceding request's I/O since the last call."""
+        self._pull()
+        n, self._acc[5] = self._acc[5], 0
+        return n
+
     def take_dma(self) -> tuple[int, int, int, int]:
         """(reads, read bytes, writes, write bytes) the C side did since the last call."""
         self._pull()
         out = (self._acc[1], self._acc[2], self._acc[3], self._acc[4])
-        self._acc[1:] = [0, 0, 0, 0]
+        self._acc[1:5] = [0, 0, 0, 0]
         return out
 
     def close(self) -> None:

@@ -34,10 +34,13 @@
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
-#define DP_API_VERSION 2
+#define DP_API_VERSION 3
 #define DP_WINDOWS 64
 #define DP_MAX_SEGS 1026             /* IOV_MAX data segments + header + status */
 #define SECTOR 512
+#define DP_IOV_MAX 1024              /* segments of one merged preadv/pwritev (Linux's IOV_MAX) */
+#define DP_MERGE_BYTES (4u << 20)    /* bytes a merge grows to (a first chain alone may be more) */
+#define DP_MERGE_CHAINS 256          /* chains of one merged I/O */
 #define DP_CHUNK 512                 /* table entries per chunk a clear empties */
 
 enum { DP_STOPPED = 0, DP_HANDOFF_CHAIN = 1, DP_HANDOFF_RING = 2, DP_KICK_GONE = 3, DP_CALL_DEAD = 4 };
@@ -53,6 +56,7 @@ struct dp_mirror {
     /* counters, taken (and zeroed) by Python: fast requests and their DMA as host/dma.py counts the
      * Python path's (ring accesses included: each read or write of the ring is one DMA) */
     uint64_t requests, reads, read_bytes, writes, write_bytes;
+    uint64_t merged;                  /* requests served by a preceding request's I/O (I/Os saved) */
 };
 
 struct dp_queue {                     /* filled by Python (blk.py, ctypes Structure of the same layout) */
@@ -114,9 +118,9 @@ EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, const uint64_t
     pthread_rwlock_unlock(&m->lock);
 }
 
-EXPORT void dp_mirror_take(struct dp_mirror *m, uint64_t out[5]) {
-    uint64_t *c[5] = {&m->requests, &m->reads, &m->read_bytes, &m->writes, &m->write_bytes};
-    for (int i = 0; i < 5; i++)
+EXPORT void dp_mirror_take(struct dp_mirror *m, uint64_t out[6]) {
+    uint64_t *c[6] = {&m->requests, &m->reads, &m->read_bytes, &m->writes, &m->write_bytes, &m->merged};
+    for (int i = 0; i < 6; i++)
         out[i] = __atomic_exchange_n(c[i], 0, __ATOMIC_RELAXED);
 }
 
@@ -343,14 +347,55 @@ EXPORT int dp_wake(int tid) {
     return sig ? tgkill(getpid(), tid, sig) : -1;
 }
 
+struct done { uint8_t *status; uint64_t nbytes; unsigned head; };   /* one chain of a merged run */
+
 struct dp_thread_state {              /* per dp_run call, on its stack: no allocation */
-    struct chain c;
+    struct chain c;                   /* the chain being decoded (a run's earlier ones: in iov, run) */
     struct iovec iov[DP_MAX_SEGS];
+    struct done run[DP_MERGE_CHAINS];
     struct dma dma;                   /* not yet added to the mirror's counters */
 };
 
-/* Serve one available chain. 1 served, 0 ring empty, -1 hand the chain to Python, -2 hand the
- * ring to Python. Called with the read lock held. */
+/* Decode the chain at avail slot ``idx`` into ``c`` and read its header: 0, or -1 for anything
+ * Python must judge (or, for a later chain of a run, that ends the run). */
+static int peek(struct dp_queue *q, const struct ring *r, uint16_t idx, struct chain *c, unsigned *head,
+                uint32_t *type, uint64_t *sector) {
+    *head = r->avail[2 + (idx & (q->num - 1))];
+    if (*head >= (unsigned)q->num)
+        return -1;
+    if (walk(q, r, *head, c) || c->rlen < 16 || c->wlen < 1 || c->s[0].n != 16 || c->s[c->nr + c->nw - 1].n != 1)
+        return -1;
+    memcpy(type, c->s[0].p, 4);
+    memcpy(sector, c->s[0].p + 8, 8);
+    return 0;
+}
+
+/* The ring reads of a decoded chain, as the Python path counts them. */
+static void account_chain(struct dma *d, const struct chain *c) {
+    dma_read(d, 2);                   /* the avail index */
+    dma_read(d, 2);                   /* the head */
+    d->reads += c->table_reads;
+    d->read_bytes += c->table_bytes;
+    dma_read(d, 16);                  /* the header */
+}
+
+/* Append an IN/OUT chain's data segments to iov[*cnt...]; its data bytes. */
+static uint64_t add_data(const struct chain *c, uint32_t type, struct iovec *iov, int *cnt) {
+    int first = type == T_IN ? c->nr : 1, n = type == T_IN ? c->nw - 1 : c->nr - 1;
+    for (int i = 0; i < n; i++) {
+        iov[*cnt + i].iov_base = c->s[first + i].p;
+        iov[*cnt + i].iov_len = c->s[first + i].n;
+    }
+    *cnt += n;
+    return type == T_IN ? c->wlen - 1 : c->rlen - 16;
+}
+
+/* Serve the next available chain, and with a plain IN or OUT the following available ones of the
+ * same type that continue it on the disk (as QEMU's virtio_blk_submit_multireq merges a batch):
+ * one preadv/pwritev for the run, then each chain's status and used entry in order. A later chain
+ * that does not fit ends the run untouched. The number of chains served, 0 ring empty, -1 hand the
+ * first chain to Python (nothing of the run pushed: Python redoes each request, which is
+ * idempotent), -2 hand the ring to Python. Called with the read lock held. */
 static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_state *t) {
     uint16_t avail_idx = __atomic_load_n(&r->avail[1], __ATOMIC_ACQUIRE);
     uint16_t pending = (uint16_t)(avail_idx - q->last_avail);
@@ -360,43 +405,46 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
     }
     if (pending > q->num)
         return -2;                    /* Python raises the RingError: device needs reset */
-    unsigned head = r->avail[2 + (q->last_avail & (q->num - 1))];
-    if (head >= (unsigned)q->num)
-        return -1;
     struct chain *c = &t->c;
-    if (walk(q, r, head, c) || c->rlen < 16 || c->wlen < 1 || c->s[0].n != 16 || c->s[c->nr + c->nw - 1].n != 1)
+    unsigned head; uint32_t type; uint64_t sector;
+    if (peek(q, r, q->last_avail, c, &head, &type, &sector))
         return -1;
-    uint32_t type; uint64_t sector;
-    memcpy(&type, c->s[0].p, 4);
-    memcpy(&sector, c->s[0].p + 8, 8);
-    uint8_t *status = c->s[c->nr + c->nw - 1].p;
-    uint32_t written = 1;
-    struct dma d = {0};               /* this request's, kept only if it is served here */
-    dma_read(&d, 2);                  /* the avail index */
-    dma_read(&d, 2);                  /* the head */
-    d.reads += c->table_reads;
-    d.read_bytes += c->table_bytes;
-    dma_read(&d, 16);                 /* the header */
+    struct dma d = {0};               /* the run's, kept only if it is served here */
+    account_chain(&d, c);
+    int n = 1;
+    t->run[0].status = c->s[c->nr + c->nw - 1].p;
+    t->run[0].head = head;
+    t->run[0].nbytes = 0;
     if (type == T_IN || type == T_OUT) {
-        uint64_t nbytes = type == T_IN ? c->wlen - 1 : c->rlen - 16;
+        int cnt = 0;
+        uint64_t nbytes = add_data(c, type, t->iov, &cnt);
         if (nbytes % SECTOR || sector > q->capacity || nbytes / SECTOR > q->capacity - sector)
             return -1;                /* Python logs the range error once and answers IOERR */
         if (type == T_OUT && q->readonly)
             return -1;
-        int first = type == T_IN ? c->nr : 1, cnt = type == T_IN ? c->nw - 1 : c->nr - 1;
-        for (int i = 0; i < cnt; i++) {
-            t->iov[i].iov_base = c->s[first + i].p;
-            t->iov[i].iov_len = c->s[first + i].n;
+        t->run[0].nbytes = nbytes;
+        uint64_t total = nbytes, end = sector + nbytes / SECTOR;
+        while (nbytes && n < DP_MERGE_CHAINS && n < pending && total < DP_MERGE_BYTES) {
+            unsigned h; uint32_t ty; uint64_t s;
+            if (peek(q, r, (uint16_t)(q->last_avail + n), c, &h, &ty, &s) || ty != type || s != end)
+                break;
+            int more = (type == T_IN ? c->nw - 1 : c->nr - 1);
+            uint64_t nb = type == T_IN ? c->wlen - 1 : c->rlen - 16;
+            if (!nb || nb % SECTOR || nb / SECTOR > q->capacity - end || nb > DP_MERGE_BYTES - total
+                || cnt + more > DP_IOV_MAX)
+                break;
+            add_data(c, type, t->iov, &cnt);
+            account_chain(&d, c);
+            t->run[n].status = c->s[c->nr + c->nw - 1].p;
+            t->run[n].head = h;
+            t->run[n].nbytes = nb;
+            n++;
+            total += nb;
+            end += nb / SECTOR;
         }
-        if (nbytes && io(q, type == T_OUT, t->iov, cnt, sector * SECTOR)) {
+        if (total && io(q, type == T_OUT, t->iov, cnt, sector * SECTOR)) {
             q->err = errno;
             return -1;
-        }
-        if (type == T_IN) {
-            written += (uint32_t)nbytes;
-            dma_write(&d, nbytes);
-        } else {
-            dma_read(&d, nbytes);
         }
     } else if (type == T_FLUSH) {
         if (!q->readonly && fdatasync(q->disk)) {
@@ -406,19 +454,30 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
     } else {
         return -1;                    /* GET_ID, DISCARD, WRITE_ZEROES, unknown: Python */
     }
-    *status = 0;                      /* VIRTIO_BLK_S_OK */
-    __atomic_add_fetch(&q->m->requests, 1, __ATOMIC_RELAXED);
-    dma_write(&d, 1);                 /* the status byte */
-    dma_write(&d, 8);                 /* the used element */
-    dma_write(&d, 2);                 /* the used index */
+    for (int i = 0; i < n; i++) {
+        uint32_t written = 1;
+        if (type == T_IN) {
+            written += (uint32_t)t->run[i].nbytes;
+            dma_write(&d, t->run[i].nbytes);
+        } else if (type == T_OUT) {
+            dma_read(&d, t->run[i].nbytes);
+        }
+        *t->run[i].status = 0;        /* VIRTIO_BLK_S_OK */
+        dma_write(&d, 1);             /* the status byte */
+        dma_write(&d, 8);             /* the used element */
+        dma_write(&d, 2);             /* the used index */
+        uint16_t slot = q->used_idx & (q->num - 1);
+        r->used_ring[2 * slot] = t->run[i].head;
+        r->used_ring[2 * slot + 1] = written;
+        q->used_idx++;
+        __atomic_store_n(&r->used16[1], q->used_idx, __ATOMIC_RELEASE);
+        q->last_avail++;
+    }
+    __atomic_add_fetch(&q->m->requests, (uint64_t)n, __ATOMIC_RELAXED);
+    if (n > 1)
+        __atomic_add_fetch(&q->m->merged, (uint64_t)(n - 1), __ATOMIC_RELAXED);
     dma_commit(q->m, &d);
-    uint16_t slot = q->used_idx & (q->num - 1);
-    r->used_ring[2 * slot] = head;
-    r->used_ring[2 * slot + 1] = written;
-    q->used_idx++;
-    __atomic_store_n(&r->used16[1], q->used_idx, __ATOMIC_RELEASE);
-    q->last_avail++;
-    return 1;
+    return n;
 }
 
 static int stop_asked(struct dp_queue *q) { return __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE); }
@@ -432,7 +491,8 @@ EXPORT int dp_run(struct dp_queue *q) {
     unsigned served = 0;
     for (;;) {
         int rc = 0;
-        /* drain: one request per read-lock hold, so a mirror clear waits for one request only */
+        /* drain: one request (or one merged run) per read-lock hold, so a mirror clear waits for
+         * that only */
         for (;;) {
             if (stop_asked(q))
                 return DP_STOPPED;
@@ -470,7 +530,9 @@ EXPORT int dp_run(struct dp_queue *q) {
                     return DP_CALL_DEAD;
                 break;
             }
-            int want = ++served % 32 == 0 && notify(q, &r, &t.dma);   /* a long stream: interrupts as it goes */
+            unsigned before = served;
+            served += (unsigned)rc;
+            int want = before / 32 != served / 32 && notify(q, &r, &t.dma);   /* a long stream: interrupts as it goes */
             pthread_rwlock_unlock(&q->m->lock);
             if (want && call(q))
                 return DP_CALL_DEAD;
