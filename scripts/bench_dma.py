@@ -121,9 +121,14 @@ async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache
         vcpus = {int(c["thread-id"]) for c in await vm.qmp.execute("query-cpus-fast")}
         cpu0, io0 = time.process_time(), qemu_io_cpu(vm.pid, vcpus)
         for phase in PHASES:
+            before = vm.dma_counters()["disk0"] if isinstance(vm, EncryptedMachine) else {}
             start = time.perf_counter()
             await vm.console.command(f"{cmds[phase]}; echo done=$((6*7))", DONE, 3600)
             out[phase] = time.perf_counter() - start
+            if isinstance(vm, EncryptedMachine):      # requests the guest sent, and merged into one I/O
+                after = vm.dma_counters()["disk0"]
+                for key in ("requests", "merged"):
+                    out[f"{phase}_{key}"] = after[key] - before[key]
         out["backend_cpu"] = time.process_time() - cpu0
         out["qemu_io_cpu"] = qemu_io_cpu(vm.pid, vcpus) - io0
         if isinstance(vm, EncryptedMachine):
@@ -184,6 +189,9 @@ async def main() -> None:
           f"load before={load[0]:.2f} after={os.getloadavg()[0]:.2f}")
     print(f"vhost backend: {native.status()}; requests it served: "
           + ", ".join(f"({m}) {100 * statistics.median(r['native_share'] for r in results[m]):.0f} %" for m in "ab"))
+    print("(a) requests a phase (of them served by a preceding adjacent one's I/O): " + ", ".join(
+        f"{label} {statistics.median(r[p + '_requests'] for r in results['a']):.0f} "
+        f"({statistics.median(r[p + '_merged'] for r in results['a']):.0f})" for p, label in zip(PHASES, LABELS)))
     print(f"ratio={min(a_c.values()):.3f}")
 
 
