@@ -7,6 +7,7 @@ import asyncio
 import os
 import struct
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from fake_driver import AVAIL, FakeDriver
@@ -22,22 +23,34 @@ descriptor = st.tuples(st.one_of(st.integers(0, RAM + 4096), st.integers(0, (1 <
                        st.integers(0, 7), st.integers(0, NUM + 4))
 
 
-@settings(max_examples=25)
-@given(descs=st.lists(descriptor, min_size=1, max_size=NUM), heads=st.lists(st.integers(0, NUM + 2), min_size=1, max_size=8),
-       headers=st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=4),
-       jump=st.sampled_from([0, 0, 0, 70, 0xFFFF]))
+RINGS = given(descs=st.lists(descriptor, min_size=1, max_size=NUM),
+              heads=st.lists(st.integers(0, NUM + 2), min_size=1, max_size=8),
+              headers=st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=4),
+              jump=st.sampled_from([0, 0, 0, 70, 0xFFFF]))
+SUITE, LONG = 10, 200
+"""Examples per run: ``make test`` (bounded), ``make verify`` (the long trial)."""
+
+
+@settings(max_examples=SUITE)
+@RINGS
 def test_random_rings_never_crash_or_escape(tmp_path_factory, descs, heads, headers, jump):
     asyncio.run(_random_ring(tmp_path_factory.mktemp("ring"), descs, heads, headers, jump))
 
 
-@settings(max_examples=25)
-@given(descs=st.lists(descriptor, min_size=1, max_size=NUM), heads=st.lists(st.integers(0, NUM + 2), min_size=1, max_size=8),
-       headers=st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=4),
-       jump=st.sampled_from([0, 0, 0, 70, 0xFFFF]))
+@settings(max_examples=SUITE)
+@RINGS
 def test_random_rings_in_front_of_the_compiled_dataplane(tmp_path_factory, descs, heads, headers, jump):
     """No observer (it would send every request to Python) and the whole of RAM in the
     dataplane's translation mirror: the C side judges the chains first."""
     asyncio.run(_random_ring(tmp_path_factory.mktemp("ring"), descs, heads, headers, jump, observe=False))
+
+
+@pytest.mark.verify
+@settings(max_examples=LONG)
+@RINGS
+def test_many_random_rings_on_both_paths(tmp_path_factory, descs, heads, headers, jump):
+    for observe in (True, False):
+        asyncio.run(_random_ring(tmp_path_factory.mktemp("ring"), descs, heads, headers, jump, observe=observe))
 
 
 async def _random_ring(tmp, descs, heads, headers, jump, *, observe: bool = True):
