@@ -18,7 +18,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 # Two workers, each module on one of them (its module fixtures run once): on 2 cores the suite
-# takes 3.5 min instead of 6 (QEMU under TCG and the Python driving it overlap across workers).
+# takes about 5 min instead of 11 serially (QEMU under TCG and the Python driving it overlap across workers).
 XDIST := -n 2 --dist loadscope
 # The suite starts Python hundreds of times (each worker's collection, the command line as a user
 # runs it, the probes' hosts): compiled from source each time where PYTHONDONTWRITEBYTECODE is set,
