@@ -122,6 +122,9 @@ class PhysicalMemory:
         self._attachments: list[Attachment] = []
         self.integrity: LineIntegrity | None = None
         self.observer: MemoryObserver | None = None
+        self.observer_listeners: list[Callable[[], None]] = []
+        """Called when an observer is installed (a DMA fast path, such as the vhost dataplane's
+        IOTLB mirror, stops using what the observer must see)."""
 
     def __repr__(self) -> str:
         return f"PhysicalMemory({len(self._pages)} pages touched, {len(self._attachments)} attachments)"

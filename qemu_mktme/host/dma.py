@@ -174,8 +174,7 @@ class AssignedDevice:
         self._mirror = mirror
         self.guest.iommu.listeners.append(self._mirror_refresh)
         memory = self.guest.platform.memory
-        listeners = memory.__dict__.setdefault("observer_listeners", [])
-        listeners.append(self._mirror_refresh)
+        memory.observer_listeners.append(self._mirror_refresh)
         self._mirror_refresh()
 
     def detach_mirror(self) -> None:
@@ -188,7 +187,7 @@ class AssignedDevice:
         with contextlib.suppress(ValueError):
             self.guest.iommu.listeners.remove(self._mirror_refresh)
         with contextlib.suppress(ValueError):
-            self.guest.platform.memory.__dict__.get("observer_listeners", []).remove(self._mirror_refresh)
+            self.guest.platform.memory.observer_listeners.remove(self._mirror_refresh)
         mirror.clear(windows=True)
 
     def _mirror_refresh(self) -> None:

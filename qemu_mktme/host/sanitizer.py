@@ -134,7 +134,7 @@ class Sanitizer:
             raise ValueError("the platform memory already has an observer")
         memory.observer = self
         self.host, self._memory = host, memory
-        for listener in list(getattr(memory, "observer_listeners", ())):
+        for listener in list(memory.observer_listeners):
             listener()                  # DMA fast paths (a dataplane's IOTLB mirror) stop now
         return self
 

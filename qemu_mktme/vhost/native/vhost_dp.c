@@ -20,9 +20,10 @@
  * sees the new domain. Every access is bounds-checked against its window.
  *
  * Adjacent requests of one batch are one I/O, as QEMU's virtio-blk merges them
- * (virtio_blk_submit_multireq): Linux splits a 1 MiB direct write of 256 pages into two requests
- * (seg_max is 254), which would otherwise be two sequential O_DIRECT round trips. A merged run
- * is one read-lock hold, from its first ring access to its last used entry.
+ * (virtio_blk_submit_multireq): a driver that queues several requests continuing each other (a
+ * file system's writeback, a large request split at seg_max) gets one preadv/pwritev, not one
+ * O_DIRECT round trip each. A merged run is one read-lock hold, from its first ring access to its
+ * last used entry.
  *
  * No allocation per request; memory barriers where the ring needs them (acquire on the avail
  * index, release on the used index, a full fence before reading the event index).
