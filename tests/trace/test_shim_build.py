@@ -87,3 +87,11 @@ def test_source_is_one_file_with_spdx_and_no_qemu_header():
     assert text.startswith("/* SPDX-License-Identifier: GPL-2.0-or-later")
     assert "#include <qemu-plugin.h>" not in text and '#include "qemu-plugin.h"' not in text
     assert os.listdir(source_path().parent) and not list(source_path().parent.glob("*.h"))
+
+
+def test_a_built_shim_is_used_without_gcc_on_the_path(tmp_path, monkeypatch):
+    """Built once, then asked for where PATH has no gcc (a service's minimal PATH): the cached
+    shim is returned, nothing is compiled."""
+    first = build_shim(abi=1, cache=tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert build_shim(abi=1, cache=tmp_path) == first

@@ -79,12 +79,14 @@ def build_shim(qemu: QemuBinary | None = None, *, abi: int | None = None, source
         text = src.read_bytes()
     except OSError as err:
         raise ShimError(f"cannot read the shim source {src}: {err.strerror}") from err
-    compiler = cc or shutil.which("gcc")
-    if compiler is None:
-        raise ShimError("gcc not found: it builds the TCG plugin shim (apt-get install gcc)")
     flags = (*CFLAGS, f"-DMKTME_PLUGIN_ABI={abi}")
     key = hashlib.sha256(text + b"\0" + " ".join(flags).encode()).hexdigest()[:24]
     library = (cache or cache_root()) / "shim" / f"{key}-abi{abi}" / LIBRARY_NAME
+    if library.is_file():               # built already: no compiler needed (a service's minimal PATH),
+        return library                  # as compiled.build_cached does for the other two C parts
+    compiler = cc or shutil.which("gcc")
+    if compiler is None:
+        raise ShimError("gcc not found: it builds the TCG plugin shim (apt-get install gcc)")
     try:
         return compile_library(library, compiler, src, flags)
     except CompileFailed as err:
