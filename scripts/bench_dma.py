@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,6 +46,7 @@ from qemu_mktme.live.encrypted import EncryptedMachine
 from qemu_mktme.qemu.devices import DiskSpec
 from qemu_mktme.qemu.machine import Machine, MachineConfig
 from qemu_mktme.vhost import native
+from qemu_mktme.vhost.blk import POLL_MAX_NS
 
 MODES = {"a": "vhost + IOMMU model", "b": "vhost, model bypassed", "c": "QEMU virtio-blk"}
 PHASES = ("seqwrite", "seqread", "randread", "randwrite", "mixed", "randread4")
@@ -83,11 +85,12 @@ def initrd_with_rio(boot_initrd: str, tmp: str) -> str:
     return out
 
 
-def qemu_io_cpu(pid: int, vcpus: set[int]) -> float:
-    """CPU seconds of QEMU's threads other than its vCPUs (thread ids from query-cpus-fast)."""
+def qemu_io_cpu(pid: int, vcpus: set[int], *, of_vcpus: bool = False) -> float:
+    """CPU seconds of QEMU's threads other than its vCPUs (thread ids from query-cpus-fast), or of
+    its vCPUs (``of_vcpus``)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        if int(task.name) in vcpus:
+        if (int(task.name) in vcpus) != of_vcpus:
             continue
         try:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
@@ -97,10 +100,19 @@ def qemu_io_cpu(pid: int, vcpus: set[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache: str) -> dict[str, float]:
+async def interrupts(vm: Machine) -> int:
+    """Interrupts the guest's virtio-blk queues have taken (its /proc/interrupts)."""
+    found = await vm.console.command("echo irq=$(awk '/virtio.*req/ {for (i = 2; i < NF; i++) if ($i ~ /^[0-9]+$/) "
+                                     "s += $i} END {print s + 0}' /proc/interrupts)", re.compile(r"irq=(\d+)\s"), 60)
+    return int(found.group(1))
+
+
+async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache: str,
+              phases: tuple[str, ...], poll: int | None) -> dict[str, float]:
     image = images.load("linux")
-    boot = dataclasses.replace(image.boot(workload="shell"), initrd=initrd)
-    spec = DiskSpec.parse(f"{disk},format=raw,dma={'qemu' if mode == 'c' else 'vhost'},cache={cache}")
+    boot = dataclasses.replace(image.boot(workload="shell"), initrd=Path(initrd))
+    spec = DiskSpec.parse(f"{disk},format=raw,dma={'qemu' if mode == 'c' else 'vhost'},cache={cache}"
+                          + (f",poll-max-ns={poll}" if poll is not None and mode != "c" else ""))
     config = MachineConfig(boot=boot, memory="1G", name=f"bench-dma-{mode}", disks=(spec,))
     if mode == "c":
         vm: Machine = Machine(config)
@@ -120,11 +132,15 @@ async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache
         assert vm.pid is not None
         vcpus = {int(c["thread-id"]) for c in await vm.qmp.execute("query-cpus-fast")}
         cpu0, io0 = time.process_time(), qemu_io_cpu(vm.pid, vcpus)
-        for phase in PHASES:
+        for phase in phases:
+            irq0 = await interrupts(vm)
+            vcpu0 = qemu_io_cpu(vm.pid, vcpus, of_vcpus=True)
             before = vm.dma_counters()["disk0"] if isinstance(vm, EncryptedMachine) else {}
             start = time.perf_counter()
             await vm.console.command(f"{cmds[phase]}; echo done=$((6*7))", DONE, 3600)
             out[phase] = time.perf_counter() - start
+            out[f"{phase}_vcpu"] = (qemu_io_cpu(vm.pid, vcpus, of_vcpus=True) - vcpu0) / out[phase]
+            out[f"{phase}_irqs"] = await interrupts(vm) - irq0
             if isinstance(vm, EncryptedMachine):      # requests the guest sent, and merged into one I/O
                 after = vm.dma_counters()["disk0"]
                 for key in ("requests", "merged"):
@@ -136,6 +152,8 @@ async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache
             assert c.get("sanitizer", 0) == 0, "DMA through a foreign KeyID during the benchmark"
             assert c.get("faults", 0) == 0 and c["errors"] == 0, f"DMA faults or request errors: {c}"
             out["native_share"] = c["native"] / max(1, c["requests"])
+            out["poll_share"] = c["poll_hits"] / max(1, c["requests"])
+            out["poll_us"] = c["poll_us"] / max(1, c["requests"])
         await vm.console.write("exit\r")
         await vm.wait(120)
     return out
@@ -148,51 +166,82 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--cache", choices=("writeback", "none"), default="writeback")
     parser.add_argument("--quick", action="store_true", help="one round, 32 MiB, 100 random I/Os (a smoke test)")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of a,b,c (a is needed)")
+    parser.add_argument("--poll-max-ns", type=int, help="our backend's polling bound for (a) and (b) "
+                        f"(default: the backend's, {POLL_MAX_NS}; 0: never poll)")
+    parser.add_argument("--image-dir", help="where the disk image lives (default: a temporary directory under "
+                        "TMPDIR; /dev/shm takes the host's storage out of the comparison)")
     args = parser.parse_args()
+    phases = tuple(p for p in args.phases.split(",") if p)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not phases or set(phases) - set(PHASES):
+        parser.error(f"--phases: choose from {','.join(PHASES)}")
+    if "a" not in modes or set(modes) - set(MODES) or len(set(modes)) != len(modes):
+        parser.error("--modes: a, with b and/or c")
     if args.quick:
         args.rounds, args.size_mb, args.count = 1, 32, 300
     images.build("linux")
     boot_initrd = images.load("linux").boot(workload="shell").initrd
     assert boot_initrd is not None
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     load = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="bench-dma-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-dma-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="bench-dma-", dir=args.image_dir) as image_dir:
         initrd = initrd_with_rio(str(boot_initrd), tmp)
-        disk = os.path.join(tmp, "disk.img")
+        disk = os.path.join(image_dir, "disk.img")
         with open(disk, "wb") as f:                 # allocated, not sparse: every path rewrites blocks
             for _ in range(args.size_mb + 16):
                 f.write(bytes(1 << 20))
             os.fsync(f.fileno())
-        order = list(MODES)
         for r in range(args.rounds):                  # interleaved, each round starting elsewhere
-            for mode in order[r % 3:] + order[:r % 3]:
-                results[mode].append(await one(mode, disk, initrd, args.size_mb, args.count, args.cache))
-    keys = (*PHASES, "backend_cpu", "qemu_io_cpu")
+            for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+                results[mode].append(await one(mode, disk, initrd, args.size_mb, args.count, args.cache, phases,
+                                               args.poll_max_ns))
+    keys = (*phases, "backend_cpu", "qemu_io_cpu")
     med = {m: {k: statistics.median(r[k] for r in runs) for k in keys} for m, runs in results.items()}
     mb = args.size_mb * (1 << 20) / 1e6
-    moved_mib = 2 * args.size_mb + 4 * args.count * 4096 / (1 << 20)
+    moved_mib = sum(args.size_mb if p.startswith("seq") else args.count * 4096 / (1 << 20) for p in phases)
+    labels = {p: label for p, label in zip(PHASES, LABELS)}
 
-    def speed(m: str, phase: str) -> float:
-        return (mb if phase.startswith("seq") else args.count) / med[m][phase]
+    def speed(m: str, phase: str, t: float | None = None) -> float:
+        return (mb if phase.startswith("seq") else args.count) / (med[m][phase] if t is None else t)
 
-    print(f"{'path':26} " + " ".join(f"{label:>10}" for label in LABELS) + f" {'backend':>9} {'QEMU I/O':>9}")
-    print(f"{'':26} " + " ".join(f"{'MB/s' if p.startswith('seq') else 'IOPS':>10}" for p in PHASES)
+    print(f"{'path':26} " + " ".join(f"{labels[p]:>10}" for p in phases) + f" {'backend':>9} {'QEMU I/O':>9}")
+    print(f"{'':26} " + " ".join(f"{'MB/s' if p.startswith('seq') else 'IOPS':>10}" for p in phases)
           + f" {'ms/MiB':>9} {'ms/MiB':>9}")
-    for m in MODES:
-        print(f"({m}) {MODES[m]:22} " + " ".join(f"{speed(m, p):>10.1f}" for p in PHASES)
+    for m in modes:
+        print(f"({m}) {MODES[m]:22} " + " ".join(f"{speed(m, p):>10.1f}" for p in phases)
               + f" {1000 * med[m]['backend_cpu'] / moved_mib:>9.3f} {1000 * med[m]['qemu_io_cpu'] / moved_mib:>9.3f}")
-    a_c = {p: speed("a", p) / speed("c", p) for p in PHASES}
-    a_b = {p: speed("a", p) / speed("b", p) for p in PHASES}
-    print("(a)/(c): " + ", ".join(f"{p} {r:.2f}" for p, r in a_c.items()))
-    print("(a)/(b): " + ", ".join(f"{p} {r:.2f}" for p, r in a_b.items()))
+    worst = []
+    for other in modes[1:]:
+        ratios = {p: speed("a", p) / speed(other, p) for p in phases}
+        print(f"(a)/({other}): " + ", ".join(f"{p} {r:.2f}" for p, r in ratios.items()))
+        # the same ratio round by round (a round runs each path once, back to back): the spread
+        spread = {p: sorted(b[p] / a[p] for a, b in zip(results["a"], results[other])) for p in phases}
+        print("  per round: " + ", ".join(f"{p} {v[0]:.2f}-{v[-1]:.2f}" for p, v in spread.items()))
+        if other == "c":
+            worst.append(min(ratios.values()))
     print(f"rounds={args.rounds} size={args.size_mb} MiB count={args.count} cache={args.cache} "
+          f"image in {args.image_dir or tempfile.gettempdir()} "
           f"load before={load[0]:.2f} after={os.getloadavg()[0]:.2f}")
     print(f"vhost backend: {native.status()}; requests it served: "
-          + ", ".join(f"({m}) {100 * statistics.median(r['native_share'] for r in results[m]):.0f} %" for m in "ab"))
+          + ", ".join(f"({m}) {100 * statistics.median(r['native_share'] for r in results[m]):.0f} %"
+                      for m in modes if m != "c"))
+    print("requests found by polling (no kick needed), and the time spent watching a request: " + ", ".join(
+        f"({m}) {100 * statistics.median(r['poll_share'] for r in results[m]):.0f} % "
+        f"{statistics.median(r['poll_us'] for r in results[m]):.0f} us" for m in modes if m != "c")
+          + f" (poll-max-ns={POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns})")
     print("(a) requests a phase (of them served by a preceding adjacent one's I/O): " + ", ".join(
-        f"{label} {statistics.median(r[p + '_requests'] for r in results['a']):.0f} "
-        f"({statistics.median(r[p + '_merged'] for r in results['a']):.0f})" for p, label in zip(PHASES, LABELS)))
-    print(f"ratio={min(a_c.values()):.3f}")
+        f"{labels[p]} {statistics.median(r[p + '_requests'] for r in results['a']):.0f} "
+        f"({statistics.median(r[p + '_merged'] for r in results['a']):.0f})" for p in phases))
+    print("interrupts a request: " + "; ".join(f"({m}) " + ", ".join(
+        f"{labels[p]} {statistics.median(r[p + '_irqs'] for r in results[m]) / (args.count if not p.startswith('seq') else max(1, statistics.median(r[p + '_requests'] for r in results['a']))):.2f}"
+        for p in phases) for m in modes))
+    print("vCPU busy (CPU time / phase time): " + "; ".join(f"({m}) " + ", ".join(
+        f"{labels[p]} {statistics.median(r[p + '_vcpu'] for r in results[m]):.2f}" for p in phases) for m in modes))
+    if worst:
+        print(f"ratio={min(worst):.3f}")
 
 
 if __name__ == "__main__":

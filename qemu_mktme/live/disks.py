@@ -57,8 +57,9 @@ class VhostDisks:
         try:
             for n, disk in self.disks:
                 dev_name = f"disk{n}"
+                poll = {} if disk.poll_max_ns is None else {"poll_max_ns": disk.poll_max_ns}
                 device = VhostUserBlk(disk.path, self._memory_for(dev_name), readonly=disk.readonly,
-                                      direct=disk.cache == "none",
+                                      direct=disk.cache == "none", **poll,
                                       name=dev_name, serial=f"qemu-mktme-{dev_name}")
                 self.devices.append(device)
                 sock = self.dir / f"{dev_name}.sock"

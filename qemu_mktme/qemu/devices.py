@@ -8,8 +8,10 @@ vhost-user-blk backend outside QEMU whose every access goes through the host mod
 whoever launches the machine.
 
 The command-line form is QEMU's own style: ``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on]
-[,cache=writeback|none]``; ``cache=none`` is QEMU's: the host page cache is bypassed (``O_DIRECT``),
-by QEMU's block layer and by our backend alike.
+[,cache=writeback|none][,poll-max-ns=N]``; ``cache=none`` is QEMU's: the host page cache is bypassed
+(``O_DIRECT``), by QEMU's block layer and by our backend alike. ``poll-max-ns`` is QEMU's iothread
+option for our backend's queue threads (``dma=vhost`` only): how long one may watch a ring that ran
+empty for the guest's next request instead of waiting for its kick (adaptive below it; 0: never).
 
 A network card is QEMU's ``virtio-net-pci`` on its user-mode network stack (slirp: the guest
 is 10.0.2.15 behind NAT, no host privileges, no tap), with ``hostfwd`` rules forwarding host
@@ -31,6 +33,8 @@ from pathlib import Path
 DISK_FORMATS = ("raw", "qcow2")
 DMA_MODES = ("qemu", "vhost")
 CACHE_MODES = ("writeback", "none")
+POLL_MAX_NS_LIMIT = 10_000_000
+"""The longest polling window a disk may ask for (10 ms; QEMU's iothread takes any value)."""
 QCOW2_MAGIC = b"QFI\xfb"
 LUKS_MAGIC = b"LUKS\xba\xbe"
 
@@ -81,6 +85,7 @@ class DiskSpec:
     readonly: bool = False
     secret_fd: int | None = None           # LUKS-in-qcow2: an inherited fd QEMU reads the passphrase from
     cache: str = "writeback"               # "none": O_DIRECT, QEMU's cache=none
+    poll_max_ns: int | None = None         # dma=vhost: the queue threads' polling bound (None: the backend's default)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -90,24 +95,33 @@ class DiskSpec:
             raise ValueError(f"disk dma must be one of {', '.join(DMA_MODES)}, got {self.dma!r}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"disk cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.poll_max_ns is not None:
+            if self.dma == "qemu":
+                raise ValueError(f"disk {self.path}: poll-max-ns is our backend's (dma=vhost); QEMU's virtio-blk "
+                                 "under TCG has no polling")
+            if not 0 <= self.poll_max_ns <= POLL_MAX_NS_LIMIT:
+                raise ValueError(f"disk poll-max-ns must be in 0..{POLL_MAX_NS_LIMIT}, got {self.poll_max_ns}")
         if self.dma == "vhost" and self.format != "raw":
             raise ValueError(f"disk {self.path}: dma=vhost serves raw images only (our backend has no {self.format} "
                              f"driver): use dma=qemu, or qemu-img convert -O raw")
 
     @classmethod
     def parse(cls, text: str) -> DiskSpec:
-        """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]``; the format is read from the
+        """``PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none][,poll-max-ns=N]``; the format is read from the
         file's header when not given (a qcow2 header means qcow2, anything else raw), never left to
         QEMU's probing (which would let a raw guest-written disk turn itself into a qcow2 one)."""
-        path, fields = split_options(text, "disk", ("format", "dma", "readonly", "cache"),
-                                     "PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]")
+        usage = "PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none][,poll-max-ns=N]"
+        path, fields = split_options(text, "disk", ("format", "dma", "readonly", "cache", "poll-max-ns"), usage)
+        poll = fields.get("poll-max-ns")
+        if poll is not None and not (poll.isascii() and poll.isdigit()):
+            raise ValueError(f"disk poll-max-ns must be a number of nanoseconds, got {poll!r}")
         if fields.get("readonly", "off") not in ("on", "off"):
             raise ValueError(f"readonly must be on or off, got {fields['readonly']!r}")
         fmt = fields.get("format") or sniff_format(Path(path))
         if fmt == "luks":
             raise ValueError(f"disk {path} is a LUKS volume: it needs its key (not supported by --disk yet)")
         return cls(Path(path), format=fmt, dma=fields.get("dma"), readonly=fields.get("readonly") == "on",
-                   cache=fields.get("cache", "writeback"))
+                   cache=fields.get("cache", "writeback"), poll_max_ns=None if poll is None else int(poll))
 
     def check(self) -> None:
         """``ValueError`` with one clear line unless the file can be a disk: it exists, is a regular

@@ -21,7 +21,7 @@ from ..arch.guestmap import GuestRange
 from ..errors import MktmeError
 from ..host.dma import AssignedDevice
 from ..host.host import Host
-from .blk import VhostUserBlk
+from .blk import POLL_MAX_NS, VhostUserBlk
 from .memory import IommuMemory, map_region, unmap
 from .protocol import IDLE_DEADLINE, MAX_CONNECTIONS, MESSAGE_DEADLINE, MemRegion, ProtocolError, Server
 
@@ -67,7 +67,8 @@ class StandaloneMemory:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    device = VhostUserBlk(args.disk, StandaloneMemory(args.keyid_bits), readonly=args.readonly)
+    device = VhostUserBlk(args.disk, StandaloneMemory(args.keyid_bits), readonly=args.readonly,
+                          poll_max_ns=args.poll_max_ns)
     server = Server(args.socket, device, name="vhost-blk", max_connections=args.max_connections,
                     message_deadline=args.message_deadline, idle_deadline=args.idle_deadline)
     await server.start()
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--disk", required=True)
     ap.add_argument("--readonly", action="store_true")
     ap.add_argument("--keyid-bits", type=int, default=6)
+    ap.add_argument("--poll-max-ns", type=int, default=POLL_MAX_NS, metavar="NS",
+                    help="how long a queue thread may watch a ring that ran empty for the next request "
+                         "(QEMU's iothread option; adaptive below it; 0: never; default %(default)s)")
     ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
                     help="connections served at once (default %(default)s)")
     ap.add_argument("--message-deadline", type=float, default=MESSAGE_DEADLINE, metavar="SECONDS",

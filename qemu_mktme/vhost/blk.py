@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..host.dma import DmaFault, WatchedList
+from ..qemu.devices import POLL_MAX_NS_LIMIT
 from . import native
 from . import protocol as p
 from .dataplane import QueueThread
@@ -52,6 +53,12 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 TYPE_NAMES = {T_IN: "in", T_OUT: "out", T_FLUSH: "flush", T_GET_ID: "get-id", T_DISCARD: "discard",
               T_WRITE_ZEROES: "write-zeroes"}
 QUEUE_SIZE = 256          # QEMU's virtio-blk default; the front end is told it (``queue-size``)
+POLL_MAX_NS = 512_000
+"""How long a queue thread may watch a ring that ran empty for the driver's next request (QEMU's
+iothread ``poll-max-ns``; adaptive below it, see native/vhost_dp.c). QEMU's own default, 32 us,
+is shorter than a TCG guest's turn-around between a completion and its next request (about
+100 us on a 2-core machine): measured in scripts/bench_dma.py."""
+
 IOV_MAX = 1024
 MAX_DISCARD_SECTORS = 1 << 22
 STATUS_NEEDS_RESET = 0x40
@@ -105,10 +112,14 @@ class VhostUserBlk(p.Handler):
 
     def __init__(self, path: str | os.PathLike[str], memory_for: Callable[[list[p.MemRegion]], Any], *,
                  readonly: bool = False, num_queues: int = 4, name: str = "vhost-blk0",
-                 serial: str = "qemu-mktme-vhost", direct: bool = False, queue_size: int = QUEUE_SIZE) -> None:
+                 serial: str = "qemu-mktme-vhost", direct: bool = False, queue_size: int = QUEUE_SIZE,
+                 poll_max_ns: int = POLL_MAX_NS) -> None:
         native.library()          # built now: QEMU_MKTME_VHOST=native fails here, not mid-negotiation
         self.path = Path(path)
         self.queue_size = queue_size
+        if not 0 <= poll_max_ns <= POLL_MAX_NS_LIMIT:
+            raise ValueError(f"poll-max-ns must be in 0..{POLL_MAX_NS_LIMIT}, got {poll_max_ns}")
+        self.poll_max_ns = poll_max_ns
         # segments per request as QEMU's virtio-blk offers them (seg-max-adjust: queue size - 2,
         # the header and the status): a 1 MiB request in two chains, not three
         self.seg_max = max(1, queue_size - 2)
@@ -148,7 +159,8 @@ class VhostUserBlk(p.Handler):
         self.status = 0
         self.transfer_hooks: list[Callable[[Transfer], None]] = WatchedList(self._hooks_changed)
         self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0, "native": 0,
-                          "merged": 0}
+                          "merged": 0, "polls": 0, "poll_hits": 0, "poll_us": 0}
+        self._poll_ns = 0
         self._logged: set[str] = set()
         self._mirror: native.Mirror | None = None   # the memory's, while queue threads use it
 
@@ -156,12 +168,19 @@ class VhostUserBlk(p.Handler):
     def counters(self) -> dict[str, int]:
         """Requests, errors, unsupported, resets; ``native``: the requests the compiled dataplane
         served (counted in ``requests`` too); ``merged``: of those, the ones served by a preceding
-        adjacent request's preadv/pwritev (the I/Os merging saved)."""
+        adjacent request's preadv/pwritev (the I/Os merging saved); ``polls``: the times a queue
+        thread watched the ring after it ran empty (``poll-max-ns``), ``poll_hits``: the requests
+        it found so (each saved the guest a kick), ``poll_us``: the time spent watching."""
         if self._mirror is not None:
             n = self._mirror.take_requests()
             self._counters["requests"] += n
             self._counters["native"] += n
             self._counters["merged"] += self._mirror.take_merged()
+            polls, hits, ns = self._mirror.take_polls()
+            self._counters["polls"] += polls
+            self._counters["poll_hits"] += hits
+            self._poll_ns += ns
+            self._counters["poll_us"] = self._poll_ns // 1000
         return self._counters
 
     def _hooks_changed(self) -> None:
@@ -349,7 +368,8 @@ class VhostUserBlk(p.Handler):
             return False
         q.dp = QueueThread(lib, self._mirror, q.ring, name=f"{self.name}-q{q.index}", kick=q.kick, call=q.call,
                            disk=self.fd, buffered=self.buffered_fd, capacity=self.capacity,
-                           readonly=self.readonly, slow=bool(self.transfer_hooks), on_event=self._dp_event)
+                           readonly=self.readonly, slow=bool(self.transfer_hooks), on_event=self._dp_event,
+                           poll_max_ns=self.poll_max_ns)
         q.dp.start()
         return True
 

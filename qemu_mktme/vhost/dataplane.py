@@ -28,7 +28,7 @@ class QueueThread:
 
     def __init__(self, lib: ctypes.CDLL, mirror: Mirror, ring: Virtqueue, *, name: str, kick: int, call: int,
                  disk: int, buffered: int, capacity: int, readonly: bool, slow: bool,
-                 on_event: Callable[[QueueThread, int], None]) -> None:
+                 on_event: Callable[[QueueThread, int], None], poll_max_ns: int = 0) -> None:
         self.lib, self.mirror, self.ring = lib, mirror, ring
         self.on_event = on_event
         self.loop = asyncio.get_running_loop()
@@ -39,6 +39,7 @@ class QueueThread:
         s.event_idx, s.indirect, s.max_bytes = int(ring.event_idx), int(ring.indirect), ring.max_bytes
         s.capacity, s.readonly, s.slow = capacity, int(readonly), int(slow)
         s.kick, s.call, s.stop, s.disk, s.buffered = kick, call, self.stop_fd, disk, buffered
+        s.poll_max_ns = poll_max_ns
         self.to_c()
         self.stopping = False
         self._resume = threading.Event()

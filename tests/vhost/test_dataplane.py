@@ -31,11 +31,11 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled d
 class Rig(test_blk_device.Rig):
     """test_blk_device's rig with a 4 MiB disk of random bytes."""
 
-    def __init__(self, tmp_path, direct: bool = False) -> None:   # not super().__init__: its own disk
+    def __init__(self, tmp_path, direct: bool = False, **device: int) -> None:   # not super().__init__: its own disk
         self.disk = tmp_path / "disk.img"
         self.disk.write_bytes(os.urandom(DISK))
         self.memory = StandaloneMemory(key_payload=user_payload(KEY, TWEAK))
-        self.device = VhostUserBlk(self.disk, self.memory, serial="dp-serial", direct=direct)
+        self.device = VhostUserBlk(self.disk, self.memory, serial="dp-serial", direct=direct, **device)
         self.server = Server(tmp_path / "blk.sock", self.device)
         self.driver = FakeDriver(str(tmp_path / "blk.sock"), 8 << 20, 64)
 

@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 SOURCE_NAME = "vhost_dp.c"
 LIBRARY_NAME = "vhost_dp.so"
-API_VERSION = 3
+API_VERSION = 4
 CFLAGS = ("-O2", "-std=gnu11", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
           "-Wall", "-Wextra", "-Werror")
 ENV_SELECT = "QEMU_MKTME_VHOST"
 """``python`` forces the Python path; ``native`` makes a build failure an error."""
 STOPPED, HANDOFF_CHAIN, HANDOFF_RING, KICK_GONE, CALL_DEAD = range(5)
 """What :func:`dp_run` returns: why the queue came back to Python."""
+COUNTERS = 9
+"""Counters ``dp_mirror_take`` hands over (see ``Mirror._acc``)."""
 MAX_IOVA = 1 << 40
 """The mirror covers IOVAs below this (a larger guest map keeps the Python path)."""
 
@@ -54,7 +56,8 @@ class QueueState(ctypes.Structure):
                 ("stop", ctypes.c_int32), ("disk", ctypes.c_int32), ("buffered", ctypes.c_int32),
                 ("slow", ctypes.c_int32), ("stopping", ctypes.c_int32), ("need_kick", ctypes.c_int32),
                 ("last_avail", ctypes.c_uint16), ("used_idx", ctypes.c_uint16),
-                ("signalled_used", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("err", ctypes.c_int32)]
+                ("signalled_used", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("err", ctypes.c_int32),
+                ("pad2", ctypes.c_uint32), ("poll_max_ns", ctypes.c_uint64), ("poll_ns", ctypes.c_uint64)]
 
 
 def source_path() -> Path:
@@ -162,13 +165,14 @@ class Mirror:
         if lib.dp_mirror_init(self.ptr, self.table.ctypes.data, self.nframes) != 0:
             raise DataplaneUnavailable("pthread_rwlock_init failed")
         self.windows: list[np.ndarray | None] = [None] * 64
-        self._acc = [0] * 6             # requests, reads, read_bytes, writes, write_bytes, merged not yet taken
+        # requests, reads, read_bytes, writes, write_bytes, merged, polls, poll hits, poll ns: not yet taken
+        self._acc = [0] * COUNTERS
         self.served = 0
         """Requests the C side completed, in all (never reset: tests, benchmarks)."""
         self.merged = 0
         """Of those, the ones served by a preceding request's preadv/pwritev (adjacent requests of
         one batch merged into one I/O, as QEMU's virtio-blk does): the I/Os saved, in all."""
-        self._out = (ctypes.c_uint64 * 6)()
+        self._out = (ctypes.c_uint64 * COUNTERS)()
         self._filled: set[int] = set()  # chunks of 512 frames filled since the last clear
 
     def window(self, index: int, array: np.ndarray) -> None:
@@ -219,6 +223,13 @@ class Mirror:
         self._pull()
         n, self._acc[5] = self._acc[5], 0
         return n
+
+    def take_polls(self) -> tuple[int, int, int]:
+        """(windows watched, requests they found, ns spent watching) since the last call."""
+        self._pull()
+        out = (self._acc[6], self._acc[7], self._acc[8])
+        self._acc[6:9] = [0, 0, 0]
+        return out
 
     def take_dma(self) -> tuple[int, int, int, int]:
         """(reads, read bytes, writes, write bytes) the C side did since the last call."""

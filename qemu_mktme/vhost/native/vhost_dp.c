@@ -25,6 +25,18 @@
  * O_DIRECT round trip each. A merged run is one read-lock hold, from its first ring access to its
  * last used entry.
  *
+ * Polling (QEMU's iothread ``poll-max-ns``, adaptive as QEMU's AioContext polls): when the ring
+ * runs empty the interrupt goes out first, then the thread watches the avail index for up to
+ * ``poll_ns`` before it asks the driver for a kick and sleeps. While it watches, the driver's
+ * next request needs no kick: under TCG a kick is an MMIO exit of the vCPU under QEMU's big
+ * lock plus a wake-up of this thread, the largest cost of a request after the guest's own. The
+ * window grows (4 us, doubling, up to ``poll_max_ns``) while requests come within
+ * ``poll_max_ns`` of the ring running empty and drops to 0 when one comes later (an idle guest
+ * costs one window). Between two looks the thread yields the CPU (sched_yield): on a machine
+ * with fewer cores than busy threads, QEMU's main loop, which must deliver the interrupt just
+ * sent, runs first. The read lock is taken for each look only, so a mirror clear waits for one
+ * look at most.
+ *
  * No allocation per request; memory barriers where the ring needs them (acquire on the avail
  * index, release on the used index, a full fence before reading the event index).
  */
@@ -34,13 +46,15 @@
 #include <signal.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
-#define DP_API_VERSION 3
+#define DP_API_VERSION 4
 #define DP_WINDOWS 64
 #define DP_MAX_SEGS 1026             /* IOV_MAX data segments + header + status */
 #define SECTOR 512
@@ -48,6 +62,8 @@
 #define DP_MERGE_BYTES (4u << 20)    /* bytes a merge grows to (a first chain alone may be more) */
 #define DP_MERGE_CHAINS 256          /* chains of one merged I/O */
 #define DP_CHUNK 512                 /* table entries per chunk a clear empties */
+#define DP_POLL_START 4000           /* ns: the first window, as QEMU's AioContext starts */
+#define DP_COUNTERS 9
 
 enum { DP_STOPPED = 0, DP_HANDOFF_CHAIN = 1, DP_HANDOFF_RING = 2, DP_KICK_GONE = 3, DP_CALL_DEAD = 4 };
 enum { F_NEXT = 1, F_WRITE = 2, F_INDIRECT = 4 };
@@ -63,6 +79,7 @@ struct dp_mirror {
      * Python path's (ring accesses included: each read or write of the ring is one DMA) */
     uint64_t requests, reads, read_bytes, writes, write_bytes;
     uint64_t merged;                  /* requests served by a preceding request's I/O (I/Os saved) */
+    uint64_t polls, poll_hits, poll_ns;   /* windows watched, requests they found, ns spent in them */
 };
 
 struct dp_queue {                     /* filled by Python (blk.py, ctypes Structure of the same layout) */
@@ -77,6 +94,9 @@ struct dp_queue {                     /* filled by Python (blk.py, ctypes Struct
     int32_t need_kick;                /* after a ring hand-off: wait for a kick before another */
     uint16_t last_avail, used_idx, signalled_used, pad;
     int32_t err;                      /* errno of the last hand-off's cause, for diagnostics */
+    uint32_t pad2;
+    uint64_t poll_max_ns;             /* set by Python: the longest window (0: never poll) */
+    uint64_t poll_ns;                 /* C's: the window now (adaptive) */
 };
 
 EXPORT int dp_api_version(void) { return DP_API_VERSION; }
@@ -124,9 +144,10 @@ EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, const uint64_t
     pthread_rwlock_unlock(&m->lock);
 }
 
-EXPORT void dp_mirror_take(struct dp_mirror *m, uint64_t out[6]) {
-    uint64_t *c[6] = {&m->requests, &m->reads, &m->read_bytes, &m->writes, &m->write_bytes, &m->merged};
-    for (int i = 0; i < 6; i++)
+EXPORT void dp_mirror_take(struct dp_mirror *m, uint64_t out[DP_COUNTERS]) {
+    uint64_t *c[DP_COUNTERS] = {&m->requests, &m->reads, &m->read_bytes, &m->writes, &m->write_bytes, &m->merged,
+                                &m->polls, &m->poll_hits, &m->poll_ns};
+    for (int i = 0; i < DP_COUNTERS; i++)
         out[i] = __atomic_exchange_n(c[i], 0, __ATOMIC_RELAXED);
 }
 
@@ -488,6 +509,54 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
 
 static int stop_asked(struct dp_queue *q) { return __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE); }
 
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* The window after a wait of ``block`` ns from the ring running empty to the next request, as
+ * QEMU's adaptive polling: kept when the window covered it, grown when a longer one would have,
+ * dropped when no allowed one would. */
+static void poll_adapt(struct dp_queue *q, uint64_t block) {
+    uint64_t max = q->poll_max_ns;
+    if (block <= q->poll_ns)
+        return;
+    if (block > max)
+        q->poll_ns = 0;
+    else
+        q->poll_ns = q->poll_ns ? (q->poll_ns * 2 < max ? q->poll_ns * 2 : max) : (DP_POLL_START < max ? DP_POLL_START : max);
+}
+
+/* Watch the avail index for up to the window (the read lock for each look only, the CPU yielded
+ * between looks; each look is a 2-byte DMA read, as a device polling the ring would do): 1 a
+ * request came, 0 none (or the ring is no longer C's to look at), -1 stop. */
+static int poll_ring(struct dp_queue *q, uint64_t start) {
+    uint64_t until = start + q->poll_ns, t = start, looks = 0;
+    int found = 0;
+    do {
+        if (stop_asked(q))
+            return -1;
+        struct ring r;
+        pthread_rwlock_rdlock(&q->m->lock);
+        int gone = __atomic_load_n(&q->slow, __ATOMIC_RELAXED) || map_ring(q, &r);
+        found = !gone && (uint16_t)(__atomic_load_n(&r.avail[1], __ATOMIC_ACQUIRE) - q->last_avail) != 0;
+        looks += !gone;
+        pthread_rwlock_unlock(&q->m->lock);
+        if (gone || found)
+            break;
+        sched_yield();
+        t = now_ns();
+    } while (t < until);
+    struct dma d = {.reads = looks, .read_bytes = 2 * looks};
+    dma_commit(q->m, &d);
+    __atomic_add_fetch(&q->m->polls, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&q->m->poll_ns, now_ns() - start, __ATOMIC_RELAXED);
+    if (found)
+        __atomic_add_fetch(&q->m->poll_hits, 1, __ATOMIC_RELAXED);
+    return found;
+}
+
 /* Serve the queue until it is stopped or Python must take it (the return value says why; the
  * ring state is in ``q``). The GIL is not held (ctypes releases it). */
 EXPORT int dp_run(struct dp_queue *q) {
@@ -495,6 +564,8 @@ EXPORT int dp_run(struct dp_queue *q) {
     struct ring r;
     memset(&t.dma, 0, sizeof t.dma);
     unsigned served = 0;
+    int polled = 0;                   /* the ring ran empty and the interrupt went out: watched or not, */
+    uint64_t idle_since = 0;          /* since then; the next request adapts the window */
     for (;;) {
         int rc = 0;
         /* drain: one request (or one merged run) per read-lock hold, so a mirror clear waits for
@@ -510,6 +581,24 @@ EXPORT int dp_run(struct dp_queue *q) {
             }
             q->need_kick = 0;
             rc = serve_one(q, &r, &t);
+            if (rc > 0) {
+                if (idle_since)
+                    poll_adapt(q, now_ns() - idle_since);
+                polled = 0;
+                idle_since = 0;
+            }
+            if (rc == 0 && q->poll_max_ns && !polled) {   /* empty: the interrupt, then watch the ring */
+                int want = notify(q, &r, &t.dma);
+                dma_commit(q->m, &t.dma);
+                pthread_rwlock_unlock(&q->m->lock);
+                if (want && call(q))
+                    return DP_CALL_DEAD;
+                polled = 1;
+                idle_since = now_ns();
+                if (q->poll_ns && poll_ring(q, idle_since) < 0)
+                    return DP_STOPPED;
+                continue;             /* serve what came, or ask for a kick and sleep */
+            }
             if (rc == 0) {            /* empty: ask for a kick, then look again (no lost wake-up) */
                 if (q->event_idx) {
                     r.used16[2 + 4 * q->num] = q->last_avail;      /* avail_event */
