@@ -9,7 +9,8 @@ The guest's shell (workload ``shell``) is driven over the console, phases timed 
 SIZE MiB sequential write then read with dd (direct I/O, 1 MiB requests; the write ends with
 fsync, i.e. a FLUSH), then COUNT random 4 KiB direct reads, COUNT random 4 KiB direct writes and
 COUNT mixed ones (70 % reads) at queue depth 1, and COUNT random reads by 4 jobs at once (up to
-4 requests in flight), after an untimed 32 MiB warm-up read. The random phases run
+4 requests in flight), after an untimed 32 MiB warm-up read; the host's page cache is written
+back (sync) before each phase, untimed. The random phases run
 ``scripts/guest_rio.c`` (fio's psync engine in miniature; busybox has no fio, and a dd per I/O
 would time the guest's process start-up), built static with the host's gcc and appended to the
 guest's initramfs as a second cpio archive. Both paths use the same host cache mode
@@ -133,6 +134,8 @@ async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache
         vcpus = {int(c["thread-id"]) for c in await vm.qmp.execute("query-cpus-fast")}
         cpu0, io0 = time.process_time(), qemu_io_cpu(vm.pid, vcpus)
         for phase in phases:
+            # untimed: the host writes back what the last phase dirtied now, not during this one
+            await asyncio.to_thread(os.sync)
             irq0 = await interrupts(vm)
             vcpu0 = qemu_io_cpu(vm.pid, vcpus, of_vcpus=True)
             before = vm.dma_counters()["disk0"] if isinstance(vm, EncryptedMachine) else {}
