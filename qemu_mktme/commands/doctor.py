@@ -27,7 +27,9 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"qemu/shim  unusable: {str(err).splitlines()[0]}")
         ok = False
     print(f"xts    {native.status()}")
-    print(f"vhost  {vhost_native.status()}")
+    from ..vhost.blk import POLL_MAX_NS
+    polling = f"; polls an empty ring up to {POLL_MAX_NS // 1000} us (--disk ...,poll-max-ns=N)"
+    print(f"vhost  {vhost_native.status()}" + (polling if vhost_native.library() is not None else ""))
     return 0 if ok else 1
 
 

@@ -160,9 +160,10 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="bare-metal guest: command to run at boot (repeatable), e.g. -c 'crc 0x200000 4096'")
     g.add_argument("--append", default="", metavar="ARGS", help="extra kernel command line")
     g.add_argument("--initrd", metavar="PATH", help="initrd for a kernel given as --guest PATH")
-    g.add_argument("--disk", type=disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none]",
+    g.add_argument("--disk", type=disk, action="append", default=[], metavar="PATH[,format=raw|qcow2][,dma=vhost|qemu][,readonly=on][,cache=writeback|none][,poll-max-ns=N]",
                    help="attach a file as a virtio disk (repeatable); dma=qemu is QEMU's own virtio-blk; "
-                        "cache=none bypasses the host page cache (O_DIRECT) as QEMU's does. "
+                        "cache=none bypasses the host page cache (O_DIRECT) as QEMU's does; "
+                        "poll-max-ns=N bounds how long our backend watches an empty ring (0: never). "
                         "The debian guest boots from the first disk, or from a throwaway overlay on its image")
     g.add_argument("--net", type=net, action="append", default=[], metavar="user[,hostfwd=tcp:ADDR:PORT-:PORT]",
                    help="a virtio NIC on QEMU's user networking (repeatable), e.g. "

@@ -67,3 +67,17 @@ async def test_a_memory_table_is_checked_against_the_bound_vm(disk, tmp_path):
     finally:
         os.close(fd)
         disks.close()
+
+
+async def test_each_backend_gets_its_disks_polling_bound(disk, tmp_path):
+    """``--disk PATH,poll-max-ns=N`` reaches that disk's backend; unset, the backend's default."""
+    from qemu_mktme.vhost.blk import POLL_MAX_NS
+    ram = tmp_path / "ram"
+    ram.write_bytes(bytes(4096))
+    quiet = DiskSpec.parse(f"{disk.path},dma=vhost,poll-max-ns=0")
+    disks = VhostDisks("vm", [(0, quiet), (1, disk)], bound=lambda: None, ram_file=lambda: str(ram))
+    await disks.start()
+    try:
+        assert [d.poll_max_ns for d in disks.devices] == [0, POLL_MAX_NS]
+    finally:
+        disks.close()
