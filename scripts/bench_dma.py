@@ -16,11 +16,19 @@ would time the guest's process start-up), built static with the host's gcc and a
 guest's initramfs as a second cpio archive. Both paths use the same host cache mode
 (``--cache writeback``, QEMU's default, or ``--cache none``: O_DIRECT on both).
 
-Cost: CPU seconds per MiB moved, of the backend (this process, which runs it for (a) and (b);
-it only reads the console for (c)) and of QEMU's threads other than its vCPUs (the main loop
-and I/O workers that run QEMU's virtio-blk for (c)).
+Cost: CPU seconds per MiB moved, of the backend (this process, which runs it for (a) and (b),
+its queue threads' polling of an empty ring included; it only reads the console for (c)) and of
+QEMU's threads other than its vCPUs (the main loop and I/O workers that run QEMU's virtio-blk for
+(c)). Also printed: the ratios round by round (their spread), the requests our backend found by
+polling (no kick) and the time it watched per request, the guest's virtio-blk interrupts per
+request, and how busy QEMU's vCPU thread was (CPU time / phase time: below 1, it waited, e.g.
+for QEMU's big lock).
 
     .venv/bin/python scripts/bench_dma.py [--rounds 3] [--size-mb 256] [--count 3000] [--cache none]
+        [--phases randread,randread4] [--modes a,c] [--image-dir /dev/shm] [--poll-max-ns 0]
+
+``--image-dir /dev/shm`` takes the host's storage out of the comparison (tmpfs takes O_DIRECT
+since Linux 6.6); ``--poll-max-ns 0`` measures our backend without polling.
 
 Last line: ``ratio=<worst (a)/(c) throughput of the six phases>``; targets (issue 27): every
 (a)/(c) >= 0.9 and (a)/(b) >= 0.95.
