@@ -74,6 +74,9 @@ def vm_specs(args: argparse.Namespace) -> list[VmSpec]:
             config = guest_config(args, name=name, start_paused=args.paused)
             if payload is None and any(d.dma == "vhost" for d in config.disks):
                 raise ValueError("dma=vhost needs the MKTME host model (its IOMMU): not with --key none")
+            if payload is None and any(d.poll_max_ns is not None for d in config.disks):
+                raise ValueError("poll-max-ns is our vhost-user backend's (dma=vhost): with --key none QEMU "
+                                 "serves the disk itself")
             iommu_keyid = getattr(args, "iommu_keyid", None)
             if iommu_keyid is not None and payload is None:
                 raise ValueError("--iommu-keyid needs the MKTME host model: not with --key none")
