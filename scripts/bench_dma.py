@@ -117,12 +117,12 @@ async def interrupts(vm: Machine) -> int:
 
 
 async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache: str,
-              phases: tuple[str, ...], poll: int | None) -> dict[str, float]:
+              phases: tuple[str, ...], poll: int | None, cpus: int = 1) -> dict[str, float]:
     image = images.load("linux")
     boot = dataclasses.replace(image.boot(workload="shell"), initrd=Path(initrd))
     spec = DiskSpec.parse(f"{disk},format=raw,dma={'qemu' if mode == 'c' else 'vhost'},cache={cache}"
                           + (f",poll-max-ns={poll}" if poll is not None and mode != "c" else ""))
-    config = MachineConfig(boot=boot, memory="1G", name=f"bench-dma-{mode}", disks=(spec,))
+    config = MachineConfig(boot=boot, memory="1G", name=f"bench-dma-{mode}", disks=(spec,), cpus=cpus)
     if mode == "c":
         vm: Machine = Machine(config)
     else:
@@ -165,6 +165,7 @@ async def one(mode: str, disk: str, initrd: str, size_mb: int, count: int, cache
             out["native_share"] = c["native"] / max(1, c["requests"])
             out["poll_share"] = c["poll_hits"] / max(1, c["requests"])
             out["poll_us"] = c["poll_us"] / max(1, c["requests"])
+            out["poll_backoffs"] = c["poll_backoffs"]
         await vm.console.write("exit\r")
         await vm.wait(120)
     return out
@@ -181,6 +182,7 @@ async def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of a,b,c (a is needed)")
     parser.add_argument("--poll-max-ns", type=int, help="our backend's polling bound for (a) and (b) "
                         f"(default: the backend's, {POLL_MAX_NS}; 0: never poll)")
+    parser.add_argument("--cpus", type=int, default=1, help="the guest's vCPUs (and queues of each path)")
     parser.add_argument("--image-dir", help="where the disk image lives (default: a temporary directory under "
                         "TMPDIR; /dev/shm takes the host's storage out of the comparison)")
     args = parser.parse_args()
@@ -208,7 +210,7 @@ async def main() -> None:
         for r in range(args.rounds):                  # interleaved, each round starting elsewhere
             for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
                 results[mode].append(await one(mode, disk, initrd, args.size_mb, args.count, args.cache, phases,
-                                               args.poll_max_ns))
+                                               args.poll_max_ns, args.cpus))
     keys = (*phases, "backend_cpu", "qemu_io_cpu")
     med = {m: {k: statistics.median(r[k] for r in runs) for k in keys} for m, runs in results.items()}
     mb = args.size_mb * (1 << 20) / 1e6
@@ -233,7 +235,7 @@ async def main() -> None:
         print("  per round: " + ", ".join(f"{p} {v[0]:.2f}-{v[-1]:.2f}" for p, v in spread.items()))
         if other == "c":
             worst.append(min(ratios.values()))
-    print(f"rounds={args.rounds} size={args.size_mb} MiB count={args.count} cache={args.cache} "
+    print(f"rounds={args.rounds} size={args.size_mb} MiB count={args.count} cache={args.cache} cpus={args.cpus} "
           f"image in {args.image_dir or tempfile.gettempdir()} "
           f"load before={load[0]:.2f} after={os.getloadavg()[0]:.2f}")
     print(f"vhost backend: {native.status()}; requests it served: "
@@ -241,7 +243,9 @@ async def main() -> None:
                       for m in modes if m != "c"))
     print("requests found by polling (no kick needed), and the time spent watching a request: " + ", ".join(
         f"({m}) {100 * statistics.median(r['poll_share'] for r in results[m]):.0f} % "
-        f"{statistics.median(r['poll_us'] for r in results[m]):.0f} us" for m in modes if m != "c")
+        f"{statistics.median(r['poll_us'] for r in results[m]):.0f} us "
+        f"({statistics.median(r['poll_backoffs'] for r in results[m]):.0f} back-offs: CPU wanted)"
+        for m in modes if m != "c")
           + f" (poll-max-ns={POLL_MAX_NS if args.poll_max_ns is None else args.poll_max_ns})")
     print("(a) requests a phase (of them served by a preceding adjacent one's I/O): " + ", ".join(
         f"{labels[p]} {statistics.median(r[p + '_requests'] for r in results['a']):.0f} "

@@ -159,7 +159,7 @@ class VhostUserBlk(p.Handler):
         self.status = 0
         self.transfer_hooks: list[Callable[[Transfer], None]] = WatchedList(self._hooks_changed)
         self._counters = {"requests": 0, "errors": 0, "unsupported": 0, "resets": 0, "native": 0,
-                          "merged": 0, "polls": 0, "poll_hits": 0, "poll_us": 0}
+                          "merged": 0, "polls": 0, "poll_hits": 0, "poll_us": 0, "poll_backoffs": 0}
         self._poll_ns = 0
         self._logged: set[str] = set()
         self._mirror: native.Mirror | None = None   # the memory's, while queue threads use it
@@ -170,15 +170,17 @@ class VhostUserBlk(p.Handler):
         served (counted in ``requests`` too); ``merged``: of those, the ones served by a preceding
         adjacent request's preadv/pwritev (the I/Os merging saved); ``polls``: the times a queue
         thread watched the ring after it ran empty (``poll-max-ns``), ``poll_hits``: the requests
-        it found so (each saved the guest a kick), ``poll_us``: the time spent watching."""
+        it found so (each saved the guest a kick), ``poll_us``: the time spent watching,
+        ``poll_backoffs``: windows shut because a busy thread wanted the CPU."""
         if self._mirror is not None:
             n = self._mirror.take_requests()
             self._counters["requests"] += n
             self._counters["native"] += n
             self._counters["merged"] += self._mirror.take_merged()
-            polls, hits, ns = self._mirror.take_polls()
+            polls, hits, ns, backoffs = self._mirror.take_polls()
             self._counters["polls"] += polls
             self._counters["poll_hits"] += hits
+            self._counters["poll_backoffs"] += backoffs
             self._poll_ns += ns
             self._counters["poll_us"] = self._poll_ns // 1000
         return self._counters

@@ -59,12 +59,13 @@ async def test_a_request_made_available_without_a_kick_is_found_by_the_watching_
     async with Rig(tmp_path, poll_max_ns=POLL_MAX_NS_LIMIT) as rig:
         await _grow(rig)
         found = 0
-        for attempt in range(10):                 # the window is 10 ms: a slow test process may miss one
-            head = 30 + 3 * attempt
-            found += await _unkicked(rig, head, attempt + 1, patience(0.5))
+        for attempt in range(20):                 # the window is 10 ms: a slow test process may miss one,
+            head = 30 + 3 * (attempt % 10)        # and a long yield (this process on the thread's CPU)
+            found += await _unkicked(rig, head, attempt % 60 + 1, patience(0.5))   # shuts it for 50 ms
             if found >= 2:
                 break
-            await _grow(rig, 4)
+            await asyncio.sleep(0.06)
+            await _grow(rig)
         assert found >= 2, "no request without a kick was found by polling"
         c = rig.device.counters
         assert c["poll_hits"] >= found and c["polls"] >= c["poll_hits"] and c["poll_us"] > 0
@@ -123,3 +124,25 @@ def test_bad_bounds_are_refused_with_one_line(tmp_path):
             DiskSpec.parse(text)
     assert DiskSpec.parse(f"{disk},dma=vhost,poll-max-ns=0").poll_max_ns == 0
     assert DiskSpec.parse(f"{disk}").poll_max_ns is None
+
+
+async def test_a_busy_thread_on_the_cpu_shuts_the_window(tmp_path):
+    """A yield that lasts (a CPU-bound process got the CPU) means polling would take CPU from
+    someone: the window shuts (``poll_backoffs``), and the requests are still served."""
+    import subprocess
+    import sys
+    async with Rig(tmp_path, poll_max_ns=POLL_MAX_NS_LIMIT) as rig:
+        dp = rig.device.queues[0].dp
+        assert dp is not None and dp.thread.native_id is not None
+        os.sched_setaffinity(dp.thread.native_id, {0})
+        hog = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {0})\nwhile True: pass"])
+        try:
+            await asyncio.sleep(0.2)
+            for _ in range(6):
+                await _grow(rig, 12)
+                if rig.device.counters["poll_backoffs"]:
+                    break
+            assert rig.device.counters["poll_backoffs"] >= 1
+        finally:
+            hog.kill()
+            hog.wait()

@@ -36,7 +36,7 @@ ENV_SELECT = "QEMU_MKTME_VHOST"
 """``python`` forces the Python path; ``native`` makes a build failure an error."""
 STOPPED, HANDOFF_CHAIN, HANDOFF_RING, KICK_GONE, CALL_DEAD = range(5)
 """What :func:`dp_run` returns: why the queue came back to Python."""
-COUNTERS = 9
+COUNTERS = 10
 """Counters ``dp_mirror_take`` hands over (see ``Mirror._acc``)."""
 MAX_IOVA = 1 << 40
 """The mirror covers IOVAs below this (a larger guest map keeps the Python path)."""
@@ -57,7 +57,8 @@ class QueueState(ctypes.Structure):
                 ("slow", ctypes.c_int32), ("stopping", ctypes.c_int32), ("need_kick", ctypes.c_int32),
                 ("last_avail", ctypes.c_uint16), ("used_idx", ctypes.c_uint16),
                 ("signalled_used", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("err", ctypes.c_int32),
-                ("pad2", ctypes.c_uint32), ("poll_max_ns", ctypes.c_uint64), ("poll_ns", ctypes.c_uint64)]
+                ("pad2", ctypes.c_uint32), ("poll_max_ns", ctypes.c_uint64), ("poll_ns", ctypes.c_uint64),
+                ("poll_quiet_until", ctypes.c_uint64)]
 
 
 def source_path() -> Path:
@@ -165,7 +166,8 @@ class Mirror:
         if lib.dp_mirror_init(self.ptr, self.table.ctypes.data, self.nframes) != 0:
             raise DataplaneUnavailable("pthread_rwlock_init failed")
         self.windows: list[np.ndarray | None] = [None] * 64
-        # requests, reads, read_bytes, writes, write_bytes, merged, polls, poll hits, poll ns: not yet taken
+        # requests, reads, read_bytes, writes, write_bytes, merged, polls, poll hits, poll ns, poll
+        # back-offs: not yet taken
         self._acc = [0] * COUNTERS
         self.served = 0
         """Requests the C side completed, in all (never reset: tests, benchmarks)."""
@@ -224,11 +226,12 @@ class Mirror:
         n, self._acc[5] = self._acc[5], 0
         return n
 
-    def take_polls(self) -> tuple[int, int, int]:
-        """(windows watched, requests they found, ns spent watching) since the last call."""
+    def take_polls(self) -> tuple[int, int, int, int]:
+        """(windows watched, requests they found, ns spent watching, windows shut because another
+        thread wanted the CPU) since the last call."""
         self._pull()
-        out = (self._acc[6], self._acc[7], self._acc[8])
-        self._acc[6:9] = [0, 0, 0]
+        out = (self._acc[6], self._acc[7], self._acc[8], self._acc[9])
+        self._acc[6:10] = [0, 0, 0, 0]
         return out
 
     def take_dma(self) -> tuple[int, int, int, int]:

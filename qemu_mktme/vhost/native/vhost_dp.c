@@ -32,10 +32,12 @@
  * lock plus a wake-up of this thread, the largest cost of a request after the guest's own. The
  * window grows (4 us, doubling, up to ``poll_max_ns``) while requests come within
  * ``poll_max_ns`` of the ring running empty and drops to 0 when one comes later (an idle guest
- * costs one window). Between two looks the thread yields the CPU (sched_yield): on a machine
- * with fewer cores than busy threads, QEMU's main loop, which must deliver the interrupt just
- * sent, runs first. The read lock is taken for each look only, so a mirror clear waits for one
- * look at most.
+ * costs one window). Between two looks the thread yields the CPU (sched_yield): QEMU's main
+ * loop, which must deliver the interrupt just sent, runs first. A yield that lasted more than
+ * 50 us gave the CPU to a busy thread (the vCPUs of a guest with as many vCPUs as the host has
+ * cores, another program): polling would take CPU from it, so the window shuts for 50 ms, then
+ * grows again from 4 us. The read lock is taken for each look only, so a mirror clear waits for
+ * one look at most.
  *
  * No allocation per request; memory barriers where the ring needs them (acquire on the avail
  * index, release on the used index, a full fence before reading the event index).
@@ -63,7 +65,9 @@
 #define DP_MERGE_CHAINS 256          /* chains of one merged I/O */
 #define DP_CHUNK 512                 /* table entries per chunk a clear empties */
 #define DP_POLL_START 4000           /* ns: the first window, as QEMU's AioContext starts */
-#define DP_COUNTERS 9
+#define DP_YIELD_LONG 300000         /* ns: a yield that took longer gave the CPU to a busy thread */
+#define DP_POLL_QUIET 50000000       /* ns: no polling for so long after that */
+#define DP_COUNTERS 10
 
 enum { DP_STOPPED = 0, DP_HANDOFF_CHAIN = 1, DP_HANDOFF_RING = 2, DP_KICK_GONE = 3, DP_CALL_DEAD = 4 };
 enum { F_NEXT = 1, F_WRITE = 2, F_INDIRECT = 4 };
@@ -80,6 +84,7 @@ struct dp_mirror {
     uint64_t requests, reads, read_bytes, writes, write_bytes;
     uint64_t merged;                  /* requests served by a preceding request's I/O (I/Os saved) */
     uint64_t polls, poll_hits, poll_ns;   /* windows watched, requests they found, ns spent in them */
+    uint64_t poll_backoffs;           /* windows ended because another thread wanted the CPU */
 };
 
 struct dp_queue {                     /* filled by Python (blk.py, ctypes Structure of the same layout) */
@@ -97,6 +102,7 @@ struct dp_queue {                     /* filled by Python (blk.py, ctypes Struct
     uint32_t pad2;
     uint64_t poll_max_ns;             /* set by Python: the longest window (0: never poll) */
     uint64_t poll_ns;                 /* C's: the window now (adaptive) */
+    uint64_t poll_quiet_until;        /* C's: CLOCK_MONOTONIC ns before which the window stays shut */
 };
 
 EXPORT int dp_api_version(void) { return DP_API_VERSION; }
@@ -146,7 +152,7 @@ EXPORT void dp_mirror_clear(struct dp_mirror *m, uint64_t *table, const uint64_t
 
 EXPORT void dp_mirror_take(struct dp_mirror *m, uint64_t out[DP_COUNTERS]) {
     uint64_t *c[DP_COUNTERS] = {&m->requests, &m->reads, &m->read_bytes, &m->writes, &m->write_bytes, &m->merged,
-                                &m->polls, &m->poll_hits, &m->poll_ns};
+                                &m->polls, &m->poll_hits, &m->poll_ns, &m->poll_backoffs};
     for (int i = 0; i < DP_COUNTERS; i++)
         out[i] = __atomic_exchange_n(c[i], 0, __ATOMIC_RELAXED);
 }
@@ -517,10 +523,10 @@ static uint64_t now_ns(void) {
 
 /* The window after a wait of ``block`` ns from the ring running empty to the next request, as
  * QEMU's adaptive polling: kept when the window covered it, grown when a longer one would have,
- * dropped when no allowed one would. */
-static void poll_adapt(struct dp_queue *q, uint64_t block) {
+ * dropped when no allowed one would; shut while a back-off lasts. */
+static void poll_adapt(struct dp_queue *q, uint64_t block, uint64_t now) {
     uint64_t max = q->poll_max_ns;
-    if (block <= q->poll_ns)
+    if (block <= q->poll_ns || now < q->poll_quiet_until)
         return;
     if (block > max)
         q->poll_ns = 0;
@@ -530,7 +536,9 @@ static void poll_adapt(struct dp_queue *q, uint64_t block) {
 
 /* Watch the avail index for up to the window (the read lock for each look only, the CPU yielded
  * between looks; each look is a 2-byte DMA read, as a device polling the ring would do): 1 a
- * request came, 0 none (or the ring is no longer C's to look at), -1 stop. */
+ * request came, 0 none (or the ring is no longer C's to look at), -1 stop. A yield that took
+ * long means a busy thread (a vCPU of a guest with as many vCPUs as the host has cores, another
+ * program) ran meanwhile: polling would take CPU from it, so the window shuts for a while. */
 static int poll_ring(struct dp_queue *q, uint64_t start) {
     uint64_t until = start + q->poll_ns, t = start, looks = 0;
     int found = 0;
@@ -545,8 +553,15 @@ static int poll_ring(struct dp_queue *q, uint64_t start) {
         pthread_rwlock_unlock(&q->m->lock);
         if (gone || found)
             break;
+        uint64_t before = now_ns();
         sched_yield();
         t = now_ns();
+        if (t - before > DP_YIELD_LONG) {
+            q->poll_ns = 0;
+            q->poll_quiet_until = t + DP_POLL_QUIET;
+            __atomic_add_fetch(&q->m->poll_backoffs, 1, __ATOMIC_RELAXED);
+            break;
+        }
     } while (t < until);
     struct dma d = {.reads = looks, .read_bytes = 2 * looks};
     dma_commit(q->m, &d);
@@ -582,8 +597,10 @@ EXPORT int dp_run(struct dp_queue *q) {
             q->need_kick = 0;
             rc = serve_one(q, &r, &t);
             if (rc > 0) {
-                if (idle_since)
-                    poll_adapt(q, now_ns() - idle_since);
+                if (idle_since) {
+                    uint64_t now = now_ns();
+                    poll_adapt(q, now - idle_since, now);
+                }
                 polled = 0;
                 idle_since = 0;
             }
