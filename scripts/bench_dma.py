@@ -232,7 +232,8 @@ async def main() -> None:
         print(f"(a)/({other}): " + ", ".join(f"{p} {r:.2f}" for p, r in ratios.items()))
         # the same ratio round by round (a round runs each path once, back to back): the spread
         spread = {p: sorted(b[p] / a[p] for a, b in zip(results["a"], results[other])) for p in phases}
-        print("  per round: " + ", ".join(f"{p} {v[0]:.2f}-{v[-1]:.2f}" for p, v in spread.items()))
+        print("  per round: " + ", ".join(f"{p} {v[0]:.2f}-{v[-1]:.2f} (median {statistics.median(v):.2f})"
+                                         for p, v in spread.items()))
         if other == "c":
             worst.append(min(ratios.values()))
     print(f"rounds={args.rounds} size={args.size_mb} MiB count={args.count} cache={args.cache} cpus={args.cpus} "
