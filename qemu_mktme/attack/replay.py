@@ -236,10 +236,11 @@ async def _answer(victim: PinVictim, vm: EncryptedMachine, guess: str, stopped: 
         return answer.result()
     except QemuExited:
         # The machine check stops the VM and its QEMU goes away: the guest's pending answer can
-        # see QEMU gone before this loop sees the stop (a loaded machine). The stop is what
-        # happened; anything else is the error it says.
+        # see QEMU gone before this loop sees the stop (a loaded machine: the tracer's backlog
+        # can hold the poisoned load for seconds, so a quarter of the caller's patience, not a
+        # fixed 5 s). The stop is what happened; anything else is the error it says.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stopped.wait(), min(timeout, 5.0))
+            await asyncio.wait_for(stopped.wait(), max(5.0, timeout / 4))
         if stopped.is_set():
             return None
         raise
