@@ -214,32 +214,31 @@ class Mirror:
         self._pull()
         return self.served
 
+    def _take(self, first: int, end: int) -> list[int]:
+        """Counters ``first..end-1`` (see ``_acc``) since the last take of them, zeroed."""
+        self._pull()
+        out = self._acc[first:end]
+        self._acc[first:end] = [0] * (end - first)
+        return out
+
     def take_requests(self) -> int:
         """Requests the C side completed since the last call."""
-        self._pull()
-        n, self._acc[0] = self._acc[0], 0
-        return n
+        return self._take(0, 1)[0]
 
     def take_merged(self) -> int:
         """Requests the C side served by a preceding request's I/O since the last call."""
-        self._pull()
-        n, self._acc[5] = self._acc[5], 0
-        return n
+        return self._take(5, 6)[0]
 
     def take_polls(self) -> tuple[int, int, int, int]:
         """(windows watched, requests they found, ns spent watching, windows shut because another
         thread wanted the CPU) since the last call."""
-        self._pull()
-        out = (self._acc[6], self._acc[7], self._acc[8], self._acc[9])
-        self._acc[6:10] = [0, 0, 0, 0]
-        return out
+        polls, hits, ns, backoffs = self._take(6, 10)
+        return polls, hits, ns, backoffs
 
     def take_dma(self) -> tuple[int, int, int, int]:
         """(reads, read bytes, writes, write bytes) the C side did since the last call."""
-        self._pull()
-        out = (self._acc[1], self._acc[2], self._acc[3], self._acc[4])
-        self._acc[1:5] = [0, 0, 0, 0]
-        return out
+        reads, read_bytes, writes, write_bytes = self._take(1, 5)
+        return reads, read_bytes, writes, write_bytes
 
     def close(self) -> None:
         """Forget everything (the queue threads are gone); idempotent."""

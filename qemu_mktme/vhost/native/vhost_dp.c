@@ -513,6 +513,15 @@ static int serve_one(struct dp_queue *q, const struct ring *r, struct dp_thread_
     return n;
 }
 
+/* Interrupt the driver if it wants one for what was pushed, the DMA counted, the read lock
+ * released before the call (never with a lock held): -1 when the call fd is dead. */
+static int notify_unlock(struct dp_queue *q, const struct ring *r, struct dma *d) {
+    int want = notify(q, r, d);
+    dma_commit(q->m, d);
+    pthread_rwlock_unlock(&q->m->lock);
+    return want && call(q) ? -1 : 0;
+}
+
 static int stop_asked(struct dp_queue *q) { return __atomic_load_n(&q->stopping, __ATOMIC_ACQUIRE); }
 
 static uint64_t now_ns(void) {
@@ -605,10 +614,7 @@ EXPORT int dp_run(struct dp_queue *q) {
                 idle_since = 0;
             }
             if (rc == 0 && q->poll_max_ns && !polled) {   /* empty: the interrupt, then watch the ring */
-                int want = notify(q, &r, &t.dma);
-                dma_commit(q->m, &t.dma);
-                pthread_rwlock_unlock(&q->m->lock);
-                if (want && call(q))
+                if (notify_unlock(q, &r, &t.dma))
                     return DP_CALL_DEAD;
                 polled = 1;
                 idle_since = now_ns();
@@ -627,18 +633,12 @@ EXPORT int dp_run(struct dp_queue *q) {
                     pthread_rwlock_unlock(&q->m->lock);
                     continue;
                 }
-                int want = notify(q, &r, &t.dma);
-                dma_commit(q->m, &t.dma);
-                pthread_rwlock_unlock(&q->m->lock);
-                if (want && call(q))
+                if (notify_unlock(q, &r, &t.dma))
                     return DP_CALL_DEAD;
                 break;
             }
             if (rc < 0) {
-                int want = notify(q, &r, &t.dma);     /* what was done so far, before Python takes over */
-                dma_commit(q->m, &t.dma);
-                pthread_rwlock_unlock(&q->m->lock);
-                if (want && call(q))
+                if (notify_unlock(q, &r, &t.dma))    /* what was done so far, before Python takes over */
                     return DP_CALL_DEAD;
                 break;
             }
